@@ -1,0 +1,1 @@
+"""Quantization algorithms (pure functions), packing and on-disk formats."""

@@ -1,0 +1,234 @@
+"""ModelHandle: a checkpoint directory + its family's ArchSpec, with every name mapping in one place.
+
+The handle answers three questions for the rest of the toolkit:
+
+* which family is this, and what are its MoE dimensions (``ModelHandle.open`` rejects anything
+  unsupported with one clear line);
+* how to build an empty (meta-device) transformers model of it and fill one decoder layer at a
+  time from the shards (``skeleton``, ``load_layer``);
+* which on-disk names a tensor has, in both directions: per-expert (``experts.{e}.gate_proj``,
+  Mixtral's ``block_sparse_moe.experts.{e}.w1``) or fused 3D (``experts.gate_up_proj``), under
+  ``model.`` or, for vision-language wrappers, ``model.language_model.``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint.reader import CheckpointReader
+from ..errors import UserError
+from .registry import BY_MODEL_TYPE, ArchSpec, supported_families
+
+FUSED_GATE_UP = "experts.gate_up_proj"
+FUSED_DOWN = "experts.down_proj"
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _unsupported(config: dict) -> UserError:
+    mt = config.get("model_type", "<missing model_type>")
+    text = config.get("text_config") or {}
+    is_moe = any(config.get(k) or text.get(k) for k in _MOE_KEYS)
+    fams = ", ".join(supported_families())
+    if is_moe:
+        return UserError(f"MoE family '{mt}' is not supported yet; supported families: {fams}")
+    return UserError(f"'{mt}' is not a Mixture-of-Experts model; moecompress supports the MoE families {fams}")
+
+
+@dataclass
+class ModelHandle:
+    reader: CheckpointReader
+    spec: ArchSpec
+    config: object  # transformers PretrainedConfig (the full one)
+    text_config: object  # the config of the causal LM we build
+    disk_prefix: str  # "model" or "model.language_model"
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelHandle":
+        from transformers import AutoConfig
+
+        reader = CheckpointReader.open(path)
+        spec = BY_MODEL_TYPE.get(reader.config.get("model_type"))
+        if spec is None:
+            raise _unsupported(reader.config)
+        try:
+            config = AutoConfig.from_pretrained(str(reader.path), trust_remote_code=False)
+        except Exception as e:  # transformers raises many types for a malformed config
+            raise UserError(f"{reader.path}/config.json cannot be read by transformers: {str(e).splitlines()[0]}") from None
+        text_config = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
+        prefix = next(
+            (p for p in spec.disk_model_prefixes if f"{p}.embed_tokens.weight" in reader or any(
+                n.startswith(f"{p}.layers.") for n in reader.names())),
+            None,
+        )
+        if prefix is None:
+            raise UserError(f"{reader.path}: no decoder layers found under {list(spec.disk_model_prefixes)} in the shards")
+        h = cls(reader, spec, config, text_config, prefix)
+        if h.num_experts <= 0:
+            raise _unsupported(reader.config)
+        h._check_layers_present()
+        return h
+
+    def _check_layers_present(self) -> None:
+        last = f"{self.disk_prefix}.layers.{self.num_layers - 1}."
+        if not any(n.startswith(last) for n in self.reader.names()):
+            raise UserError(f"{self.reader.path}: config has {self.num_layers} layers but the shards hold no '{last}*' tensors")
+
+    # ---------------------------------------------------------------- dimensions
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.text_config, self.spec.num_experts_attr, 0) or 0)
+
+    @property
+    def top_k(self) -> int:
+        return int(getattr(self.text_config, self.spec.top_k_attr))
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The checkpoint's float dtype (of its embedding), used for scales and dense outputs."""
+        info = self.reader.tensors.get(f"{self.disk_prefix}.embed_tokens.weight")
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(
+            info.dtype if info else "BF16", torch.bfloat16
+        )
+
+    # ---------------------------------------------------------------- building
+    def skeleton(self, experts_implementation: str = "eager") -> nn.Module:
+        """The causal LM of the text model on the meta device: structure only, no memory."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                self.text_config, experts_implementation=experts_implementation, trust_remote_code=False
+            )
+        return model
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.disk_prefix}.layers.{i}."
+
+    def layer_tensor_names(self, i: int) -> list[str]:
+        pre = self.layer_prefix(i)
+        return [n for n in self.reader.names() if n.startswith(pre)]
+
+    def non_layer_tensor_names(self) -> list[str]:
+        """Everything outside the decoder layers we process (embeddings, norm, lm_head, vision, MTP...)."""
+        pat = re.compile(rf"^{re.escape(self.disk_prefix)}\.layers\.(\d+)\.")
+        out = []
+        for n in self.reader.names():
+            m = pat.match(n)
+            if m is None or int(m.group(1)) >= self.num_layers:
+                out.append(n)
+        return out
+
+    def disk_local(self, mem_local: str) -> str:
+        """On-disk spelling of a layer-local in-memory name (Mixtral: mlp. -> block_sparse_moe.)."""
+        if mem_local.startswith("mlp.") and self.spec.disk_moe_name != "mlp":
+            return self.spec.disk_moe_name + mem_local[3:]
+        return mem_local
+
+    def mem_local(self, disk_local: str) -> str:
+        moe = self.spec.disk_moe_name
+        if moe != "mlp" and disk_local.startswith(moe + "."):
+            return "mlp" + disk_local[len(moe):]
+        return disk_local
+
+    def expert_disk_names(self, i: int, e: int) -> tuple[str, str, str]:
+        """Full on-disk module names (no suffix) of expert e's gate, up and down projections."""
+        base = f"{self.layer_prefix(i)}{self.spec.disk_moe_name}.experts.{e}."
+        return tuple(base + n for n in self.spec.disk_expert_names)  # type: ignore[return-value]
+
+    def load_layer_state(self, i: int, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The in-memory state dict of decoder layer i, read from the shards (experts fused to 3D)."""
+        pre = self.layer_prefix(i)
+        r = self.reader
+        wanted = module.state_dict(keep_vars=True)
+        out: dict[str, torch.Tensor] = {}
+        for key, ref in wanted.items():
+            if key.endswith(FUSED_GATE_UP) or key.endswith(FUSED_DOWN):
+                t = self._read_experts(i, key)
+            else:
+                name = pre + self.disk_local(key)
+                if name not in r:
+                    raise UserError(f"{r.path}: tensor '{name}' is missing from the shards")
+                t = r.get(name)
+            if tuple(t.shape) != tuple(ref.shape):
+                raise UserError(f"{r.path}: tensor for layer {i} '{key}' has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
+            out[key] = t.to(dtype) if t.is_floating_point() and ref.is_floating_point() else t
+        return out
+
+    def _read_experts(self, i: int, key: str) -> torch.Tensor:
+        """Fused [E, 2I, H] / [E, H, I] expert tensors from fused or per-expert storage."""
+        r = self.reader
+        fused = self.layer_prefix(i) + self.disk_local(key)
+        for cand in (fused, fused + ".weight"):
+            if cand in r:
+                return r.get(cand)
+        g, u, d = zip(*(self.expert_disk_names(i, e) for e in range(self.num_experts)))
+        try:
+            if key.endswith(FUSED_GATE_UP):
+                return torch.stack([torch.cat([r.get(a + ".weight"), r.get(b + ".weight")], 0) for a, b in zip(g, u)])
+            return torch.stack([r.get(c + ".weight") for c in d])
+        except KeyError as e:
+            raise UserError(f"{r.path}: expert tensor {e.args[0]} is missing from the shards") from None
+
+    def load_layer(self, model: nn.Module, i: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """Materialize decoder layer i of a skeleton in place, with its checkpoint weights."""
+        layer = decoder_layers(model)[i]
+        state = self.load_layer_state(i, layer, dtype)
+        layer.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+        _check_materialized(layer, f"layer {i}")
+        return layer
+
+    def load_module(self, model: nn.Module, mem_name: str, device, dtype) -> nn.Module:
+        """Materialize a non-layer module (``model.embed_tokens``, ``model.norm``, ``lm_head``)."""
+        module = model.get_submodule(mem_name)
+        state = {}
+        for key in module.state_dict():
+            disk = self.non_layer_disk_name(f"{mem_name}.{key}")
+            if disk is None:
+                raise UserError(f"{self.reader.path}: tensor for '{mem_name}.{key}' is missing from the shards")
+            t = self.reader.get(disk)
+            state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+        module.load_state_dict(state, strict=True, assign=True)
+        return module
+
+    def non_layer_disk_name(self, mem_full: str) -> str | None:
+        """Disk name of an in-memory non-layer tensor (tied lm_head falls back to the embedding)."""
+        if mem_full.startswith("model."):
+            cand = self.disk_prefix + mem_full[len("model"):]
+        else:
+            cand = mem_full
+        if cand in self.reader:
+            return cand
+        if mem_full == "lm_head.weight":
+            emb = f"{self.disk_prefix}.embed_tokens.weight"
+            return emb if emb in self.reader else None
+        return None
+
+    def router_disk_names(self, i: int) -> list[str]:
+        """Every on-disk tensor of layer i that belongs to a router (kept bit-exact)."""
+        pre = self.layer_prefix(i)
+        roots = [pre + self.disk_local(r) + "." for r in self.spec.routers]
+        return [n for n in self.layer_tensor_names(i) if any(n.startswith(x) for x in roots)]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def _check_materialized(module: nn.Module, what: str) -> None:
+    for n, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"{what}: '{n}' was not loaded (still on the meta device)")

@@ -1,0 +1,103 @@
+"""The supported MoE families, each described as data (no per-family code paths).
+
+Everything the rest of the toolkit needs to know about a family lives in one ``ArchSpec`` row:
+how its config names the expert counts, which modules are routers (never quantized), and how its
+checkpoints name expert tensors on disk. In-memory module names are always transformers 5's
+(``mlp.gate``, ``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj [E, H, I]``); the
+on-disk names come from what transformers' own ``save_pretrained`` writes for the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    # config attribute names (looked up on the text config)
+    num_experts_attr: str
+    top_k_attr: str = "num_experts_per_tok"
+    # on disk, the MoE block is called ``mlp`` (Mixtral: ``block_sparse_moe``)
+    disk_moe_name: str = "mlp"
+    # per-expert on-disk projection names: (gate, up, down)
+    disk_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # modules inside a decoder layer that route (kept bit-exact in the source dtype, never quantized)
+    routers: tuple[str, ...] = ("mlp.gate",)
+    # shared-expert module (an ordinary MLP, quantized unless --only-experts), if any
+    shared_expert: str | None = None
+    # Linear modules inside a decoder layer that stay in float for a reason of the family's own
+    keep_float: tuple[str, ...] = ()
+    # router scoring: "softmax" or "sigmoid" (with e_score_correction_bias, group-limited top-k)
+    scoring: str = "softmax"
+    # on-disk prefixes of the text model, in the order they are probed
+    disk_model_prefixes: tuple[str, ...] = ("model",)
+    # the config holding the text model (composite vision-language configs nest it)
+    text_config_attr: str | None = None
+    # how the dense layers of the family are configured (for `inspect`; the model itself decides)
+    dense_layer_keys: tuple[str, ...] = ()
+
+
+FAMILIES: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="qwen3_moe",
+        model_types=("qwen3_moe",),
+        num_experts_attr="num_experts",
+        dense_layer_keys=("mlp_only_layers", "decoder_sparse_step"),
+    ),
+    ArchSpec(
+        family="qwen2_moe",
+        model_types=("qwen2_moe",),
+        num_experts_attr="num_experts",
+        routers=("mlp.gate", "mlp.shared_expert_gate"),
+        shared_expert="mlp.shared_expert",
+        dense_layer_keys=("mlp_only_layers", "decoder_sparse_step"),
+    ),
+    ArchSpec(
+        family="mixtral",
+        model_types=("mixtral",),
+        num_experts_attr="num_local_experts",
+        disk_moe_name="block_sparse_moe",
+        disk_expert_names=("w1", "w3", "w2"),
+    ),
+    ArchSpec(
+        family="olmoe",
+        model_types=("olmoe",),
+        num_experts_attr="num_experts",
+    ),
+    ArchSpec(
+        family="deepseek_v3",
+        model_types=("deepseek_v3",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
+        dense_layer_keys=("first_k_dense_replace",),
+    ),
+    ArchSpec(
+        family="glm4_moe",
+        model_types=("glm4_moe",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
+        dense_layer_keys=("first_k_dense_replace",),
+    ),
+    ArchSpec(
+        family="qwen3_5_moe",
+        model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        num_experts_attr="num_experts",
+        routers=("mlp.gate", "mlp.shared_expert_gate"),
+        shared_expert="mlp.shared_expert",
+        # the gated-delta-net's a/b projections output one value per head: tiny, and serving
+        # engines fuse them with each other, not with the quantized qkv/z projections
+        keep_float=("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
+        disk_model_prefixes=("model.language_model", "model"),
+        text_config_attr="text_config",
+    ),
+)
+
+BY_MODEL_TYPE: dict[str, ArchSpec] = {mt: spec for spec in FAMILIES for mt in spec.model_types}
+
+
+def supported_families() -> list[str]:
+    return [spec.family for spec in FAMILIES]

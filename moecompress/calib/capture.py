@@ -1,0 +1,139 @@
+"""Calibration statistics captured with hooks: Hessians ``X^T X`` per linear and per expert.
+
+``HessianCapture`` is a context manager (hooks cannot leak past it) that watches chosen targets
+of one decoder layer while the layer runs on calibration batches:
+
+* an ``nn.Linear`` target accumulates the Gram matrix of its inputs;
+* the fused experts module (transformers 5: called as ``experts(hidden, top_k_index, top_k_weights)``)
+  accumulates, per expert, the Gram matrix of the tokens routed to it, for ``gate_up_proj`` (the
+  token itself) or ``down_proj`` (the expert's intermediate activation, from its current weights),
+  counts the tokens each expert got, and optionally weights each token by its routing weight.
+  Router indices ``>= num_experts`` (zero experts, a later extension) are skipped.
+
+For experts named in ``all_token_experts`` (starved ones under the all-tokens policy) the
+statistics are taken over every token of the layer instead of the routed ones.
+The result is ``2/n * sum x x^T`` (GPTQ's H) with n the number of tokens that contributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GramStats:
+    """Running ``sum x x^T`` and token count, for one linear ([K, K]) or all experts ([E, K, K])."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor  # [] or [E], int64
+    extra: dict = field(default_factory=dict)
+
+    def hessian(self) -> torch.Tensor:
+        n = self.counts.clamp(min=1).to(self.sums.dtype)
+        n = n.view(*n.shape, 1, 1) if n.dim() else n
+        return 2.0 * self.sums / n
+
+
+@dataclass(frozen=True)
+class ExpertTarget:
+    """Per-expert statistics of the experts module's ``gate_up_proj`` (proj='gate_up') or ``down_proj``."""
+
+    proj: str
+    all_token_experts: frozenset[int] = frozenset()
+    weight_by_routing: bool = False
+
+
+def _experts_args(args, kwargs):
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    vals = list(args) + [kwargs[n] for n in names[len(args):]]
+    return vals[0], vals[1], vals[2]
+
+
+class HessianCapture:
+    """Hooks that fill ``self.stats[name]`` for each target while the layer runs."""
+
+    def __init__(self, layer: nn.Module, targets: dict[str, ExpertTarget | None], stats_dtype=torch.float32):
+        self.layer = layer
+        self.targets = targets
+        self.dtype = stats_dtype
+        self.stats: dict[str, GramStats] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "HessianCapture":
+        for name, target in self.targets.items():
+            module = self.layer.get_submodule(name.rsplit(".", 1)[0] if target is not None else name)
+            if target is None:
+                self._handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._experts_hook(name, module, target), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _linear_hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype)
+            st = self.stats.get(name)
+            if st is None:
+                k = x.shape[-1]
+                st = self.stats[name] = GramStats(x.new_zeros(k, k), torch.zeros((), dtype=torch.long))
+            st.sums.addmm_(x.T, x)
+            st.counts += x.shape[0]
+
+        return hook
+
+    def _experts_hook(self, name: str, experts: nn.Module, target: ExpertTarget):
+        def hook(module, args, kwargs):
+            hidden, idx, weights = _experts_args(args, kwargs)
+            hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+            idx = idx.reshape(hidden.shape[0], -1)
+            weights = weights.reshape(idx.shape).to(self.dtype)
+            n_exp = experts.gate_up_proj.shape[0]
+            k = hidden.shape[-1] if target.proj == "gate_up" else experts.down_proj.shape[-1]
+            st = self.stats.get(name)
+            if st is None:
+                st = self.stats[name] = GramStats(hidden.new_zeros(n_exp, k, k, dtype=self.dtype),
+                                                  torch.zeros(n_exp, dtype=torch.long),
+                                                  {"routed_tokens": torch.zeros(n_exp, dtype=torch.long),
+                                                   "all_sums": hidden.new_zeros(k, k, dtype=self.dtype),
+                                                   "all_count": 0})
+            if target.proj == "gate_up":  # the whole layer's input: what a starved expert falls back to
+                hx = hidden.to(self.dtype)
+                st.extra["all_sums"].addmm_(hx.T, hx)
+                st.extra["all_count"] += hx.shape[0]
+            valid = idx < n_exp  # zero experts (ids >= E) contribute nothing
+            flat_e = torch.where(valid, idx, n_exp).reshape(-1)
+            routed = torch.bincount(flat_e, minlength=n_exp + 1)[:n_exp].cpu()
+            st.extra["routed_tokens"] += routed
+            order = torch.argsort(flat_e, stable=True)
+            bounds = torch.cumsum(torch.bincount(flat_e, minlength=n_exp + 1), 0).tolist()
+            start = 0
+            for e in range(n_exp):
+                end = bounds[e]
+                if e in target.all_token_experts:
+                    x, w = hidden, None
+                elif end > start:
+                    slots = order[start:end]
+                    tok = slots // idx.shape[1]
+                    x = hidden[tok]
+                    w = weights.reshape(-1)[slots] if target.weight_by_routing else None
+                else:
+                    start = end
+                    continue
+                start = end
+                x = x.to(experts.gate_up_proj.dtype)
+                if target.proj == "down":
+                    gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                    x = experts.act_fn(gate) * up
+                x = x.to(self.dtype)
+                xw = x if w is None else x * w.sqrt().unsqueeze(-1)
+                st.sums[e].addmm_(xw.T, xw)
+                st.counts[e] += x.shape[0]
+
+        return hook

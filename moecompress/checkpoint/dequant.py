@@ -1,0 +1,87 @@
+"""Our own reader of the checkpoints `quantize` writes: dense float weights back from packed ones.
+
+Used to check exports against third-party loaders, by the evaluator, and by the runtime's
+reference path. Knows compressed-tensors ``pack-quantized`` and GPTQ v1 through the format modules.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..quant.formats import compressed_tensors as ct_format
+from ..quant.formats import gptq as gptq_format
+from ..quant.spec import QuantizedWeight, QuantSpec
+from .reader import CheckpointReader
+from .writer import ShardedWriter, copy_side_files
+
+_CT_MARK, _GPTQ_MARK = ".weight_packed", ".qweight"
+
+
+def spec_from_config(qcfg: dict) -> tuple[str, QuantSpec]:
+    """(format, QuantSpec) from a config.json ``quantization_config`` we know how to read."""
+    method = qcfg.get("quant_method")
+    if method == "compressed-tensors":
+        groups = list(qcfg.get("config_groups", {}).values())
+        if len(groups) != 1 or qcfg.get("format") != "pack-quantized":
+            raise UserError("only single-scheme pack-quantized compressed-tensors checkpoints can be read")
+        w = groups[0]["weights"]
+        gs = w.get("group_size") if w.get("strategy") == "group" else None
+        return "compressed-tensors", QuantSpec(w["num_bits"], gs, w["symmetric"], w.get("actorder"), (1.0,))
+    if method == "gptq":
+        gs = qcfg.get("group_size", 128)
+        return "gptq", QuantSpec(qcfg["bits"], None if gs in (-1, None) else gs, qcfg.get("sym", True),
+                                 "group" if qcfg.get("desc_act") else None, (1.0,))
+    raise UserError(f"quantization method {method!r} cannot be read by moecompress")
+
+
+def quantized_modules(reader: CheckpointReader) -> tuple[str | None, QuantSpec | None, list[str]]:
+    qcfg = reader.config.get("quantization_config")
+    if not qcfg:
+        return None, None, []
+    fmt, spec = spec_from_config(qcfg)
+    mark = _CT_MARK if fmt == "compressed-tensors" else _GPTQ_MARK
+    mods = [n[: -len(mark)] for n in reader.names() if n.endswith(mark)]
+    return fmt, spec, mods
+
+
+def read_quantized(reader: CheckpointReader, fmt: str, spec: QuantSpec, module: str) -> QuantizedWeight:
+    suffixes = ct_format.SUFFIXES if fmt == "compressed-tensors" else ("qweight", "qzeros", "scales", "g_idx")
+    tensors = {s: reader.get(f"{module}.{s}") for s in suffixes if f"{module}.{s}" in reader}
+    decode = ct_format.decode_linear if fmt == "compressed-tensors" else gptq_format.decode_linear
+    return decode(tensors, spec)
+
+
+def dequantized_state(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Yield ``(name, tensor)`` of a dense checkpoint equivalent to ``path`` (quantized linears dequantized)."""
+    reader = CheckpointReader.open(path)
+    fmt, spec, mods = quantized_modules(reader)
+    owned = set()
+    for m in mods:
+        qw = read_quantized(reader, fmt, spec, m)
+        owned.update(f"{m}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                                           "qweight", "qzeros", "scales", "g_idx"))
+        yield f"{m}.weight", qw.dequantize(dtype)
+    for n in reader.names():
+        if n not in owned:
+            t = reader.get(n)
+            yield n, t.to(dtype) if t.is_floating_point() else t
+
+
+def write_dequantized(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a plain float checkpoint with the dequantized weights of ``src`` (for any HF loader)."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(dst)
+    for name, t in dequantized_state(src, dtype):
+        writer.add(name, t)
+    writer.close()
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_side_files(src, dst)
+    return dst

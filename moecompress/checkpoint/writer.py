@@ -1,0 +1,115 @@
+"""Atomic, sharded checkpoint output.
+
+``atomic_output_dir`` builds the output in a hidden sibling folder and renames it into place only
+when everything was written, so a crash or a Ctrl-C never leaves a folder that looks complete.
+``ShardedWriter`` streams tensors into ``model-0000i-of-0000n.safetensors`` shards of bounded size
+and writes the index that transformers and vLLM read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import UserError
+
+
+def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if out == src or src in out.parents:
+        raise UserError(f"--out {out} lies inside the source model directory {src}; choose a folder outside it")
+    if out in src.parents:
+        raise UserError(f"--out {out} contains the source model directory; choose another folder")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"--out {out} appeared while we were writing; not replacing it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class ShardedWriter:
+    """Collect tensors and flush them into safetensors shards of at most ``max_shard_bytes``."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 4 << 30):
+        self.folder = Path(folder)
+        self.max_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in s for s in self._shards):
+            raise RuntimeError(f"tensor {name} written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        idx = len(self._shards)
+        save_file(self._pending, str(self.folder / f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(sorted(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards, write the index (when more than one), and return the shard file names."""
+        self.flush()
+        n = len(self._shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, final in enumerate(names):
+            os.replace(self.folder / f".shard-{i:05d}.safetensors", self.folder / final)
+        if n > 1:
+            weight_map = {t: names[i] for i, shard in enumerate(self._shards) for t in shard}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "moecompress.json",
+              "quantize_config.json"}
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer, generation config, chat template... (every top-level non-weight file)."""
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied

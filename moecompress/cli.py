@@ -1,0 +1,112 @@
+"""The `moecompress` command line: a thin click layer over the library.
+
+Every user mistake surfaces as one line on stderr and exit code 2 (``UserError``, click's usage
+errors); bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .errors import UserError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="moecompress")
+def cli(verbose: bool) -> None:
+    """Compress Mixture-of-Experts checkpoints: router-aware GPTQ/RTN, streamed layer by layer."""
+    _setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("model_dir")
+def inspect(model_dir: str) -> None:
+    """Describe a checkpoint: family, layers, experts, parameters, sizes, what would be quantized."""
+    from .inspect import describe, render
+
+    click.echo(render(describe(model_dir)))
+
+
+@cli.command()
+@click.argument("model_dir")
+@click.option("--out", "out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="Power of two; -1 for per-channel.")
+@click.option("--sym/--asym", "symmetric", default=True, show_default=True)
+@click.option("--act-order", type=click.Choice(["none", "weight", "group"]), default="none", show_default=True,
+              help="GPTQ column order: 'weight' keeps groups contiguous; 'group' (GPTQ format only) permutes them.")
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), default="compressed-tensors",
+              show_default=True)
+@click.option("--calib", default="builtin:stdlib", show_default=True,
+              help="Text file, folder, .jsonl/.parquet/.arrow, save_to_disk folder, or builtin:stdlib.")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Calibration compute dtype (auto: fp32 on CPU, the model's on GPU).")
+@click.option("--router-dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
+              show_default=True, help="Precision of routing during calibration (weights are never changed).")
+@click.option("--damp", type=float, default=0.01, show_default=True)
+@click.option("--no-clip-search", is_flag=True, help="Plain min/max scales instead of the clipping search.")
+@click.option("--no-true-sequential", is_flag=True, help="Calibrate a whole layer at once.")
+@click.option("--weight-by-routing", is_flag=True, help="Weight each token in an expert's Hessian by its routing weight.")
+@click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
+@click.option("--min-expert-tokens", type=int, default=16, show_default=True)
+@click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
+@click.option("--overwrite", is_flag=True)
+def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
+             seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
+             weight_by_routing, starved_experts, min_expert_tokens, only_experts, overwrite) -> None:
+    """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
+    from .pipeline import quantize as run
+    from .recipe import build_config
+
+    cfg = build_config(
+        method=method, bits=bits, group_size=group_size, symmetric=symmetric,
+        act_order=None if act_order == "none" else act_order, format=fmt, calib=calib, calib_samples=calib_samples,
+        seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
+        damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
+        weight_by_routing=weight_by_routing, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
+        only_experts=only_experts,
+    )
+    summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
+    n = summary["starved_experts_total"]
+    click.echo(f"wrote {out} ({summary['size_bytes'] / 2**20:.1f} MiB, {len(summary['layers'])} layers, "
+               f"{n} starved expert{'s' if n != 1 else ''} handled by '{cfg.starved_experts}') "
+               f"in {summary['timings_s']['total']:.1f}s")
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    sys.exit(main())

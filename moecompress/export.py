@@ -1,0 +1,114 @@
+"""Turn quantized layers into on-disk tensors and configs of the chosen format.
+
+Names follow what transformers' ``save_pretrained`` writes for the family (per-expert
+``experts.{e}.gate_proj`` / Mixtral's ``block_sparse_moe.experts.{e}.w1``), so every loader that
+reads the family reads our output. Everything not quantized is copied from the source shards
+byte for byte (routers above all).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .arch.handle import ModelHandle
+from .quant.formats import compressed_tensors as ct_format
+from .quant.formats import gptq as gptq_format
+from .quant.spec import QuantizedWeight, QuantSpec
+from .quant.targets import Target
+
+FORMATS = ("compressed-tensors", "gptq")
+
+
+def encode(fmt: str, qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if fmt == "compressed-tensors":
+        return ct_format.encode_linear(qw, dtype)
+    return gptq_format.encode_linear(qw)
+
+
+def layer_tensors(handle: ModelHandle, i: int, results: dict[Target, QuantizedWeight], fmt: str,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All on-disk tensors of decoder layer i: quantized targets encoded, the rest copied as stored."""
+    pre = handle.layer_prefix(i)
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for t, qw in results.items():
+        if t.expert_proj is None:
+            base = pre + handle.disk_local(t.name)
+            consumed.add(base + ".weight")
+            out.update({f"{base}.{k}": v for k, v in encode(fmt, qw, dtype).items()})
+            continue
+        fused = pre + handle.disk_local(t.name)
+        consumed.update({fused, fused + ".weight"})
+        for e in range(qw.qweight.shape[0]):
+            g, u, d = handle.expert_disk_names(i, e)
+            q = qw[e]
+            if t.expert_proj == "gate_up":
+                half = q.qweight.shape[0] // 2
+                consumed.update({g + ".weight", u + ".weight"})
+                for name, rows in ((g, slice(0, half)), (u, slice(half, None))):
+                    part = QuantizedWeight(q.qweight[rows], q.scales[rows], q.zeros[rows], q.spec, q.g_idx)
+                    out.update({f"{name}.{k}": v for k, v in encode(fmt, part, dtype).items()})
+            else:
+                consumed.add(d + ".weight")
+                out.update({f"{d}.{k}": v for k, v in encode(fmt, q, dtype).items()})
+    for name in handle.layer_tensor_names(i):
+        if name not in consumed:
+            out[name] = handle.reader.get(name)
+    return out
+
+
+def kept_module_names(handle: ModelHandle, model: nn.Module, quantized: set[str]) -> list[str]:
+    """Full names of every Linear-like module left in float, spelled as the loaders see them.
+
+    Routers are listed although transformers' router is not an ``nn.Linear``: vLLM builds them as
+    linear layers and would otherwise look for packed weights. Non-text parts (a vision tower,
+    MTP layers) are listed from the shards: every 2D ``.weight`` outside the processed layers
+    except the embedding.
+    """
+    names: list[str] = []
+    mem_prefix_len = len("model.layers.")
+    for full, mod in model.named_modules():
+        if not full.startswith("model.layers."):
+            continue
+        rest = full[mem_prefix_len:]
+        i, _, local = rest.partition(".")
+        if not local:
+            continue
+        is_router = local in handle.spec.routers
+        is_linear = isinstance(mod, nn.Linear) and f"{i}.{local}" not in quantized
+        if is_router or is_linear:
+            names.append(f"{handle.disk_prefix}.layers.{i}.{local}")
+            disk_local = handle.disk_local(local)
+            if disk_local != local:
+                names.append(f"{handle.disk_prefix}.layers.{i}.{disk_local}")
+    embed = f"{handle.disk_prefix}.embed_tokens.weight"
+    for n in handle.non_layer_tensor_names():
+        info = handle.reader.tensors[n]
+        if n.endswith(".weight") and len(info.shape) == 2 and n != embed:
+            names.append(n[: -len(".weight")])
+    if "lm_head" not in names:
+        names.append("lm_head")
+    return sorted(set(names), key=_natural)
+
+
+def _natural(s: str):
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
+
+
+def gptq_dynamic_rules(handle: ModelHandle, kept: list[str]) -> list[str]:
+    """GPTQModel negative-match regexes for the kept modules (one per layer-local name)."""
+    layer = re.compile(rf"^{re.escape(handle.disk_prefix)}\.layers\.\d+\.(.+)$")
+    rules = []
+    for n in kept:
+        m = layer.match(n)
+        rules.append(rf".*\.layers\.\d+\.{re.escape(m.group(1))}$" if m else rf"^{re.escape(n)}$")
+    return sorted(set(rules))
+
+
+def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: ModelHandle, extra: dict) -> dict:
+    if fmt == "compressed-tensors":
+        return ct_format.quantization_config(spec, ignore=kept)
+    return gptq_format.quantize_config(spec, gptq_dynamic_rules(handle, kept), **extra)

@@ -1,0 +1,246 @@
+"""`moecompress quantize`: stream a checkpoint layer by layer through calibration, GPTQ/RTN and export.
+
+Peak memory is one decoder layer plus the calibration activations: the model is built on the meta
+device, each layer is read from the shards, calibrated, quantized, written and dropped before the
+next one is read; the *quantized* layer's outputs feed the next layer (true sequential).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .arch.handle import ModelHandle, decoder_layers
+from .calib.capture import HessianCapture
+from .calib.runner import LayerFeed, capture_layer_kwargs, prepare_embeddings, run_layer
+from .checkpoint.writer import ShardedWriter, atomic_output_dir, check_output_path, copy_side_files
+from .errors import UserError
+from .export import kept_module_names, layer_tensors, quantization_config
+from .quant.targets import Target, capture_spec, layer_targets, solve, stages_of, target_weight
+from .recipe import QuantizeConfig
+
+log = logging.getLogger("moecompress")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    # CPUs are slow and inexact in half precision: calibrate in fp32 there
+    return torch.float32 if device.type == "cpu" else handle.float_dtype
+
+
+def load_calibration(cfg: QuantizeConfig, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    from .calib.data import load_texts, make_calibration_windows
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer of {model_dir} (needed for calibration): {str(e).splitlines()[0]}") from None
+    texts = load_texts(cfg.calib)
+    return make_calibration_windows(texts, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
+
+
+class _RouterPrecision:
+    """Run the layer's routers in ``router_dtype`` (fp32 by default) whatever the activations' dtype."""
+
+    def __init__(self, layer, names, dtype):
+        self.mods = [layer.get_submodule(n) for n in names if _has(layer, n)]
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.handles = []
+        for m in self.mods:
+            m.to(self.dtype)
+            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_hook(self._post))
+        return self
+
+    def _pre(self, module, args):
+        module._in_dtype = args[0].dtype
+        return (args[0].to(self.dtype),) + tuple(args[1:])
+
+    def _post(self, module, args, out):
+        dt = module._in_dtype
+        if isinstance(out, tuple):
+            return tuple(o.to(dt) if torch.is_tensor(o) and o.is_floating_point() else o for o in out)
+        return out.to(dt)
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _has(layer, name) -> bool:
+    try:
+        layer.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
+             command: list[str] | None = None, max_shard_bytes: int = 4 << 30) -> dict:
+    """Quantize ``model_dir`` into ``out_dir``; returns the run summary also saved as moecompress.json."""
+    t_start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    handle = ModelHandle.open(model_dir)
+    check_output_path(model_dir, out_dir, overwrite)
+    device = resolve_device(cfg.device)
+    dtype = compute_dtype(cfg, handle, device)
+    router_dtype = dtype if cfg.router_dtype == "auto" else _DTYPES[cfg.router_dtype]
+    store_dtype = handle.float_dtype
+    qspec = cfg.spec()
+    model = handle.skeleton()
+    layers = decoder_layers(model)
+    all_targets = [layer_targets(layer, handle.spec, cfg.only_experts) for layer in layers]
+    for i, targets in enumerate(all_targets):  # fail before any work on a group size that cannot fit
+        for t in targets:
+            qspec.check_shape(target_weight(layers[i], t).shape[-1], f"layer {i} {t.name}")
+
+    summary: dict = {"moecompress_version": __version__, "command": command, "recipe": cfg.model_dump(),
+                     "source": str(model_dir.resolve()), "family": handle.family,
+                     "versions": _versions(), "timings_s": {}, "layers": []}
+    feed = None
+    if cfg.needs_calibration:
+        t0 = time.perf_counter()
+        windows = load_calibration(cfg, model_dir)
+        summary["calibration"] = windows.metadata
+        prepare_embeddings(handle, model, device, dtype)
+        feed = capture_layer_kwargs(model, windows.input_ids, cfg.batch_size, device)
+        model.model.embed_tokens.to("meta")
+        summary["timings_s"]["calibration_data"] = time.perf_counter() - t0
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        quantized_names: set[str] = set()
+        for i in tqdm(range(handle.num_layers), desc="layers", unit="layer"):
+            t0 = time.perf_counter()
+            layer = handle.load_layer(model, i, device, dtype)
+            record, results = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype, handle, router_dtype)
+            for name, tensor in layer_tensors(handle, i, results, cfg.format, store_dtype).items():
+                writer.add(name, tensor)
+            quantized_names.update(f"{i}.{t.module_name}" for t in results)
+            layers[i].to("meta")
+            record["seconds"] = time.perf_counter() - t0
+            summary["layers"].append(record)
+        for name in handle.non_layer_tensor_names():
+            writer.add(name, handle.reader.get(name))
+        shards = writer.close()
+        kept = kept_module_names(handle, model, quantized_names)
+        qcfg = quantization_config(cfg.format, qspec, kept, handle, {"damp_percent": cfg.damp,
+                                                                     "true_sequential": cfg.true_sequential})
+        config = dict(handle.reader.config)
+        config["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if cfg.format == "gptq":
+            (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+        copy_side_files(model_dir, tmp)
+        summary["kept_in_float"] = kept
+        summary["shards"] = shards
+        summary["size_bytes"] = writer.total_bytes
+        summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])
+        summary["timings_s"]["total"] = time.perf_counter() - t_start
+        (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary
+
+
+def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None, cfg: QuantizeConfig, qspec,
+                    store_dtype, handle: ModelHandle, router_dtype) -> tuple[dict, dict]:
+    record: dict = {"layer": i, "linears": {}}
+    results: dict[Target, object] = {}
+    starved: set[int] = set()
+    with _RouterPrecision(layer, handle.spec.routers, router_dtype):
+        for stage in stages_of(targets, cfg.true_sequential):
+            stats = {}
+            if feed is not None:
+                specs = {t.module_name if t.expert_proj is None else t.name: capture_spec(
+                    t, starved if cfg.starved_experts == "all-tokens" and t.expert_proj == "down" else (),
+                    cfg.weight_by_routing) for t in stage}
+                stats = _capture(layer, i, feed, specs)
+                stats = _starved_pass(layer, i, feed, stage, stats, record, starved, cfg)
+            for t in stage:
+                _solve_target(layer, t, stats, cfg, qspec, store_dtype, record, results, starved)
+        if feed is not None:
+            run_layer(layer, i, feed, update=True)
+    return record, results
+
+
+def _capture(layer, i, feed, specs):
+    with HessianCapture(layer, specs) as cap:
+        run_layer(layer, i, feed, update=False)
+    return cap.stats
+
+
+def _starved_pass(layer, i, feed, stage, stats, record, starved: set, cfg):
+    """Find experts with too few routed tokens, log the decision, and recapture what they need."""
+    for t in stage:
+        if t.expert_proj != "gate_up" or t.name not in stats:
+            continue
+        routed = stats[t.name].extra["routed_tokens"]
+        record["expert_tokens"] = routed.tolist()
+        new = {e for e, n in enumerate(routed.tolist()) if n < cfg.min_expert_tokens}
+        if new:
+            starved |= new
+            record["starved_experts"] = sorted(starved)
+            record["starved_policy"] = cfg.starved_experts
+            log.info("layer %d: %d experts got fewer than %d tokens (%s): %s", i, len(new), cfg.min_expert_tokens,
+                     sorted(new), "Hessian from all tokens" if cfg.starved_experts == "all-tokens" else "RTN")
+        # down_proj stats captured in this same pass used routed tokens only: redo them for starved experts
+        downs = [d for d in stage if d.expert_proj == "down"]
+        if starved and cfg.starved_experts == "all-tokens" and downs:
+            specs = {d.name: capture_spec(d, starved, cfg.weight_by_routing) for d in downs}
+            stats.update(_capture(layer, i, feed, specs))
+    return stats
+
+
+def _solve_target(layer, t: Target, stats, cfg, qspec, store_dtype, record, results, starved):
+    param = target_weight(layer, t)
+    st = stats.get(t.module_name if t.expert_proj is None else t.name)
+    h = None
+    if st is not None:
+        h = st.hessian()
+        if t.expert_proj == "gate_up" and starved and cfg.starved_experts == "all-tokens":
+            # the gate/up input of a starved expert is any token of the layer: use all of them
+            all_h = 2.0 * st.extra["all_sums"] / max(int(st.extra["all_count"]), 1)
+            for e in starved:
+                h[e] = all_h
+    res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
+                rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
+                chunk=cfg.expert_chunk)
+    param.data.copy_(res.dequantized.to(param.dtype))
+    results[t] = res.qweight
+    record["linears"][t.name] = res.info if t.expert_proj else res.info[0]
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": sys.platform}
+
+
+def _json_default(o):
+    if torch.is_tensor(o):
+        return o.tolist()
+    return str(o)

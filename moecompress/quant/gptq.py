@@ -1,0 +1,248 @@
+"""GPTQ (Frantar et al., 2022), batched over the experts of one projection.
+
+All experts go through one batched Cholesky and one column loop; every step is a batched tensor op,
+so B experts cost about as much Python as one. The algorithm follows IST-DASLab's ``gptq.py``:
+dead columns, relative damping, the upper Cholesky factor of ``H^-1``, lazy block updates,
+act-order with static groups ("weight") or permuted groups ("group", with g_idx). What it adds:
+damping escalation per expert with an RTN fallback, the Hessian-weighted clip search for every
+group, and a fallback for experts that saw no calibration token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .rtn import check_finite, fake_quantize, rtn_quantize, search_qparams
+from .spec import QuantizedWeight, QuantSpec
+
+
+def accumulate_hessian(
+    H: torch.Tensor | None, x: torch.Tensor, n_seen: int, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """Fold inputs ``x [T, K]`` into the running ``H = 2/n * sum_t w_t x_t x_t^T``; updates H in place.
+
+    ``weight [T]`` (non-negative, e.g. router probabilities) scales each token's contribution;
+    ``n`` counts tokens, so all-ones weights give the unweighted Hessian. ``H=None`` starts a
+    float32 one on x's device.
+    """
+    x = x.reshape(-1, x.shape[-1])
+    if H is None:
+        H = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    t = x.shape[0]
+    if t == 0:
+        return H, n_seen
+    x = x.to(H.dtype)
+    check_finite(x, "calibration activations")
+    if weight is not None:
+        w = weight.reshape(-1).to(H.dtype)
+        check_finite(w, "token weights")
+        if bool((w < 0).any()):
+            raise ValueError("token weights must be non-negative")
+        x = x * w.sqrt()[:, None]
+    n = n_seen + t
+    H.mul_(n_seen / n)
+    H.addmm_(x.T, x, alpha=2.0 / n)
+    return H, n
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, todo: torch.Tensor):
+    """Upper Cholesky factor of ``(H + d I)^-1`` for the members ``todo`` of ``H [B, K, K]``.
+
+    ``d = damp * 10**t * mean|diag H|`` at try t: a member whose factorization fails (not positive
+    definite, or not finite in this precision) retries with ten times the damping. Returns the
+    factors (identity where every try failed), the relative damping used (NaN: failed) and tries.
+    """
+    b, k, _ = H.shape
+    U = torch.eye(k, dtype=torch.float32, device=H.device).repeat(b, 1, 1)
+    used = torch.full((b,), float("nan"), dtype=torch.float64)
+    tries = torch.zeros(b, dtype=torch.long)
+    scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    for t in range(max_tries):
+        if todo.numel() == 0:
+            break
+        d = damp * 10.0**t
+        Hd = H[todo]
+        Hd.diagonal(dim1=-2, dim2=-1).add_((d * scale[todo])[:, None])
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        Ut, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
+        ok = (info == 0) & (info2 == 0) & torch.isfinite(Ut).flatten(1).all(-1)
+        ok_cpu = ok.cpu()
+        done = todo[ok]
+        U[done] = Ut[ok].float()
+        used[done.cpu()] = d
+        tries[todo.cpu()] = t + 1
+        todo = todo[~ok]
+        del Ut
+        if bool(ok_cpu.all()):
+            break
+    return U, used, tries
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    max_damp_tries: int = 6,
+) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of ``w [N, K]`` / ``[B, N, K]`` against its Hessian ``H [K, K]`` / ``[B, K, K]``.
+
+    Returns the QuantizedWeight (original column order; g_idx only for act_order="group") and
+    per-member stats, each a list of length B (1 for a single weight):
+
+    * ``damp``: relative damping that worked (fraction of mean|diag H|), None for a fallback;
+    * ``fallback``: True when the member was quantized with RTN instead; ``reason`` says why
+      ("starved": H == 0, no calibration token; "not positive definite": every damping failed);
+    * ``tries``: Cholesky attempts made;
+    * ``loss``: ``1/2 tr(dW H' dW^T)`` with ``dW = Q - W``; for GPTQ members this is the paper's
+      ``sum (w - q)^2 / (2 d^2)`` (exact in exact arithmetic) with H' the damped Hessian, for RTN
+      fallbacks it is computed with the given H.
+
+    H is never modified; it may be float64, in which case the factorization runs in float64.
+    """
+    if w.dim() not in (2, 3):
+        raise ValueError(f"weight must be [N, K] or [B, N, K], got shape {tuple(w.shape)}")
+    single = w.dim() == 2
+    W0 = w.unsqueeze(0) if single else w
+    Hb = H.unsqueeze(0) if H.dim() == 2 else H
+    b, n, k = W0.shape
+    if tuple(Hb.shape) != (b, k, k):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match weight of shape {tuple(w.shape)}")
+    spec.check_shape(k)
+    if damp < 0 or block_size < 1 or max_damp_tries < 1:
+        raise ValueError("need damp >= 0, block_size >= 1 and max_damp_tries >= 1")
+    check_finite(W0, "weight")
+    check_finite(Hb, "Hessian")
+    dev = W0.device
+    gs = spec.group_for(k)
+
+    W = W0.float().clone()
+    Hb = Hb.to(torch.float64 if Hb.dtype == torch.float64 else torch.float32).clone()
+    diag = Hb.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    starved = dead.all(-1)
+    # A column no calibration token touched carries no information: pin it to zero (as the paper).
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead[:, None, :], 0.0)
+    col_weight = diag.float().clamp_min(0)  # importance of each input for the clip search
+
+    static = None
+    if spec.act_order == "weight":
+        # Groups stay contiguous in the original order, so their qparams must exist before the
+        # permuted column loop can reach any of them.
+        wg = W.reshape(b, n, k // gs, gs)
+        static = search_qparams(wg, spec, col_weight.reshape(b, 1, k // gs, gs))
+    perm = None
+    if spec.act_order is not None:
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
+        bi = torch.arange(b, device=dev)[:, None]
+        W = W.gather(-1, perm[:, None, :].expand(b, n, k))
+        Hb = Hb[bi[:, :, None], perm[:, :, None], perm[:, None, :]]
+        col_weight = col_weight.gather(-1, perm)
+
+    todo = torch.nonzero(~starved).flatten()
+    U, used, tries = _inverse_cholesky(Hb, damp, max_damp_tries, todo)
+    del Hb
+    failed = torch.isnan(used) & ~starved.cpu()
+
+    codes, scales, zeros, losses = _column_loop(W, U, col_weight, spec, block_size, static, perm)
+    del U
+
+    if perm is not None:
+        inv = torch.argsort(perm, dim=-1)
+        codes = codes.gather(1, inv[:, :, None].expand(b, k, n))
+    qweight = codes.transpose(1, 2).contiguous()
+    g_idx = None
+    if spec.act_order == "group":
+        g_idx = torch.empty(b, k, dtype=torch.long, device=dev)
+        g_idx.scatter_(1, perm, (torch.arange(k, device=dev) // gs).expand(b, k))
+        g_idx = g_idx.to(torch.int32)
+
+    stats = {"damp": [], "fallback": [], "reason": [], "tries": [], "loss": []}
+    for i in range(b):
+        fell = bool(starved[i]) or bool(failed[i])
+        if fell:
+            # Without a usable Hessian, error feedback would be noise: plain RTN keeps the weights.
+            hd = None if bool(starved[i]) else H.reshape(b, k, k)[i].diagonal().float().clamp_min(0)
+            r = rtn_quantize(W0[i], spec, hd)
+            qweight[i], scales[i], zeros[i] = r.qweight, r.scales, r.zeros
+            if g_idx is not None:
+                g_idx[i] = (torch.arange(k, device=dev) // gs).to(torch.int32)
+            dw = r.dequantize(torch.float64) - W0[i].double()
+            losses[i] = 0.5 * float(((dw @ H.reshape(b, k, k)[i].double()) * dw).sum())
+        stats["damp"].append(None if fell else float(used[i]))
+        stats["fallback"].append(fell)
+        stats["reason"].append("starved" if bool(starved[i]) else "not positive definite" if fell else None)
+        stats["tries"].append(int(tries[i]))
+        stats["loss"].append(float(losses[i]))
+
+    qw = QuantizedWeight(qweight, scales, zeros, spec, g_idx)
+    if single:
+        qw = qw[0]
+    return qw, stats
+
+
+def _column_loop(W, U, col_weight, spec, block_size, static, perm):
+    """The GPTQ sweep over the (possibly permuted) columns of ``W [B, N, K]``.
+
+    Works on ``W^T [B, K, N]`` so that one column of every expert is a contiguous ``[B, N]`` slab.
+    Returns codes ``[B, K, N]`` (processing order), scales/zeros ``[B, N, G]`` and losses ``[B]``.
+    """
+    b, n, k = W.shape
+    gs = spec.group_for(k)
+    Wt = W.transpose(1, 2).contiguous()
+    del W
+    codes = torch.empty(b, k, n, dtype=torch.uint8, device=Wt.device)
+    losses = torch.zeros(b, dtype=torch.float64, device=Wt.device)
+    group_spec = replace(spec, group_size=None)
+    bi = torch.arange(b, device=Wt.device)
+    if static is not None:
+        st, zt = (t.transpose(1, 2) for t in static)  # [B, G, N]
+        col_group = perm // gs  # original group of each processed column
+    else:
+        found_s, found_z = [], []
+
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = Wt[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static is not None:
+                s, z = st[bi, col_group[:, j]], zt[bi, col_group[:, j]]
+            elif j % gs == 0:
+                # The group's qparams come from its columns as GPTQ has updated them so far;
+                # those past this block still miss this block's (lazy) updates, so apply them.
+                e = min(j + gs, k)
+                cur = W1[:, i : e - i1]
+                if e > i2:
+                    rest = Wt[:, i2:e] - U[:, i1:i2, i2:e].transpose(1, 2) @ Err1
+                    cur = torch.cat([cur, rest], 1)
+                s, z = search_qparams(cur.transpose(1, 2)[:, :, None, :], group_spec, col_weight[:, None, None, j:e])
+                s, z = s[..., 0], z[..., 0]
+                found_s.append(s)
+                found_z.append(z)
+            col = W1[:, i]
+            q, dq = fake_quantize(col, s, z, spec.qmax)
+            codes[:, j] = q.to(torch.uint8)
+            err = (col - dq).div_(U1[:, i, i, None])
+            W1[:, i + 1 :].addcmul_(U1[:, i, i + 1 :, None], err[:, None, :], value=-1.0)
+            Err1[:, i] = err
+        losses += 0.5 * Err1.double().square().sum((1, 2))
+        if i2 < k:
+            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
+
+    if static is not None:
+        scales, zeros = static
+    else:
+        scales, zeros = torch.stack(found_s, -1), torch.stack(found_z, -1)
+    return codes, scales.float().contiguous(), zeros.to(torch.uint8).contiguous(), losses

@@ -1,0 +1,141 @@
+"""Round-to-nearest quantization with a per-group clipping search.
+
+Also the scale/zero-point search that GPTQ reuses for every group it reaches.
+
+Scale convention (that of GPTQ and compressed-tensors):
+
+* symmetric: ``scale = r * max|w| / (qmax / 2)`` (int4: ``amax / 7.5``) and ``z = 2**(bits-1)``, so the
+  signed values ``q - z`` span ``[-2**(bits-1), 2**(bits-1) - 1]``; the most positive weight of an
+  unclipped group lands on +7.5 and rounds to +7 (an error of half a step) while the negative side
+  uses -8. The clip search is what trades that off.
+* asymmetric: the range ``[min(w, 0), max(w, 0)] * r`` maps onto ``[0, qmax]``; zero is kept in the
+  range so that it is exactly representable, and ``z = round(-lo / scale)``.
+
+A group whose range is empty (all zeros) gets ``scale = 1``; a scale is never 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantizedWeight, QuantSpec
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Raise a ValueError naming ``what`` (and the batch members at fault) when ``t`` has NaN/Inf."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = ""
+        if t.dim() == 3:
+            members = torch.nonzero(bad.flatten(1).any(-1)).flatten().tolist()
+            where = f" (batch members {members[:10]}{'...' if len(members) > 10 else ''})"
+        raise ValueError(f"{what} contains {int(bad.sum())} NaN/Inf values{where}")
+
+
+def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, ratio: float, spec: QuantSpec):
+    """Scale and zero of groups whose range is ``[lo, hi]`` (lo <= 0 <= hi) shrunk by ``ratio``."""
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) * (ratio / (spec.qmax / 2))
+        zero = torch.full_like(scale, spec.sym_zero)
+    else:
+        scale = (hi - lo) * (ratio / spec.qmax)
+        zero = None
+    # An empty range would make every code divide by zero; any positive scale quantizes it exactly.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min_(torch.finfo(torch.float32).tiny)
+    if zero is None:
+        zero = torch.round(-lo * ratio / scale).clamp_(0, spec.qmax)
+    return scale, zero
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int):
+    """(codes as float, dequantized values) of ``w`` for broadcastable ``scale``/``zero``."""
+    q = torch.round(w / scale).add_(zero).clamp_(0, qmax)
+    return q, (q - zero).mul_(scale)
+
+
+def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None):
+    """Best (scale, zero) per group of ``wg [..., G, gs]`` over ``spec.clip_ratios``.
+
+    ``weight`` broadcasts against ``wg`` and weighs each element's squared error. Ties keep the
+    earlier ratio, so with 1.0 listed first the search is never worse than plain min/max.
+    No input checks: the public callers make them.
+    """
+    lo = wg.amin(-1).clamp_(max=0)
+    hi = wg.amax(-1).clamp_(min=0)
+    best = None
+    for r in spec.clip_ratios:
+        scale, zero = _range_qparams(lo, hi, r, spec)
+        if len(spec.clip_ratios) == 1:
+            return scale, zero
+        err = torch.round(wg / scale[..., None]).add_(zero[..., None]).clamp_(0, spec.qmax)
+        err.sub_(zero[..., None]).mul_(scale[..., None]).sub_(wg).square_()
+        if weight is not None:
+            err.mul_(weight)
+        err = err.sum(-1)
+        if best is None:
+            best = [err, scale, zero]
+        else:
+            better = err < best[0]
+            best = [torch.where(better, new, old) for new, old in zip((err, scale, zero), best)]
+    return best[1], best[2]
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None):
+    """Per-group ``(scales float32 [..., N, G], zeros uint8 [..., N, G])`` of ``w [..., N, K]``.
+
+    ``weight [..., K]`` (non-negative, e.g. the Hessian diagonal) weighs each input column's squared
+    error in the clip search; None weighs all columns equally.
+    """
+    k = w.shape[-1]
+    spec.check_shape(k)
+    check_finite(w, "weight")
+    gs = spec.group_for(k)
+    wg = w.float().reshape(*w.shape[:-1], k // gs, gs)
+    wt = None
+    if weight is not None:
+        if weight.shape[-1] != k:
+            raise ValueError(f"column weight has {weight.shape[-1]} entries, the weight has {k} columns")
+        check_finite(weight, "column weight")
+        if bool((weight < 0).any()):
+            raise ValueError("column weight must be non-negative")
+        # [..., K] -> [..., 1, G, gs]: the same column weight for every output row.
+        wt = weight.float().reshape(*weight.shape[:-1], 1, k // gs, gs)
+    scales, zeros = search_qparams(wg, spec, wt)
+    return scales, zeros.to(torch.uint8)
+
+
+def quantize_with_qparams(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    spec: QuantSpec,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 codes of ``w [..., N, K]`` for given per-group scales/zeros (``g_idx``: group of each column)."""
+    k = w.shape[-1]
+    spec.check_shape(k)
+    s, z = scales.float(), zeros.float()
+    if g_idx is None:
+        gs = spec.group_for(k)
+        wg = w.float().reshape(*w.shape[:-1], k // gs, gs)
+        q, _ = fake_quantize(wg, s[..., None], z[..., None], spec.qmax)
+        return q.reshape(w.shape).to(torch.uint8)
+    gi = g_idx.long()
+    if gi.dim() == 1:
+        s, z = s[..., gi], z[..., gi]
+    else:
+        idx = gi.unsqueeze(-2).expand(*s.shape[:-1], k)
+        s, z = torch.gather(s, -1, idx), torch.gather(z, -1, idx)
+    q, _ = fake_quantize(w.float(), s, z, spec.qmax)
+    return q.to(torch.uint8)
+
+
+def rtn_quantize(w: torch.Tensor, spec: QuantSpec, hessian_diag: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest of ``w [N, K]`` or ``[B, N, K]`` with the clip search.
+
+    ``hessian_diag [K]`` / ``[B, K]`` weighs the search by input importance. ``spec.act_order`` has
+    no meaning without error feedback and is ignored (no g_idx).
+    """
+    scales, zeros = compute_qparams(w, spec, hessian_diag)
+    q = quantize_with_qparams(w, scales, zeros, spec)
+    return QuantizedWeight(q, scales.float(), zeros, spec)

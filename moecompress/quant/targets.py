@@ -1,0 +1,160 @@
+"""What gets quantized in a decoder layer, in which calibration stage, and how each target is solved.
+
+A *target* is either an ``nn.Linear`` (attention, shared expert, dense MLP) or one projection of
+the fused experts module (``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``, all experts
+batched). Routers and the family's ``keep_float`` modules are never targets. Stages implement
+true-sequential calibration: attention first, then the MLP's input projections, then its output
+projections, each calibrated on the outputs of what was already quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch.registry import ArchSpec
+from ..calib.capture import ExpertTarget
+from .gptq import gptq_quantize
+from .rtn import rtn_quantize
+from .spec import QuantizedWeight, QuantSpec
+
+STAGES = ("attn", "mlp_up", "mlp_down")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # layer-local in-memory name: "self_attn.q_proj" or "mlp.experts.gate_up_proj"
+    stage: str
+    expert_proj: str | None = None  # "gate_up" | "down" for fused experts, else None (a Linear)
+
+    @property
+    def module_name(self) -> str:
+        return self.name.rsplit(".", 1)[0] if self.expert_proj else self.name
+
+
+def layer_targets(layer: nn.Module, spec: ArchSpec, only_experts: bool) -> list[Target]:
+    kept = set(spec.routers) | set(spec.keep_float)
+    out: list[Target] = []
+    for name, mod in layer.named_modules():
+        if name.endswith("experts") and hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj"):
+            out.append(Target(f"{name}.gate_up_proj", "mlp_up", "gate_up"))
+            out.append(Target(f"{name}.down_proj", "mlp_down", "down"))
+        elif isinstance(mod, nn.Linear) and name not in kept and not only_experts:
+            if not name.startswith("mlp."):
+                stage = "attn"
+            else:
+                stage = "mlp_down" if name.endswith("down_proj") else "mlp_up"
+            out.append(Target(name, stage))
+    return out
+
+
+def target_weight(layer: nn.Module, t: Target) -> torch.Tensor:
+    return layer.get_parameter(t.name if t.expert_proj else f"{t.name}.weight")
+
+
+def stages_of(targets: list[Target], true_sequential: bool) -> list[list[Target]]:
+    if not true_sequential:
+        return [targets] if targets else []
+    return [g for g in ([t for t in targets if t.stage == s] for s in STAGES) if g]
+
+
+def capture_spec(t: Target, all_token_experts=frozenset(), weight_by_routing=False):
+    if t.expert_proj is None:
+        return None
+    return ExpertTarget(t.expert_proj, frozenset(all_token_experts), weight_by_routing)
+
+
+def output_rel_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """||X (W - Wq)^T||^2 / ||X W^T||^2 computed from H = 2/n X^T X (batched over a leading dim)."""
+    d = (w - wq).float()
+    num = ((d @ h) * d).sum(dim=(-1, -2))
+    den = ((w.float() @ h) * w.float()).sum(dim=(-1, -2)).clamp(min=1e-30)
+    return num / den
+
+
+def weight_rel_error(w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    d = (w - wq).float()
+    return d.pow(2).sum(dim=(-1, -2)) / w.float().pow(2).sum(dim=(-1, -2)).clamp(min=1e-30)
+
+
+@dataclass
+class SolveResult:
+    qweight: QuantizedWeight
+    dequantized: torch.Tensor
+    info: list[dict]
+
+
+def round_scales(qw: QuantizedWeight, store_dtype: torch.dtype) -> QuantizedWeight:
+    """Scales as the checkpoint will store them, so calibration sees exactly the exported weights."""
+    qw.scales = qw.scales.to(store_dtype).to(torch.float32)
+    return qw
+
+
+def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, store_dtype: torch.dtype,
+          *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16) -> SolveResult:
+    """Quantize one target: w [N, K] (with h [K, K]) or all experts w [E, N, K] (with h [E, K, K]).
+
+    Members listed in ``rtn_members`` (starved experts under the RTN policy) are rounded to nearest
+    instead of solved with GPTQ. Batched members are solved ``chunk`` at a time to bound memory.
+    """
+    batched = w.dim() == 3
+    W = w.float() if batched else w.float().unsqueeze(0)
+    H = None if h is None else (h if batched else h.unsqueeze(0))
+    parts, infos = [], []
+    for s in range(0, W.shape[0], chunk):
+        idx = list(range(s, min(s + chunk, W.shape[0])))
+        wc = W[idx]
+        use_rtn = method == "rtn" or H is None
+        if use_rtn:
+            qw = rtn_quantize(wc, qspec)
+            stats = [{"method": "rtn"} for _ in idx]
+        else:
+            qw, st = gptq_quantize(wc, H[idx].float(), qspec, damp=damp, block_size=block_size)
+            stats = _per_member(st, len(idx))
+            rtn_idx = [j for j, m in enumerate(idx) if m in rtn_members]
+            if rtn_idx:
+                rq = rtn_quantize(wc[rtn_idx], qspec)
+                for field in ("qweight", "scales", "zeros"):
+                    getattr(qw, field)[rtn_idx] = getattr(rq, field)
+                if qw.g_idx is not None and qw.g_idx.dim() > 1:
+                    qw.g_idx[rtn_idx] = rq.group_index().to(qw.g_idx.dtype)
+                for j in rtn_idx:
+                    stats[j] = {"method": "rtn", "reason": "starved"}
+        parts.append(round_scales(qw, store_dtype))
+        infos.extend(stats)
+    qw = _cat(parts) if len(parts) > 1 else parts[0]
+    deq = qw.dequantize(torch.float32)
+    werr = weight_rel_error(W, deq)
+    oerr = output_rel_error(W, deq, H.float()) if H is not None else None
+    for j, info in enumerate(infos):
+        info["weight_rel_err"] = float(werr[j])
+        info["output_rel_err"] = None if oerr is None else float(oerr[j])
+    if not batched:
+        qw = qw[0]
+        deq = deq[0]
+    return SolveResult(qw, deq, infos)
+
+
+def _per_member(stats, n: int) -> list[dict]:
+    """GPTQ's stats as one dict per batch member (accepts a list of dicts or a dict of lists)."""
+    if isinstance(stats, list):
+        return [dict(s, method=s.get("method", "gptq")) for s in stats]
+    out = []
+    for j in range(n):
+        d = {"method": "gptq"}
+        for k, v in stats.items():
+            if isinstance(v, (list, tuple)) or (torch.is_tensor(v) and v.dim() > 0):
+                v = v[j]
+            d[k] = v.item() if torch.is_tensor(v) else v
+        out.append(d)
+    return out
+
+
+def _cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    g = None
+    if parts[0].g_idx is not None:
+        g = torch.cat([p.g_idx if p.g_idx.dim() > 1 else p.g_idx.expand(p.qweight.shape[0], -1) for p in parts])
+    return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                           torch.cat([p.zeros for p in parts]), parts[0].spec, g)

@@ -1,0 +1,118 @@
+"""Typed, validated settings for one quantization run (from CLI flags or a YAML recipe).
+
+Unknown keys are errors that name the key; every cross-field rule (act-order "group" exists only in
+the GPTQ format, RTN needs no calibration...) is checked here, before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .quant.spec import SUPPORTED_BITS, QuantSpec
+
+Method = Literal["gptq", "rtn"]
+Format = Literal["compressed-tensors", "gptq"]
+
+
+class QuantizeConfig(BaseModel):
+    """Everything `moecompress quantize` needs besides the model and output paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = "gptq"
+    bits: int = 4
+    group_size: int | None = Field(128, description="power of two, or None / -1 for per-channel")
+    symmetric: bool = True
+    act_order: Literal["weight", "group"] | None = None
+    format: Format = "compressed-tensors"
+    # calibration
+    calib: str = "builtin:stdlib"
+    calib_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    # execution
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    router_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # algorithm details
+    damp: float = 0.01
+    block_size: int = 128
+    clip_search: bool = True
+    true_sequential: bool = True
+    weight_by_routing: bool = False
+    starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
+    min_expert_tokens: int = 16
+    only_experts: bool = False
+    expert_chunk: int = 16
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _channel(cls, v):
+        if v in (-1, 0, "channel", "per-channel", None):
+            return None
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"bits={v} is not supported; choose one of {list(SUPPORTED_BITS)}")
+        return v
+
+    @field_validator("calib_samples", "seq_len", "batch_size", "block_size", "expert_chunk")
+    @classmethod
+    def _positive(cls, v, info):
+        if v <= 0:
+            raise ValueError(f"{info.field_name} must be positive, got {v}")
+        return v
+
+    @field_validator("min_expert_tokens")
+    @classmethod
+    def _nonneg(cls, v):
+        if v < 0:
+            raise ValueError(f"min_expert_tokens must be >= 0, got {v}")
+        return v
+
+    @field_validator("damp")
+    @classmethod
+    def _damp(cls, v):
+        if not 0 < v < 1:
+            raise ValueError(f"damp must lie in (0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.act_order == "group" and self.format != "gptq":
+            raise ValueError(
+                "act_order 'group' (permuted groups with g_idx) exists only in the GPTQ format; "
+                "use act_order 'weight' with compressed-tensors"
+            )
+        if self.act_order is not None and self.method != "gptq":
+            raise ValueError("act_order applies to GPTQ only")
+        QuantSpec(bits=self.bits, group_size=self.group_size)  # group size rules
+        return self
+
+    def spec(self) -> QuantSpec:
+        ratios = QuantSpec.__dataclass_fields__["clip_ratios"].default if self.clip_search else (1.0,)
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order, ratios)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+
+def build_config(**values) -> QuantizeConfig:
+    """QuantizeConfig from user values, with pydantic's errors turned into one UserError line."""
+    try:
+        return QuantizeConfig(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise UserError(f"invalid setting '{loc}': {msg}") from None

@@ -1,0 +1,124 @@
+"""Tiny checkpoints of every supported family, built in code (tests, benchmarks, the demo).
+
+Nothing is downloaded: the configs are small versions of the real ones, the weights are random
+(seeded), and the tokenizer is a byte-level one made on the spot. ``save_tiny`` writes what
+``save_pretrained`` writes, or the fused-3D expert layout of official Qwen3.5/3.6 checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BYTE_VOCAB = 256 + 4  # the 256 bytes and a few specials
+
+_COMMON = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=BYTE_VOCAB,
+               max_position_embeddings=512, tie_word_embeddings=False)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(_COMMON, head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(_COMMON, intermediate_size=256, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                      num_hidden_layers=2, num_experts=8, num_experts_per_tok=2),
+    "mixtral": dict(_COMMON, intermediate_size=64, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": dict(_COMMON, intermediate_size=64, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                  eos_token_id=None, pad_token_id=None, bos_token_id=None),
+    "deepseek_v3": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
+                        num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                        first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64,
+                        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5),
+    "glm4_moe": dict(_COMMON, head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+                     n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                     n_shared_experts=1, routed_scaling_factor=2.5),
+    "qwen3_5_moe": dict(_COMMON, head_dim=32, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                        num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, linear_key_head_dim=32,
+                        linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4),
+}
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every byte is a token (vocab 256 + specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|startoftext|>",
+                                   pad_token="<|pad|>", unk_token="<|unk|>")
+    return fast
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    kw = dict(TINY_CONFIGS[family], **overrides)
+    if family == "qwen3_5_moe":
+        from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig
+
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=kw["hidden_size"])
+        return Qwen3_5MoeConfig(text_config=kw, vision_config=vision, tie_word_embeddings=False)
+    return AutoConfig.for_model(family, **kw)
+
+
+def build_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised tiny model of ``family`` (routers made non-degenerate)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    cls = AutoModelForImageTextToText if family == "qwen3_5_moe" else AutoModelForCausalLM
+    model = cls.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # transformers initialises routers and correction biases to zero: random ones route for real
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    return model.eval()
+
+
+def save_tiny(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+              fused_experts: bool = False, **overrides) -> Path:
+    """Write a tiny checkpoint (config, safetensors, byte tokenizer) and return its path."""
+    path = Path(path)
+    model = build_tiny(family, seed, dtype, **overrides)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    if fused_experts:
+        _fuse_experts_on_disk(path)
+    return path
+
+
+def _fuse_experts_on_disk(path: Path) -> None:
+    """Rewrite per-expert tensors as fused 3D ``experts.gate_up_proj``/``down_proj`` (official Qwen3.5 layout)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(path.glob("*.safetensors"))
+    assert len(files) == 1, "tiny checkpoints are single-shard"
+    sd = load_file(files[0])
+    pat = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for k in list(sd):
+        m = pat.match(k)
+        if m:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = sd.pop(k)
+    for base, projs in groups.items():
+        n = len(projs["down_proj"])
+        sd[f"{base}.gate_up_proj"] = torch.stack([torch.cat([projs["gate_proj"][e], projs["up_proj"][e]]) for e in range(n)])
+        sd[f"{base}.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])
+    save_file(sd, files[0], metadata={"format": "pt"})
+    idx = path / "model.safetensors.index.json"
+    if idx.exists():
+        data = json.loads(idx.read_text())
+        data["weight_map"] = {k: files[0].name for k in sd}
+        idx.write_text(json.dumps(data, indent=2))

@@ -37,6 +37,28 @@ def inspect(model_dir: str) -> None:
     click.echo(render(describe(model_dir)))
 
 
+@cli.command("make-tiny")
+@click.argument("out_dir")
+@click.option("--family", type=click.Choice(["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe",
+                                             "qwen3_5_moe"]), default="qwen3_moe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fused-experts", is_flag=True, help="Store experts fused 3D (official Qwen3.5/3.6 layout).")
+@click.option("--overwrite", is_flag=True)
+def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
+    """Write a tiny random checkpoint of FAMILY (byte tokenizer included) to try the tools on."""
+    from pathlib import Path
+
+    from .checkpoint.writer import atomic_output_dir
+    from .tiny import save_tiny
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_tiny(family, tmp, seed=seed, fused_experts=fused_experts)
+    click.echo(f"wrote a tiny {family} checkpoint to {out}")
+
+
 @cli.command()
 @click.argument("model_dir")
 @click.option("--out", "out", required=True, help="Output folder (must not exist unless --overwrite).")

@@ -80,10 +80,12 @@ def kept_module_names(handle: ModelHandle, model: nn.Module, quantized: set[str]
         is_router = local in handle.spec.routers
         is_linear = isinstance(mod, nn.Linear) and f"{i}.{local}" not in quantized
         if is_router or is_linear:
-            names.append(f"{handle.disk_prefix}.layers.{i}.{local}")
-            disk_local = handle.disk_local(local)
-            if disk_local != local:
-                names.append(f"{handle.disk_prefix}.layers.{i}.{disk_local}")
+            # every spelling a loader may use: checkpoint prefix and text-only prefix (Qwen3.5 loads as
+            # ``model.language_model.layers`` in the VL class, ``model.layers`` in the causal-LM class),
+            # transformers' ``mlp`` and the checkpoint's own block name (Mixtral's ``block_sparse_moe``)
+            for prefix in dict.fromkeys((handle.disk_prefix, "model")):
+                for loc in dict.fromkeys((local, handle.disk_local(local))):
+                    names.append(f"{prefix}.layers.{i}.{loc}")
     embed = f"{handle.disk_prefix}.embed_tokens.weight"
     for n in handle.non_layer_tensor_names():
         info = handle.reader.tensors[n]

@@ -48,39 +48,45 @@ def accumulate_hessian(
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, todo: torch.Tensor):
-    """Upper Cholesky factor of ``(H + d I)^-1`` for the members ``todo`` of ``H [B, K, K]``.
+    """Upper Cholesky factor U of ``(H + d I)^-1`` (``U^T U = (H + d I)^-1``) for the members ``todo``.
 
     ``d = damp * 10**t * mean|diag H|`` at try t: a member whose factorization fails (not positive
-    definite, or not finite in this precision) retries with ten times the damping. Returns the
-    factors (identity where every try failed), the relative damping used (NaN: failed) and tries.
+    definite, or not finite in this precision) retries with ten times the damping. H is scratch:
+    its diagonal is damped in place. Returns float32 factors (identity where every try failed),
+    the relative damping used per member (NaN: failed) and the tries made.
     """
     b, k, _ = H.shape
-    U = torch.eye(k, dtype=torch.float32, device=H.device).repeat(b, 1, 1)
+    scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     used = torch.full((b,), float("nan"), dtype=torch.float64)
     tries = torch.zeros(b, dtype=torch.long)
-    scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
+    U = None
+    Hs = H if todo.numel() == b else H[todo]
+    prev = 0.0
     for t in range(max_tries):
         if todo.numel() == 0:
             break
         d = damp * 10.0**t
-        Hd = H[todo]
-        Hd.diagonal(dim1=-2, dim2=-1).add_((d * scale[todo])[:, None])
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
-        Hinv = torch.cholesky_inverse(L)
+        Hs.diagonal(dim1=-2, dim2=-1).add_(((d - prev) * scale[todo])[:, None].to(Hs.dtype))
+        prev = d
+        # U is the reversal of the lower factor of the reversed H, inverted: one Cholesky and
+        # one triangular solve, instead of cholesky -> cholesky_inverse -> cholesky (3-4x slower
+        # on CPU, and it forms H^-1 explicitly).
+        L, info = torch.linalg.cholesky_ex(Hs.flip(-2, -1))
+        eye = torch.eye(k, dtype=L.dtype, device=L.device).expand_as(L)
+        Ut = torch.linalg.solve_triangular(L, eye, upper=False).flip(-2, -1)
         del L
-        Ut, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-        del Hinv
-        ok = (info == 0) & (info2 == 0) & torch.isfinite(Ut).flatten(1).all(-1)
-        ok_cpu = ok.cpu()
-        done = todo[ok]
-        U[done] = Ut[ok].float()
-        used[done.cpu()] = d
+        ok = (info == 0) & torch.isfinite(Ut.sum((-2, -1)))
+        used[todo[ok].cpu()] = d
         tries[todo.cpu()] = t + 1
-        todo = todo[~ok]
+        if U is None and bool(ok.all()) and todo.numel() == b:
+            return Ut.float(), used, tries  # the common case: no copies
+        if U is None:
+            U = torch.eye(k, dtype=torch.float32, device=H.device).repeat(b, 1, 1)
+        U[todo[ok]] = Ut[ok].float()
         del Ut
-        if bool(ok_cpu.all()):
-            break
+        todo, Hs = todo[~ok], Hs[~ok]
+    if U is None:
+        U = torch.eye(k, dtype=torch.float32, device=H.device).repeat(b, 1, 1)
     return U, used, tries
 
 

@@ -23,6 +23,8 @@ from .spec import QuantizedWeight, QuantSpec
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     """Raise a ValueError naming ``what`` (and the batch members at fault) when ``t`` has NaN/Inf."""
+    if t.is_floating_point() and bool(torch.isfinite(t.sum())):
+        return  # a NaN/Inf anywhere makes the sum non-finite; one reduction is the cheap common case
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         where = ""
@@ -67,11 +69,13 @@ def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | Non
         scale, zero = _range_qparams(lo, hi, r, spec)
         if len(spec.clip_ratios) == 1:
             return scale, zero
-        err = torch.round(wg / scale[..., None]).add_(zero[..., None]).clamp_(0, spec.qmax)
-        err.sub_(zero[..., None]).mul_(scale[..., None]).sub_(wg).square_()
-        if weight is not None:
-            err.mul_(weight)
-        err = err.sum(-1)
+        s = scale[..., None]
+        if spec.symmetric:  # z is a constant: clamp the signed value instead of adding z and back
+            err = torch.round(wg / s).clamp_(-spec.sym_zero, spec.qmax - spec.sym_zero)
+        else:
+            err = torch.round(wg / s).add_(zero[..., None]).clamp_(0, spec.qmax).sub_(zero[..., None])
+        err = err.mul_(s).sub_(wg).square_()
+        err = err.sum(-1) if weight is None else err.mul_(weight).sum(-1)
         if best is None:
             best = [err, scale, zero]
         else:

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny checkpoints of every family, built once per session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # kernels run in Triton's interpreter on CPU (set before any @triton.jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """tiny_ckpt(family, **save_tiny kwargs) -> path of a cached tiny checkpoint."""
+    from moecompress.tiny import save_tiny
+
+    cache: dict = {}
+
+    def make(family: str, **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = family + "".join(f"_{k}-{v}" for k, v in sorted(kw.items())).replace("torch.", "")
+            cache[key] = save_tiny(family, tmp_path_factory.mktemp("ckpt") / name, **kw)
+        return cache[key]
+
+    return make
+
+
+def quick_config(**kw):
+    """Quantization settings small enough for tests (few short calibration windows)."""
+    from moecompress.recipe import build_config
+
+    base = dict(group_size=32, calib_samples=8, seq_len=64, batch_size=4)
+    base.update(kw)
+    return build_config(**base)

@@ -53,6 +53,9 @@ def load_calibration(cfg: QuantizeConfig, model_dir: Path):
 
     from .calib.data import load_texts, make_calibration_windows
 
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+    if not any((model_dir / f).is_file() for f in files):
+        raise UserError(f"{model_dir} has no tokenizer files ({', '.join(files[:3])}...): calibration needs the tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:

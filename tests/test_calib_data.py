@@ -365,7 +365,7 @@ def test_short_corpus_overlaps_and_too_short_errors(tmp_path, tokenizer):
 def test_bad_window_arguments(corpus, tokenizer):
     user_error(make_calibration_windows, corpus, tokenizer, 0, 16, 0, match=r"n_samples must be >= 1, got 0")
     user_error(make_calibration_windows, corpus, tokenizer, -3, 16, 0, match=r"n_samples must be >= 1")
-    user_error(make_calibration_windows, corpus, tokenizer, 4, 1, 0, match=r"seq_len must be >= 2, got 1")
+    user_error(make_calibration_windows, corpus, tokenizer, 4, 0, 0, match=r"seq_len must be >= 1, got 0")
     user_error(make_calibration_windows, corpus, tokenizer, 4, 16.0, 0, match=r"seq_len must be an integer")
 
 

@@ -340,7 +340,7 @@ def make_calibration_windows(
 ) -> CalibWindows:
     """Sample ``n_samples`` windows of exactly ``seq_len`` tokens from ``texts``, determined by ``seed``."""
     _check_int("n_samples", n_samples, 1)
-    _check_int("seq_len", seq_len, 2)
+    _check_int("seq_len", seq_len, 1)
     _check_int("seed", seed, -(2**63))
     sep, sep_name = _separator(tokenizer)
     target = TOKEN_BUDGET_FACTOR * n_samples * seq_len

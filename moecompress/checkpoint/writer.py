@@ -63,6 +63,7 @@ class ShardedWriter:
         self.folder = Path(folder)
         self.max_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
+        self._ptrs: set[int] = set()
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
@@ -71,6 +72,9 @@ class ShardedWriter:
         if name in self._pending or any(name in s for s in self._shards):
             raise RuntimeError(f"tensor {name} written twice")
         t = tensor.detach().to("cpu").contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.data_ptr() in self._ptrs:
+            t = t.clone()  # views and shared tensors (g_idx of gate/up) must own their bytes on disk
+        self._ptrs.add(t.data_ptr())
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_bytes:
             self.flush()
@@ -84,7 +88,7 @@ class ShardedWriter:
         idx = len(self._shards)
         save_file(self._pending, str(self.folder / f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
         self._shards.append(sorted(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._ptrs = {}, 0, set()
 
     def close(self) -> list[str]:
         """Name the shards, write the index (when more than one), and return the shard file names."""

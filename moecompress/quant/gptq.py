@@ -50,8 +50,9 @@ def accumulate_hessian(
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, todo: torch.Tensor):
     """Upper Cholesky factor U of ``(H + d I)^-1`` (``U^T U = (H + d I)^-1``) for the members ``todo``.
 
-    ``d = damp * 10**t * mean|diag H|`` at try t: a member whose factorization fails (not positive
-    definite, or not finite in this precision) retries with ten times the damping. H is scratch:
+    At try t the relative damping is ``damp * 10**t`` (after a first try with ``damp=0``: 1e-3,
+    1e-2, ...), times ``mean|diag H|``: a member whose factorization fails (not positive definite,
+    or not finite in this precision) retries with ten times the damping. H is scratch:
     its diagonal is damped in place. Returns float32 factors (identity where every try failed),
     the relative damping used per member (NaN: failed) and the tries made.
     """
@@ -65,7 +66,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, todo: torch.
     for t in range(max_tries):
         if todo.numel() == 0:
             break
-        d = damp * 10.0**t
+        d = damp * 10.0**t if damp > 0 else (0.0 if t == 0 else 1e-3 * 10.0 ** (t - 1))
         Hs.diagonal(dim1=-2, dim2=-1).add_(((d - prev) * scale[todo])[:, None].to(Hs.dtype))
         prev = d
         # U is the reversal of the lower factor of the reversed H, inverted: one Cholesky and

@@ -128,9 +128,16 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     deq = qw.dequantize(torch.float32)
     werr = weight_rel_error(W, deq)
     oerr = output_rel_error(W, deq, H.float()) if H is not None else None
+    # the RTN baseline on the same statistics: how much GPTQ bought, per linear, in every report
+    base = None
+    if oerr is not None and method != "rtn":
+        base = torch.cat([output_rel_error(W[s:s + chunk], rtn_quantize(W[s:s + chunk], qspec).dequantize(),
+                                           H[s:s + chunk].float()) for s in range(0, W.shape[0], chunk)])
     for j, info in enumerate(infos):
         info["weight_rel_err"] = float(werr[j])
         info["output_rel_err"] = None if oerr is None else float(oerr[j])
+        if base is not None:
+            info["rtn_output_rel_err"] = float(base[j])
     if not batched:
         qw = qw[0]
         deq = deq[0]

@@ -28,6 +28,8 @@ class TensorInfo:
     file: str
     dtype: str
     shape: tuple[int, ...]
+    start: int = 0  # absolute byte offsets in the file
+    end: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -37,7 +39,12 @@ class TensorInfo:
         return n * _DTYPE_SIZES.get(self.dtype, 2)
 
 
-def _read_header(path: Path) -> dict:
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header and check the file holds all the bytes it announces."""
     size = path.stat().st_size
     try:
@@ -54,7 +61,7 @@ def _read_header(path: Path) -> dict:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise UserError(f"{path} is truncated: header announces {8 + n + end} bytes, file has {size}")
-    return header
+    return header, 8 + n
 
 
 @dataclass
@@ -93,10 +100,12 @@ class CheckpointReader:
             raise UserError(f"{p} holds no *.safetensors weights")
         tensors: dict[str, TensorInfo] = {}
         for shard in shards:
-            for name, meta in _read_header(shard).items():
+            header, base = _read_header(shard)
+            for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                tensors[name] = TensorInfo(shard.name, meta["dtype"], tuple(meta["shape"]))
+                a, b = meta["data_offsets"]
+                tensors[name] = TensorInfo(shard.name, meta["dtype"], tuple(meta["shape"]), base + a, base + b)
         return cls(p, config, tensors)
 
     def __contains__(self, name: str) -> bool:
@@ -106,15 +115,28 @@ class CheckpointReader:
         return list(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (exactly as stored: dtype and bytes untouched)."""
+        """Read one tensor (exactly as stored: dtype and bytes untouched).
+
+        Plain reads, not a memory map: mapped pages of a 70 GB checkpoint would count towards the
+        process's resident memory as layers are touched; a read buffer is freed with its tensor.
+        """
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(name)
-        h = self._handles.get(info.file)
-        if h is None:
-            h = safe_open(str(self.path / info.file), framework="pt")
-            self._handles[info.file] = h
-        return h.get_tensor(name)
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            h = self._handles.get(info.file)
+            if h is None:
+                h = self._handles[info.file] = safe_open(str(self.path / info.file), framework="pt")
+            return h.get_tensor(name)
+        buf = bytearray(info.end - info.start)
+        with open(self.path / info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buf) != len(buf):
+                raise UserError(f"{self.path / info.file} is truncated while reading {name}")
+        if not buf:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))

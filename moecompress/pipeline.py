@@ -173,8 +173,10 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
     record: dict = {"layer": i, "linears": {}}
     results: dict[Target, object] = {}
     starved: set[int] = set()
-    with _RouterPrecision(layer, handle.spec.routers, router_dtype):
+    bar = tqdm(total=len(targets), desc=f"layer {i}", unit="linear", leave=False)
+    with _RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
         for stage in stages_of(targets, cfg.true_sequential):
+            bar.set_postfix_str(f"calibrating {stage[0].stage}")
             stats = {}
             if feed is not None:
                 specs = {t.module_name if t.expert_proj is None else t.name: capture_spec(
@@ -183,7 +185,9 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
                 stats = _capture(layer, i, feed, specs)
                 stats = _starved_pass(layer, i, feed, stage, stats, record, starved, cfg)
             for t in stage:
+                bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 _solve_target(layer, t, stats, cfg, qspec, store_dtype, record, results, starved)
+                bar.update()
         if feed is not None:
             run_layer(layer, i, feed, update=True)
     return record, results

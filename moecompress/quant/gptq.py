@@ -47,48 +47,45 @@ def accumulate_hessian(
     return H, n
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, todo: torch.Tensor):
-    """Upper Cholesky factor U of ``(H + d I)^-1`` (``U^T U = (H + d I)^-1``) for the members ``todo``.
+def _damped_cholesky(H: torch.Tensor, damp: float, max_tries: int, todo: torch.Tensor):
+    """Upper triangular R with ``H + d I = R R^T`` for the members ``todo`` of ``H [B, K, K]``.
+
+    GPTQ needs U, the upper Cholesky factor of ``(H + d I)^-1``: that is ``R^-1``, whose rows the
+    column loop solves for one block at a time (a third of the work of inverting R up front).
+    R is the reversal of the lower Cholesky factor of the reversed H.
 
     At try t the relative damping is ``damp * 10**t`` (after a first try with ``damp=0``: 1e-3,
-    1e-2, ...), times ``mean|diag H|``: a member whose factorization fails (not positive definite,
-    or not finite in this precision) retries with ten times the damping. H is scratch:
-    its diagonal is damped in place. Returns float32 factors (identity where every try failed),
-    the relative damping used per member (NaN: failed) and the tries made.
+    1e-2, ...), times ``mean|diag H|``: a member whose factorization fails retries with ten times
+    the damping. H is scratch: its diagonal is damped in place. Returns R (identity where every
+    try failed), the relative damping used per member (NaN: failed) and the tries made.
     """
     b, k, _ = H.shape
     scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)
     used = torch.full((b,), float("nan"), dtype=torch.float64)
     tries = torch.zeros(b, dtype=torch.long)
-    U = None
+    R = None
     Hs = H if todo.numel() == b else H[todo]
     prev = 0.0
     for t in range(max_tries):
         if todo.numel() == 0:
             break
         d = damp * 10.0**t if damp > 0 else (0.0 if t == 0 else 1e-3 * 10.0 ** (t - 1))
-        Hs.diagonal(dim1=-2, dim2=-1).add_(((d - prev) * scale[todo])[:, None].to(Hs.dtype))
+        Hs.diagonal(dim1=-2, dim2=-1).add_(((d - prev) * scale[todo])[:, None])
         prev = d
-        # U is the reversal of the lower factor of the reversed H, inverted: one Cholesky and
-        # one triangular solve, instead of cholesky -> cholesky_inverse -> cholesky (3-4x slower
-        # on CPU, and it forms H^-1 explicitly).
         L, info = torch.linalg.cholesky_ex(Hs.flip(-2, -1))
-        eye = torch.eye(k, dtype=L.dtype, device=L.device).expand_as(L)
-        Ut = torch.linalg.solve_triangular(L, eye, upper=False).flip(-2, -1)
-        del L
-        ok = (info == 0) & torch.isfinite(Ut.sum((-2, -1)))
+        ok = info == 0
         used[todo[ok].cpu()] = d
         tries[todo.cpu()] = t + 1
-        if U is None and bool(ok.all()) and todo.numel() == b:
-            return Ut.float(), used, tries  # the common case: no copies
-        if U is None:
-            U = torch.eye(k, dtype=torch.float32, device=H.device).repeat(b, 1, 1)
-        U[todo[ok]] = Ut[ok].float()
-        del Ut
+        if R is None and bool(ok.all()) and todo.numel() == b:
+            return L.flip(-2, -1), used, tries  # the common case: no copies
+        if R is None:
+            R = torch.eye(k, dtype=H.dtype, device=H.device).repeat(b, 1, 1)
+        R[todo[ok]] = L[ok].flip(-2, -1)
+        del L
         todo, Hs = todo[~ok], Hs[~ok]
-    if U is None:
-        U = torch.eye(k, dtype=torch.float32, device=H.device).repeat(b, 1, 1)
-    return U, used, tries
+    if R is None:
+        R = torch.eye(k, dtype=H.dtype, device=H.device).repeat(b, 1, 1)
+    return R, used, tries
 
 
 def gptq_quantize(
@@ -107,7 +104,8 @@ def gptq_quantize(
 
     * ``damp``: relative damping that worked (fraction of mean|diag H|), None for a fallback;
     * ``fallback``: True when the member was quantized with RTN instead; ``reason`` says why
-      ("starved": H == 0, no calibration token; "not positive definite": every damping failed);
+      ("starved": H == 0, no calibration token; "not positive definite": every damping failed;
+      "non-finite GPTQ result": R^-1 overflowed), None for the others;
     * ``tries``: Cholesky attempts made;
     * ``loss``: ``1/2 tr(dW H' dW^T)`` with ``dW = Q - W``; for GPTQ members this is the paper's
       ``sum (w - q)^2 / (2 d^2)`` (exact in exact arithmetic) with H' the damped Hessian, for RTN
@@ -132,7 +130,7 @@ def gptq_quantize(
     gs = spec.group_for(k)
 
     W = W0.float().clone()
-    Hb = Hb.to(torch.float64 if Hb.dtype == torch.float64 else torch.float32).clone()
+    Hb = Hb.to(torch.float64 if Hb.dtype == torch.float64 else torch.float32, copy=True)
     diag = Hb.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     starved = dead.all(-1)
@@ -156,12 +154,14 @@ def gptq_quantize(
         col_weight = col_weight.gather(-1, perm)
 
     todo = torch.nonzero(~starved).flatten()
-    U, used, tries = _inverse_cholesky(Hb, damp, max_damp_tries, todo)
+    R, used, tries = _damped_cholesky(Hb, damp, max_damp_tries, todo)
     del Hb
-    failed = torch.isnan(used) & ~starved.cpu()
 
-    codes, scales, zeros, losses = _column_loop(W, U, col_weight, spec, block_size, static, perm)
-    del U
+    codes, scales, zeros, losses = _column_loop(W, R, col_weight, spec, block_size, static, perm)
+    del R
+    # An overflow in R^-1 (a nearly singular H in float32) surfaces as a non-finite loss.
+    losses, starved = losses.cpu(), starved.cpu()
+    failed = (torch.isnan(used) | ~torch.isfinite(losses)) & ~starved
 
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)
@@ -173,23 +173,21 @@ def gptq_quantize(
         g_idx.scatter_(1, perm, (torch.arange(k, device=dev) // gs).expand(b, k))
         g_idx = g_idx.to(torch.int32)
 
-    stats = {"damp": [], "fallback": [], "reason": [], "tries": [], "loss": []}
-    for i in range(b):
-        fell = bool(starved[i]) or bool(failed[i])
-        if fell:
+    stats = {"damp": [], "fallback": [], "reason": [], "tries": tries.tolist(), "loss": losses.tolist()}
+    for i, (hungry, bad) in enumerate(zip(starved.tolist(), failed.tolist())):
+        if hungry or bad:
             # Without a usable Hessian, error feedback would be noise: plain RTN keeps the weights.
-            hd = None if bool(starved[i]) else H.reshape(b, k, k)[i].diagonal().float().clamp_min(0)
-            r = rtn_quantize(W0[i], spec, hd)
+            hi = H.reshape(b, k, k)[i]
+            r = rtn_quantize(W0[i], spec, None if hungry else hi.diagonal().float().clamp_min(0))
             qweight[i], scales[i], zeros[i] = r.qweight, r.scales, r.zeros
             if g_idx is not None:
                 g_idx[i] = (torch.arange(k, device=dev) // gs).to(torch.int32)
             dw = r.dequantize(torch.float64) - W0[i].double()
-            losses[i] = 0.5 * float(((dw @ H.reshape(b, k, k)[i].double()) * dw).sum())
-        stats["damp"].append(None if fell else float(used[i]))
-        stats["fallback"].append(fell)
-        stats["reason"].append("starved" if bool(starved[i]) else "not positive definite" if fell else None)
-        stats["tries"].append(int(tries[i]))
-        stats["loss"].append(float(losses[i]))
+            stats["loss"][i] = 0.5 * float(((dw @ hi.double()) * dw).sum())
+        stats["damp"].append(None if hungry or bad else float(used[i]))
+        stats["fallback"].append(hungry or bad)
+        reason = "not positive definite" if bool(torch.isnan(used[i])) else "non-finite GPTQ result"
+        stats["reason"].append("starved" if hungry else reason if bad else None)
 
     qw = QuantizedWeight(qweight, scales, zeros, spec, g_idx)
     if single:
@@ -197,8 +195,8 @@ def gptq_quantize(
     return qw, stats
 
 
-def _column_loop(W, U, col_weight, spec, block_size, static, perm):
-    """The GPTQ sweep over the (possibly permuted) columns of ``W [B, N, K]``.
+def _column_loop(W, R, col_weight, spec, block_size, static, perm):
+    """The GPTQ sweep over the (possibly permuted) columns of ``W [B, N, K]``, ``H' = R R^T``.
 
     Works on ``W^T [B, K, N]`` so that one column of every expert is a contiguous ``[B, N]`` slab.
     Returns codes ``[B, K, N]`` (processing order), scales/zeros ``[B, N, G]`` and losses ``[B]``.
@@ -221,7 +219,10 @@ def _column_loop(W, U, col_weight, spec, block_size, static, perm):
         i2 = min(i1 + block_size, k)
         W1 = Wt[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        U1 = U[:, i1:i2, i1:i2]
+        # Rows i1:i2 of U = R^-1 (upper: zero left of i1) solve  Y R[i1:, i1:] = I[i1:i2, i1:].
+        eye = torch.eye(i2 - i1, k - i1, dtype=R.dtype, device=R.device).expand(b, -1, -1)
+        Ub = torch.linalg.solve_triangular(R[:, i1:, i1:], eye, upper=True, left=False).float()
+        U1, Urest = Ub[:, :, : i2 - i1], Ub[:, :, i2 - i1 :]
         for i in range(i2 - i1):
             j = i1 + i
             if static is not None:
@@ -232,7 +233,7 @@ def _column_loop(W, U, col_weight, spec, block_size, static, perm):
                 e = min(j + gs, k)
                 cur = W1[:, i : e - i1]
                 if e > i2:
-                    rest = Wt[:, i2:e] - U[:, i1:i2, i2:e].transpose(1, 2) @ Err1
+                    rest = Wt[:, i2:e] - Urest[:, :, : e - i2].transpose(1, 2) @ Err1
                     cur = torch.cat([cur, rest], 1)
                 s, z = search_qparams(cur.transpose(1, 2)[:, :, None, :], group_spec, col_weight[:, None, None, j:e])
                 s, z = s[..., 0], z[..., 0]
@@ -246,7 +247,7 @@ def _column_loop(W, U, col_weight, spec, block_size, static, perm):
             Err1[:, i] = err
         losses += 0.5 * Err1.double().square().sum((1, 2))
         if i2 < k:
-            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
+            Wt[:, i2:].baddbmm_(Urest.transpose(1, 2), Err1, alpha=-1.0)
 
     if static is not None:
         scales, zeros = static

@@ -45,13 +45,28 @@ def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, ratio: float, spec: Quant
     # An empty range would make every code divide by zero; any positive scale quantizes it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min_(torch.finfo(torch.float32).tiny)
     if zero is None:
-        zero = torch.round(-lo * ratio / scale).clamp_(0, spec.qmax)
+        zero = _round(-lo * ratio / scale).clamp_(0, spec.qmax)
     return scale, zero
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """torch.round (half to even) of a fresh float tensor, in place, for |x| < 2**(mantissa-1).
+
+    Adding 1.5 * 2**mantissa leaves no fraction bits, so the FPU rounds; larger values are clamped
+    to the code range by every caller anyway. torch.round goes multi-threaded on tensors of a few
+    thousand elements and stalls for milliseconds per call on a busy CPU; two adds do not.
+    """
+    magic = 1.5 / torch.finfo(x.dtype).eps  # eps = 2**-mantissa
+    return x.add_(magic).sub_(magic)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    return _round(w / scale).add_(zero).clamp_(0, qmax)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int):
     """(codes as float, dequantized values) of ``w`` for broadcastable ``scale``/``zero``."""
-    q = torch.round(w / scale).add_(zero).clamp_(0, qmax)
+    q = _codes(w, scale, zero, qmax)
     return q, (q - zero).mul_(scale)
 
 
@@ -64,6 +79,7 @@ def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | Non
     """
     # Every ratio re-reads the group: slabs of rows small enough to stay in cache are several
     # times faster than whole-tensor passes.
+    wg = wg.contiguous()
     rows = wg.shape[-3]
     step = max(1, _SEARCH_CHUNK // max(1, wg[..., :1, :, :].numel()))
     if step >= rows:
@@ -85,9 +101,9 @@ def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None)
             return scale, zero
         s = scale[..., None]
         if spec.symmetric:  # z is a constant: clamp the signed value instead of adding z and back
-            err = torch.round(wg / s).clamp_(-spec.sym_zero, spec.qmax - spec.sym_zero)
+            err = _round(wg / s).clamp_(-spec.sym_zero, spec.qmax - spec.sym_zero)
         else:
-            err = torch.round(wg / s).add_(zero[..., None]).clamp_(0, spec.qmax).sub_(zero[..., None])
+            err = _round(wg / s).add_(zero[..., None]).clamp_(0, spec.qmax).sub_(zero[..., None])
         err = err.mul_(s).sub_(wg).square_()
         err = err.sum(-1) if weight is None else err.mul_(weight).sum(-1)
         if best is None:
@@ -111,8 +127,8 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | Non
     wg = w.float().reshape(*w.shape[:-1], k // gs, gs)
     wt = None
     if weight is not None:
-        if weight.shape[-1] != k:
-            raise ValueError(f"column weight has {weight.shape[-1]} entries, the weight has {k} columns")
+        if weight.shape[-1] != k or weight.shape[:-1] not in ((), w.shape[:-2]):
+            raise ValueError(f"column weight of shape {tuple(weight.shape)} does not fit weight {tuple(w.shape)}")
         check_finite(weight, "column weight")
         if bool((weight < 0).any()):
             raise ValueError("column weight must be non-negative")
@@ -136,16 +152,14 @@ def quantize_with_qparams(
     if g_idx is None:
         gs = spec.group_for(k)
         wg = w.float().reshape(*w.shape[:-1], k // gs, gs)
-        q, _ = fake_quantize(wg, s[..., None], z[..., None], spec.qmax)
-        return q.reshape(w.shape).to(torch.uint8)
+        return _codes(wg, s[..., None], z[..., None], spec.qmax).reshape(w.shape).to(torch.uint8)
     gi = g_idx.long()
     if gi.dim() == 1:
         s, z = s[..., gi], z[..., gi]
     else:
         idx = gi.unsqueeze(-2).expand(*s.shape[:-1], k)
         s, z = torch.gather(s, -1, idx), torch.gather(z, -1, idx)
-    q, _ = fake_quantize(w.float(), s, z, spec.qmax)
-    return q.to(torch.uint8)
+    return _codes(w.float(), s, z, spec.qmax).to(torch.uint8)
 
 
 def rtn_quantize(w: torch.Tensor, spec: QuantSpec, hessian_diag: torch.Tensor | None = None) -> QuantizedWeight:

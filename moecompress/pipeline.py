@@ -114,7 +114,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     router_dtype = dtype if cfg.router_dtype == "auto" else _DTYPES[cfg.router_dtype]
     store_dtype = handle.float_dtype
     qspec = cfg.spec()
-    model = handle.skeleton()
+    # transformers' grouped_mm experts path is its fastest on CPU and GPU; our hooks see the same call
+    model = handle.skeleton(experts_implementation="grouped_mm")
     layers = decoder_layers(model)
     all_targets = [layer_targets(layer, handle.spec, cfg.only_experts) for layer in layers]
     for i, targets in enumerate(all_targets):  # fail before any work on a group size that cannot fit

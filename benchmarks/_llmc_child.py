@@ -1,0 +1,160 @@
+"""llm-compressor side of benchmarks/vs_llmcompressor.py: GPTQ W{bits}A16 with ``oneshot`` on given windows.
+
+Runs inside the llm-compressor virtual environment (see benchmarks/README.md) and must not import
+moecompress. The calibration windows come from the driver as a safetensors file holding one LongTensor
+``input_ids [n_samples, seq_len]``; they are fed unchanged (no shuffling, no truncation, no padding)
+as a ``datasets.Dataset`` of ``input_ids`` / ``attention_mask``. Prints one JSON line (prefixed
+``LLMC_RESULT``) with the timings, the peak RSS of this process, the sha256 of the windows fed and
+the versions used.
+
+    /work/llmc-venv/bin/python benchmarks/_llmc_child.py --model DIR --out DIR --windows FILE \
+        --bits 4 --group-size 128 [--batch-size 8] [--actorder static] [--dtype float32]
+
+MoE experts: Qwen3-MoE experts are fused 3D parameters in transformers 5. The model is loaded under
+``llmcompressor.modeling.moe.linearize.load_quantizable_moe`` (the mechanism llm-compressor
+documents for MoE models), which swaps ``Qwen3MoeExperts`` for ``LinearExperts2D`` -- one
+``gate_proj/up_proj/down_proj`` ``nn.Linear`` per expert -- and loads the per-expert checkpoint
+tensors straight into them. ``oneshot``'s default ``moe_calibrate_all_experts=True`` then runs every
+expert on every token during calibration (only the routed outputs are kept), so each expert's
+Hessian is built from all calibration tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+
+T_START = time.perf_counter()
+
+
+def windows_sha256(input_ids) -> str:
+    """Same definition as moecompress.calib.data: sha256 of the little-endian int64 bytes."""
+    return hashlib.sha256(input_ids.numpy().astype("<i8").tobytes()).hexdigest()
+
+
+def vm_hwm() -> int | None:
+    """Peak RSS of this process since its exec (``VmHWM``), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def drop_broken_aliases() -> list[str]:
+    """Work around a transformers 5.15-5.17 bug that breaks ``load_quantizable_moe`` without torchvision.
+
+    transformers registers lazy alias modules ``transformers.models.<m>.image_processing_<m>_fast`` (and
+    ``transformers.image_processing_utils_fast``) whose ``dir()`` imports the real image processor;
+    ``transformers.monkey_patching.apply_patches`` -- which ``load_quantizable_moe`` uses to swap the
+    experts class -- calls ``dir()`` on every ``transformers.*`` module, so without torchvision the load
+    dies with ``ModuleNotFoundError: torchvision``. (PyPI's torchvision wheels are CUDA builds that do
+    not import next to the CPU torch wheel.) The aliases only exist for backward-compatible imports
+    of image processors; dropping them from ``sys.modules`` changes nothing else. Fixed upstream:
+    transformers 5.23 has no such aliases.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return []
+    names = [n for n, m in list(sys.modules.items())
+             if n.startswith("transformers.") and n.endswith("_fast") and getattr(m, "__file__", "") is None]
+    for n in names:
+        del sys.modules[n]
+    return names
+
+
+def recipe(args):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    ignore = ["lm_head", "re:.*mlp.gate$"]  # routers (Qwen3MoeTopKRouter is no Linear anyway) and the head
+    common = dict(targets="Linear", ignore=ignore, block_size=args.block_size, dampening_frac=args.damp)
+    if args.actorder != "default":
+        common["actorder"] = None if args.actorder == "none" else args.actorder
+    if args.bits == 4 and args.group_size == 128:
+        return GPTQModifier(scheme="W4A16", **common)
+    weights = dict(num_bits=args.bits, type="int", symmetric=True, strategy="group", group_size=args.group_size,
+                   dynamic=False)
+    return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, **common)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--windows", required=True, help="safetensors file with input_ids [n, seq_len]")
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group-size", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--actorder", default="default", help="'default' (llm-compressor's: static), static, none")
+    ap.add_argument("--dtype", default="float32", help="dtype the model is loaded (and calibrated) in")
+    args = ap.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import get_linearized_moes, load_quantizable_moe
+
+    t_import = time.perf_counter() - T_START
+    input_ids = load_file(args.windows)["input_ids"]
+    n, seq_len = input_ids.shape
+    sha = windows_sha256(input_ids)
+    ds = Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": torch.ones_like(input_ids).tolist()})
+
+    t0 = time.perf_counter()
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    dropped = drop_broken_aliases()
+    with load_quantizable_moe():
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    moes = get_linearized_moes(model)
+    t_load = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe(args), num_calibration_samples=n,
+            max_seq_length=seq_len, batch_size=args.batch_size, shuffle_calibration_samples=False,
+            pipeline="sequential", moe_calibrate_all_experts=True)
+    t_oneshot = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model.save_pretrained(args.out, save_compressed=True)
+    tok.save_pretrained(args.out)
+    t_save = time.perf_counter() - t0
+
+    quantized = sorted(name for name, m in model.named_modules() if getattr(m, "quantization_scheme", None))
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+
+    result = {
+        "windows_sha256": sha,
+        "n_samples": n,
+        "seq_len": seq_len,
+        "linearized_moe_modules": len(moes),
+        "dropped_transformers_aliases": len(dropped),
+        "linearized_moe_class": type(moes[0][1]).__mro__[1].__name__ if moes else None,
+        "quantized_modules": len(quantized),
+        "quantized_experts": sum(".experts." in q for q in quantized),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "windows")},
+        "timings_s": {"imports": t_import, "load": t_load, "oneshot": t_oneshot, "save": t_save,
+                      "total": time.perf_counter() - T_START},
+        "vm_hwm": vm_hwm(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+                     "transformers": transformers.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
+    }
+    print("LLMC_RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Small, pure language-model metrics on fixed token windows: perplexity, KL to a reference, top-1 agreement.
+
+Every function takes a causal LM (anything whose ``model(input_ids=...)`` returns logits ``[B, T, V]``,
+either as a tensor or as an output object with ``.logits``; Hugging Face models also get
+``use_cache=False``) and a LongTensor ``input_ids [N, T]`` of full windows (no padding), runs it in
+batches of ``batch_size`` windows under ``torch.no_grad()``, and does all the arithmetic in fp32
+whatever the model's dtype. Nothing is cached or mutated; the models are not put in eval mode
+(callers do that).
+
+* :func:`token_logprobs` -- ``[N, T-1]`` log-probability of each actual next token;
+* :func:`perplexity` -- ``exp(-mean(token_logprobs))`` over every predicted position;
+* :func:`kl_and_top1` -- mean over all ``N*T`` positions of ``KL(ref || model)`` of the next-token
+  distributions (nats), and the share of positions where both argmaxes agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["token_logprobs", "perplexity", "kl_and_top1"]
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits ``[B, T, V]`` of ``model`` on ``ids`` (moved to the model's device)."""
+    ids = ids.to(_device(model))
+    kwargs = {"use_cache": False} if getattr(model, "config", None) is not None else {}
+    out = model(input_ids=ids, **kwargs)
+    logits = out if torch.is_tensor(out) else out.logits
+    return logits.float()
+
+
+def _check(input_ids: torch.Tensor, batch_size: int, min_len: int = 1) -> None:
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an integer tensor [N, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] < min_len:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} needs >= 1 window of >= {min_len} tokens")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+@torch.no_grad()
+def token_logprobs(model, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """fp32 ``[N, T-1]`` (CPU): ``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every window."""
+    _check(input_ids, batch_size, min_len=2)
+    rows = []
+    for b in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[b:b + batch_size]
+        logp = F.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
+        target = ids[:, 1:].to(logp.device)
+        rows.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu())
+    return torch.cat(rows)
+
+
+def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over all ``N*(T-1)`` predicted positions."""
+    lp = token_logprobs(model, input_ids, batch_size)
+    return math.exp(-float(lp.double().mean()))
+
+
+@torch.no_grad()
+def kl_and_top1(model, ref_model, input_ids: torch.Tensor, batch_size: int = 8) -> tuple[float, float]:
+    """``(mean KL(ref || model) in nats, top-1 agreement)`` over all ``N*T`` positions of ``input_ids``.
+
+    KL(ref || model) = sum_v p_ref(v) (log p_ref(v) - log p_model(v)): the expected extra loss, per
+    token, of predicting with ``model`` text that ``ref_model`` would produce. Agreement is the share
+    of positions where ``argmax`` of both logit vectors is the same token.
+    """
+    _check(input_ids, batch_size)
+    kl_sum, agree, count = 0.0, 0, 0
+    for b in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[b:b + batch_size]
+        ref = _logits(ref_model, ids)
+        out = _logits(model, ids).to(ref.device)
+        if out.shape != ref.shape:
+            raise ValueError(f"logit shapes differ: model {tuple(out.shape)} vs reference {tuple(ref.shape)}")
+        logp_ref = F.log_softmax(ref, dim=-1)
+        logp = F.log_softmax(out, dim=-1)
+        kl = F.kl_div(logp, logp_ref, log_target=True, reduction="none").sum(-1)  # sum p_ref (log p_ref - log p)
+        kl_sum += float(kl.double().sum())
+        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+        count += kl.numel()
+    return kl_sum / count, agree / count

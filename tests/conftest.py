@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -40,3 +41,18 @@ def quick_config(**kw):
     base = dict(group_size=32, calib_samples=8, seq_len=64, batch_size=4)
     base.update(kw)
     return build_config(**base)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's name: fresh inputs per test, reproducible per test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+@pytest.fixture
+def poisoned():
+    """Kernel outputs allocated by the launchers start as NaN, so unwritten elements are caught."""
+    from moecompress.kernels.testing import poisoned_buffers
+
+    with poisoned_buffers():
+        yield

@@ -1,7 +1,6 @@
 """fused_moe (Triton) against fused_moe_torch: dense and int4/int8 group-quantized experts, zero experts."""
 
 import os
-import zlib
 
 import torch
 
@@ -10,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from moecompress.kernels.testing import assert_close, ensure_interpreter, poisoned_buffers  # noqa: E402
+from moecompress.kernels.testing import assert_close, ensure_interpreter  # noqa: E402
 
 DEVICE = ensure_interpreter()
 
@@ -20,15 +19,7 @@ E, Z = 8, 2  # real experts, zero experts (ids in [E, E+Z) contribute nothing)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_buffers():
-        yield
-
-
-@pytest.fixture
-def gen(request):
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _routing(gen, t, k, e=E, z=Z):

@@ -2,7 +2,6 @@
 canonical QuantizedWeight layout."""
 
 import os
-import zlib
 
 import torch
 
@@ -11,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from moecompress.kernels.testing import assert_close, ensure_interpreter, poisoned_buffers  # noqa: E402
+from moecompress.kernels.testing import assert_close, ensure_interpreter  # noqa: E402
 
 DEVICE = ensure_interpreter()
 
@@ -24,15 +23,7 @@ from moecompress.quant.spec import QuantizedWeight, QuantSpec  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_buffers():
-        yield
-
-
-@pytest.fixture
-def gen(request):
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _canonical(gen, shape, bits, group_size, symmetric):

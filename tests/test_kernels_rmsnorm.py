@@ -1,7 +1,6 @@
 """rmsnorm (Triton) against rmsnorm_torch, with and without the fused residual add."""
 
 import os
-import zlib
 
 import torch
 
@@ -10,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from moecompress.kernels.testing import assert_close, ensure_interpreter, poisoned_buffers  # noqa: E402
+from moecompress.kernels.testing import assert_close, ensure_interpreter  # noqa: E402
 
 DEVICE = ensure_interpreter()
 
@@ -19,15 +18,7 @@ from moecompress.kernels.rmsnorm import rmsnorm, rmsnorm_torch  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_buffers():
-        yield
-
-
-@pytest.fixture
-def gen(request):
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 @pytest.mark.parametrize("shape", [(1, 72), (7, 128), (33, 100), (2, 3, 64)])

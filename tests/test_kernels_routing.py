@@ -1,7 +1,6 @@
 """route (Triton) against route_torch: softmax, sigmoid + correction bias + group-limited top-k, scaling."""
 
 import os
-import zlib
 
 import torch
 
@@ -10,22 +9,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from moecompress.kernels.testing import assert_close, ensure_interpreter, poisoned_buffers  # noqa: E402
+from moecompress.kernels.testing import assert_close, ensure_interpreter  # noqa: E402
 
 DEVICE = ensure_interpreter()
 
 from moecompress.kernels.routing import route, route_torch  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    with poisoned_buffers():
-        yield
-
-
-@pytest.fixture
-def gen(request):
-    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _compare(logits, top_k, **kw):

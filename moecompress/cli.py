@@ -88,13 +88,20 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's choice). On a shared machine 1 is often fastest.")
 @click.option("--overwrite", is_flag=True)
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
-             weight_by_routing, starved_experts, min_expert_tokens, only_experts, overwrite) -> None:
+             weight_by_routing, starved_experts, min_expert_tokens, only_experts, threads, overwrite) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     cfg = build_config(
         method=method, bits=bits, group_size=group_size, symmetric=symmetric,

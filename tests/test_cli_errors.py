@@ -47,6 +47,7 @@ CASES = {
     "negative sample count": (lambda p, t: p, ["--calib-samples", "-3"], "calib_samples"),
     "unknown method": (lambda p, t: p, ["--method", "magic"], "magic"),
     "unknown format": (lambda p, t: p, ["--format", "gguf"], "gguf"),
+    "zero threads": (lambda p, t: p, ["--threads", "0"], "threads"),
     "act-order group with compressed-tensors": (lambda p, t: p, ["--act-order", "group"], "GPTQ format"),
 }
 
@@ -129,7 +130,7 @@ def test_existing_out_needs_overwrite(capsys, tmp_path, qwen):
     assert rc == 2 and "--overwrite" in err[0]
     assert (out / "keep.txt").read_text() == "mine"
     rc, err = _run(capsys, "quantize", str(qwen), "--out", str(out), "--method", "rtn", "--group-size", "32",
-                   "--overwrite")
+                   "--overwrite", "--threads", "1")
     assert rc == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 

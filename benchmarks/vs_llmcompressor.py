@@ -16,12 +16,12 @@ windows both tools report equals the one made here.
 Wall time is the whole subprocess (interpreter start, imports, load, calibration, save); CPU time
 (user + sys) and peak RSS are the child's ``ru_utime + ru_stime`` and ``ru_maxrss`` from ``os.wait4``
 (that process and its waited-for descendants), taken by a small stdlib-only launcher process so that
-the driver's own memory does not leak into ``ru_maxrss``; each child also reports its ``VmHWM``. On a shared CPU the wall time depends on the load;
-CPU time much less so (``--repeats N`` keeps the fastest of N runs). Both
-outputs are then read back in this process -- with moecompress's own reader, cross-checked against
-transformers + compressed-tensors -- and evaluated in fp32 against the original model on held-out
-windows (``builtin:heldout-code`` / ``builtin:heldout-prose``): perplexity, mean KL(original ||
-quantized) and top-1 agreement (``moecompress.evals.lm_metrics``).
+the driver's own memory does not leak into ``ru_maxrss``; each child also reports its ``VmHWM``. On a
+shared CPU the wall time depends on the load, CPU time much less so (``--repeats N`` keeps the
+fastest of N runs). Both outputs are then read back in this process -- with moecompress's own
+reader, cross-checked against transformers + compressed-tensors -- and evaluated in fp32 against the
+original model on held-out windows (``builtin:heldout-code`` / ``builtin:heldout-prose``):
+perplexity, mean KL(original || quantized) and top-1 agreement (``moecompress.evals.lm_metrics``).
 
     python benchmarks/vs_llmcompressor.py [--model DIR] [--settings 4:128,3:64] [--json out.json]
 
@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,7 +225,10 @@ def _load_with_compressed_tensors(out: Path):
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     try:
-        qcfg = CompressedTensorsConfig(run_compressed=False)
+        try:
+            qcfg = CompressedTensorsConfig(dequantize=True)
+        except TypeError:  # transformers < 5.2x
+            qcfg = CompressedTensorsConfig(run_compressed=False)
         return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=qcfg).eval()
     except Exception as e:  # noqa: BLE001 - only a cross-check
         print(f"  (transformers + compressed-tensors could not load {out}: {str(e).splitlines()[0]})")

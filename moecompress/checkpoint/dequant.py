@@ -31,7 +31,9 @@ def spec_from_config(qcfg: dict) -> tuple[str, QuantSpec]:
             raise UserError("only single-scheme pack-quantized compressed-tensors checkpoints can be read")
         w = groups[0]["weights"]
         gs = w.get("group_size") if w.get("strategy") == "group" else None
-        return "compressed-tensors", QuantSpec(w["num_bits"], gs, w["symmetric"], w.get("actorder"), (1.0,))
+        # llm-compressor writes "static" for what compressed-tensors 0.19+ calls "weight"
+        order = {"static": "weight", "dynamic": "group"}.get(w.get("actorder"), w.get("actorder"))
+        return "compressed-tensors", QuantSpec(w["num_bits"], gs, w["symmetric"], order, (1.0,))
     if method == "gptq":
         gs = qcfg.get("group_size", 128)
         return "gptq", QuantSpec(qcfg["bits"], None if gs in (-1, None) else gs, qcfg.get("sym", True),

@@ -217,12 +217,6 @@ class ModelHandle:
             return emb if emb in self.reader else None
         return None
 
-    def router_disk_names(self, i: int) -> list[str]:
-        """Every on-disk tensor of layer i that belongs to a router (kept bit-exact)."""
-        pre = self.layer_prefix(i)
-        roots = [pre + self.disk_local(r) + "." for r in self.spec.routers]
-        return [n for n in self.layer_tensor_names(i) if any(n.startswith(x) for x in roots)]
-
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers

@@ -108,6 +108,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     t_start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     handle = ModelHandle.open(model_dir)
+    if handle.reader.config.get("quantization_config"):
+        raise UserError(f"{model_dir} is already quantized ({handle.reader.config['quantization_config'].get('quant_method')}); "
+                        "quantize its float original instead")
     check_output_path(model_dir, out_dir, overwrite)
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg, handle, device)

@@ -49,10 +49,15 @@ class ModelHandle:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path) -> "ModelHandle":
+    def open(cls, path: str | Path, dequantize: bool = False) -> "ModelHandle":
+        """Open a checkpoint; with ``dequantize`` a quantized one reads as float (see checkpoint.load)."""
         from transformers import AutoConfig
 
         reader = CheckpointReader.open(path)
+        if dequantize:
+            from ..checkpoint.load import DequantizingReader
+
+            reader = DequantizingReader.wrap(reader)
         spec = BY_MODEL_TYPE.get(reader.config.get("model_type"))
         if spec is None:
             raise _unsupported(reader.config)

@@ -1,0 +1,58 @@
+"""load_model reads plain and quantized checkpoints into the same model transformers builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, quick_config
+from moecompress.checkpoint.dequant import write_dequantized
+from moecompress.checkpoint.load import load_model
+from moecompress.cli import main
+from moecompress.pipeline import quantize
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+IDS = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_checkpoint_matches_transformers(tiny_ckpt, family):
+    src = tiny_ckpt(family)
+    _, ours = load_model(src)
+    with torch.no_grad():
+        rel = _rel(ours(IDS).logits, _hf(src)(IDS).logits)
+    assert rel < 1e-6, f"{family}: load_model vs from_pretrained, relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_5_moe"])
+def test_quantized_checkpoint_matches_dequantized_twin(tiny_ckpt, tmp_path, family, fmt):
+    src = tiny_ckpt(family)
+    out = tmp_path / "q"
+    quantize(src, out, quick_config(bits=4, format=fmt, method="rtn"))
+    _, ours = load_model(out)
+    twin = _hf(write_dequantized(out, tmp_path / "deq"))
+    _, float_src = load_model(src)
+    with torch.no_grad():
+        a, b, c = ours(IDS).logits, twin(IDS).logits, float_src(IDS).logits
+    assert _rel(a, b) < 1e-6, f"{family}/{fmt}: load_model vs dequantized twin {_rel(a, b):.2e}"
+    assert _rel(a, c) > 1e-4, "the quantized model must differ from its float source"
+
+
+def test_quantize_refuses_a_quantized_source(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), out, quick_config(bits=4, method="rtn"))
+    rc = main(["quantize", str(out), "--out", str(tmp_path / "qq"), "--method", "rtn", "--group-size", "32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already quantized" in err and "Traceback" not in err
+    assert not (tmp_path / "qq").exists()

@@ -11,16 +11,21 @@ whatever the model's dtype. Nothing is cached or mutated; the models are not put
 * :func:`perplexity` -- ``exp(-mean(token_logprobs))`` over every predicted position;
 * :func:`kl_and_top1` -- mean over all ``N*T`` positions of ``KL(ref || model)`` of the next-token
   distributions (nats), and the share of positions where both argmaxes agree.
+
+The evaluator, which produces logits itself (whole models or streamed layer by layer), uses the
+pure pieces: :func:`logit_sums` reduces one batch of logits of both models to sums, and
+:class:`LMAccumulator` adds them up per dataset and turns them into the same three numbers.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_logprobs", "perplexity", "kl_and_top1"]
+__all__ = ["token_logprobs", "perplexity", "kl_and_top1", "logit_sums", "LMAccumulator"]
 
 
 def _device(model) -> torch.device:
@@ -90,3 +95,51 @@ def kl_and_top1(model, ref_model, input_ids: torch.Tensor, batch_size: int = 8) 
         agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         count += kl.numel()
     return kl_sum / count, agree / count
+
+
+def logit_sums(logits: torch.Tensor, ref_logits: torch.Tensor, input_ids: torch.Tensor) -> dict[str, float]:
+    """Sums over one batch ``[B, T, V]`` of both models' logits on ``input_ids [B, T]``.
+
+    ``nll`` / ``nll_ref``: summed next-token negative log-likelihoods over the ``B*(T-1)`` predicted
+    positions (``n_pred``); ``kl``: summed KL(ref || model) and ``agree``: positions with equal
+    argmax, over all ``B*T`` positions (``n_pos``).
+    """
+    if logits.shape != ref_logits.shape:
+        raise ValueError(f"logit shapes differ: model {tuple(logits.shape)} vs reference {tuple(ref_logits.shape)}")
+    ref = ref_logits.float()
+    out = logits.float().to(ref.device)
+    logp_ref, logp = F.log_softmax(ref, dim=-1), F.log_softmax(out, dim=-1)
+    target = input_ids[:, 1:].to(ref.device).unsqueeze(-1)
+    kl = F.kl_div(logp, logp_ref, log_target=True, reduction="none").sum(-1)
+    return {
+        "nll": -float(logp[:, :-1].gather(-1, target).double().sum()),
+        "nll_ref": -float(logp_ref[:, :-1].gather(-1, target).double().sum()),
+        "n_pred": target.numel(),
+        "kl": float(kl.double().sum()),
+        "agree": int((ref.argmax(-1) == out.argmax(-1)).sum()),
+        "n_pos": kl.numel(),
+    }
+
+
+@dataclass
+class LMAccumulator:
+    """Per-dataset :func:`logit_sums`; ``result()`` gives perplexities, KL and top-1 agreement."""
+
+    sums: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def update(self, name: str, logits: torch.Tensor, ref_logits: torch.Tensor, input_ids: torch.Tensor) -> None:
+        acc = self.sums.setdefault(name, {})
+        for k, v in logit_sums(logits, ref_logits, input_ids).items():
+            acc[k] = acc.get(k, 0) + v
+
+    def result(self) -> dict:
+        s = self.sums
+        pos = sum(v["n_pos"] for v in s.values())
+        return {
+            "ppl": {n: math.exp(v["nll"] / v["n_pred"]) for n, v in s.items()},
+            "ppl_reference": {n: math.exp(v["nll_ref"] / v["n_pred"]) for n, v in s.items()},
+            "kl": sum(v["kl"] for v in s.values()) / pos,
+            "top1_agreement": sum(v["agree"] for v in s.values()) / pos,
+            "kl_per_dataset": {n: v["kl"] / v["n_pos"] for n, v in s.items()},
+            "top1_per_dataset": {n: v["agree"] / v["n_pos"] for n, v in s.items()},
+        }

@@ -118,6 +118,43 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
                f"in {summary['timings_s']['total']:.1f}s")
 
 
+@cli.command("eval")
+@click.argument("model_dir")
+@click.option("--reference", required=True, help="The original checkpoint the model is compared with.")
+@click.option("--data", multiple=True, help="Held-out text (repeatable; same forms as --calib). "
+              "Default: builtin:heldout-code and builtin:heldout-prose.")
+@click.option("--samples", type=int, default=32, show_default=True, help="Windows per data source.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--low-memory", is_flag=True, help="Stream one decoder layer of each model at a time.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Compute dtype (auto: fp32 on CPU, the reference's dtype on GPU).")
+@click.option("--tasks", default=None, help="lm-eval task names, comma-separated (needs `pip install lm-eval`).")
+@click.option("--tasks-path", default=None, help="Folder of extra lm-eval task YAMLs.")
+@click.option("--tasks-limit", type=click.IntRange(min=1), default=None, help="At most this many examples per task.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("--json", "json_out", required=True, help="Where to write the evaluation (JSON).")
+def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low_memory, device, dtype, tasks,
+             tasks_path, tasks_limit, threads, json_out) -> None:
+    """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""
+    from .evals.evaluate import evaluate
+    from .evals.output import check_json_path, summary, write_json_atomic
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    check_json_path(json_out)
+    result = evaluate(model_dir, reference, data=list(data) or None, samples=samples, seq_len=seq_len,
+                      batch_size=batch_size, seed=seed, low_memory=low_memory, device=device, tasks=tasks,
+                      dtype=dtype, tasks_path=tasks_path, tasks_limit=tasks_limit)
+    write_json_atomic(json_out, result)
+    click.echo(summary(result))
+    click.echo(f"wrote {json_out}")
+
+
 def main(argv=None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)

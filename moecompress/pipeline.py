@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .arch.handle import ModelHandle, decoder_layers
 from .calib.capture import HessianCapture
-from .calib.runner import LayerFeed, capture_layer_kwargs, prepare_embeddings, run_layer
+from .calib.runner import (LayerFeed, attention_half, capture_layer_kwargs, mlp_half, prepare_embeddings,
+                           run_layer)
 from .checkpoint.writer import ShardedWriter, atomic_output_dir, check_output_path, copy_side_files
 from .errors import UserError
 from .export import kept_module_names, layer_tensors, quantization_config
@@ -178,32 +179,41 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
     results: dict[Target, object] = {}
     starved: set[int] = set()
     bar = tqdm(total=len(targets), desc=f"layer {i}", unit="linear", leave=False)
+    split = feed is not None and cfg.true_sequential
+    mids = None  # the residual stream after (quantized) attention, once it is final
     with _RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
         for stage in stages_of(targets, cfg.true_sequential):
             bar.set_postfix_str(f"calibrating {stage[0].stage}")
             stats = {}
             if feed is not None:
+                if split and mids is None and stage[0].stage != "attn":
+                    mids = attention_half(layer, i, feed)
+                run = (lambda: mlp_half(layer, mids)) if mids is not None else (
+                    (lambda: attention_half(layer, i, feed)) if split else (lambda: run_layer(layer, i, feed, False)))
                 specs = {t.module_name if t.expert_proj is None else t.name: capture_spec(
                     t, starved if cfg.starved_experts == "all-tokens" and t.expert_proj == "down" else (),
                     cfg.weight_by_routing) for t in stage}
-                stats = _capture(layer, i, feed, specs)
-                stats = _starved_pass(layer, i, feed, stage, stats, record, starved, cfg)
+                stats = _capture(layer, specs, run)
+                stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run)
             for t in stage:
                 bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 _solve_target(layer, t, stats, cfg, qspec, store_dtype, record, results, starved)
                 bar.update()
         if feed is not None:
-            run_layer(layer, i, feed, update=True)
+            if split:
+                feed.hidden = mlp_half(layer, mids if mids is not None else attention_half(layer, i, feed))
+            else:
+                run_layer(layer, i, feed, update=True)
     return record, results
 
 
-def _capture(layer, i, feed, specs):
+def _capture(layer, specs, run):
     with HessianCapture(layer, specs) as cap:
-        run_layer(layer, i, feed, update=False)
+        run()
     return cap.stats
 
 
-def _starved_pass(layer, i, feed, stage, stats, record, starved: set, cfg):
+def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run):
     """Find experts with too few routed tokens, log the decision, and recapture what they need."""
     for t in stage:
         if t.expert_proj != "gate_up" or t.name not in stats:
@@ -221,7 +231,7 @@ def _starved_pass(layer, i, feed, stage, stats, record, starved: set, cfg):
         downs = [d for d in stage if d.expert_proj == "down"]
         if starved and cfg.starved_experts == "all-tokens" and downs:
             specs = {d.name: capture_spec(d, starved, cfg.weight_by_routing) for d in downs}
-            stats.update(_capture(layer, i, feed, specs))
+            stats.update(_capture(layer, specs, run))
     return stats
 
 
@@ -238,7 +248,7 @@ def _solve_target(layer, t: Target, stats, cfg, qspec, store_dtype, record, resu
                 h[e] = all_h
     res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
                 rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
-                chunk=cfg.expert_chunk)
+                chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds)
     param.data.copy_(res.dequantized.to(param.dtype))
     results[t] = res.qweight
     record["linears"][t.name] = res.info if t.expert_proj else res.info[0]

@@ -42,6 +42,7 @@ class QuantizeConfig(BaseModel):
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = True
+    refine_rounds: int = Field(0, ge=0, le=16)
     true_sequential: bool = True
     weight_by_routing: bool = False
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import quick_config
+from conftest import FAMILIES, quick_config
 from moecompress.checkpoint.dequant import dequantized_state
 from moecompress.checkpoint.reader import CheckpointReader
 from moecompress.pipeline import quantize
@@ -92,3 +92,22 @@ def test_gptq_beats_rtn_on_layer_output_error(tiny_ckpt, tmp_path):
     # measured: GPTQ 0.26x RTN's mean relative output error (0.0084 vs 0.0325), better on 40 of 40 linears
     assert g < 0.85 * r, (g, r)
     assert sum(p[0] < p[1] for p in pairs) >= 0.9 * len(pairs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_layer_equals_the_full_layer(tiny_ckpt, family):
+    """attention_half + mlp_half reproduce the decoder layer (what true-sequential calibration relies on)."""
+    from moecompress.arch.handle import ModelHandle
+    from moecompress.calib.runner import attention_half, capture_layer_kwargs, mlp_half, prepare_embeddings, run_layer
+
+    handle = ModelHandle.open(tiny_ckpt(family))
+    model = handle.skeleton()
+    prepare_embeddings(handle, model, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(0))
+    feed = capture_layer_kwargs(model, ids, 2, torch.device("cpu"))
+    for i in range(handle.num_layers):
+        layer = handle.load_layer(model, i, torch.device("cpu"), torch.float32)
+        split = mlp_half(layer, attention_half(layer, i, feed))
+        run_layer(layer, i, feed, update=True)
+        for a, b in zip(split, feed.hidden):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

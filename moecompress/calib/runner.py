@@ -95,3 +95,40 @@ def run_layer(layer: nn.Module, idx: int, feed: LayerFeed, update: bool) -> None
         out = layer_output(layer(h, *args, **kwargs))
         if update:
             feed.hidden[b] = out
+
+
+# Every supported family's decoder layer is ``mid = x + attention(x)``, then
+# ``out = mid + mlp(post_attention_layernorm(mid))``. Splitting the layer there lets true-sequential
+# calibration run the attention once per attention stage and only the MLP for the MLP stages.
+
+
+@torch.no_grad()
+def attention_half(layer: nn.Module, idx: int, feed: LayerFeed) -> list[torch.Tensor]:
+    """Per batch, the residual stream after the attention block (the input of the post-attention norm)."""
+    got: dict = {}
+
+    def stop(_module, args):
+        got["mid"] = args[0]
+        raise _StopForward
+
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(stop)
+    mids = []
+    try:
+        for b, h in enumerate(feed.hidden):
+            args, kwargs = feed.calls[b][idx]
+            try:
+                layer(h, *args, **kwargs)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError(f"layer {idx}: post_attention_layernorm was never called")
+            mids.append(got.pop("mid"))
+    finally:
+        handle.remove()
+    return mids
+
+
+@torch.no_grad()
+def mlp_half(layer: nn.Module, mids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per batch, the layer output from the residual stream after attention."""
+    return [m + layer.mlp(layer.post_attention_layernorm(m)) for m in mids]

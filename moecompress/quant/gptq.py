@@ -96,6 +96,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     max_damp_tries: int = 6,
+    qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """GPTQ of ``w [N, K]`` / ``[B, N, K]`` against its Hessian ``H [K, K]`` / ``[B, K, K]``.
 
@@ -112,6 +113,8 @@ def gptq_quantize(
       fallbacks it is computed with the given H.
 
     H is never modified; it may be float64, in which case the factorization runs in float64.
+    ``qparams=(scales [B, N, G], zeros [B, N, G])`` fixes every group's scale and zero point up
+    front (act_order None or "weight": groups contiguous in the original order), e.g. refitted ones.
     """
     if w.dim() not in (2, 3):
         raise ValueError(f"weight must be [N, K] or [B, N, K], got shape {tuple(w.shape)}")
@@ -140,7 +143,12 @@ def gptq_quantize(
     col_weight = diag.float().clamp_min(0)  # importance of each input for the clip search
 
     static = None
-    if spec.act_order == "weight":
+    if qparams is not None:
+        if spec.act_order == "group":
+            raise ValueError("fixed qparams need groups in the original column order (act_order None or 'weight')")
+        static = tuple(t.reshape(b, n, k // gs).to(dev) for t in qparams)
+        static = (static[0].float(), static[1].float())
+    elif spec.act_order == "weight":
         # Groups stay contiguous in the original order, so their qparams must exist before the
         # permuted column loop can reach any of them.
         wg = W.reshape(b, n, k // gs, gs)
@@ -211,7 +219,8 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
     bi = torch.arange(b, device=Wt.device)
     if static is not None:
         st, zt = (t.transpose(1, 2) for t in static)  # [B, G, N]
-        col_group = perm // gs  # original group of each processed column
+        order = perm if perm is not None else torch.arange(k, device=Wt.device).expand(b, k)
+        col_group = order // gs  # original group of each processed column
     else:
         found_s, found_z = [], []
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..arch.registry import ArchSpec
 from ..calib.capture import ExpertTarget
 from .gptq import gptq_quantize
+from .refit import refine
 from .rtn import rtn_quantize
 from .spec import QuantizedWeight, QuantSpec
 
@@ -93,7 +94,8 @@ def round_scales(qw: QuantizedWeight, store_dtype: torch.dtype) -> QuantizedWeig
 
 
 def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, store_dtype: torch.dtype,
-          *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16) -> SolveResult:
+          *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16,
+          refine_rounds: int = 0) -> SolveResult:
     """Quantize one target: w [N, K] (with h [K, K]) or all experts w [E, N, K] (with h [E, K, K]).
 
     Members listed in ``rtn_members`` (starved experts under the RTN policy) are rounded to nearest
@@ -113,6 +115,8 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
         else:
             qw, st = gptq_quantize(wc, H[idx].float(), qspec, damp=damp, block_size=block_size)
             stats = _per_member(st, len(idx))
+            if refine_rounds:
+                qw, _ = refine(wc, H[idx].float(), qw, rounds=refine_rounds, damp=damp, block_size=block_size)
             rtn_idx = [j for j, m in enumerate(idx) if m in rtn_members]
             if rtn_idx:
                 rq = rtn_quantize(wc[rtn_idx], qspec)

@@ -1,0 +1,180 @@
+"""`moecompress eval`: a (compressed) model against its reference on the same held-out windows.
+
+Both models read the same token windows (sampled with the reference's tokenizer from each data
+source; a model whose vocabulary differs is refused). Per window position the evaluator compares
+next-token distributions (perplexity of both, KL(reference || model), top-1 agreement) and, per MoE
+layer, what each model's router decided on *its own* hidden states -- end-to-end routing drift:
+top-k set match, Jaccard, router KL (see :mod:`.routing_metrics`), expert load and skip rates.
+
+Memory: by default both models are loaded whole (quantized weights dequantized). ``low_memory``
+streams instead: one decoder layer of each model resident at a time plus the hidden states of all
+windows for both models, and one window of logits at a time. Both modes give the same numbers
+(the same batches run through the same layers; only the final ``lm_head`` runs per window).
+
+The returned dict (JSON-serializable) is a contract the report relies on::
+
+    {"model", "reference", "family",
+     "data": {name: {"spec", "windows", "seq_len", "text_sha256"}},
+     "ppl": {name: float}, "ppl_reference": {name: float},
+     "kl", "top1_agreement", "kl_per_dataset": {name}, "top1_per_dataset": {name},
+     "routing": {"topk_exact", "jaccard", "router_kl", "per_layer": [{"layer", "topk_exact", "jaccard", "router_kl"}]},
+     "expert_load": {"layers", "model": [[E]], "reference": [[E]], "entropy": {...}, "max_over_mean": {...}},
+     "skip_rate": None | {"model": [..], "reference": [..]},
+     "size_bytes", "reference_size_bytes", "bits_per_weight", "quantization",
+     "settings", "seconds", "lm_eval"}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moecompress.arch.handle import ModelHandle
+from moecompress.checkpoint.reader import CheckpointReader
+from moecompress.errors import UserError
+
+from .collect import StreamedModel, WholeModel
+from .data import DEFAULT_DATA, as_batches, build_windows, check_vocab, load_tokenizer, windows_digest
+from .lm_metrics import LMAccumulator
+from .routing_metrics import RoutingAccumulator
+from .sizes import bits_per_weight, checkpoint_bytes, quantization_settings
+
+log = logging.getLogger("moecompress")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve(device: str, dtype: str, ref_handle: ModelHandle) -> tuple[torch.device, torch.dtype]:
+    from moecompress.pipeline import resolve_device
+
+    dev = resolve_device(device)
+    if dtype == "auto":  # CPUs are slow and inexact in half precision
+        return dev, torch.float32 if dev.type == "cpu" else ref_handle.float_dtype
+    if dtype not in _DTYPES:
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return dev, _DTYPES[dtype]
+
+
+def _check_pair(m: ModelHandle, r: ModelHandle) -> None:
+    if m.family != r.family or m.num_layers != r.num_layers:
+        raise UserError(f"model ({m.family}, {m.num_layers} layers) and reference ({r.family}, {r.num_layers} layers) "
+                        "are not the same architecture")
+
+
+def _same(a, b) -> bool:
+    """The model *is* the reference (a run's reference row): load and run it once."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _run_whole(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator):
+    ref = WholeModel(reference_dir, device, dtype)
+    model = ref if _same(model_dir, reference_dir) else WholeModel(model_dir, device, dtype)
+    if model.moe_layers != ref.moe_layers:
+        raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
+    for name, ids in tqdm(batches, desc="eval batches", unit="batch"):
+        ref_logits, ref_routes = ref.forward(ids)
+        logits, routes = (ref_logits, ref_routes) if model is ref else model.forward(ids)
+        lm.update(name, logits, ref_logits, ids)
+        for i in ref.moe_layers:
+            routing.update(i, routes[i], ref_routes[i])
+    del ref
+    return model
+
+
+def _run_streamed(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator):
+    ref = StreamedModel(reference_dir, device, dtype)
+    model = ref if _same(model_dir, reference_dir) else StreamedModel(model_dir, device, dtype)
+    if model.moe_layers != ref.moe_layers:
+        raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
+    ids_list = [ids for _, ids in batches]
+    ref.embed(ids_list)
+    if model is not ref:
+        model.embed(ids_list)
+    for i in tqdm(range(ref.handle.num_layers), desc="eval layers (low memory)", unit="layer"):
+        ref_routes = ref.run_layer(i)
+        routes = ref_routes if model is ref else model.run_layer(i)
+        if ref_routes is not None:
+            for out, ref_out in zip(routes, ref_routes):
+                routing.update(i, out, ref_out)
+    ref.load_head()
+    if model is not ref:
+        model.load_head()
+    for b, (name, ids) in enumerate(tqdm(batches, desc="eval logits", unit="batch")):
+        for w in range(ids.shape[0]):
+            ref_logits = ref.window_logits(b, w)
+            logits = ref_logits if model is ref else model.window_logits(b, w)
+            lm.update(name, logits, ref_logits, ids[w:w + 1])
+    ref.release()
+    model.release()
+
+
+def _task_list(tasks) -> list[str]:
+    if tasks is None:
+        return []
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    return [t.strip() for t in items if t and t.strip()]
+
+
+def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len: int = 256, batch_size: int = 8,
+             seed: int = 1234, low_memory: bool = False, device: str = "cpu", tasks=None, dtype: str = "auto",
+             tasks_path: str | None = None, tasks_limit: int | None = None) -> dict:
+    """Evaluate ``model_dir`` against ``reference_dir``; returns the report dict (module docstring)."""
+    t0 = time.perf_counter()
+    for name, value, low in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+    task_names = _task_list(tasks)
+    manager = None
+    if task_names:  # fail on a missing lm-eval or an unknown task before any model is loaded
+        from .lm_eval_adapter import task_manager
+
+        manager = task_manager(task_names, tasks_path)
+    specs = list(data) if data else list(DEFAULT_DATA)
+    ref_h, model_h = ModelHandle.open(reference_dir, dequantize=True), ModelHandle.open(model_dir, dequantize=True)
+    _check_pair(model_h, ref_h)
+    dev, dt = _resolve(device, dtype, ref_h)
+    ref_tok = load_tokenizer(reference_dir, required=True)
+    model_tok = load_tokenizer(model_dir, required=False)
+    check_vocab(model_h, ref_h, model_tok, ref_tok)
+    windows, data_info = build_windows(specs, ref_tok, samples, seq_len, seed, int(ref_h.text_config.vocab_size))
+    batches = as_batches(windows, batch_size)
+
+    lm, routing = LMAccumulator(), RoutingAccumulator()
+    whole = None
+    if low_memory:
+        _run_streamed(model_dir, reference_dir, batches, dev, dt, lm, routing)
+    else:
+        whole = _run_whole(model_dir, reference_dir, batches, dev, dt, lm, routing)
+
+    lm_eval_result = None
+    if task_names:
+        from .lm_eval_adapter import run_tasks
+
+        if whole is None:
+            log.info("lm-eval tasks run on the whole model: loading it")
+            whole = WholeModel(model_dir, dev, dt)
+        lm_eval_result = run_tasks(whole.model, model_tok or ref_tok, task_names, tasks_path, batch_size, tasks_limit,
+                                   manager)
+
+    m_reader, r_reader = CheckpointReader.open(model_dir), CheckpointReader.open(reference_dir)
+    out = {"model": str(Path(model_dir)), "reference": str(Path(reference_dir)), "family": ref_h.family,
+           "data": data_info}
+    out.update(lm.result())
+    out.update(routing.result())
+    out.update({
+        "size_bytes": checkpoint_bytes(m_reader),
+        "reference_size_bytes": checkpoint_bytes(r_reader),
+        "bits_per_weight": bits_per_weight(m_reader),
+        "quantization": quantization_settings(m_reader),
+        "settings": {"samples": samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                     "low_memory": bool(low_memory), "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+                     "tasks": task_names or None, "tasks_path": tasks_path, "tasks_limit": tasks_limit,
+                     "experts_implementation": "eager", "windows_sha256": windows_digest(windows),
+                     "torch": torch.__version__},
+        "seconds": time.perf_counter() - t0,
+        "lm_eval": lm_eval_result,
+    })
+    return out

@@ -1,0 +1,63 @@
+"""Writing an evaluation: strict JSON, atomically, and a few lines for the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from moecompress.errors import UserError
+
+
+def check_json_path(path) -> Path:
+    """Refuse an output path we could not write (before hours of evaluation, not after)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--json {p} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--json {p}: {parent} is not a directory")
+    return p
+
+
+def write_json_atomic(path, obj: dict) -> Path:
+    """Write ``obj`` as strict JSON (no NaN) to a temporary sibling and rename it over ``path``."""
+    p = check_json_path(path)
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def summary(r: dict) -> str:
+    """A short human summary of an evaluation dict."""
+    lines = [f"{r['model']} vs {r['reference']} ({r['family']}, "
+             f"{sum(d['windows'] for d in r['data'].values())} windows of {r['settings']['seq_len']} tokens)"]
+    for name in r["ppl"]:
+        lines.append(f"  {name:<16} ppl {r['ppl'][name]:.4g} (reference {r['ppl_reference'][name]:.4g})  "
+                     f"KL {r['kl_per_dataset'][name]:.4g}  top-1 {100 * r['top1_per_dataset'][name]:.2f}%")
+    rt = r["routing"]
+    worst = min(rt["per_layer"], key=lambda x: x["topk_exact"]) if rt["per_layer"] else None
+    lines.append(f"  all data         KL {r['kl']:.4g}  top-1 {100 * r['top1_agreement']:.2f}%")
+    lines.append(f"  routing          top-k exact {100 * rt['topk_exact']:.2f}%  Jaccard {rt['jaccard']:.4f}  "
+                 f"router KL {rt['router_kl']:.4g}" + (f"  (worst layer {worst['layer']}: "
+                                                      f"{100 * worst['topk_exact']:.2f}%)" if worst else ""))
+    size = f"  size             {r['size_bytes'] / 2**20:.1f} MiB (reference {r['reference_size_bytes'] / 2**20:.1f} MiB)"
+    if r["bits_per_weight"] is not None:
+        size += f", {r['bits_per_weight']:.3f} bits per quantized weight"
+    lines.append(size)
+    if r.get("lm_eval"):
+        for task, res in (r["lm_eval"].get("results") or {}).items():
+            vals = ", ".join(f"{k.split(',')[0]} {v:.4g}" for k, v in res.items()
+                             if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len")
+            lines.append(f"  lm-eval {task}: {vals}")
+    lines.append(f"  ({r['seconds']:.1f}s)")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""What a checkpoint costs on disk, and how many bits its quantized weights take.
+
+Read from the safetensors headers (plus, for compressed-tensors, the tiny ``weight_shape`` tensors):
+no weight is decoded.
+
+``bits_per_weight`` is taken over the quantized linears only: every stored part of a quantized
+weight -- packed codes, scales, zero points and ``g_idx`` (not biases, not ``weight_shape``
+metadata) -- in bits, divided by the number of dense weights they stand for. W4 group 32 symmetric
+with fp16/bf16 scales in compressed-tensors is 4 + 16/32 = 4.5; GPTQ adds its (always stored)
+zero points, 4/32 per weight, and its ``g_idx``, 32 bits per input column.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moecompress.checkpoint.dequant import quantized_modules, spec_from_config
+from moecompress.checkpoint.reader import CheckpointReader
+
+_PARTS = {
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+}
+
+
+def checkpoint_bytes(reader: CheckpointReader) -> int:
+    """Bytes of the weight shards (the safetensors files)."""
+    return reader.total_bytes()
+
+
+def _dense_count(reader: CheckpointReader, fmt: str, bits: int, module: str) -> int:
+    if fmt == "compressed-tensors":
+        shape = reader.get(f"{module}.weight_shape").tolist()
+        return int(shape[0]) * int(shape[1])
+    rows, n = reader.tensors[f"{module}.qweight"].shape
+    return rows * 32 // bits * n
+
+
+def bits_per_weight(reader: CheckpointReader) -> float | None:
+    """Stored bits per dense weight over the quantized linears; None for a float checkpoint."""
+    fmt, spec, mods = quantized_modules(reader)
+    if fmt is None or not mods:
+        return None
+    stored = dense = 0
+    for m in mods:
+        stored += 8 * sum(reader.tensors[f"{m}.{p}"].nbytes for p in _PARTS[fmt] if f"{m}.{p}" in reader)
+        dense += _dense_count(reader, fmt, spec.bits, m)
+    return stored / dense
+
+
+def quantization_settings(reader: CheckpointReader) -> dict | None:
+    """method, bits, group_size, symmetric, act_order, format -- from moecompress.json, else config.json."""
+    qcfg = reader.config.get("quantization_config")
+    if not qcfg:
+        return None
+    fmt, spec = spec_from_config(qcfg)
+    out = {"method": None, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+           "act_order": spec.act_order, "format": fmt}
+    try:
+        recipe = json.loads((Path(reader.path) / "moecompress.json").read_text()).get("recipe") or {}
+    except (OSError, ValueError, AttributeError):
+        recipe = {}
+    for key in ("method", "bits", "group_size", "symmetric", "act_order", "format"):
+        if key in recipe:
+            out[key] = recipe[key]
+    return out

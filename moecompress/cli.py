@@ -118,6 +118,50 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
                f"in {summary['timings_s']['total']:.1f}s")
 
 
+@cli.command("run")
+@click.argument("recipe")
+@click.option("--out", default=None, help="Run folder (default: the recipe's output_dir, relative to the current directory).")
+@click.option("--force", is_flag=True, help="Rebuild, re-evaluate and re-benchmark every variant.")
+@click.option("--cache", "cache_dir", default=None, help="Cache folder for built-in models (default $MOECOMPRESS_CACHE).")
+def run_cmd(recipe, out, force, cache_dir) -> None:
+    """Build, evaluate and report every variant of a YAML RECIPE (work already done is skipped)."""
+    from .report import summary_text, write_report
+    from .run.runner import run_recipe
+
+    run_dir = run_recipe(recipe, out=out, force=force, cache_dir=cache_dir, report=False)
+    click.echo(summary_text(write_report(run_dir)))
+
+
+@cli.command("report")
+@click.argument("run_dir")
+@click.option("--open", "open_", is_flag=True, help="Open report.html in a browser (nothing happens without a display).")
+def report_cmd(run_dir, open_) -> None:
+    """Write report.json/.md/.html and plots/ for RUN_DIR (a `moecompress run` folder)."""
+    from .report import open_in_browser, summary_text, write_report
+
+    data = write_report(run_dir)
+    click.echo(summary_text(data))
+    if open_ and "html" in data["files"] and not open_in_browser(data["files"]["html"]):
+        click.echo("(no browser available: open the file above yourself)")
+
+
+@cli.command("demo")
+@click.option("--quick", is_flag=True, help="A less-trained model, fewer variants and windows (~2 CPU minutes).")
+@click.option("--out", default=None, help="Run folder (default: ./moecompress-demo, or ./moecompress-demo-quick).")
+@click.option("--cache", "cache_dir", default=None, help="Where the demo model is cached (default $MOECOMPRESS_CACHE "
+                                                          "or ~/.cache/moecompress).")
+@click.option("--force", is_flag=True, help="Redo every variant even when up to date.")
+def demo_cmd(quick, out, cache_dir, force) -> None:
+    """Quantize a small trained MoE with RTN and GPTQ, evaluate, and report (the model is built once)."""
+    from .report import summary_text
+    from .run.demo import run_demo
+
+    data = run_demo(quick=quick, out=out, cache_dir=cache_dir, force=force)
+    t = data["timings_s"]
+    click.echo(summary_text(data))
+    click.echo(f"demo took {t['total']:.0f}s (model {t['model']:.0f}s, quantize+evaluate+report {t['run']:.0f}s)")
+
+
 @cli.command("eval")
 @click.argument("model_dir")
 @click.option("--reference", required=True, help="The original checkpoint the model is compared with.")

@@ -210,9 +210,9 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
             info = _build(tmp, r, say)
         (tmp / "demo_model.json").write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
         try:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above), unless a concurrent build filled it meanwhile
             os.replace(tmp, out_dir)
         except OSError:
             if not (out_dir / "demo_model.json").is_file():  # someone else's build did not win either

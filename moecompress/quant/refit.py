@@ -12,8 +12,9 @@ exact (not a heuristic) and never worse than the scales it starts from on the ca
 statistics; a row whose system is singular or whose solution is not positive keeps its old scales.
 Zero points stay as they are (they are integers in the format).
 
-Cost: ``N K^2`` multiply-adds per weight, the order of GPTQ's own sweep; memory is bounded by
-processing rows in slabs.
+Cost: ``N K^2`` multiply-adds per weight (one batched matmul per group), the order of GPTQ's own
+sweep; memory is bounded by processing rows in slabs. With act_order "group" the columns are
+first gathered so that each group is a contiguous block.
 """
 
 from __future__ import annotations
@@ -25,10 +26,25 @@ from .spec import QuantizedWeight
 _SLAB_ELEMENTS = 1 << 24  # rows * K * G per slab (64 MiB of float32)
 
 
-def _membership(qw: QuantizedWeight, k: int, g: int, device) -> torch.Tensor:
-    """One-hot group membership ``[K, G]`` (or ``[B, K, G]`` with a per-member g_idx)."""
-    gi = qw.group_index().to(device)
-    return torch.nn.functional.one_hot(gi, g).float()
+def _grouped_order(qw: QuantizedWeight, b: int, k: int, gs: int) -> torch.Tensor | None:
+    """Column order ``[B, K]`` that makes every group a contiguous block of ``gs`` (None: already so)."""
+    if qw.g_idx is None:
+        return None
+    gi = qw.group_index()
+    gi = gi.expand(b, k) if gi.dim() == 1 else gi
+    order = torch.argsort(gi, dim=-1, stable=True)
+    counts = torch.stack([torch.bincount(row, minlength=k // gs) for row in gi])
+    if bool((counts != gs).any()):
+        raise ValueError("every group must hold exactly group_size columns")
+    return order
+
+
+def _damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float32 (a copy), as GPTQ damps it."""
+    Hd = H.float().clone()
+    diag = Hd.diagonal(dim1=-2, dim2=-1)
+    diag.add_(damp * diag.mean(-1, keepdim=True).clamp_min(1e-12))
+    return Hd
 
 
 def _row_loss(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -44,43 +60,58 @@ def refit_scales(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: fl
     zeros and g_idx shared with ``qw``) and ``{"loss_before": [B], "loss_after": [B]}`` with the
     damped-Hessian loss summed over rows.
     """
+    out, before, after = _refit_rows(w, qw, H, damp)
+    return out, {"loss_before": before.sum(-1).tolist(), "loss_after": after.sum(-1).tolist()}
+
+
+def _refit_rows(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: float):
+    """(refitted weight, per-row loss before [B, N], per-row loss after [B, N]) -- float64 losses."""
     b, n, k = w.shape
     g = qw.scales.shape[-1]
-    dev = w.device
-    Hd = H.float().clone()
-    diag = Hd.diagonal(dim1=-2, dim2=-1)
-    diag.add_(damp * diag.mean(-1, keepdim=True).clamp_min(1e-12))
-    M = _membership(qw, k, g, dev)
-    if M.dim() == 2:
-        M = M.expand(b, k, g)
-    zcols = torch.einsum("bng,bkg->bnk", qw.zeros.float(), M)  # zero point of each column
-    C = qw.qweight.float() - zcols  # [B, N, K]: codes minus zero point
-    HW = torch.bmm(w.float(), Hd)  # rows of w H (H symmetric)
+    gs = k // g
+    Hd = _damped(H, damp)
+    gi = qw.group_index()
+    zc = qw.zeros.float().gather(-1, gi.expand(b, n, k) if gi.dim() == 1 else gi[:, None, :].expand(b, n, k))
+    C = qw.qweight.float() - zc  # [B, N, K]: codes minus the zero point of their group
+    W = w.float()
+    order = _grouped_order(qw, b, k, gs)
+    if order is not None:  # act_order "group": gather each group's columns into one block
+        bi = torch.arange(b, device=w.device)[:, None]
+        C = C.gather(-1, order[:, None, :].expand(b, n, k))
+        W = W.gather(-1, order[:, None, :].expand(b, n, k))
+        Hd = Hd[bi[:, :, None], order[:, :, None], order[:, None, :]]
+    HW = torch.bmm(W, Hd)  # rows of w H (H symmetric)
+    const = (W.double() * HW.double()).sum(-1)  # w^T H w per row
+    Hg = Hd.reshape(b, k, g, gs).permute(0, 2, 1, 3).reshape(b * g, k, gs)  # [(B, group h), K, columns of h]
     old = qw.scales.float()
     new = old.clone()
+    before = torch.empty(b, n, dtype=torch.float64, device=w.device)
+    after = torch.empty_like(before)
     rows = max(1, _SLAB_ELEMENTS // max(1, b * k * g))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        Cs = C[:, r0:r1]  # [B, R, K]
-        # Z[b, r, k, h] = sum_j H[k, j] C[r, j] M[j, h]: H applied to each group's part of the row
-        Z = torch.einsum("bkj,brj,bjh->brkh", Hd, Cs, M)
-        A = torch.einsum("brk,bkg,brkh->brgh", Cs, M, Z)
-        rhs = torch.einsum("brk,bkg->brg", Cs * HW[:, r0:r1], M)
+        Cg = C[:, r0:r1].reshape(b, r1 - r0, g, gs)
+        Ct = Cg.permute(0, 2, 3, 1)  # [B, group, column, row]
+        # Z[b, h, k, r] = sum over the columns j of group h of H[k, j] C[r, j]: one matmul per group
+        Z = torch.bmm(Hg, Ct.reshape(b * g, gs, r1 - r0)).reshape(b, g, g, gs, r1 - r0)
+        A = (Z * Ct.unsqueeze(1)).sum(3).permute(0, 3, 2, 1).double()  # A[r, g, h] = c_g^T H c_h
+        rhs = (Cg * HW[:, r0:r1].reshape(b, r1 - r0, g, gs)).sum(-1).double()  # c_g^T H w
+
+        def loss(s):  # (w - C s)^T H (w - C s), per row
+            return const[:, r0:r1] - 2 * (s * rhs).sum(-1) + (s.unsqueeze(-2) @ A @ s.unsqueeze(-1))[..., 0, 0]
+
         # a group whose codes all sit at the zero point has no say: pin its scale with an identity row
         empty = A.diagonal(dim1=-2, dim2=-1) <= 1e-12
-        A = A + torch.diag_embed(empty.float())
-        rhs = torch.where(empty, old[:, r0:r1], rhs)
-        sol, info = torch.linalg.solve_ex(A.double(), rhs.double().unsqueeze(-1))
-        sol = sol.squeeze(-1).float()
+        sol, info = torch.linalg.solve_ex(A + torch.diag_embed(empty.double()),
+                                          torch.where(empty, old[:, r0:r1].double(), rhs).unsqueeze(-1))
+        sol = sol.squeeze(-1)
         good = (info == 0)[..., None] & torch.isfinite(sol).all(-1, keepdim=True) & (sol > 0).all(-1, keepdim=True)
-        new[:, r0:r1] = torch.where(good, sol, old[:, r0:r1])
-    cand = QuantizedWeight(qw.qweight, new, qw.zeros, qw.spec, qw.g_idx)
-    before = _row_loss(w, qw.dequantize(torch.float32), Hd)  # [B, N]
-    after = _row_loss(w, cand.dequantize(torch.float32), Hd)
-    keep_new = after <= before
-    scales = torch.where(keep_new[..., None], new, old)
-    out = QuantizedWeight(qw.qweight, scales, qw.zeros, qw.spec, qw.g_idx)
-    return out, {"loss_before": before.sum(-1).tolist(), "loss_after": torch.minimum(before, after).sum(-1).tolist()}
+        sol = torch.where(good, sol, old[:, r0:r1].double())
+        lo, ln = loss(old[:, r0:r1].double()), loss(sol)
+        keep = (ln <= lo)[..., None]
+        new[:, r0:r1] = torch.where(keep, sol.float(), old[:, r0:r1])
+        before[:, r0:r1], after[:, r0:r1] = lo, torch.minimum(lo, ln)
+    return QuantizedWeight(qw.qweight, new, qw.zeros, qw.spec, qw.g_idx), before, after
 
 
 @torch.no_grad()
@@ -96,22 +127,23 @@ def refine(w: torch.Tensor, H: torch.Tensor, qw: QuantizedWeight, *, rounds: int
     from .gptq import gptq_quantize  # gptq imports rtn, which this module must not import at load time
 
     b, n, k = w.shape
-    Hd = H.float().clone()
-    Hd.diagonal(dim1=-2, dim2=-1).add_(damp * Hd.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(1e-12))
-    best = qw
-    best_loss = _row_loss(w, qw.dequantize(torch.float32), Hd)
-    start = best_loss.sum(-1)
+    Hd = _damped(H, damp)
+    best, best_loss, start = qw, None, None
     for _ in range(rounds):
-        cands = [refit_scales(w, best, H, damp=damp)[0]]
+        fitted, before, after = _refit_rows(w, best, H, damp)
+        if start is None:
+            start, best_loss = before.sum(-1), before
+        cands = [(fitted, after)]
         if qw.spec.act_order != "group":
             swept, _ = gptq_quantize(w, H, qw.spec, damp=damp, block_size=block_size,
-                                     qparams=(cands[0].scales, cands[0].zeros))
-            cands.append(swept)
-        for c in cands:
-            loss = _row_loss(w, c.dequantize(torch.float32), Hd)
+                                     qparams=(fitted.scales, fitted.zeros))
+            cands.append((swept, _row_loss(w, swept.dequantize(torch.float32), Hd)))
+        for c, loss in cands:
             better = loss < best_loss
             pick = better[..., None]
             best = QuantizedWeight(torch.where(pick, c.qweight, best.qweight), torch.where(pick, c.scales, best.scales),
                                    torch.where(pick, c.zeros, best.zeros), qw.spec, qw.g_idx)
             best_loss = torch.where(better, loss, best_loss)
+    if start is None:
+        return qw, {}
     return best, {"loss_before": start.tolist(), "loss_after": best_loss.sum(-1).tolist()}

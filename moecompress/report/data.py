@@ -1,0 +1,221 @@
+"""The numbers of a report: one row per variant from a run folder's evaluations, the Pareto fronts,
+the best variant of each size, and the RTN-versus-GPTQ verdicts. Pure functions, no plotting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UserError
+
+REFERENCE = "reference"
+SIZE_CLASS_TOLERANCE = 0.02  # sizes within 2% of each other are "the same size"
+
+
+def pareto_front(points: Sequence[tuple[float | None, float | None]],
+                 maximize: tuple[bool, bool] = (False, False)) -> list[int]:
+    """Indices of the points no other point dominates (at least as good on both axes, better on one).
+
+    ``maximize[k]`` says whether larger is better on axis k (default: smaller is better on both).
+    Points with a missing coordinate are never on the front; equal points are all kept.
+    """
+    sign = [-1.0 if m else 1.0 for m in maximize]
+    pts = [(i, (sign[0] * p[0], sign[1] * p[1])) for i, p in enumerate(points) if p[0] is not None and p[1] is not None]
+    front = []
+    for i, (x, y) in pts:
+        dominated = any(ox <= x and oy <= y and (ox < x or oy < y) for j, (ox, oy) in pts if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def size_classes(sizes: Sequence[float], tolerance: float = SIZE_CLASS_TOLERANCE) -> list[int]:
+    """A class id per size: sizes within ``tolerance`` (relative) of their class's smallest share it."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    cls, out, start = -1, [0] * len(sizes), None
+    for i in order:
+        if start is None or sizes[i] > start * (1 + tolerance):
+            cls, start = cls + 1, sizes[i]
+        out[i] = cls
+    return out
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """``(run_info, evals, benches)`` of a run folder, in report order (reference first, then the
+    recipe's order). Without ``run.json`` (evaluations copied by hand) every ``eval/*.json`` is used."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    info = _read(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    if info.get("variants") is not None:
+        names = [REFERENCE] + [v["name"] for v in info["variants"]]
+    else:
+        names = sorted((p.stem for p in (run_dir / "eval").glob("*.json")), key=lambda n: (n != REFERENCE, n))
+    evals = {n: _read(run_dir / "eval" / f"{n}.json") for n in names if (run_dir / "eval" / f"{n}.json").is_file()}
+    if not evals:
+        raise UserError(f"{run_dir} has no evaluations (eval/*.json): run `moecompress run` first")
+    benches = {n: _read(run_dir / "bench" / f"{n}.json") for n in names if (run_dir / "bench" / f"{n}.json").is_file()}
+    return info, evals, benches
+
+
+def _config(name: str, info: dict, ev: dict) -> dict:
+    for v in info.get("variants") or []:
+        if v["name"] == name:
+            return v.get("config") or {}
+    q = ev.get("quantization") or {}
+    return q.get("recipe") if isinstance(q.get("recipe"), dict) else q
+
+
+def _pct(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else 100.0 * (a / b - 1.0)
+
+
+def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> tuple[list[dict], list[str]]:
+    """One row of key numbers per variant, and the dataset names (in evaluation order)."""
+    datasets: list[str] = []
+    for ev in evals.values():
+        for d in list((ev.get("data") or {}).keys()) + list((ev.get("ppl") or {}).keys()):
+            if d not in datasets:
+                datasets.append(d)
+    ref_ppl = (evals.get(REFERENCE) or {}).get("ppl") or {}
+    rows = []
+    for name, ev in evals.items():
+        is_ref = name == REFERENCE
+        cfg = {} if is_ref else _config(name, info, ev)
+        base = {**ref_ppl, **(ev.get("ppl_reference") or {})}
+        ppl = ev.get("ppl") or {}
+        routing = ev.get("routing") or {}
+        bench = benches.get(name) or {}
+        size = ev.get("size_bytes")
+        rows.append({
+            "name": name, "is_reference": is_ref,
+            "method": "source" if is_ref else cfg.get("method"),
+            "bits": None if is_ref else cfg.get("bits"),
+            "group_size": None if is_ref else cfg.get("group_size"),
+            "act_order": None if is_ref else cfg.get("act_order"),
+            "calib_seed": None if is_ref or cfg.get("method") == "rtn" else cfg.get("seed"),
+            "bits_per_weight": ev.get("bits_per_weight"),
+            "size_bytes": size, "size_mb": None if size is None else size / 1e6,
+            "ppl": {d: ppl.get(d) for d in datasets},
+            "ppl_delta_pct": {d: 0.0 if is_ref and d in ppl else _pct(ppl.get(d), base.get(d)) for d in datasets},
+            "kl": ev.get("kl"), "top1": ev.get("top1_agreement"),
+            "topk_exact": routing.get("topk_exact"), "jaccard": routing.get("jaccard"),
+            "router_kl": routing.get("router_kl"),
+            "prefill_tokens_per_s": bench.get("prefill_tokens_per_s"),
+            "decode_tokens_per_s": bench.get("decode_tokens_per_s"),
+        })
+    _mark(rows)
+    return rows, datasets
+
+
+def _mark(rows: list[dict]) -> None:
+    """Pareto fronts (size vs KL; decode speed vs KL) and the best (lowest KL) of each shared size."""
+    front = set(pareto_front([(r["size_bytes"], r["kl"]) for r in rows]))
+    speed = set(pareto_front([(r["decode_tokens_per_s"], r["kl"]) for r in rows], maximize=(True, False)))
+    has_speed = any(r["decode_tokens_per_s"] is not None for r in rows)
+    known = [i for i, r in enumerate(rows) if r["size_bytes"] is not None]
+    classes = dict(zip(known, size_classes([rows[i]["size_bytes"] for i in known])))
+    for i, r in enumerate(rows):
+        r["pareto_size"] = i in front
+        r["pareto_speed"] = (i in speed) if has_speed else None
+        r["size_class"] = classes.get(i)
+        r["best_at_size"] = False
+    for c in set(classes.values()):
+        members = [i for i, k in classes.items() if k == c and rows[i]["kl"] is not None]
+        if len(members) >= 2:
+            best = min(members, key=lambda i: (rows[i]["kl"], _first_ppl(rows[i])))
+            rows[best]["best_at_size"] = True
+
+
+def _first_ppl(row: dict) -> float:
+    vals = [v for v in row["ppl"].values() if v is not None]
+    return vals[0] if vals else float("inf")
+
+
+def _fmt_list(vals, fmt) -> str:
+    return " / ".join(fmt.format(v) for v in vals)
+
+
+def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0) -> list[dict]:
+    """For each (bits, group size) quantized by both RTN and GPTQ, GPTQ at several calibration seeds:
+    does RTN visibly hurt (perplexity up by >= ``sensitivity_pct`` on every dataset: the model is
+    sensitive enough for the comparison to mean something), and does GPTQ beat RTN by more than the
+    spread between its seeds (``RTN - worst GPTQ > max GPTQ - min GPTQ`` on every dataset)?
+    With a single GPTQ run both are None and the line only says which method did better."""
+    ref = next((r for r in rows if r["is_reference"]), None)
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["is_reference"] or r["method"] not in ("rtn", "gptq"):
+            continue
+        groups.setdefault((r["bits"], r["group_size"]), {"rtn": [], "gptq": []})[r["method"]].append(r)
+    out = []
+    for (bits, gs), g in groups.items():
+        if not g["rtn"] or not g["gptq"]:
+            continue
+        ds = [d for d in datasets if all(r["ppl"].get(d) is not None for r in g["rtn"] + g["gptq"])
+              and ref is not None and ref["ppl"].get(d)]
+        if not ds:
+            continue
+        rtn = {d: max(r["ppl"][d] for r in g["rtn"]) for d in ds}
+        gptq = {d: [r["ppl"][d] for r in g["gptq"]] for d in ds}
+        rtn_pct = {d: 100.0 * (rtn[d] / ref["ppl"][d] - 1) for d in ds}
+        gptq_pct = {d: 100.0 * (sum(gptq[d]) / len(gptq[d]) / ref["ppl"][d] - 1) for d in ds}
+        spread = {d: max(gptq[d]) - min(gptq[d]) for d in ds}
+        margin = {d: rtn[d] - max(gptq[d]) for d in ds}
+        sensitive = all(rtn_pct[d] >= sensitivity_pct for d in ds)
+        beats = all(margin[d] > spread[d] for d in ds)
+        label = f"W{bits} g{gs if gs else 'channel'}"
+        seeds = [r["calib_seed"] for r in g["gptq"]]
+        n = len(g["gptq"])
+        names = ", ".join(d.removeprefix("builtin:") for d in ds)
+        if n >= 2:
+            line = (f"{label} ({names}): RTN perplexity {_fmt_list(rtn_pct.values(), '{:+.1f}%')} "
+                    f"(>= {sensitivity_pct:g}%: {'yes' if sensitive else 'NO'}); "
+                    f"GPTQ, calibration seeds {', '.join(map(str, seeds))}: {_fmt_list(gptq_pct.values(), '{:+.1f}%')}; "
+                    f"RTN - worst GPTQ {_fmt_list(margin.values(), '{:.2f}')} ppl vs seed spread "
+                    f"{_fmt_list(spread.values(), '{:.2f}')}: GPTQ beats RTN by more than the seed spread: "
+                    f"{'yes' if beats else 'NO'}")
+        else:  # one calibration seed: no spread to compare with, and no experiment to check sensitivity for
+            beats = sensitive = None
+            better = all(margin[d] > 0 for d in ds)
+            line = (f"{label} ({names}): RTN perplexity {_fmt_list(rtn_pct.values(), '{:+.1f}%')}, GPTQ "
+                    f"{_fmt_list(gptq_pct.values(), '{:+.1f}%')}: GPTQ better than RTN: {'yes' if better else 'NO'} "
+                    "(one calibration seed: no seed spread measured)")
+        out.append({"label": label, "bits": bits, "group_size": gs, "datasets": ds,
+                    "rtn_ppl": rtn, "gptq_ppl": gptq, "rtn_increase_pct": rtn_pct, "gptq_increase_pct": gptq_pct,
+                    "gptq_seed_spread": spread, "rtn_minus_worst_gptq": margin, "gptq_runs": n,
+                    "sensitive": sensitive, "gptq_beats_rtn_beyond_seed_spread": beats, "line": line})
+    return out
+
+
+def report_data(run_dir: str | Path) -> dict:
+    """Everything ``report.json`` holds."""
+    info, evals, benches = load_run(run_dir)
+    settings = (info.get("recipe") or {}).get("report") or {}
+    rows, datasets = build_rows(info, evals, benches)
+    ref = evals.get(REFERENCE) or next(iter(evals.values()))
+    return {
+        "title": settings.get("title") or f"moecompress report: {Path(run_dir).resolve().name}",
+        "run_dir": str(Path(run_dir).resolve()),
+        "model": info.get("model_path") or ref.get("reference"),
+        "family": ref.get("family"),
+        "datasets": datasets,
+        "data": ref.get("data") or {},
+        "eval_settings": ref.get("settings") or {},
+        "calibration": (info.get("recipe") or {}).get("calibration"),
+        "variants": rows,
+        "verdicts": verdicts(rows, datasets, settings.get("sensitivity_pct", 3.0)),
+        "has_speed": any(r["decode_tokens_per_s"] is not None for r in rows),
+        "bench": next(({k: b.get(k) for k in ("device", "dtype", "batch")} for b in benches.values()), None),
+        "decisions": info.get("decisions") or [],
+        "run_seconds": info.get("seconds"),
+    }

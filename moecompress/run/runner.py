@@ -1,0 +1,281 @@
+"""`moecompress run RECIPE.yaml`: build every variant, evaluate it against the source, benchmark it, report.
+
+Layout of a run folder::
+
+    RUN_DIR/run.json               the validated recipe, resolved model path, variant settings
+    RUN_DIR/variants/<name>/       each quantized checkpoint (moecompress.json records its settings)
+    RUN_DIR/eval/<name>.json       evaluation vs the source model (``reference`` = the source itself)
+    RUN_DIR/bench/<name>.json      speed, when the recipe has a ``bench`` section and the runtime exists
+    RUN_DIR/report.{json,md,html}, RUN_DIR/plots/*.png
+
+Work already done is skipped, and each decision is logged: a variant is rebuilt only when its saved
+settings (``moecompress.json`` ``recipe`` and ``source``) differ from the recipe's; an evaluation or
+benchmark is redone only when its settings differ or the checkpoint it measured changed (a stamp of
+the folder's file names, sizes and modification times). ``force`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from ..recipe import QuantizeConfig
+from .recipe import REFERENCE, Recipe, Variant, eval_settings_dict, load_recipe
+
+log = logging.getLogger("moecompress.run")
+BUILTIN_MODELS = {"builtin:demo": False, "builtin:demo-quick": True}
+
+
+def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """A recipe's ``model``: a checkpoint folder, or a built-in demo model (built once, cached)."""
+    if spec.startswith("builtin:"):
+        if spec not in BUILTIN_MODELS:
+            raise UserError(f"unknown built-in model '{spec}'; choose one of {', '.join(BUILTIN_MODELS)}")
+        from ..demo_model import demo_model_path
+
+        return demo_model_path(cache_dir, quick=BUILTIN_MODELS[spec])
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model {spec} is not a folder" if path.exists() else f"model {spec} does not exist")
+    return path.resolve()
+
+
+def folder_stamp(path: Path) -> str:
+    """Changes whenever a file of the folder is added, removed, resized or rewritten."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def settings_diff(saved: dict, wanted: dict, defaults: dict | None = None) -> list[str]:
+    """``key: old -> new`` for each setting that differs. A key the saved settings lack (a field
+    added since) counts as unchanged when the wanted value is its default."""
+    defaults = defaults or {}
+    out = []
+    for k, v in wanted.items():
+        if k not in saved:
+            if k in defaults and _plain(defaults[k]) == v:
+                continue
+            out.append(f"{k}: (unset) -> {v}")
+        elif saved[k] != v:
+            out.append(f"{k}: {saved[k]} -> {v}")
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically (a finished file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, run_dir: Path, model_dir: Path, force: bool = False,
+                 recipe_file: str | None = None):
+        self.recipe, self.run_dir, self.model_dir, self.force = recipe, run_dir, model_dir, force
+        self.recipe_file = recipe_file
+        self.variants = recipe.built_variants()
+        self.decisions: list[dict] = []
+
+    # ------------------------------------------------------------------------------------ build
+    def variant_dir(self, name: str) -> Path:
+        return self.model_dir if name == REFERENCE else self.run_dir / "variants" / name
+
+    def build(self, v: Variant, i: int, n: int) -> None:
+        from ..pipeline import quantize
+
+        out = self.variant_dir(v.name)
+        wanted = _plain(v.config.model_dump())
+        tag = f"[{i}/{n}] {v.name}"
+        saved = _read_json(out / "moecompress.json")
+        if saved is None:
+            reason = "not built yet" if not out.exists() else "incomplete or unreadable moecompress.json"
+        elif self.force:
+            reason = "--force"
+        else:
+            changes = settings_diff(saved.get("recipe") or {}, wanted, QuantizeConfig().model_dump())
+            if saved.get("source") != str(self.model_dir):
+                changes.insert(0, f"source: {saved.get('source')} -> {self.model_dir}")
+            if not changes:
+                log.info("%s: build skipped (up to date: same settings and source)", tag)
+                self._decide(v.name, "build", "skipped", "up to date")
+                return
+            reason = "settings changed: " + "; ".join(changes)
+        log.info("%s: building (%s)", tag, reason)
+        t0 = time.perf_counter()
+        command = ["moecompress", "run", self.recipe_file or "<recipe>", "#", v.name]
+        summary = quantize(self.model_dir, out, v.config, overwrite=out.exists(), command=command)
+        dt = time.perf_counter() - t0
+        log.info("%s: built in %.1fs (%.2f MB)", tag, dt, summary["size_bytes"] / 1e6)
+        self._decide(v.name, "build", "built", reason, dt)
+
+    # --------------------------------------------------------------------------------- evaluate
+    def evaluate(self, name: str, i: int, n: int) -> None:
+        model = self.variant_dir(name)
+        path = self.run_dir / "eval" / f"{name}.json"
+        stamp = {"settings": eval_settings_dict(self.recipe), "model": str(model), "model_stamp": folder_stamp(model),
+                 "reference": str(self.model_dir), "reference_stamp": folder_stamp(self.model_dir)}
+        tag = f"[{i}/{n}] {name}"
+        reason = self._stale(path, stamp)
+        if reason is None:
+            log.info("%s: evaluation skipped (up to date)", tag)
+            self._decide(name, "eval", "skipped", "up to date")
+            return
+        evaluate = _evaluator()
+        ev = self.recipe.eval
+        log.info("%s: evaluating (%s)", tag, reason)
+        t0 = time.perf_counter()
+        result = evaluate(str(model), str(self.model_dir), data=list(ev.data), samples=ev.samples, seq_len=ev.seq_len,
+                          batch_size=ev.batch_size, seed=ev.seed, low_memory=ev.low_memory, device=ev.device,
+                          tasks=ev.tasks)
+        result = dict(result, run_stamp=stamp)
+        write_json(path, result)
+        dt = time.perf_counter() - t0
+        ppl = ", ".join(f"{k} {v:.3f}" for k, v in (result.get("ppl") or {}).items())
+        log.info("%s: evaluated in %.1fs (ppl %s; KL %.4f)", tag, dt, ppl, result.get("kl") or 0.0)
+        self._decide(name, "eval", "evaluated", reason, dt)
+
+    # ------------------------------------------------------------------------------------ bench
+    def bench(self, name: str, benchmark: Callable, i: int, n: int) -> None:
+        model = self.variant_dir(name)
+        b = self.recipe.bench
+        path = self.run_dir / "bench" / f"{name}.json"
+        stamp = {"settings": b.model_dump(), "model": str(model), "model_stamp": folder_stamp(model)}
+        tag = f"[{i}/{n}] {name}"
+        reason = self._stale(path, stamp)
+        if reason is None:
+            log.info("%s: benchmark skipped (up to date)", tag)
+            self._decide(name, "bench", "skipped", "up to date")
+            return
+        log.info("%s: benchmarking on %s (%s)", tag, b.device, reason)
+        t0 = time.perf_counter()
+        result = benchmark(str(model), device=b.device, prompt_len=b.prompt_len, new_tokens=b.new_tokens,
+                           batch=b.batch, dtype=b.dtype, repeats=b.repeats)
+        write_json(path, dict(result, run_stamp=stamp))
+        log.info("%s: %.0f prefill / %.1f decode tokens/s", tag, result.get("prefill_tokens_per_s") or 0,
+                 result.get("decode_tokens_per_s") or 0)
+        self._decide(name, "bench", "measured", reason, time.perf_counter() - t0)
+
+    def _stale(self, path: Path, stamp: dict) -> str | None:
+        """Why ``path`` must be (re)computed, or None when it is up to date."""
+        if self.force:
+            return "--force"
+        saved = _read_json(path)
+        if saved is None:
+            return "no result yet" if not path.exists() else "unreadable result"
+        old = saved.get("run_stamp") or {}
+        if old.get("settings") != _plain(stamp["settings"]):
+            return "settings changed: " + "; ".join(settings_diff(old.get("settings") or {}, _plain(stamp["settings"])))
+        changed = [k.removesuffix("_stamp") for k in stamp if k.endswith("_stamp") and old.get(k) != stamp[k]]
+        if changed or old.get("model") != stamp["model"]:
+            return " and ".join(changed or ["model"]) + " checkpoint changed"
+        return None
+
+    def _decide(self, name, step, action, reason, seconds=None):
+        self.decisions.append({"variant": name, "step": step, "action": action, "reason": reason,
+                               "seconds": None if seconds is None else round(seconds, 2)})
+
+    # -------------------------------------------------------------------------------------- all
+    def run(self) -> dict:
+        t_start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._note_strays()
+        names = [REFERENCE] + [v.name for v in self.variants]
+        n = len(self.variants)
+        log.info("run %s: %d variants of %s", self.run_dir, n, self.model_dir)
+        write_json(self.run_dir / "run.json", self._run_info(0.0))  # a partial run can be reported too
+        for i, v in enumerate(self.variants, 1):
+            self.build(v, i, n)
+        for i, name in enumerate(names, 1):
+            self.evaluate(name, i, len(names))
+        if self.recipe.bench is not None:
+            benchmark = find_benchmark()
+            if benchmark is None:
+                log.warning("bench: skipped (this install has no runtime benchmark: moecompress.runtime)")
+            else:
+                for i, name in enumerate(names, 1):
+                    self.bench(name, benchmark, i, len(names))
+        info = self._run_info(time.perf_counter() - t_start)
+        write_json(self.run_dir / "run.json", info)
+        return info
+
+    def _run_info(self, seconds: float) -> dict:
+        return {"recipe_file": self.recipe_file, "recipe": self.recipe.model_dump(), "model": self.recipe.model,
+                "model_path": str(self.model_dir), "reference": REFERENCE,
+                "variants": [{"name": v.name, "config": v.config.model_dump()} for v in self.variants],
+                "decisions": self.decisions, "seconds": round(seconds, 1)}
+
+    def _note_strays(self) -> None:
+        known = {v.name for v in self.variants}
+        for d in ("variants", "eval", "bench"):
+            for p in sorted((self.run_dir / d).glob("*")) if (self.run_dir / d).is_dir() else []:
+                if p.name.startswith("."):
+                    continue
+                stem = p.name if d == "variants" else p.stem
+                if stem not in known and stem != REFERENCE:
+                    log.info("note: %s is not in the recipe: left alone, not reported", p.relative_to(self.run_dir))
+
+
+def _evaluator():
+    try:
+        from ..evals.evaluate import evaluate
+    except ImportError as e:
+        raise UserError(f"the evaluator (moecompress.evals.evaluate) cannot be imported: {e}") from None
+    return evaluate
+
+
+def find_benchmark() -> Callable | None:
+    """The runtime's ``benchmark(model_dir, device, prompt_len, new_tokens, batch)``, if installed."""
+    for mod in ("moecompress.runtime.bench", "moecompress.runtime.benchmark", "moecompress.runtime"):
+        try:
+            fn = getattr(importlib.import_module(mod), "benchmark", None)
+        except ImportError:
+            continue
+        if callable(fn):
+            return fn
+    return None
+
+
+def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, force: bool = False,
+               cache_dir: str | Path | None = None, report: bool = True) -> Path:
+    """Run a recipe (a :class:`Recipe` or a YAML file) and write its report; returns the run folder."""
+    recipe_file = None
+    if not isinstance(recipe, Recipe):
+        recipe_file = str(recipe)
+        recipe = load_recipe(recipe)
+    run_dir = Path(out if out is not None else recipe.output_dir).expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} exists and is not a folder")
+    model_dir = resolve_model(recipe.model, cache_dir)
+    if recipe.threads:
+        import torch
+
+        torch.set_num_threads(recipe.threads)
+    Runner(recipe, run_dir, model_dir, force=force, recipe_file=recipe_file).run()
+    if report:
+        from ..report import write_report
+
+        write_report(run_dir)
+    return run_dir

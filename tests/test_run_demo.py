@@ -1,0 +1,45 @@
+"""`moecompress demo --quick` end to end: builds the quick demo model, quantizes, evaluates, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moecompress.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    run, cache = tmp_path / "demo", tmp_path / "cache"
+    assert main(["demo", "--quick", "--out", str(run), "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {run / 'report.html'}" in out and "demo took" in out
+    assert "verdict W3 g64" in out and "GPTQ beats RTN by more than the seed spread: " in out
+    assert [p.name for p in cache.iterdir() if p.name.startswith("demo-")]  # the model was built in --cache
+
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    assert list(rows) == ["reference", "rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1"]
+    assert rows["reference"]["kl"] < 1e-6 and rows["reference"]["top1"] == pytest.approx(1.0)
+    for name in ("rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1"):
+        r = rows[name]
+        assert r["bits"] == 3 and r["group_size"] == 64
+        assert 0 < r["kl"] < 1 and 0.3 < r["top1"] < 1 and 0 < r["topk_exact"] <= 1
+        assert r["size_bytes"] < 0.6 * rows["reference"]["size_bytes"]
+    # the model is trained: quantization costs measurable perplexity, and GPTQ's KL is below RTN's
+    assert rows["rtn-w3g64"]["ppl_delta_pct"]["heldout-code"] > 0.5
+    assert max(rows[n]["kl"] for n in ("gptq-w3g64-seed0", "gptq-w3g64-seed1")) < rows["rtn-w3g64"]["kl"]
+    (verdict,) = report["verdicts"]
+    assert isinstance(verdict["sensitive"], bool) and isinstance(verdict["gptq_beats_rtn_beyond_seed_spread"], bool)
+    assert verdict["gptq_runs"] == 2
+
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert {p.name for p in (run / "plots").glob("*.png")} == {"accuracy_vs_size.png", "routing_per_layer.png",
+                                                               "expert_load.png"}
+
+    # a second demo reuses the model and every variant
+    assert main(["demo", "--quick", "--out", str(run), "--cache", str(cache)]) == 0
+    decisions = json.loads((run / "run.json").read_text())["decisions"]
+    assert decisions and {d["action"] for d in decisions} == {"skipped"}

@@ -1,0 +1,126 @@
+"""`moecompress run`: builds and evaluates every variant, skips what is up to date, redoes what changed."""
+
+from __future__ import annotations
+
+import json
+
+from moecompress.cli import main
+from moecompress.run.runner import run_recipe, settings_diff
+
+RECIPE = """
+model: {model}
+output_dir: {out}
+calibration: {{samples: 4, seq_len: 32, batch_size: 4}}
+eval: {{data: [builtin:heldout-code], samples: 2, seq_len: 32}}
+variants:
+  - {{name: rtn, method: rtn, bits: {rtn_bits}, group_size: 32}}
+  - {{name: gptq, method: gptq, bits: 4, group_size: 32, min_expert_tokens: 0}}
+report: {{title: Tiny run}}
+"""
+
+
+def _decisions(run):
+    info = json.loads((run / "run.json").read_text())
+    return {(d["variant"], d["step"]): d for d in info["decisions"]}
+
+
+def _write(tmp_path, model, out, rtn_bits=4):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(RECIPE.format(model=model, out=out, rtn_bits=rtn_bits))
+    return p
+
+
+def test_settings_diff():
+    assert settings_diff({"bits": 4, "seed": 0}, {"bits": 3, "seed": 0}) == ["bits: 4 -> 3"]
+    # a field added since the build counts as unchanged when it has its default value
+    assert settings_diff({"bits": 4}, {"bits": 4, "new": False}, {"new": False}) == []
+    assert settings_diff({"bits": 4}, {"bits": 4, "new": True}, {"new": False}) == ["new: (unset) -> True"]
+
+
+def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
+    model = tiny_ckpt("qwen3_moe")
+    run = tmp_path / "run"
+    recipe = _write(tmp_path, model, run)
+
+    # 1. everything is new (through the CLI: the summary is printed)
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "Tiny run" in out and "report.html" in out and "gptq" in out
+    d = _decisions(run)
+    assert {k: v["action"] for k, v in d.items()} == {
+        ("rtn", "build"): "built", ("gptq", "build"): "built", ("reference", "eval"): "evaluated",
+        ("rtn", "eval"): "evaluated", ("gptq", "eval"): "evaluated"}
+    for name in ("rtn", "gptq"):
+        saved = json.loads((run / "variants" / name / "moecompress.json").read_text())
+        assert saved["recipe"]["method"] == name and saved["recipe"]["calib_samples"] == 4
+        ev = json.loads((run / "eval" / f"{name}.json").read_text())
+        assert ev["run_stamp"]["settings"]["samples"] == 2 and ev["kl"] > 0
+    assert json.loads((run / "eval" / "reference.json").read_text())["kl"] < 1e-6
+    for f in ("report.json", "report.md", "report.html", "plots/accuracy_vs_size.png"):
+        assert (run / f).is_file(), f
+    mtimes = {n: (run / "variants" / n / "model.safetensors").stat().st_mtime_ns for n in ("rtn", "gptq")}
+
+    # 2. nothing changed: nothing is redone
+    run_recipe(recipe)
+    d = _decisions(run)
+    assert {v["action"] for v in d.values()} == {"skipped"}
+    assert all(v["reason"] == "up to date" for v in d.values())
+    assert mtimes == {n: (run / "variants" / n / "model.safetensors").stat().st_mtime_ns for n in ("rtn", "gptq")}
+
+    # 3. one variant's settings changed: only it is rebuilt, and re-evaluated because its checkpoint changed
+    recipe = _write(tmp_path, model, run, rtn_bits=8)
+    run_recipe(recipe, report=False)
+    d = _decisions(run)
+    assert d[("rtn", "build")]["action"] == "built" and "bits: 4 -> 8" in d[("rtn", "build")]["reason"]
+    assert d[("rtn", "eval")]["action"] == "evaluated" and "checkpoint changed" in d[("rtn", "eval")]["reason"]
+    assert d[("gptq", "build")]["action"] == "skipped" and d[("gptq", "eval")]["action"] == "skipped"
+    assert d[("reference", "eval")]["action"] == "skipped"
+    assert json.loads((run / "variants" / "rtn" / "moecompress.json").read_text())["recipe"]["bits"] == 8
+    assert mtimes["gptq"] == (run / "variants" / "gptq" / "model.safetensors").stat().st_mtime_ns
+
+    # 4. evaluation settings changed: every evaluation is redone, no build is
+    text = recipe.read_text().replace("samples: 2, seq_len: 32", "samples: 3, seq_len: 32")
+    recipe.write_text(text)
+    run_recipe(recipe, report=False)
+    d = _decisions(run)
+    assert all(d[(n, "build")]["action"] == "skipped" for n in ("rtn", "gptq"))
+    assert all(d[(n, "eval")]["action"] == "evaluated" and "samples: 2 -> 3" in d[(n, "eval")]["reason"]
+               for n in ("reference", "rtn", "gptq"))
+
+
+def test_force_out_and_bench(tmp_path, tiny_ckpt, monkeypatch, caplog):
+    import moecompress.run.runner as runner
+
+    model = tiny_ckpt("qwen3_moe")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {model}\noutput_dir: {tmp_path / 'unused'}\n"
+                      "eval: {data: [builtin:heldout-code], samples: 2, seq_len: 32}\n"
+                      "variants: [{name: rtn, method: rtn, bits: 4, group_size: 32}]\n"
+                      "bench: {device: cpu, prompt_len: 8, new_tokens: 4}\n")
+    # no runtime benchmark installed: the run goes on without speed numbers, and says so
+    monkeypatch.setattr(runner, "find_benchmark", lambda: None)
+    with caplog.at_level("INFO", logger="moecompress.run"):
+        run = run_recipe(recipe, out=tmp_path / "elsewhere", report=False)
+    assert run == tmp_path / "elsewhere" and not (tmp_path / "unused").exists()
+    assert "bench: skipped" in caplog.text and not (run / "bench").exists()
+
+    calls = []
+
+    def fake_benchmark(model_dir, device, prompt_len, new_tokens, batch, dtype, repeats):
+        calls.append((model_dir, device, prompt_len, new_tokens, batch, dtype, repeats))
+        fast = "variants" in model_dir
+        return {"prefill_tokens_per_s": 900.0 if fast else 500.0, "decode_tokens_per_s": 60.0 if fast else 40.0,
+                "device": device, "dtype": "float32", "batch": batch}
+
+    monkeypatch.setattr(runner, "find_benchmark", lambda: fake_benchmark)
+    (run / "variants" / "stray").mkdir()  # not in the recipe: noted, left alone
+    run_recipe(recipe, out=run, force=True)
+    d = _decisions(run)
+    assert d[("rtn", "build")]["reason"] == "--force" and d[("reference", "eval")]["reason"] == "--force"
+    assert d[("rtn", "bench")]["action"] == "measured" and len(calls) == 2
+    assert calls[0][1:] == ("cpu", 8, 4, 1, "auto", 3)
+    assert (run / "variants" / "stray").is_dir()
+    md = (run / "report.md").read_text()
+    assert "decode tok/s" in md and "| 60.0 |" in md and (run / "plots" / "accuracy_vs_speed.png").is_file()
+    run_recipe(recipe, out=run, report=False)  # up to date: not measured again
+    assert _decisions(run)[("rtn", "bench")]["action"] == "skipped" and len(calls) == 2

@@ -199,6 +199,27 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
     click.echo(f"wrote {json_out}")
 
 
+@cli.command()
+@click.argument("model_dir")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (ignores temperature/top-p).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: fp32 on CPU, the checkpoint's dtype on GPU.")
+def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype) -> None:
+    """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
+    from .runtime.cli import generate_text, speed_line
+
+    text, result = generate_text(model_dir, prompt, max_new_tokens, greedy=greedy, temperature=temperature,
+                                 top_p=top_p, seed=seed, device=device, dtype=dtype)
+    click.echo(text)
+    click.echo(speed_line(result), err=True)
+
+
 def main(argv=None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -1,0 +1,54 @@
+"""``moecompress generate``: tokenize a prompt, run the runtime, print the continuation and its speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .generate import GenerationResult, Runtime, resolve_device
+from .sampling import SamplingParams
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    # without its files transformers 5 builds an empty tokenizer of the model type instead of failing
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        raise UserError(f"{model_dir}: no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises many types for a missing or broken tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{model_dir}: no usable tokenizer ({first})") from None
+
+
+def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: bool, temperature: float,
+                  top_p: float, seed: int, device: str, dtype: str) -> tuple[str, GenerationResult]:
+    """(decoded continuation, result); every input problem is a UserError raised before any loading."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"{model_dir} is not a directory")
+    if not prompt:
+        raise UserError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    SamplingParams(greedy, temperature, top_p, seed)  # validates
+    resolve_device(device)
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UserError("the prompt encodes to no tokens")
+    rt = Runtime.load(path, device=device, dtype=dtype)
+    rt.warmup(ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens)
+    result = rt.generate(ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
+    return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result
+
+
+def speed_line(r: GenerationResult) -> str:
+    decode = (f"{r.decode_tokens_per_s:.1f} tokens/s ({r.decode_steps} tokens)" if r.decode_steps
+              else "n/a (one token)")
+    graph = ", CUDA graph" if r.cuda_graph else ""
+    return f"prefill {r.prefill_tokens_per_s:.1f} tokens/s ({r.prompt_len} tokens), decode {decode}{graph}"

@@ -1,0 +1,79 @@
+"""One forward of the runtime's model: embedding, rotary tables, decoder layers over our KV cache, head.
+
+We call transformers' decoder layers ourselves instead of the model's ``forward``: no mask
+factories, output dataclasses or cache bookkeeping per step, and the attention mask is ours to
+build -- ``None`` wherever sdpa's own causal handling is exact (a prefill from an empty cache, a
+single decode token over exactly the filled prefix), an explicit boolean mask otherwise (a
+sliding window, or the whole static buffer of a CUDA-graph step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+
+
+class RuntimeModel:
+    """The converted causal LM and the forward the generation loop drives."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        self.lm = lm
+        self.layers = list(lm.model.layers)
+        self.windows = [sliding_window(lm.config, i) for i in range(len(self.layers))]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.lm_head.weight.shape[0]
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, kv_len: int | None,
+                last_only: bool = True) -> torch.Tensor:
+        """fp32 logits ``[B, V]`` of the last position (``[B, q, V]`` without ``last_only``).
+
+        ``ids [B, q]`` sit at ``positions [q]`` (int64, on the device). With a cache, ``kv_len`` is the
+        filled length after this step (eager), or None to attend over the whole static buffer (graphs).
+        """
+        base = self.lm.model
+        hidden = base.embed_tokens(ids)
+        pos_ids = positions.unsqueeze(0).expand(ids.shape[0], -1)
+        rope = base.rotary_emb(hidden, pos_ids)
+        if cache is not None:
+            cache.prepare(positions, kv_len)
+            total = cache.max_len if kv_len is None else kv_len
+        else:
+            total = ids.shape[1]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for layer, window in zip(self.layers, self.windows):
+            if window not in masks:
+                masks[window] = attention_mask(positions, total, window, static=cache is not None and kv_len is None)
+            hidden = layer(hidden, attention_mask=masks[window], position_ids=pos_ids, past_key_values=cache,
+                           position_embeddings=rope)
+        if last_only:
+            hidden = hidden[:, -1]
+        return self.lm.lm_head(base.norm(hidden)).float()
+
+
+def sliding_window(config, layer: int) -> int | None:
+    """The attention window of a layer, as transformers decides it: ``config.sliding_window`` (0/None:
+    none) on the layers ``config.layer_types`` marks sliding, or on every layer without layer types."""
+    window = getattr(config, "sliding_window", None) or None
+    types = getattr(config, "layer_types", None)
+    if types is not None and types[layer] != "sliding_attention":
+        return None
+    return window
+
+
+def attention_mask(positions: torch.Tensor, kv_total: int, window: int | None, static: bool) -> torch.Tensor | None:
+    """Boolean ``[1, 1, q, kv_total]`` (True = attend) for queries at ``positions``, or None when sdpa's
+    default is exact: no window, the keys are exactly positions ``[0, kv_total)`` and the queries are
+    the last ``q`` of them (one decode token, or a prefill from position 0)."""
+    q = positions.shape[0]
+    if not static and window is None and (q == 1 or q == kv_total):
+        return None
+    kv = torch.arange(kv_total, device=positions.device)
+    keep = kv[None, :] <= positions[:, None]
+    if window is not None:
+        keep &= kv[None, :] > positions[:, None] - window
+    return keep[None, None]

@@ -1,0 +1,145 @@
+"""The runtime's MoE block: router logits in fp32 -> top-k routing -> expert MLPs (+ shared expert).
+
+One module serves every family; what differs is data (:class:`Routing`, read from the config, and
+whether a shared expert / shared-expert gate exists). Experts are ``w13 = gate_up [E, 2I, H]`` and
+``w2 = down [E, H, I]``, dense or packed (:class:`~moecompress.runtime.qlinear.PackedWeight`).
+
+Two execution paths, chosen once at load time:
+
+* kernels (CUDA, or the Triton interpreter): ``kernels.routing.route`` + ``kernels.fused_moe.fused_moe``,
+  free of host syncs so a decode step can be captured in a CUDA graph;
+* torch (CPU): ``route_torch`` + a loop over the experts that received tokens -- at decode only
+  the k chosen experts are touched, which is what makes it fast on a CPU.
+
+Router rows beyond the experts in the weights are zero experts (ZEDA): their slots are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.routing import route_torch
+from .qlinear import PackedWeight
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a family turns router logits into (weights, expert ids)."""
+
+    top_k: int
+    scoring: str  # "softmax" | "sigmoid"
+    renormalize: bool
+    n_group: int | None = None
+    topk_group: int | None = None
+    scaling: float = 1.0
+
+    @classmethod
+    def from_config(cls, text_config, top_k: int, scoring: str) -> "Routing":
+        # Mixtral has no norm_topk_prob and always renormalizes; every other family says so in its config.
+        return cls(
+            top_k=top_k,
+            scoring=scoring,
+            renormalize=bool(getattr(text_config, "norm_topk_prob", True)),
+            n_group=getattr(text_config, "n_group", None),
+            topk_group=getattr(text_config, "topk_group", None),
+            scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0),
+        )
+
+
+class Experts(nn.Module):
+    """Routed expert MLPs with SiLU gating; weights dense or packed."""
+
+    def __init__(self, w13: torch.Tensor | PackedWeight, w2: torch.Tensor | PackedWeight, use_kernels: bool) -> None:
+        super().__init__()
+        if isinstance(w13, PackedWeight) != isinstance(w2, PackedWeight):
+            raise ValueError("w13 and w2 must both be dense or both packed")
+        if isinstance(w13, PackedWeight):
+            if not use_kernels:
+                raise ValueError("packed experts run on the kernel path only")
+            self.w13, self.w2 = w13, w2
+        else:
+            self.register_buffer("w13", w13)
+            self.register_buffer("w2", w2)
+        self.num_experts = w13.shape[0]
+        self.use_kernels = use_kernels
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            from ..kernels.fused_moe import fused_moe
+
+            w13 = self.w13.get() if isinstance(self.w13, PackedWeight) else self.w13
+            w2 = self.w2.get() if isinstance(self.w2, PackedWeight) else self.w2
+            return fused_moe(x, w13, w2, weights, ids, num_experts=self.num_experts)
+        return _experts_torch(x, self.w13, self.w2, weights, ids)
+
+
+def _expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def _experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """Sum over each token's experts of ``weight * expert(x)``; ids >= E (zero experts) contribute nothing."""
+    t, k = ids.shape
+    e = w13.shape[0]
+    out = torch.zeros_like(x)
+    if t == 1:  # decode: the k chosen experts, no sorting
+        for j, ex in enumerate(ids[0].tolist()):
+            if ex < e:
+                out += (_expert(x, w13[ex], w2[ex]) * weights[:, j : j + 1]).to(x.dtype)
+        return out
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    flat_w = weights.reshape(-1)
+    start = 0
+    for ex, count in enumerate(torch.bincount(flat).tolist()):
+        if count and ex < e:
+            slots = order[start : start + count]
+            tok = slots // k
+            y = _expert(x[tok], w13[ex], w2[ex]) * flat_w[slots, None]
+            out.index_add_(0, tok, y.to(x.dtype))
+        start += count
+    return out
+
+
+class MoEBlock(nn.Module):
+    """Drop-in for a transformers sparse-MoE block: ``[B, S, H] -> [B, S, H]``."""
+
+    def __init__(self, router_weight: torch.Tensor, correction_bias: torch.Tensor | None, experts: Experts,
+                 routing: Routing, shared_expert: nn.Module | None = None,
+                 shared_expert_gate: nn.Module | None = None) -> None:
+        super().__init__()
+        self.register_buffer("router_weight", router_weight.float())
+        self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.float())
+        self.experts = experts
+        self.routing = routing
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32 [T, k], ids int32 [T, k]) for ``x [T, H]``; logits computed in fp32."""
+        r = self.routing
+        logits = F.linear(x.float(), self.router_weight)
+        if self.experts.use_kernels:
+            from ..kernels.routing import route as route_fn
+        else:
+            route_fn = route_torch
+        return route_fn(logits, r.top_k, renormalize=r.renormalize, scoring=r.scoring,
+                        correction_bias=self.correction_bias, n_group=r.n_group, topk_group=r.topk_group,
+                        routed_scaling_factor=r.scaling)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        weights, ids = self.route(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.view(hidden.shape)

@@ -1,0 +1,82 @@
+"""`moecompress generate` and the runtime benchmark: happy paths and bad input (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moecompress.cli import main
+from moecompress.runtime import Runtime, benchmark
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    err = [line for line in err.strip().splitlines() if "it/s]" not in line and not line.startswith("Writing")]
+    return rc, out, err
+
+
+def test_generate_prints_the_greedy_continuation_and_speeds(tiny_ckpt, capsys):
+    from transformers import AutoTokenizer
+
+    path = tiny_ckpt("qwen3_moe")
+    rc, out, err = _run(capsys, "generate", path, "--prompt", "Hello, world", "--max-new-tokens", "12", "--greedy")
+    assert rc == 0, err
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("Hello, world", return_tensors="pt").input_ids
+    expected = tok.decode(Runtime.load(path).generate(ids, 12).tokens[0], skip_special_tokens=True)
+    assert out == expected + "\n"
+    assert len(err) == 1 and "prefill" in err[0] and "decode" in err[0] and "tokens/s" in err[0], err
+
+
+def test_generate_samples_reproducibly(tiny_ckpt, capsys):
+    path = tiny_ckpt("mixtral")
+    args = ("generate", path, "--prompt", "abc", "--max-new-tokens", "16", "--temperature", "0.8", "--top-p", "0.9")
+    first = _run(capsys, *args, "--seed", "3")
+    assert first[0] == 0 and first[1].strip()
+    assert _run(capsys, *args, "--seed", "3")[1] == first[1]
+
+
+def _no_tokenizer(src, tmp_path):
+    d = shutil.copytree(src, tmp_path / "m")
+    for f in list(d.glob("tokenizer*")) + list(d.glob("special_tokens*")):
+        f.unlink()
+    return d
+
+
+CASES = {
+    "missing dir": (lambda p, t: t / "nope", ["--prompt", "x"], "not a directory"),
+    "no tokenizer": (_no_tokenizer, ["--prompt", "x"], "tokenizer"),
+    "empty prompt": (lambda p, t: p, ["--prompt", ""], "prompt is empty"),
+    "zero new tokens": (lambda p, t: p, ["--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+    "negative new tokens": (lambda p, t: p, ["--prompt", "x", "--max-new-tokens", "-4"], "max-new-tokens"),
+    "zero temperature": (lambda p, t: p, ["--prompt", "x", "--temperature", "0"], "temperature"),
+    "top-p above one": (lambda p, t: p, ["--prompt", "x", "--top-p", "1.5"], "top-p"),
+    "unknown device": (lambda p, t: p, ["--prompt", "x", "--device", "tpu"], "device"),
+    "missing prompt": (lambda p, t: p, [], "--prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_bad_input(tiny_ckpt, tmp_path, capsys, case):
+    make, args, needle = CASES[case]
+    rc, out, err = _run(capsys, "generate", make(tiny_ckpt("qwen3_moe"), tmp_path), *args)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error:") and needle in err[0], err
+    assert "Traceback" not in "".join(err) and out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_generate_cuda_without_cuda(tiny_ckpt, capsys):
+    rc, _, err = _run(capsys, "generate", tiny_ckpt("qwen3_moe"), "--prompt", "x", "--device", "cuda")
+    assert rc == 2 and len(err) == 1 and "CUDA is not available" in err[0], err
+
+
+def test_benchmark_reports_the_agreed_keys(tiny_ckpt):
+    res = benchmark(tiny_ckpt("olmoe"), device="cpu", prompt_len=8, new_tokens=4, batch=2, repeats=1)
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "device", "dtype", "batch", "prompt_len", "new_tokens"):
+        assert key in res, key
+    assert res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0
+    assert (res["device"], res["dtype"], res["batch"], res["prompt_len"], res["new_tokens"]) == ("cpu", "float32", 2, 8, 4)

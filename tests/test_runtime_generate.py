@@ -1,0 +1,204 @@
+"""The runtime against transformers on the same weights (fp32, CPU), and its generation loop's contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import quick_config
+from moecompress.checkpoint.dequant import write_dequantized
+from moecompress.errors import UserError
+from moecompress.pipeline import quantize
+from moecompress.runtime import Runtime
+
+RUNTIME_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe"]
+NEW_TOKENS = 40
+
+
+def _prompt(seed: int, length: int = 13, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf(path, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager",
+                                                 **overrides).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _check_against_transformers(rt: Runtime, hf, prompt: torch.Tensor, what: str) -> None:
+    """Same greedy tokens for NEW_TOKENS steps, and every step's logits within 1e-4 relative error."""
+    ours = rt.generate(prompt, NEW_TOKENS, stop_ids=[], keep_logits=True)
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+        last = hf(prompt).logits[:, -1]
+    assert _rel(ours.logits[0], last) < 1e-4, f"{what}: prefill logits differ, rel {_rel(ours.logits[0], last):.2e}"
+    ref_tokens = ref.sequences[:, prompt.shape[1]:].tolist()
+    for step, (a, b) in enumerate(zip(ours.logits, ref.logits)):
+        assert _rel(a, b) < 1e-4, f"{what}: logits of step {step} differ, rel {_rel(a, b):.2e}"
+    assert ours.tokens == ref_tokens, f"{what}: greedy tokens differ\n ours {ours.tokens}\n hf   {ref_tokens}"
+    assert len(ours.tokens[0]) == NEW_TOKENS
+
+
+@pytest.mark.parametrize("family", RUNTIME_FAMILIES)
+def test_greedy_matches_transformers(tiny_ckpt, family):
+    path = tiny_ckpt(family)
+    rt = Runtime.load(path)
+    assert rt.family == family and not rt.cuda_graph and not rt.use_kernels
+    assert sum(type(layer.mlp).__name__ == "MoEBlock" for layer in rt.model.layers) >= 1
+    _check_against_transformers(rt, _hf(path), _prompt(0), family)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_ckpt, tmp_path_factory):
+    """(quantized checkpoint, its dequantized float twin) per (family, format), cached for the module."""
+    cache: dict = {}
+
+    def make(family: str, fmt: str):
+        if (family, fmt) not in cache:
+            root = tmp_path_factory.mktemp(f"q-{family}-{fmt}")
+            q = root / "q"
+            quantize(tiny_ckpt(family), q, quick_config(bits=4, format=fmt, method="rtn"))
+            cache[family, fmt] = q, write_dequantized(q, root / "deq")
+        return cache[family, fmt]
+
+    return make
+
+
+@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("mixtral", "compressed-tensors"),
+                                        ("qwen3_moe", "gptq")])
+def test_quantized_checkpoint_matches_transformers_on_dequantized_twin(quantized, family, fmt):
+    q, twin = quantized(family, fmt)
+    rt = Runtime.load(q)
+    assert rt.report.quant_format == fmt
+    _check_against_transformers(rt, _hf(twin), _prompt(1), f"{family}/{fmt}")
+
+
+@pytest.mark.parametrize("family,overrides,windows", [
+    ("mixtral", dict(sliding_window=6), [6, 6]),
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), [6, None]),
+])
+def test_sliding_window_matches_transformers(tiny_ckpt, family, overrides, windows):
+    # windows shorter than the prompt: the runtime's explicit window masks against transformers' own
+    path = tiny_ckpt(family, **overrides)
+    rt = Runtime.load(path)
+    assert rt.model.windows == windows
+    _check_against_transformers(rt, _hf(path), _prompt(2), f"{family}, windows {windows}")
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_ckpt):
+    rt = Runtime.load(tiny_ckpt("deepseek_v3"))  # MLA: cached latents of two different widths
+    prompt = _prompt(3)
+    res = rt.generate(prompt, 24, stop_ids=[], keep_logits=True)
+    full_seq = torch.cat([prompt, torch.tensor([res.tokens[0][:-1]])], dim=1)
+    full = rt.logits(full_seq)
+    length = prompt.shape[1]
+    for step, step_logits in enumerate(res.logits):
+        rel = _rel(step_logits[0], full[0, length - 1 + step])
+        assert rel < 1e-5, f"decode step {step}: cached logits vs full re-forward, rel {rel:.2e}"
+
+
+def test_batch_rows_equal_single_runs(tiny_ckpt):
+    rt = Runtime.load(tiny_ckpt("qwen2_moe"))
+    prompts = _prompt(4, batch=3)
+    together = rt.generate(prompts, 16, stop_ids=[], keep_logits=True)
+    for b in range(3):
+        alone = rt.generate(prompts[b], 16, stop_ids=[], keep_logits=True)
+        assert together.tokens[b] == alone.tokens[0]
+        assert max(_rel(t[b], a[0]) for t, a in zip(together.logits, alone.logits)) < 1e-5
+
+
+def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(tiny_ckpt):
+    rt = Runtime.load(tiny_ckpt("olmoe"))
+    prompt = _prompt(5)
+
+    def sampled(seed, **kw):
+        return rt.generate(prompt, 32, greedy=False, temperature=1.0, seed=seed, stop_ids=[], **kw).tokens
+
+    assert sampled(7) == sampled(7)
+    assert sampled(7) != sampled(8)
+    greedy = rt.generate(prompt, 32, stop_ids=[]).tokens
+    assert sampled(7) != greedy
+    assert sampled(7, top_p=1e-6) == greedy
+    assert sampled(9, top_p=1e-6) == greedy
+
+
+def test_stop_tokens_end_each_sequence(tiny_ckpt):
+    rt = Runtime.load(tiny_ckpt("qwen3_moe"))
+    prompts = _prompt(6, batch=2)
+    free = rt.generate(prompts, 24, stop_ids=[]).tokens
+    stop = free[0][5]
+    cut = [row[: row.index(stop) + 1] if stop in row else row for row in free]
+    res = rt.generate(prompts, 24, stop_ids=[stop])
+    assert res.tokens == cut
+    if all(stop in row for row in free):  # every row stopped: the loop ended early
+        assert res.decode_steps == max(len(row) for row in cut) - 1
+
+
+def test_default_stop_ids_follow_the_checkpoint(tiny_ckpt, tmp_path):
+    import json
+    import shutil
+
+    path = shutil.copytree(tiny_ckpt("mixtral"), tmp_path / "m")
+    assert Runtime.load(path).stop_ids == []  # generation_config.json without eos: like transformers
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[3, 7])))
+    assert Runtime.load(path).stop_ids == [3, 7]
+    (path / "generation_config.json").unlink()
+    assert Runtime.load(path).stop_ids == [2]  # config.json's eos_token_id
+
+
+def test_generate_rejects_bad_arguments(tiny_ckpt):
+    rt = Runtime.load(tiny_ckpt("qwen3_moe"))
+    for kw in (dict(max_new_tokens=0), dict(greedy=False, temperature=0.0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(UserError):
+            rt.generate(_prompt(0), **{"max_new_tokens": 4, **kw})
+    with pytest.raises(UserError, match="token ids"):
+        rt.generate(torch.tensor([[1, 10_000]]), 4)
+
+
+def test_unsupported_family_is_a_user_error(tiny_ckpt):
+    with pytest.raises(UserError, match="does not support"):
+        Runtime.load(tiny_ckpt("qwen3_5_moe"))
+
+
+def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized):
+    """The CUDA code path (packed int4 linears and experts, Triton routing and fused MoE), run by Triton's
+    interpreter: same tokens and logits as the dequantized CPU path."""
+    from moecompress.kernels import _common
+
+    if not _common.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
+    q, _ = quantized("qwen3_moe", "compressed-tensors")
+    kern = Runtime.load(q, kernels=True)
+    assert kern.report.packed_linears > 0 and kern.report.packed_expert_layers == 2
+    cpu = Runtime.load(q)
+    prompt = _prompt(7, length=5)
+    a = kern.generate(prompt, 4, stop_ids=[], keep_logits=True)
+    b = cpu.generate(prompt, 4, stop_ids=[], keep_logits=True)
+    assert a.tokens == b.tokens
+    assert max(_rel(x, y) for x, y in zip(a.logits, b.logits)) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("deepseek_v3", None)])
+def test_cuda_graph_decode_matches_eager_and_cpu(quantized, tiny_ckpt, family, fmt):
+    path = quantized(family, fmt)[0] if fmt else tiny_ckpt(family)
+    graph = Runtime.load(path, device="cuda", dtype="float32")
+    eager = Runtime.load(path, device="cuda", dtype="float32", cuda_graph=False)
+    cpu = Runtime.load(path)
+    prompt = _prompt(8)
+    runs = [rt.generate(prompt, 24, stop_ids=[], keep_logits=True) for rt in (graph, eager, cpu)]
+    assert runs[0].cuda_graph and not runs[1].cuda_graph
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    for other in runs[1:]:
+        assert max(_rel(a.cpu(), b.cpu()) for a, b in zip(runs[0].logits, other.logits)) < 1e-4
+    again = graph.generate(_prompt(9, length=7), 24, stop_ids=[])  # the captured graph, reused at new positions
+    assert again.tokens == cpu.generate(_prompt(9, length=7), 24, stop_ids=[]).tokens

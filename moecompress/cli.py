@@ -84,7 +84,10 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--damp", type=float, default=0.01, show_default=True)
 @click.option("--no-clip-search", is_flag=True, help="Plain min/max scales instead of the clipping search.")
 @click.option("--no-true-sequential", is_flag=True, help="Calibrate a whole layer at once.")
-@click.option("--weight-by-routing", is_flag=True, help="Weight each token in an expert's Hessian by its routing weight.")
+@click.option("--weight-by-routing/--no-weight-by-routing", default=True, show_default=True,
+              help="Weight each token in an expert's Hessian by its squared routing weight.")
+@click.option("--refine-rounds", type=click.IntRange(0, 16), default=2, show_default=True,
+              help="GPTQ: rounds of least-squares scale refits alternated with GPTQ sweeps (0: plain GPTQ).")
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
@@ -93,7 +96,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--overwrite", is_flag=True)
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
-             weight_by_routing, starved_experts, min_expert_tokens, only_experts, threads, overwrite) -> None:
+             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, threads,
+             overwrite) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
@@ -108,7 +112,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         act_order=None if act_order == "none" else act_order, format=fmt, calib=calib, calib_samples=calib_samples,
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
-        weight_by_routing=weight_by_routing, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
+        weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
         only_experts=only_experts,
     )
     summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)

@@ -42,9 +42,9 @@ class QuantizeConfig(BaseModel):
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = True
-    refine_rounds: int = Field(0, ge=0, le=16)
+    refine_rounds: int = Field(2, ge=0, le=16)
     true_sequential: bool = True
-    weight_by_routing: bool = False
+    weight_by_routing: bool = True
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
     min_expert_tokens: int = 16
     only_experts: bool = False

@@ -7,7 +7,9 @@ of one decoder layer while the layer runs on calibration batches:
 * the fused experts module (transformers 5: called as ``experts(hidden, top_k_index, top_k_weights)``)
   accumulates, per expert, the Gram matrix of the tokens routed to it, for ``gate_up_proj`` (the
   token itself) or ``down_proj`` (the expert's intermediate activation, from its current weights),
-  counts the tokens each expert got, and optionally weights each token by its routing weight.
+  counts the tokens each expert got, and optionally weights each token by its squared routing weight
+  (an expert's output enters the layer output multiplied by that weight, so its squared error by the
+  square).
   Router indices ``>= num_experts`` (zero experts, a later extension) are skipped.
 
 For experts named in ``all_token_experts`` (starved ones under the all-tokens policy) the
@@ -132,7 +134,7 @@ class HessianCapture:
                     gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
                     x = experts.act_fn(gate) * up
                 x = x.to(self.dtype)
-                xw = x if w is None else x * w.sqrt().unsqueeze(-1)
+                xw = x if w is None else x * w.unsqueeze(-1)
                 st.sums[e].addmm_(xw.T, xw)
                 st.counts[e] += x.shape[0]
 

@@ -61,7 +61,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
 
     live = (ids >= 0) & (ids < e)
     key = torch.where(live, ids, e)  # dropped slots share key e and sort past every real expert
-    counts = torch.bincount(key, minlength=e + 1)[:e]
+    # not torch.bincount: on CUDA it reads min/max back to the host (a sync that breaks graph capture)
+    counts = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[:e]
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)
     pad_start = pad_end - padded

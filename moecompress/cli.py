@@ -66,8 +66,9 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Power of two; -1 for per-channel.")
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True)
-@click.option("--act-order", type=click.Choice(["none", "weight", "group"]), default="none", show_default=True,
-              help="GPTQ column order: 'weight' keeps groups contiguous; 'group' (GPTQ format only) permutes them.")
+@click.option("--act-order", type=click.Choice(["none", "weight", "group"]), default=None,
+              help="GPTQ column order (default 'weight': by decreasing Hessian diagonal, groups kept contiguous); "
+                   "'group' (GPTQ format only) permutes the groups too; 'none': natural order.")
 @click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), default="compressed-tensors",
               show_default=True)
 @click.option("--calib", default="builtin:stdlib", show_default=True,
@@ -86,7 +87,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--no-true-sequential", is_flag=True, help="Calibrate a whole layer at once.")
 @click.option("--weight-by-routing/--no-weight-by-routing", default=True, show_default=True,
               help="Weight each token in an expert's Hessian by its squared routing weight.")
-@click.option("--refine-rounds", type=click.IntRange(0, 16), default=2, show_default=True,
+@click.option("--refine-rounds", type=click.IntRange(0, 16), default=1, show_default=True,
               help="GPTQ: rounds of least-squares scale refits alternated with GPTQ sweeps (0: plain GPTQ).")
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
@@ -107,9 +108,9 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
 
         torch.set_num_threads(threads)
 
+    order = {} if act_order is None else {"act_order": None if act_order == "none" else act_order}
     cfg = build_config(
-        method=method, bits=bits, group_size=group_size, symmetric=symmetric,
-        act_order=None if act_order == "none" else act_order, format=fmt, calib=calib, calib_samples=calib_samples,
+        method=method, bits=bits, group_size=group_size, symmetric=symmetric, **order, format=fmt, calib=calib, calib_samples=calib_samples,
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,

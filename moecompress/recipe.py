@@ -26,7 +26,8 @@ class QuantizeConfig(BaseModel):
     bits: int = 4
     group_size: int | None = Field(128, description="power of two, or None / -1 for per-channel")
     symmetric: bool = True
-    act_order: Literal["weight", "group"] | None = None
+    # GPTQ column order; default "weight" for GPTQ (what llm-compressor calls "static"), null for RTN
+    act_order: Literal["weight", "group"] | None = "weight"
     format: Format = "compressed-tensors"
     # calibration
     calib: str = "builtin:stdlib"
@@ -42,7 +43,7 @@ class QuantizeConfig(BaseModel):
     damp: float = 0.01
     block_size: int = 128
     clip_search: bool = True
-    refine_rounds: int = Field(2, ge=0, le=16)
+    refine_rounds: int = Field(1, ge=0, le=16)
     true_sequential: bool = True
     weight_by_routing: bool = True
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
@@ -84,6 +85,13 @@ class QuantizeConfig(BaseModel):
         if not 0 < v < 1:
             raise ValueError(f"damp must lie in (0, 1), got {v}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rtn_has_no_order(cls, data):
+        if isinstance(data, dict) and data.get("method") == "rtn" and "act_order" not in data:
+            data = {**data, "act_order": None}  # the default order is GPTQ's; RTN has none
+        return data
 
     @model_validator(mode="after")
     def _cross(self):

@@ -68,7 +68,7 @@ def test_variants_round_trip(tiny_ckpt, tmp_path, kw):
         assert any(n.endswith("experts.0.down_proj.qweight") for n in reader.names())
     else:
         w = qc["config_groups"]["group_0"]["weights"]
-        assert w["symmetric"] == kw.get("symmetric", True) and w["actorder"] == kw.get("act_order")
+        assert w["symmetric"] == kw.get("symmetric", True) and w["actorder"] == kw.get("act_order", "weight")
     if kw.get("only_experts"):
         assert "model.layers.0.self_attn.q_proj.weight" in reader.names()
         assert "model.layers.0.self_attn.q_proj" in qc["ignore"]

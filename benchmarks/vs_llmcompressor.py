@@ -240,8 +240,9 @@ def quantize_with(launcher: Launcher, tool: str, bits: int, gs: int, out: Path, 
     name = setting_name(bits, gs)
     if tool == "ours":
         config = dict(method="gptq", bits=bits, group_size=gs, calib=args.calib, calib_samples=args.calib_samples,
-                      seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-                      act_order=None if args.ours_act_order == "none" else args.ours_act_order)
+                      seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size)
+        if args.ours_act_order != "default":
+            config["act_order"] = None if args.ours_act_order == "none" else args.ours_act_order
         payload = json.dumps({"model": str(model_dir), "out": str(out), "config": config})
         cmd = [args.ours_python, "-c", OURS_CHILD, payload]
         r = run_child(launcher, cmd, work / f"{name}-ours.log", "OURS_RESULT", env)
@@ -343,8 +344,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-seed", type=int, default=1234)
     ap.add_argument("--eval-batch-size", type=int, default=8)
-    ap.add_argument("--ours-act-order", choices=["none", "weight"], default="none",
-                    help="moecompress act_order (default none: our default)")
+    ap.add_argument("--ours-act-order", choices=["default", "none", "weight"], default="default",
+                    help="moecompress act_order (default: moecompress's default, weight)")
     ap.add_argument("--llmc-actorder", choices=["default", "static", "none"], default="default",
                     help="GPTQModifier actorder (default: llm-compressor's default, static)")
     ap.add_argument("--llmc-dtype", choices=["float32", "auto"], default="float32",

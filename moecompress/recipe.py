@@ -107,7 +107,8 @@ class QuantizeConfig(BaseModel):
 
     def spec(self) -> QuantSpec:
         ratios = QuantSpec.__dataclass_fields__["clip_ratios"].default if self.clip_search else (1.0,)
-        return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order, ratios)
+        zero_min = 1 if self.format == "gptq" and not self.symmetric else 0
+        return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order, ratios, zero_min)
 
     @property
     def needs_calibration(self) -> bool:

@@ -203,3 +203,22 @@ def test_quantize_config():
 
     hf = GPTQConfig.from_dict(dict(cfg))
     assert (hf.bits, hf.group_size, hf.desc_act, hf.format) == (4, 128, True, "gptq")
+
+
+def test_gptq_format_asym_quantization_never_needs_zero_point_zero():
+    """The config's spec keeps asymmetric zero points >= 1 for GPTQ v1, so all-positive groups export."""
+    from moecompress.quant.gptq import gptq_quantize
+    from moecompress.quant.rtn import rtn_quantize
+    from moecompress.recipe import build_config
+
+    spec = build_config(format="gptq", symmetric=False, bits=4, group_size=32).spec()
+    assert spec.zero_min == 1
+    assert build_config(symmetric=False).spec().zero_min == 0  # compressed-tensors stores zero points as is
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    w[:, :32] = w[:, :32].abs() + 0.1  # every row's first group is all positive: min/max gives zero point 0
+    x = torch.randn(256, 64, generator=g)
+    for qw in (rtn_quantize(w, spec), gptq_quantize(w, 2 * x.T @ x / 256, spec)[0]):
+        assert int(qw.zeros.min()) >= 1
+        back = gptq.decode_linear(gptq.encode_linear(qw), spec)  # would raise on a zero point 0 using code 15
+        assert torch.equal(back.qweight, qw.qweight) and torch.equal(back.zeros, qw.zeros)

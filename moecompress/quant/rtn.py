@@ -45,7 +45,7 @@ def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, ratio: float, spec: Quant
     # An empty range would make every code divide by zero; any positive scale quantizes it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min_(torch.finfo(torch.float32).tiny)
     if zero is None:
-        zero = _round(-lo * ratio / scale).clamp_(0, spec.qmax)
+        zero = _round(-lo * ratio / scale).clamp_(spec.zero_min, spec.qmax)
     return scale, zero
 
 

@@ -45,6 +45,9 @@ class QuantSpec:
     clip_ratios: tuple[float, ...] = field(
         default=(1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.7, 0.65, 0.6)
     )
+    # smallest asymmetric zero point: GPTQ v1 stores zero points minus one, so it needs 1 (a group of
+    # all-positive weights then loses its top code rather than failing at export)
+    zero_min: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -53,6 +56,8 @@ class QuantSpec:
             raise UserError(f"group size {self.group_size} must be a power of two (or per-channel)")
         if self.act_order not in (None, "weight", "group"):
             raise UserError(f"act_order must be null, 'weight' or 'group', not {self.act_order!r}")
+        if self.zero_min not in (0, 1):
+            raise UserError(f"zero_min must be 0 or 1, not {self.zero_min}")
         if not self.clip_ratios or any(not 0.0 < r <= 1.0 for r in self.clip_ratios):
             raise UserError("clip ratios must lie in (0, 1]")
 

@@ -180,13 +180,22 @@ class ModelHandle:
         for cand in (fused, fused + ".weight"):
             if cand in r:
                 return r.get(cand)
-        g, u, d = zip(*(self.expert_disk_names(i, e) for e in range(self.num_experts)))
+        names = [self.expert_disk_names(i, e) for e in range(self.num_experts)]
+        parts = [(g, u) for g, u, _ in names] if key.endswith(FUSED_GATE_UP) else [(d,) for _, _, d in names]
+        out = None
         try:
-            if key.endswith(FUSED_GATE_UP):
-                return torch.stack([torch.cat([r.get(a + ".weight"), r.get(b + ".weight")], 0) for a, b in zip(g, u)])
-            return torch.stack([r.get(c + ".weight") for c in d])
+            # filled in place: a list of per-expert tensors and a stack would hold the layer's experts twice
+            for e, members in enumerate(parts):
+                row = 0
+                for name in members:
+                    t = r.get(name + ".weight")
+                    if out is None:
+                        out = torch.empty((len(parts), t.shape[0] * len(members), t.shape[1]), dtype=t.dtype)
+                    out[e, row:row + t.shape[0]] = t
+                    row += t.shape[0]
         except KeyError as e:
             raise UserError(f"{r.path}: expert tensor {e.args[0]} is missing from the shards") from None
+        return out
 
     def load_layer(self, model: nn.Module, i: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """Materialize decoder layer i of a skeleton in place, with its checkpoint weights."""

@@ -208,7 +208,8 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
 
 
 def _capture(layer, specs, run):
-    with HessianCapture(layer, specs) as cap:
+    # the capture passes' outputs are thrown away: the experts' statistics need only their inputs
+    with HessianCapture(layer, specs, skip_expert_outputs=True) as cap:
         run()
     return cap.stats
 

@@ -57,26 +57,52 @@ def _experts_args(args, kwargs):
 class HessianCapture:
     """Hooks that fill ``self.stats[name]`` for each target while the layer runs."""
 
-    def __init__(self, layer: nn.Module, targets: dict[str, ExpertTarget | None], stats_dtype=torch.float32):
+    def __init__(self, layer: nn.Module, targets: dict[str, ExpertTarget | None], stats_dtype=torch.float32,
+                 skip_expert_outputs: bool = False):
+        """``skip_expert_outputs``: the watched experts modules compute nothing and return zeros (for
+        passes whose layer output is discarded: their statistics need only the experts' inputs)."""
         self.layer = layer
         self.targets = targets
         self.dtype = stats_dtype
+        self.skip = skip_expert_outputs
         self.stats: dict[str, GramStats] = {}
         self._handles: list = []
+        self._patched: list[nn.Module] = []
 
     def __enter__(self) -> "HessianCapture":
+        experts_hooks: dict[nn.Module, list] = {}
         for name, target in self.targets.items():
             module = self.layer.get_submodule(name.rsplit(".", 1)[0] if target is not None else name)
             if target is None:
                 self._handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
             else:
-                self._handles.append(module.register_forward_pre_hook(self._experts_hook(name, module, target), with_kwargs=True))
+                experts_hooks.setdefault(module, []).append(self._experts_hook(name, module, target))
+        for module, hooks in experts_hooks.items():
+            if self.skip:
+                module.forward = self._zero_forward(module, hooks)
+                self._patched.append(module)
+            else:
+                for hook in hooks:
+                    self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._patched:
+            del module.forward  # back to the class's forward
+        self._patched.clear()
+
+    @staticmethod
+    def _zero_forward(module: nn.Module, hooks: list):
+        def forward(*args, **kwargs):
+            for hook in hooks:
+                hook(module, args, kwargs)
+            hidden = _experts_args(args, kwargs)[0]
+            return torch.zeros_like(hidden)
+
+        return forward
 
     def _linear_hook(self, name: str):
         def hook(module, args):

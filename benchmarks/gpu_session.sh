@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The GPU figures in one command (see benchmarks/GPU.md). Run from the repository root:
+#
+#   bash benchmarks/gpu_session.sh fetch-wheels   # HERE, on the dev machine, before the device call:
+#                                                  # pydantic (not in the device image) as cp312 wheels in .whl/
+#   bash benchmarks/gpu_session.sh                 # ON THE DEVICE: setup + tests + bench + e2e, < 10 min
+#   bash benchmarks/gpu_session.sh e2e bench       # only some steps (setup always runs)
+#
+# Steps (each runs under `timeout`, its exit code goes to $OUT/summary.txt and the run goes on):
+#   setup  nvidia-smi, versions, disk; pydantic from .whl/ if missing; the package (pip -e, no deps, no
+#          build isolation; else a sitecustomize shim on PYTHONPATH); which of our imports are missing
+#   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py   -> tests.log
+#   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
+#   e2e    benchmarks/e2e_decode.py --layers $E2E_LAYERS (4)     -> e2e.log, e2e.json
+# Timeouts: 520 s shared by the selected steps as 170 : 120 : 250 (all three: 163, 115, 240 s; one alone: 520 s);
+# override with TESTS_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT (seconds) or BUDGET.
+# Everything lands in $OUT (7 files at most: the device tool returns 8).
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+REPO=$PWD
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# ------------------------------------------------------------------ fetch-wheels (dev machine only)
+if [ "${1:-}" = "fetch-wheels" ]; then
+    # the versions of the dev venv (pydantic pins pydantic-core exactly); the device runs CPython 3.12
+    VPY=${VPY:-/work/venv/bin/python}
+    pins=$("$VPY" - <<'EOF'
+from importlib.metadata import version
+print(" ".join(f"{n}=={version(n)}" for n in
+               ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")))
+EOF
+    ) || { echo "cannot read the versions from $VPY"; exit 1; }
+    mkdir -p .whl
+    echo "downloading into .whl/: $pins"
+    # shellcheck disable=SC2086
+    "$VPY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl $pins || exit 1
+    ls -la .whl
+    echo "now: run tool with carry [\".whl\"] and command: bash benchmarks/gpu_session.sh"
+    exit 0
+fi
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests bench e2e)
+for s in "${steps[@]}"; do
+    case $s in tests|bench|e2e) ;; *) echo "unknown step '$s' (tests, bench, e2e; fetch-wheels on the dev machine)"; exit 2;; esac
+done
+
+OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
+mkdir -p "$OUT"
+SUMMARY=$OUT/summary.txt
+SETUP=$OUT/setup.log
+: >"$SUMMARY"
+# timeouts: a 520 s budget (BUDGET) shared by the selected steps in proportion 170 : 120 : 250, so that the
+# whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
+# TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
+BUDGET=${BUDGET:-520}
+declare -A WEIGHT=([tests]=170 [bench]=120 [e2e]=250)
+total_w=0
+for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
+limit() {  # step -> seconds
+    local var=${1^^}_TIMEOUT
+    if [ -n "${!var:-}" ]; then echo "${!var}"; else echo $((BUDGET * WEIGHT[$1] / total_w)); fi
+}
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+run_step() {  # name timeout command...
+    local name=$1 secs=$2; shift 2
+    local t0=$SECONDS
+    note "=== $name (timeout ${secs}s): $*"
+    timeout -k 15 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local why=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=" (TIMED OUT)"
+    note "$name: rc=$rc$why in $((SECONDS - t0))s"
+}
+
+# ------------------------------------------------------------------ setup
+{
+    echo "=== $(date -u +%FT%TZ) host $(hostname) repo $REPO"
+    nvidia-smi || echo "nvidia-smi failed"
+    echo "--- python: $(command -v "$PY")"
+    "$PY" - <<'EOF' || echo "python version check failed"
+import platform, sys
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "triton", "transformers", "safetensors", "tokenizers", "pydantic", "pytest", "click"):
+    try:
+        mod = __import__(name)
+        print(f"{name:13s} {getattr(mod, '__version__', '?')}")
+    except Exception as e:
+        print(f"{name:13s} MISSING ({type(e).__name__}: {e})")
+import torch
+print("cuda available:", torch.cuda.is_available(), torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+    nproc; free -g | head -2; df -h /tmp "$REPO" | uniq
+} >"$SETUP" 2>&1
+cat "$SETUP"
+
+# pydantic (moecompress.recipe, hence quantize and most runtime tests) is not in the device image:
+# install the carried wheels from .whl/ (see fetch-wheels) into /tmp/site
+if ! "$PY" -c "import pydantic" >/dev/null 2>&1; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl >>"$SETUP" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        note "setup: pydantic from .whl/ into /tmp/site: $("$PY" -c 'import pydantic; print(pydantic.VERSION)' 2>&1 | tail -1)"
+    else
+        note "setup: pydantic is MISSING and no .whl/ was carried: quantize (the e2e int4 model) and every test" \
+             "importing moecompress.pipeline will fail. Fix: 'bash benchmarks/gpu_session.sh fetch-wheels' on the" \
+             "dev machine, then carry [\".whl\"]."
+    fi
+fi
+
+# the package: moecompress.kernels lives in kernels/ (package-dir mapping), so PYTHONPATH=. is not enough
+# (find_spec imports moecompress and moecompress.kernels only: no torch, so a missing dependency is not
+# mistaken for a packaging problem)
+packaged() { "$PY" -c "import importlib.util as u; assert u.find_spec('moecompress.kernels.bench')" >/dev/null 2>&1; }
+if ! packaged; then
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$SETUP" 2>&1 \
+        || echo "pip -e failed" >>"$SETUP"
+fi
+if ! packaged; then
+    # fallback: a sitecustomize that imports the package from the repo and adds the repo to its __path__,
+    # so that moecompress.kernels/.evals/.recipes resolve to kernels/, evals/, recipes/ (before the cwd's
+    # own moecompress/ can shadow it)
+    mkdir -p /tmp/moecompress_shim
+    printf 'import sys\nsys.path.insert(0, %s)\nimport moecompress\nmoecompress.__path__.append(%s)\n' \
+        "'$REPO'" "'$REPO'" >/tmp/moecompress_shim/sitecustomize.py
+    export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/moecompress_shim
+    note "setup: pip -e did not make moecompress importable; using /tmp/moecompress_shim/sitecustomize.py"
+fi
+
+# which of the imports we need are missing (hard: runtime, kernels, quantize; tests: pytest, click)
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import importlib
+hard = ("torch", "triton", "transformers", "safetensors", "tokenizers", "tqdm", "yaml", "numpy", "pydantic")
+for group, names in (("needed by runtime/kernels/quantize", hard), ("needed by the tests", ("pytest", "click"))):
+    missing = []
+    for n in names:
+        try:
+            importlib.import_module(n)
+        except Exception as e:
+            missing.append(f"{n} ({type(e).__name__})")
+    print(f"setup: {group}: " + ("all present" if not missing else "MISSING " + ", ".join(missing)))
+for m in ("moecompress.runtime", "moecompress.kernels.bench", "moecompress.pipeline"):
+    try:
+        importlib.import_module(m)
+        print(f"setup: import {m}: ok")
+    except Exception as e:
+        print(f"setup: import {m}: FAILED {type(e).__name__}: {e}")
+EOF
+
+# ------------------------------------------------------------------ steps
+for s in "${steps[@]}"; do
+    case $s in
+    tests)
+        extra=()
+        "$PY" -c "import click" >/dev/null 2>&1 || extra+=(--ignore=tests/test_runtime_cli.py)
+        "$PY" -c "import pydantic" >/dev/null 2>&1 || extra+=(--continue-on-collection-errors)
+        "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && extra+=(--timeout=180)
+        run_step tests "$(limit tests)" env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -rfEs \
+            --durations=15 -p no:cacheprovider "${extra[@]}" tests/test_kernels_*.py tests/test_runtime_*.py
+        ;;
+    bench)
+        run_step bench "$(limit bench)" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \
+            --json "$OUT/kernels_bench.json"
+        ;;
+    e2e)
+        run_step e2e "$(limit e2e)" env TRITON_INTERPRET=0 "$PY" benchmarks/e2e_decode.py \
+            --device cuda --layers "${E2E_LAYERS:-4}" --workdir "${E2E_WORKDIR:-/tmp/moecompress_e2e}" \
+            --json "$OUT/e2e.json"
+        ;;
+    esac
+done
+note "=== done; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -9,7 +9,7 @@
 # Steps (each runs under `timeout`, its exit code goes to $OUT/summary.txt and the run goes on):
 #   setup  nvidia-smi, versions, disk; pydantic from .whl/ if missing; the package (pip -e, no deps, no
 #          build isolation; else a sitecustomize shim on PYTHONPATH); which of our imports are missing
-#   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py   -> tests.log
+#   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py tests/test_pipeline_cuda.py -> tests.log
 #   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
 #   e2e    benchmarks/e2e_decode.py --layers $E2E_LAYERS (4)     -> e2e.log, e2e.json
 # Timeouts: 520 s shared by the selected steps as 170 : 120 : 250 (all three: 163, 115, 240 s; one alone: 520 s);
@@ -163,7 +163,8 @@ for s in "${steps[@]}"; do
         "$PY" -c "import pydantic" >/dev/null 2>&1 || extra+=(--continue-on-collection-errors)
         "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && extra+=(--timeout=180)
         run_step tests "$(limit tests)" env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -rfEs \
-            --durations=15 -p no:cacheprovider "${extra[@]}" tests/test_kernels_*.py tests/test_runtime_*.py
+            --durations=15 -p no:cacheprovider "${extra[@]}" tests/test_kernels_*.py tests/test_runtime_*.py \
+            tests/test_pipeline_cuda.py
         ;;
     bench)
         run_step bench "$(limit bench)" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .evals.lm_metrics import perplexity
 
 log = logging.getLogger("moecompress.demo")
 
@@ -339,19 +340,6 @@ def heldout_windows(tokenizer, spec: str = "builtin:heldout-code", n: int = 32, 
 
 
 @torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over every predicted position of ``input_ids``."""
-    total, count = 0.0, 0
-    for b in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[b:b + batch_size]
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
-
-
 def heldout_perplexity(model, tokenizer, spec: str = "builtin:heldout-code", n: int = 32, seq_len: int = 256,
                        seed: int = 0) -> float:
     """Perplexity of ``model`` on ``n`` held-out windows of ``seq_len`` tokens."""

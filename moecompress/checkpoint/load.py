@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..arch.handle import ModelHandle, decoder_layers
+from ..arch.handle import ModelHandle, _check_materialized, decoder_layers
+from ..calib.runner import prepare_embeddings
 from .dequant import quantized_modules, read_quantized
 from .reader import CheckpointReader
 
@@ -80,18 +81,14 @@ def open_model(path: str | Path, experts_implementation: str = "eager") -> tuple
 
 
 def materialize_outer(handle: ModelHandle, model: nn.Module, device, dtype) -> None:
-    """Load everything outside the decoder layers: embedding, final norm, lm_head, rotary tables."""
-    handle.load_module(model, "model.embed_tokens", device, dtype)
+    """Load everything outside the decoder layers: embedding, rotary tables, final norm, lm_head."""
+    prepare_embeddings(handle, model, device, dtype)  # embedding and rotary tables
     handle.load_module(model, "model.norm", device, dtype)
     if getattr(model.config, "tie_word_embeddings", False) and handle.non_layer_disk_name("lm_head.weight") in (
             None, f"{handle.disk_prefix}.embed_tokens.weight"):
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
         handle.load_module(model, "lm_head", device, dtype)
-    rot = getattr(model.model, "rotary_emb", None)
-    if rot is not None:
-        with torch.device(device):  # inv_freq is a non-persistent buffer: rebuild it for real
-            model.model.rotary_emb = type(rot)(config=handle.text_config)
 
 
 @torch.no_grad()
@@ -103,7 +100,5 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     materialize_outer(handle, model, device, dtype)
     for i in range(len(decoder_layers(model))):
         handle.load_layer(model, i, device, dtype)
-    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:
-            raise RuntimeError(f"{path}: '{n}' was not loaded (still on the meta device)")
+    _check_materialized(model, str(path))
     return handle, model.eval()

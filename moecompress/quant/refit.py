@@ -60,16 +60,17 @@ def refit_scales(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: fl
     zeros and g_idx shared with ``qw``) and ``{"loss_before": [B], "loss_after": [B]}`` with the
     damped-Hessian loss summed over rows.
     """
-    out, before, after = _refit_rows(w, qw, H, damp)
+    out, before, after = _refit_rows(w, qw, _damped(H, damp))
     return out, {"loss_before": before.sum(-1).tolist(), "loss_after": after.sum(-1).tolist()}
 
 
-def _refit_rows(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: float):
-    """(refitted weight, per-row loss before [B, N], per-row loss after [B, N]) -- float64 losses."""
+def _refit_rows(w: torch.Tensor, qw: QuantizedWeight, Hd: torch.Tensor):
+    """(refitted weight, per-row loss before [B, N], per-row loss after [B, N]) -- float64 losses.
+
+    ``Hd`` is the already damped Hessian (see ``_damped``)."""
     b, n, k = w.shape
     g = qw.scales.shape[-1]
     gs = k // g
-    Hd = _damped(H, damp)
     gi = qw.group_index()
     zc = qw.zeros.float().gather(-1, gi.expand(b, n, k) if gi.dim() == 1 else gi[:, None, :].expand(b, n, k))
     C = qw.qweight.float() - zc  # [B, N, K]: codes minus the zero point of their group
@@ -130,7 +131,7 @@ def refine(w: torch.Tensor, H: torch.Tensor, qw: QuantizedWeight, *, rounds: int
     Hd = _damped(H, damp)
     best, best_loss, start = qw, None, None
     for _ in range(rounds):
-        fitted, before, after = _refit_rows(w, best, H, damp)
+        fitted, before, after = _refit_rows(w, best, Hd)
         if start is None:
             start, best_loss = before.sum(-1), before
         cands = [(fitted, after)]

@@ -334,6 +334,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="float MoE checkpoint (default: the demo model, built if missing)")
+    ap.add_argument("--demo-variant", default="demo", choices=["demo", "wide"],
+                    help="without --model: which demo model (wide: 64 experts, top-8; built if missing)")
     ap.add_argument("--settings", default="4:128,3:64", help="comma-separated bits:group_size (default 4:128,3:64)")
     ap.add_argument("--calib", default="builtin:stdlib")
     ap.add_argument("--calib-samples", type=int, default=128)
@@ -376,9 +378,9 @@ def main(argv=None) -> int:
     else:
         from moecompress.demo_model import demo_model_path
 
-        if not (demo_model_path(build=False) / "demo_model.json").is_file():
+        if not (demo_model_path(build=False, variant=args.demo_variant) / "demo_model.json").is_file():
             print("building the demo model (once; cached) ...", flush=True)
-        model_dir = demo_model_path()
+        model_dir = demo_model_path(variant=args.demo_variant)
     if not Path(args.llmc_python).is_file() and args.only != "ours":
         raise SystemExit(f"llm-compressor python {args.llmc_python} not found; set it up as in benchmarks/README.md")
 

@@ -90,11 +90,23 @@ RECIPE: dict[str, Any] = dict(
     eval_windows=32,
 )
 QUICK_OVERRIDES: dict[str, Any] = dict(steps=150, eval_windows=8)
+# Named variants of the recipe. "wide" has the expert layout of production MoEs (64 fine-grained
+# experts, top-8, like OLMoE; Qwen3-30B-A3B has 128, top-8) at the demo's width: per-expert
+# overheads of a quantizer (one GPTQ problem and one Hessian hook per expert projection) show
+# there as they do on real checkpoints, where the 8-expert demo model hides them.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "wide": dict(num_experts=64, num_experts_per_tok=8),
+}
 
 
-def recipe(*, seed: int = 0, steps: int | None = None, quick: bool = False) -> dict[str, Any]:
+def recipe(*, seed: int = 0, steps: int | None = None, quick: bool = False, variant: str = "demo") -> dict[str, Any]:
     """The full recipe of a build (what the cache key hashes)."""
-    r = dict(RECIPE, **(QUICK_OVERRIDES if quick else {}))
+    if variant not in VARIANTS:
+        raise UserError(f"unknown demo model variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    r = dict(RECIPE, **VARIANTS[variant], **(QUICK_OVERRIDES if quick else {}))
+    if variant != "demo":  # the default variant keeps the cache key it always had
+        r["variant"] = variant
     if steps is not None:
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
@@ -112,15 +124,15 @@ def default_cache_dir() -> Path:
 
 
 def demo_model_path(cache_dir: str | Path | None = None, *, seed: int = 0, steps: int | None = None,
-                    quick: bool = False, build: bool = True) -> Path:
+                    quick: bool = False, build: bool = True, variant: str = "demo") -> Path:
     """``<cache>/demo-<recipe hash>``, built there first (atomically) when missing and ``build``."""
-    r = recipe(seed=seed, steps=steps, quick=quick)
+    r = recipe(seed=seed, steps=steps, quick=quick, variant=variant)
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / f"demo-{recipe_hash(r)}"
     if build and not (path / "demo_model.json").is_file():
         log.info("building the demo model into %s (a few minutes, once)", path)
         try:
-            build_demo_model(path, seed=seed, steps=steps, quick=quick, log=log.info)
+            build_demo_model(path, seed=seed, steps=steps, quick=quick, log=log.info, variant=variant)
         except UserError:
             if not (path / "demo_model.json").is_file():  # not a concurrent build that finished first
                 raise
@@ -193,7 +205,7 @@ def _lr(step: int, r: dict[str, Any]) -> float:
 
 
 def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = None, quick: bool = False,
-                     threads: int | None = TRAIN_THREADS, log=None) -> Path:
+                     threads: int | None = TRAIN_THREADS, log=None, variant: str = "demo") -> Path:
     """Train the demo tokenizer and model and write them to ``out_dir`` (which must not exist or be empty).
 
     ``threads``: torch threads while building (None: leave torch's setting). ``log``: a callable
@@ -202,7 +214,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty")
-    r = recipe(seed=seed, steps=steps, quick=quick)
+    r = recipe(seed=seed, steps=steps, quick=quick, variant=variant)
     say = log or (lambda msg: None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

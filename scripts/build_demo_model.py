@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--quick", action="store_true", help="the ~1 minute CI variant")
+    ap.add_argument("--variant", default="demo", help="recipe variant: demo (8 experts, top-2) or wide (64 experts, top-8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sensitivity", action="store_true", help="measure float / RTN / GPTQ held-out perplexity")
     ap.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -111,12 +112,13 @@ def main(argv=None) -> int:
         path = args.out
         if not (path / "demo_model.json").is_file():
             build_demo_model(path, seed=args.seed, steps=args.steps, quick=args.quick, threads=args.threads,
-                             log=lambda m: print(m, flush=True))
+                             log=lambda m: print(m, flush=True), variant=args.variant)
     else:
-        path = demo_model_path(args.cache_dir, seed=args.seed, steps=args.steps, quick=args.quick, build=False)
+        path = demo_model_path(args.cache_dir, seed=args.seed, steps=args.steps, quick=args.quick, build=False,
+                                variant=args.variant)
         if not (path / "demo_model.json").is_file():
             build_demo_model(path, seed=args.seed, steps=args.steps, quick=args.quick, threads=args.threads,
-                             log=lambda m: print(m, flush=True))
+                             log=lambda m: print(m, flush=True), variant=args.variant)
     info = json.loads((path / "demo_model.json").read_text())
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     print(f"demo model: {path} ({size / 1e6:.1f} MB; built in {info['timings_s']['total']:.0f}s)")

@@ -27,8 +27,9 @@ def test_cache_path_follows_env_and_recipe(tmp_path, monkeypatch):
     assert p.parent == tmp_path / "cache" and p.name.startswith("demo-")
     assert p == demo_model_path(build=False)  # stable
     others = {demo_model_path(build=False, seed=1), demo_model_path(build=False, quick=True),
-              demo_model_path(build=False, steps=7), demo_model_path(tmp_path / "x", build=False)}
-    assert p not in others and len(others) == 4
+              demo_model_path(build=False, steps=7), demo_model_path(tmp_path / "x", build=False),
+              demo_model_path(build=False, variant="wide")}
+    assert p not in others and len(others) == 5
     assert demo_model_path(tmp_path / "x", build=False).parent == tmp_path / "x"
     assert not (tmp_path / "cache").exists()  # build=False never builds
 
@@ -54,6 +55,16 @@ def test_recipe_dims_fit_every_group_size():
         assert dim % 128 == 0 and dim % 64 == 0
     assert 8 <= r["num_experts"] <= 16 and r["num_experts_per_tok"] == 2
     assert recipe_hash(recipe()) != recipe_hash(recipe(quick=True))
+
+
+def test_wide_variant_has_production_expert_layout():
+    wide = recipe(variant="wide")
+    assert (wide["num_experts"], wide["num_experts_per_tok"]) == (64, 8)
+    assert wide["moe_intermediate_size"] % 128 == 0
+    assert recipe_hash(wide) != recipe_hash(recipe())
+    assert "variant" not in recipe()  # the default keeps the cache key that earlier builds used
+    with pytest.raises(UserError, match="unknown demo model variant"):
+        recipe(variant="narrow")
 
 
 @pytest.fixture(scope="module")

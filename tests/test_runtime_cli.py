@@ -56,6 +56,8 @@ CASES = {
     "top-p above one": (lambda p, t: p, ["--prompt", "x", "--top-p", "1.5"], "top-p"),
     "unknown device": (lambda p, t: p, ["--prompt", "x", "--device", "tpu"], "device"),
     "missing prompt": (lambda p, t: p, [], "--prompt"),
+    "longer than the model": (lambda p, t: p, ["--prompt", "x", "--max-new-tokens", "100000"],
+                              "max_position_embeddings"),
 }
 
 

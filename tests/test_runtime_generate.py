@@ -61,24 +61,39 @@ def quantized(tiny_ckpt, tmp_path_factory):
     """(quantized checkpoint, its dequantized float twin) per (family, format), cached for the module."""
     cache: dict = {}
 
-    def make(family: str, fmt: str):
-        if (family, fmt) not in cache:
+    def make(family: str, fmt: str, **settings):
+        key = (family, fmt, *sorted(settings.items()))
+        if key not in cache:
             root = tmp_path_factory.mktemp(f"q-{family}-{fmt}")
             q = root / "q"
-            quantize(tiny_ckpt(family), q, quick_config(bits=4, format=fmt, method="rtn"))
-            cache[family, fmt] = q, write_dequantized(q, root / "deq")
-        return cache[family, fmt]
+            quantize(tiny_ckpt(family), q, quick_config(**{"bits": 4, "format": fmt, "method": "rtn", **settings}))
+            cache[key] = q, write_dequantized(q, root / "deq")
+        return cache[key]
 
     return make
 
 
-@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("mixtral", "compressed-tensors"),
-                                        ("qwen3_moe", "gptq")])
-def test_quantized_checkpoint_matches_transformers_on_dequantized_twin(quantized, family, fmt):
-    q, twin = quantized(family, fmt)
+# every family once, both formats, int4 and int8, symmetric and asymmetric, GPTQ with and without act-order
+QUANTIZED_CASES = [
+    ("qwen3_moe", "compressed-tensors", {}),
+    ("mixtral", "compressed-tensors", {}),
+    ("qwen3_moe", "gptq", {}),
+    ("glm4_moe", "gptq", {"symmetric": False}),
+    ("deepseek_v3", "compressed-tensors", {"bits": 8}),
+    ("deepseek_v3", "gptq", {"method": "gptq", "act_order": "group"}),
+    ("olmoe", "compressed-tensors", {"symmetric": False, "group_size": 64}),
+    ("qwen2_moe", "gptq", {"bits": 8}),
+]
+
+
+@pytest.mark.parametrize("family,fmt,settings", QUANTIZED_CASES,
+                         ids=[f"{f}-{fmt}-" + ("-".join(f"{k}={v}" for k, v in s.items()) or "w4")
+                              for f, fmt, s in QUANTIZED_CASES])
+def test_quantized_checkpoint_matches_transformers_on_dequantized_twin(quantized, family, fmt, settings):
+    q, twin = quantized(family, fmt, **settings)
     rt = Runtime.load(q)
     assert rt.report.quant_format == fmt
-    _check_against_transformers(rt, _hf(twin), _prompt(1), f"{family}/{fmt}")
+    _check_against_transformers(rt, _hf(twin), _prompt(1), f"{family}/{fmt}/{settings}")
 
 
 @pytest.mark.parametrize("family,overrides,windows", [
@@ -169,16 +184,22 @@ def test_unsupported_family_is_a_user_error(tiny_ckpt):
         Runtime.load(tiny_ckpt("qwen3_5_moe"))
 
 
-def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized):
-    """The CUDA code path (packed int4 linears and experts, Triton routing and fused MoE), run by Triton's
-    interpreter: same tokens and logits as the dequantized CPU path."""
+@pytest.mark.parametrize("family,fmt,settings", [
+    ("qwen3_moe", "compressed-tensors", {}),
+    ("glm4_moe", "gptq", {"symmetric": False}),  # sigmoid routing, group-limited top-k, int4 with zero points
+    ("deepseek_v3", "compressed-tensors", {"bits": 8}),
+], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8"])
+def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, fmt, settings):
+    """The CUDA code path (packed int4/int8 linears and experts, Triton routing and fused MoE), run by
+    Triton's interpreter: same tokens and logits as the dequantized CPU path."""
     from moecompress.kernels import _common
 
     if not _common.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
-    q, _ = quantized("qwen3_moe", "compressed-tensors")
+    q, _ = quantized(family, fmt, **settings)
     kern = Runtime.load(q, kernels=True)
-    assert kern.report.packed_linears > 0 and kern.report.packed_expert_layers == 2
+    moe_layers = sum(type(layer.mlp).__name__ == "MoEBlock" for layer in kern.model.layers)
+    assert kern.report.packed_linears > 0 and kern.report.packed_expert_layers == moe_layers >= 1
     cpu = Runtime.load(q)
     prompt = _prompt(7, length=5)
     a = kern.generate(prompt, 4, stop_ids=[], keep_logits=True)

@@ -115,6 +115,10 @@ class Runtime:
         return self._arange[start:stop]
 
     def _cache_for(self, batch: int, total: int) -> KVCache:
+        limit = self.model.max_positions
+        if limit is not None and total > limit:
+            raise UserError(f"prompt plus new tokens is {total} tokens, more than the model's "
+                            f"max_position_embeddings ({limit}); shorten the prompt or lower --max-new-tokens")
         c = self._cache
         if c is None or c.batch != batch or c.max_len < total:
             length = -(-total // _CACHE_ROUND) * _CACHE_ROUND

@@ -27,6 +27,11 @@ class RuntimeModel:
     def vocab_size(self) -> int:
         return self.lm.lm_head.weight.shape[0]
 
+    @property
+    def max_positions(self) -> int | None:
+        """``max_position_embeddings`` of the config: the longest sequence the model was built for."""
+        return getattr(self.lm.config, "max_position_embeddings", None)
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, kv_len: int | None,
                 last_only: bool = True) -> torch.Tensor:

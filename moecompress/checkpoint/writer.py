@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import UserError
+from .safetensors_stream import StreamingSafetensors
 
 
 def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
@@ -57,38 +57,41 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
 
 
 class ShardedWriter:
-    """Collect tensors and flush them into safetensors shards of at most ``max_shard_bytes``."""
+    """Stream tensors into safetensors shards of at most ``max_shard_bytes``, holding none in memory.
+
+    Each tensor goes to disk when it is added (:mod:`.safetensors_stream`), so peak memory does not
+    grow with the shard size; a shard is closed before the tensor that would overflow it.
+    """
 
     def __init__(self, folder: Path, max_shard_bytes: int = 4 << 30):
         self.folder = Path(folder)
         self.max_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._ptrs: set[int] = set()
-        self._pending_bytes = 0
+        self._current: StreamingSafetensors | None = None
         self._shards: list[list[str]] = []
+        self._seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
+        if name in self._seen:
             raise RuntimeError(f"tensor {name} written twice")
-        t = tensor.detach().to("cpu").contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.data_ptr() in self._ptrs:
-            t = t.clone()  # views and shared tensors (g_idx of gate/up) must own their bytes on disk
-        self._ptrs.add(t.data_ptr())
-        nbytes = t.numel() * t.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current is not None and len(self._current) and self._current.nbytes + nbytes > self.max_bytes:
             self.flush()
-        self._pending[name] = t
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+        if self._current is None:
+            self._current = StreamingSafetensors(self.folder / f".shard-{len(self._shards):05d}.safetensors")
+        self.total_bytes += self._current.add(name, tensor)
+        self._seen.add(name)
 
     def flush(self) -> None:
-        if not self._pending:
+        """Close the current shard (the next tensor starts a new one)."""
+        if self._current is None:
             return
-        idx = len(self._shards)
-        save_file(self._pending, str(self.folder / f".shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(sorted(self._pending))
-        self._pending, self._pending_bytes, self._ptrs = {}, 0, set()
+        if len(self._current):
+            self._current.finish({"format": "pt"})
+            self._shards.append(sorted(self._current.names))
+        else:
+            self._current.discard()
+        self._current = None
 
     def close(self) -> list[str]:
         """Name the shards, write the index (when more than one), and return the shard file names."""

@@ -37,26 +37,25 @@ def layer_tensors(handle: ModelHandle, i: int, results: dict[Target, QuantizedWe
     for t, qw in results.items():
         if t.expert_proj is None:
             base = pre + handle.disk_local(t.name)
-            consumed.add(base + ".weight")
+            consumed.add(handle.source_name(i, t.name + ".weight"))
             out.update({f"{base}.{k}": v for k, v in encode(fmt, qw, dtype).items()})
             continue
-        fused = pre + handle.disk_local(t.name)
-        consumed.update({fused, fused + ".weight"})
+        consumed.add(handle.fused_source(i, t.name))
         for e in range(qw.qweight.shape[0]):
             g, u, d = handle.expert_disk_names(i, e)
+            sg, su, sd = handle.expert_source_names(i, e)
+            consumed.update({sg + ".weight", su + ".weight"} if t.expert_proj == "gate_up" else {sd + ".weight"})
             q = qw[e]
             if t.expert_proj == "gate_up":
                 half = q.qweight.shape[0] // 2
-                consumed.update({g + ".weight", u + ".weight"})
                 for name, rows in ((g, slice(0, half)), (u, slice(half, None))):
                     part = QuantizedWeight(q.qweight[rows], q.scales[rows], q.zeros[rows], q.spec, q.g_idx)
                     out.update({f"{name}.{k}": v for k, v in encode(fmt, part, dtype).items()})
             else:
-                consumed.add(d + ".weight")
                 out.update({f"{d}.{k}": v for k, v in encode(fmt, q, dtype).items()})
     for name in handle.layer_tensor_names(i):
-        if name not in consumed:
-            out[name] = handle.reader.get(name)
+        if name not in consumed:  # copied as stored, under the family's original name
+            out[handle.output_name(name)] = handle.reader.get(name)
     return out
 
 

@@ -85,12 +85,16 @@ def build_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
 
 
 def save_tiny(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-              fused_experts: bool = False, **overrides) -> Path:
-    """Write a tiny checkpoint (config, safetensors, byte tokenizer) and return its path."""
+              fused_experts: bool = False, original_format: bool = True, **overrides) -> Path:
+    """Write a tiny checkpoint (config, safetensors, byte tokenizer) and return its path.
+
+    ``original_format=False`` saves transformers 5's in-memory names (``save_original_format=False``:
+    ``mlp.`` for every family, experts fused to 3D) instead of the family's original ones.
+    """
     path = Path(path)
     model = build_tiny(family, seed, dtype, **overrides)
     model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
+    model.save_pretrained(path, save_original_format=original_format)
     byte_tokenizer().save_pretrained(path)
     if fused_experts:
         _fuse_experts_on_disk(path)

@@ -25,7 +25,7 @@ def tiny_ckpt(tmp_path_factory):
     cache: dict = {}
 
     def make(family: str, **kw):
-        key = (family, tuple(sorted(kw.items())))
+        key = (family, repr(sorted(kw.items())))  # repr: list-valued config overrides are unhashable
         if key not in cache:
             name = family + "".join(f"_{k}-{v}" for k, v in sorted(kw.items())).replace("torch.", "")
             cache[key] = save_tiny(family, tmp_path_factory.mktemp("ckpt") / name, **kw)

@@ -25,9 +25,11 @@ def _rel(a, b):
 IDS = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(1))
 
 
+# in-memory: save_pretrained(save_original_format=False) names (``mlp.``, fused experts), read as well
+@pytest.mark.parametrize("layout", [{}, {"original_format": False}], ids=["default", "in-memory"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_plain_checkpoint_matches_transformers(tiny_ckpt, family):
-    src = tiny_ckpt(family)
+def test_plain_checkpoint_matches_transformers(tiny_ckpt, family, layout):
+    src = tiny_ckpt(family, **layout)
     _, ours = load_model(src)
     with torch.no_grad():
         rel = _rel(ours(IDS).logits, _hf(src)(IDS).logits)

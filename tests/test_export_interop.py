@@ -11,36 +11,76 @@ from moecompress.checkpoint.dequant import write_dequantized
 from moecompress.checkpoint.reader import CheckpointReader
 from moecompress.pipeline import quantize
 
-LAYOUTS = [(f, False) for f in FAMILIES] + [("qwen3_5_moe", True)]
+# how the source stores its tensors: save_pretrained's default (per expert, the family's original names),
+# official Qwen3.5 shards (fused 3D experts), or transformers 5's in-memory names
+# (save_pretrained(save_original_format=False): fused experts under ``mlp.`` for every family)
+SOURCES = {"default": {}, "fused": {"fused_experts": True}, "in-memory": {"original_format": False}}
+LAYOUTS = ([(f, "default") for f in FAMILIES] + [("qwen3_5_moe", "fused")]
+           + [(f, "in-memory") for f in FAMILIES])
+# dense decoder layers inside MoE models, configured the Qwen way (tiny models have 2 layers)
+DENSE = [
+    ("qwen3_moe", dict(mlp_only_layers=[0]), [0]),
+    ("qwen2_moe", dict(mlp_only_layers=[1]), [1]),
+    ("qwen3_moe", dict(decoder_sparse_step=2), [0]),
+    ("qwen2_moe", dict(decoder_sparse_step=2), [0]),
+]
 
 
-def _load(path, family):
+def _load(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32,
                                                 experts_implementation="eager")
 
 
-@pytest.mark.parametrize("family,fused", LAYOUTS, ids=[f + ("-fused" if x else "") for f, x in LAYOUTS])
-def test_compressed_tensors_loads_in_transformers(tiny_ckpt, tmp_path, family, fused):
-    src = tiny_ckpt(family, fused_experts=True) if fused else tiny_ckpt(family)
-    out = tmp_path / "q"
-    quantize(src, out, quick_config(bits=4))
-    model, info = _load(out, family)
+def check_loads_and_matches_dequantized(src, out, tmp_path, what: str):
+    """``out`` (quantized from ``src``) loads in transformers with no missing/unexpected/mismatched keys,
+    and its logits equal those of our own dequantized weights (and differ from the float source)."""
+    model, info = _load(out)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
-    twin, info2 = _load(write_dequantized(out, tmp_path / "deq"), family)
+    twin, info2 = _load(write_dequantized(out, tmp_path / "deq"))
     assert not info2["missing_keys"] and not info2["unexpected_keys"]
     ids = torch.randint(0, 256, (2, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = model(ids).logits, twin(ids).logits
     rel = ((a - b).norm() / b.norm()).item()
-    assert rel < 1e-5, f"{family}: transformers vs our dequantized weights, relative error {rel:.2e}"
+    assert rel < 1e-5, f"{what}: transformers vs our dequantized weights, relative error {rel:.2e}"
     # and the quantization did something: the float source differs from both
-    src_model, _ = _load(src, family)
+    src_model, _ = _load(src)
     with torch.no_grad():
         c = src_model(ids).logits
     assert ((c - b).norm() / c.norm()).item() > 1e-4
+    return model
+
+
+@pytest.mark.parametrize("family,layout", LAYOUTS, ids=[f"{f}-{x}" for f, x in LAYOUTS])
+def test_compressed_tensors_loads_in_transformers(tiny_ckpt, tmp_path, family, layout):
+    src = tiny_ckpt(family, **SOURCES[layout])
+    out = tmp_path / "q"
+    quantize(src, out, quick_config(bits=4))
+    check_loads_and_matches_dequantized(src, out, tmp_path, f"{family} ({layout} source)")
+
+
+@pytest.mark.parametrize("family,overrides,dense", DENSE,
+                         ids=[f + "-" + ",".join(f"{k}={v}" for k, v in o.items()) for f, o, _ in DENSE])
+def test_dense_layers_in_moe_models_load_in_transformers(tiny_ckpt, tmp_path, family, overrides, dense):
+    src = tiny_ckpt(family, **overrides)
+    out = tmp_path / "q"
+    summary = quantize(src, out, quick_config(bits=4))
+    model = check_loads_and_matches_dequantized(src, out, tmp_path, f"{family} {overrides}")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for i, layer in enumerate(model.model.layers):
+        is_dense = not hasattr(layer.mlp, "experts")
+        assert is_dense == (i in dense), (i, type(layer.mlp).__name__)
+        pre = f"model.layers.{i}.mlp."
+        if is_dense:  # the dense MLP is quantized like any linear, no router or experts appear
+            assert {pre + f"{p}.weight_packed" for p in ("gate_proj", "up_proj", "down_proj")} <= keys
+            assert not any(k.startswith((pre + "experts.", pre + "gate.")) for k in keys)
+            assert "mlp.experts.gate_up_proj" not in summary["layers"][i]["linears"]
+        else:
+            assert pre + "experts.7.down_proj.weight_packed" in keys and pre + "gate.weight" in keys
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral"])
@@ -64,12 +104,27 @@ def test_routers_saved_bit_exact(tiny_ckpt, tmp_path, family, fmt):
     assert "mlp.gate" in listed or "mlp\\\\.gate" in listed
 
 
-def test_per_expert_names_follow_save_pretrained(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("layout", ["default", "in-memory"])
+def test_per_expert_names_follow_save_pretrained(tiny_ckpt, tmp_path, layout):
     out = tmp_path / "q"
-    quantize(tiny_ckpt("mixtral"), out, quick_config())
+    quantize(tiny_ckpt("mixtral", **SOURCES[layout]), out, quick_config())
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight_packed" in keys
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_scale" in keys
     assert "model.layers.0.block_sparse_moe.gate.weight" in keys
     assert not any(k.startswith("model.layers.0.mlp.") for k in keys)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_5_moe"])
+def test_output_does_not_depend_on_the_source_layout(tiny_ckpt, tmp_path, family):
+    """The same weights saved with original or in-memory names give byte-identical outputs (RTN)."""
+    outs = {}
+    for layout in ("default", "in-memory"):
+        outs[layout] = tmp_path / layout
+        quantize(tiny_ckpt(family, **SOURCES[layout]), outs[layout], quick_config(method="rtn"))
+    a, b = (CheckpointReader.open(p) for p in outs.values())
+    assert set(a.names()) == set(b.names())
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in a.names())
+    for n in a.names():
+        assert torch.equal(a.get(n), b.get(n)), n

@@ -6,9 +6,10 @@ The handle answers three questions for the rest of the toolkit:
   unsupported with one clear line);
 * how to build an empty (meta-device) transformers model of it and fill one decoder layer at a
   time from the shards (``skeleton``, ``load_layer``);
-* which on-disk names a tensor has, in both directions: per-expert (``experts.{e}.gate_proj``,
-  Mixtral's ``block_sparse_moe.experts.{e}.w1``) or fused 3D (``experts.gate_up_proj``), under
-  ``model.`` or, for vision-language wrappers, ``model.language_model.``.
+* which on-disk names a tensor has: read in whichever spelling the shards use -- per-expert
+  (``experts.{e}.gate_proj``, Mixtral's ``block_sparse_moe.experts.{e}.w1``) or transformers 5's
+  fused 3D (``mlp.experts.gate_up_proj``), under ``model.`` or, for vision-language wrappers,
+  ``model.language_model.`` -- and written in the family's original spelling.
 """
 
 from __future__ import annotations
@@ -137,26 +138,57 @@ class ModelHandle:
                 out.append(n)
         return out
 
+    # ---------------------------------------------------------------- names
+    # Reading accepts every layout a real checkpoint has: the family's original names (what
+    # ``save_pretrained`` writes by default: per-expert tensors, Mixtral's ``block_sparse_moe`` and
+    # ``w1/w3/w2``) and transformers 5's in-memory names (``save_pretrained(save_original_format=False)``,
+    # official Qwen3.5 shards: ``mlp.`` and fused ``experts.gate_up_proj``). Which spelling a tensor
+    # has is looked up in the shard index, tensor by tensor. Writing always uses the original names
+    # (``disk_local``, ``expert_disk_names``, ``output_name``) so every loader of the family reads our output.
+
     def disk_local(self, mem_local: str) -> str:
-        """On-disk spelling of a layer-local in-memory name (Mixtral: mlp. -> block_sparse_moe.)."""
+        """Original (written) spelling of a layer-local in-memory name (Mixtral: mlp. -> block_sparse_moe.)."""
         if mem_local.startswith("mlp.") and self.spec.disk_moe_name != "mlp":
             return self.spec.disk_moe_name + mem_local[3:]
         return mem_local
 
-    def mem_local(self, disk_local: str) -> str:
-        moe = self.spec.disk_moe_name
-        if moe != "mlp" and disk_local.startswith(moe + "."):
-            return "mlp" + disk_local[len(moe):]
-        return disk_local
+    def _spellings(self, mem_local: str) -> tuple[str, ...]:
+        """Every layer-local spelling a checkpoint may store ``mem_local`` under, original first."""
+        return tuple(dict.fromkeys((self.disk_local(mem_local), mem_local)))
+
+    def output_name(self, stored: str) -> str:
+        """The name we write for a layer tensor stored as ``stored`` (in either spelling)."""
+        layers = self.disk_prefix + ".layers."
+        if stored.startswith(layers):
+            i, _, local = stored[len(layers):].partition(".")
+            return f"{layers}{i}.{self.disk_local(local)}"
+        return stored
+
+    def source_name(self, i: int, mem_local: str) -> str | None:
+        """The shard name of layer i's in-memory tensor ``mem_local`` as this checkpoint spells it (None: absent)."""
+        pre = self.layer_prefix(i)
+        return next((pre + loc for loc in self._spellings(mem_local) if pre + loc in self.reader), None)
+
+    def fused_source(self, i: int, key: str) -> str | None:
+        """The shard name of a fused 3D expert tensor (``mlp.experts.gate_up_proj``), None if stored per expert."""
+        return next((n for n in (self.source_name(i, key), self.source_name(i, key + ".weight")) if n), None)
 
     def expert_disk_names(self, i: int, e: int) -> tuple[str, str, str]:
-        """Full on-disk module names (no suffix) of expert e's gate, up and down projections."""
+        """Full original module names (no suffix) of expert e's gate, up and down projections: what we write."""
         base = f"{self.layer_prefix(i)}{self.spec.disk_moe_name}.experts.{e}."
         return tuple(base + n for n in self.spec.disk_expert_names)  # type: ignore[return-value]
 
+    def expert_source_names(self, i: int, e: int) -> tuple[str, str, str]:
+        """Module names of expert e's projections as the shards spell them (the original ones if absent)."""
+        for block in self._spellings("mlp."):
+            base = f"{self.layer_prefix(i)}{block}experts.{e}."
+            names = tuple(base + n for n in self.spec.disk_expert_names)
+            if names[0] + ".weight" in self.reader:
+                return names  # type: ignore[return-value]
+        return self.expert_disk_names(i, e)
+
     def load_layer_state(self, i: int, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The in-memory state dict of decoder layer i, read from the shards (experts fused to 3D)."""
-        pre = self.layer_prefix(i)
         r = self.reader
         wanted = module.state_dict(keep_vars=True)
         out: dict[str, torch.Tensor] = {}
@@ -164,9 +196,9 @@ class ModelHandle:
             if key.endswith(FUSED_GATE_UP) or key.endswith(FUSED_DOWN):
                 t = self._read_experts(i, key)
             else:
-                name = pre + self.disk_local(key)
-                if name not in r:
-                    raise UserError(f"{r.path}: tensor '{name}' is missing from the shards")
+                name = self.source_name(i, key)
+                if name is None:
+                    raise UserError(f"{r.path}: tensor '{self.layer_prefix(i)}{self.disk_local(key)}' is missing from the shards")
                 t = r.get(name)
             if tuple(t.shape) != tuple(ref.shape):
                 raise UserError(f"{r.path}: tensor for layer {i} '{key}' has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
@@ -176,11 +208,10 @@ class ModelHandle:
     def _read_experts(self, i: int, key: str) -> torch.Tensor:
         """Fused [E, 2I, H] / [E, H, I] expert tensors from fused or per-expert storage."""
         r = self.reader
-        fused = self.layer_prefix(i) + self.disk_local(key)
-        for cand in (fused, fused + ".weight"):
-            if cand in r:
-                return r.get(cand)
-        names = [self.expert_disk_names(i, e) for e in range(self.num_experts)]
+        fused = self.fused_source(i, key)
+        if fused is not None:
+            return r.get(fused)
+        names = [self.expert_source_names(i, e) for e in range(self.num_experts)]
         parts = [(g, u) for g, u, _ in names] if key.endswith(FUSED_GATE_UP) else [(d,) for _, _, d in names]
         out = None
         try:

@@ -4,7 +4,10 @@ Everything the rest of the toolkit needs to know about a family lives in one ``A
 how its config names the expert counts, which modules are routers (never quantized), and how its
 checkpoints name expert tensors on disk. In-memory module names are always transformers 5's
 (``mlp.gate``, ``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj [E, H, I]``); the
-on-disk names come from what transformers' own ``save_pretrained`` writes for the family.
+on-disk names here are what transformers' own ``save_pretrained`` writes for the family by default
+(what we write; reading also accepts the in-memory names, see ``handle.ModelHandle``).
+Which layers are dense (``first_k_dense_replace``, ``mlp_only_layers``, ``decoder_sparse_step``) is
+left to the transformers model built from the config: the toolkit finds experts by module structure.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ class ArchSpec:
     disk_model_prefixes: tuple[str, ...] = ("model",)
     # the config holding the text model (composite vision-language configs nest it)
     text_config_attr: str | None = None
-    # how the dense layers of the family are configured (for `inspect`; the model itself decides)
-    dense_layer_keys: tuple[str, ...] = ()
 
 
 FAMILIES: tuple[ArchSpec, ...] = (
@@ -44,7 +45,6 @@ FAMILIES: tuple[ArchSpec, ...] = (
         family="qwen3_moe",
         model_types=("qwen3_moe",),
         num_experts_attr="num_experts",
-        dense_layer_keys=("mlp_only_layers", "decoder_sparse_step"),
     ),
     ArchSpec(
         family="qwen2_moe",
@@ -52,7 +52,6 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="num_experts",
         routers=("mlp.gate", "mlp.shared_expert_gate"),
         shared_expert="mlp.shared_expert",
-        dense_layer_keys=("mlp_only_layers", "decoder_sparse_step"),
     ),
     ArchSpec(
         family="mixtral",
@@ -72,7 +71,6 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="n_routed_experts",
         shared_expert="mlp.shared_experts",
         scoring="sigmoid",
-        dense_layer_keys=("first_k_dense_replace",),
     ),
     ArchSpec(
         family="glm4_moe",
@@ -80,7 +78,6 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="n_routed_experts",
         shared_expert="mlp.shared_experts",
         scoring="sigmoid",
-        dense_layer_keys=("first_k_dense_replace",),
     ),
     ArchSpec(
         family="qwen3_5_moe",

@@ -94,14 +94,14 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
                use_kernels: bool, report: ConversionReport) -> MoEBlock:
     pre = handle.layer_prefix(i)
     reader = handle.reader
-    router = reader.get(pre + handle.disk_local("mlp.gate.weight")).float()
+    router = reader.get(handle.source_name(i, "mlp.gate.weight")).float()
     bias = None
     if getattr(mlp.gate, "e_score_correction_bias", None) is not None:
-        bias = reader.get(pre + handle.disk_local("mlp.gate.e_score_correction_bias")).float()
+        bias = reader.get(handle.source_name(i, "mlp.gate.e_score_correction_bias")).float()
     w13: torch.Tensor | PackedWeight = mlp.experts.gate_up_proj.data
     w2: torch.Tensor | PackedWeight = mlp.experts.down_proj.data
     if packer is not None:
-        names = [handle.expert_disk_names(i, e) for e in range(w13.shape[0])]
+        names = [handle.expert_source_names(i, e) for e in range(w13.shape[0])]
         p13 = packer.pack([[g, u] for g, u, _ in names], f"{pre}experts gate/up", report)
         p2 = packer.pack([[d] for _, _, d in names], f"{pre}experts down", report) if p13 is not None else None
         if p13 is not None and p2 is not None:
@@ -117,11 +117,10 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
 
 def _pack_linears(handle: ModelHandle, packer: "_Packer", i: int, layer: nn.Module,
                   report: ConversionReport) -> None:
-    pre = handle.layer_prefix(i)
     for name, mod in list(layer.named_modules()):
         if not isinstance(mod, nn.Linear):
             continue
-        disk = pre + handle.disk_local(name)
+        disk = (handle.source_name(i, name + ".weight") or "").removesuffix(".weight")
         if disk not in packer.modules:
             continue
         qw = packer.pack([[disk]], disk, report, batched=False)

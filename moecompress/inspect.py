@@ -1,12 +1,23 @@
-"""`moecompress inspect`: what a checkpoint is, and what quantizing it would do."""
+"""`moecompress inspect`: what a checkpoint is, and what quantizing it would do.
+
+A float checkpoint gets int4/int8 size estimates and the list of what `quantize` would quantize.
+An already-quantized one (config.json has a ``quantization_config``) is described as such: its
+scheme, parameters counted from the packed shapes (a packed int32 word holds several weights), and
+what is quantized and kept *in the checkpoint*; no estimates.
+"""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
 from .arch.handle import ModelHandle, decoder_layers
+from .errors import UserError
 from .quant.targets import layer_targets, target_weight
+
+_CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def _numel(shape) -> int:
@@ -16,13 +27,88 @@ def _numel(shape) -> int:
     return n
 
 
+def _quantization(h: ModelHandle) -> dict | None:
+    """The checkpoint's quantization scheme from config.json (None: a float checkpoint)."""
+    qcfg = h.reader.config.get("quantization_config")
+    if not qcfg:
+        return None
+    from .checkpoint.dequant import spec_from_config
+
+    if not isinstance(qcfg, dict):
+        return {"format": "unknown", "known": False}
+    try:
+        fmt, spec = spec_from_config(qcfg)
+    except (UserError, KeyError, TypeError, AttributeError):  # a scheme we do not read: say what we know
+        return {"format": str(qcfg.get("quant_method", "unknown")), "known": False,
+                "bits": qcfg.get("bits"), "group_size": qcfg.get("group_size")}
+    if fmt == "compressed-tensors":
+        fmt = f"compressed-tensors {qcfg.get('format', '')}".strip()
+    return {"format": fmt, "known": True, "bits": spec.bits, "group_size": spec.group_size,
+            "symmetric": spec.symmetric, "act_order": spec.act_order}
+
+
+def _quantized_modules(h: ModelHandle, q: dict) -> dict[str, int]:
+    """{module name: logical weight numel} of every packed linear of a checkpoint we can read."""
+    t = h.reader.tensors
+    bits, gs = q["bits"], q["group_size"]
+    out = {}
+    if q["format"].startswith("compressed-tensors"):
+        for n, info in t.items():
+            if n.endswith(".weight_packed"):
+                m = n[: -len(".weight_packed")]
+                rows, words = info.shape[0], info.shape[-1]
+                scale = t.get(f"{m}.weight_scale")
+                k = scale.shape[-1] * gs if gs and scale is not None else words * 32 // bits
+                out[m] = rows * k
+    else:
+        for n, info in t.items():
+            if n.endswith(".qweight"):
+                m = n[: -len(".qweight")]
+                g_idx = t.get(f"{m}.g_idx")  # one entry per input column: K exactly
+                k = g_idx.shape[0] if g_idx is not None else info.shape[0] * 32 // bits
+                out[m] = k * info.shape[-1]
+    return out
+
+
+def _non_text_parts(h: ModelHandle) -> list[str]:
+    """Parts of the checkpoint outside the text model we process (vision tower, MTP layers...)."""
+    text = {f"{h.disk_prefix}.embed_tokens.weight", f"{h.disk_prefix}.norm.weight", "lm_head.weight"}
+    layer = re.compile(rf"^{re.escape(h.disk_prefix)}\.layers\.(\d+)\.")
+    parts = {}
+    for n in h.non_layer_tensor_names():
+        if n in text:
+            continue
+        m = layer.match(n)
+        if m:  # a layer past num_hidden_layers: DeepSeek-V3 / GLM stores its MTP layer there
+            parts[f"{h.disk_prefix}.layers.{m.group(1)}"] = "MTP layer"
+            continue
+        bits = n.split(".")
+        group = ".".join(bits[:2]) if bits[0] == "model" and len(bits) > 2 else bits[0]
+        low = group.lower()
+        parts.setdefault(group, "vision tower" if ("visual" in low or "vision" in low) else
+                         "MTP layers" if "mtp" in low else "")
+    return [f"{g} ({kind})" if kind else g for g, kind in sorted(parts.items(), key=lambda kv: _natural(kv[0]))]
+
+
+def _natural(s: str):
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
+
+
+def _local_kind(h: ModelHandle, module: str) -> str:
+    """Layer-local kind of a full module name, indices folded: ``mlp.experts.*.up_proj``."""
+    pre = f"{h.disk_prefix}.layers."
+    if module.startswith(pre):
+        module = module[len(pre):].partition(".")[2]
+    return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", module)
+
+
 def describe(model_dir: str | Path, group_size: int = 128) -> dict:
     h = ModelHandle.open(model_dir)
+    quant = _quantization(h)
     model = h.skeleton()
     layers = decoder_layers(model)
     moe_layers = [i for i, l in enumerate(layers) if hasattr(getattr(l, "mlp", None), "experts")]
     dense_layers = [i for i in range(h.num_layers) if i not in moe_layers]
-    total = sum(_numel(t.shape) for t in h.reader.tensors.values())
     expert_params = 0
     quant_numel = Counter()
     quant_groups = 0
@@ -42,13 +128,36 @@ def describe(model_dir: str | Path, group_size: int = 128) -> dict:
                 kept_kinds.add(r)
             except AttributeError:
                 pass
-    active = total - expert_params + expert_params * h.top_k // max(h.num_experts, 1)
-    qn = sum(quant_numel.values())
+    non_text = _non_text_parts(h)
     bytes_now = h.reader.total_bytes()
-    elt = {"F32": 4, "BF16": 2, "F16": 2}
-    other_bytes = bytes_now - qn * elt.get(next(iter(h.reader.tensors.values())).dtype, 2)
-    scale_bytes = quant_groups * 2
-    size = {f"int{b}": int(max(other_bytes, 0) + qn * b / 8 + scale_bytes) for b in (4, 8)}
+    size = None
+    if quant is None:
+        total = sum(_numel(t.shape) for t in h.reader.tensors.values())
+        qn = sum(quant_numel.values())
+        elt = {"F32": 4, "BF16": 2, "F16": 2}
+        other_bytes = bytes_now - qn * elt.get(next(iter(h.reader.tensors.values())).dtype, 2)
+        scale_bytes = quant_groups * 2
+        size = {f"int{b}": int(max(other_bytes, 0) + qn * b / 8 + scale_bytes) for b in (4, 8)}
+        quantized = sorted(quantized_kinds)
+        kept = sorted(kept_kinds) + ["embed_tokens", "lm_head"]
+    elif quant["known"]:
+        mods = _quantized_modules(h, quant)
+        parts = _CT_PARTS if quant["format"].startswith("compressed-tensors") else _GPTQ_PARTS
+        packed = {f"{m}.{p}" for m in mods for p in parts}
+        total = sum(mods.values()) + sum(_numel(t.shape) for n, t in h.reader.tensors.items() if n not in packed)
+        quantized = sorted({_local_kind(h, m) for m in mods}, key=_natural)
+        in_layer = re.compile(rf"^{re.escape(h.disk_prefix)}\.layers\.(\d+)\.")
+        floats = {n[: -len(".weight")] for n, info in h.reader.tensors.items()
+                  if n.endswith(".weight") and len(info.shape) == 2 and (m := in_layer.match(n))
+                  and int(m.group(1)) < h.num_layers}
+        kept = sorted({_local_kind(h, m) for m in floats - set(mods)}, key=_natural) + ["embed_tokens", "lm_head"]
+    else:  # a scheme we cannot read: count from the config (the text model) plus the other float parts
+        text_params = sum(t.numel() for t in model.state_dict().values())
+        text_names = {f"{h.disk_prefix}.embed_tokens.weight", f"{h.disk_prefix}.norm.weight", "lm_head.weight"}
+        others = [n for n in h.non_layer_tensor_names() if n not in text_names]
+        total = text_params + sum(_numel(h.reader.tensors[n].shape) for n in others)
+        quantized, kept = [], []
+    active = total - expert_params + expert_params * h.top_k // max(h.num_experts, 1)
     text = h.text_config
     return {
         "path": str(Path(model_dir).resolve()), "family": h.family, "model_type": h.reader.config.get("model_type"),
@@ -58,7 +167,8 @@ def describe(model_dir: str | Path, group_size: int = 128) -> dict:
         "hidden_size": text.hidden_size, "float_dtype": str(h.float_dtype).replace("torch.", ""),
         "params_total": total, "params_active": active, "params_experts": expert_params,
         "size_bytes": bytes_now, "size_estimate_bytes": size, "group_size_for_estimate": group_size,
-        "quantized": sorted(quantized_kinds), "kept": sorted(kept_kinds) + ["embed_tokens", "lm_head"],
+        "quantization": quant,
+        "quantized": quantized, "kept": kept, "non_text": non_text,
         "router_scoring": h.spec.scoring,
     }
 
@@ -67,7 +177,17 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def _scheme(q: dict) -> str:
+    if not q["known"]:
+        extra = ", ".join(f"{k} {q[k]}" for k in ("bits", "group_size") if q.get(k) is not None)
+        return f"{q['format']}{' (' + extra + ')' if extra else ''}, a scheme moecompress does not read"
+    group = "per-channel" if q["group_size"] is None else f"group {q['group_size']}"
+    order = f", act-order {q['act_order']}" if q["act_order"] else ""
+    return f"{q['format']}, int{q['bits']}, {group}, {'symmetric' if q['symmetric'] else 'asymmetric'}{order}"
+
+
 def render(d: dict) -> str:
+    q = d.get("quantization")
     lines = [
         f"{d['path']}",
         f"  family        {d['family']} (model_type {d['model_type']}), {d['float_dtype']}",
@@ -76,9 +196,22 @@ def render(d: dict) -> str:
         f"router: {d['router_scoring']}",
         f"  parameters    {d['params_total'] / 1e9:.3f} B total, {d['params_active'] / 1e9:.3f} B active per token "
         f"({d['params_experts'] / max(d['params_total'], 1):.0%} in routed experts)",
-        f"  size on disk  {_gb(d['size_bytes'])} now; int8 ~{_gb(d['size_estimate_bytes']['int8'])}, "
-        f"int4 ~{_gb(d['size_estimate_bytes']['int4'])} (group {d['group_size_for_estimate']})",
-        "  quantized     " + ", ".join(d["quantized"]),
-        "  kept          " + ", ".join(d["kept"]) + " (routers bit-exact in the source dtype)",
     ]
+    kept = [", ".join(d["kept"])] if d["kept"] else []
+    if q is None:
+        lines += [
+            f"  size on disk  {_gb(d['size_bytes'])} now; int8 ~{_gb(d['size_estimate_bytes']['int8'])}, "
+            f"int4 ~{_gb(d['size_estimate_bytes']['int4'])} (group {d['group_size_for_estimate']})",
+            "  quantized     " + ", ".join(d["quantized"]),
+        ]
+        kept[0] += " (routers bit-exact in the source dtype)"
+    else:
+        lines += [f"  quantization  already quantized: {_scheme(q)}", f"  size on disk  {_gb(d['size_bytes'])}"]
+        if q["known"]:
+            lines.append("  quantized     " + (", ".join(d["quantized"]) or "nothing"))
+            kept[0] += " (float)"
+    if d.get("non_text"):  # `quantize` copies them byte for byte
+        kept.append("carried through unchanged: " + ", ".join(d["non_text"]))
+    if kept:
+        lines.append("  kept          " + "; ".join(kept))
     return "\n".join(lines)

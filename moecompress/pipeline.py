@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
 from .arch.handle import ModelHandle, decoder_layers
@@ -25,6 +26,7 @@ from .calib.runner import (LayerFeed, attention_half, capture_layer_kwargs, mlp_
 from .checkpoint.writer import ShardedWriter, atomic_output_dir, check_output_path, copy_side_files
 from .errors import UserError
 from .export import kept_module_names, layer_tensors, quantization_config
+from .finite import check_finite, check_finite_layer
 from .quant.targets import Target, capture_spec, layer_targets, solve, stages_of, target_weight
 from .recipe import QuantizeConfig
 
@@ -135,16 +137,20 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         windows = load_calibration(cfg, model_dir)
         summary["calibration"] = windows.metadata
         prepare_embeddings(handle, model, device, dtype)
+        check_finite(model.model.embed_tokens.weight, handle.non_layer_disk_name("model.embed_tokens.weight")
+                      or "model.embed_tokens.weight", dtype, store_dtype)
         feed = capture_layer_kwargs(model, windows.input_ids, cfg.batch_size, device)
         model.model.embed_tokens.to("meta")
         summary["timings_s"]["calibration_data"] = time.perf_counter() - t0
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    # log lines (starved experts...) go through tqdm.write while the bars are up, not into them
+    with atomic_output_dir(out_dir, overwrite) as tmp, logging_redirect_tqdm():
         writer = ShardedWriter(tmp, max_shard_bytes)
         quantized_names: set[str] = set()
         for i in tqdm(range(handle.num_layers), desc="layers", unit="layer"):
             t0 = time.perf_counter()
             layer = handle.load_layer(model, i, device, dtype)
+            check_finite_layer(layer, i, handle, dtype, store_dtype)
             record, results = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype, handle, router_dtype)
             for name, tensor in layer_tensors(handle, i, results, cfg.format, store_dtype).items():
                 writer.add(name, tensor)
@@ -197,7 +203,7 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
                 stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run)
             for t in stage:
                 bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
-                _solve_target(layer, t, stats, cfg, qspec, store_dtype, record, results, starved)
+                _solve_target(layer, i, t, stats, cfg, qspec, store_dtype, record, results, starved, handle)
                 bar.update()
         if feed is not None:
             if split:
@@ -236,7 +242,8 @@ def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run):
     return stats
 
 
-def _solve_target(layer, t: Target, stats, cfg, qspec, store_dtype, record, results, starved):
+def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, record, results, starved,
+                  handle: ModelHandle):
     param = target_weight(layer, t)
     st = stats.get(t.module_name if t.expert_proj is None else t.name)
     h = None
@@ -247,9 +254,16 @@ def _solve_target(layer, t: Target, stats, cfg, qspec, store_dtype, record, resu
             all_h = 2.0 * st.extra["all_sums"] / max(int(st.extra["all_count"]), 1)
             for e in starved:
                 h[e] = all_h
-    res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
-                rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
-                chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds)
+    try:
+        res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
+                    rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
+                    chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds)
+    except ValueError as e:  # the algorithms' NaN/Inf guard; the weights themselves were checked at load
+        if "NaN/Inf" not in str(e):
+            raise
+        name = f"{handle.layer_prefix(i)}{handle.disk_local(t.module_name)}"
+        raise UserError(f"the calibration activations reaching {name} are not finite ({e}); "
+                        "an overflow in half precision? try --dtype float32") from None
     param.data.copy_(res.dequantized.to(param.dtype))
     results[t] = res.qweight
     record["linears"][t.name] = res.info if t.expert_proj else res.info[0]

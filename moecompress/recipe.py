@@ -54,8 +54,13 @@ class QuantizeConfig(BaseModel):
     @field_validator("group_size", mode="before")
     @classmethod
     def _channel(cls, v):
-        if v in (-1, 0, "channel", "per-channel", None):
+        if isinstance(v, bool):
+            return v  # True == 1 and False == 0: leave booleans to the type check
+        if v in (-1, "channel", "per-channel", None):
             return None
+        if v == 0:  # not a synonym of per-channel: a 0 is more likely a slip than a choice
+            raise ValueError("0 is not a group size; use -1 (or 'channel') for per-channel, "
+                             "or a power of two such as 128")
         return v
 
     @field_validator("bits")

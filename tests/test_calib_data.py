@@ -274,6 +274,7 @@ def test_builtin_sets_are_disjoint_and_cover_everything(stdlib_split):
     assert len(code) > 100 and len(prose) > 20
     code_keys, prose_keys = [k for k, _ in code], [k for k, _ in prose]
     assert code_keys == sorted(code_keys) and "json/decoder.py" in code_keys
+    assert prose_keys == sorted(prose_keys) and set(code_keys).isdisjoint(prose_keys)
     assert not any(re.search(r"(^|/)(tests?|site-packages|__pycache__)/", k) for k in code_keys)
     assert not any(k.split("/")[-1].startswith("_sysconfigdata") for k in code_keys)
     for corpus, everything in (("code", code), ("prose", prose)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -10,10 +11,14 @@ import pytest
 from moecompress.cli import main
 
 
+_BAR = re.compile(r"\|.*\| *\d+/\d+ \[")  # a tqdm bar: "desc:  40%|####  | 2/5 [00:01<00:01, ...]"
+
+
 def _run(capsys, *argv):
+    """(exit code, stderr lines that are not progress bars or blank)."""
     rc = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    err = [l for l in err if "it/s]" not in l and not l.startswith(("Writing", "layers"))]
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # tqdm's cursor moves
+    err = [l for l in err.splitlines() if l.strip() and not _BAR.search(l)]
     return rc, err
 
 
@@ -48,6 +53,9 @@ CASES = {
     "unknown method": (lambda p, t: p, ["--method", "magic"], "magic"),
     "unknown format": (lambda p, t: p, ["--format", "gguf"], "gguf"),
     "zero threads": (lambda p, t: p, ["--threads", "0"], "threads"),
+    "group size 0": (lambda p, t: p, ["--group-size", "0"], "-1 (or 'channel') for per-channel"),
+    "blank-line jsonl calibration file": (lambda p, t: p, ["--calib", "BLANKJSONL"], "empty (0 rows)"),
+    "out below a file": (lambda p, t: p, ["--out", "FILE/sub/out"], "is a file"),
     "act-order group with compressed-tensors": (lambda p, t: p, ["--act-order", "group"], "GPTQ format"),
 }
 
@@ -104,7 +112,11 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path, qwen, case):
     model = make(qwen, tmp_path)
     (tmp_path / "EMPTY.txt").write_text("")
     (tmp_path / "BINARY.bin").write_bytes(bytes(range(256)) * 4)
-    extra = [{"EMPTY": str(tmp_path / "EMPTY.txt"), "BINARY": str(tmp_path / "BINARY.bin")}.get(a, a) for a in extra]
+    (tmp_path / "BLANK.jsonl").write_text("\n\n")
+    (tmp_path / "FILE").write_text("not a folder")
+    extra = [{"EMPTY": str(tmp_path / "EMPTY.txt"), "BINARY": str(tmp_path / "BINARY.bin"),
+              "BLANKJSONL": str(tmp_path / "BLANK.jsonl")}.get(a, a.replace("FILE", str(tmp_path / "FILE")))
+             for a in extra]
     out = tmp_path / "out"
     rc, err = _run(capsys, "quantize", str(model), "--out", str(out), "--group-size", "32",
                    "--calib-samples", "4", "--seq-len", "32", *extra)
@@ -147,3 +159,122 @@ def test_inspect_reports_family_and_sizes(capsys, tiny_ckpt):
     assert rc == 0
     assert "deepseek_v3" in out and "dense: [0]" in out and "8 routed, top-2" in out
     assert "mlp.gate" in out and "int4" in out
+
+
+def _poison(src, dst, name, index):
+    """A copy of checkpoint ``src`` whose tensor ``name`` holds a NaN at ``index``."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(src, dst)
+    tensors = load_file(d / "model.safetensors")
+    tensors[name][index] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_nan_weight_is_named_and_leaves_nothing(capsys, tmp_path, qwen, method):
+    name = "model.layers.0.mlp.experts.3.up_proj.weight"
+    model = _poison(qwen, tmp_path / "m", name, (5, 7))
+    out = tmp_path / "nest" / "a" / "b" / "out"
+    rc, err = _run(capsys, "quantize", str(model), "--out", str(out), "--method", method, "--group-size", "32",
+                   "--calib-samples", "4", "--seq-len", "32", "--threads", "1")
+    assert rc == 2, err
+    assert err == [f"error: {name} has NaN/Inf values"]
+    assert not (tmp_path / "nest").exists()  # the parent folders the run made are gone too
+
+
+def test_nan_in_a_norm_is_named(capsys, tmp_path, qwen):
+    name = "model.layers.1.post_attention_layernorm.weight"
+    model = _poison(qwen, tmp_path / "m", name, 3)
+    rc, err = _run(capsys, "quantize", str(model), "--out", str(tmp_path / "out"), "--method", "rtn",
+                   "--group-size", "32", "--threads", "1")
+    assert rc == 2 and err == [f"error: {name} has NaN/Inf values"], err
+    _assert_clean(tmp_path, tmp_path / "out")
+
+
+def test_nan_in_fused_experts_names_the_expert(capsys, tmp_path, tiny_ckpt):
+    src = tiny_ckpt("qwen3_5_moe", fused_experts=True)
+    name = "model.language_model.layers.1.mlp.experts.gate_up_proj"
+    model = _poison(src, tmp_path / "m", name, (5, 40, 3))
+    rc, err = _run(capsys, "quantize", str(model), "--out", str(tmp_path / "out"), "--method", "rtn",
+                   "--group-size", "32", "--threads", "1")
+    assert rc == 2 and err == [f"error: {name} (expert 5) has NaN/Inf values"], err
+
+
+def test_failed_run_removes_only_the_parents_it_made(capsys, tmp_path, qwen, monkeypatch):
+    from moecompress import pipeline
+    from moecompress.errors import UserError
+
+    def boom(*a, **k):
+        raise UserError("boom in the middle of the run")
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", boom)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    out = mine / "new" / "deeper" / "out"
+    rc, err = _run(capsys, "quantize", str(qwen), "--out", str(out), "--method", "rtn", "--group-size", "32")
+    assert rc == 2 and err == ["error: boom in the middle of the run"], err
+    assert mine.is_dir() and not list(mine.iterdir())  # ours removed, the user's folder kept
+
+
+def test_quantize_creates_missing_parents_on_success(capsys, tmp_path, qwen):
+    out = tmp_path / "x" / "y" / "out"
+    rc, err = _run(capsys, "quantize", str(qwen), "--out", str(out), "--method", "rtn", "--group-size", "32",
+                   "--threads", "1")
+    assert rc == 0, err
+    assert (out / "model.safetensors").is_file()
+
+
+def test_calibration_jsonl_prints_no_datasets_progress(capsys, tmp_path):
+    import datasets.utils.logging as ds_logging
+
+    from moecompress.calib.data import load_texts
+
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "hello world"}\n{"text": "more text"}\n')
+    was = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    assert load_texts(str(f)).n_documents == 2
+    assert "Generating" not in capsys.readouterr().err
+    assert (ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()) == was  # state restored
+
+
+def _with_mtp(src, dst):
+    """A copy of ``src`` with MTP tensors (``mtp.*``) beside the text model, as Qwen3.5 checkpoints have."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(src, dst)
+    tensors = load_file(d / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.randn(128, 256)
+    tensors["mtp.norm.weight"] = torch.ones(128)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_inspect_lists_non_text_parts_as_kept(capsys, tmp_path, tiny_ckpt):
+    src = _with_mtp(tiny_ckpt("qwen3_5_moe"), tmp_path / "m")
+    assert main(["inspect", str(src)]) == 0
+    kept = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("kept"))
+    assert "model.visual (vision tower)" in kept and "mtp (MTP layers)" in kept and "unchanged" in kept
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_inspect_quantized_checkpoint(capsys, tmp_path, tiny_ckpt, fmt):
+    from moecompress.inspect import describe
+
+    src = _with_mtp(tiny_ckpt("qwen3_5_moe"), tmp_path / "m")
+    q = tmp_path / "q"
+    rc, err = _run(capsys, "quantize", str(src), "--out", str(q), "--method", "rtn", "--group-size", "32",
+                   "--format", fmt, "--threads", "1")
+    assert rc == 0, err
+    assert main(["inspect", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert f"already quantized: {fmt}" in out and "int4, group 32, symmetric" in out
+    assert "int8 ~" not in out and "int4 ~" not in out and "-0.000" not in out
+    assert "mlp.experts.*.up_proj" in out and "mtp (MTP layers)" in out
+    before, after = describe(src), describe(q)
+    for key in ("params_total", "params_active", "params_experts"):
+        assert after[key] == before[key] > 0, key
+    assert after["params_experts"] < after["params_total"]
+    assert after["size_estimate_bytes"] is None and after["quantization"]["bits"] == 4

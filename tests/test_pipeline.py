@@ -35,6 +35,27 @@ def test_single_token_starves_experts_and_says_so(tiny_ckpt, tmp_path, caplog):
         assert torch.isfinite(t.float()).all(), name
 
 
+def test_log_lines_do_not_interleave_with_progress_bars(tiny_ckpt, tmp_path, capsys, caplog):
+    import logging
+    import re
+    import sys
+
+    console = logging.StreamHandler(sys.stderr)  # what the CLI's logging.basicConfig installs
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        with caplog.at_level("INFO", logger="moecompress"):
+            quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(calib_samples=1, seq_len=1, batch_size=1))
+    finally:
+        root.removeHandler(console)
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # tqdm's cursor moves
+    pieces = re.split(r"[\r\n]", err)
+    starved = [p for p in pieces if "fewer than 16 tokens" in p]
+    assert len(starved) == 2, pieces  # one per layer, each on its own line: not glued to a bar
+    assert all(re.match(r"layer \d+: 8 experts got fewer", p) for p in starved), starved
+
+
 def test_rtn_policy_for_starved_experts(tiny_ckpt, tmp_path):
     out = tmp_path / "q"
     s = quantize(tiny_ckpt("qwen2_moe"), out, quick_config(calib_samples=2, seq_len=8, starved_experts="rtn",

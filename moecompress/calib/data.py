@@ -38,10 +38,12 @@ any document's text changes and does not depend on document order or file names.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,18 +240,41 @@ def _source_from_dataset(ds: Any, origin: str, text_column: str | None) -> TextS
     return _make_source(f"{origin} column '{column}'", view, origin, digests, lengths)
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence ``datasets``' progress bars ("Generating train split") and logging; restore them after.
+
+    Reading a calibration file is one step of a command that has its own progress output; a bar
+    printed just before an error line would bury the error.
+    """
+    from datasets.utils import logging as ds_logging
+
+    bars, level = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    with warnings.catch_warnings():  # it warns (and keeps the bars) when HF_DATASETS_DISABLE_PROGRESS_BARS=0
+        warnings.simplefilter("ignore")
+        ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
 def _load_dataset_files(builder: str, files: list[Path], origin: str, text_column: str | None = None) -> TextSource:
     from datasets import load_dataset
 
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"{origin} is empty (0 bytes)")
-    try:
-        ds = load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    except Exception as e:  # noqa: BLE001 - malformed user data surfaces as many exception types
-        if "corresponds to no data" in str(e):  # datasets' way of saying "0 rows"
-            raise UserError(f"{origin} is empty (0 rows)") from e
-        raise UserError(f"could not read {origin} as {builder}: {_one_line(e)}") from e
-    return _source_from_dataset(ds, origin, text_column)
+    with _quiet_datasets():
+        try:
+            ds = load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        except Exception as e:  # noqa: BLE001 - malformed user data surfaces as many exception types
+            if "corresponds to no data" in str(e):  # datasets' way of saying "0 rows"
+                raise UserError(f"{origin} is empty (0 rows)") from e
+            raise UserError(f"could not read {origin} as {builder}: {_one_line(e)}") from e
+        return _source_from_dataset(ds, origin, text_column)
 
 
 def _load_saved_dataset(folder: Path, text_column: str | None) -> TextSource:
@@ -261,16 +286,17 @@ def _load_saved_dataset(folder: Path, text_column: str | None) -> TextSource:
             raise UserError(f"{origin} is empty (0 rows)")  # load_from_disk fails on 0 shards
     except (OSError, ValueError, AttributeError):
         pass  # no or odd state.json: a DatasetDict folder, or let load_from_disk judge
-    try:
-        ds = load_from_disk(str(folder))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"could not load the save_to_disk folder {folder}: {_one_line(e)}") from e
-    if isinstance(ds, DatasetDict):
-        if not ds:
-            raise UserError(f"{origin} contains no splits")
-        split = "train" if "train" in ds else next(iter(ds))
-        ds, origin = ds[split], f"{origin} split '{split}'"
-    return _source_from_dataset(ds, origin, text_column)
+    with _quiet_datasets():
+        try:
+            ds = load_from_disk(str(folder))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"could not load the save_to_disk folder {folder}: {_one_line(e)}") from e
+        if isinstance(ds, DatasetDict):
+            if not ds:
+                raise UserError(f"{origin} contains no splits")
+            split = "train" if "train" in ds else next(iter(ds))
+            ds, origin = ds[split], f"{origin} split '{split}'"
+        return _source_from_dataset(ds, origin, text_column)
 
 
 def load_texts(spec: str, *, text_column: str | None = None) -> TextSource:

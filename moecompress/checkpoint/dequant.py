@@ -7,7 +7,6 @@ reference path. Knows compressed-tensors ``pack-quantized`` and GPTQ v1 through 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch

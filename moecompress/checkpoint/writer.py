@@ -31,18 +31,61 @@ def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    missing_parents(out)  # refuse up front a folder that cannot be created
+
+
+def missing_parents(out: Path) -> list[Path]:
+    """The ancestors of ``out`` that do not exist yet, outermost first; UserError if one cannot be made."""
+    missing = []
+    p = Path(out).resolve().parent
+    while not p.exists():
+        if p.is_symlink():  # a dangling link: mkdir would fail on it
+            raise UserError(f"cannot create the folder of --out {out}: {p} is a broken symbolic link")
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"cannot create the folder of --out {out}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create --out {out}: no write permission in {p}")
+    return missing[::-1]
+
+
+def _make_parents(missing: list[Path]) -> list[Path]:
+    made = []
+    for p in missing:
+        try:
+            p.mkdir()
+        except FileExistsError:
+            continue  # made by someone else meanwhile: not ours to remove
+        except OSError as e:
+            _remove_empty(made)
+            raise UserError(f"cannot create folder {p}: {e.strerror}") from None
+        made.append(p)
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for p in reversed(made):
+        try:
+            p.rmdir()  # only if still empty: never remove what someone else put there
+        except OSError:
+            break
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename."""
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
+
+    Missing parent folders are created here and removed again (when still empty) if the work fails.
+    """
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(missing_parents(out))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     old = None
     if out.exists():

@@ -92,13 +92,16 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
+@click.option("--measure-errors/--no-measure-errors", default=True, show_default=True,
+              help="RTN: still run the calibration data to record each linear's output error and the "
+                   "per-expert token counts (GPTQ always does).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice). On a shared machine 1 is often fastest.")
 @click.option("--overwrite", is_flag=True)
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
-             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, threads,
-             overwrite) -> None:
+             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, measure_errors,
+             threads, overwrite) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
@@ -114,7 +117,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
-        only_experts=only_experts,
+        only_experts=only_experts, measure_errors=measure_errors,
     )
     summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
     n = summary["starved_experts_total"]

@@ -49,6 +49,9 @@ class QuantizeConfig(BaseModel):
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
     min_expert_tokens: int = 16
     only_experts: bool = False
+    # RTN needs no calibration data; with this on it still runs the data through the model to record
+    # each linear's output error and the per-expert token counts (GPTQ always does)
+    measure_errors: bool = True
     expert_chunk: int = 16
 
     @field_validator("group_size", mode="before")
@@ -117,7 +120,7 @@ class QuantizeConfig(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method != "rtn" or self.measure_errors
 
 
 def build_config(**values) -> QuantizeConfig:

@@ -132,3 +132,22 @@ def test_split_layer_equals_the_full_layer(tiny_ckpt, family):
         run_layer(layer, i, feed, update=True)
         for a, b in zip(split, feed.hidden):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rtn_measures_output_errors_without_changing_the_weights(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("qwen3_moe")
+    measured = quantize(src, tmp_path / "m", quick_config(method="rtn", measure_errors=True))
+    blind = quantize(src, tmp_path / "b", quick_config(method="rtn", measure_errors=False))
+    assert measured["calibration"]["input_ids_sha256"] and "calibration" not in blind
+    for layer_m, layer_b in zip(measured["layers"], blind["layers"]):
+        assert layer_m["linears"].keys() == layer_b["linears"].keys()
+        for name, info in layer_m["linears"].items():
+            errs = [i["output_rel_err"] for i in (info if isinstance(info, list) else [info])]
+            assert all(e is not None and 0 < e < 1 for e in errs), (layer_m["layer"], name, errs)
+        if "expert_tokens" in layer_m:
+            assert sum(layer_m["expert_tokens"]) > 0
+    assert any("expert_tokens" in layer for layer in measured["layers"])
+    a, b = CheckpointReader.open(tmp_path / "m"), CheckpointReader.open(tmp_path / "b")
+    assert a.names() == b.names()
+    for n in a.names():  # measuring never changes what RTN writes
+        assert torch.equal(a.get(n), b.get(n)), n

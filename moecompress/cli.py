@@ -92,6 +92,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
+@click.option("--quantize-lm-head", is_flag=True,
+              help="Quantize lm_head too (kept in float by default; refused when tied to the embeddings).")
 @click.option("--measure-errors/--no-measure-errors", default=True, show_default=True,
               help="RTN: still run the calibration data to record each linear's output error and the "
                    "per-expert token counts (GPTQ always does).")
@@ -100,8 +102,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--overwrite", is_flag=True)
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
-             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, measure_errors,
-             threads, overwrite) -> None:
+             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, quantize_lm_head,
+             measure_errors, threads, overwrite) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
@@ -117,7 +119,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
-        only_experts=only_experts, measure_errors=measure_errors,
+        only_experts=only_experts, quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
     )
     summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
     n = summary["starved_experts_total"]

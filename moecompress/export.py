@@ -62,6 +62,8 @@ def layer_tensors(handle: ModelHandle, i: int, results: dict[Target, QuantizedWe
 def kept_module_names(handle: ModelHandle, model: nn.Module, quantized: set[str]) -> list[str]:
     """Full names of every Linear-like module left in float, spelled as the loaders see them.
 
+    ``quantized``: ``"{layer}.{local name}"`` of every quantized layer module, plus ``"lm_head"`` when the head is.
+
     Routers are listed although transformers' router is not an ``nn.Linear``: vLLM builds them as
     linear layers and would otherwise look for packed weights. Non-text parts (a vision tower,
     MTP layers) are listed from the shards: every 2D ``.weight`` outside the processed layers
@@ -88,9 +90,9 @@ def kept_module_names(handle: ModelHandle, model: nn.Module, quantized: set[str]
     embed = f"{handle.disk_prefix}.embed_tokens.weight"
     for n in handle.non_layer_tensor_names():
         info = handle.reader.tensors[n]
-        if n.endswith(".weight") and len(info.shape) == 2 and n != embed:
+        if n.endswith(".weight") and len(info.shape) == 2 and n != embed and n[: -len(".weight")] not in quantized:
             names.append(n[: -len(".weight")])
-    if "lm_head" not in names:
+    if "lm_head" not in names and "lm_head" not in quantized:
         names.append("lm_head")
     return sorted(set(names), key=_natural)
 

@@ -25,8 +25,9 @@ from .calib.runner import (LayerFeed, attention_half, capture_layer_kwargs, mlp_
                            run_layer)
 from .checkpoint.writer import ShardedWriter, atomic_output_dir, check_output_path, copy_side_files
 from .errors import UserError
-from .export import kept_module_names, layer_tensors, quantization_config
+from .export import encode, kept_module_names, layer_tensors, quantization_config
 from .finite import check_finite, check_finite_layer
+from .lm_head import check_lm_head, quantize_lm_head
 from .quant.targets import Target, capture_spec, layer_targets, solve, stages_of, target_weight
 from .recipe import QuantizeConfig
 
@@ -127,6 +128,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     for i, targets in enumerate(all_targets):  # fail before any work on a group size that cannot fit
         for t in targets:
             qspec.check_shape(target_weight(layers[i], t).shape[-1], f"layer {i} {t.name}")
+    if cfg.quantize_lm_head:
+        check_lm_head(handle, qspec, cfg.format)
 
     summary: dict = {"moecompress_version": __version__, "command": command, "recipe": cfg.model_dump(),
                      "source": str(model_dir.resolve()), "family": handle.family,
@@ -158,12 +161,20 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             layers[i].to("meta")
             record["seconds"] = time.perf_counter() - t0
             summary["layers"].append(record)
+        if cfg.quantize_lm_head:
+            qw, summary["lm_head"] = quantize_lm_head(handle, model, feed.hidden if feed else None, cfg, qspec,
+                                                      store_dtype, device, dtype)
+            for k, v in encode(cfg.format, qw, store_dtype).items():
+                writer.add(f"lm_head.{k}", v)
+            quantized_names.add("lm_head")
         for name in handle.non_layer_tensor_names():
-            writer.add(name, handle.reader.get(name))
+            if not (cfg.quantize_lm_head and name == "lm_head.weight"):
+                writer.add(name, handle.reader.get(name))
         shards = writer.close()
         kept = kept_module_names(handle, model, quantized_names)
         qcfg = quantization_config(cfg.format, qspec, kept, handle, {"damp_percent": cfg.damp,
-                                                                     "true_sequential": cfg.true_sequential})
+                                                                     "true_sequential": cfg.true_sequential,
+                                                                     "lm_head": cfg.quantize_lm_head})
         config = dict(handle.reader.config)
         config["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

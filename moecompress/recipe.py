@@ -52,6 +52,8 @@ class QuantizeConfig(BaseModel):
     # RTN needs no calibration data; with this on it still runs the data through the model to record
     # each linear's output error and the per-expert token counts (GPTQ always does)
     measure_errors: bool = True
+    # lm_head stays in float unless asked (a tied head, which is the embedding matrix, is refused)
+    quantize_lm_head: bool = False
     expert_chunk: int = 16
 
     @field_validator("group_size", mode="before")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import FAMILIES, quick_config
 from moecompress.checkpoint.dequant import write_dequantized
+from moecompress.checkpoint.load import load_model
 from moecompress.checkpoint.reader import CheckpointReader
+from moecompress.errors import UserError
 from moecompress.pipeline import quantize
 
 # how the source stores its tensors: save_pretrained's default (per expert, the family's original names),
@@ -128,3 +132,37 @@ def test_output_does_not_depend_on_the_source_layout(tiny_ckpt, tmp_path, family
     assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in a.names())
     for n in a.names():
         assert torch.equal(a.get(n), b.get(n)), n
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_quantized_lm_head(tiny_ckpt, tmp_path, fmt):
+    """--quantize-lm-head: the head is packed (no float copy), left out of the kept list, and named in the
+    format's switch; it is calibrated on the final-normed residual stream (GPTQ beats RTN on it)."""
+    src = tiny_ckpt("qwen3_moe", vocab_size=264)  # GPTQ v1 packs rows by 8 at 4 bits
+    out = tmp_path / "q"
+    summary = quantize(src, out, quick_config(bits=4, format=fmt, quantize_lm_head=True))
+    keys = set(CheckpointReader.open(out).names())
+    assert "lm_head.weight" not in keys
+    assert ("lm_head.weight_packed" if fmt == "compressed-tensors" else "lm_head.qweight") in keys
+    assert "lm_head" not in summary["kept_in_float"]
+    info = summary["lm_head"]
+    assert 0 < info["output_rel_err"] < info["rtn_output_rel_err"], info
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    if fmt == "compressed-tensors":
+        assert "lm_head" not in qcfg["ignore"]
+        # logits equal to our dequantized twin's: transformers used the quantized head
+        check_loads_and_matches_dequantized(src, out, tmp_path, "quantized lm_head")
+    else:
+        assert qcfg["lm_head"] is True and not any("lm_head" in rule for rule in qcfg["dynamic"])
+    w = load_model(out)[1].lm_head.weight  # our loader dequantizes the packed head
+    source = load_model(src)[1].lm_head.weight
+    assert 0 < ((w - source).norm() / source.norm()).item() < 0.2
+
+
+def test_quantized_lm_head_refused_when_tied(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("qwen3_moe", tie_word_embeddings=True)
+    with pytest.raises(UserError, match="tied"):
+        quantize(src, tmp_path / "q", quick_config(bits=4, quantize_lm_head=True))
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(UserError, match="multiples of 32"):  # refused before any work, not at export
+        quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(bits=4, format="gptq", quantize_lm_head=True))

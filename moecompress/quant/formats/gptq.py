@@ -32,7 +32,7 @@ def _natural_g_idx(k: int, group: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(k, device=device) // group).to(torch.int32)
 
 
-def _check_dims(n: int, k: int, bits: int) -> None:
+def check_dims(n: int, k: int, bits: int) -> None:
     if (k * bits) % 32 or (n * bits) % 32:
         raise UserError(
             f"GPTQ v1 needs K*bits and N*bits to be multiples of 32 (K={k}, N={n}, bits={bits}); "
@@ -68,7 +68,7 @@ def encode_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict
         raise ValueError(f"encode_linear takes one linear [N, K], got shape {tuple(qw.qweight.shape)}")
     n, k = qw.qweight.shape
     spec.check_shape(k)
-    _check_dims(n, k, spec.bits)
+    check_dims(n, k, spec.bits)
     g = 1 if spec.group_size is None else k // spec.group_size
     if tuple(qw.scales.shape) != (n, g) or tuple(qw.zeros.shape) != (n, g):
         raise ValueError(f"scales/zeros must be [{n}, {g}], got {tuple(qw.scales.shape)}/{tuple(qw.zeros.shape)}")
@@ -105,7 +105,7 @@ def decode_linear(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> Quantize
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
     g, n = scales.shape
     k = qweight.shape[0] * 32 // b
-    _check_dims(n, k, b)
+    check_dims(n, k, b)
     if qweight.shape != (k * b // 32, n) or qzeros.shape != (g, n * b // 32):
         raise UserError(f"inconsistent GPTQ shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                         f"scales {tuple(scales.shape)} for {b} bits")
@@ -140,6 +140,7 @@ def quantize_config(
     *,
     damp_percent: float = 0.01,
     true_sequential: bool = True,
+    lm_head: bool = False,
 ) -> dict:
     """quantize_config.json (also config.json's ``quantization_config``) for a GPTQ v1 checkpoint.
 
@@ -163,6 +164,6 @@ def quantize_config(
         "damp_percent": damp_percent,
         "true_sequential": true_sequential,
         "static_groups": False,
-        "lm_head": False,
+        "lm_head": lm_head,  # vLLM's and GPTQModel's switch for a quantized lm_head
         "dynamic": {f"-:{rx}": {} for rx in dict.fromkeys(ignore_regexes)},
     }

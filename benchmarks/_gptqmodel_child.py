@@ -129,6 +129,11 @@ def run_job(job: dict, dtype, backend, input_ids, torch) -> dict:
     # ---- module types
     quant, floats, routers, kernels = [], [], {}, set()
     for name, mod in model.named_modules():
+        if name.endswith("lm_head"):
+            res["lm_head"] = {"name": name, "type": type(mod).__name__, "quantized": isinstance(mod, BaseQuantLinear)}
+            if isinstance(mod, BaseQuantLinear):  # compared with the twin below like every quantized module
+                quant.append(name)
+                kernels.add(type(mod).__name__)
         if ".layers." not in name:
             continue
         if isinstance(mod, BaseQuantLinear):

@@ -15,8 +15,10 @@ environment outside the repository and is not part of CI (setup: benchmarks/READ
 3. loads each twin with transformers (``experts_implementation="eager"``) in float32 -- the
    reference -- and in float16 (the noise floor of an fp16 forward), runs the same ids and compares.
 
-A setting is ``family:bits:act_order[:asym][:rename][:bypass]``. Two flags are diagnostics that tell
-a GPTQModel-side refusal from a problem in our format:
+A setting is ``family:bits:act_order[:asym][:rename][:bypass][:lmhead]``. ``lmhead`` quantizes
+lm_head too (``--quantize-lm-head``, on a tiny model with a 264-token vocabulary so that GPTQ v1
+can pack its rows); GPTQModel must then load it as a quantized module. Two flags are diagnostics
+that tell a GPTQModel-side refusal from a problem in our format:
 
 * ``rename`` loads a copy of the checkpoint whose tensor names are spelled as GPTQModel's runtime
   modules (Mixtral's ``block_sparse_moe.experts.E.w1`` -> ``mlp.experts.E.gate_proj``);
@@ -57,7 +59,7 @@ CHILD = Path(__file__).resolve().parent / "_gptqmodel_child.py"
 DEFAULT_PYTHON = "/work/gptqmodel-venv/bin/python"
 DEFAULT_SETTINGS = ("qwen3_moe:4:none,qwen3_moe:4:group,qwen3_moe:8:none,qwen3_moe:3:none,qwen3_moe:4:none:asym,"
                     "qwen3_moe:4:none:asym:bypass,qwen2_moe:4:none,mixtral:4:none,mixtral:4:none:rename")
-FLAGS = ("asym", "rename", "bypass")
+FLAGS = ("asym", "rename", "bypass", "lmhead")
 
 
 def expected_failure(s: dict) -> tuple[str, str] | None:
@@ -75,12 +77,13 @@ def parse_settings(text: str) -> list[dict]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
         if len(parts) < 3 or parts[2] not in ("none", "weight", "group") or not parts[1].isdigit():
-            raise SystemExit(f"bad setting {item!r}: want family:bits:act_order[:asym][:rename][:bypass]")
+            raise SystemExit(f"bad setting {item!r}: want family:bits:act_order[:asym][:rename][:bypass][:lmhead]")
         flags = set(parts[3:])
         if flags - set(FLAGS):
             raise SystemExit(f"bad flags in {item!r}: only {', '.join(FLAGS)}")
         out.append({"id": item, "family": parts[0], "bits": int(parts[1]), "act_order": parts[2],
-                    "sym": "asym" not in flags, "rename": "rename" in flags, "bypass": "bypass" in flags})
+                    "sym": "asym" not in flags, "rename": "rename" in flags, "bypass": "bypass" in flags,
+                    "lmhead": "lmhead" in flags})
     return out
 
 
@@ -134,18 +137,24 @@ def prepare(settings: list[dict], work: Path, args, log: Path) -> None:
     tiny_done, quant_done = {}, {}
     for s in settings:
         fam = s["family"]
-        if fam not in tiny_done:
-            tiny = work / f"tiny_{fam}"
-            if not tiny.exists():
+        tkey = (fam, s["lmhead"])
+        if tkey not in tiny_done:
+            tiny = work / f"tiny_{fam}" if not s["lmhead"] else work / f"tiny_{fam}_v264"
+            if not tiny.exists() and s["lmhead"]:  # GPTQ v1 packs lm_head rows by 8: a vocab of 264, not 260
+                from moecompress.tiny import save_tiny
+
+                save_tiny(fam, tiny, seed=args.seed, vocab_size=264)
+            elif not tiny.exists():
                 run(mc + ["make-tiny", str(tiny), "--family", fam, "--seed", str(args.seed)], log)
-            tiny_done[fam] = tiny
-        key = (fam, s["bits"], s["act_order"], s["sym"])
+            tiny_done[tkey] = tiny
+        key = (fam, s["bits"], s["act_order"], s["sym"], s["lmhead"])
         if key not in quant_done:
-            tag = f"{fam}_w{s['bits']}_{s['act_order']}_{'sym' if s['sym'] else 'asym'}"
+            tag = f"{fam}_w{s['bits']}_{s['act_order']}_{'sym' if s['sym'] else 'asym'}" + ("_lmhead" if s["lmhead"] else "")
             q, twin = work / f"q_{tag}", work / f"q_{tag}_deq"
             secs = 0.0
             if not q.exists():
-                secs = run(mc + ["quantize", str(tiny_done[fam]), "--out", str(q), "--format", "gptq",
+                secs = run(mc + ["quantize", str(tiny_done[tkey]), "--out", str(q), "--format", "gptq",
+                                 *(["--quantize-lm-head"] if s["lmhead"] else []),
                                  "--bits", str(s["bits"]), "--group-size", str(args.group_size),
                                  "--act-order", s["act_order"], "--sym" if s["sym"] else "--asym",
                                  "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
@@ -218,6 +227,8 @@ def judge(s: dict, r: dict, tol: float, floor: float) -> tuple[str, list[str]]:
     w = r.get("weights", {})
     if not w or w["compared"] != r.get("n_quantized_modules") or w["max_abs_diff"] != 0.0:
         why.append(f"dequantized weights differ from ours (max |diff| {w.get('max_abs_diff')})")
+    if s.get("lmhead") and not r.get("lm_head", {}).get("quantized"):
+        why.append(f"lm_head loaded as {r.get('lm_head', {}).get('type')}, not quantized (quantize_config lm_head: true)")
     if not r.get("logits_finite"):
         why.append("non-finite logits")
     limit = max(tol, 2 * floor)

@@ -265,10 +265,13 @@ def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, reco
             all_h = 2.0 * st.extra["all_sums"] / max(int(st.extra["all_count"]), 1)
             for e in starved:
                 h[e] = all_h
+    experts = param.shape[0] if param.dim() == 3 else 0
+    bar = tqdm(total=experts, desc=f"  {t.name}", unit="expert", leave=False, disable=experts <= cfg.expert_chunk)
     try:
-        res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
-                    rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
-                    chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds)
+        with bar:
+            res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
+                        rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
+                        chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds, on_chunk=bar.update)
     except ValueError as e:  # the algorithms' NaN/Inf guard; the weights themselves were checked at load
         if "NaN/Inf" not in str(e):
             raise

@@ -151,3 +151,9 @@ def test_rtn_measures_output_errors_without_changing_the_weights(tiny_ckpt, tmp_
     assert a.names() == b.names()
     for n in a.names():  # measuring never changes what RTN writes
         assert torch.equal(a.get(n), b.get(n)), n
+
+
+def test_expert_progress_bar_counts_experts(tiny_ckpt, tmp_path, capsys):
+    quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(expert_chunk=2))
+    err = capsys.readouterr().err
+    assert "mlp.experts.gate_up_proj: 100%" in err and "8/8 [" in err and "expert/s" in err, err[-2000:]

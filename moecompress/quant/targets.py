@@ -95,11 +95,12 @@ def round_scales(qw: QuantizedWeight, store_dtype: torch.dtype) -> QuantizedWeig
 
 def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, store_dtype: torch.dtype,
           *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16,
-          refine_rounds: int = 0) -> SolveResult:
+          refine_rounds: int = 0, on_chunk=None) -> SolveResult:
     """Quantize one target: w [N, K] (with h [K, K]) or all experts w [E, N, K] (with h [E, K, K]).
 
     Members listed in ``rtn_members`` (starved experts under the RTN policy) are rounded to nearest
-    instead of solved with GPTQ. Batched members are solved ``chunk`` at a time to bound memory.
+    instead of solved with GPTQ. Batched members are solved ``chunk`` at a time to bound memory;
+    ``on_chunk(n)`` (optional) is told after each chunk how many members it held (progress).
     """
     batched = w.dim() == 3
     W = w.float() if batched else w.float().unsqueeze(0)
@@ -128,6 +129,8 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
                     stats[j] = {"method": "rtn", "reason": "starved"}
         parts.append(round_scales(qw, store_dtype))
         infos.extend(stats)
+        if on_chunk is not None:
+            on_chunk(len(idx))
     qw = _cat(parts) if len(parts) > 1 else parts[0]
     deq = qw.dequantize(torch.float32)
     werr = weight_rel_error(W, deq)

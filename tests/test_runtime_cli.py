@@ -31,6 +31,27 @@ def test_generate_prints_the_greedy_continuation_and_speeds(tiny_ckpt, capsys):
     assert len(err) == 1 and "prefill" in err[0] and "decode" in err[0] and "tokens/s" in err[0], err
 
 
+def test_generate_runs_a_quantized_hybrid_checkpoint(tiny_ckpt, tmp_path, capsys):
+    """Qwen3.5-MoE (Gated DeltaNet + full attention), quantized by `moecompress quantize`, then generated
+    from the command line: the continuation the runtime gives in-process."""
+    from transformers import AutoTokenizer
+
+    q = tmp_path / "q"
+    rc, _, err = _run(capsys, "quantize", tiny_ckpt("qwen3_5_moe"), "--out", q, "--method", "rtn", "--group-size", "32",
+                      "--calib-samples", "8", "--seq-len", "64", "--batch-size", "4")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "generate", q, "--prompt", "Hello, world", "--max-new-tokens", "12", "--greedy")
+    assert rc == 0, err
+    rt = Runtime.load(q)
+    assert rt.family == "qwen3_5_moe" and rt.report.quant_format == "compressed-tensors"
+    tok = AutoTokenizer.from_pretrained(q)
+    ids = tok("Hello, world", return_tensors="pt").input_ids
+    assert out == tok.decode(rt.generate(ids, 12).tokens[0], skip_special_tokens=True) + "\n"
+    # transformers may add one-time notes that its torch reference of the linear attention runs
+    err = [line for line in err if not line.startswith("[transformers]")]
+    assert len(err) == 1 and "prefill" in err[0] and "decode" in err[0], err
+
+
 def test_generate_samples_reproducibly(tiny_ckpt, capsys):
     path = tiny_ckpt("mixtral")
     args = ("generate", path, "--prompt", "abc", "--max-new-tokens", "16", "--temperature", "0.8", "--top-p", "0.9")

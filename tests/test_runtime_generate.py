@@ -11,7 +11,7 @@ from moecompress.errors import UserError
 from moecompress.pipeline import quantize
 from moecompress.runtime import Runtime
 
-RUNTIME_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe"]
+RUNTIME_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe"]
 NEW_TOKENS = 40
 
 
@@ -65,6 +65,11 @@ def test_in_memory_layout_matches_transformers(tiny_ckpt, family):
     _greedy_matches_transformers(tiny_ckpt(family, original_format=False), family)
 
 
+def test_official_qwen3_5_layout_matches_transformers(tiny_ckpt):
+    # official Qwen3.5/3.6 checkpoints store experts fused (3D) on disk, under model.language_model
+    _greedy_matches_transformers(tiny_ckpt("qwen3_5_moe", fused_experts=True), "qwen3_5_moe")
+
+
 @pytest.mark.parametrize("family,overrides", [("qwen3_moe", dict(mlp_only_layers=[0])),
                                               ("qwen2_moe", dict(decoder_sparse_step=2))])
 def test_dense_layers_match_transformers(tiny_ckpt, family, overrides):
@@ -100,6 +105,7 @@ QUANTIZED_CASES = [
     ("deepseek_v3", "gptq", {"method": "gptq", "act_order": "group"}),
     ("olmoe", "compressed-tensors", {"symmetric": False, "group_size": 64}),
     ("qwen2_moe", "gptq", {"bits": 8}),
+    ("qwen3_5_moe", "compressed-tensors", {}),  # hybrid: quantized Gated DeltaNet projections and attention
 ]
 
 
@@ -196,16 +202,69 @@ def test_generate_rejects_bad_arguments(tiny_ckpt):
         rt.generate(torch.tensor([[1, 10_000]]), 4)
 
 
-def test_unsupported_family_is_a_user_error(tiny_ckpt):
-    with pytest.raises(UserError, match="does not support"):
-        Runtime.load(tiny_ckpt("qwen3_5_moe"))
+def test_unsupported_family_is_a_user_error(tiny_ckpt, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from moecompress.runtime import convert
+
+    path = shutil.copytree(tiny_ckpt("qwen3_moe"), tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_next")))  # an MoE family we lack
+    with pytest.raises(UserError, match="'qwen3_next' is not supported"):
+        Runtime.load(path)
+    # a family the toolkit reads but the runtime would not run: refused in one line, before any weight
+    monkeypatch.setattr(convert, "RUNTIME_FAMILIES", ("mixtral",))
+    with pytest.raises(UserError, match="does not support the 'qwen3_moe' family"):
+        Runtime.load(tiny_ckpt("qwen3_moe"))
+
+
+def test_hybrid_linear_attention_short_prompts_and_reuse(tiny_ckpt):
+    """Qwen3.5-MoE: Gated DeltaNet layers (conv + recurrent state in our cache) beside full attention,
+    against transformers' vision-language class (how the real checkpoints load); prompts shorter
+    than the conv kernel, one Runtime (so one cache) reused across generations."""
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_ckpt("qwen3_5_moe")
+    rt = Runtime.load(path)
+    assert True in rt.model.linear_attention and False in rt.model.linear_attention
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                     experts_implementation="eager").eval()
+    hf.generation_config.eos_token_id = None
+    kernel = hf.config.text_config.linear_conv_kernel_dim
+    for length in (1, kernel - 1):
+        _check_against_transformers(rt, hf, _prompt(10 + length, length=length), f"qwen3_5_moe, prompt {length}")
+
+
+def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
+    """The decode step a CUDA graph captures (static buffer, positions on the device), run eagerly on the
+    CPU: after warm-up steps (which advance the recurrent state) are undone by snapshot/restore, it gives
+    the eager decode's logits."""
+    rt = Runtime.load(tiny_ckpt("qwen3_5_moe"))
+    prompt = _prompt(11)
+    length, steps = prompt.shape[1], 12
+    ref = rt.generate(prompt, steps, stop_ids=[], keep_logits=True)
+    cache = rt._cache_for(1, length + steps)
+    logits = rt.model.forward(prompt, rt._positions(0, length), cache, length)
+    tok = logits.argmax(-1, keepdim=True)
+    saved = cache.snapshot_states()
+    assert saved, "no linear-attention state was cached"
+    for _ in range(2):  # what DecodeGraph's warm-up does
+        rt.model.forward(tok, rt._positions(length, length + 1), cache, None)
+    cache.restore_states(saved)
+    for step in range(1, steps):
+        logits = rt.model.forward(tok, rt._positions(length + step - 1, length + step), cache, None)
+        rel = _rel(logits, ref.logits[step])
+        assert rel < 1e-5, f"graph-mode step {step}: rel {rel:.2e} against the eager decode"
+        tok = logits.argmax(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("family,fmt,settings", [
     ("qwen3_moe", "compressed-tensors", {}),
     ("glm4_moe", "gptq", {"symmetric": False}),  # sigmoid routing, group-limited top-k, int4 with zero points
     ("deepseek_v3", "compressed-tensors", {"bits": 8}),
-], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8"])
+    ("qwen3_5_moe", "compressed-tensors", {}),  # packed Gated DeltaNet projections, float conv
+], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4"])
 def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, fmt, settings):
     """The CUDA code path (packed int4/int8 linears and experts, Triton routing and fused MoE), run by
     Triton's interpreter: same tokens and logits as the dequantized CPU path."""
@@ -226,7 +285,8 @@ def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, f
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("deepseek_v3", None)])
+@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("deepseek_v3", None),
+                                        ("qwen3_5_moe", "compressed-tensors")])
 def test_cuda_graph_decode_matches_eager_and_cpu(quantized, tiny_ckpt, family, fmt):
     path = quantized(family, fmt)[0] if fmt else tiny_ckpt(family)
     graph = Runtime.load(path, device="cuda", dtype="float32")

@@ -1,23 +1,32 @@
-"""A static KV cache that transformers' attention modules write into.
+"""The runtime's per-layer decoding state: a static KV cache, and recurrent states for linear attention.
 
 transformers 5 attention calls ``past_key_values.update(key, value, layer_idx)`` and attends over
-what it returns; that is the whole interface used here (we run the decoder layers ourselves). Per
-layer the cache owns two preallocated buffers ``[B, heads, max_len, dim]`` (allocated on the first
-write, so the shapes follow the family: DeepSeek-V3 caches its compressed latents, whose key and
-value widths differ). Before each forward the runtime says where the new tokens go
-(:meth:`KVCache.prepare`): either the filled length after the step (eager steps write the new
-tokens at its end and attend over exactly the filled prefix), or ``None`` with a device tensor of
-positions (graph steps: a captured CUDA graph replays the step at a new position after a ``copy_``
-into that tensor, and attends over the whole buffer, the mask hiding the tail).
+what it returns; that is the whole interface its attention layers use (we run the decoder layers
+ourselves). Per layer the cache owns two preallocated buffers ``[B, heads, max_len, dim]``
+(allocated on the first write, so the shapes follow the family: DeepSeek-V3 caches its compressed
+latents, whose key and value widths differ). Before each forward the runtime says where the new
+tokens go (:meth:`KVCache.prepare`): either the filled length after the step (eager steps write the
+new tokens at its end and attend over exactly the filled prefix), or ``None`` with a device tensor
+of positions (graph steps: a captured CUDA graph replays the step at a new position after a
+``copy_`` into that tensor, and attends over the whole buffer, the mask hiding the tail).
+
+Hybrid families (Qwen3.5/3.6-MoE's Gated DeltaNet layers) also keep, per linear-attention layer, a
+conv state ``[B, channels, kernel]`` (the last inputs of the causal depthwise conv) and a recurrent
+state ``[B, heads, k_dim, v_dim]``; those layers call the ``get_/update_conv_state``,
+``get_/update_recurrent_state`` and ``is_recording_past`` methods of transformers' ``Cache``, which
+:class:`KVCache` provides with the same meaning (states are written in place, so their addresses
+stay fixed for a CUDA graph). A step that fills the cache from empty (``kv_len`` equal to the number
+of new tokens: a prefill) reads no previous state, so a reused cache needs no reset.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
-    """Preallocated per-layer key/value buffers (see module docstring)."""
+    """Preallocated per-layer key/value buffers and linear-attention states (see module docstring)."""
 
     def __init__(self, num_layers: int, batch: int, max_len: int) -> None:
         self.num_layers = num_layers
@@ -25,13 +34,17 @@ class KVCache:
         self.max_len = max_len
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.conv: list[torch.Tensor | None] = [None] * num_layers
+        self.recurrent: list[torch.Tensor | None] = [None] * num_layers
         self._positions: torch.Tensor | None = None
         self._kv_len: int | None = None
+        self._fresh = True  # the step starts a sequence: no previous linear-attention state
 
     def prepare(self, positions: torch.Tensor, kv_len: int | None) -> None:
         """Where the next forward writes (``positions [q]``, int64) and how much it reads (None: all)."""
         self._positions = positions
         self._kv_len = kv_len
+        self._fresh = kv_len is not None and kv_len == positions.shape[0]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write ``key``/``value`` ``[B, heads, q, dim]`` at the prepared positions; return what to attend over."""
@@ -54,3 +67,43 @@ class KVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len or 0
+
+    # ------------------------------------------------------------------ linear attention
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The layer's conv state, or None when the step has no previous state (a prefill)."""
+        return None if self._fresh else self.conv[layer_idx]
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        return None if self._fresh else self.recurrent[layer_idx]
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False  # no speculative rollback: only the last ``kernel`` conv inputs are kept
+
+    def update_conv_state(self, x: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        """Keep the last ``conv_kernel_size`` columns of the conv input ``x [B, C, L]``; return the input
+        with its left context (previous state, or zeros on a prefill) for the causal conv to run over."""
+        kernel = conv_kernel_size or x.shape[-1]
+        if self._fresh or self.conv[layer_idx] is None:
+            full = F.pad(x, (kernel - x.shape[-1], 0)) if x.shape[-1] < kernel else x
+        else:
+            full = torch.cat([self.conv[layer_idx], x], dim=-1)
+        if self.conv[layer_idx] is None:
+            self.conv[layer_idx] = x.new_zeros(*x.shape[:-1], kernel)
+        self.conv[layer_idx].copy_(full[..., -kernel:])
+        return full
+
+    def update_recurrent_state(self, state: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        if self.recurrent[layer_idx] is None:
+            self.recurrent[layer_idx] = torch.zeros_like(state)
+        self.recurrent[layer_idx].copy_(state)
+        return self.recurrent[layer_idx]
+
+    def snapshot_states(self) -> list[torch.Tensor]:
+        """Copies of the linear-attention states (a decode step advances them, unlike key/value writes)."""
+        return [t.clone() for t in self.conv + self.recurrent if t is not None]
+
+    def restore_states(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip([t for t in self.conv + self.recurrent if t is not None], saved, strict=True):
+            t.copy_(s)

@@ -32,7 +32,7 @@ from .qlinear import PackedWeight, QuantLinear
 
 log = logging.getLogger("moecompress.runtime")
 
-RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe")
+RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe")
 _SCALE_SUFFIX = {"compressed-tensors": "weight_scale", "gptq": "scales"}
 _SCALE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

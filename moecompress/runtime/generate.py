@@ -154,11 +154,16 @@ class Runtime:
             def step(ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                 return self.model.forward(ids, p, cache, None)
 
+            # the capture's warm-up steps advance linear-attention states (key/value writes are
+            # idempotent): put them back so the first replay is the real step
+            saved = cache.snapshot_states()
             try:
                 self._graph = DecodeGraph(step, tok, positions)
+                cache.restore_states(saved)
             except Exception as e:  # a module that syncs with the host cannot be captured: decode eagerly
                 log.warning("runtime: CUDA-graph capture failed (%s); decoding without graphs", e)
                 self.cuda_graph = False
+                cache.restore_states(saved)
                 return self.model.forward(tok, positions, cache, pos + 1)
         return self._graph.run(tok, positions)
 

@@ -8,7 +8,12 @@ whole static buffer behind a mask computed on the device from the position, and 
 syncs with the host (the kernel path's routing and MoE avoid ``.item()``/``.tolist()``).
 
 Capture happens at the first decode step of a generation, with that step's real inputs: the warm-up
-runs write exactly the key/value the real step writes, so they leave the cache as it must be.
+runs write exactly the key/value the real step writes, so they leave the KV cache as it must be.
+Linear-attention states (hybrid families) do advance at each warm-up: the caller snapshots them
+before and restores them after (``KVCache.snapshot_states``). Their step has what capture needs
+(fixed state buffers updated in place, no host sync in transformers' torch path), but it has only
+been checked on the CPU in graph mode (tests/test_runtime_generate.py), not yet captured on a GPU;
+a failed capture falls back to eager decode with a warning.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ We call transformers' decoder layers ourselves instead of the model's ``forward`
 factories, output dataclasses or cache bookkeeping per step, and the attention mask is ours to
 build -- ``None`` wherever sdpa's own causal handling is exact (a prefill from an empty cache, a
 single decode token over exactly the filled prefix), an explicit boolean mask otherwise (a
-sliding window, or the whole static buffer of a CUDA-graph step).
+sliding window, or the whole static buffer of a CUDA-graph step). Linear-attention layers of hybrid
+families (``config.layer_types`` says ``linear_attention``) take no mask: their state lives in the
+cache (:mod:`.cache`), and the only mask they accept is a 2-D padding mask, which we never need.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class RuntimeModel:
         self.lm = lm
         self.layers = list(lm.model.layers)
         self.windows = [sliding_window(lm.config, i) for i in range(len(self.layers))]
+        types = getattr(lm.config, "layer_types", None) or [None] * len(self.layers)
+        self.linear_attention = [t == "linear_attention" for t in types]
 
     @property
     def vocab_size(self) -> int:
@@ -50,11 +54,11 @@ class RuntimeModel:
         else:
             total = ids.shape[1]
         masks: dict[int | None, torch.Tensor | None] = {}
-        for layer, window in zip(self.layers, self.windows):
-            if window not in masks:
+        for layer, window, linear in zip(self.layers, self.windows, self.linear_attention):
+            if not linear and window not in masks:
                 masks[window] = attention_mask(positions, total, window, static=cache is not None and kv_len is None)
-            hidden = layer(hidden, attention_mask=masks[window], position_ids=pos_ids, past_key_values=cache,
-                           position_embeddings=rope)
+            hidden = layer(hidden, attention_mask=None if linear else masks[window], position_ids=pos_ids,
+                           past_key_values=cache, position_embeddings=rope)
         if last_only:
             hidden = hidden[:, -1]
         return self.lm.lm_head(base.norm(hidden)).float()

@@ -97,13 +97,27 @@ class WholeModel:
         layers = decoder_layers(self.model)
         self.moe_layers = moe_layer_ids(self.model, self.handle)
         self.tap = RouterTap({i: layers[i] for i in self.moe_layers}, self.handle)
+        self.head_input: torch.Tensor | None = None  # of the last forward, when asked for
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, RouterOut]]:
-        with self.tap:
-            logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+    def forward(self, ids: torch.Tensor, keep_head_input: bool = False) -> tuple[torch.Tensor, dict[int, RouterOut]]:
+        seen: list[torch.Tensor] = []
+        hook = self.model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) \
+            if keep_head_input else None
+        try:
+            with self.tap:
+                logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+        finally:
+            if hook is not None:
+                hook.remove()
+        self.head_input = seen[0] if seen else None
         calls = self.tap.take()
         return logits, {i: c[0] for i, c in calls.items()}
+
+    @torch.no_grad()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of ``lm_head`` inputs ``x``."""
+        return self.model.lm_head(x).float()
 
 
 class StreamedModel:
@@ -113,6 +127,7 @@ class StreamedModel:
         self.handle, self.model = open_model(path, experts_implementation)
         self.device, self.dtype = torch.device(device), dtype
         self.moe_layers = moe_layer_ids(self.model, self.handle)
+        self.num_layers = self.handle.num_layers
         self.feed = LayerFeed([], [])
 
     @torch.no_grad()
@@ -143,11 +158,31 @@ class StreamedModel:
         materialize_outer(self.handle, self.model, self.device, self.dtype)
 
     @torch.no_grad()
+    def window_head_input(self, b: int, w: int) -> torch.Tensor:
+        """The final-normed hidden states ``[1, T, H]`` of window ``w`` of batch ``b`` (after every layer)."""
+        return self.model.model.norm(self.feed.hidden[b][w:w + 1])
+
+    @torch.no_grad()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(x).float()
+
     def window_logits(self, b: int, w: int) -> torch.Tensor:
         """fp32 logits ``[1, T, V]`` of window ``w`` of batch ``b`` (after every layer has run)."""
-        h = self.feed.hidden[b][w:w + 1]
-        return self.model.lm_head(self.model.model.norm(h)).float()
+        return self.head(self.window_head_input(b, w))
 
     def release(self) -> None:
         self.feed = LayerFeed([], [])
         self.model.to("meta")
+
+
+class HeadOnly:
+    """Only the ``lm_head`` of a checkpoint (tied to the embedding where the checkpoint ties them):
+    ``head(x)`` gives the fp32 logits of cached ``lm_head`` inputs, exactly as the whole model would."""
+
+    def __init__(self, path, device, dtype, experts_implementation: str = "eager"):
+        handle, model = open_model(path, experts_implementation)
+        self.lm_head = handle.load_module(model, "lm_head", torch.device(device), dtype)
+
+    @torch.no_grad()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x).float()

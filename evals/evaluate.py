@@ -11,6 +11,12 @@ streams instead: one decoder layer of each model resident at a time plus the hid
 windows for both models, and one window of logits at a time. Both modes give the same numbers
 (the same batches run through the same layers; only the final ``lm_head`` runs per window).
 
+Reference cache: with ``reference_cache=DIR`` the reference's outputs (its ``lm_head`` inputs and
+routing per batch) are stored in DIR under a key of everything they depend on, and a later
+evaluation against the same reference, data and settings replays them instead of running the
+reference -- with identical numbers (see :mod:`.ref_cache`). ``reference_cache`` in the result
+records what happened (``hit`` / ``written`` / ``skipped`` over the size cap / None without a cache).
+
 The returned dict (JSON-serializable) is a contract the report relies on::
 
     {"model", "reference", "family",
@@ -21,7 +27,7 @@ The returned dict (JSON-serializable) is a contract the report relies on::
      "expert_load": {"layers", "model": [[E]], "reference": [[E]], "entropy": {...}, "max_over_mean": {...}},
      "skip_rate": None | {"model": [..], "reference": [..]},
      "size_bytes", "reference_size_bytes", "bits_per_weight", "quantization",
-     "settings", "seconds", "lm_eval"}
+     "settings", "seconds", "lm_eval", "reference_cache": None | {"path", "key", "status", "reason", "bytes"}}
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from moecompress.errors import UserError
 from .collect import StreamedModel, WholeModel
 from .data import DEFAULT_DATA, as_batches, build_windows, check_vocab, load_tokenizer, windows_digest
 from .lm_metrics import LMAccumulator
+from .ref_cache import DEFAULT_MAX_BYTES, ReferenceCache, cache_key
+from .ref_source import open_reference
 from .routing_metrics import RoutingAccumulator
 from .sizes import bits_per_weight, checkpoint_bytes, quantization_settings
 
@@ -69,8 +77,15 @@ def _same(a, b) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _run_whole(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator):
-    ref = WholeModel(reference_dir, device, dtype)
+def _save(cache: ReferenceCache | None, record, ref, batches, num_layers: int) -> None:
+    if record is not None:
+        cache.save(record, batch_windows=[int(ids.shape[0]) for _, ids in batches], moe_layers=ref.moe_layers,
+                   num_layers=num_layers)
+
+
+def _run_whole(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator,
+               cache: ReferenceCache | None = None, num_layers: int = 0):
+    ref, record = open_reference(reference_dir, device, dtype, False, cache)
     model = ref if _same(model_dir, reference_dir) else WholeModel(model_dir, device, dtype)
     if model.moe_layers != ref.moe_layers:
         raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
@@ -80,12 +95,14 @@ def _run_whole(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulat
         lm.update(name, logits, ref_logits, ids)
         for i in ref.moe_layers:
             routing.update(i, routes[i], ref_routes[i])
+    _save(cache, record, ref, batches, num_layers)
     del ref
     return model
 
 
-def _run_streamed(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator):
-    ref = StreamedModel(reference_dir, device, dtype)
+def _run_streamed(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator,
+                  cache: ReferenceCache | None = None, num_layers: int = 0):
+    ref, record = open_reference(reference_dir, device, dtype, True, cache)
     model = ref if _same(model_dir, reference_dir) else StreamedModel(model_dir, device, dtype)
     if model.moe_layers != ref.moe_layers:
         raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
@@ -93,7 +110,7 @@ def _run_streamed(model_dir, reference_dir, batches, device, dtype, lm: LMAccumu
     ref.embed(ids_list)
     if model is not ref:
         model.embed(ids_list)
-    for i in tqdm(range(ref.handle.num_layers), desc="eval layers (low memory)", unit="layer"):
+    for i in tqdm(range(ref.num_layers), desc="eval layers (low memory)", unit="layer"):
         ref_routes = ref.run_layer(i)
         routes = ref_routes if model is ref else model.run_layer(i)
         if ref_routes is not None:
@@ -107,6 +124,7 @@ def _run_streamed(model_dir, reference_dir, batches, device, dtype, lm: LMAccumu
             ref_logits = ref.window_logits(b, w)
             logits = ref_logits if model is ref else model.window_logits(b, w)
             lm.update(name, logits, ref_logits, ids[w:w + 1])
+    _save(cache, record, ref, batches, num_layers)
     ref.release()
     model.release()
 
@@ -120,8 +138,12 @@ def _task_list(tasks) -> list[str]:
 
 def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len: int = 256, batch_size: int = 8,
              seed: int = 1234, low_memory: bool = False, device: str = "cpu", tasks=None, dtype: str = "auto",
-             tasks_path: str | None = None, tasks_limit: int | None = None) -> dict:
-    """Evaluate ``model_dir`` against ``reference_dir``; returns the report dict (module docstring)."""
+             tasks_path: str | None = None, tasks_limit: int | None = None, reference_cache=None,
+             reference_cache_max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Evaluate ``model_dir`` against ``reference_dir``; returns the report dict (module docstring).
+
+    ``reference_cache``: a folder where the reference's outputs are stored and replayed from
+    (:mod:`.ref_cache`); entries over ``reference_cache_max_bytes`` are not written."""
     t0 = time.perf_counter()
     for name, value, low in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -142,18 +164,24 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
     windows, data_info = build_windows(specs, ref_tok, samples, seq_len, seed, int(ref_h.text_config.vocab_size))
     batches = as_batches(windows, batch_size)
 
+    cache = None
+    if reference_cache is not None:
+        key = cache_key(reference_dir, data_info=data_info, windows_sha256=windows_digest(windows),
+                        batch_size=batch_size, low_memory=bool(low_memory), device=dev, dtype=dt)
+        cache = ReferenceCache(reference_cache, key, reference_cache_max_bytes)
+
     lm, routing = LMAccumulator(), RoutingAccumulator()
     whole = None
     if low_memory:
-        _run_streamed(model_dir, reference_dir, batches, dev, dt, lm, routing)
+        _run_streamed(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
     else:
-        whole = _run_whole(model_dir, reference_dir, batches, dev, dt, lm, routing)
+        whole = _run_whole(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
 
     lm_eval_result = None
     if task_names:
         from .lm_eval_adapter import run_tasks
 
-        if whole is None:
+        if not isinstance(whole, WholeModel):  # low memory, or the reference replayed from the cache
             log.info("lm-eval tasks run on the whole model: loading it")
             whole = WholeModel(model_dir, dev, dt)
         lm_eval_result = run_tasks(whole.model, model_tok or ref_tok, task_names, tasks_path, batch_size, tasks_limit,
@@ -176,5 +204,6 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
                      "torch": torch.__version__},
         "seconds": time.perf_counter() - t0,
         "lm_eval": lm_eval_result,
+        "reference_cache": cache.summary() if cache is not None else None,
     })
     return out

@@ -189,9 +189,15 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 @click.option("--tasks-path", default=None, help="Folder of extra lm-eval task YAMLs.")
 @click.option("--tasks-limit", type=click.IntRange(min=1), default=None, help="At most this many examples per task.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("--reference-cache", default=None, metavar="DIR",
+              help="Store the reference's outputs in DIR and reuse them when the same reference is evaluated "
+              "again on the same data and settings (the reference is then not run; numbers are identical).")
+@click.option("--reference-cache-max-gib", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Do not write a cache entry larger than this; the oldest entries of DIR are removed to stay "
+              "under it.")
 @click.option("--json", "json_out", required=True, help="Where to write the evaluation (JSON).")
 def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low_memory, device, dtype, tasks,
-             tasks_path, tasks_limit, threads, json_out) -> None:
+             tasks_path, tasks_limit, threads, reference_cache, reference_cache_max_gib, json_out) -> None:
     """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""
     from .evals.evaluate import evaluate
     from .evals.output import check_json_path, summary, write_json_atomic
@@ -203,7 +209,8 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
     check_json_path(json_out)
     result = evaluate(model_dir, reference, data=list(data) or None, samples=samples, seq_len=seq_len,
                       batch_size=batch_size, seed=seed, low_memory=low_memory, device=device, tasks=tasks,
-                      dtype=dtype, tasks_path=tasks_path, tasks_limit=tasks_limit)
+                      dtype=dtype, tasks_path=tasks_path, tasks_limit=tasks_limit, reference_cache=reference_cache,
+                      reference_cache_max_bytes=int(reference_cache_max_gib * 1024 ** 3))
     write_json_atomic(json_out, result)
     click.echo(summary(result))
     click.echo(f"wrote {json_out}")

@@ -190,7 +190,7 @@ def test_low_memory_matches_default(tiny_ckpt, tmp_path, family):
 
 SCHEMA = {"model", "reference", "family", "data", "ppl", "ppl_reference", "kl", "top1_agreement", "kl_per_dataset",
           "top1_per_dataset", "routing", "expert_load", "skip_rate", "size_bytes", "reference_size_bytes",
-          "bits_per_weight", "quantization", "settings", "seconds", "lm_eval"}
+          "bits_per_weight", "quantization", "settings", "seconds", "lm_eval", "reference_cache"}
 
 
 def test_schema(qwen_eval):
@@ -215,7 +215,7 @@ def test_schema(qwen_eval):
         assert all(sum(row) == pytest.approx(1.0) for row in load[side])
         assert all(0 < e <= math.log(8) + 1e-9 for e in load["entropy"][side])
         assert all(m >= 1.0 for m in load["max_over_mean"][side])
-    assert r["skip_rate"] is None and r["lm_eval"] is None
+    assert r["skip_rate"] is None and r["lm_eval"] is None and r["reference_cache"] is None
     assert r["family"] == "qwen3_moe" and isinstance(r["size_bytes"], int) and r["seconds"] > 0
 
 

@@ -24,6 +24,11 @@ def _decisions(run):
     return {(d["variant"], d["step"]): d for d in info["decisions"]}
 
 
+def _cache_status(run):
+    return {n: json.loads((run / "eval" / f"{n}.json").read_text())["reference_cache"]["status"]
+            for n in ("reference", "rtn", "gptq")}
+
+
 def _write(tmp_path, model, out, rtn_bits=4):
     p = tmp_path / "recipe.yaml"
     p.write_text(RECIPE.format(model=model, out=out, rtn_bits=rtn_bits))
@@ -56,6 +61,9 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
         ev = json.loads((run / "eval" / f"{name}.json").read_text())
         assert ev["run_stamp"]["settings"]["samples"] == 2 and ev["kl"] > 0
     assert json.loads((run / "eval" / "reference.json").read_text())["kl"] < 1e-6
+    # the reference ran once, in its own row; the variants replayed it from the run's cache
+    assert _cache_status(run) == {"reference": "written", "rtn": "hit", "gptq": "hit"}
+    assert len(list((run / "reference-cache").glob("ref-*.safetensors"))) == 1
     for f in ("report.json", "report.md", "report.html", "plots/accuracy_vs_size.png"):
         assert (run / f).is_file(), f
     mtimes = {n: (run / "variants" / n / "model.safetensors").stat().st_mtime_ns for n in ("rtn", "gptq")}
@@ -75,6 +83,7 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     assert d[("rtn", "eval")]["action"] == "evaluated" and "checkpoint changed" in d[("rtn", "eval")]["reason"]
     assert d[("gptq", "build")]["action"] == "skipped" and d[("gptq", "eval")]["action"] == "skipped"
     assert d[("reference", "eval")]["action"] == "skipped"
+    assert _cache_status(run)["rtn"] == "hit"  # the reference's row was not redone: its cache still serves
     assert json.loads((run / "variants" / "rtn" / "moecompress.json").read_text())["recipe"]["bits"] == 8
     assert mtimes["gptq"] == (run / "variants" / "gptq" / "model.safetensors").stat().st_mtime_ns
 
@@ -86,6 +95,7 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     assert all(d[(n, "build")]["action"] == "skipped" for n in ("rtn", "gptq"))
     assert all(d[(n, "eval")]["action"] == "evaluated" and "samples: 2 -> 3" in d[(n, "eval")]["reason"]
                for n in ("reference", "rtn", "gptq"))
+    assert _cache_status(run) == {"reference": "written", "rtn": "hit", "gptq": "hit"}  # new windows, new entry
 
 
 def test_force_out_and_bench(tmp_path, tiny_ckpt, monkeypatch, caplog):

@@ -5,6 +5,9 @@ Layout of a run folder::
     RUN_DIR/run.json               the validated recipe, resolved model path, variant settings
     RUN_DIR/variants/<name>/       each quantized checkpoint (moecompress.json records its settings)
     RUN_DIR/eval/<name>.json       evaluation vs the source model (``reference`` = the source itself)
+    RUN_DIR/reference-cache/       the source model's outputs on the evaluation windows, recorded by the
+                                   first evaluation and replayed by the others: the source runs once
+                                   per run, not once per variant (moecompress.evals.ref_cache)
     RUN_DIR/bench/<name>.json      speed, when the recipe has a ``bench`` section and the runtime exists
     RUN_DIR/report.{json,md,html}, RUN_DIR/plots/*.png
 
@@ -31,6 +34,7 @@ from .recipe import REFERENCE, Recipe, Variant, eval_settings_dict, load_recipe
 
 log = logging.getLogger("moecompress.run")
 BUILTIN_MODELS = {"builtin:demo": False, "builtin:demo-quick": True}
+REFERENCE_CACHE = "reference-cache"  # folder of the run holding the source model's evaluation outputs
 
 
 def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
@@ -149,7 +153,7 @@ class Runner:
         t0 = time.perf_counter()
         result = evaluate(str(model), str(self.model_dir), data=list(ev.data), samples=ev.samples, seq_len=ev.seq_len,
                           batch_size=ev.batch_size, seed=ev.seed, low_memory=ev.low_memory, device=ev.device,
-                          tasks=ev.tasks)
+                          tasks=ev.tasks, reference_cache=self.run_dir / REFERENCE_CACHE)
         result = dict(result, run_stamp=stamp)
         write_json(path, result)
         dt = time.perf_counter() - t0

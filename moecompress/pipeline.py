@@ -28,6 +28,7 @@ from .errors import UserError
 from .export import encode, kept_module_names, layer_tensors, quantization_config
 from .finite import check_finite, check_finite_layer
 from .lm_head import check_lm_head, quantize_lm_head
+from .memory import release_freed_memory
 from .quant.targets import Target, capture_spec, layer_targets, solve, stages_of, target_weight
 from .recipe import QuantizeConfig
 
@@ -159,6 +160,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
                 writer.add(name, tensor)
             quantized_names.update(f"{i}.{t.module_name}" for t in results)
             layers[i].to("meta")
+            del layer, results
+            release_freed_memory()  # else glibc keeps the freed layer's pages and RSS creeps per layer
             record["seconds"] = time.perf_counter() - t0
             summary["layers"].append(record)
         if cfg.quantize_lm_head:

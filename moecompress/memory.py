@@ -1,0 +1,33 @@
+"""Give freed heap memory back to the operating system between layers.
+
+A layer's weights, statistics and scratch are freed when the next layer starts, but glibc keeps
+freed heap pages (fragmented arenas of many ~MB tensors) mapped: measured on a 6-layer model with
+26 MB layers, resident memory crept up ~13 MB per layer, while ``malloc_trim`` after each layer kept
+it flat. Peak memory then stays O(one layer) however many layers a model has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+def release_freed_memory() -> bool:
+    """Return free heap pages to the OS (glibc only; a few ms); True when trimmed. No ``gc.collect``:
+    layer tensors are freed by reference counting, and a full collection costs ~0.1 s per call."""
+    lib = _libc()
+    if lib is None:
+        return False
+    lib.malloc_trim(0)
+    return True

@@ -28,15 +28,6 @@ import time
 from pathlib import Path
 
 
-def _numbers(r, prefix=""):
-    if isinstance(r, dict):
-        return {k: v for key, val in r.items() if key not in ("seconds", "reference_cache")
-                for k, v in _numbers(val, f"{prefix}.{key}").items()}
-    if isinstance(r, list):
-        return {k: v for i, val in enumerate(r) for k, v in _numbers(val, f"{prefix}[{i}]").items()}
-    return {prefix: r} if isinstance(r, (int, float)) and not isinstance(r, bool) else {}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
@@ -54,6 +45,7 @@ def main(argv=None) -> int:
     import torch
 
     from moecompress.evals.evaluate import evaluate
+    from moecompress.evals.output import numeric_fields
     from moecompress.pipeline import quantize
     from moecompress.recipe import build_config
     from moecompress.run.runner import resolve_model
@@ -87,7 +79,7 @@ def main(argv=None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
         runs["cache"].append(timed(reference_cache=cache))
     plain, cached = runs["no_cache"][0], runs["cache"][0]
-    same = all(_numbers(p[1]) == _numbers(c[1]) for rep in runs["cache"] for p, c in zip(plain, rep))
+    same = all(numeric_fields(p[1]) == numeric_fields(c[1]) for rep in runs["cache"] for p, c in zip(plain, rep))
     result = {"model": str(ref), "variants": [str(v) for v in variants], "settings": settings, "threads": a.threads,
               "repeats": a.repeats}
     for name, reps in runs.items():

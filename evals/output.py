@@ -61,3 +61,14 @@ def summary(r: dict) -> str:
             lines.append(f"  lm-eval {task}: {vals}")
     lines.append(f"  ({r['seconds']:.1f}s)")
     return "\n".join(lines)
+
+
+def numeric_fields(r, prefix: str = "", skip=("seconds", "reference_cache")) -> dict[str, float]:
+    """Every number of an eval result by its path (``.ppl.builtin:heldout-code``), except timings and
+    the reference cache's own report: what two runs of the same evaluation must agree on."""
+    if isinstance(r, dict):
+        return {k: v for key, val in r.items() if key not in skip
+                for k, v in numeric_fields(val, f"{prefix}.{key}", skip).items()}
+    if isinstance(r, list):
+        return {k: v for i, val in enumerate(r) for k, v in numeric_fields(val, f"{prefix}[{i}]", skip).items()}
+    return {prefix: r} if isinstance(r, (int, float)) and not isinstance(r, bool) else {}

@@ -15,6 +15,7 @@ from moecompress.arch.handle import ModelHandle
 from moecompress.cli import main
 from moecompress.errors import UserError
 from moecompress.evals.evaluate import evaluate
+from moecompress.evals.output import numeric_fields
 from moecompress.evals.ref_cache import cache_key, key_hash
 
 SMALL = dict(samples=4, seq_len=32, batch_size=3, seed=7)  # 4 windows -> batches of 3 and 1
@@ -40,16 +41,6 @@ def perturbed(qwen, tmp_path_factory):
     return _perturb(qwen, tmp_path_factory.mktemp("pert") / "m")
 
 
-def _numbers(r, prefix=""):
-    """Every number of a result except timings and the cache's own report."""
-    if isinstance(r, dict):
-        return {k: v for key, val in r.items() if key not in ("seconds", "reference_cache")
-                for k, v in _numbers(val, f"{prefix}.{key}").items()}
-    if isinstance(r, list):
-        return {k: v for i, val in enumerate(r) for k, v in _numbers(val, f"{prefix}[{i}]").items()}
-    return {prefix: r} if isinstance(r, (int, float)) and not isinstance(r, bool) else {}
-
-
 @pytest.fixture
 def layer_loads(monkeypatch):
     """Folders whose decoder layers get loaded (whole and low-memory models both go through load_layer)."""
@@ -65,7 +56,7 @@ def layer_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["whole", "low_memory"])
-def test_second_evaluation_replays_the_reference_with_identical_numbers(qwen, perturbed, tmp_path, low_memory,
+def test_second_evaluation_replays_the_reference_with_identicalnumeric_fields(qwen, perturbed, tmp_path, low_memory,
                                                                          layer_loads, caplog):
     plain = evaluate(perturbed, qwen, low_memory=low_memory, **SMALL)
     assert plain["reference_cache"] is None and plain["kl"] > 0 and plain["routing"]["topk_exact"] < 1
@@ -83,8 +74,8 @@ def test_second_evaluation_replays_the_reference_with_identical_numbers(qwen, pe
         second = evaluate(perturbed, qwen, low_memory=low_memory, reference_cache=cache, **SMALL)
     assert second["reference_cache"]["status"] == "hit" and "the reference model is not run" in caplog.text
     assert ref not in layer_loads and os.path.realpath(perturbed) in layer_loads  # only the model ran
-    want = _numbers(plain)
-    assert _numbers(first) == want and _numbers(second) == want  # bit-identical, not approximately equal
+    want = numeric_fields(plain)
+    assert numeric_fields(first) == want and numeric_fields(second) == want  # bit-identical, not approximately equal
     assert len(want) > 50
 
     # the reference evaluated against itself (a run's reference row) needs no model at all on a hit
@@ -101,7 +92,7 @@ def test_reference_row_writes_what_a_variant_replays(qwen, perturbed, tmp_path, 
     layer_loads.clear()
     r = evaluate(perturbed, qwen, reference_cache=cache, **SMALL)
     assert r["reference_cache"]["status"] == "hit" and os.path.realpath(qwen) not in layer_loads
-    assert _numbers(r) == _numbers(evaluate(perturbed, qwen, **SMALL))
+    assert numeric_fields(r) == numeric_fields(evaluate(perturbed, qwen, **SMALL))
 
 
 def test_data_seq_len_and_weights_change_the_key(qwen, tmp_path, caplog):
@@ -156,7 +147,7 @@ def test_size_cap_skips_the_cache_with_a_log_line(qwen, perturbed, tmp_path, cap
     assert rc["status"] == "skipped" and "exceed the cap" in rc["reason"]
     assert "reference cache: not written: it would exceed the cap" in caplog.text
     assert not cache.exists() or not list(cache.iterdir())
-    assert _numbers(r) == _numbers(evaluate(perturbed, qwen, **SMALL))
+    assert numeric_fields(r) == numeric_fields(evaluate(perturbed, qwen, **SMALL))
     layer_loads.clear()
     again = evaluate(perturbed, qwen, reference_cache=cache, reference_cache_max_bytes=10_000, **SMALL)
     assert again["reference_cache"]["status"] == "skipped" and os.path.realpath(qwen) in layer_loads
@@ -192,7 +183,7 @@ def test_cli_reference_cache(qwen, perturbed, tmp_path, capsys):
         assert main(args + ["--json", str(o)]) == 0
     a, b = (json.loads(o.read_text()) for o in out)
     assert a["reference_cache"]["status"] == "written" and b["reference_cache"]["status"] == "hit"
-    assert _numbers(a) == _numbers(b)
+    assert numeric_fields(a) == numeric_fields(b)
     capped = tmp_path / "c.json"
     assert main(args + ["--json", str(capped), "--seed", "5", "--reference-cache-max-gib", "0"]) == 0
     assert json.loads(capped.read_text())["reference_cache"]["status"] == "skipped"
@@ -214,4 +205,4 @@ def test_tied_embeddings(tiny_ckpt, tmp_path):
     plain = evaluate(model, ref, **SMALL)
     assert evaluate(model, ref, reference_cache=cache, **SMALL)["reference_cache"]["status"] == "written"
     hit = evaluate(model, ref, reference_cache=cache, **SMALL)
-    assert hit["reference_cache"]["status"] == "hit" and _numbers(hit) == _numbers(plain)
+    assert hit["reference_cache"]["status"] == "hit" and numeric_fields(hit) == numeric_fields(plain)

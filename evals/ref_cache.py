@@ -214,7 +214,10 @@ class ReferenceCache:
             log.warning("reference cache: %s is unusable (%s): the reference runs again", self.path, self.reason)
             return None
         self.status, self.nbytes = "hit", self.path.stat().st_size
-        os.utime(self.path)  # most recently used: evicted last
+        try:
+            os.utime(self.path)  # most recently used: evicted last
+        except OSError:  # a read-only shared cache: the entry still serves
+            pass
         log.info("reference cache: hit %s (%s): the reference model is not run", self.path, _mb(self.nbytes))
         return replay
 

@@ -53,12 +53,14 @@ def _kind(wdtype: str) -> str:
 
 
 def tune(shapes, tokens, wdtypes, *, device: torch.device, group_size: int = 128, quick: bool = False,
-         warmup: int = 3, iters: int = 20, log=print) -> dict[str, dict]:
-    """``{"<kind>:<bucket>": {"config": ..., "us": ..., "per_shape": ...}}``: the fastest config per key."""
+         warmup: int = 3, iters: int = 20, log=print, timer=None) -> dict[str, dict]:
+    """``{"<kind>:<bucket>": {"config": ..., "us": ..., "per_shape": ...}}``: the fastest config per key.
+
+    ``timer(fn, warmup, iters) -> microseconds`` (default: the benchmark's device-event timer)."""
     from .bench import _quantized
     from .fused_moe import fused_moe, fused_moe_torch
 
-    timer = bu.Timer(device)
+    timer = timer or bu.Timer(device)
     runs: dict[str, list[dict[str, float]]] = {}  # key -> per (shape, tokens): config json -> microseconds
     per_shape: dict[str, dict] = {}
     for si, shape in enumerate(shapes):
@@ -72,7 +74,9 @@ def tune(shapes, tokens, wdtypes, *, device: torch.device, group_size: int = 128
                 results = {}
                 for cfg in candidates(t, shape.top_k, shape.experts, quick):
                     try:
-                        us = timer(lambda: fused_moe(x, a, b, tw, ids, config=cfg, out=out), warmup, iters)
+                        call = lambda: fused_moe(x, a, b, tw, ids, config=cfg, out=out)  # noqa: E731
+                        call.config = cfg
+                        us = timer(call, warmup, iters)
                     except Exception as e:  # out of shared memory, a tile the compiler rejects: skip it
                         log(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                         continue
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
         if not args.dry_run:
             write_configs(tuned, name, args.config_file)
             print(f"wrote {len(tuned)} configs for '{name}' into {args.config_file}")
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a config or --json path we cannot write
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -192,7 +192,7 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 @click.option("--reference-cache", default=None, metavar="DIR",
               help="Store the reference's outputs in DIR and reuse them when the same reference is evaluated "
               "again on the same data and settings (the reference is then not run; numbers are identical).")
-@click.option("--reference-cache-max-gib", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--reference-cache-max-gib", type=click.FloatRange(min=0, max=1e6), default=2.0, show_default=True,
               help="Do not write a cache entry larger than this; the oldest entries of DIR are removed to stay "
               "under it.")
 @click.option("--json", "json_out", required=True, help="Where to write the evaluation (JSON).")

@@ -76,7 +76,7 @@ def _non_text_parts(h: ModelHandle) -> list[str]:
     layer = re.compile(rf"^{re.escape(h.disk_prefix)}\.layers\.(\d+)\.")
     parts = {}
     for n in h.non_layer_tensor_names():
-        if n in text:
+        if n in text or n.startswith("lm_head."):  # lm_head's own tensors, packed when it was quantized
             continue
         m = layer.match(n)
         if m:  # a layer past num_hidden_layers: DeepSeek-V3 / GLM stores its MTP layer there
@@ -150,7 +150,8 @@ def describe(model_dir: str | Path, group_size: int = 128) -> dict:
         floats = {n[: -len(".weight")] for n, info in h.reader.tensors.items()
                   if n.endswith(".weight") and len(info.shape) == 2 and (m := in_layer.match(n))
                   and int(m.group(1)) < h.num_layers}
-        kept = sorted({_local_kind(h, m) for m in floats - set(mods)}, key=_natural) + ["embed_tokens", "lm_head"]
+        kept = sorted({_local_kind(h, m) for m in floats - set(mods)}, key=_natural) + ["embed_tokens"]
+        kept += [] if "lm_head" in mods else ["lm_head"]
     else:  # a scheme we cannot read: count from the config (the text model) plus the other float parts
         text_params = sum(t.numel() for t in model.state_dict().values())
         text_names = {f"{h.disk_prefix}.embed_tokens.weight", f"{h.disk_prefix}.norm.weight", "lm_head.weight"}

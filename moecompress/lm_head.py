@@ -12,6 +12,7 @@ import torch
 
 from .arch.handle import ModelHandle
 from .errors import UserError
+from .finite import check_finite
 from .quant.formats import gptq as gptq_format
 from .quant.spec import QuantizedWeight
 from .quant.targets import solve
@@ -19,10 +20,12 @@ from .quant.targets import solve
 
 def check_lm_head(handle: ModelHandle, qspec, fmt: str) -> None:
     """Refuse up front what cannot be done: a tied head (it is the embedding matrix) or one the group size does not fit."""
-    cfg = handle.text_config
-    if getattr(cfg, "tie_word_embeddings", False) or "lm_head.weight" not in handle.reader:
+    tied = handle.reader.config.get("tie_word_embeddings", getattr(handle.text_config, "tie_word_embeddings", False))
+    if tied:
         raise UserError("lm_head is tied to the input embeddings (tie_word_embeddings) and is stored once; "
                         "quantizing it would quantize the embeddings too, which no loader reads: drop --quantize-lm-head")
+    if "lm_head.weight" not in handle.reader:
+        raise UserError(f"{handle.reader.path}: no lm_head.weight in the shards to quantize; drop --quantize-lm-head")
     n, k = handle.reader.tensors["lm_head.weight"].shape
     qspec.check_shape(k, "lm_head")
     if fmt == "gptq":
@@ -44,12 +47,21 @@ def quantize_lm_head(handle: ModelHandle, model, hidden: list[torch.Tensor] | No
                      store_dtype: torch.dtype, device, dtype) -> tuple[QuantizedWeight, dict]:
     """(quantized head, its error record); ``hidden``: the final residual stream per batch (None: RTN without data)."""
     head = handle.load_module(model, "lm_head", device, dtype)
+    check_finite(head.weight, "lm_head.weight", dtype, store_dtype)
     h = None
     if hidden is not None:
         norm = handle.load_module(model, "model.norm", device, dtype)
+        check_finite(norm.weight, handle.non_layer_disk_name("model.norm.weight") or "model.norm.weight",
+                     dtype, store_dtype)
         h = final_norm_hessian(norm, hidden)
         model.model.norm.to("meta")
-    res = solve(head.weight.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
-                refine_rounds=cfg.refine_rounds)
+    try:
+        res = solve(head.weight.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp,
+                    block_size=cfg.block_size, refine_rounds=cfg.refine_rounds)
+    except ValueError as e:  # the algorithms' NaN/Inf guard: here only the activations can be the cause
+        if "NaN/Inf" not in str(e):
+            raise
+        raise UserError(f"the calibration activations reaching lm_head are not finite ({e}); "
+                        "an overflow in half precision? try --dtype float32") from None
     model.lm_head.to("meta")
     return res.qweight, res.info[0]

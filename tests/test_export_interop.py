@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, quick_config
 from moecompress.checkpoint.dequant import write_dequantized
@@ -166,3 +168,27 @@ def test_quantized_lm_head_refused_when_tied(tiny_ckpt, tmp_path):
     assert not (tmp_path / "q").exists()
     with pytest.raises(UserError, match="multiples of 32"):  # refused before any work, not at export
         quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(bits=4, format="gptq", quantize_lm_head=True))
+
+
+def test_nan_in_lm_head_is_one_line(tiny_ckpt, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt("qwen3_moe"), src)
+    (shard,) = src.glob("*.safetensors")
+    sd = load_file(shard)
+    sd["lm_head.weight"][3, 5] = float("nan")
+    save_file(sd, shard, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"^lm_head.weight has NaN/Inf"):
+        quantize(src, tmp_path / "q", quick_config(bits=4, quantize_lm_head=True))
+    assert not (tmp_path / "q").exists()
+
+
+def test_inspect_counts_a_quantized_lm_head_as_quantized(tiny_ckpt, tmp_path, capsys):
+    from moecompress.cli import main
+
+    out = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), out, quick_config(bits=8, quantize_lm_head=True))
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    kept = next(line for line in text.splitlines() if line.lstrip().startswith("kept"))
+    quantized = next(line for line in text.splitlines() if line.lstrip().startswith("quantized"))
+    assert "lm_head" in quantized and "lm_head" not in kept, text

@@ -78,8 +78,12 @@ def write_dequantized(src: str | Path, dst: str | Path, dtype: torch.dtype = tor
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(dst)
-    for name, t in dequantized_state(src, dtype):
-        writer.add(name, t)
+    try:
+        for name, t in dequantized_state(src, dtype):
+            writer.add(name, t)
+    except BaseException:
+        writer.abort()  # no half-written spill file left in dst
+        raise
     writer.close()
     config = json.loads((src / "config.json").read_text())
     config.pop("quantization_config", None)

@@ -19,13 +19,16 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"),
+                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64"),
+                     ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = _code
 
@@ -56,7 +59,7 @@ class StreamingSafetensors:
     def add(self, name: str, tensor: torch.Tensor) -> int:
         """Write ``tensor`` out now (nothing is kept); returns its size in bytes."""
         if tensor.dtype not in _DTYPES:
-            raise TypeError(f"safetensors cannot store dtype {tensor.dtype} ({name})")
+            raise UserError(f"cannot write tensor {name}: dtype {tensor.dtype} has no safetensors code here")
         if name in self._header:
             raise RuntimeError(f"tensor {name} written twice")
         data = tensor_bytes(tensor)

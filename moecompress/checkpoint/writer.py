@@ -81,6 +81,9 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     out = Path(out).resolve()
     made = _make_parents(missing_parents(out))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is a normal folder (servers read it)
     try:
         yield tmp
     except BaseException:
@@ -135,6 +138,12 @@ class ShardedWriter:
         else:
             self._current.discard()
         self._current = None
+
+    def abort(self) -> None:
+        """Drop the shard being written (its spill file); finished shards are the caller's folder's to remove."""
+        if self._current is not None:
+            self._current.discard()
+            self._current = None
 
     def close(self) -> list[str]:
         """Name the shards, write the index (when more than one), and return the shard file names."""

@@ -15,8 +15,13 @@ conv state ``[B, channels, kernel]`` (the last inputs of the causal depthwise co
 state ``[B, heads, k_dim, v_dim]``; those layers call the ``get_/update_conv_state``,
 ``get_/update_recurrent_state`` and ``is_recording_past`` methods of transformers' ``Cache``, which
 :class:`KVCache` provides with the same meaning (states are written in place, so their addresses
-stay fixed for a CUDA graph). A step that fills the cache from empty (``kv_len`` equal to the number
-of new tokens: a prefill) reads no previous state, so a reused cache needs no reset.
+stay fixed for a CUDA graph). That is transformers >= 5.18's interface; 5.17 instead asks
+``has_previous_state(layer_idx)`` and reads ``layers[i].record_past``, ``layers[i].conv_states[0]``
+(which its decode conv updates in place) and ``layers[i].recurrent_states[0]``, while still writing
+through ``update_conv_state``/``update_recurrent_state``: :class:`_LinearStateView` serves those reads
+from the same buffers, so both versions drive one state. A step that fills the cache from empty
+(``kv_len`` equal to the number of new tokens: a prefill) reads no previous state, so a reused cache
+needs no reset.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class KVCache:
         self._positions: torch.Tensor | None = None
         self._kv_len: int | None = None
         self._fresh = True  # the step starts a sequence: no previous linear-attention state
+        # transformers 5.17's Gated DeltaNet reads the states through ``cache.layers[i]`` (see _LinearStateView)
+        self.layers = [_LinearStateView(self, i) for i in range(num_layers)]
 
     def prepare(self, positions: torch.Tensor, kv_len: int | None) -> None:
         """Where the next forward writes (``positions [q]``, int64) and how much it reads (None: all)."""
@@ -76,6 +83,15 @@ class KVCache:
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
         return None if self._fresh else self.recurrent[layer_idx]
 
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """transformers 5.17: whether the layer (default: the last linear-attention one) has a state to
+        continue from -- the 5.17 spelling of ``get_conv_state(...) is not None``."""
+        if layer_idx is None:
+            layer_idx = max((i for i, c in enumerate(self.conv) if c is not None), default=None)
+            if layer_idx is None:
+                return False
+        return not self._fresh and self.conv[layer_idx] is not None
+
     def is_recording_past(self, layer_idx: int) -> bool:
         return False  # no speculative rollback: only the last ``kernel`` conv inputs are kept
 
@@ -107,3 +123,39 @@ class KVCache:
     def restore_states(self, saved: list[torch.Tensor]) -> None:
         for t, s in zip([t for t in self.conv + self.recurrent if t is not None], saved, strict=True):
             t.copy_(s)
+
+
+class _LinearStateView:
+    """``KVCache.layers[i]`` for transformers 5.17's Gated DeltaNet (5.18+ uses the cache's methods).
+
+    5.17 reads ``record_past``, ``conv_states[0]`` and ``recurrent_states[0]``; the tensors handed out are
+    the cache's own buffers, so the in-place ``copy_`` of its single-token conv update lands in them.
+    Its other writes go through ``KVCache.update_*_state``; an assignment ``conv_states[0] = t`` is
+    copied into the buffer too, so no write is lost and the addresses stay fixed (CUDA graphs).
+    """
+
+    record_past = False  # no speculative rollback (as ``KVCache.is_recording_past``)
+
+    def __init__(self, cache: KVCache, layer_idx: int) -> None:
+        self.conv_states = _StateSlot(cache.conv, layer_idx)
+        self.recurrent_states = _StateSlot(cache.recurrent, layer_idx)
+
+
+class _StateSlot:
+    """A one-state "list" (``state_idx`` 0) over the cache's per-layer buffer list."""
+
+    def __init__(self, buffers: list[torch.Tensor | None], layer_idx: int) -> None:
+        self.buffers, self.layer_idx = buffers, layer_idx
+
+    def __getitem__(self, state_idx: int) -> torch.Tensor | None:
+        if state_idx != 0:
+            raise IndexError(state_idx)
+        return self.buffers[self.layer_idx]
+
+    def __setitem__(self, state_idx: int, value: torch.Tensor) -> None:
+        if state_idx != 0:
+            raise IndexError(state_idx)
+        if self.buffers[self.layer_idx] is None:
+            self.buffers[self.layer_idx] = value.clone()
+        elif value is not self.buffers[self.layer_idx]:
+            self.buffers[self.layer_idx].copy_(value)

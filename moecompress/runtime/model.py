@@ -26,6 +26,10 @@ class RuntimeModel:
         self.windows = [sliding_window(lm.config, i) for i in range(len(self.layers))]
         types = getattr(lm.config, "layer_types", None) or [None] * len(self.layers)
         self.linear_attention = [t == "linear_attention" for t in types]
+        # Multimodal rotary (Qwen3.5/3.6-MoE: ``mrope_section``) takes position ids per rope axis,
+        # ``[3, B, T]``: transformers 5.17 indexes them so and fails on ``[B, T]``, 5.18+ expands
+        # ``[B, T]`` itself and accepts ``[3, B, T]`` unchanged. Text tokens use one position on every axis.
+        self.mrope = getattr(lm.model.rotary_emb, "mrope_section", None) is not None
 
     @property
     def vocab_size(self) -> int:
@@ -47,7 +51,7 @@ class RuntimeModel:
         base = self.lm.model
         hidden = base.embed_tokens(ids)
         pos_ids = positions.unsqueeze(0).expand(ids.shape[0], -1)
-        rope = base.rotary_emb(hidden, pos_ids)
+        rope = base.rotary_emb(hidden, pos_ids[None].expand(3, -1, -1) if self.mrope else pos_ids)
         if cache is not None:
             cache.prepare(positions, kv_len)
             total = cache.max_len if kv_len is None else kv_len

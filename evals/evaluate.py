@@ -77,6 +77,16 @@ def _same(a, b) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def _open_pair(model_dir, reference_dir, device, dtype, cache: ReferenceCache | None, *, low_memory: bool):
+    """(reference, its cache recording or None, model): the model is the reference itself for a reference row."""
+    ref, record = open_reference(reference_dir, device, dtype, low_memory, cache)
+    cls = StreamedModel if low_memory else WholeModel
+    model = ref if _same(model_dir, reference_dir) else cls(model_dir, device, dtype)
+    if model.moe_layers != ref.moe_layers:
+        raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
+    return ref, record, model
+
+
 def _save(cache: ReferenceCache | None, record, ref, batches, num_layers: int) -> None:
     if record is not None:
         cache.save(record, batch_windows=[int(ids.shape[0]) for _, ids in batches], moe_layers=ref.moe_layers,
@@ -85,10 +95,7 @@ def _save(cache: ReferenceCache | None, record, ref, batches, num_layers: int) -
 
 def _run_whole(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator,
                cache: ReferenceCache | None = None, num_layers: int = 0):
-    ref, record = open_reference(reference_dir, device, dtype, False, cache)
-    model = ref if _same(model_dir, reference_dir) else WholeModel(model_dir, device, dtype)
-    if model.moe_layers != ref.moe_layers:
-        raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
+    ref, record, model = _open_pair(model_dir, reference_dir, device, dtype, cache, low_memory=False)
     for name, ids in tqdm(batches, desc="eval batches", unit="batch"):
         ref_logits, ref_routes = ref.forward(ids)
         logits, routes = (ref_logits, ref_routes) if model is ref else model.forward(ids)
@@ -102,10 +109,7 @@ def _run_whole(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulat
 
 def _run_streamed(model_dir, reference_dir, batches, device, dtype, lm: LMAccumulator, routing: RoutingAccumulator,
                   cache: ReferenceCache | None = None, num_layers: int = 0):
-    ref, record = open_reference(reference_dir, device, dtype, True, cache)
-    model = ref if _same(model_dir, reference_dir) else StreamedModel(model_dir, device, dtype)
-    if model.moe_layers != ref.moe_layers:
-        raise UserError(f"MoE layers differ: model {model.moe_layers} vs reference {ref.moe_layers}")
+    ref, record, model = _open_pair(model_dir, reference_dir, device, dtype, cache, low_memory=True)
     ids_list = [ids for _, ids in batches]
     ref.embed(ids_list)
     if model is not ref:

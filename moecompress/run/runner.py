@@ -142,10 +142,8 @@ class Runner:
         stamp = {"settings": eval_settings_dict(self.recipe), "model": str(model), "model_stamp": folder_stamp(model),
                  "reference": str(self.model_dir), "reference_stamp": folder_stamp(self.model_dir)}
         tag = f"[{i}/{n}] {name}"
-        reason = self._stale(path, stamp)
+        reason = self._needed(name, "eval", "evaluation", path, stamp, tag)
         if reason is None:
-            log.info("%s: evaluation skipped (up to date)", tag)
-            self._decide(name, "eval", "skipped", "up to date")
             return
         evaluate = _evaluator()
         ev = self.recipe.eval
@@ -168,10 +166,8 @@ class Runner:
         path = self.run_dir / "bench" / f"{name}.json"
         stamp = {"settings": b.model_dump(), "model": str(model), "model_stamp": folder_stamp(model)}
         tag = f"[{i}/{n}] {name}"
-        reason = self._stale(path, stamp)
+        reason = self._needed(name, "bench", "benchmark", path, stamp, tag)
         if reason is None:
-            log.info("%s: benchmark skipped (up to date)", tag)
-            self._decide(name, "bench", "skipped", "up to date")
             return
         log.info("%s: benchmarking on %s (%s)", tag, b.device, reason)
         t0 = time.perf_counter()
@@ -181,6 +177,14 @@ class Runner:
         log.info("%s: %.0f prefill / %.1f decode tokens/s", tag, result.get("prefill_tokens_per_s") or 0,
                  result.get("decode_tokens_per_s") or 0)
         self._decide(name, "bench", "measured", reason, time.perf_counter() - t0)
+
+    def _needed(self, name: str, step: str, what: str, path: Path, stamp: dict, tag: str) -> str | None:
+        """Why ``step`` must run for ``name`` (None: up to date, and the skip is logged and recorded)."""
+        reason = self._stale(path, stamp)
+        if reason is None:
+            log.info("%s: %s skipped (up to date)", tag, what)
+            self._decide(name, step, "skipped", "up to date")
+        return reason
 
     def _stale(self, path: Path, stamp: dict) -> str | None:
         """Why ``path`` must be (re)computed, or None when it is up to date."""

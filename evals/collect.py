@@ -77,9 +77,10 @@ class RouterTap:
         scoring = self.handle.spec.scoring
 
         def hook(module, args, out):
-            logits, ids = out[0], out[-1]
+            logits, weights, ids = out[0], out[1], out[-1]
             probs = selection_probs(logits.detach(), scoring, getattr(module, "e_score_correction_bias", None))
-            self.calls[i].append(RouterOut(probs, ids.detach().reshape(probs.shape[0], -1).long(), n_exp))
+            ids = ids.detach().reshape(probs.shape[0], -1).long()
+            self.calls[i].append(RouterOut(probs, ids, n_exp, weights.detach().reshape(ids.shape).float()))
 
         return hook
 

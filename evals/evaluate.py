@@ -25,7 +25,11 @@ The returned dict (JSON-serializable) is a contract the report relies on::
      "kl", "top1_agreement", "kl_per_dataset": {name}, "top1_per_dataset": {name},
      "routing": {"topk_exact", "jaccard", "router_kl", "per_layer": [{"layer", "topk_exact", "jaccard", "router_kl"}]},
      "expert_load": {"layers", "model": [[E]], "reference": [[E]], "entropy": {...}, "max_over_mean": {...}},
-     "skip_rate": None | {"model": [..], "reference": [..]},
+     "skip_rate": None | {"model": [..], "reference": [..], "model_overall", "reference_overall"},
+     "active_experts": None | {"layers", "model": [mean real experts per token], "reference": [..],
+                               "model_histogram": [[k + 1]], "reference_histogram": [[k + 1]],
+                               "model_overall", "reference_overall", "expert_flops_saved": [..],
+                               "expert_flops_saved_overall"},
      "size_bytes", "reference_size_bytes", "bits_per_weight", "quantization",
      "settings", "seconds", "lm_eval", "reference_cache": None | {"path", "key", "status", "reason", "bytes"}}
 """

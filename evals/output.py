@@ -50,6 +50,11 @@ def summary(r: dict) -> str:
     lines.append(f"  routing          top-k exact {100 * rt['topk_exact']:.2f}%  Jaccard {rt['jaccard']:.4f}  "
                  f"router KL {rt['router_kl']:.4g}" + (f"  (worst layer {worst['layer']}: "
                                                       f"{100 * worst['topk_exact']:.2f}%)" if worst else ""))
+    sk, act = r.get("skip_rate"), r.get("active_experts")
+    if sk and sk.get("model_overall") is not None and act:
+        lines.append(f"  zero experts     skip rate {100 * sk['model_overall']:.1f}%  active experts/token "
+                     f"{act['model_overall']:.3g} (reference {act['reference_overall']:.3g})  expert FLOPs saved "
+                     f"{100 * act['expert_flops_saved_overall']:.1f}%")
     size = f"  size             {r['size_bytes'] / 2**20:.1f} MiB (reference {r['reference_size_bytes'] / 2**20:.1f} MiB)"
     if r["bits_per_weight"] is not None:
         size += f", {r['bits_per_weight']:.3f} bits per quantized weight"

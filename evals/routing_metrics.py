@@ -17,6 +17,12 @@ Zero experts (a ZEDA extension): router rows ``E .. R-1`` stand for "skip"; a se
 is a skip slot. Skips take part in the top-k set comparisons and the router KL like any row, but
 not in the expert-load histograms, which count the slots routed to real experts only.
 
+When exactly one of the two routers has zero experts (a zero-expert model against its original),
+the set comparisons use the *real-expert* sets (skips left out of both; two empty sets agree).
+Per layer and side, ``active`` counts the real experts each token runs (a histogram over 0..k);
+``expert_flops_saved`` = 1 - mean active experts of the model / of the reference (routed experts
+only: every expert of a layer costs the same).
+
 Per token: ``exact`` = the two top-k sets are equal; ``jaccard`` = |A ∩ B| / |A ∪ B|;
 ``router_kl`` = KL(reference || model) of the selection scores, in nats (when the two routers have
 different R, the shorter distribution is padded with zeros).
@@ -40,6 +46,7 @@ class RouterOut(NamedTuple):
     probs: torch.Tensor  # [n, R] fp32, rows sum to 1
     ids: torch.Tensor  # [n, k] long
     num_experts: int  # E: ids >= E are skips (zero experts)
+    weights: torch.Tensor | None = None  # [n, k] the routing weights of the chosen slots, when kept
 
 
 def selection_probs(logits: torch.Tensor, scoring: str, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,6 +72,26 @@ def topk_overlap(ids: torch.Tensor, ref_ids: torch.Tensor) -> tuple[torch.Tensor
     union = ids.shape[1] + ref_ids.shape[1] - inter
     exact = (inter == ids.shape[1]) & (inter == ref_ids.shape[1])
     return exact, inter.double() / union.double()
+
+
+def real_set_overlap(ids: torch.Tensor, ref_ids: torch.Tensor, num_experts: int,
+                     ref_num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exact [n] bool, jaccard [n] fp64)`` of the real-expert sets (ids >= E left out; empty == empty)."""
+    ids, ref_ids = ids.reshape(ids.shape[0], -1), ref_ids.reshape(ref_ids.shape[0], -1).to(ids.device)
+    a_real, b_real = ids < num_experts, ref_ids < ref_num_experts
+    match = (ids[:, :, None] == ref_ids[:, None, :]) & a_real[:, :, None] & b_real[:, None, :]
+    inter = match.any(-1).sum(-1)
+    na, nb = a_real.sum(-1), b_real.sum(-1)
+    union = na + nb - inter
+    exact = (inter == na) & (inter == nb)
+    jac = torch.where(union > 0, inter.double() / union.clamp_min(1).double(), torch.ones_like(inter, dtype=torch.double))
+    return exact, jac
+
+
+def active_histogram(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[k + 1]``: how many tokens run 0, 1, .., k real experts."""
+    ids = ids.reshape(ids.shape[0], -1)
+    return torch.bincount((ids < num_experts).sum(-1), minlength=ids.shape[1] + 1).cpu()
 
 
 def router_kl(probs: torch.Tensor, ref_probs: torch.Tensor) -> torch.Tensor:
@@ -106,9 +133,13 @@ class LayerRouting:
     skips: dict = field(default_factory=dict)  # side -> skip slots
     slots: dict = field(default_factory=dict)  # side -> all slots
     has_zero: dict = field(default_factory=dict)  # side -> router has rows beyond E
+    active: dict = field(default_factory=dict)  # side -> [k + 1] tokens by real experts run
 
     def update(self, out: RouterOut, ref: RouterOut) -> None:
-        exact, jac = topk_overlap(out.ids, ref.ids)
+        if (out.probs.shape[-1] > out.num_experts) != (ref.probs.shape[-1] > ref.num_experts):
+            exact, jac = real_set_overlap(out.ids, ref.ids, out.num_experts, ref.num_experts)
+        else:
+            exact, jac = topk_overlap(out.ids, ref.ids)
         self.tokens += exact.numel()
         self.exact += int(exact.sum())
         self.jaccard += float(jac.sum())
@@ -119,10 +150,20 @@ class LayerRouting:
             self.skips[side] = self.skips.get(side, 0) + skips
             self.slots[side] = self.slots.get(side, 0) + slots
             self.has_zero[side] = self.has_zero.get(side, False) or r.probs.shape[-1] > r.num_experts
+            hist = active_histogram(r.ids, r.num_experts)
+            prev = self.active.get(side)
+            if prev is not None and prev.numel() != hist.numel():  # k differs between calls: pad
+                n = max(prev.numel(), hist.numel())
+                prev, hist = F.pad(prev, (0, n - prev.numel())), F.pad(hist, (0, n - hist.numel()))
+            self.active[side] = hist if prev is None else prev + hist
 
     def agreement(self) -> dict:
         n = max(self.tokens, 1)
         return {"topk_exact": self.exact / n, "jaccard": self.jaccard / n, "router_kl": self.kl / n}
+
+    def mean_active(self, side: str) -> float:
+        h = self.active[side].double()
+        return float((h * torch.arange(h.numel(), dtype=torch.double)).sum() / h.sum().clamp_min(1))
 
 
 @dataclass
@@ -156,4 +197,26 @@ class RoutingAccumulator:
             skip = {side: [self.layers[i].skips[side] / max(self.layers[i].slots[side], 1)
                            if self.layers[i].has_zero[side] else None for i in idx]
                     for side in ("model", "reference")}
-        return {"routing": dict(overall, per_layer=per_layer), "expert_load": load, "skip_rate": skip}
+            for side in ("model", "reference"):
+                slots = sum(self.layers[i].slots[side] for i in idx)
+                skip[f"{side}_overall"] = (sum(self.layers[i].skips[side] for i in idx) / max(slots, 1)
+                                           if any(self.layers[i].has_zero[side] for i in idx) else None)
+        return {"routing": dict(overall, per_layer=per_layer), "expert_load": load, "skip_rate": skip,
+                "active_experts": self._active(idx)}
+
+    def _active(self, idx: list[int]) -> dict | None:
+        """Mean real experts per token and their histogram, per layer and side; FLOPs saved vs the reference."""
+        if not idx:
+            return None
+        out: dict = {"layers": idx}
+        for side in ("model", "reference"):
+            out[side] = [self.layers[i].mean_active(side) for i in idx]
+            out[f"{side}_histogram"] = [self.layers[i].active[side].tolist() for i in idx]
+        tokens = [self.layers[i].tokens for i in idx]
+        total = max(sum(tokens), 1)
+        for side in ("model", "reference"):
+            out[f"{side}_overall"] = sum(a * t for a, t in zip(out[side], tokens)) / total
+        out["expert_flops_saved"] = [1.0 - m / r if r else 0.0 for m, r in zip(out["model"], out["reference"])]
+        ref = out["reference_overall"]
+        out["expert_flops_saved_overall"] = 1.0 - out["model_overall"] / ref if ref else 0.0
+        return out

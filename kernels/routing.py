@@ -12,8 +12,9 @@
 
 Everything is multiplied by ``routed_scaling_factor`` at the end. ids are ordered by decreasing
 selection score; among exactly equal scores the lower expert id wins (torch.topk leaves ties
-unspecified). Ids in [E, E_total) are the caller's "zero experts": routing does not treat them
-specially, moe_align/fused_moe drop them.
+unspecified). Ids in [E, E_total) are the caller's "zero experts" (``num_zero`` = E_total - E of them):
+they are scored like any row, except that group-limited routing groups the E real experts only and
+leaves the zero experts always eligible; moe_align/fused_moe drop their slots.
 
 All of this runs in one Triton kernel (one program per BLOCK_T tokens, the whole expert row in
 registers, k rounds of argmax). The launcher falls back to the torch twin ``route_torch`` only where
@@ -46,14 +47,16 @@ def route(
     n_group: int | None = None,
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
+    num_zero: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing; returns ``(weights float32 [T, top_k], ids int32 [T, top_k])``. See module docstring."""
-    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group)
+    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero)
     grouped = n_group is not None and n_group > 1
     if e > MAX_KERNEL_EXPERTS or (grouped and n_group > MAX_KERNEL_GROUPS):
         return route_torch(
             logits, top_k, renormalize=renormalize, scoring=scoring, correction_bias=correction_bias,
             n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+            num_zero=num_zero,
         )
     _common.require_launch("route", logits)
     logits = logits.float()
@@ -69,7 +72,7 @@ def route(
     ng = n_group if grouped else 1
     _route_kernel[(_common.cdiv(t, block_t),)](
         logits, logits.stride(0), logits.stride(1), bias, weights, ids,
-        t, e, e // ng, float(routed_scaling_factor),
+        t, e, e - num_zero, (e - num_zero) // ng, float(routed_scaling_factor),
         TOP_K=top_k, K_PAD=max(2, _common.next_pow2(top_k)), BLOCK_T=block_t, BLOCK_E=block_e,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORM=bool(renormalize),
         N_GROUP=ng, G_PAD=_common.next_pow2(ng), TOPK_GROUP=topk_group if grouped else 1,
@@ -88,18 +91,21 @@ def route_torch(
     n_group: int | None = None,
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
+    num_zero: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference twin of :func:`route`, written like the HF routers (Glm4MoeTopkRouter et al.)."""
-    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group)
+    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero)
     logits = logits.float()
     scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if n_group is not None and n_group > 1:
-        grouped = choice.view(t, n_group, e // n_group)
+        real = e - num_zero
+        grouped = choice[:, :real].reshape(t, n_group, real // n_group)
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = group_scores.topk(topk_group, dim=-1)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-        score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        score_mask = group_mask.unsqueeze(-1).expand(t, n_group, real // n_group).reshape(t, real)
+        score_mask = torch.cat([score_mask, score_mask.new_ones(t, num_zero)], dim=1)  # zero experts: no group
         choice = choice.masked_fill(~score_mask, float("-inf"))
     ids = choice.topk(top_k, dim=-1, sorted=True)[1]
     weights = scores.gather(1, ids)
@@ -108,10 +114,12 @@ def route_torch(
     return weights * routed_scaling_factor, ids.to(torch.int32)
 
 
-def _check(logits, top_k, scoring, correction_bias, n_group, topk_group) -> tuple[int, int]:
+def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero=0) -> tuple[int, int]:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got {tuple(logits.shape)}")
     t, e = logits.shape
+    if not 0 <= num_zero < e:
+        raise ValueError(f"num_zero={num_zero} must lie in [0, {e})")
     if not 1 <= top_k <= e:
         raise ValueError(f"top_k={top_k} must lie in [1, {e}]")
     if scoring not in ("softmax", "sigmoid"):
@@ -119,11 +127,12 @@ def _check(logits, top_k, scoring, correction_bias, n_group, topk_group) -> tupl
     if correction_bias is not None and tuple(correction_bias.shape) != (e,):
         raise ValueError(f"correction_bias must be [{e}], got {tuple(correction_bias.shape)}")
     if n_group is not None and n_group > 1:
-        if e % n_group or e // n_group < 2:
-            raise ValueError(f"n_group={n_group} must divide {e} experts into groups of at least 2")
+        real = e - num_zero
+        if real % n_group or real // n_group < 2:
+            raise ValueError(f"n_group={n_group} must divide {real} experts into groups of at least 2")
         if topk_group is None or not 1 <= topk_group <= n_group:
             raise ValueError(f"topk_group={topk_group} must lie in [1, n_group={n_group}]")
-        if top_k > topk_group * (e // n_group):
+        if top_k > topk_group * (real // n_group) + num_zero:
             raise ValueError(f"top_k={top_k} exceeds the experts of {topk_group} groups")
     return t, e
 
@@ -138,7 +147,7 @@ def _argmax_first(v, idx, SENTINEL: tl.constexpr):
 @triton.jit
 def _route_kernel(
     logits_ptr, stride_lt, stride_le, bias_ptr, w_ptr, ids_ptr,
-    T, E, GROUP_E, scaling,
+    T, E, E_REAL, GROUP_E, scaling,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
     N_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
@@ -178,6 +187,8 @@ def _route_kernel(
             gi, _gm = _argmax_first(gscore, gcols, G_PAD)
             keep = keep | (grp[None, :] == gi[:, None]).to(tl.int32)
             gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
+        # zero experts (columns >= E_REAL) belong to no group (their grp is >= N_GROUP): always eligible
+        keep = tl.where((cols >= E_REAL)[None, :], 1, keep)
         choice = tl.where(keep != 0, choice, float("-inf"))
 
     # k rounds of argmax; the chosen weights/ids are collected in a [BLOCK_T, K_PAD] register tile so

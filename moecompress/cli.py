@@ -40,7 +40,7 @@ def inspect(model_dir: str) -> None:
 @cli.command("make-tiny")
 @click.argument("out_dir")
 @click.option("--family", type=click.Choice(["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe",
-                                             "qwen3_5_moe"]), default="qwen3_moe", show_default=True)
+                                             "qwen3_5_moe", "glm4_moe_lite"]), default="qwen3_moe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fused-experts", is_flag=True, help="Store experts fused 3D (official Qwen3.5/3.6 layout).")
 @click.option("--overwrite", is_flag=True)
@@ -235,6 +235,11 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
                                  top_p=top_p, seed=seed, device=device, dtype=dtype)
     click.echo(text)
     click.echo(speed_line(result), err=True)
+
+
+from .zero.cli import zero_experts  # noqa: E402
+
+cli.add_command(zero_experts)
 
 
 def main(argv=None) -> int:

@@ -87,10 +87,24 @@ def test_accumulator_skip_rate_with_zero_experts():
     ref = _out([[0, 1], [0, 1], [2, 3], [2, 3]], 4, 4)
     acc.update(0, model, ref)
     r = acc.result()
-    assert r["skip_rate"] == {"model": [4 / 8], "reference": [None]}
+    assert r["skip_rate"] == {"model": [4 / 8], "reference": [None], "model_overall": 4 / 8,
+                              "reference_overall": None}
     # the load histogram counts only slots routed to real experts
     assert r["expert_load"]["model"][0] == [0.25, 0.25, 0.25, 0.25]
+    # real-expert sets: {0} vs {0,1}, {1} vs {0,1}, {2,3} vs {2,3}, {} vs {2,3}
     assert r["routing"]["per_layer"][0]["topk_exact"] == pytest.approx(1 / 4)
+    assert r["routing"]["per_layer"][0]["jaccard"] == pytest.approx((0.5 + 0.5 + 1 + 0) / 4)
+    act = r["active_experts"]
+    assert act["model_histogram"] == [[1, 2, 1]] and act["reference_histogram"] == [[0, 0, 4]]
+    assert act["model"] == [1.0] and act["reference"] == [2.0]
+    assert act["expert_flops_saved"] == [0.5] and act["expert_flops_saved_overall"] == 0.5
+
+
+def test_real_set_overlap_two_empty_sets_agree():
+    from moecompress.evals.routing_metrics import real_set_overlap
+
+    exact, jac = real_set_overlap(torch.tensor([[4, 5], [0, 4]]), torch.tensor([[4, 4], [4, 0]]), 4, 4)
+    assert exact.tolist() == [True, True] and jac.tolist() == [1.0, 1.0]
 
 
 def test_logit_sums_and_accumulator_known_answers():

@@ -23,10 +23,12 @@ from torch import nn
 
 from ..checkpoint.reader import CheckpointReader
 from ..errors import UserError
+from ..zero.layout import ZeroExperts, read_zero_experts
 from .registry import BY_MODEL_TYPE, ArchSpec, supported_families
 
 FUSED_GATE_UP = "experts.gate_up_proj"
 FUSED_DOWN = "experts.down_proj"
+ZERO_BIAS = "gate.zero_expert_bias"
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -47,6 +49,7 @@ class ModelHandle:
     config: object  # transformers PretrainedConfig (the full one)
     text_config: object  # the config of the causal LM we build
     disk_prefix: str  # "model" or "model.language_model"
+    zero: ZeroExperts | None = None  # zero experts (ZEDA), in either layout
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -74,11 +77,26 @@ class ModelHandle:
         )
         if prefix is None:
             raise UserError(f"{reader.path}: no decoder layers found under {list(spec.disk_model_prefixes)} in the shards")
-        h = cls(reader, spec, config, text_config, prefix)
+        h = cls(reader, spec, config, text_config, prefix, read_zero_experts(reader.config))
         if h.num_experts <= 0:
             raise _unsupported(reader.config)
+        h._check_zero_experts()
         h._check_layers_present()
         return h
+
+    def _check_zero_experts(self) -> None:
+        z = self.zero
+        if z is None:
+            return
+        if z.layout == "stock" and (getattr(self.text_config, "n_group", None) or 1) > 1 and self.spec.scoring == "sigmoid":
+            raise UserError(f"{self.reader.path}: a stock-layout zero-expert model cannot use group-limited routing "
+                            f"(n_group={self.text_config.n_group}): stock loaders would group the zero experts too")
+        if self.num_experts < 1:
+            raise UserError(f"{self.reader.path}: {z.num_zero} zero experts leave no real expert")
+        if z.rule is not None:
+            from ..zero.layout import check_rule
+
+            check_rule(*z.rule, self.top_k)
 
     def _check_layers_present(self) -> None:
         last = f"{self.disk_prefix}.layers.{self.num_layers - 1}."
@@ -96,7 +114,14 @@ class ModelHandle:
 
     @property
     def num_experts(self) -> int:
-        return int(getattr(self.text_config, self.spec.num_experts_attr, 0) or 0)
+        """Real experts E (a stock zero-expert checkpoint's config counts its Z zero experts too)."""
+        n = int(getattr(self.text_config, self.spec.num_experts_attr, 0) or 0)
+        return n - self.zero.num_zero if self.zero is not None and self.zero.layout == "stock" else n
+
+    @property
+    def num_zero(self) -> int:
+        """Zero experts Z (router rows E..E+Z-1); 0 for an ordinary model."""
+        return self.zero.num_zero if self.zero is not None else 0
 
     @property
     def top_k(self) -> int:
@@ -115,10 +140,20 @@ class ModelHandle:
         """The causal LM of the text model on the meta device: structure only, no memory."""
         from transformers import AutoModelForCausalLM
 
+        config = self.text_config
+        if self.zero is not None and self.zero.layout == "stock":  # build E real experts; the zero ones are never read
+            import copy
+
+            config = copy.deepcopy(config)
+            setattr(config, self.spec.num_experts_attr, self.num_experts)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                self.text_config, experts_implementation=experts_implementation, trust_remote_code=False
+                config, experts_implementation=experts_implementation, trust_remote_code=False
             )
+        if self.zero is not None:
+            from ..zero.modules import RouterSpec, install_zero_experts
+
+            install_zero_experts(model, RouterSpec.of(self.spec, config, self.num_experts, self.zero))
         return model
 
     def layer_prefix(self, i: int) -> str:
@@ -197,6 +232,9 @@ class ModelHandle:
                 t = self._read_experts(i, key)
             else:
                 name = self.source_name(i, key)
+                if name is None and key.endswith(ZERO_BIAS) and self.zero is not None:
+                    out[key] = torch.zeros(ref.shape, dtype=dtype)  # absent: no offset
+                    continue
                 if name is None:
                     raise UserError(f"{r.path}: tensor '{self.layer_prefix(i)}{self.disk_local(key)}' is missing from the shards")
                 t = r.get(name)
@@ -210,7 +248,8 @@ class ModelHandle:
         r = self.reader
         fused = self.fused_source(i, key)
         if fused is not None:
-            return r.get(fused)
+            t = r.get(fused)
+            return t[: self.num_experts] if self.zero is not None and t.shape[0] > self.num_experts else t
         names = [self.expert_source_names(i, e) for e in range(self.num_experts)]
         parts = [(g, u) for g, u, _ in names] if key.endswith(FUSED_GATE_UP) else [(d,) for _, _, d in names]
         out = None

@@ -38,6 +38,15 @@ class ArchSpec:
     disk_model_prefixes: tuple[str, ...] = ("model",)
     # the config holding the text model (composite vision-language configs nest it)
     text_config_attr: str | None = None
+    # the family's router returns its top-k weights cast back to the logits' dtype (Mixtral keeps fp32);
+    # sigmoid routers compute logits in fp32, softmax routers in the activations' dtype
+    router_cast_weights: bool = True
+    # the norm whose output every MoE router reads (its weight bounds the router logits, see zero.inject)
+    router_input_norm: str = "post_attention_layernorm"
+
+    @property
+    def router_logits_fp32(self) -> bool:
+        return self.scoring == "sigmoid"
 
 
 FAMILIES: tuple[ArchSpec, ...] = (
@@ -59,6 +68,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="num_local_experts",
         disk_moe_name="block_sparse_moe",
         disk_expert_names=("w1", "w3", "w2"),
+        router_cast_weights=False,
     ),
     ArchSpec(
         family="olmoe",
@@ -90,6 +100,14 @@ FAMILIES: tuple[ArchSpec, ...] = (
         keep_float=("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
         disk_model_prefixes=("model.language_model", "model"),
         text_config_attr="text_config",
+    ),
+    ArchSpec(
+        # GLM-4.7-Flash: DeepSeek-V3's MLA attention with GLM-4.5's MoE (dense layers: mlp_layer_types)
+        family="glm4_moe_lite",
+        model_types=("glm4_moe_lite",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
     ),
 )
 

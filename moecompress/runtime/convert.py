@@ -32,7 +32,8 @@ from .qlinear import PackedWeight, QuantLinear
 
 log = logging.getLogger("moecompress.runtime")
 
-RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe")
+RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe",
+                    "glm4_moe_lite")
 _SCALE_SUFFIX = {"compressed-tensors": "weight_scale", "gptq": "scales"}
 _SCALE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -66,7 +67,7 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None,
     packer = _Packer(reader, dtype) if use_kernels and isinstance(reader, DequantizingReader) else None
     if isinstance(reader, DequantizingReader):
         report.quant_format = reader.fmt
-    routing = Routing.from_config(handle.text_config, handle.top_k, handle.spec.scoring)
+    routing = Routing.from_config(handle.text_config, handle.top_k, handle.spec.scoring, handle.zero)
 
     materialize_outer(handle, model, device, dtype)
     for i, layer in enumerate(decoder_layers(model)):
@@ -98,6 +99,11 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
     bias = None
     if getattr(mlp.gate, "e_score_correction_bias", None) is not None:
         bias = reader.get(handle.source_name(i, "mlp.gate.e_score_correction_bias")).float()
+    logit_bias = None
+    if handle.zero is not None:
+        zname = handle.source_name(i, "mlp.gate.zero_expert_bias")
+        if zname is not None:
+            logit_bias = torch.cat([torch.zeros(handle.num_experts), reader.get(zname).float()])
     w13: torch.Tensor | PackedWeight = mlp.experts.gate_up_proj.data
     w2: torch.Tensor | PackedWeight = mlp.experts.down_proj.data
     if packer is not None:
@@ -112,7 +118,7 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
         shared = mlp.get_submodule(handle.spec.shared_expert.removeprefix("mlp."))
     gates = [r.removeprefix("mlp.") for r in handle.spec.routers if r != "mlp.gate" and r.startswith("mlp.")]
     shared_gate = mlp.get_submodule(gates[0]) if gates else None
-    return MoEBlock(router, bias, Experts(w13, w2, use_kernels), routing, shared, shared_gate)
+    return MoEBlock(router, bias, Experts(w13, w2, use_kernels), routing, shared, shared_gate, logit_bias)
 
 
 def _pack_linears(handle: ModelHandle, packer: "_Packer", i: int, layer: nn.Module,

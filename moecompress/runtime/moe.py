@@ -11,7 +11,10 @@ Two execution paths, chosen once at load time:
 * torch (CPU): ``route_torch`` + a loop over the experts that received tokens -- at decode only
   the k chosen experts are touched, which is what makes it fast on a CPU.
 
-Router rows beyond the experts in the weights are zero experts (ZEDA): their slots are dropped.
+Router rows beyond the experts in the weights are zero experts (ZEDA, :mod:`moecompress.zero`):
+their logits may carry a ``zero_expert_bias``, group-limited routing leaves them out of the groups,
+a skipping rule (``zero_experts_rule``) may send more slots there, and their slots are dropped --
+before the grouped GEMMs on the kernel path, and without touching any expert on the torch path.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.routing import route_torch
+from ..zero.routing import apply_rule
 from .qlinear import PackedWeight
 
 
@@ -36,9 +40,11 @@ class Routing:
     n_group: int | None = None
     topk_group: int | None = None
     scaling: float = 1.0
+    num_zero: int = 0  # zero experts: router rows beyond the real experts
+    rule: tuple[str, float] | None = None  # a training-free skipping rule (zero.routing.apply_rule)
 
     @classmethod
-    def from_config(cls, text_config, top_k: int, scoring: str) -> "Routing":
+    def from_config(cls, text_config, top_k: int, scoring: str, zero=None) -> "Routing":
         # Mixtral has no norm_topk_prob and always renormalizes; every other family says so in its config.
         return cls(
             top_k=top_k,
@@ -47,6 +53,8 @@ class Routing:
             n_group=getattr(text_config, "n_group", None),
             topk_group=getattr(text_config, "topk_group", None),
             scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0),
+            num_zero=zero.num_zero if zero is not None else 0,
+            rule=zero.rule if zero is not None else None,
         )
 
 
@@ -112,10 +120,12 @@ class MoEBlock(nn.Module):
 
     def __init__(self, router_weight: torch.Tensor, correction_bias: torch.Tensor | None, experts: Experts,
                  routing: Routing, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: nn.Module | None = None) -> None:
+                 shared_expert_gate: nn.Module | None = None, logit_bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("router_weight", router_weight.float())
         self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.float())
+        # [E+Z] fp32 added to the router logits (0 on the real rows, zero_expert_bias on the zero rows)
+        self.register_buffer("logit_bias", None if logit_bias is None else logit_bias.float())
         self.experts = experts
         self.routing = routing
         self.shared_expert = shared_expert
@@ -125,13 +135,18 @@ class MoEBlock(nn.Module):
         """(weights fp32 [T, k], ids int32 [T, k]) for ``x [T, H]``; logits computed in fp32."""
         r = self.routing
         logits = F.linear(x.float(), self.router_weight)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         if self.experts.use_kernels:
             from ..kernels.routing import route as route_fn
         else:
             route_fn = route_torch
-        return route_fn(logits, r.top_k, renormalize=r.renormalize, scoring=r.scoring,
-                        correction_bias=self.correction_bias, n_group=r.n_group, topk_group=r.topk_group,
-                        routed_scaling_factor=r.scaling)
+        weights, ids = route_fn(logits, r.top_k, renormalize=r.renormalize, scoring=r.scoring,
+                                correction_bias=self.correction_bias, n_group=r.n_group, topk_group=r.topk_group,
+                                routed_scaling_factor=r.scaling, num_zero=r.num_zero)
+        if r.rule is not None:
+            ids = apply_rule(weights, ids, r.rule, self.experts.num_experts)
+        return weights, ids
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])

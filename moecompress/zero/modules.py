@@ -1,0 +1,153 @@
+"""transformers-side modules of a zero-expert model (what quantize, eval and ZEDA run).
+
+:func:`install_zero_experts` turns a transformers MoE model built with ``E`` experts into the
+zero-expert model: every MoE block's ``gate`` becomes a :class:`ZeroExpertRouter` with ``E+Z`` rows
+(returning ``(logits [T, E+Z], weights, ids)`` like the family's router, ids ``>= E`` being zero
+experts) and the experts module learns to skip zero slots (:class:`ZeroSkippingExperts`). The
+state-dict names stay the family's: ``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``, plus
+``mlp.gate.zero_expert_bias``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import ZeroExperts
+from .routing import apply_rule, route_zero
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What a family's router does, as data (read from the ArchSpec and the text config)."""
+
+    hidden: int
+    num_experts: int
+    num_zero: int
+    top_k: int
+    scoring: str
+    renormalize: bool
+    logits_fp32: bool
+    cast_weights: bool
+    n_group: int | None = None
+    topk_group: int | None = None
+    scaling: float = 1.0
+    rule: tuple[str, float] | None = None
+
+    @classmethod
+    def of(cls, spec, text_config, num_experts: int, zero: ZeroExperts) -> "RouterSpec":
+        sigmoid = spec.scoring == "sigmoid"
+        return cls(
+            hidden=int(text_config.hidden_size), num_experts=num_experts, num_zero=zero.num_zero,
+            top_k=int(getattr(text_config, spec.top_k_attr)), scoring=spec.scoring,
+            renormalize=bool(getattr(text_config, "norm_topk_prob", True)),
+            logits_fp32=spec.router_logits_fp32, cast_weights=spec.router_cast_weights,
+            n_group=getattr(text_config, "n_group", None) if sigmoid else None,
+            topk_group=getattr(text_config, "topk_group", None) if sigmoid else None,
+            scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0) if sigmoid else 1.0,
+            rule=zero.rule,
+        )
+
+
+class ZeroExpertRouter(nn.Module):
+    """A family's top-k router over ``E`` real and ``Z`` zero experts (see :mod:`.routing`)."""
+
+    def __init__(self, rs: RouterSpec):
+        super().__init__()
+        self.rs = rs
+        self.num_experts, self.num_zero, self.top_k = rs.num_experts, rs.num_zero, rs.top_k
+        rows = rs.num_experts + rs.num_zero
+        self.weight = nn.Parameter(torch.zeros(rows, rs.hidden))
+        self.zero_expert_bias = nn.Parameter(torch.zeros(rs.num_zero, dtype=torch.float32))
+        if rs.scoring == "sigmoid":
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(rows, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        # ZEDA's teacher is the student with the zero rows masked out: same weights, no zero expert chosen
+        self.mask_zero = False
+
+    def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real ``[T, E]``, zero ``[T, Z]``) logits, computed as the family computes its router logits."""
+        x = hidden.reshape(-1, self.rs.hidden)
+        w = self.weight
+        if self.rs.logits_fp32:
+            x, w = x.type(torch.float32), w.type(torch.float32)
+        e = self.num_experts
+        # the real rows alone, as in the original: same GEMM shape, same bits
+        real = F.linear(x, w[:e])
+        zero = F.linear(x, w[e:]) + self.zero_expert_bias.to(real.dtype)
+        if self.mask_zero:
+            zero = torch.full_like(zero, float("-inf"))
+        return real, zero
+
+    def forward(self, hidden: torch.Tensor):
+        real, zero = self.logits(hidden)
+        rs = self.rs
+        weights, ids = route_zero(
+            real, zero, top_k=rs.top_k, scoring=rs.scoring, renormalize=rs.renormalize,
+            correction_bias=self.e_score_correction_bias, n_group=rs.n_group, topk_group=rs.topk_group,
+            scaling=rs.scaling, cast_dtype=real.dtype if rs.cast_weights else None,
+        )
+        if not self.mask_zero:
+            ids = apply_rule(weights, ids, rs.rule, self.num_experts)
+        return torch.cat([real, zero], dim=-1), weights, ids
+
+
+class ZeroSkippingExperts:
+    """Mixed into a transformers experts class: slots with ids ``>= E`` compute nothing.
+
+    transformers' ``eager`` experts skip an id equal to ``E`` (and fail on larger ones); the other
+    implementations have no notion of it. Zero slots become id ``E`` for ``eager``, and expert 0 with
+    weight 0 elsewhere (its output times an exact 0). The forward hooks of callers (calibration
+    capture) see the original ids.
+    """
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # noqa: D102
+        e = self.gate_up_proj.shape[0]
+        live = top_k_index < e
+        impl = getattr(getattr(self, "config", None), "_experts_implementation", None) or "eager"
+        if impl == "eager":
+            top_k_index = torch.where(live, top_k_index, e)
+        else:
+            top_k_index = torch.where(live, top_k_index, 0)
+            top_k_weights = torch.where(live, top_k_weights, torch.zeros_like(top_k_weights))
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+_SKIPPING: dict[type, type] = {}
+
+
+def _skipping_class(cls: type) -> type:
+    if issubclass(cls, ZeroSkippingExperts):
+        return cls
+    if cls not in _SKIPPING:
+        _SKIPPING[cls] = type(f"ZeroSkipping{cls.__name__}", (ZeroSkippingExperts, cls), {})
+    return _SKIPPING[cls]
+
+
+def moe_blocks(model: nn.Module):
+    """``(layer index, MoE block)`` of every decoder layer with a router and routed experts."""
+    for i, layer in enumerate(model.model.layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "experts") and \
+                hasattr(mlp.experts, "gate_up_proj"):
+            yield i, mlp
+
+
+def install_zero_experts(model: nn.Module, rs: RouterSpec) -> None:
+    """Replace every MoE router by a :class:`ZeroExpertRouter` and make the experts skip zero slots."""
+    for _, mlp in moe_blocks(model):
+        old = mlp.gate
+        dev = old.weight.device
+        with torch.device(dev):
+            new = ZeroExpertRouter(rs)
+        new.weight.data = new.weight.data.to(old.weight.dtype)
+        mlp.gate = new
+        mlp.experts.__class__ = _skipping_class(type(mlp.experts))
+
+
+def zero_routers(model: nn.Module) -> list[ZeroExpertRouter]:
+    return [m for m in model.modules() if isinstance(m, ZeroExpertRouter)]

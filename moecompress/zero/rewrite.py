@@ -1,0 +1,41 @@
+"""Stream a checkpoint into a new folder, one decoder layer at a time, changing some tensors.
+
+What ``zero-experts add``, ``convert`` and ``baseline`` share: every tensor is read from the
+source shards and written to the output (atomically: a temporary sibling renamed at the end),
+with each decoder layer's tensors passed through a function first; the config, side files
+(tokenizer...) and a ``moecompress.json`` record go beside them. Peak memory is one layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch.handle import ModelHandle
+from ..checkpoint.writer import ShardedWriter, atomic_output_dir, check_output_path, copy_side_files
+
+LayerFn = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def rewrite_checkpoint(handle: ModelHandle, out_dir: str | Path, config: dict, layer_fn: LayerFn, record: dict,
+                       overwrite: bool = False, desc: str = "layers", max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``handle``'s checkpoint to ``out_dir`` with ``layer_fn(i, {stored name: tensor})`` applied
+    to each decoder layer (it returns the tensors to write, by output name)."""
+    out_dir = Path(out_dir)
+    check_output_path(handle.reader.path, out_dir, overwrite)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for i in tqdm(range(handle.num_layers), desc=desc, unit="layer"):
+            tensors = {n: handle.reader.get(n) for n in handle.layer_tensor_names(i)}
+            for name, t in layer_fn(i, tensors).items():
+                writer.add(name, t)
+        for name in handle.non_layer_tensor_names():
+            writer.add(name, handle.reader.get(name))
+        record = dict(record, shards=writer.close(), size_bytes=writer.total_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(handle.reader.path, tmp)
+        (tmp / "moecompress.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

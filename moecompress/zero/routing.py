@@ -1,0 +1,110 @@
+"""Routing with zero experts, written like the families' own routers: pure functions, no I/O.
+
+:func:`route_zero` takes the real experts' logits ``[T, E]`` and the zero experts' ``[T, Z]``
+separately and reproduces, op for op, what the family's transformers router does on the real
+part, so that a model whose zero experts are never chosen computes *bit for bit* what the original
+does (the point of an injected model). The joint distribution over all ``E+Z`` rows is formed
+without touching the real part when the zero rows carry no mass:
+
+* softmax: ``p_real = softmax(real)`` (the original's numbers), the zero rows' mass relative to
+  the real normalizer ``a = zero - logsumexp(real)``, ``L = log(1 + sum exp a)``; the joint
+  probabilities are ``p_real * exp(-L)`` and ``exp(a - L)``. With negligible zero mass ``L`` rounds
+  to 0 and ``exp(-L)`` to exactly 1.
+* sigmoid: scores are elementwise; groups (``n_group``) are formed over the real experts only and
+  the zero experts are always eligible.
+
+Where no zero expert makes the top-k, the result *is* the real-only top-k (same values, same
+slot order); elsewhere it is the top-k over all rows. A zero slot keeps its weight in the
+renormalization (see :mod:`.layout`).
+
+:func:`apply_rule` turns the training-free skipping baselines into zero slots after the top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route_zero(real: torch.Tensor, zero: torch.Tensor, *, top_k: int, scoring: str, renormalize: bool,
+               correction_bias: torch.Tensor | None = None, n_group: int | None = None,
+               topk_group: int | None = None, scaling: float = 1.0,
+               cast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, k], ids [T, k] int64)``; ids in ``[E, E+Z)`` are zero experts."""
+    e = real.shape[-1]
+    if scoring == "softmax":
+        p_real = F.softmax(real.float(), dim=-1)
+        a = zero.float() - torch.logsumexp(real.float(), dim=-1, keepdim=True)
+        big = torch.logsumexp(F.pad(a, (1, 0)), dim=-1, keepdim=True)  # log(1 + sum exp a)
+        p_zero = torch.exp(a - big)
+        p_real = p_real * torch.exp(-big)
+        vals, ids = _merged_topk(p_real, p_zero, p_real, p_zero, top_k, sorted_=True)
+        if renormalize:
+            vals /= vals.sum(dim=-1, keepdim=True)
+        return (vals.to(cast_dtype) if cast_dtype is not None else vals), ids
+    if scoring != "sigmoid":
+        raise ValueError(f"unknown router scoring {scoring!r}")
+    s_real, s_zero = real.float().sigmoid(), zero.float().sigmoid()
+    c_real, c_zero = s_real, s_zero
+    if correction_bias is not None:
+        c_real = s_real + correction_bias[:e]
+        c_zero = s_zero + correction_bias[e:]
+    if n_group is not None and n_group > 1:
+        group_scores = c_real.view(-1, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
+        c_real = c_real.masked_fill(~score_mask.bool(), float("-inf"))
+    _, ids = _merged_topk(c_real, c_zero, s_real, s_zero, top_k, sorted_=False)
+    weights = torch.cat([s_real, s_zero], dim=-1).gather(1, ids)
+    if renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * scaling, ids
+
+
+def _merged_topk(choice_real, choice_zero, val_real, val_zero, k: int, sorted_: bool):
+    """Top-k by ``choice`` over real + zero rows, returning ``val`` at the chosen ids; tokens where no
+    zero row beats the k-th real choice get exactly the real-only top-k."""
+    c_top, ids_real = torch.topk(choice_real, k, dim=-1, sorted=sorted_)
+    vals_real = val_real.gather(1, ids_real) if val_real is not choice_real else c_top
+    if choice_zero.shape[-1] == 0:
+        return vals_real, ids_real
+    full_choice = torch.cat([choice_real, choice_zero], dim=-1)
+    ids_full = torch.topk(full_choice, k, dim=-1, sorted=sorted_)[1]
+    vals_full = torch.cat([val_real, val_zero], dim=-1).gather(1, ids_full)
+    kth = c_top.min(dim=-1, keepdim=True).values
+    use_full = (choice_zero.max(dim=-1, keepdim=True).values > kth)
+    return torch.where(use_full, vals_full, vals_real), torch.where(use_full, ids_full, ids_real)
+
+
+def apply_rule(weights: torch.Tensor, ids: torch.Tensor, rule: tuple[str, float] | None,
+               num_experts: int) -> torch.Tensor:
+    """The ids after a skipping rule: real slots the rule drops become zero expert ``num_experts``.
+
+    * ``threshold`` beta: drop a slot whose weight is below beta x the token's largest real weight
+      (NAEE's dynamic skipping);
+    * ``top-p`` p: keep the heaviest real slots until their share of the token's real weight reaches p;
+    * ``top-k`` k': keep the k' heaviest real slots.
+    Weights are not changed: a skipped slot keeps its weight and contributes 0.
+    """
+    if rule is None:
+        return ids
+    kind, value = rule
+    real = ids < num_experts
+    w = torch.where(real, weights.float(), torch.zeros((), dtype=torch.float32, device=weights.device))
+    if kind == "threshold":
+        drop = real & (w < value * w.max(dim=-1, keepdim=True).values)
+    else:
+        order = torch.argsort(torch.where(real, w, -1.0), dim=-1, descending=True, stable=True)
+        w_sorted = w.gather(1, order)
+        rank = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        if kind == "top-p":
+            before = torch.cumsum(w_sorted, dim=-1) - w_sorted
+            keep_sorted = before < value * w_sorted.sum(dim=-1, keepdim=True)
+        elif kind == "top-k":
+            keep_sorted = rank < int(value)
+        else:
+            raise ValueError(f"unknown rule {kind!r}")
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        drop = real & ~keep
+    return torch.where(drop, torch.full_like(ids, num_experts), ids)

@@ -30,11 +30,17 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("model_dir")
-def inspect(model_dir: str) -> None:
+@click.option("--skip-rate", type=click.FloatRange(0, 1), default=None,
+              help="Zero-expert models: count active experts/parameters at this share of skipped slots.")
+@click.option("--eval", "eval_json", default=None, help="Zero-expert models: take the skip rate measured by "
+              "'moecompress eval' (its JSON).")
+def inspect(model_dir: str, skip_rate, eval_json) -> None:
     """Describe a checkpoint: family, layers, experts, parameters, sizes, what would be quantized."""
-    from .inspect import describe, render
+    from .inspect import describe, measured_skip_rate, render
 
-    click.echo(render(describe(model_dir)))
+    if eval_json is not None:
+        skip_rate = measured_skip_rate(eval_json)
+    click.echo(render(describe(model_dir, skip_rate=skip_rate)))
 
 
 @cli.command("make-tiny")

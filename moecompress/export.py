@@ -53,9 +53,38 @@ def layer_tensors(handle: ModelHandle, i: int, results: dict[Target, QuantizedWe
                     out.update({f"{name}.{k}": v for k, v in encode(fmt, part, dtype).items()})
             else:
                 out.update({f"{d}.{k}": v for k, v in encode(fmt, q, dtype).items()})
+        if handle.zero is not None and handle.zero.layout == "stock":
+            out.update(_stock_zero_experts(handle, i, t, qw[0], fmt, dtype, consumed))
     for name in handle.layer_tensor_names(i):
         if name not in consumed:  # copied as stored, under the family's original name
             out[handle.output_name(name)] = handle.reader.get(name)
+    return out
+
+
+def zero_quantized_like(q: QuantizedWeight) -> QuantizedWeight:
+    """A quantized weight shaped like ``q`` that dequantizes to exactly zero (codes = zero points, scales 1)."""
+    z = torch.full_like(q.zeros, q.spec.sym_zero)
+    return QuantizedWeight(torch.full_like(q.qweight, q.spec.sym_zero), torch.ones_like(q.scales), z, q.spec, q.g_idx)
+
+
+def _stock_zero_experts(handle: ModelHandle, i: int, t: Target, like: QuantizedWeight, fmt: str, dtype,
+                        consumed: set[str]) -> dict[str, torch.Tensor]:
+    """The stock layout's zero experts of target ``t``, quantized like the real ones (vLLM wants one
+    scheme for all experts of a layer); their float source tensors are consumed."""
+    out: dict[str, torch.Tensor] = {}
+    e = handle.num_experts
+    for ex in range(e, e + handle.num_zero):
+        g, u, d = handle.expert_disk_names(i, ex)
+        sg, su, sd = handle.expert_source_names(i, ex)
+        if t.expert_proj == "gate_up":
+            consumed.update({sg + ".weight", su + ".weight"})
+            half = like.qweight.shape[0] // 2
+            for name, rows in ((g, slice(0, half)), (u, slice(half, None))):
+                part = QuantizedWeight(like.qweight[rows], like.scales[rows], like.zeros[rows], like.spec, like.g_idx)
+                out.update({f"{name}.{k}": v for k, v in encode(fmt, zero_quantized_like(part), dtype).items()})
+        else:
+            consumed.add(sd + ".weight")
+            out.update({f"{d}.{k}": v for k, v in encode(fmt, zero_quantized_like(like), dtype).items()})
     return out
 
 

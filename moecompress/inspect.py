@@ -102,7 +102,23 @@ def _local_kind(h: ModelHandle, module: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", module)
 
 
-def describe(model_dir: str | Path, group_size: int = 128) -> dict:
+def _zero_experts(h: ModelHandle, total: int, expert_params: int, skip_rate: float | None) -> dict | None:
+    """Zero experts: how many, the layout, and active experts/parameters per token at skip rates."""
+    z = h.zero
+    if z is None:
+        return None
+    # a stock checkpoint stores the zero experts' (all-zero) weights: on disk, never active
+    base = total - expert_params - (expert_params * z.num_zero // max(h.num_experts, 1) if z.layout == "stock" else 0)
+    rates = [skip_rate] if skip_rate is not None else [0.0, 0.25, 0.5, 0.75]
+    active = {f"{s:g}": {"experts": h.top_k * (1 - s),
+                         "params": int(base + expert_params * h.top_k * (1 - s) / max(h.num_experts, 1))}
+              for s in rates}
+    return {"num_zero": z.num_zero, "layout": z.layout, "topk_mode": z.topk_mode,
+            "rule": None if z.rule is None else {"rule": z.rule[0], "value": z.rule[1]},
+            "skip_rate": skip_rate, "active": active}
+
+
+def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | None = None) -> dict:
     h = ModelHandle.open(model_dir)
     quant = _quantization(h)
     model = h.skeleton()
@@ -158,6 +174,9 @@ def describe(model_dir: str | Path, group_size: int = 128) -> dict:
         others = [n for n in h.non_layer_tensor_names() if n not in text_names]
         total = text_params + sum(_numel(h.reader.tensors[n].shape) for n in others)
         quantized, kept = [], []
+    zero = _zero_experts(h, total, expert_params, skip_rate)
+    if zero is not None and zero["layout"] == "stock":
+        total -= expert_params * h.num_zero // max(h.num_experts, 1)
     active = total - expert_params + expert_params * h.top_k // max(h.num_experts, 1)
     text = h.text_config
     return {
@@ -170,8 +189,23 @@ def describe(model_dir: str | Path, group_size: int = 128) -> dict:
         "size_bytes": bytes_now, "size_estimate_bytes": size, "group_size_for_estimate": group_size,
         "quantization": quant,
         "quantized": quantized, "kept": kept, "non_text": non_text,
-        "router_scoring": h.spec.scoring,
+        "router_scoring": h.spec.scoring, "zero_experts": zero,
     }
+
+
+def measured_skip_rate(eval_json: str | Path) -> float:
+    """The model's overall skip rate from an ``eval`` JSON."""
+    import json
+
+    try:
+        r = json.loads(Path(eval_json).read_text())
+        return float(r["skip_rate"]["model_overall"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{eval_json} is not an evaluation of a zero-expert model (no skip_rate.model_overall)") from None
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.3f} B params" if n >= 1e8 else f"{n / 1e6:.3f} M params"
 
 
 def _gb(n: int) -> str:
@@ -198,6 +232,15 @@ def render(d: dict) -> str:
         f"  parameters    {d['params_total'] / 1e9:.3f} B total, {d['params_active'] / 1e9:.3f} B active per token "
         f"({d['params_experts'] / max(d['params_total'], 1):.0%} in routed experts)",
     ]
+    z = d.get("zero_experts")
+    if z:
+        rule = f", skipping rule {z['rule']['rule']} {z['rule']['value']:g}" if z["rule"] else ""
+        mode = f", added with top-k mode {z['topk_mode']}" if z["topk_mode"] else ""
+        lines.append(f"  zero experts  {z['num_zero']} per router, {z['layout']} layout{mode}{rule}")
+        what = "at the measured skip rate" if z["skip_rate"] is not None else "at skip rate"
+        lines.append(f"  active/token  {what}: " + "; ".join(
+            f"{100 * float(s):.0f}%: {a['experts']:.3g} experts, {_params(a['params'])}"
+            for s, a in z["active"].items()))
     kept = [", ".join(d["kept"])] if d["kept"] else []
     if q is None:
         lines += [

@@ -16,7 +16,7 @@ from .. import __version__
 from ..arch.handle import FUSED_DOWN, FUSED_GATE_UP, ModelHandle
 from ..errors import UserError
 from .inject import open_float_original
-from .layout import LAYOUTS, ZeroExperts, text_config_dict, write_zero_experts
+from .layout import LAYOUTS, ZeroExperts, set_expert_count, write_zero_experts
 from .rewrite import rewrite_checkpoint
 
 
@@ -46,7 +46,7 @@ def convert_layout(model_dir: str | Path, out_dir: str | Path, layout: str, over
     fn = _to_stock(handle) if layout == "stock" else _to_native(handle)
     zero = ZeroExperts(z, layout, handle.zero.rule, handle.zero.topk_mode)
     config = write_zero_experts(handle.reader.config, zero)
-    text_config_dict(config)[handle.spec.num_experts_attr] = e + z if layout == "stock" else e
+    set_expert_count(config, handle.spec.num_experts_attr, e + z if layout == "stock" else e)
     record = {"moecompress_version": __version__, "command": command, "source": str(Path(model_dir).resolve()),
               "zero_experts": {"action": "convert", "from": handle.zero.layout, "to": layout, "num_zero": z}}
     rewrite_checkpoint(handle, out_dir, config, fn, record, overwrite, desc=f"converting to {layout}")

@@ -85,6 +85,17 @@ def text_config_dict(config: dict) -> dict:
     return config.get("text_config") or config
 
 
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def set_expert_count(config: dict, attr: str, value: int) -> None:
+    """Set the family's expert count in a raw config dict, under whichever spelling it uses (transformers
+    versions alias them: qwen3_moe writes ``num_local_experts`` since 5.2x, ``num_experts`` before)."""
+    text = text_config_dict(config)
+    key = next((k for k in (attr,) + _EXPERT_COUNT_KEYS if k in text), attr)
+    text[key] = value
+
+
 def read_zero_experts(config: dict) -> ZeroExperts | None:
     """The zero experts a raw ``config.json`` dict declares (None: an ordinary model)."""
     text = text_config_dict(config)

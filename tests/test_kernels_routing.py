@@ -77,6 +77,30 @@ def test_softmax_with_bias_and_zero_experts_longcat(gen, t):
     _compare(logits, 4, renormalize=False, correction_bias=bias, routed_scaling_factor=6.0)
 
 
+@pytest.mark.parametrize("t", [1, 7, 33])
+def test_grouped_routing_leaves_zero_experts_out_of_the_groups(gen, t):
+    # 16 real experts in 4 groups (best 1 group) + 3 zero experts that are always eligible
+    e, z = 16, 3
+    logits = torch.randn(t, e + z, generator=gen)
+    logits[:, e:] += torch.linspace(-2, 2, t)[:, None]  # from rarely to mostly chosen
+    bias = (0.1 * torch.randn(e + z, generator=gen))
+    w, i = _compare(logits.to(DEVICE), 4, renormalize=True, scoring="sigmoid", correction_bias=bias.to(DEVICE),
+                    n_group=4, topk_group=1, routed_scaling_factor=2.5, num_zero=z)
+    ids = i.cpu().long()
+    for row in ids:
+        real = row[row < e]
+        assert len(set((real // 4).tolist())) <= 1, f"real experts from more than one group: {row.tolist()}"
+    if t == 33:
+        assert (ids >= e).any() and (ids < e).any(), "the case should mix zero and real slots"
+
+
+def test_all_zero_experts_chosen(gen):
+    logits = torch.randn(5, 10, generator=gen)
+    logits[:, 8], logits[:, 9] = 50.0, 49.0  # distinct: torch.topk leaves ties unordered
+    w, i = _compare(logits.to(DEVICE), 2, renormalize=True, num_zero=2)
+    assert (i.cpu() >= 8).all()
+
+
 def test_bias_changes_selection_but_not_weights(gen):
     logits = torch.randn(5, 8, generator=gen).to(DEVICE)
     bias = torch.zeros(8)

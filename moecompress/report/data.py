@@ -96,9 +96,12 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
         routing = ev.get("routing") or {}
         bench = benches.get(name) or {}
         size = ev.get("size_bytes")
+        skip = (ev.get("skip_rate") or {}).get("model_overall")
+        active = ev.get("active_experts") or {}
+        method = "source" if is_ref else (f"skip {cfg['rule']}" if "rule" in cfg and "target" in cfg else cfg.get("method"))
         rows.append({
             "name": name, "is_reference": is_ref,
-            "method": "source" if is_ref else cfg.get("method"),
+            "method": method,
             "bits": None if is_ref else cfg.get("bits"),
             "group_size": None if is_ref else cfg.get("group_size"),
             "act_order": None if is_ref else cfg.get("act_order"),
@@ -112,6 +115,10 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
             "router_kl": routing.get("router_kl"),
             "prefill_tokens_per_s": bench.get("prefill_tokens_per_s"),
             "decode_tokens_per_s": bench.get("decode_tokens_per_s"),
+            # zero experts: share of slots skipped, real experts per token, routed-expert FLOPs vs the reference
+            "skip_rate": skip if skip is not None else (0.0 if active else None),
+            "active_experts": active.get("model_overall"),
+            "expert_flops": None if not active else 1.0 - active.get("expert_flops_saved_overall", 0.0),
         })
     _mark(rows)
     return rows, datasets
@@ -215,6 +222,7 @@ def report_data(run_dir: str | Path) -> dict:
         "variants": rows,
         "verdicts": verdicts(rows, datasets, settings.get("sensitivity_pct", 3.0)),
         "has_speed": any(r["decode_tokens_per_s"] is not None for r in rows),
+        "has_skipping": any(r["skip_rate"] for r in rows),
         "bench": next(({k: b.get(k) for k in ("device", "dtype", "batch")} for b in benches.values()), None),
         "decisions": info.get("decisions") or [],
         "run_seconds": info.get("seconds"),

@@ -2,6 +2,7 @@
 
 * accuracy vs size (perplexity on the first dataset, KL), the Pareto front drawn as a step line;
 * accuracy vs decode speed, when benchmarks exist;
+* accuracy vs routed-expert FLOPs, a curve per skipping rule, when zero-expert variants exist;
 * per-layer routing agreement, a line per variant;
 * expert load, layers x experts: the reference, one compressed variant, and their difference.
 """
@@ -110,6 +111,42 @@ def accuracy_vs_speed(data: dict, path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+def accuracy_vs_expert_flops(data: dict, path: Path) -> Path | None:
+    """KL and perplexity against the routed experts' compute, one curve per method (each skipping rule,
+    and e.g. quantized variants as points at 100%): what skipping costs in accuracy."""
+    if not data.get("has_skipping"):
+        return None
+    plt = _plt()
+    rows = [r for r in data["variants"] if r["expert_flops"] is not None]
+    panels = [("kl", "KL to the reference (lower is better)")]
+    if data["datasets"]:
+        panels.append((f"ppl:{data['datasets'][0]}", f"perplexity, {short(data['datasets'][0])}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    ref = next((r for r in rows if r["is_reference"]), None)
+    for ax, (key, label) in zip(axes[0], panels):
+        by_method: dict[str, list[dict]] = {}
+        for r in rows:
+            if not r["is_reference"] and _get(r, key) is not None:
+                by_method.setdefault(r["method"] or "?", []).append(r)
+        for method, rs in by_method.items():
+            pts = ([ref] if ref is not None and _get(ref, key) is not None else []) + rs
+            pts.sort(key=lambda r: -r["expert_flops"])
+            ax.plot([100 * r["expert_flops"] for r in pts], [_get(r, key) for r in pts], marker="o", label=method)
+            for r in rs:
+                ax.annotate(r["name"], (100 * r["expert_flops"], _get(r, key)), textcoords="offset points",
+                            xytext=(5, 3), fontsize=7)
+        if ref is not None and _get(ref, key) is not None:
+            ax.scatter([100 * ref["expert_flops"]], [_get(ref, key)], marker="s", color="black", zorder=3,
+                       label="reference")
+        ax.set_xlabel("routed-expert FLOPs, % of the reference")
+        ax.set_ylabel(label)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Accuracy vs expert compute (zero experts: skipped slots cost nothing)", fontsize=10)
+    return _save(fig, plt, path)
+
+
 def routing_per_layer(data: dict, evals: dict[str, dict], path: Path) -> Path | None:
     series = {n: (ev.get("routing") or {}).get("per_layer") or [] for n, ev in evals.items() if n != "reference"}
     series = {n: s for n, s in series.items() if s}
@@ -185,6 +222,7 @@ def make_plots(data: dict, evals: dict[str, dict], plot_dir: Path) -> dict[str, 
     """Write every applicable figure; returns title -> PNG path."""
     todo = [("Accuracy vs size", lambda p: accuracy_vs_size(data, p), "accuracy_vs_size.png"),
             ("Accuracy vs speed", lambda p: accuracy_vs_speed(data, p), "accuracy_vs_speed.png"),
+            ("Accuracy vs expert FLOPs", lambda p: accuracy_vs_expert_flops(data, p), "accuracy_vs_expert_flops.png"),
             ("Routing agreement per layer", lambda p: routing_per_layer(data, evals, p), "routing_per_layer.png"),
             ("Expert load", lambda p: expert_load(data, evals, p), "expert_load.png")]
     out = {}

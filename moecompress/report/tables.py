@@ -12,7 +12,9 @@ HOW_TO_READ = (
     "distribution drifts from the reference's, and **top-1** how often both predict the same next token. "
     "The **routing** columns say how often the compressed model sends tokens to the same experts "
     "(top-k exact: the same expert set; Jaccard: overlap of the sets; router KL: drift of the router "
-    "probabilities). ◆ marks the Pareto front (no other variant is both smaller and closer to the "
+    "probabilities; with zero experts the sets of *real* experts are compared). With zero-expert (skipping) variants, "
+    "**skip rate** is the share of expert slots sent to a zero expert, **active experts** the real experts a "
+    "token runs per MoE layer and **expert FLOPs** the routed experts' compute relative to the reference. ◆ marks the Pareto front (no other variant is both smaller and closer to the "
     "reference); ★ and bold mark the best variant (lowest KL) among variants of the same size."
 )
 
@@ -30,7 +32,7 @@ def _bits(r: dict) -> str:
 
 
 def _group(r: dict) -> str:
-    if r["is_reference"]:
+    if r["is_reference"] or r["bits"] is None:  # the source, or a variant that is not quantized
         return "–"
     return "channel" if r["group_size"] is None else str(r["group_size"])
 
@@ -54,6 +56,10 @@ def columns(data: dict) -> list[tuple[str, callable]]:
         ("Jaccard", lambda r: _num(r["jaccard"], "{:.3f}")),
         ("router KL", lambda r: _num(r["router_kl"], "{:.4f}")),
     ]
+    if data.get("has_skipping"):
+        cols += [("skip rate", lambda r: _num(r["skip_rate"], "{:.1%}")),
+                 ("active experts", lambda r: _num(r["active_experts"], "{:.2f}")),
+                 ("expert FLOPs", lambda r: _num(r["expert_flops"], "{:.0%}"))]
     if data["has_speed"]:
         cols += [("prefill tok/s", lambda r: _num(r["prefill_tokens_per_s"], "{:,.0f}")),
                  ("decode tok/s", lambda r: _num(r["decode_tokens_per_s"], "{:,.1f}"))]

@@ -9,6 +9,7 @@ eval: {data: [builtin:heldout-code, builtin:heldout-prose], samples: 32, seq_len
 variants:
   - {name: rtn-w4g128, method: rtn, bits: 4, group_size: 128}
   - {name: gptq-w3g64, method: gptq, bits: 3, group_size: 64, act_order: weight, seed: 1}
+  - {name: thr-50, skip: {rule: threshold, target: 0.5}}   # a zero-expert skipping baseline
 bench: {device: cuda, prompt_len: 128, new_tokens: 64, batch: 1}   # optional, needs the runtime
 report: {title: My run, formats: [md, html]}
 ```
@@ -79,9 +80,19 @@ class ReportSettings(_Strict):
     sensitivity_pct: float = Field(3.0, ge=0)
 
 
+class SkipBaseline(_Strict):
+    """A training-free skipping baseline variant (``zero-experts baseline``): ``skip: {rule, target}``.
+    It is calibrated on the recipe's calibration data (``samples`` windows of ``seq_len``)."""
+
+    rule: Literal["threshold", "top-p", "top-k"]
+    target: float = Field(gt=0, lt=1)
+    samples: int = Field(32, gt=0)
+    seq_len: int = Field(256, gt=1)
+
+
 class Variant(_Strict):
     name: str
-    config: QuantizeConfig
+    config: QuantizeConfig | SkipBaseline
 
 
 class Recipe(_Strict):
@@ -126,6 +137,14 @@ class Recipe(_Strict):
                 raise UserError(f"{where}: duplicate variant name '{name}'")
             seen.add(name)
             fields = {k: val for k, val in v.items() if k != "name"}
+            if "skip" in fields:
+                if set(fields) != {"skip"} or not isinstance(fields["skip"], dict):
+                    raise UserError(f"{where}: a skipping baseline takes only 'name' and 'skip: {{rule, target}}'")
+                try:
+                    out.append(Variant(name=name, config=SkipBaseline(**fields["skip"])))
+                except ValidationError as e:
+                    raise UserError(_describe(e, where + ".skip")) from None
+                continue
             try:
                 cfg = QuantizeConfig(**{**base, **self.defaults, **fields})
             except ValidationError as e:

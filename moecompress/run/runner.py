@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..recipe import QuantizeConfig
-from .recipe import REFERENCE, Recipe, Variant, eval_settings_dict, load_recipe
+from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe
 
 log = logging.getLogger("moecompress.run")
 BUILTIN_MODELS = {"builtin:demo": False, "builtin:demo-quick": True}
@@ -108,10 +108,10 @@ class Runner:
         return self.model_dir if name == REFERENCE else self.run_dir / "variants" / name
 
     def build(self, v: Variant, i: int, n: int) -> None:
-        from ..pipeline import quantize
-
         out = self.variant_dir(v.name)
         wanted = _plain(v.config.model_dump())
+        if isinstance(v.config, SkipBaseline):
+            wanted["calibration"] = _plain(self.recipe.calibration.model_dump())
         tag = f"[{i}/{n}] {v.name}"
         saved = _read_json(out / "moecompress.json")
         if saved is None:
@@ -119,7 +119,8 @@ class Runner:
         elif self.force:
             reason = "--force"
         else:
-            changes = settings_diff(saved.get("recipe") or {}, wanted, QuantizeConfig().model_dump())
+            defaults = QuantizeConfig().model_dump() if isinstance(v.config, QuantizeConfig) else {}
+            changes = settings_diff(saved.get("recipe") or {}, wanted, defaults)
             if saved.get("source") != str(self.model_dir):
                 changes.insert(0, f"source: {saved.get('source')} -> {self.model_dir}")
             if not changes:
@@ -130,10 +131,23 @@ class Runner:
         log.info("%s: building (%s)", tag, reason)
         t0 = time.perf_counter()
         command = ["moecompress", "run", self.recipe_file or "<recipe>", "#", v.name]
-        summary = quantize(self.model_dir, out, v.config, overwrite=out.exists(), command=command)
+        summary = self._make(v, out, command, wanted)
         dt = time.perf_counter() - t0
         log.info("%s: built in %.1fs (%.2f MB)", tag, dt, summary["size_bytes"] / 1e6)
         self._decide(v.name, "build", "built", reason, dt)
+
+    def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict:
+        if isinstance(v.config, SkipBaseline):
+            from ..zero.baselines import make_baseline
+
+            c, cal = v.config, self.recipe.calibration
+            rec = make_baseline(self.model_dir, out, c.rule, c.target, calib=cal.data, samples=c.samples,
+                                seq_len=c.seq_len, seed=cal.seed, overwrite=out.exists(), command=command,
+                                recipe=wanted)
+            return rec
+        from ..pipeline import quantize
+
+        return quantize(self.model_dir, out, v.config, overwrite=out.exists(), command=command)
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, name: str, i: int, n: int) -> None:

@@ -97,8 +97,9 @@ def record_router_weights(model_dir: str | Path, windows: torch.Tensor, device, 
 
 def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target: float, calib: str = "builtin:stdlib",
                   samples: int = 32, seq_len: int = 256, seed: int = 0, device: str = "cpu",
-                  overwrite: bool = False, command: list[str] | None = None) -> dict:
-    """Calibrate rule ``kind`` to ``target`` on ``model_dir`` and write the rule model to ``out_dir``."""
+                  overwrite: bool = False, command: list[str] | None = None, recipe: dict | None = None) -> dict:
+    """Calibrate rule ``kind`` to ``target`` on ``model_dir`` and write the rule model to ``out_dir``
+    (``recipe``: the settings a ``moecompress run`` records to know when to rebuild)."""
     from ..calib.data import load_texts, make_calibration_windows
     from ..checkpoint.writer import check_output_path
     from .inject import add_zero_experts, open_float_original
@@ -122,5 +123,6 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
     record = add_zero_experts(model_dir, out_dir, 1, "same", seed=seed, overwrite=overwrite, command=command,
                               rule=(kind, value),
                               extra={"baseline": {"rule": kind, "value": value, "target_skip": target,
-                                                  "calibration_skip": share, "calibration": windows.metadata}})
+                                                  "calibration_skip": share, "calibration": windows.metadata}},
+                              recipe=recipe)
     return record

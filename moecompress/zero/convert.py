@@ -49,8 +49,7 @@ def convert_layout(model_dir: str | Path, out_dir: str | Path, layout: str, over
     set_expert_count(config, handle.spec.num_experts_attr, e + z if layout == "stock" else e)
     record = {"moecompress_version": __version__, "command": command, "source": str(Path(model_dir).resolve()),
               "zero_experts": {"action": "convert", "from": handle.zero.layout, "to": layout, "num_zero": z}}
-    rewrite_checkpoint(handle, out_dir, config, fn, record, overwrite, desc=f"converting to {layout}")
-    return record
+    return rewrite_checkpoint(handle, out_dir, config, fn, record, overwrite, desc=f"converting to {layout}")
 
 
 def _is_router_layer(handle: ModelHandle, i: int, tensors: dict) -> bool:

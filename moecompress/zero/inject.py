@@ -68,7 +68,8 @@ def new_router_rows(w: torch.Tensor, num_zero: int, seed: int, layer: int) -> to
 
 def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, topk_mode: str = "same",
                      seed: int = 0, overwrite: bool = False, command: list[str] | None = None,
-                     rule: tuple[str, float] | None = None, extra: dict | None = None) -> dict:
+                     rule: tuple[str, float] | None = None, extra: dict | None = None,
+                     recipe: dict | None = None) -> dict:
     """Write ``model_dir`` with ``num_zero`` zero experts per MoE router to ``out_dir`` (native layout);
     ``rule``: a skipping rule for the config (the baselines); ``extra``: more for the record."""
     if topk_mode not in TOPK_MODES:
@@ -111,8 +112,9 @@ def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, 
     config = write_zero_experts(handle.reader.config, zero)
     text_config_dict(config)[handle.spec.top_k_attr] = new_k
     record = {"moecompress_version": __version__, "command": command, "source": str(Path(model_dir).resolve()),
+              **({"recipe": recipe} if recipe is not None else {}),
               "zero_experts": {"action": "add", "num_zero": num_zero, "topk_mode": topk_mode, "seed": seed,
                                "top_k": {"before": k, "after": new_k}, "layers": layers, **(extra or {})}}
-    rewrite_checkpoint(handle, out_dir, config, layer_fn, record, overwrite, desc="adding zero experts")
+    record = rewrite_checkpoint(handle, out_dir, config, layer_fn, record, overwrite, desc="adding zero experts")
     log.info("added %d zero experts to %d MoE layers (top-k %d -> %d, %s)", num_zero, len(layers), k, new_k, topk_mode)
     return record

@@ -1,0 +1,136 @@
+"""What skipping buys: MoE-block and end-to-end speed of zero-expert models at set skip rates.
+
+    python benchmarks/zero_experts_speed.py [--model DIR | --demo-variant wide] [--threads 2] \
+        [--rates 0,0.25,0.5,0.75] [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--json out.json]
+
+For each skip rate s the model gets one zero expert and the static top-k rule k' = k (1 - s)
+(``zero-experts`` baseline (c), written with :func:`moecompress.zero.inject.add_zero_experts`):
+exactly a share s of every token's slots goes to the zero expert, whatever the input, so the
+rates are exact. s = 0 is the original checkpoint itself (no zero experts at all).
+
+Measured with our runtime on the CPU in fp32 (torch twins; ``--threads`` torch threads):
+
+* MoE block at decode: one token through the first MoE layer's block (router, routing, the chosen
+  experts), median of many calls;
+* end-to-end: decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating N and 1
+  tokens after the same prompt, and prefill tokens/s of that prompt, each the median of
+  ``--repeats`` runs; the rates run interleaved so load on a shared machine hits all alike.
+
+Every figure is printed beside its ratio to s = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _variants(model: Path, rates: list[float], tmp: Path) -> dict[float, Path]:
+    from moecompress.arch.handle import ModelHandle
+    from moecompress.zero.inject import add_zero_experts
+
+    k = ModelHandle.open(model).top_k
+    out = {}
+    for s in rates:
+        keep = round(k * (1 - s))
+        if abs(keep - k * (1 - s)) > 1e-9:
+            raise SystemExit(f"skip rate {s} is not a whole number of the {k} slots")
+        if keep == k:
+            out[s] = model
+        else:
+            out[s] = tmp / f"skip{int(round(100 * s))}"
+            add_zero_experts(model, out[s], 1, "same", rule=("top-k", float(keep)))
+    return out
+
+
+def _moe_block_us(rt, calls: int = 400) -> float:
+    block = next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
+    h = rt.model.lm.config.hidden_size
+    x = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for _ in range(20):
+            block(x)
+        for _ in range(calls):
+            t = time.perf_counter()
+            block(x)
+            times.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(times)
+
+
+def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repeats: int, tmp: Path) -> dict:
+    from moecompress.runtime import Runtime
+
+    paths = _variants(model, rates, tmp)
+    rts = {s: Runtime.load(p, device="cpu", dtype="float32") for s, p in paths.items()}
+    vocab = rts[rates[0]].model.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    for rt in rts.values():  # warm up
+        rt.generate(prompt, 4, stop_ids=[])
+    block = {s: _moe_block_us(rt) for s, rt in rts.items()}
+    dec: dict[float, list[float]] = {s: [] for s in rates}
+    pre: dict[float, list[float]] = {s: [] for s in rates}
+    for _ in range(repeats):
+        for s, rt in rts.items():
+            t = time.perf_counter()
+            r1 = rt.generate(prompt, 1, stop_ids=[])
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            rt.generate(prompt, new_tokens, stop_ids=[])
+            tn = time.perf_counter() - t
+            dec[s].append((new_tokens - 1) / (tn - t1))
+            pre[s].append(r1.prefill_tokens_per_s)
+    base = rates[0]
+    rows = []
+    for s in rates:
+        d, p = statistics.median(dec[s]), statistics.median(pre[s])
+        rows.append({"skip_rate": s, "moe_block_decode_us": block[s], "moe_block_ratio": block[s] / block[base],
+                     "decode_tokens_per_s": d, "decode_ratio": d / statistics.median(dec[base]),
+                     "prefill_tokens_per_s": p, "prefill_ratio": p / statistics.median(pre[base])})
+    return {"model": str(model), "threads": torch.get_num_threads(), "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--demo-variant", default="wide", help="Without --model: the cached demo model of this variant.")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rates", default="0,0.25,0.5,0.75")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(a.threads)
+    model = a.model
+    if model is None:
+        from moecompress.demo_model import demo_model_path
+
+        model = demo_model_path(variant=a.demo_variant)
+    rates = [float(x) for x in a.rates.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(Path(model), rates, a.prompt_len, a.new_tokens, a.repeats, Path(tmp))
+    print(f"{res['model']}  ({res['threads']} threads, fp32, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
+          f"median of {a.repeats})")
+    print(f"{'skip':>5} {'MoE block us':>13} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} {'prefill tok/s':>14} {'ratio':>6}")
+    for r in res["rows"]:
+        print(f"{100 * r['skip_rate']:4.0f}% {r['moe_block_decode_us']:13.1f} {r['moe_block_ratio']:6.3f} "
+              f"{r['decode_tokens_per_s']:13.1f} {r['decode_ratio']:6.3f} {r['prefill_tokens_per_s']:14.1f} "
+              f"{r['prefill_ratio']:6.3f}")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,10 +3,16 @@
     python benchmarks/zero_experts_speed.py [--model DIR | --demo-variant wide] [--threads 2] \
         [--rates 0,0.25,0.5,0.75] [--prompt-len 128] [--new-tokens 64] [--repeats 5] [--json out.json]
 
-For each skip rate s the model gets one zero expert and the static top-k rule k' = k (1 - s)
-(``zero-experts`` baseline (c), written with :func:`moecompress.zero.inject.add_zero_experts`):
-exactly a share s of every token's slots goes to the zero expert, whatever the input, so the
-rates are exact. s = 0 is the original checkpoint itself (no zero experts at all).
+Two kinds of zero-expert model per skip rate s, both skipping exactly a share s of every token's
+slots whatever the input (s = 0 is the original checkpoint itself, no zero experts at all):
+
+* ``router``: synthetic zero ids through the router itself, as a ZEDA-trained model routes: Z = k s
+  zero experts whose logit bias (+50) makes the router pick all of them for every token, while
+  the real experts keep their own order (their probabilities shrink by ~e^-50 but stay distinct,
+  so each token still gets its own top real experts). The outputs are meaningless; the cost is
+  exactly a trained model's at that skip rate.
+* ``rule``: one zero expert and the static top-k rule k' = k (1 - s) (``zero-experts`` baseline (c)),
+  which also pays for applying the rule after the top-k.
 
 Measured with our runtime on the CPU in fp32 (torch twins; ``--threads`` torch threads):
 
@@ -33,7 +39,25 @@ from pathlib import Path
 import torch
 
 
-def _variants(model: Path, rates: list[float], tmp: Path) -> dict[float, Path]:
+def _force_zero_slots(path: Path) -> None:
+    """Make the router choose every zero expert for every token (softmax: logit bias; sigmoid: selection
+    bias, above every real expert's selection score)."""
+    from safetensors.torch import load_file, save_file
+
+    z = json.loads((path / "config.json").read_text())
+    z = (z.get("text_config") or z)["num_zero_experts"]
+    for shard in path.glob("*.safetensors"):
+        sd = load_file(shard)
+        for k, t in sd.items():
+            if k.endswith("zero_expert_bias"):
+                sd[k] = torch.full_like(t, 50.0)
+            elif k.endswith("e_score_correction_bias"):
+                sd[k] = t.clone()
+                sd[k][-z:] = 10.0
+        save_file(sd, shard, metadata={"format": "pt"})
+
+
+def _variants(model: Path, rates: list[float], tmp: Path) -> dict[tuple[str, float], Path]:
     from moecompress.arch.handle import ModelHandle
     from moecompress.zero.inject import add_zero_experts
 
@@ -44,14 +68,17 @@ def _variants(model: Path, rates: list[float], tmp: Path) -> dict[float, Path]:
         if abs(keep - k * (1 - s)) > 1e-9:
             raise SystemExit(f"skip rate {s} is not a whole number of the {k} slots")
         if keep == k:
-            out[s] = model
-        else:
-            out[s] = tmp / f"skip{int(round(100 * s))}"
-            add_zero_experts(model, out[s], 1, "same", rule=("top-k", float(keep)))
+            out[("original", s)] = model
+            continue
+        out[("router", s)] = tmp / f"router{int(round(100 * s))}"
+        add_zero_experts(model, out[("router", s)], k - keep, "same")
+        _force_zero_slots(out[("router", s)])
+        out[("rule", s)] = tmp / f"rule{int(round(100 * s))}"
+        add_zero_experts(model, out[("rule", s)], 1, "same", rule=("top-k", float(keep)))
     return out
 
 
-def _moe_block_us(rt, calls: int = 400) -> float:
+def _moe_block_us(rt, calls: int = 2000) -> float:
     block = next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
     h = rt.model.lm.config.hidden_size
     x = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0))
@@ -70,14 +97,14 @@ def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repea
     from moecompress.runtime import Runtime
 
     paths = _variants(model, rates, tmp)
-    rts = {s: Runtime.load(p, device="cpu", dtype="float32") for s, p in paths.items()}
-    vocab = rts[rates[0]].model.vocab_size
+    rts = {key: Runtime.load(p, device="cpu", dtype="float32") for key, p in paths.items()}
+    vocab = next(iter(rts.values())).model.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     for rt in rts.values():  # warm up
         rt.generate(prompt, 4, stop_ids=[])
     block = {s: _moe_block_us(rt) for s, rt in rts.items()}
-    dec: dict[float, list[float]] = {s: [] for s in rates}
-    pre: dict[float, list[float]] = {s: [] for s in rates}
+    dec: dict = {key: [] for key in rts}
+    pre: dict = {key: [] for key in rts}
     for _ in range(repeats):
         for s, rt in rts.items():
             t = time.perf_counter()
@@ -88,11 +115,13 @@ def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repea
             tn = time.perf_counter() - t
             dec[s].append((new_tokens - 1) / (tn - t1))
             pre[s].append(r1.prefill_tokens_per_s)
-    base = rates[0]
+    base = next(key for key in rts if key[0] == "original")
     rows = []
-    for s in rates:
+    for key in rts:
+        s = key
         d, p = statistics.median(dec[s]), statistics.median(pre[s])
-        rows.append({"skip_rate": s, "moe_block_decode_us": block[s], "moe_block_ratio": block[s] / block[base],
+        rows.append({"kind": key[0], "skip_rate": key[1], "moe_block_decode_us": block[s],
+                     "moe_block_ratio": block[s] / block[base],
                      "decode_tokens_per_s": d, "decode_ratio": d / statistics.median(dec[base]),
                      "prefill_tokens_per_s": p, "prefill_ratio": p / statistics.median(pre[base])})
     return {"model": str(model), "threads": torch.get_num_threads(), "prompt_len": prompt_len,
@@ -122,9 +151,10 @@ def main(argv=None) -> int:
         res = run(Path(model), rates, a.prompt_len, a.new_tokens, a.repeats, Path(tmp))
     print(f"{res['model']}  ({res['threads']} threads, fp32, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
           f"median of {a.repeats})")
-    print(f"{'skip':>5} {'MoE block us':>13} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} {'prefill tok/s':>14} {'ratio':>6}")
-    for r in res["rows"]:
-        print(f"{100 * r['skip_rate']:4.0f}% {r['moe_block_decode_us']:13.1f} {r['moe_block_ratio']:6.3f} "
+    print(f"{'model':>9} {'skip':>5} {'MoE block us':>13} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} "
+          f"{'prefill tok/s':>14} {'ratio':>6}")
+    for r in sorted(res["rows"], key=lambda r: (r["kind"] != "original", r["kind"], r["skip_rate"])):
+        print(f"{r['kind']:>9} {100 * r['skip_rate']:4.0f}% {r['moe_block_decode_us']:13.1f} {r['moe_block_ratio']:6.3f} "
               f"{r['decode_tokens_per_s']:13.1f} {r['decode_ratio']:6.3f} {r['prefill_tokens_per_s']:14.1f} "
               f"{r['prefill_ratio']:6.3f}")
     if a.json:

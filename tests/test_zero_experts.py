@@ -312,6 +312,17 @@ def test_apply_rule_semantics():
     assert apply_rule(w, ids, None, 8) is ids
 
 
+def test_apply_rule_fast_path_for_sorted_slots_equals_the_general_one():
+    from moecompress.zero.routing import apply_rule
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        w = torch.rand(5, 6, generator=g).sort(-1, descending=True).values
+        ids = torch.randint(0, 10, (5, 6), generator=g)  # some slots already on zero experts (>= 8)
+        for rule in (("top-k", 3.0), ("top-p", 0.6), ("threshold", 0.5)):
+            assert torch.equal(apply_rule(w, ids, rule, 8), apply_rule(w, ids, rule, 8, sorted_desc=True)), rule
+
+
 @pytest.mark.slow
 def test_baseline_command_end_to_end(tiny_ckpt, tmp_path):
     from moecompress.evals.evaluate import evaluate

@@ -96,10 +96,11 @@ def _experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     t, k = ids.shape
     e = w13.shape[0]
     out = torch.zeros_like(x)
-    if t == 1:  # decode: the k chosen experts, no sorting
-        for j, ex in enumerate(ids[0].tolist()):
+    if t == 1:  # decode: the k chosen experts, no sorting; the weight is folded into the down GEMV
+        for ex, wj in zip(ids[0].tolist(), weights[0].tolist()):
             if ex < e:
-                out += (_expert(x, w13[ex], w2[ex]) * weights[:, j : j + 1]).to(x.dtype)
+                gate, up = F.linear(x, w13[ex]).chunk(2, dim=-1)
+                out.addmm_(F.silu(gate) * up, w2[ex].t(), alpha=wj)
         return out
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
@@ -134,9 +135,7 @@ class MoEBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights fp32 [T, k], ids int32 [T, k]) for ``x [T, H]``; logits computed in fp32."""
         r = self.routing
-        logits = F.linear(x.float(), self.router_weight)
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
+        logits = F.linear(x.float(), self.router_weight, self.logit_bias)  # one addmm with zero experts' bias
         if self.experts.use_kernels:
             from ..kernels.routing import route as route_fn
         else:
@@ -145,7 +144,8 @@ class MoEBlock(nn.Module):
                                 correction_bias=self.correction_bias, n_group=r.n_group, topk_group=r.topk_group,
                                 routed_scaling_factor=r.scaling, num_zero=r.num_zero)
         if r.rule is not None:
-            ids = apply_rule(weights, ids, r.rule, self.experts.num_experts)
+            # softmax routing returns its slots by decreasing weight (route and route_torch sort them)
+            ids = apply_rule(weights, ids, r.rule, self.experts.num_experts, sorted_desc=r.scoring == "softmax")
         return weights, ids
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

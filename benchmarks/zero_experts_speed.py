@@ -17,7 +17,7 @@ slots whatever the input (s = 0 is the original checkpoint itself, no zero exper
 Measured with our runtime on the CPU in fp32 (torch twins; ``--threads`` torch threads):
 
 * MoE block at decode: one token through the first MoE layer's block (router, routing, the chosen
-  experts), median of many calls;
+  experts), median of 2000 calls, the models taking turns every 100;
 * end-to-end: decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating N and 1
   tokens after the same prompt, and prefill tokens/s of that prompt, each the median of
   ``--repeats`` runs; the rates run interleaved so load on a shared machine hits all alike.
@@ -78,19 +78,25 @@ def _variants(model: Path, rates: list[float], tmp: Path) -> dict[tuple[str, flo
     return out
 
 
-def _moe_block_us(rt, calls: int = 2000) -> float:
-    block = next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
-    h = rt.model.lm.config.hidden_size
+def _moe_blocks_us(rts: dict, rounds: int = 20, calls: int = 100) -> dict:
+    """Median time of one decode token through each runtime's first MoE block; the runtimes take turns
+    (``rounds`` x ``calls`` each) so that a slow spell of the machine hits them all alike."""
+    blocks = {key: next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
+              for key, rt in rts.items()}
+    h = next(iter(rts.values())).model.lm.config.hidden_size
     x = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0))
-    times = []
+    times: dict = {key: [] for key in blocks}
     with torch.no_grad():
-        for _ in range(20):
-            block(x)
-        for _ in range(calls):
-            t = time.perf_counter()
-            block(x)
-            times.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(times)
+        for block in blocks.values():
+            for _ in range(20):
+                block(x)
+        for _ in range(rounds):
+            for key, block in blocks.items():
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    block(x)
+                    times[key].append(time.perf_counter() - t)
+    return {key: 1e6 * statistics.median(v) for key, v in times.items()}
 
 
 def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repeats: int, tmp: Path) -> dict:
@@ -102,7 +108,7 @@ def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repea
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     for rt in rts.values():  # warm up
         rt.generate(prompt, 4, stop_ids=[])
-    block = {s: _moe_block_us(rt) for s, rt in rts.items()}
+    block = _moe_blocks_us(rts)
     dec: dict = {key: [] for key in rts}
     pre: dict = {key: [] for key in rts}
     for _ in range(repeats):

@@ -107,11 +107,14 @@ def route_torch(
         score_mask = group_mask.unsqueeze(-1).expand(t, n_group, real // n_group).reshape(t, real)
         score_mask = torch.cat([score_mask, score_mask.new_ones(t, num_zero)], dim=1)  # zero experts: no group
         choice = choice.masked_fill(~score_mask, float("-inf"))
-    ids = choice.topk(top_k, dim=-1, sorted=True)[1]
-    weights = scores.gather(1, ids)
+    top, ids = choice.topk(top_k, dim=-1, sorted=True)
+    # the chosen scores are the weights unless a bias or the group mask shaped the choice
+    weights = top if choice is scores else scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights, ids.to(torch.int32)
 
 
 def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero=0) -> tuple[int, int]:

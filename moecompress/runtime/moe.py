@@ -151,7 +151,9 @@ class MoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
         weights, ids = self.route(x)
-        out = self.experts(x, weights, ids)
+        e = self.experts
+        # the torch path is called directly: at decode on a CPU the module-call overhead is not negligible
+        out = e(x, weights, ids) if e.use_kernels else _experts_torch(x, e.w13, e.w2, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -32,6 +32,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "glm4_moe": dict(_COMMON, head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                      n_shared_experts=1, routed_scaling_factor=2.5),
+    # GLM-4.7-Flash's proportions (qk_nope + qk_rope = v_head_dim); mlp_layer_types defaults to layer 0 dense
+    "glm4_moe_lite": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
+                          num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                          n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16,
+                          qk_nope_head_dim=48, v_head_dim=64, routed_scaling_factor=1.8),
     "qwen3_5_moe": dict(_COMMON, head_dim=32, moe_intermediate_size=64, shared_expert_intermediate_size=64,
                         num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, linear_key_head_dim=32,
                         linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4),

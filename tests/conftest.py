@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # kernels run in Triton's interpreter on CPU 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe"]
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe", "glm4_moe_lite"]
 
 
 @pytest.fixture(scope="session")

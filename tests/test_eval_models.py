@@ -88,7 +88,7 @@ def _hf_run(model, ids):
 # ------------------------------------------------------------------------------------ known answers
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe_lite"])
 def test_identical_models_agree_perfectly(tiny_ckpt, family, tmp_path):
     p = tiny_ckpt(family)
     copy = shutil.copytree(p, tmp_path / "copy")  # a second folder: both models are loaded and run
@@ -102,8 +102,8 @@ def test_identical_models_agree_perfectly(tiny_ckpt, family, tmp_path):
     assert r["size_bytes"] == r["reference_size_bytes"] and r["bits_per_weight"] is None and r["quantization"] is None
     same = evaluate(p, p, low_memory=True, **SMALL)  # the same folder: run once, compared with itself
     assert same["kl"] == 0.0 and same["routing"]["router_kl"] == 0.0 and same["ppl"] == pytest.approx(r["ppl_reference"], rel=1e-6)
-    # DeepSeek-V3's first layer is dense: routing is reported for the MoE layers only
-    assert r["expert_load"]["layers"] == ([1, 2] if family == "deepseek_v3" else [0, 1])
+    # DeepSeek-V3's and GLM-4.7-Flash's first layer is dense: routing is reported for the MoE layers only
+    assert r["expert_load"]["layers"] == ([1, 2] if family in ("deepseek_v3", "glm4_moe_lite") else [0, 1])
 
 
 def test_swapped_router_rows_give_the_derived_mismatch(qwen, tmp_path):
@@ -173,7 +173,7 @@ def test_independent_check_against_transformers_forward(qwen_eval, qwen_perturbe
 # ------------------------------------------------------------------------------------ modes, schema
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe_lite"])
 def test_low_memory_matches_default(tiny_ckpt, tmp_path, family):
     ref = tiny_ckpt(family)
     model = _edit(ref, tmp_path / "m", _noise("layers.0.self_attn.o_proj.weight", 0.5))

@@ -89,7 +89,7 @@ def test_dense_layers_in_moe_models_load_in_transformers(tiny_ckpt, tmp_path, fa
             assert pre + "experts.7.down_proj.weight_packed" in keys and pre + "gate.weight" in keys
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral", "glm4_moe_lite"])
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_routers_saved_bit_exact(tiny_ckpt, tmp_path, family, fmt):
     src = tiny_ckpt(family, dtype=torch.bfloat16)
@@ -122,7 +122,7 @@ def test_per_expert_names_follow_save_pretrained(tiny_ckpt, tmp_path, layout):
     assert not any(k.startswith("model.layers.0.mlp.") for k in keys)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_5_moe", "glm4_moe_lite"])
 def test_output_does_not_depend_on_the_source_layout(tiny_ckpt, tmp_path, family):
     """The same weights saved with original or in-memory names give byte-identical outputs (RTN)."""
     outs = {}

@@ -18,7 +18,7 @@ def _mean_err(summary, key):
     return sum(vals) / len(vals)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "qwen2_moe", "glm4_moe_lite"])
 def test_cuda_fp32_matches_cpu(tiny_ckpt, tmp_path, family):
     src = tiny_ckpt(family)
     cpu = quantize(src, tmp_path / "cpu", quick_config(bits=4, dtype="float32"))

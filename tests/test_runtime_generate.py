@@ -11,7 +11,8 @@ from moecompress.errors import UserError
 from moecompress.pipeline import quantize
 from moecompress.runtime import Runtime
 
-RUNTIME_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe"]
+RUNTIME_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe",
+                    "glm4_moe_lite"]
 NEW_TOKENS = 40
 
 
@@ -59,7 +60,7 @@ def test_greedy_matches_transformers(tiny_ckpt, family):
     _greedy_matches_transformers(tiny_ckpt(family), family)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "glm4_moe_lite"])
 def test_in_memory_layout_matches_transformers(tiny_ckpt, family):
     # save_pretrained(save_original_format=False): ``mlp.`` (Mixtral too), fused experts, router read by name
     _greedy_matches_transformers(tiny_ckpt(family, original_format=False), family)
@@ -106,6 +107,8 @@ QUANTIZED_CASES = [
     ("olmoe", "compressed-tensors", {"symmetric": False, "group_size": 64}),
     ("qwen2_moe", "gptq", {"bits": 8}),
     ("qwen3_5_moe", "compressed-tensors", {}),  # hybrid: quantized Gated DeltaNet projections and attention
+    ("glm4_moe_lite", "compressed-tensors", {"symmetric": False}),  # MLA + sigmoid group-limited routing
+    ("glm4_moe_lite", "gptq", {}),
 ]
 
 
@@ -264,7 +267,8 @@ def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
     ("glm4_moe", "gptq", {"symmetric": False}),  # sigmoid routing, group-limited top-k, int4 with zero points
     ("deepseek_v3", "compressed-tensors", {"bits": 8}),
     ("qwen3_5_moe", "compressed-tensors", {}),  # packed Gated DeltaNet projections, float conv
-], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4"])
+    ("glm4_moe_lite", "gptq", {}),  # packed MLA projections (q/kv LoRA ranks), sigmoid group-limited routing
+], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4", "glm4_moe_lite-gptq-w4"])
 def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, fmt, settings):
     """The CUDA code path (packed int4/int8 linears and experts, Triton routing and fused MoE), run by
     Triton's interpreter: same tokens and logits as the dequantized CPU path."""
@@ -286,7 +290,7 @@ def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, f
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("deepseek_v3", None),
-                                        ("qwen3_5_moe", "compressed-tensors")])
+                                        ("qwen3_5_moe", "compressed-tensors"), ("glm4_moe_lite", "gptq")])
 def test_cuda_graph_decode_matches_eager_and_cpu(quantized, tiny_ckpt, family, fmt):
     path = quantized(family, fmt)[0] if fmt else tiny_ckpt(family)
     graph = Runtime.load(path, device="cuda", dtype="float32")

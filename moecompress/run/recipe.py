@@ -1,7 +1,7 @@
 """The YAML recipe of `moecompress run`: one model, several quantized variants, how to evaluate and report them.
 
 ```yaml
-model: builtin:demo              # a checkpoint folder, or builtin:demo / builtin:demo-quick
+model: builtin:demo              # a checkpoint folder, or builtin:demo / builtin:demo-quick / builtin:demo-wide
 output_dir: runs/demo            # the run folder (--out overrides it)
 calibration: {data: builtin:stdlib, samples: 128, seq_len: 256, seed: 0, batch_size: 8}
 defaults: {device: cpu}          # QuantizeConfig settings shared by every variant (optional)

@@ -33,7 +33,9 @@ from ..recipe import QuantizeConfig
 from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe
 
 log = logging.getLogger("moecompress.run")
-BUILTIN_MODELS = {"builtin:demo": False, "builtin:demo-quick": True}
+# name -> (quick, variant) of the demo model (moecompress.demo_model)
+BUILTIN_MODELS = {"builtin:demo": (False, "demo"), "builtin:demo-quick": (True, "demo"),
+                  "builtin:demo-wide": (False, "wide")}
 REFERENCE_CACHE = "reference-cache"  # folder of the run holding the source model's evaluation outputs
 
 
@@ -44,7 +46,8 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
             raise UserError(f"unknown built-in model '{spec}'; choose one of {', '.join(BUILTIN_MODELS)}")
         from ..demo_model import demo_model_path
 
-        return demo_model_path(cache_dir, quick=BUILTIN_MODELS[spec])
+        quick, variant = BUILTIN_MODELS[spec]
+        return demo_model_path(cache_dir, quick=quick, variant=variant)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise UserError(f"model {spec} is not a folder" if path.exists() else f"model {spec} does not exist")

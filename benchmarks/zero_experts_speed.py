@@ -23,6 +23,11 @@ Measured with our runtime on the CPU in fp32 (torch twins; ``--threads`` torch t
   ``--repeats`` runs; the rates run interleaved so load on a shared machine hits all alike.
 
 Every figure is printed beside its ratio to s = 0.
+
+``--block-shape qwen3-30b-a3b`` also times one MoE block of Qwen3-30B-A3B's shapes (hidden 2048,
+128 experts of 768, top-8; random fp32 weights, shared by every variant, built in memory), where
+the experts' weight reads dominate a decode step as they do in the real model; on the small demo
+model the per-call overhead of the router and of each expert's few torch calls is a large part.
 """
 
 from __future__ import annotations
@@ -99,6 +104,43 @@ def _moe_blocks_us(rts: dict, rounds: int = 20, calls: int = 100) -> dict:
     return {key: 1e6 * statistics.median(v) for key, v in times.items()}
 
 
+def block_at_shape(shape: str, rates: list[float], rounds: int = 10, calls: int = 20) -> list[dict]:
+    """MoE-block decode time of one layer of ``shape`` (benchmarks/_e2e_model.py) at each skip rate,
+    zero slots chosen by the router (the ``router`` kind above)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _e2e_model import SHAPES
+
+    from moecompress.runtime.moe import Experts, MoEBlock, Routing
+
+    c = SHAPES[shape]
+    h, i, e, k = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"], c["num_experts_per_tok"]
+    g = torch.Generator().manual_seed(0)
+    experts = Experts(torch.randn(e, 2 * i, h, generator=g) * h ** -0.5, torch.randn(e, h, i, generator=g) * i ** -0.5,
+                      use_kernels=False)
+    router = torch.randn(e, h, generator=g) * h ** -0.5
+    blocks = {}
+    for s in rates:
+        z = round(k * s)
+        rows = torch.cat([router, torch.randn(z, h, generator=g) * h ** -0.5])
+        bias = torch.cat([torch.zeros(e), torch.full((z,), 50.0)]) if z else None
+        blocks[s] = MoEBlock(rows, None, experts, Routing(top_k=k, scoring="softmax", renormalize=True, num_zero=z),
+                             logit_bias=bias)
+    x = torch.randn(1, 1, h, generator=g)
+    times: dict = {s: [] for s in rates}
+    with torch.no_grad():
+        for b in blocks.values():
+            b(x)
+        for _ in range(rounds):
+            for s, b in blocks.items():
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    b(x)
+                    times[s].append(time.perf_counter() - t)
+    base = statistics.median(times[rates[0]])
+    return [{"skip_rate": s, "moe_block_decode_us": 1e6 * statistics.median(v),
+             "moe_block_ratio": statistics.median(v) / base} for s, v in times.items()]
+
+
 def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repeats: int, tmp: Path) -> dict:
     from moecompress.runtime import Runtime
 
@@ -143,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--block-shape", default=None, help="Also time one MoE block of these shapes (qwen3-30b-a3b).")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,6 +206,12 @@ def main(argv=None) -> int:
         print(f"{r['kind']:>9} {100 * r['skip_rate']:4.0f}% {r['moe_block_decode_us']:13.1f} {r['moe_block_ratio']:6.3f} "
               f"{r['decode_tokens_per_s']:13.1f} {r['decode_ratio']:6.3f} {r['prefill_tokens_per_s']:14.1f} "
               f"{r['prefill_ratio']:6.3f}")
+    if a.block_shape:
+        res["block_shape"] = {"shape": a.block_shape, "rows": block_at_shape(a.block_shape, rates)}
+        print(f"\none MoE block of {a.block_shape} shapes, decode (1 token), zero slots chosen by the router")
+        print(f"{'skip':>5} {'MoE block us':>13} {'ratio':>6}")
+        for r in res["block_shape"]["rows"]:
+            print(f"{100 * r['skip_rate']:4.0f}% {r['moe_block_decode_us']:13.1f} {r['moe_block_ratio']:6.3f}")
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -243,9 +243,11 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
     click.echo(speed_line(result), err=True)
 
 
+from .zeda.cli import zeda  # noqa: E402
 from .zero.cli import zero_experts  # noqa: E402
 
 cli.add_command(zero_experts)
+cli.add_command(zeda)
 
 
 def main(argv=None) -> int:

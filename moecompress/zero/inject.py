@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +67,30 @@ def new_router_rows(w: torch.Tensor, num_zero: int, seed: int, layer: int) -> to
     return (mean + std * torch.randn(num_zero, w.shape[1], generator=gen)).to(w.dtype)
 
 
+@dataclass
+class RouterInit:
+    """A router with zero experts at injection: ``weight [E+Z, H]`` (source dtype), and either the
+    sigmoid routers' ``correction_bias [E+Z]`` or the softmax routers' ``zero_bias [Z]`` (fp32)."""
+
+    weight: torch.Tensor
+    correction_bias: torch.Tensor | None
+    zero_bias: torch.Tensor | None
+
+
+def zero_router_init(w: torch.Tensor, norm_weight: torch.Tensor, correction_bias: torch.Tensor | None,
+                     num_zero: int, seed: int, layer: int) -> RouterInit:
+    """Router ``w [E, H]`` with ``num_zero`` new rows that no input chooses (see the module docstring);
+    ``correction_bias`` given: a sigmoid router."""
+    rows = new_router_rows(w, num_zero, seed, layer)
+    if correction_bias is not None:
+        zb = float(correction_bias.float().min()) - 2.0
+        bias = torch.cat([correction_bias, torch.full((num_zero,), zb, dtype=correction_bias.dtype)])
+        return RouterInit(torch.cat([w, rows]), bias, None)
+    offset = float(logit_bounds(rows, norm_weight).max() + logit_bounds(w, norm_weight).max()) + MARGIN_NATS + \
+        math.log(num_zero)
+    return RouterInit(torch.cat([w, rows]), None, torch.full((num_zero,), -offset, dtype=torch.float32))
+
+
 def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, topk_mode: str = "same",
                      seed: int = 0, overwrite: bool = False, command: list[str] | None = None,
                      rule: tuple[str, float] | None = None, extra: dict | None = None,
@@ -89,22 +114,17 @@ def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, 
         router = handle.source_name(i, "mlp.gate.weight")
         if router is None or tensors[router].dim() != 2 or tensors[router].shape[0] != e:
             return out  # a dense layer
-        w = tensors[router]
-        rows = new_router_rows(w, num_zero, seed, i)
-        out[handle.output_name(router)] = torch.cat([w, rows])
+        bname = handle.source_name(i, "mlp.gate.e_score_correction_bias") if sigmoid else None
+        norm = tensors[handle.source_name(i, handle.spec.router_input_norm + ".weight")]
+        init = zero_router_init(tensors[router], norm, tensors[bname] if bname else None, num_zero, seed, i)
+        out[handle.output_name(router)] = init.weight
         rec: dict = {"layer": i}
-        if sigmoid:
-            bname = handle.source_name(i, "mlp.gate.e_score_correction_bias")
-            bias = tensors[bname]
-            zb = float(bias.float().min()) - 2.0
-            out[handle.output_name(bname)] = torch.cat([bias, torch.full((num_zero,), zb, dtype=bias.dtype)])
-            rec["zero_selection_bias"] = zb
-        else:
-            norm = tensors[handle.source_name(i, handle.spec.router_input_norm + ".weight")]
-            offset = float(logit_bounds(rows, norm).max() + logit_bounds(w, norm).max()) + MARGIN_NATS + math.log(num_zero)
-            out[handle.output_name(router).removesuffix("weight") + "zero_expert_bias"] = \
-                torch.full((num_zero,), -offset, dtype=torch.float32)
-            rec["zero_logit_bias"] = -offset
+        if init.correction_bias is not None:
+            out[handle.output_name(bname)] = init.correction_bias
+            rec["zero_selection_bias"] = float(init.correction_bias[-1])
+        if init.zero_bias is not None:
+            out[handle.output_name(router).removesuffix("weight") + "zero_expert_bias"] = init.zero_bias
+            rec["zero_logit_bias"] = float(init.zero_bias[0])
         layers.append(rec)
         return out
 

@@ -36,6 +36,7 @@ class RouterSpec:
     topk_group: int | None = None
     scaling: float = 1.0
     rule: tuple[str, float] | None = None
+    teacher_top_k: int | None = None  # the original k (plus-one models route k+1 slots)
 
     @classmethod
     def of(cls, spec, text_config, num_experts: int, zero: ZeroExperts) -> "RouterSpec":
@@ -49,6 +50,7 @@ class RouterSpec:
             topk_group=getattr(text_config, "topk_group", None) if sigmoid else None,
             scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0) if sigmoid else 1.0,
             rule=zero.rule,
+            teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
         )
 
 
@@ -66,8 +68,13 @@ class ZeroExpertRouter(nn.Module):
             self.e_score_correction_bias = nn.Buffer(torch.zeros(rows, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        # ZEDA's teacher is the student with the zero rows masked out: same weights, no zero expert chosen
+        # ZEDA's teacher is the student with the zero rows masked out: same weights, no zero expert
+        # chosen, the original k slots
         self.mask_zero = False
+        # ZEDA training: keep what the losses need from the last call (see zeda.losses)
+        self.track = False
+        self.reference_rows: torch.Tensor | None = None  # the original real rows, frozen
+        self.aux: dict | None = None
 
     def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(real ``[T, E]``, zero ``[T, Z]``) logits, computed as the family computes its router logits."""
@@ -86,14 +93,35 @@ class ZeroExpertRouter(nn.Module):
     def forward(self, hidden: torch.Tensor):
         real, zero = self.logits(hidden)
         rs = self.rs
+        top_k = rs.teacher_top_k or rs.top_k if self.mask_zero else rs.top_k
         weights, ids = route_zero(
-            real, zero, top_k=rs.top_k, scoring=rs.scoring, renormalize=rs.renormalize,
+            real, zero, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
             correction_bias=self.e_score_correction_bias, n_group=rs.n_group, topk_group=rs.topk_group,
             scaling=rs.scaling, cast_dtype=real.dtype if rs.cast_weights else None,
         )
         if not self.mask_zero:
             ids = apply_rule(weights, ids, rs.rule, self.num_experts)
-        return torch.cat([real, zero], dim=-1), weights, ids
+        logits = torch.cat([real, zero], dim=-1)
+        if self.track:
+            self.aux = self._aux(hidden, real, logits, ids)
+        return logits, weights, ids
+
+    def _aux(self, hidden, real, logits, ids) -> dict:
+        """Selection distribution over all rows, the chosen ids, and KL(original || now) of the real
+        experts' distribution (renormalized among themselves) when the real rows are trained."""
+        from ..evals.routing_metrics import selection_probs
+
+        bias = self.e_score_correction_bias
+        out = {"probs": selection_probs(logits, self.rs.scoring, bias), "ids": ids}
+        if self.reference_rows is not None:
+            x = hidden.reshape(-1, self.rs.hidden)
+            x = x.float() if self.rs.logits_fp32 else x
+            real_bias = None if bias is None else bias[: self.num_experts]
+            with torch.no_grad():
+                ref = selection_probs(F.linear(x, self.reference_rows.to(x.dtype)), self.rs.scoring, real_bias)
+            now = selection_probs(real, self.rs.scoring, real_bias)
+            out["real_kl"] = (torch.xlogy(ref, ref) - ref * torch.log(now.clamp_min(1e-12))).sum(-1).mean()
+        return out
 
 
 class ZeroSkippingExperts:

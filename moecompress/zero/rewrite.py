@@ -22,9 +22,11 @@ LayerFn = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def rewrite_checkpoint(handle: ModelHandle, out_dir: str | Path, config: dict, layer_fn: LayerFn, record: dict,
-                       overwrite: bool = False, desc: str = "layers", max_shard_bytes: int = 4 << 30) -> dict:
+                       overwrite: bool = False, desc: str = "layers", max_shard_bytes: int = 4 << 30,
+                       extra_files: dict[str, bytes] | None = None) -> dict:
     """Write ``handle``'s checkpoint to ``out_dir`` with ``layer_fn(i, {stored name: tensor})`` applied
-    to each decoder layer (it returns the tensors to write, by output name); returns the record written."""
+    to each decoder layer (it returns the tensors to write, by output name); ``extra_files``: more files
+    for the folder (logs, plots). Returns the record written."""
     out_dir = Path(out_dir)
     check_output_path(handle.reader.path, out_dir, overwrite)
     with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -38,5 +40,7 @@ def rewrite_checkpoint(handle: ModelHandle, out_dir: str | Path, config: dict, l
         record = dict(record, shards=writer.close(), size_bytes=writer.total_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(handle.reader.path, tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         (tmp / "moecompress.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record

@@ -1,0 +1,45 @@
+"""``moecompress zeda``: the click layer over :func:`moecompress.zeda.train.run_zeda`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("zeda")
+@click.argument("model_dir")
+@click.option("--out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--num-zero", type=int, default=None, help="Zero experts per router (default: top-k).")
+@click.option("--topk-mode", type=click.Choice(["same", "plus-one"]), default="same", show_default=True)
+@click.option("--target-skip", type=float, default=0.5, show_default=True, help="Share of slots to skip, in (0, 1).")
+@click.option("--data", default="builtin:stdlib", show_default=True, help="Prompt text (same forms as --calib).")
+@click.option("--prompts", type=int, default=64, show_default=True)
+@click.option("--prompt-len", type=int, default=32, show_default=True)
+@click.option("--gen-len", type=int, default=64, show_default=True)
+@click.option("--stage1-steps", type=int, default=120, show_default=True)
+@click.option("--stage2-steps", type=int, default=60, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--balance-weight", type=float, default=1.0, show_default=True)
+@click.option("--trainable", type=click.Choice(["routers", "routers+norms", "lora"]), default="routers",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True)
+@click.option("--overwrite", is_flag=True)
+def zeda(model_dir, out, num_zero, topk_mode, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
+         stage2_steps, lr, batch, balance_weight, trainable, device, seed, layout, overwrite) -> None:
+    """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
+    from .config import build_zeda_config
+    from .train import run_zeda
+
+    cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, target_skip=target_skip, data=data,
+                            prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
+                            stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight,
+                            trainable=trainable, device=device, seed=seed, layout=layout)
+    rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
+    final = rec["zero_experts"]["final"] or {}
+    click.echo(f"wrote {out}: {rec['zero_experts']['num_zero']} zero experts per router, final share of slots "
+               f"skipped {100 * final.get('mean_skip', 0):.1f}% (target {100 * target_skip:.0f}%) in "
+               f"{rec['timings_s']['total']:.0f}s")

@@ -1,0 +1,49 @@
+"""The settings of one ZEDA run (typed; unknown keys and out-of-range values are one-line errors)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import UserError
+
+
+class ZedaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_zero: int | None = Field(None, gt=0, description="zero experts per router (default: top-k)")
+    topk_mode: Literal["same", "plus-one"] = "same"
+    target_skip: float = 0.5
+    data: str = "builtin:stdlib"
+    prompts: int = Field(64, gt=0)
+    prompt_len: int = Field(32, gt=1)
+    gen_len: int = Field(64, gt=0)
+    stage1_steps: int = Field(120, ge=0)
+    stage2_steps: int = Field(60, ge=0)
+    lr: float = Field(5e-3, gt=0)
+    batch: int = Field(8, gt=0)
+    balance_weight: float = Field(1.0, ge=0)
+    route_weight: float = Field(1.0, ge=0)
+    trainable: Literal["routers", "routers+norms", "lora"] = "routers"
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of both stages' generations")
+    device: str = "cpu"
+    seed: int = 0
+    layout: Literal["native", "stock"] = "native"
+    log_every: int = Field(10, gt=0)
+
+    @field_validator("target_skip")
+    @classmethod
+    def _skip(cls, v):
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"target_skip {v} must lie in (0, 1)")
+        return v
+
+
+def build_zeda_config(**kw) -> ZedaConfig:
+    try:
+        return ZedaConfig(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise UserError(f"zeda setting '{where}': {err['msg'].removeprefix('Value error, ')}") from None

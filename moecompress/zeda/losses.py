@@ -1,0 +1,57 @@
+"""ZEDA's losses, as pure functions of logits and router outputs.
+
+* :func:`forward_kl` -- stage 1, KL(teacher || student) per token over the **full vocabulary**,
+  averaged over the masked positions. Full rather than the teacher's top-N: the models we train on
+  a CPU have small vocabularies, and the teacher's logits are recomputed each step (no storage), so
+  truncation would buy nothing and bias the gradient.
+* :func:`reverse_kl` -- stage 2, KL(student || teacher) on the student's own samples.
+* :func:`group_balance` -- per MoE layer, the zero group's share of the router's selection
+  distribution (softmax probabilities; sigmoid routers: their normalized selection scores), averaged
+  over tokens, is pulled toward the target skip rate; the loss is the mean over layers of the
+  squared gap. Per layer rather than over all layers: a pooled target lets some layers skip
+  everything and others nothing, and the speedup depends on every layer. The router's *mass* is the
+  differentiable proxy; the measured share of *slots* on zero experts is what is logged.
+* the real experts' relative routing: ``real_kl`` (computed by the router, see
+  :class:`moecompress.zero.modules.ZeroExpertRouter`) keeps the student's distribution over the real
+  experts, renormalized among themselves, close to the original's -- zero while the real rows are
+  frozen, a guard when they train.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return per_token.mean()
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+
+
+def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean over masked positions of KL(teacher || student), nats; logits ``[B, T, V]``."""
+    lt = F.log_softmax(teacher_logits.float(), dim=-1)
+    ls = F.log_softmax(student_logits.float(), dim=-1)
+    return _masked_mean((lt.exp() * (lt - ls)).sum(-1), mask)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean over masked positions of KL(student || teacher), nats."""
+    return forward_kl(student_logits, teacher_logits, mask)
+
+
+def zero_mass(probs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Mean over tokens of the zero group's share of ``probs [T, E+Z]``."""
+    return probs[:, num_experts:].sum(-1).mean()
+
+
+def group_balance(masses: list[torch.Tensor], target: float) -> torch.Tensor:
+    """Mean over layers of ``(zero-group mass - target)^2``."""
+    return torch.stack([(m - target) ** 2 for m in masses]).mean()
+
+
+def slot_share(ids: torch.Tensor, num_experts: int) -> float:
+    """Measured share of the slots routed to zero experts (for the logs)."""
+    return float((ids >= num_experts).float().mean())

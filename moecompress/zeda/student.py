@@ -1,0 +1,143 @@
+"""One copy of the weights, two models: the ZEDA student and, with its zero rows masked, the teacher.
+
+:func:`build_student` loads the original checkpoint once and gives every MoE router its zero
+experts in memory (:func:`moecompress.zero.inject.zero_router_init`: outputs unchanged). With
+:func:`teacher_mode` on, every router masks its zero rows and routes the original k slots, so the
+forward is exactly the original model's; off, it is the student. Only router parameters (and,
+optionally, the norms) are trainable; everything else is frozen.
+
+:func:`warm_start` then moves the zero rows from "never chosen" (where no gradient reaches them)
+to the edge of the real experts: from one batch of teacher activations, per layer, the zero logits'
+bias is set so that their mean sits ``margin`` below the mean k-th real logit (sigmoid routers:
+the same on the selection scores, through the zero rows' correction bias).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch.handle import ModelHandle
+from ..checkpoint.load import load_model
+from ..zero.inject import zero_router_init
+from ..zero.layout import ZeroExperts
+from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks, zero_routers
+
+TRAINABLE = ("routers", "routers+norms", "lora")
+
+
+@dataclass
+class Student:
+    handle: ModelHandle
+    model: nn.Module
+    routers: dict[int, ZeroExpertRouter]  # layer -> router
+    params: list[nn.Parameter]
+    zero: ZeroExperts
+
+    @property
+    def num_experts(self) -> int:
+        return self.handle.num_experts
+
+
+def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable: str, device, dtype) -> Student:
+    handle, model = load_model(model_dir, dtype, device)
+    k = handle.top_k
+    zero = ZeroExperts(num_zero, "native", None, topk_mode)
+    rs = replace(RouterSpec.of(handle.spec, handle.text_config, handle.num_experts, zero),
+                 top_k=k + 1 if topk_mode == "plus-one" else k, teacher_top_k=k)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routers = {}
+    layers = model.model.layers
+    for i, mlp in moe_blocks(model):
+        old = mlp.gate
+        corr = getattr(old, "e_score_correction_bias", None)
+        norm = getattr(layers[i], handle.spec.router_input_norm).weight
+        init = zero_router_init(old.weight.data.cpu(), norm.data.cpu(), None if corr is None else corr.data.cpu(),
+                                num_zero, seed, i)
+        with torch.device(old.weight.device):
+            new = ZeroExpertRouter(rs)
+        new.weight.data = init.weight.to(old.weight.device, old.weight.dtype)
+        if init.correction_bias is not None:
+            new.e_score_correction_bias.copy_(init.correction_bias)
+        if init.zero_bias is not None:
+            new.zero_expert_bias.data.copy_(init.zero_bias)
+        new.reference_rows = old.weight.data.detach().clone()
+        mlp.gate = new
+        mlp.experts.__class__ = _skipping_class(type(mlp.experts))
+        routers[i] = new
+    params = []
+    for r in routers.values():
+        r.weight.requires_grad_(True)
+        params.append(r.weight)
+        if r.rs.scoring == "softmax":  # sigmoid routers keep no zero logit bias (the stock layout has none)
+            r.zero_expert_bias.requires_grad_(True)
+            params.append(r.zero_expert_bias)
+        else:
+            r.zero_expert_bias.requires_grad_(False)
+    if trainable == "routers+norms":
+        for name, p in model.named_parameters():
+            if name.startswith("model.layers.") and "norm" in name.rsplit(".", 2)[-2] and p.dim() == 1:
+                p.requires_grad_(True)
+                params.append(p)
+    return Student(handle, model, routers, params, zero)
+
+
+@contextlib.contextmanager
+def teacher_mode(student: Student):
+    """Within: the original model (zero rows masked, the original k)."""
+    for r in student.routers.values():
+        r.mask_zero = True
+    try:
+        yield
+    finally:
+        for r in student.routers.values():
+            r.mask_zero = False
+
+
+@contextlib.contextmanager
+def tracking(student: Student):
+    """Within: every router keeps what the losses need from its last call (``router.aux``)."""
+    for r in student.routers.values():
+        r.track = True
+    try:
+        yield
+    finally:
+        for r in student.routers.values():
+            r.track, r.aux = False, None
+
+
+@torch.no_grad()
+def warm_start(student: Student, input_ids: torch.Tensor, margin: float = 1.0) -> dict[int, float]:
+    """Put each layer's zero rows ``margin`` below its mean k-th real choice (see module docstring);
+    returns the new bias per layer."""
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [r.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+             for i, r in student.routers.items()]
+    try:
+        with teacher_mode(student):
+            student.model(input_ids=input_ids.to(next(student.model.parameters()).device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for i, r in student.routers.items():
+        x = seen[i].reshape(-1, r.rs.hidden).float()
+        e, k = r.num_experts, r.rs.teacher_top_k or r.top_k
+        real = F.linear(x, r.weight[:e].float())
+        zero = F.linear(x, r.weight[e:].float())
+        if r.rs.scoring == "softmax":
+            kth = real.topk(k, dim=-1).values[:, -1]
+            b = float(kth.mean() - zero.mean() - margin)
+            r.zero_expert_bias.data.fill_(b)
+        else:
+            bias = r.e_score_correction_bias
+            kth = (real.sigmoid() + bias[:e]).topk(k, dim=-1).values[:, -1]
+            b = float(kth.mean() - zero.sigmoid().mean() - 0.1 * margin)
+            bias[e:] = b
+        out[i] = b
+    return out

@@ -1,0 +1,257 @@
+"""`moecompress zeda`: inject zero experts, distil in two stages, write a zero-expert checkpoint.
+
+1. The original loads once; every router gets its zero experts in memory and a warm start
+   (:mod:`.student`); gradient checkpointing per decoder layer bounds the activations.
+2. Stage 1 (off-policy): the teacher samples ``gen_len`` tokens after each of ``prompts`` prompts
+   drawn (seeded) from ``data``; each step the student learns a batch of them with KL(teacher ||
+   student) at every position, plus the group balancing loss and the real-routing guard.
+3. Stage 2 (on-policy): each step the student samples continuations of a batch of prompts and
+   learns KL(student || teacher) on its own tokens, plus the same regularizers.
+4. The trained routers (and norms, if trained) replace the originals' in a copy of the checkpoint,
+   written atomically like ``quantize``'s, with ``zeda_log.json`` (every logged step: losses, the
+   share of slots on zero experts per layer) and ``zeda_curve.png``.
+
+The teacher's logits are recomputed per step (no storage); a step costs one teacher forward and
+one student forward + backward. A NaN/Inf loss stops the run with one line and writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..arch.handle import ModelHandle
+from ..checkpoint.writer import check_output_path
+from ..errors import UserError
+from ..zero.inject import check_num_zero, open_float_original
+from ..zero.layout import ZeroExperts, text_config_dict, write_zero_experts
+from ..zero.rewrite import rewrite_checkpoint
+from .config import ZedaConfig
+from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
+from .student import Student, build_student, teacher_mode, tracking, warm_start
+
+log = logging.getLogger("moecompress")
+
+
+def _prompts(model_dir: Path, cfg: ZedaConfig) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from ..calib.data import load_texts, make_calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        windows = make_calibration_windows(load_texts(cfg.data), tok, cfg.prompts, cfg.prompt_len, cfg.seed)
+    except UserError as e:
+        raise UserError(f"--data {cfg.data}: {e}") from None
+    return windows.input_ids
+
+
+@torch.no_grad()
+def _sample(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, seed: int, teacher: bool) -> torch.Tensor:
+    """Sampled continuations ``[B, P + gen_len]`` of ``prompts`` by the teacher or the student."""
+    model = student.model
+    torch.manual_seed(seed)
+    dev = next(model.parameters()).device
+    ctx = teacher_mode(student) if teacher else _nullcontext()
+    with ctx:
+        out = model.generate(prompts.to(dev), max_new_tokens=cfg.gen_len, min_new_tokens=cfg.gen_len, do_sample=True,
+                             temperature=cfg.temperature, top_k=0, top_p=1.0, pad_token_id=0, use_cache=True)
+    return out[:, : prompts.shape[1] + cfg.gen_len]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _step(student: Student, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prompt_len: int) -> tuple[torch.Tensor, dict]:
+    model = student.model
+    with torch.no_grad(), teacher_mode(student):
+        t_logits = model(input_ids=seq, use_cache=False).logits
+    # (called under ``tracking``, kept on through the backward: checkpointed layers recompute the same graph)
+    s_logits = model(input_ids=seq, use_cache=False).logits
+    if stage == 1:  # every position of the teacher's text
+        kd = forward_kl(t_logits, s_logits)
+    else:  # the positions predicting the student's own tokens
+        mask = torch.zeros(seq.shape, dtype=torch.bool, device=seq.device)
+        mask[:, prompt_len - 1: -1] = True
+        kd = reverse_kl(s_logits, t_logits, mask)
+    routers = list(student.routers.values())
+    masses = [zero_mass(r.aux["probs"], r.num_experts) for r in routers]
+    bal = group_balance(masses, cfg.target_skip)
+    kls = [r.aux["real_kl"] for r in routers if "real_kl" in r.aux]
+    route = torch.stack(kls).mean() if kls else torch.zeros((), device=seq.device)
+    skips = {i: slot_share(r.aux["ids"], r.num_experts) for i, r in student.routers.items()}
+    loss = kd + cfg.balance_weight * bal + cfg.route_weight * route
+    stats = {"kd": float(kd), "balance": float(bal), "route": float(route), "loss": float(loss),
+             "zero_mass": [float(m) for m in masses], "skip": skips}
+    return loss, stats
+
+
+def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig) -> list[dict]:
+    """Both stages; returns the log (one entry per ``log_every`` steps and at each stage's end)."""
+    model = student.model
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(student.params, lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    p_len = prompts.shape[1]
+    teacher_text = None
+    if cfg.stage1_steps:
+        model.eval()
+        teacher_text = torch.cat([_sample(student, prompts[b:b + cfg.batch], cfg, cfg.seed * 7919 + b, teacher=True)
+                                  for b in tqdm(range(0, prompts.shape[0], cfg.batch), desc="teacher generations",
+                                                unit="batch", leave=False)])
+        model.train()
+    history: list[dict] = []
+    total = cfg.stage1_steps + cfg.stage2_steps
+    bar = tqdm(total=total, desc="zeda", unit="step")
+    step = 0
+    for stage, steps in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)):
+        for s in range(steps):
+            idx = torch.randint(0, prompts.shape[0], (cfg.batch,), generator=gen)
+            if stage == 1:
+                seq = teacher_text[idx]
+            else:
+                model.eval()
+                seq = _sample(student, prompts[idx], cfg, cfg.seed * 104729 + step, teacher=False)
+                model.train()
+            seq = seq.to(next(model.parameters()).device)
+            warm = min(1.0, (step + 1) / 10)  # 10 steps of linear warm-up
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * warm
+            with tracking(student):
+                loss, stats = _step(student, seq, stage, cfg, p_len)
+                if not math.isfinite(stats["loss"]):
+                    raise UserError(f"ZEDA loss became {stats['loss']} at stage {stage}, step {s}: stopping "
+                                    "(nothing written); try a lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.params, 1.0)
+            opt.step()
+            step += 1
+            mean_skip = sum(stats["skip"].values()) / max(len(stats["skip"]), 1)
+            bar.set_postfix_str(f"stage {stage} kd {stats['kd']:.4f} bal {stats['balance']:.4f} skip {mean_skip:.2f}")
+            bar.update()
+            if s % cfg.log_every == 0 or s == steps - 1:
+                history.append(dict(stats, stage=stage, step=step, mean_skip=mean_skip))
+                log.debug("stage %d step %d: %s", stage, step, history[-1])
+    bar.close()
+    model.eval()
+    return history
+
+
+def curve_png(history: list[dict]) -> bytes | None:
+    """The training curves (losses, share of slots on zero experts) as PNG bytes; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [h["step"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("kd", "balance", "route"):
+        a.plot(steps, [h[key] for h in history], label=key)
+    a.set_yscale("symlog", linthresh=1e-4)
+    a.set_xlabel("step")
+    a.set_title("losses (kd: stage 1 forward KL, stage 2 reverse KL)")
+    a.legend()
+    layers = sorted(history[0]["skip"]) if history else []
+    for i in layers:
+        b.plot(steps, [h["skip"][i] for h in history], lw=0.8, alpha=0.6, label=f"layer {i}")
+    b.plot(steps, [h["mean_skip"] for h in history], color="black", lw=2, label="mean")
+    b.set_xlabel("step")
+    b.set_title("share of slots on zero experts")
+    b.legend(fontsize=7)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        s2 = next((h["step"] for h in history if h["stage"] == 2), None)
+        if s2 is not None:
+            ax.axvline(s2, color="gray", ls="--", lw=1)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, record: dict, overwrite: bool,
+           extra_files: dict[str, bytes]) -> dict:
+    """The original checkpoint with the trained routers (and norms) and the zero-expert config."""
+    handle = ModelHandle.open(model_dir)
+    trained = {n: p for n, p in student.model.named_parameters() if p.requires_grad}
+
+    def layer_fn(i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {handle.output_name(n): t for n, t in tensors.items()}
+        r = student.routers.get(i)
+        if r is not None:
+            name = handle.source_name(i, "mlp.gate.weight")
+            out[handle.output_name(name)] = r.weight.detach().cpu().to(tensors[name].dtype)
+            if r.e_score_correction_bias is not None:
+                bname = handle.source_name(i, "mlp.gate.e_score_correction_bias")
+                out[handle.output_name(bname)] = r.e_score_correction_bias.detach().cpu().to(tensors[bname].dtype)
+            else:
+                out[handle.output_name(name).removesuffix("weight") + "zero_expert_bias"] = \
+                    r.zero_expert_bias.detach().float().cpu()
+        prefix = f"model.layers.{i}."
+        for mem, p in trained.items():
+            if mem.startswith(prefix) and ".gate." not in mem:
+                src = handle.source_name(i, mem[len(prefix):])
+                out[handle.output_name(src)] = p.detach().cpu().to(tensors[src].dtype)
+        return out
+
+    zero = ZeroExperts(student.zero.num_zero, "native", None, cfg.topk_mode)
+    config = write_zero_experts(handle.reader.config, zero)
+    text_config_dict(config)[handle.spec.top_k_attr] = handle.top_k + (1 if cfg.topk_mode == "plus-one" else 0)
+    return rewrite_checkpoint(handle, out_dir, config, layer_fn, record, overwrite, desc="writing",
+                              extra_files=extra_files)
+
+
+def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwrite: bool = False,
+             command: list[str] | None = None) -> dict:
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    handle = open_float_original(model_dir, "run ZEDA on")
+    if handle.zero is not None:
+        raise UserError(f"{model_dir} already has {handle.num_zero} zero experts; run ZEDA on the original model")
+    if cfg.trainable == "lora":
+        raise UserError("--trainable lora is not available yet; use routers or routers+norms")
+    if cfg.layout == "stock":
+        raise UserError("--layout stock is not available for ZEDA yet: its zero experts carry a logit bias; "
+                        "write native, and use 'zero-experts convert' once expressible")
+    num_zero = cfg.num_zero or handle.top_k
+    check_num_zero(num_zero, handle.num_experts)
+    check_output_path(model_dir, out_dir, overwrite)
+    from ..pipeline import resolve_device
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    prompts = _prompts(model_dir, cfg)
+    student = build_student(model_dir, num_zero, cfg.topk_mode, cfg.seed, cfg.trainable, device, torch.float32)
+    student.model.generation_config.eos_token_id = None
+    bias0 = warm_start(student, prompts[: cfg.batch])
+    history = train(student, prompts, cfg)
+    record = {"moecompress_version": __version__, "command": command, "source": str(model_dir.resolve()),
+              "recipe": cfg.model_dump(),
+              "zero_experts": {"action": "zeda", "num_zero": num_zero, "topk_mode": cfg.topk_mode,
+                               "target_skip": cfg.target_skip, "warm_start_bias": bias0,
+                               "final": history[-1] if history else None},
+              "timings_s": {"total": time.perf_counter() - t0}}
+    files = {"zeda_log.json": (json.dumps({"settings": cfg.model_dump(), "history": history}, indent=2) + "\n").encode()}
+    png = curve_png(history) if history else None
+    if png is not None:
+        files["zeda_curve.png"] = png
+    return export(student, model_dir, out_dir, cfg, record, overwrite, files)

@@ -80,7 +80,7 @@ def _variants(full: bool):
         ng, gpad, tg = groups
         out.append((rt._route_kernel, dict(
             logits_ptr="*fp32", stride_lt=256, stride_le=1, bias_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i32",
-            T=7, E=7, GROUP_E=32, scaling=2.5, TOP_K=k, K_PAD=kpad, BLOCK_T=16, BLOCK_E=256,
+            T=7, E=7, E_REAL=7, GROUP_E=32, scaling=2.5, TOP_K=k, K_PAD=kpad, BLOCK_T=16, BLOCK_E=256,
             SIGMOID=sig, HAS_BIAS=bias, RENORM=True, N_GROUP=ng, G_PAD=gpad, TOPK_GROUP=tg,
         ), 4, 3))
     for dt, res in (list(itertools.product(adts, [False, True])) if full else [(_BF16, True)]):

@@ -190,7 +190,7 @@ def test_low_memory_matches_default(tiny_ckpt, tmp_path, family):
 
 SCHEMA = {"model", "reference", "family", "data", "ppl", "ppl_reference", "kl", "top1_agreement", "kl_per_dataset",
           "top1_per_dataset", "routing", "expert_load", "skip_rate", "size_bytes", "reference_size_bytes",
-          "bits_per_weight", "quantization", "settings", "seconds", "lm_eval", "reference_cache"}
+          "bits_per_weight", "quantization", "settings", "seconds", "lm_eval", "reference_cache", "active_experts"}
 
 
 def test_schema(qwen_eval):
@@ -216,6 +216,8 @@ def test_schema(qwen_eval):
         assert all(0 < e <= math.log(8) + 1e-9 for e in load["entropy"][side])
         assert all(m >= 1.0 for m in load["max_over_mean"][side])
     assert r["skip_rate"] is None and r["lm_eval"] is None and r["reference_cache"] is None
+    act = r["active_experts"]  # no zero experts: every token runs its k experts, nothing saved
+    assert act["model"] == act["reference"] == [2.0] * len(act["layers"]) and act["expert_flops_saved_overall"] == 0
     assert r["family"] == "qwen3_moe" and isinstance(r["size_bytes"], int) and r["seconds"] > 0
 
 

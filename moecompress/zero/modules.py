@@ -93,10 +93,16 @@ class ZeroExpertRouter(nn.Module):
     def forward(self, hidden: torch.Tensor):
         real, zero = self.logits(hidden)
         rs = self.rs
-        top_k = rs.teacher_top_k or rs.top_k if self.mask_zero else rs.top_k
+        bias = self.e_score_correction_bias
+        top_k = rs.top_k
+        if self.mask_zero:  # the original router: no zero rows at all, the original k
+            top_k, zero_in = rs.teacher_top_k or rs.top_k, zero[:, :0]
+            bias = None if bias is None else bias[: self.num_experts]
+        else:
+            zero_in = zero
         weights, ids = route_zero(
-            real, zero, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
-            correction_bias=self.e_score_correction_bias, n_group=rs.n_group, topk_group=rs.topk_group,
+            real, zero_in, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
+            correction_bias=bias, n_group=rs.n_group, topk_group=rs.topk_group,
             scaling=rs.scaling, cast_dtype=real.dtype if rs.cast_weights else None,
         )
         if not self.mask_zero:

@@ -1,0 +1,115 @@
+"""ZEDA: the losses, one copy of the weights (teacher == original), a short training run, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moecompress.checkpoint.load import load_model
+from moecompress.errors import UserError
+from moecompress.zeda.config import build_zeda_config
+from moecompress.zeda.losses import forward_kl, group_balance, reverse_kl, zero_mass
+from moecompress.zeda.student import build_student, teacher_mode, warm_start
+
+QUICK = dict(prompts=8, prompt_len=16, gen_len=12, batch=4, stage1_steps=8, stage2_steps=4, log_every=2)
+
+
+def test_losses_against_hand_computed_values():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    assert forward_kl(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    pt, ps = t.softmax(-1), s.softmax(-1)
+    want = (pt * (pt.log() - ps.log())).sum(-1)
+    assert forward_kl(t, s).item() == pytest.approx(want.mean().item(), rel=1e-5)
+    mask = torch.tensor([[True, False, False], [False, False, True]])
+    assert forward_kl(t, s, mask).item() == pytest.approx(want[mask].mean().item(), rel=1e-5)
+    back = (ps * (ps.log() - pt.log())).sum(-1).mean()
+    assert reverse_kl(s, t).item() == pytest.approx(back.item(), rel=1e-5)
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])  # E = 1 real expert, 2 zero experts
+    assert zero_mass(probs, 1).item() == pytest.approx(0.7)
+    assert group_balance([torch.tensor(0.7), torch.tensor(0.5)], 0.5).item() == pytest.approx(0.2 ** 2 / 2)
+
+
+@pytest.mark.parametrize("family,mode", [("qwen3_moe", "same"), ("qwen3_moe", "plus-one"), ("deepseek_v3", "same")])
+def test_teacher_is_the_original_in_one_copy(tiny_ckpt, family, mode):
+    src = tiny_ckpt(family)
+    st = build_student(src, 2, mode, 0, "routers", "cpu", torch.float32)
+    _, orig = load_model(src)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = orig(input_ids=ids).logits
+        with teacher_mode(st):
+            teacher = st.model(input_ids=ids).logits
+        student = st.model(input_ids=ids).logits
+    assert torch.equal(teacher, want)
+    if mode == "same":
+        assert torch.equal(student, want)  # injection changes nothing
+    warm_start(st, ids)
+    with torch.no_grad():
+        with teacher_mode(st):
+            assert torch.equal(st.model(input_ids=ids).logits, want)  # whatever the zero rows hold
+    trainable = {n for n, p in st.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp.gate." in n for n in trainable)
+    assert len(st.params) == len(trainable)
+
+
+@pytest.mark.slow
+def test_short_run_moves_skipping_toward_the_target_and_writes_a_zero_expert_model(tiny_ckpt, tmp_path):
+    from moecompress.evals.evaluate import evaluate
+    from moecompress.zeda.train import run_zeda
+
+    src = tiny_ckpt("qwen3_moe")
+    out = tmp_path / "z"
+    rec = run_zeda(src, out, build_zeda_config(target_skip=0.5, lr=2e-2, **QUICK))
+    hist = json.loads((out / "zeda_log.json").read_text())["history"]
+    assert [h["stage"] for h in hist][0] == 1 and hist[-1]["stage"] == 2
+    first, last = hist[0]["balance"], hist[-1]["balance"]
+    assert last < first, "the balancing loss did not fall"
+    assert (out / "zeda_curve.png").stat().st_size > 1000
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_zero_experts"] == 2 and cfg["zero_experts_layout"] == "native"
+    a, b = load_file(next(src.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
+    for k, v in a.items():
+        if ".mlp.gate." not in k:
+            assert torch.equal(b[k], v), f"{k} changed"
+    assert b["model.layers.0.mlp.gate.weight"].shape[0] == 10
+    assert not torch.equal(b["model.layers.0.mlp.gate.weight"][:8], a["model.layers.0.mlp.gate.weight"])
+    r = evaluate(out, src, samples=2, seq_len=32, data=["builtin:heldout-code"])
+    assert r["skip_rate"]["model_overall"] > 0.1
+    assert rec["zero_experts"]["final"]["mean_skip"] > 0.1
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(target_skip=1.0), "must lie in (0, 1)"),
+    (dict(target_skip=0.0), "must lie in (0, 1)"),
+    (dict(num_zero=0), "num_zero"),
+    (dict(batch=0), "batch"),
+    (dict(epochs=3), "epochs"),
+])
+def test_bad_settings_are_one_line(kw, msg):
+    with pytest.raises(UserError, match="zeda setting") as e:
+        build_zeda_config(**kw)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_runs_are_refused_before_any_work(tiny_ckpt, tmp_path):
+    from moecompress.zeda.train import run_zeda
+    from moecompress.zero.inject import add_zero_experts
+
+    src = tiny_ckpt("qwen3_moe")
+    z = tmp_path / "has-zero"
+    add_zero_experts(src, z, 2)
+    with pytest.raises(UserError, match="already has 2 zero experts"):
+        run_zeda(z, tmp_path / "a", build_zeda_config(**QUICK))
+    with pytest.raises(UserError, match="lora is not available"):
+        run_zeda(src, tmp_path / "a", build_zeda_config(trainable="lora", **QUICK))
+    with pytest.raises(UserError, match="--num-zero 100 must lie in"):
+        run_zeda(src, tmp_path / "a", build_zeda_config(num_zero=100, **QUICK))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="--data"):
+        run_zeda(src, tmp_path / "a", build_zeda_config(data=str(empty), **QUICK))
+    assert not (tmp_path / "a").exists()

@@ -83,17 +83,13 @@ def _variants(model: Path, rates: list[float], tmp: Path) -> dict[tuple[str, flo
     return out
 
 
-def _moe_blocks_us(rts: dict, rounds: int = 20, calls: int = 100) -> dict:
-    """Median time of one decode token through each runtime's first MoE block; the runtimes take turns
-    (``rounds`` x ``calls`` each) so that a slow spell of the machine hits them all alike."""
-    blocks = {key: next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
-              for key, rt in rts.items()}
-    h = next(iter(rts.values())).model.lm.config.hidden_size
-    x = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0))
+def _interleaved_us(blocks: dict, x: torch.Tensor, rounds: int, calls: int, warmup: int) -> dict:
+    """Median microseconds of ``block(x)`` per block; the blocks take turns (``rounds`` x ``calls``
+    each) so that a slow spell of the machine hits them all alike."""
     times: dict = {key: [] for key in blocks}
     with torch.no_grad():
         for block in blocks.values():
-            for _ in range(20):
+            for _ in range(warmup):
                 block(x)
         for _ in range(rounds):
             for key, block in blocks.items():
@@ -102,6 +98,14 @@ def _moe_blocks_us(rts: dict, rounds: int = 20, calls: int = 100) -> dict:
                     block(x)
                     times[key].append(time.perf_counter() - t)
     return {key: 1e6 * statistics.median(v) for key, v in times.items()}
+
+
+def _moe_blocks_us(rts: dict, rounds: int = 20, calls: int = 100) -> dict:
+    """Median time of one decode token through each runtime's first MoE block."""
+    blocks = {key: next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
+              for key, rt in rts.items()}
+    h = next(iter(rts.values())).model.lm.config.hidden_size
+    return _interleaved_us(blocks, torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0)), rounds, calls, 20)
 
 
 def block_at_shape(shape: str, rates: list[float], rounds: int = 10, calls: int = 20) -> list[dict]:
@@ -125,20 +129,8 @@ def block_at_shape(shape: str, rates: list[float], rounds: int = 10, calls: int 
         bias = torch.cat([torch.zeros(e), torch.full((z,), 50.0)]) if z else None
         blocks[s] = MoEBlock(rows, None, experts, Routing(top_k=k, scoring="softmax", renormalize=True, num_zero=z),
                              logit_bias=bias)
-    x = torch.randn(1, 1, h, generator=g)
-    times: dict = {s: [] for s in rates}
-    with torch.no_grad():
-        for b in blocks.values():
-            b(x)
-        for _ in range(rounds):
-            for s, b in blocks.items():
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    b(x)
-                    times[s].append(time.perf_counter() - t)
-    base = statistics.median(times[rates[0]])
-    return [{"skip_rate": s, "moe_block_decode_us": 1e6 * statistics.median(v),
-             "moe_block_ratio": statistics.median(v) / base} for s, v in times.items()]
+    us = _interleaved_us(blocks, torch.randn(1, 1, h, generator=g), rounds, calls, 1)
+    return [{"skip_rate": s, "moe_block_decode_us": v, "moe_block_ratio": v / us[rates[0]]} for s, v in us.items()]
 
 
 def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repeats: int, tmp: Path) -> dict:

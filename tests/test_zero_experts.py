@@ -399,3 +399,18 @@ def test_kernel_path_with_zero_experts_matches_cpu_path(tiny_ckpt, tmp_path, fam
     b = cpu.generate(prompt, 4, stop_ids=[], keep_logits=True)
     assert a.tokens == b.tokens
     assert max(((x - y).norm() / y.norm()).item() for x, y in zip(a.logits, b.logits)) < 1e-4
+
+
+@pytest.mark.slow
+def test_speed_benchmark_runs_on_a_tiny_model(tiny_ckpt, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zero_experts_speed as bench
+
+    res = bench.run(tiny_ckpt("qwen3_moe"), [0.0, 0.5], prompt_len=8, new_tokens=4, repeats=1, tmp=tmp_path)
+    kinds = {(r["kind"], r["skip_rate"]) for r in res["rows"]}
+    assert kinds == {("original", 0.0), ("router", 0.5), ("rule", 0.5)}
+    assert all(r["decode_tokens_per_s"] > 0 and r["moe_block_decode_us"] > 0 for r in res["rows"])
+    rows = bench.block_at_shape("tiny", [0.0, 0.5], rounds=1, calls=2)
+    assert [r["skip_rate"] for r in rows] == [0.0, 0.5] and rows[0]["moe_block_ratio"] == 1.0

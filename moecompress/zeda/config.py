@@ -24,6 +24,7 @@ class ZedaConfig(BaseModel):
     lr: float = Field(5e-3, gt=0)
     batch: int = Field(8, gt=0)
     balance_weight: float = Field(1.0, ge=0)
+    balance: Literal["slots", "mass"] = "slots"
     route_weight: float = Field(1.0, ge=0)
     trainable: Literal["routers", "routers+norms", "lora"] = "routers"
     temperature: float = Field(1.0, gt=0, description="sampling temperature of both stages' generations")

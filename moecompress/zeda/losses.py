@@ -5,12 +5,16 @@
   a CPU have small vocabularies, and the teacher's logits are recomputed each step (no storage), so
   truncation would buy nothing and bias the gradient.
 * :func:`reverse_kl` -- stage 2, KL(student || teacher) on the student's own samples.
-* :func:`group_balance` -- per MoE layer, the zero group's share of the router's selection
-  distribution (softmax probabilities; sigmoid routers: their normalized selection scores), averaged
-  over tokens, is pulled toward the target skip rate; the loss is the mean over layers of the
-  squared gap. Per layer rather than over all layers: a pooled target lets some layers skip
-  everything and others nothing, and the speedup depends on every layer. The router's *mass* is the
-  differentiable proxy; the measured share of *slots* on zero experts is what is logged.
+* :func:`group_balance` -- per MoE layer, the zero group's share of the slots, averaged over
+  tokens, is pulled toward the target skip rate; the loss is the mean over layers of the squared
+  gap. Per layer rather than over all layers: a pooled target lets some layers skip everything and
+  others nothing, and the speedup depends on every layer. The share is made differentiable by the
+  router's *soft slot count* (``balance="slots"``, the default: see
+  ``ZeroExpertRouter._soft_skip``), or approximated by the zero group's share of the selection
+  distribution (``balance="mass"``). The mass proxy works against the distillation: to hold half
+  the mass the zero rows must take large weights, and a zero slot's weight scales the real experts'
+  output down (it stays in the renormalization), while a slot is won by merely outranking the
+  k-th real expert. The measured share of slots is what is logged.
 * the real experts' relative routing: ``real_kl`` (computed by the router, see
   :class:`moecompress.zero.modules.ZeroExpertRouter`) keeps the student's distribution over the real
   experts, renormalized among themselves, close to the original's -- zero while the real rows are

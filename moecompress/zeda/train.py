@@ -88,7 +88,10 @@ def _step(student: Student, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prom
         mask[:, prompt_len - 1: -1] = True
         kd = reverse_kl(s_logits, t_logits, mask)
     routers = list(student.routers.values())
-    masses = [zero_mass(r.aux["probs"], r.num_experts) for r in routers]
+    if cfg.balance == "slots":
+        masses = [r.aux["soft_skip"].mean() for r in routers]
+    else:
+        masses = [zero_mass(r.aux["probs"], r.num_experts) for r in routers]
     bal = group_balance(masses, cfg.target_skip)
     kls = [r.aux["real_kl"] for r in routers if "real_kl" in r.aux]
     route = torch.stack(kls).mean() if kls else torch.zeros((), device=seq.device)

@@ -112,13 +112,28 @@ class ZeroExpertRouter(nn.Module):
             self.aux = self._aux(hidden, real, logits, ids)
         return logits, weights, ids
 
+    def _soft_skip(self, logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[T]: a differentiable count of each token's slots on zero experts, over k. A zero row takes
+        a slot when its selection score passes the midpoint between the k-th and (k+1)-th best scores
+        (held fixed); each row counts sigmoid((score - midpoint) / tau). It moves the tokens near the
+        edge, without inflating the zero rows' weights the way a target on their mass would."""
+        if self.rs.scoring == "softmax":
+            score, tau = logits.float(), 0.5
+        else:
+            score, tau = logits.float().sigmoid() + bias, 0.02
+        k = self.top_k
+        top = score.detach().topk(min(k + 1, score.shape[-1]), dim=-1).values
+        mid = (top[:, k - 1] + top[:, -1]) / 2 if top.shape[-1] > k else top[:, -1] - tau
+        return torch.sigmoid((score[:, self.num_experts:] - mid[:, None]) / tau).sum(-1) / k
+
     def _aux(self, hidden, real, logits, ids) -> dict:
         """Selection distribution over all rows, the chosen ids, and KL(original || now) of the real
         experts' distribution (renormalized among themselves) when the real rows are trained."""
         from ..evals.routing_metrics import selection_probs
 
         bias = self.e_score_correction_bias
-        out = {"probs": selection_probs(logits, self.rs.scoring, bias), "ids": ids}
+        out = {"probs": selection_probs(logits, self.rs.scoring, bias), "ids": ids,
+               "soft_skip": self._soft_skip(logits, bias)}
         if self.reference_rows is not None:
             x = hidden.reshape(-1, self.rs.hidden)
             x = x.float() if self.rs.logits_fp32 else x

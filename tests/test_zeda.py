@@ -113,3 +113,42 @@ def test_bad_runs_are_refused_before_any_work(tiny_ckpt, tmp_path):
     with pytest.raises(UserError, match="--data"):
         run_zeda(src, tmp_path / "a", build_zeda_config(data=str(empty), **QUICK))
     assert not (tmp_path / "a").exists()
+
+
+def _zeda_cli(src, out, *extra) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "moecompress.cli", "zeda", str(src), "--out", str(out), "--prompts", "8",
+            "--prompt-len", "16", "--gen-len", "8", "--batch", "4", "--stage1-steps", "8", "--stage2-steps", "6",
+            "--checkpoint-every", "2", *extra]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_bits(tiny_ckpt, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    src = tiny_ckpt("qwen3_moe")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert subprocess.run(_zeda_cli(src, full), capture_output=True).returncode == 0
+    state = tmp_path / ".cut.zeda-resume" / "state.pt"
+    proc = subprocess.Popen(_zeda_cli(src, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere after the first checkpoint: mid-step or mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not cut.exists(), "the kill came too late to test anything"
+    p = subprocess.run(_zeda_cli(src, cut), capture_output=True, text=True)
+    assert p.returncode == 2 and "--resume" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(_zeda_cli(src, cut, "--lr", "0.01", "--resume"), capture_output=True, text=True)
+    assert p.returncode == 2 and "setting 'lr' was 0.005, now 0.01" in p.stderr
+    assert subprocess.run(_zeda_cli(src, cut, "--resume"), capture_output=True).returncode == 0
+    a, b = (load_file(next(d.glob("*.safetensors"))) for d in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    assert not state.parent.exists(), "the resume state outlived the finished run"
+    ha = json.loads((full / "zeda_log.json").read_text())["history"]
+    hb = json.loads((cut / "zeda_log.json").read_text())["history"]
+    assert ha == hb

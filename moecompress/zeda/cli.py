@@ -29,9 +29,11 @@ import click
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue a killed run of the same settings from its last checkpoint.")
+@click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
 def zeda(model_dir, out, num_zero, topk_mode, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
-         stage2_steps, lr, batch, balance_weight, balance, trainable, device, seed, layout, overwrite) -> None:
+         stage2_steps, lr, batch, balance_weight, balance, trainable, device, seed, layout, resume, checkpoint_every, overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
     from .train import run_zeda
@@ -39,8 +41,9 @@ def zeda(model_dir, out, num_zero, topk_mode, target_skip, data, prompts, prompt
     cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, balance=balance,
-                            trainable=trainable, device=device, seed=seed, layout=layout)
-    rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
+                            trainable=trainable, device=device, seed=seed, layout=layout,
+                            checkpoint_every=checkpoint_every)
+    rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
     final = rec["zero_experts"]["final"] or {}
     click.echo(f"wrote {out}: {rec['zero_experts']['num_zero']} zero experts per router, final share of slots "
                f"skipped {100 * final.get('mean_skip', 0):.1f}% (target {100 * target_skip:.0f}%) in "

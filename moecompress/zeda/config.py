@@ -32,6 +32,7 @@ class ZedaConfig(BaseModel):
     seed: int = 0
     layout: Literal["native", "stock"] = "native"
     log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(20, gt=0, description="steps between resumable training checkpoints")
 
     @field_validator("target_skip")
     @classmethod

@@ -36,6 +36,7 @@ from ..zero.layout import ZeroExperts, text_config_dict, write_zero_experts
 from ..zero.rewrite import rewrite_checkpoint
 from .config import ZedaConfig
 from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
+from .resume import ResumeState, source_fingerprint
 from .student import Student, build_student, teacher_mode, tracking, warm_start
 
 log = logging.getLogger("moecompress")
@@ -95,61 +96,74 @@ def _step(student: Student, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prom
     bal = group_balance(masses, cfg.target_skip)
     kls = [r.aux["real_kl"] for r in routers if "real_kl" in r.aux]
     route = torch.stack(kls).mean() if kls else torch.zeros((), device=seq.device)
-    skips = {i: slot_share(r.aux["ids"], r.num_experts) for i, r in student.routers.items()}
+    skips = {str(i): slot_share(r.aux["ids"], r.num_experts) for i, r in student.routers.items()}
     loss = kd + cfg.balance_weight * bal + cfg.route_weight * route
     stats = {"kd": float(kd), "balance": float(bal), "route": float(route), "loss": float(loss),
              "zero_mass": [float(m) for m in masses], "skip": skips}
     return loss, stats
 
 
-def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig) -> list[dict]:
-    """Both stages; returns the log (one entry per ``log_every`` steps and at each stage's end)."""
+def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: ResumeState | None = None) -> list[dict]:
+    """Both stages; returns the log (one entry per ``log_every`` steps and at each stage's end).
+
+    Every ``checkpoint_every`` steps ``resume`` (when given) saves what the next step needs: the
+    trainable parameters, the optimizer, the batch sampler's state, the step and the log. Restarted
+    from there, the run takes exactly the steps it would have taken (each step's data and sampling
+    seed follow from the step number), so on a CPU the result is bit for bit an uninterrupted run's.
+    """
     model = student.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
     opt = torch.optim.AdamW(student.params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    start = 0
+    if resume is not None and resume.exists():
+        start, history = resume.load(student, opt, gen)
+        log.info("zeda: resuming at step %d of %d from %s", start, cfg.stage1_steps + cfg.stage2_steps, resume.path)
     p_len = prompts.shape[1]
     teacher_text = None
-    if cfg.stage1_steps:
+    if cfg.stage1_steps > start:  # the teacher's samples: deterministic, so a resumed run regenerates them
         model.eval()
         teacher_text = torch.cat([_sample(student, prompts[b:b + cfg.batch], cfg, cfg.seed * 7919 + b, teacher=True)
                                   for b in tqdm(range(0, prompts.shape[0], cfg.batch), desc="teacher generations",
                                                 unit="batch", leave=False)])
-        model.train()
-    history: list[dict] = []
+    model.train()
     total = cfg.stage1_steps + cfg.stage2_steps
-    bar = tqdm(total=total, desc="zeda", unit="step")
-    step = 0
-    for stage, steps in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)):
-        for s in range(steps):
-            idx = torch.randint(0, prompts.shape[0], (cfg.batch,), generator=gen)
-            if stage == 1:
-                seq = teacher_text[idx]
-            else:
-                model.eval()
-                seq = _sample(student, prompts[idx], cfg, cfg.seed * 104729 + step, teacher=False)
-                model.train()
-            seq = seq.to(next(model.parameters()).device)
-            warm = min(1.0, (step + 1) / 10)  # 10 steps of linear warm-up
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * warm
-            with tracking(student):
-                loss, stats = _step(student, seq, stage, cfg, p_len)
-                if not math.isfinite(stats["loss"]):
-                    raise UserError(f"ZEDA loss became {stats['loss']} at stage {stage}, step {s}: stopping "
-                                    "(nothing written); try a lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.params, 1.0)
-            opt.step()
-            step += 1
-            mean_skip = sum(stats["skip"].values()) / max(len(stats["skip"]), 1)
-            bar.set_postfix_str(f"stage {stage} kd {stats['kd']:.4f} bal {stats['balance']:.4f} skip {mean_skip:.2f}")
-            bar.update()
-            if s % cfg.log_every == 0 or s == steps - 1:
-                history.append(dict(stats, stage=stage, step=step, mean_skip=mean_skip))
-                log.debug("stage %d step %d: %s", stage, step, history[-1])
+    bar = tqdm(total=total, initial=start, desc="zeda", unit="step")
+    for step in range(start, total):
+        stage = 1 if step < cfg.stage1_steps else 2
+        s = step if stage == 1 else step - cfg.stage1_steps
+        steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+        idx = torch.randint(0, prompts.shape[0], (cfg.batch,), generator=gen)
+        if stage == 1:
+            seq = teacher_text[idx]
+        else:
+            model.eval()
+            seq = _sample(student, prompts[idx], cfg, cfg.seed * 104729 + step, teacher=False)
+            model.train()
+        seq = seq.to(next(model.parameters()).device)
+        warm = min(1.0, (step + 1) / 10)  # 10 steps of linear warm-up
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * warm
+        with tracking(student):
+            loss, stats = _step(student, seq, stage, cfg, p_len)
+            if not math.isfinite(stats["loss"]):
+                kept = f"; the last good checkpoint (step {resume.saved_step}) is kept in {resume.path}" \
+                    if resume is not None and resume.saved_step is not None else ""
+                raise UserError(f"ZEDA loss became {stats['loss']} at stage {stage}, step {s}: stopping, no model "
+                                f"written{kept}; try a lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.params, 1.0)
+        opt.step()
+        mean_skip = sum(stats["skip"].values()) / max(len(stats["skip"]), 1)
+        bar.set_postfix_str(f"stage {stage} kd {stats['kd']:.4f} bal {stats['balance']:.4f} skip {mean_skip:.2f}")
+        bar.update()
+        if s % cfg.log_every == 0 or s == steps - 1:
+            history.append(dict(stats, stage=stage, step=step + 1, mean_skip=mean_skip))
+            log.debug("stage %d step %d: %s", stage, step + 1, history[-1])
+        if resume is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            resume.save(step + 1, student, opt, gen, history)
     bar.close()
     model.eval()
     return history
@@ -224,7 +238,9 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
 
 
 def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwrite: bool = False,
-             command: list[str] | None = None) -> dict:
+             command: list[str] | None = None, resume: bool = False) -> dict:
+    """Train and write ``out_dir``; ``resume`` continues a killed run of the same settings from its
+    last training checkpoint (see :mod:`.resume`)."""
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     handle = open_float_original(model_dir, "run ZEDA on")
@@ -238,6 +254,17 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     num_zero = cfg.num_zero or handle.top_k
     check_num_zero(num_zero, handle.num_experts)
     check_output_path(model_dir, out_dir, overwrite)
+    state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir))
+    if state.exists():
+        if resume:
+            state.check()
+        elif overwrite:
+            state.discard()
+        else:
+            raise UserError(f"{state.path} holds a partial ZEDA run for --out {out_dir}: pass --resume to continue "
+                            "it, or --overwrite to start over")
+    elif resume:
+        log.info("zeda: nothing to resume in %s; starting from the beginning", state.path)
     from ..pipeline import resolve_device
 
     device = resolve_device(cfg.device)
@@ -246,7 +273,7 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     student = build_student(model_dir, num_zero, cfg.topk_mode, cfg.seed, cfg.trainable, device, torch.float32)
     student.model.generation_config.eos_token_id = None
     bias0 = warm_start(student, prompts[: cfg.batch])
-    history = train(student, prompts, cfg)
+    history = train(student, prompts, cfg, state)
     record = {"moecompress_version": __version__, "command": command, "source": str(model_dir.resolve()),
               "recipe": cfg.model_dump(),
               "zero_experts": {"action": "zeda", "num_zero": num_zero, "topk_mode": cfg.topk_mode,
@@ -257,4 +284,6 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     png = curve_png(history) if history else None
     if png is not None:
         files["zeda_curve.png"] = png
-    return export(student, model_dir, out_dir, cfg, record, overwrite, files)
+    out = export(student, model_dir, out_dir, cfg, record, overwrite, files)
+    state.discard()
+    return out

@@ -1,0 +1,100 @@
+"""Resumable ZEDA runs: an atomic training checkpoint beside the output folder.
+
+``.<out>.zeda-resume/state.pt`` holds what the next step needs -- the trainable parameters, the
+zero rows' selection biases, the optimizer, the batch sampler's RNG state, the step and the log --
+plus the run's settings and a fingerprint of the source checkpoint. It is replaced atomically
+(written to a temporary file, then renamed), so a kill at any moment leaves the previous one intact.
+It is read with ``torch.load(weights_only=True)``: tensors and plain values only, never code.
+A successful run removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+# settings a resumed run may change without changing the result
+VOLATILE = ("log_every", "checkpoint_every")
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """Changes when the source checkpoint's config or shards change (path, names, sizes)."""
+    h = hashlib.sha256(str(Path(model_dir).resolve()).encode())
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h.update((Path(model_dir) / "config.json").read_bytes())
+    return h.hexdigest()[:24]
+
+
+class ResumeState:
+    def __init__(self, out_dir: Path, settings: dict, source: str):
+        out_dir = Path(out_dir).resolve()
+        self.path = out_dir.parent / f".{out_dir.name}.zeda-resume"
+        self.settings = {k: v for k, v in settings.items() if k not in VOLATILE}
+        self.source = source
+        self.saved_step: int | None = None
+
+    @property
+    def file(self) -> Path:
+        return self.path / "state.pt"
+
+    def exists(self) -> bool:
+        return self.file.is_file()
+
+    def _read(self) -> dict:
+        try:
+            return torch.load(self.file, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say so in one line
+            raise UserError(f"cannot read the ZEDA resume state {self.file}: {type(e).__name__}: {e}; "
+                            "pass --overwrite to start over") from None
+
+    def check(self) -> None:
+        """UserError naming the first difference when the saved run is not this run."""
+        state = self._read()
+        if state["source"] != self.source:
+            raise UserError(f"{self.path} is a ZEDA run of another source checkpoint (or it changed since); "
+                            "pass --overwrite to start over")
+        saved = json.loads(state["settings"])
+        for k in sorted(set(saved) | set(self.settings)):
+            if saved.get(k) != self.settings.get(k):
+                raise UserError(f"cannot resume {self.path}: setting '{k}' was {saved.get(k)!r}, now "
+                                f"{self.settings.get(k)!r} (pass the same settings, or --overwrite to start over)")
+
+    def save(self, step: int, student, opt, gen: torch.Generator, history: list[dict]) -> None:
+        params = {n: p.detach().cpu().clone() for n, p in student.model.named_parameters() if p.requires_grad}
+        buffers = {f"router.{i}.e_score_correction_bias": r.e_score_correction_bias.detach().cpu().clone()
+                   for i, r in student.routers.items() if r.e_score_correction_bias is not None}
+        state = {"step": step, "params": params, "buffers": buffers, "opt": opt.state_dict(),
+                 "gen": gen.get_state(), "history": json.dumps(history), "settings": json.dumps(self.settings),
+                 "source": self.source}
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".state.pt.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.file)
+        self.saved_step = step
+
+    def load(self, student, opt, gen: torch.Generator) -> tuple[int, list[dict]]:
+        state = self._read()
+        named = dict(student.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                named[n].copy_(t)
+            for i, r in student.routers.items():
+                b = state["buffers"].get(f"router.{i}.e_score_correction_bias")
+                if b is not None:
+                    r.e_score_correction_bias.copy_(b)
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        self.saved_step = int(state["step"])
+        return self.saved_step, json.loads(state["history"])
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -70,12 +70,12 @@ def test_short_run_moves_skipping_toward_the_target_and_writes_a_zero_expert_mod
     assert last < first, "the balancing loss did not fall"
     assert (out / "zeda_curve.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["num_zero_experts"] == 2 and cfg["zero_experts_layout"] == "native"
+    assert cfg["num_zero_experts"] == 1 and cfg["zero_experts_layout"] == "native"  # default k - 1
     a, b = load_file(next(src.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
     for k, v in a.items():
         if ".mlp.gate." not in k:
             assert torch.equal(b[k], v), f"{k} changed"
-    assert b["model.layers.0.mlp.gate.weight"].shape[0] == 10
+    assert b["model.layers.0.mlp.gate.weight"].shape[0] == 9
     assert not torch.equal(b["model.layers.0.mlp.gate.weight"][:8], a["model.layers.0.mlp.gate.weight"])
     r = evaluate(out, src, samples=2, seq_len=32, data=["builtin:heldout-code"])
     assert r["skip_rate"]["model_overall"] > 0.1

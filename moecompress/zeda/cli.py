@@ -10,7 +10,7 @@ import click
 @click.command("zeda")
 @click.argument("model_dir")
 @click.option("--out", required=True, help="Output folder (must not exist unless --overwrite).")
-@click.option("--num-zero", type=int, default=None, help="Zero experts per router (default: top-k).")
+@click.option("--num-zero", type=int, default=None, help="Zero experts per router (default: top-k - 1, so a token keeps one real expert).")
 @click.option("--topk-mode", type=click.Choice(["same", "plus-one"]), default="same", show_default=True)
 @click.option("--target-skip", type=float, default=0.5, show_default=True, help="Share of slots to skip, in (0, 1).")
 @click.option("--data", default="builtin:stdlib", show_default=True, help="Prompt text (same forms as --calib).")

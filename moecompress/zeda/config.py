@@ -12,7 +12,7 @@ from ..errors import UserError
 class ZedaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_zero: int | None = Field(None, gt=0, description="zero experts per router (default: top-k)")
+    num_zero: int | None = Field(None, gt=0, description="zero experts per router (default: top-k - 1)")
     topk_mode: Literal["same", "plus-one"] = "same"
     target_skip: float = 0.5
     data: str = "builtin:stdlib"

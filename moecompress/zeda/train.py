@@ -251,7 +251,9 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     if cfg.layout == "stock":
         raise UserError("--layout stock is not available for ZEDA yet: its zero experts carry a logit bias; "
                         "write native, and use 'zero-experts convert' once expressible")
-    num_zero = cfg.num_zero or handle.top_k
+    # k - 1 by default: every token keeps at least one real expert (measured: with k zero experts the
+    # student learns to send some tokens to none, which costs far more than it saves; RESULTS.md)
+    num_zero = cfg.num_zero or max(1, handle.top_k - 1)
     check_num_zero(num_zero, handle.num_experts)
     check_output_path(model_dir, out_dir, overwrite)
     state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir))

@@ -36,6 +36,7 @@ from ..zero.layout import ZeroExperts, text_config_dict, write_zero_experts
 from ..zero.rewrite import rewrite_checkpoint
 from .config import ZedaConfig
 from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
+from .distributed import Dist
 from .resume import ResumeState, source_fingerprint
 from .student import Student, build_student, teacher_mode, tracking, warm_start
 
@@ -76,12 +77,14 @@ class _nullcontext:
         return False
 
 
-def _step(student: Student, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prompt_len: int) -> tuple[torch.Tensor, dict]:
+def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prompt_len: int,
+          d: Dist) -> tuple[torch.Tensor, dict]:
+    """This rank's loss for ``seq`` (its share of the global batch) and the step's statistics (global)."""
     model = student.model
     with torch.no_grad(), teacher_mode(student):
         t_logits = model(input_ids=seq, use_cache=False).logits
     # (called under ``tracking``, kept on through the backward: checkpointed layers recompute the same graph)
-    s_logits = model(input_ids=seq, use_cache=False).logits
+    s_logits = forward(input_ids=seq, use_cache=False).logits
     if stage == 1:  # every position of the teacher's text
         kd = forward_kl(t_logits, s_logits)
     else:  # the positions predicting the student's own tokens
@@ -90,20 +93,27 @@ def _step(student: Student, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prom
         kd = reverse_kl(s_logits, t_logits, mask)
     routers = list(student.routers.values())
     if cfg.balance == "slots":
-        masses = [r.aux["soft_skip"].mean() for r in routers]
+        local = torch.stack([r.aux["soft_skip"].mean() for r in routers])
     else:
-        masses = [zero_mass(r.aux["probs"], r.num_experts) for r in routers]
-    bal = group_balance(masses, cfg.target_skip)
+        local = torch.stack([zero_mass(r.aux["probs"], r.num_experts) for r in routers])
+    glob = d.mean(local)  # every layer's share over the whole global batch
+    bal = group_balance(list(glob), cfg.target_skip)
+    # first-order surrogate: averaged over the ranks, its gradient is exactly that of ``bal`` (see .distributed)
+    bal_grad = (2.0 * (glob - cfg.target_skip) * local).mean()
     kls = [r.aux["real_kl"] for r in routers if "real_kl" in r.aux]
     route = torch.stack(kls).mean() if kls else torch.zeros((), device=seq.device)
-    skips = {str(i): slot_share(r.aux["ids"], r.num_experts) for i, r in student.routers.items()}
-    loss = kd + cfg.balance_weight * bal + cfg.route_weight * route
-    stats = {"kd": float(kd), "balance": float(bal), "route": float(route), "loss": float(loss),
-             "zero_mass": [float(m) for m in masses], "skip": skips}
+    loss = kd + cfg.balance_weight * bal_grad + cfg.route_weight * route
+    skips = d.mean(torch.tensor([slot_share(r.aux["ids"], r.num_experts) for r in routers]))
+    kd_g, route_g = (float(d.mean(x)) for x in (kd, route))
+    stats = {"kd": kd_g, "balance": float(bal), "route": route_g,
+             "loss": kd_g + cfg.balance_weight * float(bal) + cfg.route_weight * route_g,
+             "zero_share": [float(m) for m in glob],
+             "skip": {str(i): float(x) for i, x in zip(student.routers, skips)}}
     return loss, stats
 
 
-def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: ResumeState | None = None) -> list[dict]:
+def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: ResumeState | None = None,
+          d: Dist = Dist()) -> list[dict]:
     """Both stages; returns the log (one entry per ``log_every`` steps and at each stage's end).
 
     Every ``checkpoint_every`` steps ``resume`` (when given) saves what the next step needs: the
@@ -113,6 +123,7 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     """
     model = student.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    forward = d.wrap(model)  # DDP across ranks: gradients averaged in the backward
     opt = torch.optim.AdamW(student.params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
@@ -124,12 +135,13 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     teacher_text = None
     if cfg.stage1_steps > start:  # the teacher's samples: deterministic, so a resumed run regenerates them
         model.eval()
+        # every rank samples all of it (the same seeds): the shares of any global batch are then at hand
         teacher_text = torch.cat([_sample(student, prompts[b:b + cfg.batch], cfg, cfg.seed * 7919 + b, teacher=True)
                                   for b in tqdm(range(0, prompts.shape[0], cfg.batch), desc="teacher generations",
-                                                unit="batch", leave=False)])
+                                                unit="batch", leave=False, disable=not d.main)])
     model.train()
     total = cfg.stage1_steps + cfg.stage2_steps
-    bar = tqdm(total=total, initial=start, desc="zeda", unit="step")
+    bar = tqdm(total=total, initial=start, desc="zeda", unit="step", disable=not d.main)
     for step in range(start, total):
         stage = 1 if step < cfg.stage1_steps else 2
         s = step if stage == 1 else step - cfg.stage1_steps
@@ -137,16 +149,16 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
         idx = torch.randint(0, prompts.shape[0], (cfg.batch,), generator=gen)
         if stage == 1:
             seq = teacher_text[idx]
-        else:
+        else:  # the whole global batch on every rank (same seed), so the shares do not depend on the ranks
             model.eval()
             seq = _sample(student, prompts[idx], cfg, cfg.seed * 104729 + step, teacher=False)
             model.train()
-        seq = seq.to(next(model.parameters()).device)
+        seq = d.share(seq.to(next(model.parameters()).device))
         warm = min(1.0, (step + 1) / 10)  # 10 steps of linear warm-up
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm
         with tracking(student):
-            loss, stats = _step(student, seq, stage, cfg, p_len)
+            loss, stats = _step(student, forward, seq, stage, cfg, p_len, d)
             if not math.isfinite(stats["loss"]):
                 kept = f"; the last good checkpoint (step {resume.saved_step}) is kept in {resume.path}" \
                     if resume is not None and resume.saved_step is not None else ""
@@ -163,7 +175,11 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
             history.append(dict(stats, stage=stage, step=step + 1, mean_skip=mean_skip))
             log.debug("stage %d step %d: %s", stage, step + 1, history[-1])
         if resume is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            resume.save(step + 1, student, opt, gen, history)
+            if d.main:
+                resume.save(step + 1, student, opt, gen, history)
+            else:
+                resume.saved_step = step + 1
+            d.barrier()
     bar.close()
     model.eval()
     return history
@@ -256,36 +272,56 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     num_zero = cfg.num_zero or max(1, handle.top_k - 1)
     check_num_zero(num_zero, handle.num_experts)
     check_output_path(model_dir, out_dir, overwrite)
+    from ..pipeline import resolve_device
+
+    device = resolve_device(cfg.device)
+    d = Dist.from_env(device.type)
+    try:
+        return _run(model_dir, out_dir, cfg, overwrite, command, resume, num_zero, d.device(device), d, t0)
+    finally:
+        d.close()
+
+
+def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, command, resume: bool, num_zero: int,
+         device: torch.device, d: Dist, t0: float) -> dict:
+    if cfg.batch % d.world:
+        raise UserError(f"--batch {cfg.batch} must be a multiple of the {d.world} ranks")
     state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir))
     if state.exists():
         if resume:
             state.check()
         elif overwrite:
-            state.discard()
+            d.barrier()  # every rank has seen it before rank 0 removes it
+            if d.main:
+                state.discard()
         else:
             raise UserError(f"{state.path} holds a partial ZEDA run for --out {out_dir}: pass --resume to continue "
                             "it, or --overwrite to start over")
     elif resume:
         log.info("zeda: nothing to resume in %s; starting from the beginning", state.path)
-    from ..pipeline import resolve_device
-
-    device = resolve_device(cfg.device)
+    d.barrier()
     torch.manual_seed(cfg.seed)
     prompts = _prompts(model_dir, cfg)
     student = build_student(model_dir, num_zero, cfg.topk_mode, cfg.seed, cfg.trainable, device, torch.float32)
     student.model.generation_config.eos_token_id = None
     bias0 = warm_start(student, prompts[: cfg.batch])
-    history = train(student, prompts, cfg, state)
+    history = train(student, prompts, cfg, state, d)
     record = {"moecompress_version": __version__, "command": command, "source": str(model_dir.resolve()),
               "recipe": cfg.model_dump(),
               "zero_experts": {"action": "zeda", "num_zero": num_zero, "topk_mode": cfg.topk_mode,
                                "target_skip": cfg.target_skip, "warm_start_bias": bias0,
                                "final": history[-1] if history else None},
-              "timings_s": {"total": time.perf_counter() - t0}}
+              "ranks": d.world, "timings_s": {"total": time.perf_counter() - t0}}
+    if not d.main:  # rank 0 writes; the others wait for it
+        d.barrier()
+        return record
     files = {"zeda_log.json": (json.dumps({"settings": cfg.model_dump(), "history": history}, indent=2) + "\n").encode()}
     png = curve_png(history) if history else None
     if png is not None:
         files["zeda_curve.png"] = png
-    out = export(student, model_dir, out_dir, cfg, record, overwrite, files)
-    state.discard()
+    try:
+        out = export(student, model_dir, out_dir, cfg, record, overwrite, files)
+        state.discard()
+    finally:
+        d.barrier()
     return out

@@ -83,8 +83,12 @@ class ZeroExpertRouter(nn.Module):
         if self.rs.logits_fp32:
             x, w = x.type(torch.float32), w.type(torch.float32)
         e = self.num_experts
-        # the real rows alone, as in the original: same GEMM shape, same bits
-        real = F.linear(x, w[:e])
+        # the real rows alone, as in the original: same GEMM shape, same bits; the teacher reads the
+        # original rows even while training moves the student's
+        rows = w[:e]
+        if self.mask_zero and self.reference_rows is not None:
+            rows = self.reference_rows.to(w.dtype)
+        real = F.linear(x, rows)
         zero = F.linear(x, w[e:]) + self.zero_expert_bias.to(real.dtype)
         if self.mask_zero:
             zero = torch.full_like(zero, float("-inf"))

@@ -22,6 +22,8 @@ import click
 @click.option("--lr", type=float, default=5e-3, show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--balance-weight", type=float, default=1.0, show_default=True)
+@click.option("--route-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the guard keeping the real experts' relative routing (when their rows train).")
 @click.option("--balance", type=click.Choice(["slots", "mass"]), default="slots", show_default=True,
               help="What the balancing loss steers: a soft count of zero slots, or the zero rows' probability mass.")
 @click.option("--trainable", type=click.Choice(["routers", "routers+norms", "lora"]), default="routers",
@@ -33,14 +35,14 @@ import click
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
 def zeda(model_dir, out, num_zero, topk_mode, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
-         stage2_steps, lr, batch, balance_weight, balance, trainable, device, seed, layout, resume, checkpoint_every, overwrite) -> None:
+         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, device, seed, layout, resume, checkpoint_every, overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
     from .train import run_zeda
 
     cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
-                            stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, balance=balance,
+                            stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance,
                             trainable=trainable, device=device, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)

@@ -206,3 +206,44 @@ def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), teacher_mode(st):
         assert torch.equal(st.model(input_ids=ids).logits, orig(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_recipe_runs_zeda_then_quantizes_it_and_reports_all_four(tiny_ckpt, tmp_path):
+    import yaml
+
+    from moecompress.report import write_report
+    from moecompress.run.runner import run_recipe
+
+    recipe = {"model": str(tiny_ckpt("qwen3_moe")), "output_dir": str(tmp_path / "run"),
+              "calibration": {"samples": 4, "seq_len": 32}, "eval": {"samples": 2, "seq_len": 32,
+                                                                      "data": ["builtin:heldout-code"]},
+              "zeda": dict(QUICK, lr=2e-2),
+              "variants": [{"name": "rtn-w4", "method": "rtn", "bits": 4, "group_size": 32},
+                           {"name": "zeda", "from": "zeda"},
+                           {"name": "zeda-rtn-w4", "from": "zeda", "method": "rtn", "bits": 4, "group_size": 32}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = run_recipe(path, report=False)
+    data = write_report(run_dir)
+    rows = {r["name"]: r for r in data["variants"]}
+    assert rows["zeda"]["method"] == "zeda" and rows["zeda-rtn-w4"]["method"] == "zeda+rtn"
+    assert rows["zeda"]["skip_rate"] > 0 and rows["zeda-rtn-w4"]["skip_rate"] > 0 and rows["rtn-w4"]["skip_rate"] == 0
+    q = json.loads((run_dir / "variants" / "zeda-rtn-w4" / "moecompress.json").read_text())
+    assert q["source"] == str((run_dir / "zeda").resolve())
+    run_recipe(path, report=False)  # up to date: nothing trained or built again
+    info = json.loads((run_dir / "run.json").read_text())
+    assert {d["action"] for d in info["decisions"] if d["step"] in ("zeda", "build")} == {"skipped"}
+
+
+def test_recipe_zeda_errors_are_one_line():
+    from moecompress.run.recipe import parse_recipe
+
+    base = {"model": "x", "variants": [{"name": "z", "from": "zeda"}]}
+    with pytest.raises(UserError, match="needs a top-level 'zeda:' section"):
+        parse_recipe(base)
+    with pytest.raises(UserError, match="zeda: zeda setting 'target_skip'"):
+        parse_recipe({**base, "zeda": {"target_skip": 2}})
+    with pytest.raises(UserError, match="'from' must be"):
+        parse_recipe({**base, "variants": [{"name": "z", "from": "elsewhere"}]})
+    assert parse_recipe({**base, "zeda": {"target_skip": 0.4}}).zeda_config().target_skip == 0.4

@@ -99,6 +99,8 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
         skip = (ev.get("skip_rate") or {}).get("model_overall")
         active = ev.get("active_experts") or {}
         method = "source" if is_ref else (f"skip {cfg['rule']}" if "rule" in cfg and "target" in cfg else cfg.get("method"))
+        if cfg.get("source") == "zeda" and method:
+            method = f"zeda+{method}"
         rows.append({
             "name": name, "is_reference": is_ref,
             "method": method,

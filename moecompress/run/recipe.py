@@ -10,6 +10,9 @@ variants:
   - {name: rtn-w4g128, method: rtn, bits: 4, group_size: 128}
   - {name: gptq-w3g64, method: gptq, bits: 3, group_size: 64, act_order: weight, seed: 1}
   - {name: thr-50, skip: {rule: threshold, target: 0.5}}   # a zero-expert skipping baseline
+  - {name: zeda, from: zeda}                               # the ZEDA model (needs the zeda: section)
+  - {name: zeda-gptq-w4, from: zeda, method: gptq, bits: 4} # ZEDA, then GPTQ
+zeda: {target_skip: 0.5, stage1_steps: 120}              # optional: run ZEDA first (moecompress zeda settings)
 bench: {device: cuda, prompt_len: 128, new_tokens: 64, batch: 1}   # optional, needs the runtime
 report: {title: My run, formats: [md, html]}
 ```
@@ -92,7 +95,8 @@ class SkipBaseline(_Strict):
 
 class Variant(_Strict):
     name: str
-    config: QuantizeConfig | SkipBaseline
+    config: QuantizeConfig | SkipBaseline | None  # None: the recipe's ZEDA model itself
+    source: Literal["original", "zeda"] = "original"  # what a quantize variant starts from
 
 
 class Recipe(_Strict):
@@ -105,6 +109,19 @@ class Recipe(_Strict):
     variants: list[dict[str, Any]] = Field(min_length=1)
     bench: BenchSettings | None = None
     report: ReportSettings = Field(default_factory=ReportSettings)
+    # ZEDA first (moecompress.zeda.config.ZedaConfig fields); variants with ``from: zeda`` build on it
+    zeda: dict[str, Any] | None = None
+
+    def zeda_config(self):
+        """The validated ZEDA settings, or None without a ``zeda:`` section."""
+        if self.zeda is None:
+            return None
+        from ..zeda.config import build_zeda_config
+
+        try:
+            return build_zeda_config(**self.zeda)
+        except UserError as e:
+            raise UserError(f"zeda: {e}") from None
 
     @field_validator("defaults")
     @classmethod
@@ -137,6 +154,17 @@ class Recipe(_Strict):
                 raise UserError(f"{where}: duplicate variant name '{name}'")
             seen.add(name)
             fields = {k: val for k, val in v.items() if k != "name"}
+            source = fields.pop("from", "original")
+            if source not in ("original", "zeda"):
+                raise UserError(f"{where}: 'from' must be 'original' or 'zeda', not {source!r}")
+            if source == "zeda":
+                if self.zeda is None:
+                    raise UserError(f"{where}: 'from: zeda' needs a top-level 'zeda:' section")
+                if "skip" in fields:
+                    raise UserError(f"{where}: a skipping baseline starts from the original model, not 'from: zeda'")
+                if not fields:  # the ZEDA model itself
+                    out.append(Variant(name=name, config=None, source="zeda"))
+                    continue
             if "skip" in fields:
                 if set(fields) != {"skip"} or not isinstance(fields["skip"], dict):
                     raise UserError(f"{where}: a skipping baseline takes only 'name' and 'skip: {{rule, target}}'")
@@ -149,7 +177,7 @@ class Recipe(_Strict):
                 cfg = QuantizeConfig(**{**base, **self.defaults, **fields})
             except ValidationError as e:
                 raise UserError(_describe(e, where)) from None
-            out.append(Variant(name=name, config=cfg))
+            out.append(Variant(name=name, config=cfg, source=source))
         return out
 
 
@@ -180,6 +208,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise UserError(f"{source}: {_describe(e, '')}") from None
     try:
         recipe.built_variants()
+        recipe.zeda_config()
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     return recipe

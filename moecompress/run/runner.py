@@ -104,13 +104,43 @@ class Runner:
         self.recipe, self.run_dir, self.model_dir, self.force = recipe, run_dir, model_dir, force
         self.recipe_file = recipe_file
         self.variants = recipe.built_variants()
+        self.by_name = {v.name: v for v in self.variants}
+        self.zeda = recipe.zeda_config()
+        self.zeda_dir = run_dir / "zeda"
         self.decisions: list[dict] = []
 
     # ------------------------------------------------------------------------------------ build
     def variant_dir(self, name: str) -> Path:
-        return self.model_dir if name == REFERENCE else self.run_dir / "variants" / name
+        if name == REFERENCE:
+            return self.model_dir
+        v = self.by_name.get(name)
+        return self.zeda_dir if v is not None and v.config is None else self.run_dir / "variants" / name
+
+    def source_dir(self, v: Variant) -> Path:
+        return self.zeda_dir if v.source == "zeda" else self.model_dir
+
+    def build_zeda(self) -> None:
+        """The recipe's ZEDA model, once, in RUN_DIR/zeda (rebuilt only when its settings or source change)."""
+        from ..zeda.train import run_zeda
+
+        wanted = _plain(self.zeda.model_dump())
+        saved = _read_json(self.zeda_dir / "moecompress.json")
+        if saved is not None and not self.force and saved.get("recipe") == wanted and \
+                saved.get("source") == str(self.model_dir):
+            log.info("zeda: skipped (up to date: same settings and source)")
+            self._decide("zeda", "zeda", "skipped", "up to date")
+            return
+        reason = "--force" if saved is not None and self.force else (
+            "not built yet" if saved is None else "settings or source changed")
+        log.info("zeda: training (%s)", reason)
+        t0 = time.perf_counter()
+        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=self.zeda_dir.exists(),
+                 command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
+        self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
 
     def build(self, v: Variant, i: int, n: int) -> None:
+        if v.config is None:  # the ZEDA model itself: built by build_zeda
+            return
         out = self.variant_dir(v.name)
         wanted = _plain(v.config.model_dump())
         if isinstance(v.config, SkipBaseline):
@@ -124,8 +154,9 @@ class Runner:
         else:
             defaults = QuantizeConfig().model_dump() if isinstance(v.config, QuantizeConfig) else {}
             changes = settings_diff(saved.get("recipe") or {}, wanted, defaults)
-            if saved.get("source") != str(self.model_dir):
-                changes.insert(0, f"source: {saved.get('source')} -> {self.model_dir}")
+            source = self.source_dir(v).resolve()
+            if saved.get("source") != str(source):
+                changes.insert(0, f"source: {saved.get('source')} -> {source}")
             if not changes:
                 log.info("%s: build skipped (up to date: same settings and source)", tag)
                 self._decide(v.name, "build", "skipped", "up to date")
@@ -150,7 +181,7 @@ class Runner:
             return rec
         from ..pipeline import quantize
 
-        return quantize(self.model_dir, out, v.config, overwrite=out.exists(), command=command)
+        return quantize(self.source_dir(v), out, v.config, overwrite=out.exists(), command=command)
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, name: str, i: int, n: int) -> None:
@@ -231,6 +262,8 @@ class Runner:
         n = len(self.variants)
         log.info("run %s: %d variants of %s", self.run_dir, n, self.model_dir)
         write_json(self.run_dir / "run.json", self._run_info(0.0))  # a partial run can be reported too
+        if self.zeda is not None:
+            self.build_zeda()
         for i, v in enumerate(self.variants, 1):
             self.build(v, i, n)
         for i, name in enumerate(names, 1):
@@ -249,7 +282,9 @@ class Runner:
     def _run_info(self, seconds: float) -> dict:
         return {"recipe_file": self.recipe_file, "recipe": self.recipe.model_dump(), "model": self.recipe.model,
                 "model_path": str(self.model_dir), "reference": REFERENCE,
-                "variants": [{"name": v.name, "config": v.config.model_dump()} for v in self.variants],
+                "variants": [{"name": v.name, "source": v.source, "config": (
+                    {"method": "zeda"} if v.config is None else dict(v.config.model_dump(), source=v.source))}
+                    for v in self.variants],
                 "decisions": self.decisions, "seconds": round(seconds, 1)}
 
     def _note_strays(self) -> None:

@@ -20,7 +20,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     report = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}
-    assert list(rows) == ["reference", "rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1"]
+    assert list(rows) == ["reference", "rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1", "zeda"]
+    assert rows["zeda"]["method"] == "zeda" and rows["zeda"]["skip_rate"] > 0.05 and rows["zeda"]["expert_flops"] < 1
     assert rows["reference"]["kl"] < 1e-6 and rows["reference"]["top1"] == pytest.approx(1.0)
     for name in ("rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1"):
         r = rows[name]
@@ -35,9 +36,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert verdict["gptq_runs"] == 2
 
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
     assert {p.name for p in (run / "plots").glob("*.png")} == {"accuracy_vs_size.png", "routing_per_layer.png",
-                                                               "expert_load.png"}
+                                                               "expert_load.png", "accuracy_vs_expert_flops.png"}
 
     # a second demo reuses the model and every variant
     assert main(["demo", "--quick", "--out", str(run), "--cache", str(cache)]) == 0

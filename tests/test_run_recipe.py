@@ -43,10 +43,12 @@ def test_shipped_demo_recipes_are_valid():
     assert full.model == "builtin:demo" and quick.model == "builtin:demo-quick"
     names = [v.name for v in full.built_variants()]
     assert {"rtn-w4g128", "gptq-w4g128", "rtn-w3g64"} <= set(names)
-    seeds = sorted(v.config.seed for v in full.built_variants() if v.config.method == "gptq" and v.config.bits == 3)
+    quantized = [v for v in full.built_variants() if hasattr(v.config, "method")]
+    seeds = sorted(v.config.seed for v in quantized if v.config.method == "gptq" and v.config.bits == 3)
     assert seeds == [0, 1, 2]
     assert len(quick.built_variants()) < len(full.built_variants())
     assert "builtin:demo" in recipe_text("demo.yaml")
+    assert full.zeda_config() is not None and quick.zeda_config().stage1_steps < full.zeda_config().stage1_steps
 
 
 BAD = {

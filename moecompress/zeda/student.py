@@ -25,7 +25,7 @@ from ..arch.handle import ModelHandle
 from ..checkpoint.load import load_model
 from ..zero.inject import zero_router_init
 from ..zero.layout import ZeroExperts
-from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks, zero_routers
+from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks
 
 TRAINABLE = ("routers", "routers+norms", "lora")
 
@@ -88,27 +88,27 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
 
 
 @contextlib.contextmanager
-def teacher_mode(student: Student):
-    """Within: the original model (zero rows masked, the original k)."""
+def _router_flag(student: Student, name: str):
+    """Within: ``name`` is True on every router (False again after, and ``aux`` dropped)."""
     for r in student.routers.values():
-        r.mask_zero = True
+        setattr(r, name, True)
     try:
         yield
     finally:
         for r in student.routers.values():
-            r.mask_zero = False
+            setattr(r, name, False)
+            if name == "track":
+                r.aux = None
 
 
-@contextlib.contextmanager
+def teacher_mode(student: Student):
+    """Within: the original model (zero rows masked, the original k, the original real rows)."""
+    return _router_flag(student, "mask_zero")
+
+
 def tracking(student: Student):
     """Within: every router keeps what the losses need from its last call (``router.aux``)."""
-    for r in student.routers.values():
-        r.track = True
-    try:
-        yield
-    finally:
-        for r in student.routers.values():
-            r.track, r.aux = False, None
+    return _router_flag(student, "track")
 
 
 @torch.no_grad()

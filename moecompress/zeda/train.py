@@ -17,6 +17,7 @@ one student forward + backward. A NaN/Inf loss stops the run with one line and w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -62,19 +63,11 @@ def _sample(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, seed: int,
     model = student.model
     torch.manual_seed(seed)
     dev = next(model.parameters()).device
-    ctx = teacher_mode(student) if teacher else _nullcontext()
+    ctx = teacher_mode(student) if teacher else contextlib.nullcontext()
     with ctx:
         out = model.generate(prompts.to(dev), max_new_tokens=cfg.gen_len, min_new_tokens=cfg.gen_len, do_sample=True,
                              temperature=cfg.temperature, top_k=0, top_p=1.0, pad_token_id=0, use_cache=True)
     return out[:, : prompts.shape[1] + cfg.gen_len]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prompt_len: int,

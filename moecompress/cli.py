@@ -75,7 +75,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--act-order", type=click.Choice(["none", "weight", "group"]), default=None,
               help="GPTQ column order (default 'weight': by decreasing Hessian diagonal, groups kept contiguous); "
                    "'group' (GPTQ format only) permutes the groups too; 'none': natural order.")
-@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), default="compressed-tensors",
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq", "awq"]), default="compressed-tensors",
               show_default=True)
 @click.option("--calib", default="builtin:stdlib", show_default=True,
               help="Text file, folder, .jsonl/.parquet/.arrow, save_to_disk folder, or builtin:stdlib.")

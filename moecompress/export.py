@@ -14,17 +14,20 @@ import torch
 from torch import nn
 
 from .arch.handle import ModelHandle
+from .quant.formats import awq as awq_format
 from .quant.formats import compressed_tensors as ct_format
 from .quant.formats import gptq as gptq_format
 from .quant.spec import QuantizedWeight, QuantSpec
 from .quant.targets import Target
 
-FORMATS = ("compressed-tensors", "gptq")
+FORMATS = ("compressed-tensors", "gptq", "awq")
 
 
 def encode(fmt: str, qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if fmt == "compressed-tensors":
         return ct_format.encode_linear(qw, dtype)
+    if fmt == "awq":
+        return awq_format.encode_linear(qw, dtype)
     return gptq_format.encode_linear(qw)
 
 
@@ -143,4 +146,7 @@ def gptq_dynamic_rules(handle: ModelHandle, kept: list[str]) -> list[str]:
 def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: ModelHandle, extra: dict) -> dict:
     if fmt == "compressed-tensors":
         return ct_format.quantization_config(spec, ignore=kept)
+    if fmt == "awq":  # GPTQModel reads ``dynamic``, not modules_to_not_convert: give it both
+        return awq_format.quantization_config(spec, kept, lm_head=bool(extra.get("lm_head")),
+                                              dynamic_rules=gptq_dynamic_rules(handle, kept))
     return gptq_format.quantize_config(spec, gptq_dynamic_rules(handle, kept), **extra)

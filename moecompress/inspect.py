@@ -64,6 +64,9 @@ def _quantized_modules(h: ModelHandle, q: dict) -> dict[str, int]:
         for n, info in t.items():
             if n.endswith(".qweight"):
                 m = n[: -len(".qweight")]
+                if q["format"] == "awq":  # qweight [K, N*bits/32]: packed along N
+                    out[m] = info.shape[0] * (info.shape[-1] * 32 // bits)
+                    continue
                 g_idx = t.get(f"{m}.g_idx")  # one entry per input column: K exactly
                 k = g_idx.shape[0] if g_idx is not None else info.shape[0] * 32 // bits
                 out[m] = k * info.shape[-1]

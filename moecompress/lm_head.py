@@ -13,6 +13,7 @@ import torch
 from .arch.handle import ModelHandle
 from .errors import UserError
 from .finite import check_finite
+from .quant.formats import awq as awq_format
 from .quant.formats import gptq as gptq_format
 from .quant.spec import QuantizedWeight
 from .quant.targets import solve
@@ -30,6 +31,8 @@ def check_lm_head(handle: ModelHandle, qspec, fmt: str) -> None:
     qspec.check_shape(k, "lm_head")
     if fmt == "gptq":
         gptq_format.check_dims(n, k, qspec.bits)
+    if fmt == "awq":
+        awq_format.check_dims(n, k, "lm_head")
 
 
 @torch.no_grad()

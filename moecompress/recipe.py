@@ -14,7 +14,7 @@ from .errors import UserError
 from .quant.spec import SUPPORTED_BITS, QuantSpec
 
 Method = Literal["gptq", "rtn"]
-Format = Literal["compressed-tensors", "gptq"]
+Format = Literal["compressed-tensors", "gptq", "awq"]
 
 
 class QuantizeConfig(BaseModel):
@@ -112,6 +112,12 @@ class QuantizeConfig(BaseModel):
             )
         if self.act_order is not None and self.method != "gptq":
             raise ValueError("act_order applies to GPTQ only")
+        if self.format == "awq" and self.bits != 4:
+            raise ValueError(f"the AWQ format stores 4-bit weights only, not {self.bits}-bit; "
+                             "use bits 4 or the compressed-tensors/GPTQ format")
+        if self.format == "awq" and self.group_size is None:
+            raise ValueError("the AWQ format is not written per-channel (vLLM's AWQ MoE kernels need a "
+                             "group size); use a group size such as 128")
         QuantSpec(bits=self.bits, group_size=self.group_size)  # group size rules
         return self
 

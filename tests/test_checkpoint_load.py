@@ -36,7 +36,7 @@ def test_plain_checkpoint_matches_transformers(tiny_ckpt, family, layout):
     assert rel < 1e-6, f"{family}: load_model vs from_pretrained, relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_5_moe"])
 def test_quantized_checkpoint_matches_dequantized_twin(tiny_ckpt, tmp_path, family, fmt):
     src = tiny_ckpt(family)

@@ -259,7 +259,7 @@ def test_inspect_lists_non_text_parts_as_kept(capsys, tmp_path, tiny_ckpt):
     assert "model.visual (vision tower)" in kept and "mtp (MTP layers)" in kept and "unchanged" in kept
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 def test_inspect_quantized_checkpoint(capsys, tmp_path, tiny_ckpt, fmt):
     from moecompress.inspect import describe
 

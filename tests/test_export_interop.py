@@ -90,7 +90,7 @@ def test_dense_layers_in_moe_models_load_in_transformers(tiny_ckpt, tmp_path, fa
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral", "glm4_moe_lite"])
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 def test_routers_saved_bit_exact(tiny_ckpt, tmp_path, family, fmt):
     src = tiny_ckpt(family, dtype=torch.bfloat16)
     out = tmp_path / "q"
@@ -136,7 +136,7 @@ def test_output_does_not_depend_on_the_source_layout(tiny_ckpt, tmp_path, family
         assert torch.equal(a.get(n), b.get(n)), n
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 def test_quantized_lm_head(tiny_ckpt, tmp_path, fmt):
     """--quantize-lm-head: the head is packed (no float copy), left out of the kept list, and named in the
     format's switch; it is calibrated on the final-normed residual stream (GPTQ beats RTN on it)."""

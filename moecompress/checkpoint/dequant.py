@@ -1,7 +1,9 @@
 """Our own reader of the checkpoints `quantize` writes: dense float weights back from packed ones.
 
 Used to check exports against third-party loaders, by the evaluator, and by the runtime's
-reference path. Knows compressed-tensors ``pack-quantized`` and GPTQ v1 through the format modules.
+reference path. Knows compressed-tensors ``pack-quantized``, GPTQ v1 and AWQ GEMM through the format
+modules (ours and third-party checkpoints laid out the same: AutoAWQ/GPTQModel per-expert
+``experts.{e}.gate_proj.qweight``...).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..quant.formats import awq as awq_format
 from ..quant.formats import compressed_tensors as ct_format
 from ..quant.formats import gptq as gptq_format
 from ..quant.spec import QuantizedWeight, QuantSpec
@@ -37,6 +40,16 @@ def spec_from_config(qcfg: dict) -> tuple[str, QuantSpec]:
         gs = qcfg.get("group_size", 128)
         return "gptq", QuantSpec(qcfg["bits"], None if gs in (-1, None) else gs, qcfg.get("sym", True),
                                  "group" if qcfg.get("desc_act") else None, (1.0,))
+    if method == "awq":
+        version = str(qcfg.get("version", qcfg.get("format", "gemm"))).lower()
+        if version != "gemm":
+            raise UserError(f"AWQ checkpoints of version {version!r} cannot be read by moecompress (only 'gemm')")
+        bits = qcfg.get("bits", qcfg.get("w_bit", 4))
+        if bits != awq_format.BITS:
+            raise UserError(f"{bits}-bit AWQ checkpoints cannot be read by moecompress (AWQ GEMM is 4-bit)")
+        gs = qcfg.get("group_size", qcfg.get("q_group_size", 128))
+        zero_point = qcfg.get("zero_point", not qcfg["sym"] if "sym" in qcfg else True)  # AutoAWQ's default
+        return "awq", QuantSpec(bits, None if gs in (-1, None) else gs, not zero_point, None, (1.0,))
     raise UserError(f"quantization method {method!r} cannot be read by moecompress")
 
 
@@ -51,10 +64,10 @@ def quantized_modules(reader: CheckpointReader) -> tuple[str | None, QuantSpec |
 
 
 def read_quantized(reader: CheckpointReader, fmt: str, spec: QuantSpec, module: str) -> QuantizedWeight:
-    suffixes = ct_format.SUFFIXES if fmt == "compressed-tensors" else ("qweight", "qzeros", "scales", "g_idx")
+    fmt_module = {"compressed-tensors": ct_format, "awq": awq_format}.get(fmt, gptq_format)
+    suffixes = ("qweight", "qzeros", "scales", "g_idx") if fmt_module is gptq_format else fmt_module.SUFFIXES
     tensors = {s: reader.get(f"{module}.{s}") for s in suffixes if f"{module}.{s}" in reader}
-    decode = ct_format.decode_linear if fmt == "compressed-tensors" else gptq_format.decode_linear
-    return decode(tensors, spec)
+    return fmt_module.decode_linear(tensors, spec)
 
 
 def dequantized_state(path: str | Path, dtype: torch.dtype = torch.float32):

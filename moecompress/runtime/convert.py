@@ -34,7 +34,7 @@ log = logging.getLogger("moecompress.runtime")
 
 RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe",
                     "glm4_moe_lite")
-_SCALE_SUFFIX = {"compressed-tensors": "weight_scale", "gptq": "scales"}
+_SCALE_SUFFIX = {"compressed-tensors": "weight_scale", "gptq": "scales", "awq": "scales"}
 _SCALE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

@@ -1,4 +1,4 @@
-"""evals/lm_metrics.py on constructed models whose perplexity / KL / agreement are known in closed form."""
+"""moecompress/evals/lm_metrics.py on constructed models whose perplexity / KL / agreement are known in closed form."""
 
 from __future__ import annotations
 

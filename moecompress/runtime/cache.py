@@ -13,7 +13,8 @@ of positions (graph steps: a captured CUDA graph replays the step at a new posit
 Hybrid families (Qwen3.5/3.6-MoE's Gated DeltaNet layers) also keep, per linear-attention layer, a
 conv state ``[B, channels, kernel]`` (the last inputs of the causal depthwise conv) and a recurrent
 state ``[B, heads, k_dim, v_dim]``; those layers call the ``get_/update_conv_state``,
-``get_/update_recurrent_state`` and ``is_recording_past`` methods of transformers' ``Cache``, which
+``get_/update_recurrent_state`` and ``is_recording_past`` methods (5.25 adds
+``get_recurrent_states_to_keep`` and ``increase_count``) of transformers' ``Cache``, which
 :class:`KVCache` provides with the same meaning (states are written in place, so their addresses
 stay fixed for a CUDA graph). That is transformers >= 5.18's interface; 5.17 instead asks
 ``has_previous_state(layer_idx)`` and reads ``layers[i].record_past``, ``layers[i].conv_states[0]``
@@ -94,6 +95,13 @@ class KVCache:
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return False  # no speculative rollback: only the last ``kernel`` conv inputs are kept
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """transformers >= 5.25: intermediate recurrent states to keep for a rollback -- none here."""
+        return 0
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        """transformers >= 5.25 counts tokens its in-place decode conv consumed; positions are ours."""
 
     def update_conv_state(self, x: torch.Tensor, layer_idx: int, state_idx: int = 0,
                           conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:

@@ -6,7 +6,7 @@
 
 For every (weight dtype, token bucket) it times each candidate of a grid of tile configs (median of
 device-event timings with an L2 flush, as the benchmark does), checks the fastest against the torch
-twin, and stores it in ``kernels/configs/fused_moe.json`` under this device's name and the key the
+twin, and stores it in ``moecompress/kernels/configs/fused_moe.json`` under this device's name and the key the
 launcher looks up (``<dense|int4|int8>:<token bucket>``), merged into what the file already holds.
 Shapes that share a bucket key keep the config that is fastest summed over them, so the table
 stays keyed as the launcher reads it. On CPU (TRITON_INTERPRET=1) it runs a two-candidate grid on the

@@ -17,7 +17,7 @@ Kernel layout (:class:`QuantWeights`), decided once at load time:
   addresses) and multiplies the low nibbles against the first half of the activation chunk and the
   high nibbles against the second half, both contiguous too. (The usual "k//2 with a shift" scheme
   makes every lane load the same byte twice and defeats vectorized loads; with this layout the
-  sm_90 build streams the weight tiles with 16-byte cp.async, see kernels/compile_check.py.)
+  sm_90 build streams the weight tiles with 16-byte cp.async, see moecompress/kernels/compile_check.py.)
 * ``scales [..., N, G]`` in ``scale_dtype`` (default bf16: half the bytes of fp32 on a memory-bound
   decode; pass float32 to keep the canonical scales exactly).
 * ``zeros [..., N, G]`` uint8, or None for a symmetric scheme (z = 2**(bits-1) is a kernel constant, so

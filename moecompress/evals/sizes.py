@@ -21,6 +21,7 @@ from moecompress.checkpoint.reader import CheckpointReader
 _PARTS = {
     "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point"),
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
 }
 
 
@@ -34,6 +35,8 @@ def _dense_count(reader: CheckpointReader, fmt: str, bits: int, module: str) -> 
         shape = reader.get(f"{module}.weight_shape").tolist()
         return int(shape[0]) * int(shape[1])
     rows, n = reader.tensors[f"{module}.qweight"].shape
+    if fmt == "awq":  # qweight [K, N*bits/32]: packed along N
+        return rows * (n * 32 // bits)
     return rows * 32 // bits * n
 
 

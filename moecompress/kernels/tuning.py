@@ -1,4 +1,4 @@
-"""Tile configs: JSON files in kernels/configs/, one per op, keyed by device name then shape key.
+"""Tile configs: JSON files in moecompress/kernels/configs/, one per op, keyed by device name then shape key.
 
 File layout (``configs/<op>.json``)::
 

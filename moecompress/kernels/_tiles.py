@@ -1,5 +1,5 @@
 """Triton building blocks shared by the GEMM kernels: program swizzle, the dot wrapper, and the
-load-dequantize-dot of one quantization chunk (layout: kernels/packing.py)."""
+load-dequantize-dot of one quantization chunk (layout: moecompress/kernels/packing.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, acc, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # See kernels/_common.dot_flags for why the two flags exist.
+    # See moecompress/kernels/_common.dot_flags for why the two flags exist.
     if UPCAST_DOT:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif FP32_IEEE:

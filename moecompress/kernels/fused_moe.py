@@ -2,7 +2,7 @@
 
 Weights follow transformers 5: ``w13 = gate_up_proj [E, 2I, H]`` (gate rows first, then up) and
 ``w2 = down_proj [E, H, I]``; each is a dense bf16/fp16/fp32 tensor or a :class:`MoEQuantWeights`
-(int4/int8, group 32/64/128 or per-channel, symmetric or asymmetric; layout in kernels/packing.py)
+(int4/int8, group 32/64/128 or per-channel, symmetric or asymmetric; layout in moecompress/kernels/packing.py)
 dequantized in registers inside the GEMM.
 
 Four steps:
@@ -66,7 +66,7 @@ def fused_moe(
     ids outside ``[0, num_experts)`` contribute nothing. ``num_experts`` defaults to w13's first dim.
     ``zero_expert_mode="identity"``: ids >= num_experts instead add ``weight * x[t]`` (LongCat-Flash's
     "zero-computation" experts are identities in HF); still no GEMM work, the add is in the reduction.
-    ``config`` overrides the tuned tile config (kernels/configs/fused_moe.json); ``out`` may be given.
+    ``config`` overrides the tuned tile config (moecompress/kernels/configs/fused_moe.json); ``out`` may be given.
     """
     if quant is not None:
         w13, w2 = quant

@@ -68,7 +68,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @cli.command()
 @click.argument("model_dir")
 @click.option("--out", "out", required=True, help="Output folder (must not exist unless --overwrite).")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq"]), default="gptq", show_default=True,
+              help="awq: AWQ scales folded, then round to nearest with the clip search; awq+gptq: the scales, then GPTQ.")
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Power of two; -1 for per-channel.")
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True)
@@ -103,13 +104,19 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--measure-errors/--no-measure-errors", default=True, show_default=True,
               help="RTN: still run the calibration data to record each linear's output error and the "
                    "per-expert token counts (GPTQ always does).")
+@click.option("--awq-scales", type=click.Choice(["pow2", "free"]), default="pow2", show_default=True,
+              help="pow2: groups read by a router use power-of-two scales (exact fold, routing bit-identical); "
+                   "free: continuous scales everywhere (the routing change is measured and recorded).")
+@click.option("--awq-grid", type=int, default=20, show_default=True, help="AWQ: alpha grid points in [0, 1).")
+@click.option("--awq-search-tokens", type=int, default=8192, show_default=True,
+              help="AWQ: residual rows kept per layer for the MoE-block loss of the post-attention scales.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice). On a shared machine 1 is often fastest.")
 @click.option("--overwrite", is_flag=True)
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
              weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, quantize_lm_head,
-             measure_errors, threads, overwrite) -> None:
+             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, overwrite) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
@@ -126,6 +133,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
         only_experts=only_experts, quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
+        awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
     summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
     n = summary["starved_experts_total"]

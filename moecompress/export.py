@@ -32,11 +32,20 @@ def encode(fmt: str, qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch
 
 
 def layer_tensors(handle: ModelHandle, i: int, results: dict[Target, QuantizedWeight], fmt: str,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All on-disk tensors of decoder layer i: quantized targets encoded, the rest copied as stored."""
+                  dtype: torch.dtype, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All on-disk tensors of decoder layer i: quantized targets encoded, the rest copied as stored.
+
+    ``overrides``: float tensors a method changed (AWQ's folded norms and compensated routers), by
+    in-memory layer-local name; they replace the stored ones under the same on-disk name."""
     pre = handle.layer_prefix(i)
     out: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
+    for local, tensor in (overrides or {}).items():
+        src = handle.source_name(i, local)
+        if src is None:
+            raise ValueError(f"layer {i}: no stored tensor for the modified {local}")
+        consumed.add(src)
+        out[handle.output_name(src)] = tensor.to(handle.reader.get(src).dtype)
     for t, qw in results.items():
         if t.expert_proj is None:
             base = pre + handle.disk_local(t.name)

@@ -59,7 +59,7 @@ def quantize_lm_head(handle: ModelHandle, model, hidden: list[torch.Tensor] | No
         h = final_norm_hessian(norm, hidden)
         model.model.norm.to("meta")
     try:
-        res = solve(head.weight.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp,
+        res = solve(head.weight.data, h, qspec, cfg.solver, store_dtype, damp=cfg.damp,
                     block_size=cfg.block_size, refine_rounds=cfg.refine_rounds)
     except ValueError as e:  # the algorithms' NaN/Inf guard: here only the activations can be the cause
         if "NaN/Inf" not in str(e):

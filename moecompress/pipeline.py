@@ -7,6 +7,8 @@ next one is read; the *quantized* layer's outputs feed the next layer (true sequ
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -29,6 +31,7 @@ from .export import encode, kept_module_names, layer_tensors, quantization_confi
 from .finite import check_finite, check_finite_layer
 from .lm_head import check_lm_head, quantize_lm_head
 from .memory import release_freed_memory
+from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
 from .quant.targets import Target, capture_spec, layer_targets, solve, stages_of, target_weight
 from .recipe import QuantizeConfig
 
@@ -131,6 +134,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             qspec.check_shape(target_weight(layers[i], t).shape[-1], f"layer {i} {t.name}")
     if cfg.quantize_lm_head:
         check_lm_head(handle, qspec, cfg.format)
+    if cfg.awq and not handle.spec.awq_groups:
+        raise UserError(f"the {handle.family} family has no AWQ balance groups; use --method gptq or rtn")
+    awq = AwqSettings(qspec, cfg.awq_grid, cfg.awq_scales, cfg.awq_duo_scaling, cfg.awq_search_tokens,
+                      store_dtype) if cfg.awq else None
 
     summary: dict = {"moecompress_version": __version__, "command": command, "recipe": cfg.model_dump(),
                      "source": str(model_dir.resolve()), "family": handle.family,
@@ -155,8 +162,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             t0 = time.perf_counter()
             layer = handle.load_layer(model, i, device, dtype)
             check_finite_layer(layer, i, handle, dtype, store_dtype)
-            record, results = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype, handle, router_dtype)
-            for name, tensor in layer_tensors(handle, i, results, cfg.format, store_dtype).items():
+            if awq is not None:  # folded float tensors round to their own stored dtype (fp32 routers stay fp32)
+                awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i))
+            record, results, overrides = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype, handle,
+                                                         router_dtype, awq)
+            for name, tensor in layer_tensors(handle, i, results, cfg.format, store_dtype, overrides).items():
                 writer.add(name, tensor)
             quantized_names.update(f"{i}.{t.module_name}" for t in results)
             layers[i].to("meta")
@@ -194,9 +204,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
 
 
 def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None, cfg: QuantizeConfig, qspec,
-                    store_dtype, handle: ModelHandle, router_dtype) -> tuple[dict, dict]:
+                    store_dtype, handle: ModelHandle, router_dtype, awq: AwqSettings | None = None):
+    """Calibrate and solve one layer: (record, {target: QuantizedWeight}, {local name: modified float tensor})."""
     record: dict = {"layer": i, "linears": {}}
     results: dict[Target, object] = {}
+    overrides: dict = {}
     starved: set[int] = set()
     bar = tqdm(total=len(targets), desc=f"layer {i}", unit="linear", leave=False)
     split = feed is not None and cfg.true_sequential
@@ -213,8 +225,14 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
                 specs = {t.module_name if t.expert_proj is None else t.name: capture_spec(
                     t, starved if cfg.starved_experts == "all-tokens" and t.expert_proj == "down" else (),
                     cfg.weight_by_routing) for t in stage}
-                stats = _capture(layer, specs, run)
+                groups = resolve(layer, handle.spec, {t.name for t in stage}, {t.name for t in targets}) if awq else []
+                sampler = _sampler(layer, handle, feed, awq) if any(g.group.loss == "block" for g in groups) else None
+                stats = _capture(layer, specs, run, sampler)
                 stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run)
+                if groups:
+                    bar.set_postfix_str(f"AWQ scales ({len(groups)} groups)")
+                    record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
+                                                                   results, overrides))
             for t in stage:
                 bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 _solve_target(layer, i, t, stats, cfg, qspec, store_dtype, record, results, starved, handle)
@@ -224,14 +242,49 @@ def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None
                 feed.hidden = mlp_half(layer, mids if mids is not None else attention_half(layer, i, feed))
             else:
                 run_layer(layer, i, feed, update=True)
-    return record, results
+    return record, results, overrides
 
 
-def _capture(layer, specs, run):
+def _capture(layer, specs, run, sampler=None):
     # the capture passes' outputs are thrown away: the experts' statistics need only their inputs
-    with HessianCapture(layer, specs, skip_expert_outputs=True) as cap:
+    with HessianCapture(layer, specs, skip_expert_outputs=True) as cap, (sampler or contextlib.nullcontext()):
         run()
     return cap.stats
+
+
+def _stored_dtypes(handle: ModelHandle, i: int):
+    from .checkpoint.reader import torch_dtype
+
+    def stored(local: str) -> torch.dtype:
+        src = handle.source_name(i, local)
+        return handle.float_dtype if src is None else torch_dtype(handle.reader.tensors[src].dtype)
+
+    return stored
+
+
+def _sampler(layer, handle: ModelHandle, feed: LayerFeed, awq: AwqSettings) -> ResidualSampler:
+    """Every n-th residual row at the router-input norm, about ``awq.search_tokens`` of them."""
+    total = sum(h.numel() // h.shape[-1] for h in feed.hidden)
+    return ResidualSampler(layer.get_submodule(handle.spec.router_input_norm), -(-total // awq.search_tokens))
+
+
+def _awq_stage(layer, i: int, handle: ModelHandle, groups, stats, sampler, awq: AwqSettings, results, overrides):
+    solved = {t.name: qw for t, qw in results.items()}
+    try:
+        recs = apply_stage(layer, handle.spec, groups, stats, sampler.tensor() if sampler else None, awq, solved,
+                           overrides)
+    except ValueError as e:
+        if "NaN/Inf" not in str(e):
+            raise
+        raise UserError(f"layer {i}: the AWQ scale search met non-finite values ({e}); an overflow in half "
+                        "precision? try --dtype float32") from None
+    for r in recs:
+        chk = r.get("float_readers_check", {})
+        flips = sum(v["topk_flips"] for v in chk.values())
+        if chk and not all(v["bit_identical"] for v in chk.values()):
+            log.info("layer %d: AWQ %s changed float readers' outputs (max %.3g, %d top-k flips)", i, r["source"],
+                     max(v["max_abs_change"] for v in chk.values()), flips)
+    return recs
 
 
 def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 from .quant.spec import SUPPORTED_BITS, QuantSpec
 
-Method = Literal["gptq", "rtn"]
+Method = Literal["gptq", "rtn", "awq", "awq+gptq"]
 Format = Literal["compressed-tensors", "gptq", "awq"]
 
 
@@ -55,6 +55,12 @@ class QuantizeConfig(BaseModel):
     # lm_head stays in float unless asked (a tied head, which is the embedding matrix, is refused)
     quantize_lm_head: bool = False
     expert_chunk: int = 16
+    # AWQ (method awq / awq+gptq): "pow2" restricts the scales of groups read by a float module (the
+    # routers) to powers of two, so the fold is exact and routing bit-identical; "free" does not
+    awq_scales: Literal["pow2", "free"] = "pow2"
+    awq_grid: int = 20
+    awq_duo_scaling: bool = True
+    awq_search_tokens: int = 8192
 
     @field_validator("group_size", mode="before")
     @classmethod
@@ -82,6 +88,20 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be positive, got {v}")
         return v
 
+    @field_validator("awq_grid")
+    @classmethod
+    def _grid(cls, v):
+        if v < 1:
+            raise ValueError(f"the AWQ alpha grid needs at least one point, got {v}")
+        return v
+
+    @field_validator("awq_search_tokens")
+    @classmethod
+    def _search_tokens(cls, v):
+        if v < 1:
+            raise ValueError(f"awq_search_tokens must be positive, got {v}")
+        return v
+
     @field_validator("min_expert_tokens")
     @classmethod
     def _nonneg(cls, v):
@@ -99,8 +119,8 @@ class QuantizeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _rtn_has_no_order(cls, data):
-        if isinstance(data, dict) and data.get("method") == "rtn" and "act_order" not in data:
-            data = {**data, "act_order": None}  # the default order is GPTQ's; RTN has none
+        if isinstance(data, dict) and data.get("method") in ("rtn", "awq") and "act_order" not in data:
+            data = {**data, "act_order": None}  # the default order is GPTQ's; RTN (and AWQ's RTN codes) have none
         return data
 
     @model_validator(mode="after")
@@ -110,8 +130,9 @@ class QuantizeConfig(BaseModel):
                 "act_order 'group' (permuted groups with g_idx) exists only in the GPTQ format; "
                 "use act_order 'weight' with compressed-tensors"
             )
-        if self.act_order is not None and self.method != "gptq":
-            raise ValueError("act_order applies to GPTQ only")
+        if self.act_order is not None and self.method not in ("gptq", "awq+gptq"):
+            raise ValueError(f"act_order applies to GPTQ only (method {self.method} rounds to nearest: "
+                             "use awq+gptq for an order)")
         if self.format == "awq" and self.bits != 4:
             raise ValueError(f"the AWQ format stores 4-bit weights only, not {self.bits}-bit; "
                              "use bits 4 or the compressed-tensors/GPTQ format")
@@ -129,6 +150,15 @@ class QuantizeConfig(BaseModel):
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn" or self.measure_errors
+
+    @property
+    def awq(self) -> bool:
+        return self.method.startswith("awq")
+
+    @property
+    def solver(self) -> str:
+        """What solves the (scaled) weights: gptq, or round to nearest (rtn / awq's weighted clip search)."""
+        return {"awq+gptq": "gptq"}.get(self.method, self.method)
 
 
 def build_config(**values) -> QuantizeConfig:

@@ -16,6 +16,55 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class BalanceGroup:
+    """An AWQ balance group: ``source``'s output absorbs a per-channel scale that its readers take.
+
+    ``source``: a norm (its weight divides by ``s``), a Linear (its output rows and bias divide), or
+    ``mlp.experts.gate_up_proj#up`` (the up half of every expert's fused gate/up rows, per expert).
+    ``readers``: layer-local modules (or fused expert parameters) reading that output; those absent
+    from a layer are skipped, and a group with no quantized reader in a layer is skipped there.
+    Readers that are not quantized (routers, kept modules) get their columns multiplied exactly.
+    ``loss``: "outputs" -- the readers' output error, from their Hessians; "block" -- the output
+    of ``mlp`` with the original routing held fixed (routed tokens by their routing weights, plus
+    the shared expert). ``per_expert``: one scale vector per expert (the experts' up -> down).
+    """
+
+    source: str
+    readers: tuple[str, ...]
+    loss: str = "outputs"
+    per_expert: bool = False
+
+
+_QKV = BalanceGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+# v -> o: o's input columns are v's output rows, repeated per query head under grouped-query attention
+_VO = BalanceGroup("self_attn.v_proj", ("self_attn.o_proj",))
+# DeepSeek/GLM multi-head latent attention: the low-rank projections and their own norms. Its values
+# come out of kv_b_proj mixed with the keys' non-rotary part, so there is no v -> o group.
+_MLA = (
+    BalanceGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+    BalanceGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+    BalanceGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+)
+# Qwen3.5/3.6 gated delta-net layers (their out_proj reads a gated norm: no v -> o there)
+_LINEAR_ATTN = BalanceGroup("input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
+                                                "linear_attn.in_proj_a", "linear_attn.in_proj_b",
+                                                "linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"))
+_MLP = (
+    BalanceGroup("post_attention_layernorm", (
+        "mlp.experts.gate_up_proj", "mlp.gate", "mlp.shared_expert_gate",
+        "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+        "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+        "mlp.gate_proj", "mlp.up_proj"), loss="block"),
+    BalanceGroup("mlp.experts.gate_up_proj#up", ("mlp.experts.down_proj",), per_expert=True),
+    BalanceGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),
+    BalanceGroup("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),
+    BalanceGroup("mlp.up_proj", ("mlp.down_proj",)),
+)
+STANDARD_GROUPS = (_QKV, _VO) + _MLP
+MLA_GROUPS = _MLA + _MLP
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -43,6 +92,10 @@ class ArchSpec:
     router_cast_weights: bool = True
     # the norm whose output every MoE router reads (its weight bounds the router logits, see zero.inject)
     router_input_norm: str = "post_attention_layernorm"
+    # AWQ balance groups (see BalanceGroup), in the order they are searched within a layer
+    awq_groups: tuple[BalanceGroup, ...] = STANDARD_GROUPS
+    # the family's RMSNorm multiplies by ``offset + weight`` (Qwen3.5/3.6: 1, zero-centered weights)
+    norm_weight_offset: float = 0.0
 
     @property
     def router_logits_fp32(self) -> bool:
@@ -81,6 +134,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="n_routed_experts",
         shared_expert="mlp.shared_experts",
         scoring="sigmoid",
+        awq_groups=MLA_GROUPS,
     ),
     ArchSpec(
         family="glm4_moe",
@@ -100,6 +154,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         keep_float=("linear_attn.in_proj_a", "linear_attn.in_proj_b"),
         disk_model_prefixes=("model.language_model", "model"),
         text_config_attr="text_config",
+        awq_groups=(_QKV, _VO, _LINEAR_ATTN) + _MLP,
+        norm_weight_offset=1.0,
     ),
     ArchSpec(
         # GLM-4.7-Flash: DeepSeek-V3's MLA attention with GLM-4.5's MoE (dense layers: mlp_layer_types)
@@ -108,6 +164,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="n_routed_experts",
         shared_expert="mlp.shared_experts",
         scoring="sigmoid",
+        awq_groups=MLA_GROUPS,
     ),
 )
 

@@ -15,6 +15,8 @@ of one decoder layer while the layer runs on calibration batches:
 For experts named in ``all_token_experts`` (starved ones under the all-tokens policy) the
 statistics are taken over every token of the layer instead of the routed ones.
 The result is ``2/n * sum x x^T`` (GPTQ's H) with n the number of tokens that contributed.
+Beside it, ``extra["abs_sums"]`` holds ``sum |x|`` per input channel (unweighted; [K] or [E, K]):
+AWQ's activation statistic, ``abs_sums / counts``.
 """
 
 from __future__ import annotations
@@ -110,8 +112,10 @@ class HessianCapture:
             st = self.stats.get(name)
             if st is None:
                 k = x.shape[-1]
-                st = self.stats[name] = GramStats(x.new_zeros(k, k), torch.zeros((), dtype=torch.long))
+                st = self.stats[name] = GramStats(x.new_zeros(k, k), torch.zeros((), dtype=torch.long),
+                                                  {"abs_sums": x.new_zeros(k)})
             st.sums.addmm_(x.T, x)
+            st.extra["abs_sums"] += x.abs().sum(0)
             st.counts += x.shape[0]
 
         return hook
@@ -130,10 +134,13 @@ class HessianCapture:
                                                   torch.zeros(n_exp, dtype=torch.long),
                                                   {"routed_tokens": torch.zeros(n_exp, dtype=torch.long),
                                                    "all_sums": hidden.new_zeros(k, k, dtype=self.dtype),
-                                                   "all_count": 0})
+                                                   "all_count": 0,
+                                                   "abs_sums": hidden.new_zeros(n_exp, k, dtype=self.dtype),
+                                                   "all_abs_sums": hidden.new_zeros(k, dtype=self.dtype)})
             if target.proj == "gate_up":  # the whole layer's input: what a starved expert falls back to
                 hx = hidden.to(self.dtype)
                 st.extra["all_sums"].addmm_(hx.T, hx)
+                st.extra["all_abs_sums"] += hx.abs().sum(0)
                 st.extra["all_count"] += hx.shape[0]
             valid = idx < n_exp  # zero experts (ids >= E) contribute nothing
             flat_e = torch.where(valid, idx, n_exp).reshape(-1)
@@ -160,6 +167,7 @@ class HessianCapture:
                     gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
                     x = experts.act_fn(gate) * up
                 x = x.to(self.dtype)
+                st.extra["abs_sums"][e] += x.abs().sum(0)
                 xw = x if w is None else x * w.unsqueeze(-1)
                 st.sums[e].addmm_(xw.T, xw)
                 st.counts[e] += x.shape[0]

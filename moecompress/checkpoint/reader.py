@@ -44,6 +44,13 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def torch_dtype(stored: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name ("BF16" ...); ValueError for one torch lacks."""
+    if stored not in _TORCH_DTYPES:
+        raise ValueError(f"safetensors dtype {stored} has no torch equivalent here")
+    return _TORCH_DTYPES[stored]
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header and check the file holds all the bytes it announces."""
     size = path.stat().st_size

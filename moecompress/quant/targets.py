@@ -98,6 +98,9 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
           refine_rounds: int = 0, on_chunk=None) -> SolveResult:
     """Quantize one target: w [N, K] (with h [K, K]) or all experts w [E, N, K] (with h [E, K, K]).
 
+    ``method``: "gptq", "rtn", or "awq" (round to nearest with the Hessian-diagonal-weighted clip
+    search; the AWQ scales are already folded into ``w`` and ``h``).
+
     Members listed in ``rtn_members`` (starved experts under the RTN policy) are rounded to nearest
     instead of solved with GPTQ. Batched members are solved ``chunk`` at a time to bound memory;
     ``on_chunk(n)`` (optional) is told after each chunk how many members it held (progress).
@@ -109,10 +112,12 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     for s in range(0, W.shape[0], chunk):
         idx = list(range(s, min(s + chunk, W.shape[0])))
         wc = W[idx]
-        use_rtn = method == "rtn" or H is None
+        use_rtn = method in ("rtn", "awq") or H is None
         if use_rtn:
-            qw = rtn_quantize(wc, qspec)
-            stats = [{"method": "rtn"} for _ in idx]
+            # AWQ's codes: round to nearest after the scales, the clip search weighted by input importance
+            diag = H[idx].float().diagonal(dim1=-2, dim2=-1) if method == "awq" and H is not None else None
+            qw = rtn_quantize(wc, qspec, diag)
+            stats = [{"method": "rtn" if diag is None else "awq"} for _ in idx]
         else:
             qw, st = gptq_quantize(wc, H[idx].float(), qspec, damp=damp, block_size=block_size)
             stats = _per_member(st, len(idx))

@@ -1,0 +1,129 @@
+"""AWQ (Lin et al., 2023) scale search as pure functions: statistics in, per-channel scales out.
+
+A *balance group* is an op whose output can absorb a per-channel scale (a norm's weight, a linear's
+output rows) and the linears that read that output. Scaling the readers' input columns by ``s`` and
+the op's output by ``1/s`` leaves the float model unchanged; quantizing ``W diag(s)`` instead of
+``W`` moves rounding error away from the channels with large activations. The scales follow AWQ's
+"duo" rule ``s = x_mean**a / w_mean**(1-a)`` (normalized so that ``sqrt(max s * min s) = 1``),
+with ``a`` searched on a grid, and the identity ``s = 1`` always a candidate (so the search never
+loses to plain rounding on its own loss).
+
+Everything is batched over a leading dim ``B`` (all experts of a layer at once for the per-expert
+``up -> down`` groups; ``B = 1`` otherwise): no Python loop over experts per grid point.
+
+``pow2`` rounds every scale to a power of two: dividing a norm weight by it and multiplying a
+router's columns by it is an exponent shift, exact in every float format, so whatever reads the
+folded op without being quantized (routers) computes bit-identical results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .rtn import check_finite, fake_quantize, search_qparams
+from .spec import QuantSpec
+
+_EPS = 1e-4  # AutoAWQ's floor under the weight term and the scales (avoids 0 ** negative)
+
+
+def alpha_grid(n: int) -> list[float]:
+    """``n`` points ``i / n`` in ``[0, 1)``: AWQ's grid (n = 20 by default)."""
+    if n < 1:
+        raise ValueError("the alpha grid needs at least one point")
+    return [i / n for i in range(n)]
+
+
+def weight_mean(ws: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """Per input channel mean of ``|W| / max|W| over its quantization group``: ``[B, K]`` from ``[B, N_i, K]``.
+
+    Every reader of the group contributes its rows (AWQ concatenates the readers' weights)."""
+    parts, rows = [], 0
+    for w in ws:
+        b, n, k = w.shape
+        gs = spec.group_for(k)
+        a = w.float().abs().reshape(b, n, k // gs, gs)
+        a = a / a.amax(-1, keepdim=True).clamp_min(1e-12)
+        parts.append(a.reshape(b, n, k).sum(1))
+        rows += n
+    return torch.stack(parts).sum(0) / rows
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float, pow2: bool) -> torch.Tensor:
+    """AWQ's scales ``[B, K]`` at ``alpha``: ``x**a / w**(1-a)`` (``w_mean=None``: ``x**a``), normalized."""
+    x = x_mean.float().clamp_min(_EPS)
+    s = x.pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.float().pow(1.0 - alpha) + _EPS)
+    s = s.clamp_min(_EPS)
+    s = s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
+    if pow2:
+        s = torch.exp2(torch.round(torch.log2(s)))
+    return s
+
+
+def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest with plain min/max ranges (no clip search): what the scale search quantizes with."""
+    k = w.shape[-1]
+    gs = spec.group_for(k)
+    wg = w.float().reshape(*w.shape[:-1], k // gs, gs)
+    plain = QuantSpec(spec.bits, spec.group_size, spec.symmetric, None, (1.0,), spec.zero_min)
+    scale, zero = search_qparams(wg, plain)
+    return fake_quantize(wg, scale[..., None], zero[..., None], spec.qmax)[1].reshape(w.shape)
+
+
+def scaled_error(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``W - Q(W diag(s)) diag(s)^-1`` for ``w [B, N, K]``, ``s [B, K]``: the error the readers see."""
+    sc = s.float()[:, None, :]
+    return w.float() - fake_quant(w.float() * sc, spec) / sc
+
+
+def hessian_loss(ws: list[torch.Tensor], hs: list[torch.Tensor], s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Summed output error ``sum_i tr(D_i H_i D_i^T)`` of the readers (``H = 2/n X^T X``), per batch member."""
+    total = torch.zeros(s.shape[0], dtype=torch.float64, device=s.device)
+    for w, h in zip(ws, hs):
+        d = scaled_error(w, s, spec)
+        total += ((d @ h.float()) * d).sum(dim=(-1, -2)).double()
+    return total
+
+
+@dataclass
+class ScaleChoice:
+    scales: torch.Tensor  # [B, K] float32 (ones where the identity won)
+    alpha: list[float | None]  # per member; None: the identity
+    loss_before: list[float]  # loss with s = 1
+    loss_after: list[float]  # loss with the chosen scales
+
+
+def search_scales(loss: Callable[[torch.Tensor], torch.Tensor], x_mean: torch.Tensor, w_mean: torch.Tensor | None,
+                  grid: list[float], pow2: bool) -> ScaleChoice:
+    """Per member, the candidate with the lowest ``loss(s) -> [B]``: the identity, then the grid.
+
+    Ties keep the earlier candidate (the identity first). A non-finite loss raises ValueError.
+    """
+    check_finite(x_mean, "activation statistics")
+    ones = torch.ones_like(x_mean, dtype=torch.float32)
+    base = loss(ones).double()
+    check_finite(base, "AWQ search loss")
+    best, best_s = base.clone(), ones.clone()
+    alpha: list[float | None] = [None] * x_mean.shape[0]
+    for a in grid:
+        s = candidate_scales(x_mean, w_mean, a, pow2)
+        cur = loss(s).double()
+        check_finite(cur, "AWQ search loss")
+        better = cur < best
+        if bool(better.any()):
+            best = torch.where(better, cur, best)
+            best_s[better] = s[better]
+            for j in torch.nonzero(better).flatten().tolist():
+                alpha[j] = a
+    return ScaleChoice(best_s, alpha, base.tolist(), best.tolist())
+
+
+def scale_summary(s: torch.Tensor) -> dict:
+    """Statistics of one member's scales for moecompress.json."""
+    l2 = torch.log2(s.float())
+    return {"min": float(s.min()), "max": float(s.max()), "log2_mean": float(l2.mean()), "log2_std": float(l2.std())
+            if s.numel() > 1 else 0.0}

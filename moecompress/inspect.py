@@ -177,6 +177,7 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         others = [n for n in h.non_layer_tensor_names() if n not in text_names]
         total = text_params + sum(_numel(h.reader.tensors[n].shape) for n in others)
         quantized, kept = [], []
+    awq = _awq_plan(h, layers, moe_layers) if quant is None else None
     zero = _zero_experts(h, total, expert_params, skip_rate)
     if zero is not None and zero["layout"] == "stock":
         total -= expert_params * h.num_zero // max(h.num_experts, 1)
@@ -192,8 +193,30 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         "size_bytes": bytes_now, "size_estimate_bytes": size, "group_size_for_estimate": group_size,
         "quantization": quant,
         "quantized": quantized, "kept": kept, "non_text": non_text,
-        "router_scoring": h.spec.scoring, "zero_experts": zero,
+        "router_scoring": h.spec.scoring, "zero_experts": zero, "awq_groups": awq,
     }
+
+
+def _awq_plan(h: ModelHandle, layers, moe_layers: list[int]) -> list[dict]:
+    """The AWQ balance groups of one MoE layer (and of a dense one, if any), as `quantize --method awq` finds them."""
+    from .quant.balance import resolve
+
+    picks = moe_layers[:1] + [i for i in range(len(layers)) if i not in moe_layers][:1]
+    out, seen = [], set()
+    for i in picks:
+        names = {t.name for t in layer_targets(layers[i], h.spec, only_experts=False)}
+        for g in resolve(layers[i], h.spec, names, names):
+            key = (g.group.source, tuple(r.name for r in g.quantized))
+            if key in seen:
+                continue
+            seen.add(key)
+            floats = [r.name for r in g.floats]
+            mode = "power-of-two (exact for " + ", ".join(floats) + ")" if floats else "free"
+            if floats and g.source_kind == "norm" and h.spec.norm_weight_offset:
+                mode = "skipped unless --awq-scales free (a (1 + weight) norm cannot fold exactly)"
+            out.append({"source": g.group.source, "readers": [r.name for r in g.quantized], "float_readers": floats,
+                        "loss": g.group.loss, "per_expert": g.group.per_expert, "scales": mode})
+    return out
 
 
 def measured_skip_rate(eval_json: str | Path) -> float:
@@ -257,6 +280,10 @@ def render(d: dict) -> str:
         if q["known"]:
             lines.append("  quantized     " + (", ".join(d["quantized"]) or "nothing"))
             kept[0] += " (float)"
+    for g in d.get("awq_groups") or []:
+        what = "MoE block output, routing fixed" if g["loss"] == "block" else "readers' output error"
+        lines.append(f"  awq group     {g['source']} -> {', '.join(g['readers'])}"
+                     f"{' (per expert)' if g['per_expert'] else ''}: {what}; scales {g['scales']}")
     if d.get("non_text"):  # `quantize` copies them byte for byte
         kept.append("carried through unchanged: " + ", ".join(d["non_text"]))
     if kept:

@@ -151,3 +151,12 @@ def test_awq_bad_input_one_line(capsys, tmp_path, tiny_ckpt, monkeypatch):
     rc, err = _run(capsys, *base, "--out", str(out), "--method", "awq")
     assert rc == 2 and len(err) == 1 and "try --dtype float32" in err[0] and "non-finite" in err[0], err
     _assert_clean(tmp_path, out)
+
+
+def test_inspect_shows_the_awq_plan(capsys, tiny_ckpt):
+    rc = main(["inspect", str(tiny_ckpt("deepseek_v3"))])
+    out = capsys.readouterr().out
+    assert rc == 0 and "awq group     self_attn.kv_a_layernorm -> self_attn.kv_b_proj" in out
+    assert "post_attention_layernorm -> mlp.experts.gate_up_proj" in out and "exact for mlp.gate" in out
+    main(["inspect", str(tiny_ckpt("qwen3_5_moe"))])
+    assert "cannot fold exactly" in capsys.readouterr().out

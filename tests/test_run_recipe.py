@@ -101,3 +101,18 @@ def test_cli_reports_recipe_errors_with_exit_2(tmp_path, capsys):
     assert main(["run", str(_write(tmp_path, "model: builtin:nope\nvariants: [{name: a}]", "b.yaml"))]) == 2
     assert "unknown built-in model" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_shipped_recipe_parses():
+    """The recipes people copy (real-model paths included) validate: every key is a known setting."""
+    from pathlib import Path
+
+    import yaml
+
+    from moecompress.run.recipe import parse_recipe
+
+    files = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(files) >= 8
+    for f in files:
+        r = parse_recipe(yaml.safe_load(f.read_text()), str(f))
+        assert r.variants, f

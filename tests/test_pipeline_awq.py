@@ -160,3 +160,13 @@ def test_inspect_shows_the_awq_plan(capsys, tiny_ckpt):
     assert "post_attention_layernorm -> mlp.experts.gate_up_proj" in out and "exact for mlp.gate" in out
     main(["inspect", str(tiny_ckpt("qwen3_5_moe"))])
     assert "cannot fold exactly" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "glm4_moe"])
+def test_awq_checkpoint_loads_in_transformers(family, tmp_path):
+    """Symmetric AWQ output (compressed-tensors) loads with no missing/unexpected keys and equals our dequantized weights."""
+    from test_export_interop import check_loads_and_matches_dequantized
+
+    src = _save(family, tmp_path / "src", dtype=torch.float32)
+    quantize(src, tmp_path / "out", quick_config(method="awq+gptq"))
+    check_loads_and_matches_dequantized(src, tmp_path / "out", tmp_path, f"{family} awq+gptq")

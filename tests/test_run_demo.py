@@ -20,10 +20,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     report = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}
-    assert list(rows) == ["reference", "rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1", "zeda"]
+    assert list(rows) == ["reference", "rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1", "awq-w3g64", "zeda"]
     assert rows["zeda"]["method"] == "zeda" and rows["zeda"]["skip_rate"] > 0.05 and rows["zeda"]["expert_flops"] < 1
     assert rows["reference"]["kl"] < 1e-6 and rows["reference"]["top1"] == pytest.approx(1.0)
-    for name in ("rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1"):
+    for name in ("rtn-w3g64", "gptq-w3g64-seed0", "gptq-w3g64-seed1", "awq-w3g64"):
         r = rows[name]
         assert r["bits"] == 3 and r["group_size"] == 64
         assert 0 < r["kl"] < 1 and 0.3 < r["top1"] < 1 and 0 < r["topk_exact"] <= 1

@@ -39,6 +39,8 @@ def quick_config(**kw):
     from moecompress.recipe import build_config
 
     base = dict(group_size=32, calib_samples=8, seq_len=64, batch_size=4)
+    if str(kw.get("method", "")).startswith("awq"):
+        base["awq_grid"] = 5  # each grid point runs the clip search over every reader: keep tests short
     if kw.get("method") == "rtn":
         base["measure_errors"] = False  # tests of RTN skip the diagnostic calibration unless they ask
     base.update(kw)

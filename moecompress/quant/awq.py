@@ -64,28 +64,37 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return s
 
 
-def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Round-to-nearest with plain min/max ranges (no clip search): what the scale search quantizes with."""
+def fake_quant(w: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Round to nearest with ``spec``'s clip search, each column's squared error weighted by ``col_weight
+    [B, K]`` (None: equally): exactly what ``--method awq`` then quantizes with (``rtn_quantize`` with the
+    Hessian diagonal), so the search scores each candidate by the error it will really get, and the
+    identity candidate's loss is the no-AWQ result. ``w [B, N, K]``."""
     k = w.shape[-1]
     gs = spec.group_for(k)
     wg = w.float().reshape(*w.shape[:-1], k // gs, gs)
-    plain = QuantSpec(spec.bits, spec.group_size, spec.symmetric, None, (1.0,), spec.zero_min)
-    scale, zero = search_qparams(wg, plain)
+    wt = None if col_weight is None else col_weight.float().reshape(col_weight.shape[0], 1, k // gs, gs)
+    scale, zero = search_qparams(wg, spec, wt)
     return fake_quantize(wg, scale[..., None], zero[..., None], spec.qmax)[1].reshape(w.shape)
 
 
-def scaled_error(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``W - Q(W diag(s)) diag(s)^-1`` for ``w [B, N, K]``, ``s [B, K]``: the error the readers see."""
+def scaled_error(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``W - Q(W diag(s)) diag(s)^-1`` for ``w [B, N, K]``, ``s [B, K]``: the error the readers see.
+
+    ``col_weight [B, K]``: the unscaled inputs' importance (the Hessian diagonal); the scaled
+    problem's is ``col_weight / s**2``."""
     sc = s.float()[:, None, :]
-    return w.float() - fake_quant(w.float() * sc, spec) / sc
+    cw = None if col_weight is None else col_weight.float() / s.float() ** 2
+    return w.float() - fake_quant(w.float() * sc, spec, cw) / sc
 
 
 def hessian_loss(ws: list[torch.Tensor], hs: list[torch.Tensor], s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Summed output error ``sum_i tr(D_i H_i D_i^T)`` of the readers (``H = 2/n X^T X``), per batch member."""
+    """Summed output error ``sum_i tr(D_i H_i D_i^T)`` of the readers (``H = 2/n X^T X``), per batch member,
+    each quantized as the method will (clip search weighted by ``diag H``)."""
     total = torch.zeros(s.shape[0], dtype=torch.float64, device=s.device)
     for w, h in zip(ws, hs):
-        d = scaled_error(w, s, spec)
-        total += ((d @ h.float()) * d).sum(dim=(-1, -2)).double()
+        h = h.float()
+        d = scaled_error(w, s, spec, h.diagonal(dim1=-2, dim2=-1).expand(w.shape[0], -1))
+        total += ((d @ h) * d).sum(dim=(-1, -2)).double()
     return total
 
 

@@ -225,7 +225,7 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
         if residual is None:
             rec["skipped"] = "no residual samples for the block loss"
             return rec
-        loss, ref_state = _block_loss(layer, g, residual, settings, spec)
+        loss, ref_state = _block_loss(layer, g, residual, settings, spec, stats)
     else:
         hs = [stats[_stats_key(r)].hessian() for r in g.quantized]
         hs = [h if h.dim() == 3 else h[None] for h in hs]
@@ -306,21 +306,32 @@ class _Swap:
         self.saved.clear()
 
 
-def _block_loss(layer, g: Resolved, residual, settings: AwqSettings, spec: ArchSpec):
-    """loss(s) = ||mlp(x) - mlp_q(x)||^2 on the sampled rows, routers untouched (the routing stays the original)."""
+def _block_loss(layer, g: Resolved, residual, settings: AwqSettings, spec: ArchSpec, stats: dict):
+    """loss(s) = ||mlp(x) - mlp_q(x)||^2 on the sampled rows, routers untouched (the routing stays the original).
+
+    Every reader is quantized as the method will, its clip search weighted by the diagonal of the
+    Hessian of the whole layer's input (per expert it would be of its routed tokens: close enough
+    for scoring a shared scale)."""
     mlp = layer.mlp
     with torch.no_grad():
         x = layer.get_submodule(spec.router_input_norm)(residual)[None]
         ref = _out(mlp(x))
     params = [r.weight(layer) for r in g.quantized]
     originals = [p.data for p in params]
+    diag = None
+    for r in g.quantized:
+        st = stats.get(_stats_key(r))
+        if st is not None:
+            sums = st.extra["all_sums"] if r.kind == "experts_gate_up" else st.sums
+            diag = sums.diagonal()[None].float()
+            break
     swap = _Swap()
 
     def loss(s):
         sv = s[0]
         with torch.no_grad():
             for p, w0 in zip(params, originals):
-                swap.set(p, w0 - scaled_error(w0.reshape(-1, w0.shape[-1])[None], sv[None], settings.spec)
+                swap.set(p, w0 - scaled_error(w0.reshape(-1, w0.shape[-1])[None], sv[None], settings.spec, diag)
                          .reshape(w0.shape).to(w0.dtype))
             out = _out(mlp(x))
             swap.restore()

@@ -3,18 +3,22 @@
 #
 #   bash benchmarks/gpu_session.sh fetch-wheels   # HERE, on the dev machine, before the device call:
 #                                                  # pydantic (not in the device image) as cp312 wheels in .whl/
-#   bash benchmarks/gpu_session.sh                 # ON THE DEVICE: setup + tests + bench + e2e, < 10 min
+#   bash benchmarks/gpu_session.sh                 # ON THE DEVICE: setup + zero + layer + e2e + tests, < 10 min
 #   bash benchmarks/gpu_session.sh e2e bench       # only some steps (setup always runs)
 #
 # Steps (each runs under `timeout`, its exit code goes to $OUT/summary.txt and the run goes on):
 #   setup  nvidia-smi, versions, disk; pydantic from .whl/ if missing; the package (pip -e, no deps, no
 #          build isolation; else a sitecustomize shim on PYTHONPATH); which of our imports are missing
+#   zero   the kernel bench at Qwen3-30B-A3B shapes, bf16/int4, 0/25/50/75% of slots on zero experts,
+#          T = 1..64, CUDA graphs                               -> zero_bench.json
+#   layer  benchmarks/gpu_layer_time.py: GPTQ/RTN quantize time per Qwen3-30B-A3B layer -> layer.json
 #   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py tests/test_pipeline_cuda.py -> tests.log
 #   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
 #   e2e    benchmarks/e2e_decode.py --layers $E2E_LAYERS (4)     -> e2e.log, e2e.json
-# Timeouts: 520 s shared by the selected steps as 170 : 120 : 250 (all three: 163, 115, 240 s; one alone: 520 s);
+# Timeouts: 520 s shared by the selected steps in proportion to WEIGHT below (one alone: 520 s);
 # override with TESTS_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT (seconds) or BUDGET.
-# Everything lands in $OUT (7 files at most: the device tool returns 8).
+# Everything lands in $OUT: summary.txt, setup.log, steps.log (every step's output) and the JSON files (the
+# device tool returns 8 files at most).
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -44,9 +48,9 @@ EOF
 fi
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests bench e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(zero layer e2e tests)
 for s in "${steps[@]}"; do
-    case $s in tests|bench|e2e) ;; *) echo "unknown step '$s' (tests, bench, e2e; fetch-wheels on the dev machine)"; exit 2;; esac
+    case $s in tests|bench|e2e|zero|layer) ;; *) echo "unknown step '$s' (zero, layer, e2e, tests, bench; fetch-wheels on the dev machine)"; exit 2;; esac
 done
 
 OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
@@ -58,7 +62,7 @@ SETUP=$OUT/setup.log
 # whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
 # TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
 BUDGET=${BUDGET:-520}
-declare -A WEIGHT=([tests]=170 [bench]=120 [e2e]=250)
+declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [layer]=160)
 total_w=0
 for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
 limit() {  # step -> seconds
@@ -72,7 +76,8 @@ run_step() {  # name timeout command...
     local name=$1 secs=$2; shift 2
     local t0=$SECONDS
     note "=== $name (timeout ${secs}s): $*"
-    timeout -k 15 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "=== $name: $*" >>"$OUT/steps.log"
+    timeout -k 15 "$secs" "$@" 2>&1 | tee -a "$OUT/steps.log"  # one log for all steps: the tool returns 8 files
     local rc=${PIPESTATUS[0]}
     local why=""
     [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=" (TIMED OUT)"
@@ -163,8 +168,18 @@ for s in "${steps[@]}"; do
         "$PY" -c "import pydantic" >/dev/null 2>&1 || extra+=(--continue-on-collection-errors)
         "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && extra+=(--timeout=180)
         run_step tests "$(limit tests)" env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -rfEs \
-            --durations=15 -p no:cacheprovider "${extra[@]}" tests/test_kernels_*.py tests/test_runtime_*.py \
-            tests/test_pipeline_cuda.py
+            --durations=15 -p no:cacheprovider "${extra[@]}" ${TESTS:-tests/test_kernels_*.py tests/test_runtime_*.py \
+            tests/test_pipeline_cuda.py}
+        ;;
+    zero)
+        run_step zero "$(limit zero)" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \
+            --shapes qwen3-30b-a3b --tokens 1,4,16,64 --dtypes bf16,int4 --zero-frac 0,0.25,0.5,0.75 --cuda-graph \
+            --iters 100 --baseline-iters 5 --json "$OUT/zero_bench.json"
+        ;;
+    layer)
+        run_step layer "$(limit layer)" env TRITON_INTERPRET=0 "$PY" benchmarks/gpu_layer_time.py \
+            --layers "${E2E_LAYERS:-4}" --samples "${LAYER_SAMPLES:-128}" --seq-len "${LAYER_SEQ:-2048}" \
+            --methods "${LAYER_METHODS:-gptq}" --workdir "${E2E_WORKDIR:-/tmp/moecompress_e2e}" --json "$OUT/layer.json"
         ;;
     bench)
         run_step bench "$(limit bench)" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \

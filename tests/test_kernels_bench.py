@@ -15,7 +15,8 @@ KEYS = {
     "shape", "experts", "top_k", "hidden", "inter", "tokens", "wdtype", "group_size", "symmetric", "mode",
     "experts_hit", "bytes", "flops", "kernel_us", "kernel_timing", "twin_us", "torch_grouped_us",
     "torch_grouped_impl", "time_us", "gbps", "pct_copy_bw", "tflops", "speedup_vs_bf16",
-    "speedup_vs_torch_grouped", "rel_err_vs_twin", "torch_grouped_rel_err",
+    "speedup_vs_torch_grouped", "rel_err_vs_twin", "torch_grouped_rel_err", "zero_frac", "zero_slots_per_token",
+    "time_vs_no_skip",
 }
 
 
@@ -105,3 +106,28 @@ def test_bad_args_exit_2_with_one_line(capsys, argv, needle):
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert cap.out == ""
+
+
+def test_zero_frac_rows(tmp_path, capsys):
+    """--zero-frac: the lowest-weight slots go to the zero expert (id E); fewer experts hit, fewer bytes,
+    the torch baseline drops them too (it still equals the twin), and each row is timed against share 0."""
+    out = tmp_path / "bench.json"
+    rc = main([*FAST, "--shapes", "cpu-smoke", "--tokens", "1,7", "--dtypes", "bf16,int4", "--zero-frac", "0.5,0",
+               "--json", str(out)])
+    assert rc == 0 and "x skip0" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["zero_frac"] for r in rows] == [0.0] * 4 + [0.5] * 4
+    shape = bu.SHAPES["cpu-smoke"]
+    for r in rows:
+        base = next(b for b in rows if (b["tokens"], b["wdtype"], b["zero_frac"]) == (r["tokens"], r["wdtype"], 0.0))
+        assert r["time_vs_no_skip"] == pytest.approx(r["time_us"] / base["time_us"])
+        assert r["torch_grouped_rel_err"] < 3e-2
+        _, w, ids = bu.make_inputs(shape, r["tokens"], 0, torch.device("cpu"), r["zero_frac"])
+        assert int((ids == shape.experts).sum()) == r["tokens"] * r["zero_slots_per_token"]
+        assert r["experts_hit"] == len(set(ids[ids < shape.experts].tolist()))
+        if r["zero_frac"]:
+            assert r["zero_slots_per_token"] == 1 and r["experts_hit"] <= base["experts_hit"]
+            assert r["bytes"] < base["bytes"] if r["tokens"] == 1 else r["bytes"] <= base["bytes"]
+            _, w0, ids0 = bu.make_inputs(shape, r["tokens"], 0, torch.device("cpu"))
+            assert torch.equal(ids[:, 0], ids0[:, 0]) and torch.equal(w, w0)  # the best slot and weights kept
+    assert main([*FAST, "--zero-frac", "1.5"]) == 2

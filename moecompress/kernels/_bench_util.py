@@ -125,16 +125,41 @@ def make_weights(shape: Shape, device: torch.device, seed: int) -> tuple[torch.T
     return w13, w2
 
 
-def make_inputs(shape: Shape, tokens: int, seed: int, device: torch.device):
+def make_inputs(shape: Shape, tokens: int, seed: int, device: torch.device, zero_frac: float = 0.0):
     """Seeded ``(x bf16 [T, H], topk_weights fp32 [T, k], topk_ids int32 [T, k])``: random router logits,
-    softmax top-k (kernels.routing.route_torch). Drawn on the CPU so every device sees the same routing."""
+    softmax top-k (kernels.routing.route_torch). Drawn on the CPU so every device sees the same routing.
+
+    ``zero_frac`` s: the ``round(s * k)`` lowest-weight slots of every token go to the zero expert (id E,
+    weight kept), as a zero-expert model routes them: the same x and real-expert choices as s = 0, minus
+    the skipped slots."""
     from .routing import route_torch
 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + tokens)
     x = torch.randn(tokens, shape.hidden, generator=gen).to(torch.bfloat16)
     logits = torch.randn(tokens, shape.experts, generator=gen)
     w, ids = route_torch(logits, shape.top_k, renormalize=shape.renormalize)
+    n_zero = zero_slots(shape.top_k, zero_frac)
+    if n_zero:  # route_torch sorts each token's slots by weight, best first
+        ids[:, shape.top_k - n_zero:] = shape.experts
     return x.to(device), w.to(device), ids.to(device)
+
+
+def zero_slots(top_k: int, zero_frac: float) -> int:
+    """Slots per token on the zero expert at skip share ``zero_frac``."""
+    return int(round(zero_frac * top_k))
+
+
+def parse_zero_fracs(text: str) -> list[float]:
+    out = []
+    for item in _items(text, "--zero-frac"):
+        try:
+            v = float(item)
+        except ValueError:
+            v = -1.0
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"--zero-frac: {item!r} is not a share in [0, 1]")
+        out.append(v)
+    return sorted(set(out))
 
 
 class Timer:
@@ -185,8 +210,13 @@ def torch_grouped_moe(x, w13, w2, topk_weights, topk_ids, use_grouped_mm: bool) 
     t, k = topk_ids.shape
     e, two_i, h = w13.shape
     flat = topk_ids.reshape(-1).long()
+    slot = torch.arange(flat.numel(), device=flat.device)
+    real = flat < e
+    if not bool(real.all()):  # zero-expert slots (ids >= E): no work, as in fused_moe
+        slot, flat = slot[real], flat[real]
     order = flat.argsort(stable=True)
-    tok = order // k
+    slot = slot[order]
+    tok = slot // k
     xs = x[tok]
     counts = torch.bincount(flat, minlength=e)
     if use_grouped_mm:
@@ -203,7 +233,7 @@ def torch_grouped_moe(x, w13, w2, topk_weights, topk_ids, use_grouped_mm: bool) 
                 act = torch.nn.functional.silu(gu[:, : two_i // 2]) * gu[:, two_i // 2:]
                 y[start:start + n] = act @ w2[ex].T
                 start += n
-    y = y.float() * topk_weights.reshape(-1)[order].float()[:, None]
+    y = y.float() * topk_weights.reshape(-1)[slot].float()[:, None]
     return torch.zeros(t, h, dtype=torch.float32, device=x.device).index_add_(0, tok, y).to(x.dtype)
 
 

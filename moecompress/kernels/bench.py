@@ -17,6 +17,9 @@ the same bf16 weights (group ``--group-size``, symmetric unless ``--asym``) and 
   when quantized) + activations in and out. GB/s = bytes / time, also as a fraction of the
   ``Tensor.copy_`` bandwidth measured in the same run (read + write bytes).
   TFLOP/s = 2 * T * top_k * 3 * H * I / time. x bf16 = time(bf16 row) / time(row), x torch = torch / time.
+* ``--zero-frac 0,0.5``: the same inputs with a share of each token's lowest-weight slots routed to a
+  zero expert (id E), as a zero-expert (ZEDA) model routes: ``x skip0`` = time / time at share 0 (the
+  same T and weight dtype). The torch baseline drops those slots too. TFLOP/s still counts all k slots.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--dtypes", default=",".join(bu.WDTYPES), help="weight dtypes among bf16,int8,int4")
     ap.add_argument("--group-size", type=int, default=128, help="quantization group (0: per-channel)")
     ap.add_argument("--asym", action="store_true", help="asymmetric quantization (uint8 zero points)")
+    ap.add_argument("--zero-frac", default="0", help="comma-separated shares of each token's slots routed to a "
+                                                     "zero expert (id E: no compute, no weight reads), e.g. 0,0.5")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5 CUDA, 1 CPU)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls of ours (default 50 CUDA, 5 CPU)")
@@ -69,6 +74,7 @@ def _parse(argv) -> argparse.Namespace:
     args.shapes = bu.parse_shapes(args.shapes or ",".join(bu.GPU_SHAPES if cuda else bu.CPU_SHAPES))
     args.tokens = bu.parse_tokens(args.tokens or ",".join(map(str, bu.GPU_TOKENS if cuda else bu.CPU_TOKENS)))
     args.dtypes = bu.parse_dtypes(args.dtypes)
+    args.zero_frac = bu.parse_zero_fracs(args.zero_frac)
     if args.group_size != 0 and (args.group_size < 32 or args.group_size & (args.group_size - 1)):
         raise UserError(f"--group-size {args.group_size}: the kernels need a power of two >= 32 (or 0: per-channel)")
     if any(d != "bf16" for d in args.dtypes) and args.group_size:
@@ -147,8 +153,9 @@ def _bench_shape(args, shape: bu.Shape, seed: int, device: torch.device, timer: 
     w13, w2 = bu.make_weights(shape, device, seed)
     weights = {d: (w13, w2) if d == "bf16" else _quantized(w13, w2, d, args.group_size, args.asym)
                for d in args.dtypes}
-    for t in args.tokens:
-        x, tw, ids = bu.make_inputs(shape, t, args.seed, device)
+    base_us: dict = {}  # (tokens, wdtype) -> time at zero_frac 0, for the "x no skip" ratio
+    for zf, t in ((zf, t) for zf in args.zero_frac for t in args.tokens):
+        x, tw, ids = bu.make_inputs(shape, t, args.seed, device, zf)
         n_hit = bu.experts_hit(ids, shape.experts)
         use_gmm, impl = bu.pick_grouped(x, w13, w2, tw, ids)
         grouped = lambda: bu.torch_grouped_moe(x, w13, w2, tw, ids, use_gmm)  # noqa: E731
@@ -170,12 +177,15 @@ def _bench_shape(args, shape: bu.Shape, seed: int, device: torch.device, timer: 
             us = kernel_us if cuda else twin_us
             if wdtype == "bf16":
                 bf16_us = us
+            if zf == 0:
+                base_us[t, wdtype] = us
             nbytes = bu.moved_bytes(shape, t, n_hit, wdtype, args.group_size, args.asym)
             flops = bu.moe_flops(shape, t)
             gbps = nbytes / (us * 1e-6) / 1e9
             emit({
                 "shape": shape.name, "experts": shape.experts, "top_k": shape.top_k, "hidden": shape.hidden,
-                "inter": shape.inter, "tokens": t, "wdtype": wdtype,
+                "inter": shape.inter, "tokens": t, "wdtype": wdtype, "zero_frac": zf,
+                "zero_slots_per_token": bu.zero_slots(shape.top_k, zf),
                 "group_size": None if wdtype == "bf16" else args.group_size,
                 "symmetric": None if wdtype == "bf16" else not args.asym,
                 "mode": meta["mode"], "experts_hit": n_hit, "bytes": nbytes, "flops": flops,
@@ -184,6 +194,7 @@ def _bench_shape(args, shape: bu.Shape, seed: int, device: torch.device, timer: 
                 "tflops": flops / (us * 1e-6) / 1e12,
                 "speedup_vs_bf16": None if bf16_us is None or wdtype == "bf16" else bf16_us / us,
                 "speedup_vs_torch_grouped": grouped_us / us,
+                "time_vs_no_skip": us / base_us[t, wdtype] if (t, wdtype) in base_us else None,
                 "rel_err_vs_twin": err, "torch_grouped_rel_err": grouped_err,
             })
 
@@ -204,11 +215,12 @@ def _graphed(fn):
 
 
 _COLS = (  # header, row key, width, format
-    ("shape", "shape", 16, "s"), ("T", "tokens", 5, "d"), ("w", "wdtype", 4, "s"), ("hit", "experts_hit", 4, "d"),
+    ("shape", "shape", 16, "s"), ("T", "tokens", 5, "d"), ("w", "wdtype", 4, "s"), ("skip", "zero_frac", 5, ".2f"),
+    ("hit", "experts_hit", 4, "d"),
     ("ours us", "kernel_us", 9, ".1f"), ("twin us", "twin_us", 10, ".1f"), ("torch us", "torch_grouped_us", 9, ".1f"),
     ("GB/s", "gbps", 7, ".1f"), ("%copy", "pct_copy_bw", 6, ".1f"), ("TFLOP/s", "tflops", 7, ".3g"),
     ("x bf16", "speedup_vs_bf16", 6, ".2f"), ("x torch", "speedup_vs_torch_grouped", 7, ".2f"),
-    ("err", "rel_err_vs_twin", 7, ".1e"),
+    ("x skip0", "time_vs_no_skip", 7, ".3f"), ("err", "rel_err_vs_twin", 7, ".1e"),
 )
 
 

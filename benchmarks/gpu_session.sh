@@ -50,7 +50,7 @@ fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(zero layer e2e tests)
 for s in "${steps[@]}"; do
-    case $s in tests|bench|e2e|zero|layer) ;; *) echo "unknown step '$s' (zero, layer, e2e, tests, bench; fetch-wheels on the dev machine)"; exit 2;; esac
+    case $s in tests|bench|e2e|zero|layer|sweep) ;; *) echo "unknown step '$s' (zero, layer, e2e, tests, bench, sweep; fetch-wheels on the dev machine)"; exit 2;; esac
 done
 
 OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
@@ -62,7 +62,7 @@ SETUP=$OUT/setup.log
 # whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
 # TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
 BUDGET=${BUDGET:-520}
-declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [layer]=160)
+declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [layer]=160 [sweep]=100)
 total_w=0
 for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
 limit() {  # step -> seconds
@@ -123,7 +123,7 @@ fi
 # the package: moecompress.kernels lives in kernels/ (package-dir mapping), so PYTHONPATH=. is not enough
 # (find_spec imports moecompress and moecompress.kernels only: no torch, so a missing dependency is not
 # mistaken for a packaging problem)
-packaged() { "$PY" -c "import importlib.util as u; assert u.find_spec('moecompress.kernels.bench')" >/dev/null 2>&1; }
+packaged() { (cd /tmp && "$PY" -c "import importlib.util as u; assert u.find_spec('moecompress.kernels.bench')") >/dev/null 2>&1; }
 if ! packaged; then
     timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$SETUP" 2>&1 \
         || echo "pip -e failed" >>"$SETUP"
@@ -138,6 +138,11 @@ if ! packaged; then
     export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/moecompress_shim
     note "setup: pip -e did not make moecompress importable; using /tmp/moecompress_shim/sitecustomize.py"
 fi
+
+# scripts run by path (benchmarks/*.py) put benchmarks/ first on sys.path, not the repo: without an
+# installed package they would not find moecompress (first GPU run, 2026-12-04). The package lives
+# entirely under moecompress/, so the repo on PYTHONPATH is enough.
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 # which of the imports we need are missing (hard: runtime, kernels, quantize; tests: pytest, click)
 "$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
@@ -175,6 +180,16 @@ for s in "${steps[@]}"; do
         run_step zero "$(limit zero)" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \
             --shapes qwen3-30b-a3b --tokens 1,4,16,64 --dtypes bf16,int4 --zero-frac 0,0.25,0.5,0.75 --cuda-graph \
             --iters 100 --baseline-iters 5 --json "$OUT/zero_bench.json"
+        ;;
+    sweep)  # decode tiles with more programs in flight, at 0% and 50% zero slots (SWEEP_CONFIGS: ;-separated JSON)
+        default_sweep='{"BLOCK_N":16,"BLOCK_K":256};{"BLOCK_N":32,"BLOCK_K":256};{"BLOCK_N":16,"BLOCK_K":128};{"BLOCK_N":32,"BLOCK_K":128}'
+        IFS=';' read -r -a cfgs <<<"${SWEEP_CONFIGS:-$default_sweep}"
+        per=$(( $(limit sweep) / ${#cfgs[@]} ))
+        for j in "${!cfgs[@]}"; do
+            run_step "sweep$j" "$per" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \
+                --shapes qwen3-30b-a3b --tokens 1,4,16,64 --dtypes bf16,int4 --zero-frac 0,0.5 --cuda-graph \
+                --iters 100 --baseline-iters 3 --config "${cfgs[$j]}" --json "$OUT/sweep$j.json"
+        done
         ;;
     layer)
         run_step layer "$(limit layer)" env TRITON_INTERPRET=0 "$PY" benchmarks/gpu_layer_time.py \

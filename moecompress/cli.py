@@ -112,11 +112,14 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
               help="AWQ: residual rows kept per layer for the MoE-block loss of the post-attention scales.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice). On a shared machine 1 is often fastest.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists, and discard a partial run of it.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run of the same settings from its last finished layer (.OUT.partial); "
+                   "the result is byte-identical to an uninterrupted run.")
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
              weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, quantize_lm_head,
-             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, overwrite) -> None:
+             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, overwrite, resume) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
@@ -135,7 +138,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         only_experts=only_experts, quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
-    summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv)
+    summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
     n = summary["starved_experts_total"]
     click.echo(f"wrote {out} ({summary['size_bytes'] / 2**20:.1f} MiB, {len(summary['layers'])} layers, "
                f"{n} starved expert{'s' if n != 1 else ''} handled by '{cfg.starved_experts}') "

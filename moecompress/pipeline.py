@@ -25,7 +25,8 @@ from .arch.handle import ModelHandle, decoder_layers
 from .calib.capture import HessianCapture
 from .calib.runner import (LayerFeed, attention_half, capture_layer_kwargs, mlp_half, prepare_embeddings,
                            run_layer)
-from .checkpoint.writer import ShardedWriter, atomic_output_dir, check_output_path, copy_side_files
+from .checkpoint.partial import PartialRun, check_stale, resumable_output_dir, source_fingerprint
+from .checkpoint.writer import ShardedWriter, check_output_path, copy_side_files
 from .errors import UserError
 from .export import encode, kept_module_names, layer_tensors, quantization_config
 from .finite import check_finite, check_finite_layer
@@ -111,8 +112,11 @@ def _has(layer, name) -> bool:
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
-             command: list[str] | None = None, max_shard_bytes: int = 4 << 30) -> dict:
-    """Quantize ``model_dir`` into ``out_dir``; returns the run summary also saved as moecompress.json."""
+             command: list[str] | None = None, max_shard_bytes: int = 4 << 30, resume: bool = False) -> dict:
+    """Quantize ``model_dir`` into ``out_dir``; returns the run summary also saved as moecompress.json.
+
+    The output is built in ``.<out>.partial`` and committed after every layer (``checkpoint.partial``):
+    ``resume`` goes on from a killed run's last committed layer, with a byte-identical result."""
     t_start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     handle = ModelHandle.open(model_dir)
@@ -120,6 +124,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         raise UserError(f"{model_dir} is already quantized ({handle.reader.config['quantization_config'].get('quant_method')}); "
                         "quantize its float original instead")
     check_output_path(model_dir, out_dir, overwrite)
+    partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes},
+                         source_fingerprint(model_dir))
+    saved = check_stale(partial, resume, overwrite)
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg, handle, device)
     router_dtype = dtype if cfg.router_dtype == "auto" else _DTYPES[cfg.router_dtype]
@@ -155,10 +162,17 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         summary["timings_s"]["calibration_data"] = time.perf_counter() - t0
 
     # log lines (starved experts...) go through tqdm.write while the bars are up, not into them
-    with atomic_output_dir(out_dir, overwrite) as tmp, logging_redirect_tqdm():
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        quantized_names: set[str] = set()
-        for i in tqdm(range(handle.num_layers), desc="layers", unit="layer"):
+    with resumable_output_dir(partial, overwrite, saved is not None), logging_redirect_tqdm():
+        tmp = partial.path
+        start = 0
+        if saved is not None:
+            start = _resume_from(partial, saved, feed, summary, device)
+            writer = ShardedWriter(tmp, max_shard_bytes, resume=saved["writer"])
+        else:
+            writer = ShardedWriter(tmp, max_shard_bytes)
+        quantized_names: set[str] = {n for r in summary["layers"] for n in r.pop("_quantized", [])}
+        for i in tqdm(range(start, handle.num_layers), desc="layers", unit="layer", initial=start,
+                      total=handle.num_layers):
             t0 = time.perf_counter()
             layer = handle.load_layer(model, i, device, dtype)
             check_finite_layer(layer, i, handle, dtype, store_dtype)
@@ -174,6 +188,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             release_freed_memory()  # else glibc keeps the freed layer's pages and RSS creeps per layer
             record["seconds"] = time.perf_counter() - t0
             summary["layers"].append(record)
+            _commit(partial, i + 1, handle.num_layers, writer, summary, quantized_names, feed)
         if cfg.quantize_lm_head:
             qw, summary["lm_head"] = quantize_lm_head(handle, model, feed.hidden if feed else None, cfg, qspec,
                                                       store_dtype, device, dtype)
@@ -201,6 +216,32 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         summary["timings_s"]["total"] = time.perf_counter() - t_start
         (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
+
+
+def _commit(partial: PartialRun, done: int, num_layers: int, writer: ShardedWriter, summary: dict,
+            quantized_names: set[str], feed: LayerFeed | None) -> None:
+    """Make the first ``done`` layers survive a crash (``checkpoint.partial``)."""
+    records = [dict(r) for r in summary["layers"]]
+    records[-1]["_quantized"] = sorted(quantized_names)  # what export's ignore list needs from every layer
+    partial.commit(done, num_layers, writer.commit(), records, feed.hidden if feed is not None else None,
+                   {"resumed_at": summary.get("resumed_at", [])})
+    writer.drop_finished_spills()
+
+
+def _resume_from(partial: PartialRun, saved: dict, feed: LayerFeed | None, summary: dict, device) -> int:
+    """Take a checked manifest's state into this run: the layer records, the feed; returns the next layer."""
+    partial.adopt(saved)
+    done = int(saved["layers_done"])
+    summary["layers"] = [dict(r) for r in saved["records"]]
+    summary["resumed_at"] = list(saved.get("resumed_at", [])) + [done]
+    hidden = partial.load_feed(saved)
+    if feed is not None:
+        if hidden is None or len(hidden) != len(feed.hidden):
+            raise UserError(f"cannot resume {partial.path}: its calibration feed does not match this run's "
+                            "(pass --overwrite to start over)")
+        feed.hidden = [h.to(device=device, dtype=cur.dtype) for h, cur in zip(hidden, feed.hidden)]
+    log.info("resuming %s after layer %d of %d", partial.path, done, saved["num_layers"])
+    return done
 
 
 def _quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None, cfg: QuantizeConfig, qspec,

@@ -34,7 +34,8 @@ def qwen(tiny_ckpt):
 
 def _assert_clean(tmp_path, out):
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")
+                or p.name == f".{out.name}.partial"]
 
 
 CASES = {

@@ -42,12 +42,29 @@ def tensor_bytes(t: torch.Tensor):
 class StreamingSafetensors:
     """Spill tensors to ``<path>.data`` as they come; :meth:`finish` writes the safetensors file at ``path``."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, resume: dict | None = None):
+        """``resume``: a :meth:`state` taken earlier; the spill file is cut back to it and writing goes on
+        from there (whatever was appended after that state is dropped)."""
         self.path = Path(path)
         self._spill_path = self.path.with_name(self.path.name + ".data")
-        self._spill = open(self._spill_path, "wb")
-        self._header: dict[str, dict] = {}
-        self.nbytes = 0
+        if resume is None:
+            self._spill = open(self._spill_path, "wb")
+            self._header: dict[str, dict] = {}
+            self.nbytes = 0
+        else:
+            self._header = {k: dict(v) for k, v in resume["header"].items()}
+            self.nbytes = int(resume["nbytes"])
+            if not self._spill_path.is_file() or self._spill_path.stat().st_size < self.nbytes:
+                raise RuntimeError(f"{self._spill_path} is missing or shorter than the saved state")
+            self._spill = open(self._spill_path, "r+b")
+            self._spill.truncate(self.nbytes)
+            self._spill.seek(self.nbytes)
+
+    def state(self) -> dict:
+        """What :class:`StreamingSafetensors` needs to go on from here later (the bytes so far are flushed
+        to the operating system, so a killed process loses none of them)."""
+        self._spill.flush()
+        return {"header": {k: dict(v) for k, v in self._header.items()}, "nbytes": self.nbytes}
 
     def __len__(self) -> int:
         return len(self._header)
@@ -70,8 +87,9 @@ class StreamingSafetensors:
         self.nbytes += n
         return n
 
-    def finish(self, metadata: dict[str, str] | None = None) -> Path:
-        """Write header + data to ``path`` and remove the spill file."""
+    def finish(self, metadata: dict[str, str] | None = None, keep_spill: bool = False) -> Path:
+        """Write header + data to ``path`` and remove the spill file (``keep_spill``: leave it, for a writer
+        that may have to go back to a state taken before this shard was finished)."""
         self._spill.close()
         header = dict(self._header)
         if metadata:
@@ -82,7 +100,8 @@ class StreamingSafetensors:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             shutil.copyfileobj(spill, out, 16 << 20)
-        os.remove(self._spill_path)
+        if not keep_spill:
+            os.remove(self._spill_path)
         return self.path
 
     def discard(self) -> None:

@@ -109,13 +109,52 @@ class ShardedWriter:
     grow with the shard size; a shard is closed before the tensor that would overflow it.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 4 << 30):
+    def __init__(self, folder: Path, max_shard_bytes: int = 4 << 30, resume: dict | None = None):
+        """``resume``: a :meth:`commit` state of an earlier (killed) writer on the same folder; what that
+        writer wrote after the state is dropped and writing goes on from there."""
         self.folder = Path(folder)
         self.max_bytes = max_shard_bytes
         self._current: StreamingSafetensors | None = None
         self._shards: list[list[str]] = []
         self._seen: set[str] = set()
         self.total_bytes = 0
+        self._resumable = resume is not None
+        self._finished_spills: list[Path] = []  # spills of shards finished since the last commit
+        if resume is not None:
+            self._restore(resume)
+
+    def _shard_path(self, i: int) -> Path:
+        return self.folder / f".shard-{i:05d}.safetensors"
+
+    def _restore(self, state: dict) -> None:
+        self._resumable = True
+        self._shards = [list(names) for names in state["shards"]]
+        self.total_bytes = int(state["total_bytes"])
+        self._seen = {n for names in self._shards for n in names}
+        n = len(self._shards)
+        for i in range(n):  # finished before the state: their spills are no longer needed
+            self._shard_path(i).with_name(self._shard_path(i).name + ".data").unlink(missing_ok=True)
+        for f in self.folder.glob(".shard-*.safetensors*"):  # written after the state: dropped
+            i = int(f.name.split("-")[1].split(".")[0])
+            if i > n or (i == n and (state["current"] is None or f.suffix == ".safetensors")):
+                f.unlink()
+        if state["current"] is not None:
+            self._current = StreamingSafetensors(self._shard_path(n), resume=state["current"])
+            self._seen.update(self._current.names)
+
+    def commit(self) -> dict:
+        """A state to resume from (JSON-able); every byte written so far is handed to the operating system.
+        Spill files of shards finished before this call are removed: call it when the state is saved."""
+        state = {"shards": [list(s) for s in self._shards], "total_bytes": self.total_bytes,
+                 "current": None if self._current is None else self._current.state()}
+        self._resumable = True
+        return state
+
+    def drop_finished_spills(self) -> None:
+        """Remove the spill files of shards that a saved :meth:`commit` state lists as finished."""
+        for p in self._finished_spills:
+            p.unlink(missing_ok=True)
+        self._finished_spills.clear()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
@@ -124,7 +163,7 @@ class ShardedWriter:
         if self._current is not None and len(self._current) and self._current.nbytes + nbytes > self.max_bytes:
             self.flush()
         if self._current is None:
-            self._current = StreamingSafetensors(self.folder / f".shard-{len(self._shards):05d}.safetensors")
+            self._current = StreamingSafetensors(self._shard_path(len(self._shards)))
         self.total_bytes += self._current.add(name, tensor)
         self._seen.add(name)
 
@@ -133,7 +172,10 @@ class ShardedWriter:
         if self._current is None:
             return
         if len(self._current):
-            self._current.finish({"format": "pt"})
+            # a resumable writer keeps the spill until a saved state lists the shard as finished
+            self._current.finish({"format": "pt"}, keep_spill=self._resumable)
+            if self._resumable:
+                self._finished_spills.append(self._current._spill_path)
             self._shards.append(sorted(self._current.names))
         else:
             self._current.discard()
@@ -148,6 +190,7 @@ class ShardedWriter:
     def close(self) -> list[str]:
         """Name the shards, write the index (when more than one), and return the shard file names."""
         self.flush()
+        self.drop_finished_spills()
         n = len(self._shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, final in enumerate(names):

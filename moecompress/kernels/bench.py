@@ -51,6 +51,8 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--dtypes", default=",".join(bu.WDTYPES), help="weight dtypes among bf16,int8,int4")
     ap.add_argument("--group-size", type=int, default=128, help="quantization group (0: per-channel)")
     ap.add_argument("--asym", action="store_true", help="asymmetric quantization (uint8 zero points)")
+    ap.add_argument("--config", default=None,
+                    help='tile config overriding the table for every row, as JSON: \'{"BLOCK_N": 32, "BLOCK_K": 256}\'')
     ap.add_argument("--zero-frac", default="0", help="comma-separated shares of each token's slots routed to a "
                                                      "zero expert (id E: no compute, no weight reads), e.g. 0,0.5")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -75,6 +77,12 @@ def _parse(argv) -> argparse.Namespace:
     args.tokens = bu.parse_tokens(args.tokens or ",".join(map(str, bu.GPU_TOKENS if cuda else bu.CPU_TOKENS)))
     args.dtypes = bu.parse_dtypes(args.dtypes)
     args.zero_frac = bu.parse_zero_fracs(args.zero_frac)
+    if args.config is not None:
+        try:
+            args.config = json.loads(args.config)
+            assert isinstance(args.config, dict)
+        except (ValueError, AssertionError):
+            raise UserError(f"--config {args.config!r} is not a JSON object") from None
     if args.group_size != 0 and (args.group_size < 32 or args.group_size & (args.group_size - 1)):
         raise UserError(f"--group-size {args.group_size}: the kernels need a power of two >= 32 (or 0: per-channel)")
     if any(d != "bf16" for d in args.dtypes) and args.group_size:
@@ -124,6 +132,7 @@ def _meta(args, device: torch.device, copy_gbps: float) -> dict:
         "group_size": args.group_size,
         "symmetric": not args.asym,
         "seed": args.seed,
+        "config_override": args.config,
     }
 
 
@@ -169,7 +178,7 @@ def _bench_shape(args, shape: bu.Shape, seed: int, device: torch.device, timer: 
             kernel_us = err = timing = None
             if cuda:
                 out = torch.empty_like(x)
-                ours = lambda: fused_moe(x, a, b, tw, ids, out=out)  # noqa: E731
+                ours = lambda: fused_moe(x, a, b, tw, ids, out=out, config=args.config)  # noqa: E731
                 fn, timing = _graphed(ours) if args.cuda_graph else (ours, "eager")
                 kernel_us = timer(fn, args.warmup, args.iters)
                 err = bu.rel_err(ours(), twin())

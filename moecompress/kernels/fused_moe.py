@@ -175,6 +175,34 @@ def _resolve_config(config: dict | None, x, w13, w2, t: int) -> dict:
         v = int(cfg[key])
         if v < 16 or v & (v - 1):
             raise ValueError(f"{key}={v} must be a power of two >= 16 (tl.dot)")
+    if x.device.type == "cuda" and not isinstance(w13, QuantWeights) and w13.element_size() > 2:
+        cfg = _fit_shared_memory(cfg, x.element_size(), w13.element_size())
+    return cfg
+
+
+# The tile tables are made for 2-byte weights; fp32 weights double the staged bytes and overflowed an
+# H200's 227 KiB of shared memory (first GPU run, 2026-12-04: 408 KiB asked at BLOCK_N 128, BLOCK_K 128,
+# 4 stages). The estimate below (A tile + the gate and up W tiles, per stage) is ~1.33x what Triton
+# allocated there, so 240 KB of estimate stays under the limit.
+_SMEM_BUDGET = 240_000
+
+
+def _fit_shared_memory(cfg: dict, a_bytes: int, w_bytes: int) -> dict:
+    cfg = dict(cfg)
+
+    def need() -> int:
+        bm, bn, bk = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
+        return int(cfg.get("num_stages", 3)) * (bm * bk * a_bytes + 2 * bk * bn * w_bytes)
+
+    while need() > _SMEM_BUDGET:
+        if int(cfg.get("num_stages", 3)) > 2:
+            cfg["num_stages"] = int(cfg.get("num_stages", 3)) - 1
+        elif int(cfg["BLOCK_K"]) > 32:
+            cfg["BLOCK_K"] = int(cfg["BLOCK_K"]) // 2
+        elif int(cfg["BLOCK_N"]) > 32:
+            cfg["BLOCK_N"] = int(cfg["BLOCK_N"]) // 2
+        else:
+            break
     return cfg
 
 

@@ -1,0 +1,205 @@
+"""The resumable output folder of a long run (``quantize``): what a killed run leaves, and how it goes on.
+
+A run builds its output in ``.<out>.partial`` beside ``<out>`` and renames it into place when it is
+complete, so nothing that looks finished exists before the end. After each finished decoder layer the
+run *commits*: the shard bytes written so far are handed to the operating system, the calibration feed
+(the hidden states that enter the next layer) is saved as safetensors, and ``manifest.json`` is replaced
+atomically (temporary file, then rename). A ``kill -9`` at any moment therefore leaves the last
+committed layer intact, and ``--resume`` goes on from there; since every layer is a deterministic
+function of its weights and its feed, the result is byte-identical to an uninterrupted run.
+
+The manifest names the settings and a fingerprint of the source checkpoint (its config and the headers
+of its shards); a resume whose settings or source differ is refused, naming the first difference.
+Nothing here is read with pickle: the manifest is JSON, the feed safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .writer import _make_parents, _remove_empty, missing_parents
+
+log = logging.getLogger("moecompress")
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """Changes when the source checkpoint's config or weights change: the config's bytes and each
+    safetensors file's name, size and header (names, dtypes, shapes, offsets). Reads no tensor data."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        elif f.suffix == ".safetensors":
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                h.update(fh.read(min(n, 100 << 20)))
+    return h.hexdigest()[:24]
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PartialRun:
+    """``.<out>.partial``: shards so far, the manifest, the feed of the next layer."""
+
+    def __init__(self, out_dir: Path, settings: dict, source: str):
+        self.out = Path(out_dir).resolve()
+        self.path = self.out.parent / f".{self.out.name}.partial"
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
+        self.source = source
+        self.layers_done = 0
+        self._feed_file: str | None = None
+
+    # ------------------------------------------------------------------------------ reading
+    def exists(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def manifest(self) -> dict:
+        try:
+            m = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {self.path / MANIFEST} ({e}); pass --overwrite to discard the partial "
+                            "run") from None
+        if m.get("format") != FORMAT:
+            raise UserError(f"{self.path} was written by another version of moecompress; pass --overwrite to "
+                            "discard it")
+        return m
+
+    def describe(self) -> str:
+        m = self.manifest()
+        return f"{m['layers_done']} of {m['num_layers']} layers done"
+
+    def check(self) -> dict:
+        """The manifest, or UserError naming the first difference from this run."""
+        m = self.manifest()
+        if m["source"] != self.source:
+            raise UserError(f"cannot resume {self.path}: the source checkpoint differs from the one it was started "
+                            "on (its config or weights changed); pass --overwrite to start over")
+        saved = m["settings"]
+        for k in sorted(set(saved) | set(self.settings)):
+            if saved.get(k) != self.settings.get(k):
+                raise UserError(f"cannot resume {self.path}: setting '{k}' was {saved.get(k)!r}, now "
+                                f"{self.settings.get(k)!r} (pass the same settings, or --overwrite to start over)")
+        return m
+
+    def load_feed(self, manifest: dict) -> list[torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        name = manifest.get("feed")
+        if name is None:
+            return None
+        tensors = load_file(str(self.path / name))
+        return [tensors[f"batch.{b:05d}"] for b in range(len(tensors))]
+
+    # ------------------------------------------------------------------------------ writing
+    def commit(self, layers_done: int, num_layers: int, writer_state: dict, records: list,
+               feed: list[torch.Tensor] | None, extra: dict | None = None) -> None:
+        """Save the state after ``layers_done`` layers: feed first, then the manifest that points to it
+        (atomically), then drop what the previous manifest needed."""
+        from safetensors.torch import save_file
+
+        old_feed = self._feed_file
+        feed_name = None
+        if feed is not None:
+            feed_name = f"feed-{layers_done:05d}.safetensors"
+            tmp = self.path / f".{feed_name}.tmp"
+            save_file({f"batch.{b:05d}": h.detach().to("cpu").contiguous() for b, h in enumerate(feed)}, str(tmp))
+            os.replace(tmp, self.path / feed_name)
+        manifest = {"format": FORMAT, "settings": self.settings, "settings_hash": settings_hash(self.settings),
+                    "source": self.source, "num_layers": num_layers, "layers_done": layers_done,
+                    "writer": writer_state, "feed": feed_name, "records": records, **(extra or {})}
+        tmp = self.path / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, default=_json_default) + "\n")
+        os.replace(tmp, self.path / MANIFEST)
+        self.layers_done, self._feed_file = layers_done, feed_name
+        if old_feed and old_feed != feed_name:
+            (self.path / old_feed).unlink(missing_ok=True)
+
+    def adopt(self, manifest: dict) -> None:
+        """Continue from a checked manifest: forget feed files other than the one it names."""
+        self.layers_done, self._feed_file = int(manifest["layers_done"]), manifest.get("feed")
+        for f in self.path.glob("*feed-*.safetensors*"):
+            if f.name != self._feed_file:
+                f.unlink()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def finalize(self, overwrite: bool) -> None:
+        """Remove the resume state and rename the folder into place (replacing ``out`` with ``overwrite``)."""
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        for f in self.path.glob("*feed-*.safetensors*"):
+            f.unlink()
+        old = None
+        if self.out.exists():
+            if not overwrite:
+                raise UserError(f"--out {self.out} appeared while we were writing; not replacing it "
+                                f"(the finished output stays in {self.path})")
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.path, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def resumable_output_dir(run: PartialRun, overwrite: bool, resume: bool):
+    """Yield ``run`` with its folder in place (created, or the partial one to go on with); on success it
+    becomes ``out``. A failure before the first committed layer removes it (nothing worth resuming), and
+    so does bad input (a UserError: the same settings would fail again); any other failure (a crash,
+    Ctrl-C, out of memory) keeps it and says how to go on."""
+    made = _make_parents(missing_parents(run.out))
+    if run.path.exists() and not (resume and run.exists()):
+        shutil.rmtree(run.path)  # a partial run the caller decided to discard, or one that never committed
+    run.path.mkdir(exist_ok=True)
+    try:
+        yield run
+    except BaseException as e:
+        if run.layers_done == 0 or isinstance(e, UserError):
+            shutil.rmtree(run.path, ignore_errors=True)
+            _remove_empty(made)
+        else:
+            log.warning("the partial run is kept in %s (%d layers done): rerun the same command with --resume to "
+                        "continue it (%s)", run.path, run.layers_done, type(e).__name__)
+        raise
+    run.finalize(overwrite)
+
+
+def check_stale(run: PartialRun, resume: bool, overwrite: bool) -> dict | None:
+    """The manifest to resume from, or None to start afresh; UserError for a stale partial run that
+    neither ``--resume`` nor ``--overwrite`` settles."""
+    if not run.exists():
+        if resume:
+            log.info("--resume: no partial run at %s; starting from the first layer", run.path)
+        return None
+    if resume:
+        return run.check()
+    if overwrite:
+        log.info("--overwrite: discarding the partial run at %s (%s)", run.path, run.describe())
+        return None
+    raise UserError(f"{run.path} holds a partial run of --out {run.out.name} ({run.describe()}): pass --resume "
+                    "to continue it, or --overwrite to discard it")
+
+
+def _json_default(o):
+    if torch.is_tensor(o):
+        return o.tolist()
+    return str(o)

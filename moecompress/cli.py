@@ -112,6 +112,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
               help="AWQ: residual rows kept per layer for the MoE-block loss of the post-attention scales.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice). On a shared machine 1 is often fastest.")
+@click.option("--max-shard-size", default="4GiB", show_default=True,
+              help="Largest safetensors shard: bytes, or a size like 500MB / 4GiB.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists, and discard a partial run of it.")
 @click.option("--resume", is_flag=True,
               help="Continue a killed run of the same settings from its last finished layer (.OUT.partial); "
@@ -119,7 +121,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
              weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, quantize_lm_head,
-             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, overwrite, resume) -> None:
+             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, max_shard_size, overwrite,
+             resume) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
     from .pipeline import quantize as run
     from .recipe import build_config
@@ -138,11 +141,27 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         only_experts=only_experts, quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
-    summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
+    summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume,
+                  max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"))
     n = summary["starved_experts_total"]
     click.echo(f"wrote {out} ({summary['size_bytes'] / 2**20:.1f} MiB, {len(summary['layers'])} layers, "
                f"{n} starved expert{'s' if n != 1 else ''} handled by '{cfg.starved_experts}') "
                f"in {summary['timings_s']['total']:.1f}s")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'4GiB' / '500MB' / '123' -> bytes; UserError naming the flag otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise UserError(f"{flag} {text!r}: give a positive size such as 500MB, 4GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @cli.command("run")

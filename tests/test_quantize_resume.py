@@ -1,0 +1,220 @@
+"""Crash-safety of `quantize`: determinism, the resumable partial folder, and kill -9 + --resume.
+
+Each check compares the bytes of every output file (moecompress.json aside, which records timings)
+with an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import quick_config
+from moecompress import pipeline
+from moecompress.checkpoint.writer import ShardedWriter
+from moecompress.errors import UserError
+from moecompress.pipeline import quantize
+
+SHARD = 40_000  # bytes: the tiny models' outputs span several shards, so shards roll over mid-layer
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file but moecompress.json (timings); a partial-run leftover would show up here."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(folder).iterdir())
+            if f.name != "moecompress.json"}
+
+
+def records(folder: Path) -> list[dict]:
+    """The per-layer records of moecompress.json without their timings."""
+    layers = json.loads((Path(folder) / "moecompress.json").read_text())["layers"]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in layers]
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    from moecompress.tiny import save_tiny
+
+    return save_tiny("qwen3_moe", tmp_path_factory.mktemp("deep") / "m", num_hidden_layers=5)
+
+
+@pytest.fixture(scope="module")
+def reference(deep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "q"
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    return out
+
+
+def test_same_settings_same_bytes(deep, reference, tmp_path):
+    quantize(deep, tmp_path / "again", quick_config(bits=4), max_shard_bytes=SHARD)
+    assert len([f for f in digest(reference) if f.endswith(".safetensors")]) > 2  # several shards
+    assert digest(tmp_path / "again") == digest(reference)
+    assert not list(tmp_path.glob(".*"))  # no partial folder left
+
+
+def _crash_at(monkeypatch, layer: int):
+    real = pipeline._quantize_layer
+
+    def crashing(layer_mod, i, *a, **kw):
+        if i == layer:
+            raise RuntimeError(f"simulated crash in layer {i}")
+        return real(layer_mod, i, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", crashing)
+
+
+@pytest.mark.parametrize("crash_layer", [1, 4])
+def test_crash_then_resume_gives_the_same_bytes(deep, reference, tmp_path, monkeypatch, crash_layer):
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, crash_layer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    partial = tmp_path / ".q.partial"
+    assert not out.exists() and (partial / "manifest.json").is_file()
+    manifest = json.loads((partial / "manifest.json").read_text())
+    assert manifest["layers_done"] == crash_layer and manifest["feed"]
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=rf"partial run .*{crash_layer} of 5 layers done.*--resume.*--overwrite"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    summary = quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    assert summary["resumed_at"] == [crash_layer]
+    assert digest(out) == digest(reference)
+    assert records(out) == records(reference)
+    assert not partial.exists()
+
+
+def test_resume_refuses_other_settings_and_overwrite_discards(deep, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="setting 'bits' was 4, now 3"):
+        quantize(deep, out, quick_config(bits=3), max_shard_bytes=SHARD, resume=True)
+    with pytest.raises(UserError, match="setting 'max_shard_bytes'"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=2 * SHARD, resume=True)
+    assert (tmp_path / ".q.partial" / "manifest.json").is_file()  # a refused resume keeps it
+    s = quantize(deep, out, quick_config(bits=3), max_shard_bytes=SHARD, overwrite=True)
+    assert "resumed_at" not in s and s["recipe"]["bits"] == 3 and not (tmp_path / ".q.partial").exists()
+
+
+def test_resume_refuses_another_source(deep, tmp_path, monkeypatch):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(deep, src)
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(src, out, quick_config(bits=4))
+    monkeypatch.undo()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="source checkpoint differs"):
+        quantize(src, out, quick_config(bits=4), resume=True)
+
+
+def test_bad_input_midway_leaves_nothing(deep, tmp_path, monkeypatch):
+    """A UserError (the same settings would fail again) removes the partial folder, even after layers."""
+    real = pipeline._quantize_layer
+
+    def bad(layer_mod, i, *a, **kw):
+        if i == 3:
+            raise UserError("simulated bad input")
+        return real(layer_mod, i, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", bad)
+    with pytest.raises(UserError):
+        quantize(deep, tmp_path / "q", quick_config(bits=4))
+    assert not list(tmp_path.iterdir())
+
+
+def test_writer_restores_from_any_commit(tmp_path):
+    """ShardedWriter: lose everything written after a commit (also mid-shard and across shard ends), go
+    on from the commit's state, and get the files of a writer that never stopped."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [(f"t{i}", torch.randn(int(torch.randint(10, 400, (1,), generator=gen)), generator=gen))
+               for i in range(30)]
+
+    def write(folder, items, writer=None):
+        w = writer or ShardedWriter(folder, 3000)
+        for n, t in items:
+            w.add(n, t)
+        return w
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write(ref, tensors).close()
+    for commit_at in (3, 7, 12, 20):
+        for crash_at in (commit_at, commit_at + 1, commit_at + 5):
+            d = tmp_path / f"c{commit_at}-{crash_at}"
+            d.mkdir()
+            w = write(d, tensors[:commit_at])
+            state = json.loads(json.dumps(w.commit()))
+            w.drop_finished_spills()
+            write(d, tensors[commit_at:crash_at], w)  # then the process dies: w is abandoned
+            if w._current is not None:
+                w._current._spill.flush()
+            w2 = ShardedWriter(d, 3000, resume=state)
+            write(d, tensors[commit_at:], w2).close()
+            assert digest(d) == digest(ref), (commit_at, crash_at)
+
+
+def _cli(src, out, *extra):
+    return [sys.executable, "-m", "moecompress", "quantize", str(src), "--out", str(out), "--bits", "4",
+            "--group-size", "32", "--calib-samples", "8", "--seq-len", "64", "--batch-size", "4", "--threads", "1",
+            "--max-shard-size", str(SHARD), *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume(deep, reference, tmp_path):
+    """kill -9 at 10 seeded random moments of the layer loop (writes included), resume each: same bytes."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # how long the layer loop and the final writes last: from the partial folder's appearance to the output's
+    out = tmp_path / "timing"
+    proc = subprocess.Popen(_cli(deep, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".timing.partial"
+    while not partial.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    t0 = time.perf_counter()
+    while not out.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    span = time.perf_counter() - t0
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert digest(out) == digest(reference)
+
+    rng = random.Random(1234)
+    killed_states = []
+    for k in range(10):
+        out = tmp_path / f"k{k}"
+        partial = tmp_path / f".k{k}.partial"
+        proc = subprocess.Popen(_cli(deep, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not partial.exists() and proc.poll() is None:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, span))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # the run finished before the kill: nothing to resume
+            killed_states.append("finished")
+            assert digest(out) == digest(reference) and not partial.exists()
+            continue
+        else:
+            m = partial / "manifest.json"
+            killed_states.append(json.loads(m.read_text())["layers_done"] if m.exists() else "no commit")
+        p = subprocess.run(_cli(deep, out, "--resume"), env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert digest(out) == digest(reference), (k, killed_states[-1])
+        assert not partial.exists()
+    print("states at the kills:", killed_states)
+    assert sum(isinstance(s, int) for s in killed_states) >= 5, killed_states  # most kills hit the layer loop

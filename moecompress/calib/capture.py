@@ -36,7 +36,8 @@ class GramStats:
     extra: dict = field(default_factory=dict)
 
     def hessian(self) -> torch.Tensor:
-        n = self.counts.clamp(min=1).to(self.sums.dtype)
+        # counts live on the CPU (small, updated per expert); the sums on the calibration device
+        n = self.counts.to(self.sums.device).clamp(min=1).to(self.sums.dtype)
         n = n.view(*n.shape, 1, 1) if n.dim() else n
         return 2.0 * self.sums / n
 

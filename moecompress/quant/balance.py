@@ -124,7 +124,7 @@ def _x_mean(r: Reader, stats) -> torch.Tensor | None:
     if r.kind == "experts_gate_up":
         return st.extra["all_abs_sums"][None] / max(int(st.extra["all_count"]), 1)
     if r.kind == "experts_down":
-        return st.extra["abs_sums"] / st.counts.clamp(min=1)[:, None].to(st.extra["abs_sums"].dtype)
+        return st.extra["abs_sums"] / st.counts.to(st.extra["abs_sums"].device).clamp(min=1)[:, None].to(st.extra["abs_sums"].dtype)
     return st.extra["abs_sums"][None] / max(int(st.counts), 1)
 
 

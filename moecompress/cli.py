@@ -14,8 +14,22 @@ import click
 from .errors import UserError
 
 
+def _rank_prefix() -> str:
+    """'rank R: ' inside a torchrun launch of several processes (errors name the rank), else ''."""
+    import os
+
+    return f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    import os
+
+    level = logging.DEBUG if verbose else logging.INFO
+    if _rank_prefix() and os.environ.get("RANK", "0") != "0":  # one voice: rank 0 logs and draws the bars
+        level = logging.DEBUG if verbose else logging.WARNING
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=level, format=_rank_prefix() + "%(message)s" if level > logging.INFO else "%(message)s",
+                        stream=sys.stderr)
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -123,7 +137,11 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
              weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, quantize_lm_head,
              measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, max_shard_size, overwrite,
              resume) -> None:
-    """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype)."""
+    """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype).
+
+    On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
+    cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
+    from .distributed import Ranks
     from .pipeline import quantize as run
     from .recipe import build_config
 
@@ -141,8 +159,14 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         only_experts=only_experts, quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
-    summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume,
-                  max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"))
+    ranks = Ranks.from_env(device)
+    try:
+        summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume,
+                      max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), ranks=ranks)
+    finally:
+        ranks.close()
+    if not ranks.main:
+        return
     n = summary["starved_experts_total"]
     click.echo(f"wrote {out} ({summary['size_bytes'] / 2**20:.1f} MiB, {len(summary['layers'])} layers, "
                f"{n} starved expert{'s' if n != 1 else ''} handled by '{cfg.starved_experts}') "
@@ -284,7 +308,7 @@ def main(argv=None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_rank_prefix()}{e}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -292,6 +316,13 @@ def main(argv=None) -> int:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2
+    except Exception as e:
+        if not _rank_prefix():
+            raise
+        # a rank that fails says so in one line; torchrun then stops the others (which name what they saw)
+        click.echo(f"error: {_rank_prefix()}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                   err=True)
+        return 1
     return 0
 
 

@@ -55,6 +55,9 @@ class QuantizeConfig(BaseModel):
     # lm_head stays in float unless asked (a tied head, which is the embedding matrix, is refused)
     quantize_lm_head: bool = False
     expert_chunk: int = 16
+    # calibration batches are summed in this many fixed chunks, then the chunks in order: the statistics
+    # (and the checkpoint) are byte-identical for any number of torchrun ranks up to it, which it also caps
+    reduce_chunks: int = Field(8, ge=1, le=4096)
     # AWQ (method awq / awq+gptq): "pow2" restricts the scales of groups read by a float module (the
     # routers) to powers of two, so the fold is exact and routing bit-identical; "free" does not
     awq_scales: Literal["pow2", "free"] = "pow2"

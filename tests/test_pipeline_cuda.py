@@ -25,13 +25,17 @@ def test_cuda_fp32_matches_cpu(tiny_ckpt, tmp_path, family):
     gpu = quantize(src, tmp_path / "gpu", quick_config(bits=4, dtype="float32", device="cuda"))
     e_cpu, e_gpu = _mean_err(cpu, "output_rel_err"), _mean_err(gpu, "output_rel_err")
     assert e_gpu == pytest.approx(e_cpu, rel=0.1), f"{family}: GPU {e_gpu:.4g} vs CPU {e_cpu:.4g}"
+    # Two valid quantizations need not agree with each other more closely than each agrees with the float
+    # model: GPTQ's rounding decisions flip on last-bit differences (the first H200 run, 2026-12-04, found
+    # 0.069 between them on qwen3_moe). So compare each one's logit error against the float model.
     ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))
+    _, ref = load_model(src)
     _, a = load_model(tmp_path / "cpu")
     _, b = load_model(tmp_path / "gpu")
     with torch.no_grad():
-        la, lb = a(ids).logits, b(ids).logits
-    rel = float((la - lb).norm() / la.norm())
-    assert rel < 2e-2, f"{family}: logits of the CPU- and GPU-quantized checkpoints differ by {rel:.3g}"
+        lr, la, lb = ref(ids).logits, a(ids).logits, b(ids).logits
+    ea, eb = float((la - lr).norm() / lr.norm()), float((lb - lr).norm() / lr.norm())
+    assert eb < 1.25 * ea + 1e-3, f"{family}: GPU-quantized logit error {eb:.3g} vs CPU-quantized {ea:.3g}"
 
 
 def test_cuda_default_dtype_gptq_beats_rtn(tiny_ckpt, tmp_path):

@@ -174,3 +174,74 @@ class HessianCapture:
                 st.counts[e] += x.shape[0]
 
         return hook
+
+
+# ---------------------------------------------------------------------------------------------- chunk sums
+# Calibration statistics are summed per fixed chunk of batches, then the chunks are added in chunk order
+# (moecompress.distributed): the same float operations whether one process or N computed the chunks.
+
+
+def add_stats(total: dict[str, GramStats], part: dict[str, GramStats]) -> dict[str, GramStats]:
+    """``total += part``, field by field (in place; returns ``total``)."""
+    for name, p in part.items():
+        t = total[name]
+        t.sums += p.sums.to(t.sums.device)
+        t.counts += p.counts.to(t.counts.device)
+        for k, v in p.extra.items():
+            if torch.is_tensor(v):
+                t.extra[k] += v.to(t.extra[k].device)
+            else:
+                t.extra[k] += v
+    return total
+
+
+def stats_layout(stats: dict[str, GramStats]) -> list[tuple]:
+    """``(name, field, shape, dtype, device type)`` of every value, in packing order (fields "sums",
+    "counts", then the extras by key); a Python int extra is recorded with dtype None."""
+    out = []
+    for name in sorted(stats):
+        st = stats[name]
+        fields = [("sums", st.sums), ("counts", st.counts)] + sorted(st.extra.items())
+        for f, v in fields:
+            if torch.is_tensor(v):
+                out.append((name, f, tuple(v.shape), str(v.dtype).removeprefix("torch."), v.device.type))
+            else:
+                out.append((name, f, (), None, "cpu"))
+    return out
+
+
+def pack_stats(stats: dict[str, GramStats] | None, layout: list[tuple]) -> dict[str, torch.Tensor]:
+    """One flat tensor per dtype (``float32``, ``int64``...; ints as int64), zeros for ``stats=None``."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, f, shape, dtype, dev in layout:
+        key = dtype or "int64"
+        if stats is None:
+            v = torch.zeros(shape, dtype=getattr(torch, key))
+        else:
+            st = stats[name]
+            v = st.sums if f == "sums" else st.counts if f == "counts" else st.extra[f]
+            v = torch.tensor(int(v), dtype=torch.int64) if dtype is None else v
+        groups.setdefault(key, []).append(v.detach().reshape(-1).to("cpu" if stats is None else v.device))
+    ref = next((t for ts in groups.values() for t in ts if t.device.type != "cpu"), None)
+    dev = ref.device if ref is not None else torch.device("cpu")
+    return {k: torch.cat([t.to(dev) for t in ts]) for k, ts in groups.items()}
+
+
+def unpack_stats(flats: dict[str, torch.Tensor], layout: list[tuple], device: torch.device) -> dict[str, GramStats]:
+    """The inverse of :func:`pack_stats`; what lived on an accelerator goes to ``device`` (this rank's)."""
+    offsets = {k: 0 for k in flats}
+    values: dict[str, dict] = {}
+    for name, f, shape, dtype, dev in layout:
+        key = dtype or "int64"
+        n = 1
+        for d in shape:
+            n *= d
+        v = flats[key][offsets[key]:offsets[key] + n].reshape(shape)
+        offsets[key] += n
+        v = int(v) if dtype is None else v.to("cpu" if dev == "cpu" else device).clone()
+        values.setdefault(name, {})[f] = v
+    out = {}
+    for name, fields in values.items():
+        sums, counts = fields.pop("sums"), fields.pop("counts")
+        out[name] = GramStats(sums, counts, fields)
+    return out

@@ -88,11 +88,12 @@ def layer_output(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, idx: int, feed: LayerFeed, update: bool) -> None:
-    """Run layer ``idx`` on every batch; with ``update`` its outputs become the next layer's inputs."""
-    for b, h in enumerate(feed.hidden):
+def run_layer(layer: nn.Module, idx: int, feed: LayerFeed, update: bool, batches: list[int] | None = None) -> None:
+    """Run layer ``idx`` on every batch (or those listed); with ``update`` its outputs become the next
+    layer's inputs."""
+    for b in range(len(feed.hidden)) if batches is None else batches:
         args, kwargs = feed.calls[b][idx]
-        out = layer_output(layer(h, *args, **kwargs))
+        out = layer_output(layer(feed.hidden[b], *args, **kwargs))
         if update:
             feed.hidden[b] = out
 
@@ -103,8 +104,9 @@ def run_layer(layer: nn.Module, idx: int, feed: LayerFeed, update: bool) -> None
 
 
 @torch.no_grad()
-def attention_half(layer: nn.Module, idx: int, feed: LayerFeed) -> list[torch.Tensor]:
-    """Per batch, the residual stream after the attention block (the input of the post-attention norm)."""
+def attention_half(layer: nn.Module, idx: int, feed: LayerFeed, batches: list[int] | None = None) -> list[torch.Tensor]:
+    """Per batch (every one, or those listed), the residual stream after the attention block (the input
+    of the post-attention norm)."""
     got: dict = {}
 
     def stop(_module, args):
@@ -114,10 +116,10 @@ def attention_half(layer: nn.Module, idx: int, feed: LayerFeed) -> list[torch.Te
     handle = layer.post_attention_layernorm.register_forward_pre_hook(stop)
     mids = []
     try:
-        for b, h in enumerate(feed.hidden):
+        for b in range(len(feed.hidden)) if batches is None else batches:
             args, kwargs = feed.calls[b][idx]
             try:
-                layer(h, *args, **kwargs)
+                layer(feed.hidden[b], *args, **kwargs)
             except _StopForward:
                 pass
             else:

@@ -66,7 +66,7 @@ class PartialRun:
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
         self.source = source
         self.layers_done = 0
-        self._feed_file: str | None = None
+        self._feed_prefix: str | None = None
 
     # ------------------------------------------------------------------------------ reading
     def exists(self) -> bool:
@@ -100,45 +100,61 @@ class PartialRun:
                                 f"{self.settings.get(k)!r} (pass the same settings, or --overwrite to start over)")
         return m
 
-    def load_feed(self, manifest: dict) -> list[torch.Tensor] | None:
+    def load_feed(self, manifest: dict, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor] | None:
+        """The saved hidden states of the listed chunks' batches: ``{global batch: tensor}`` (None: no feed)."""
         from safetensors.torch import load_file
 
-        name = manifest.get("feed")
-        if name is None:
+        prefix = manifest.get("feed")
+        if prefix is None:
             return None
-        tensors = load_file(str(self.path / name))
-        return [tensors[f"batch.{b:05d}"] for b in range(len(tensors))]
+        out = {}
+        for c, batches in chunks.items():
+            f = self.path / f"{prefix}-c{c:04d}.safetensors"
+            if not f.is_file():
+                raise UserError(f"cannot resume {self.path}: {f.name} is missing (pass --overwrite to start over)")
+            tensors = load_file(str(f))
+            for b in batches:
+                if f"batch.{b:05d}" not in tensors:
+                    raise UserError(f"cannot resume {self.path}: {f.name} lacks batch {b} (pass --overwrite to "
+                                    "start over)")
+                out[b] = tensors[f"batch.{b:05d}"]
+        return out
 
     # ------------------------------------------------------------------------------ writing
-    def commit(self, layers_done: int, num_layers: int, writer_state: dict, records: list,
-               feed: list[torch.Tensor] | None, extra: dict | None = None) -> None:
-        """Save the state after ``layers_done`` layers: feed first, then the manifest that points to it
-        (atomically), then drop what the previous manifest needed."""
+    def save_feed(self, layers_done: int, chunk: int, batches: dict[int, torch.Tensor]) -> None:
+        """Save one chunk's hidden states after ``layers_done`` layers (each rank saves its own chunks)."""
         from safetensors.torch import save_file
 
-        old_feed = self._feed_file
-        feed_name = None
-        if feed is not None:
-            feed_name = f"feed-{layers_done:05d}.safetensors"
-            tmp = self.path / f".{feed_name}.tmp"
-            save_file({f"batch.{b:05d}": h.detach().to("cpu").contiguous() for b, h in enumerate(feed)}, str(tmp))
-            os.replace(tmp, self.path / feed_name)
+        name = f"feed-{layers_done:05d}-c{chunk:04d}.safetensors"
+        tmp = self.path / f".{name}.tmp"
+        save_file({f"batch.{b:05d}": h.detach().to("cpu").contiguous() for b, h in batches.items()}, str(tmp))
+        os.replace(tmp, self.path / name)
+
+    def commit(self, layers_done: int, num_layers: int, writer_state: dict, records: list, has_feed: bool,
+               extra: dict | None = None) -> None:
+        """Save the state after ``layers_done`` layers, once every chunk's feed is saved: the manifest that
+        points to them (atomically), then drop what the previous manifest needed."""
+        prefix = f"feed-{layers_done:05d}" if has_feed else None
         manifest = {"format": FORMAT, "settings": self.settings, "settings_hash": settings_hash(self.settings),
                     "source": self.source, "num_layers": num_layers, "layers_done": layers_done,
-                    "writer": writer_state, "feed": feed_name, "records": records, **(extra or {})}
+                    "writer": writer_state, "feed": prefix, "records": records, **(extra or {})}
         tmp = self.path / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, default=_json_default) + "\n")
         os.replace(tmp, self.path / MANIFEST)
-        self.layers_done, self._feed_file = layers_done, feed_name
-        if old_feed and old_feed != feed_name:
-            (self.path / old_feed).unlink(missing_ok=True)
+        self.layers_done, self._feed_prefix = layers_done, prefix
+        self._drop_feeds(older_only=True)  # other ranks may already be saving the next layer's
 
     def adopt(self, manifest: dict) -> None:
-        """Continue from a checked manifest: forget feed files other than the one it names."""
-        self.layers_done, self._feed_file = int(manifest["layers_done"]), manifest.get("feed")
+        """Continue from a checked manifest: forget feed files other than the ones it names."""
+        self.layers_done, self._feed_prefix = int(manifest["layers_done"]), manifest.get("feed")
+        self._drop_feeds(older_only=False)
+
+    def _drop_feeds(self, older_only: bool) -> None:
         for f in self.path.glob("*feed-*.safetensors*"):
-            if f.name != self._feed_file:
-                f.unlink()
+            done = int(f.name.lstrip(".").split("-")[1])
+            if done != self.layers_done or self._feed_prefix is None:
+                if not older_only or done < self.layers_done:
+                    f.unlink(missing_ok=True)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -95,7 +95,7 @@ def round_scales(qw: QuantizedWeight, store_dtype: torch.dtype) -> QuantizedWeig
 
 def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, store_dtype: torch.dtype,
           *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16,
-          refine_rounds: int = 0, on_chunk=None) -> SolveResult:
+          refine_rounds: int = 0, on_chunk=None, owned=None, gather=None) -> SolveResult:
     """Quantize one target: w [N, K] (with h [K, K]) or all experts w [E, N, K] (with h [E, K, K]).
 
     ``method``: "gptq", "rtn", or "awq" (round to nearest with the Hessian-diagonal-weighted clip
@@ -104,47 +104,32 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     Members listed in ``rtn_members`` (starved experts under the RTN policy) are rounded to nearest
     instead of solved with GPTQ. Batched members are solved ``chunk`` at a time to bound memory;
     ``on_chunk(n)`` (optional) is told after each chunk how many members it held (progress).
+
+    Across processes (``moecompress.distributed``): ``owned(start)`` says which chunks (by first member)
+    this process solves, and ``gather({start: part})`` returns every process's parts; each chunk is
+    solved exactly as one process would, so the result does not depend on how the chunks were shared.
     """
     batched = w.dim() == 3
     W = w.float() if batched else w.float().unsqueeze(0)
     H = None if h is None else (h if batched else h.unsqueeze(0))
-    parts, infos = [], []
+    parts: dict[int, tuple] = {}
     for s in range(0, W.shape[0], chunk):
-        idx = list(range(s, min(s + chunk, W.shape[0])))
-        wc = W[idx]
-        use_rtn = method in ("rtn", "awq") or H is None
-        if use_rtn:
-            # AWQ's codes: round to nearest after the scales, the clip search weighted by input importance
-            diag = H[idx].float().diagonal(dim1=-2, dim2=-1) if method == "awq" and H is not None else None
-            qw = rtn_quantize(wc, qspec, diag)
-            stats = [{"method": "rtn" if diag is None else "awq"} for _ in idx]
-        else:
-            qw, st = gptq_quantize(wc, H[idx].float(), qspec, damp=damp, block_size=block_size)
-            stats = _per_member(st, len(idx))
-            if refine_rounds:
-                qw, _ = refine(wc, H[idx].float(), qw, rounds=refine_rounds, damp=damp, block_size=block_size)
-            rtn_idx = [j for j, m in enumerate(idx) if m in rtn_members]
-            if rtn_idx:
-                rq = rtn_quantize(wc[rtn_idx], qspec)
-                for field in ("qweight", "scales", "zeros"):
-                    getattr(qw, field)[rtn_idx] = getattr(rq, field)
-                if qw.g_idx is not None and qw.g_idx.dim() > 1:
-                    qw.g_idx[rtn_idx] = rq.group_index().to(qw.g_idx.dtype)
-                for j in rtn_idx:
-                    stats[j] = {"method": "rtn", "reason": "starved"}
-        parts.append(round_scales(qw, store_dtype))
-        infos.extend(stats)
+        if owned is not None and not owned(s):
+            continue
+        parts[s] = _solve_chunk(W, H, list(range(s, min(s + chunk, W.shape[0]))), qspec, method, store_dtype, damp,
+                                block_size, rtn_members, refine_rounds)
         if on_chunk is not None:
-            on_chunk(len(idx))
-    qw = _cat(parts) if len(parts) > 1 else parts[0]
+            on_chunk(len(parts[s][1]))
+    if gather is not None:
+        parts = gather(parts)
+    ordered = [parts[s] for s in sorted(parts)]
+    qw = _cat([p[0] for p in ordered]) if len(ordered) > 1 else ordered[0][0]
+    infos = [i for p in ordered for i in p[1]]
+    base = None if any(p[2] is None for p in ordered) else torch.cat([p[2].to(W.device) for p in ordered])
+    qw = _to(qw, W.device)
     deq = qw.dequantize(torch.float32)
     werr = weight_rel_error(W, deq)
     oerr = output_rel_error(W, deq, H.float()) if H is not None else None
-    # the RTN baseline on the same statistics: how much GPTQ bought, per linear, in every report
-    base = None
-    if oerr is not None and method != "rtn":
-        base = torch.cat([output_rel_error(W[s:s + chunk], rtn_quantize(W[s:s + chunk], qspec).dequantize(),
-                                           H[s:s + chunk].float()) for s in range(0, W.shape[0], chunk)])
     for j, info in enumerate(infos):
         info["weight_rel_err"] = float(werr[j])
         info["output_rel_err"] = None if oerr is None else float(oerr[j])
@@ -154,6 +139,44 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
         qw = qw[0]
         deq = deq[0]
     return SolveResult(qw, deq, infos)
+
+
+def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtype, damp: float, block_size: int,
+                 rtn_members, refine_rounds: int):
+    """(QuantizedWeight, per-member info, the RTN baseline's output errors or None) of members ``idx``."""
+    wc = W[idx]
+    use_rtn = method in ("rtn", "awq") or H is None
+    if use_rtn:
+        # AWQ's codes: round to nearest after the scales, the clip search weighted by input importance
+        diag = H[idx].float().diagonal(dim1=-2, dim2=-1) if method == "awq" and H is not None else None
+        qw = rtn_quantize(wc, qspec, diag)
+        stats = [{"method": "rtn" if diag is None else "awq"} for _ in idx]
+    else:
+        qw, st = gptq_quantize(wc, H[idx].float(), qspec, damp=damp, block_size=block_size)
+        stats = _per_member(st, len(idx))
+        if refine_rounds:
+            qw, _ = refine(wc, H[idx].float(), qw, rounds=refine_rounds, damp=damp, block_size=block_size)
+        rtn_idx = [j for j, m in enumerate(idx) if m in rtn_members]
+        if rtn_idx:
+            rq = rtn_quantize(wc[rtn_idx], qspec)
+            for field in ("qweight", "scales", "zeros"):
+                getattr(qw, field)[rtn_idx] = getattr(rq, field)
+            if qw.g_idx is not None and qw.g_idx.dim() > 1:
+                qw.g_idx[rtn_idx] = rq.group_index().to(qw.g_idx.dtype)
+            for j in rtn_idx:
+                stats[j] = {"method": "rtn", "reason": "starved"}
+    # the RTN baseline on the same statistics: how much GPTQ bought, per linear, in every report
+    base = None
+    if H is not None and method != "rtn":
+        base = output_rel_error(wc, rtn_quantize(wc, qspec).dequantize(), H[idx].float())
+    return round_scales(qw, store_dtype), stats, base
+
+
+def _to(qw: QuantizedWeight, device) -> QuantizedWeight:
+    if qw.qweight.device == torch.device(device):
+        return qw
+    return QuantizedWeight(qw.qweight.to(device), qw.scales.to(device), qw.zeros.to(device), qw.spec,
+                           None if qw.g_idx is None else qw.g_idx.to(device))
 
 
 def _per_member(stats, n: int) -> list[dict]:

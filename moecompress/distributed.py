@@ -1,0 +1,148 @@
+"""`quantize` on several processes: torch.distributed, launched by ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+    torchrun --nproc-per-node 8 -m moecompress quantize MODEL --out OUT --device cuda ...
+
+Who does what, per decoder layer (every rank holds the layer being quantized):
+
+* **Calibration**: the batches of calibration windows are grouped into ``reduce_chunks`` fixed chunks
+  (contiguous runs of batches; the count does not depend on the number of ranks). Chunk ``c`` belongs to
+  rank ``c mod N``: that rank alone runs the chunk's forward passes and keeps its hidden states.
+* **Statistics**: each chunk's Hessians and token counts are summed from zero over its batches, then the
+  chunks are added *in chunk order*, on every rank (the chunks of each round of N are all-gathered). The
+  sums are the same sequence of floating-point operations whatever N is, so 1, 2 or 3 ranks give
+  byte-identical checkpoints (and one process is just N = 1).
+* **Solving**: the experts of a projection are split in blocks of ``expert_chunk``, and the dense linears
+  (attention, shared experts) are spread over the ranks; each owner solves its part and the parts are
+  all-gathered, so every rank holds the whole quantized layer to feed the next one.
+* **Output**: rank 0 writes the checkpoint, the resume state and ``moecompress.json`` (rank count and
+  per-rank timings); every rank keeps only its own chunks' hidden states.
+
+The all-gathered statistics move ``reduce_chunks`` x (one chunk's statistics) per layer to every rank;
+sending each rank only the experts it owns would divide that by N (a later refinement).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run (one process: rank 0 of 1, and every collective is the identity)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    comm_bytes: int = 0  # what this rank received through collectives (statistics and solved parts)
+    comm_s: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def from_env(cls, device: str) -> "Ranks":
+        """The process group torchrun describes in the environment (none: a single process)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        cuda = device.startswith("cuda")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda was asked for but no CUDA device is available")
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=int(os.environ.get("MOECOMPRESS_DIST_TIMEOUT", "1800")))
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+        return cls(dist.get_rank(), dist.get_world_size(), local)
+
+    def device(self, requested: str) -> str:
+        """``cuda:LOCAL_RANK`` for a multi-rank GPU run, else the requested device."""
+        if self.active and requested.startswith("cuda"):
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ collectives
+    def all_gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable: tensors are moved to the CPU first), in rank order."""
+        if not self.active:
+            return [obj]
+        t0 = time.perf_counter()
+        out = [None] * self.world
+        dist.all_gather_object(out, _to_cpu(obj))
+        self.comm_s += time.perf_counter() - t0
+        self.comm_bytes += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != self.rank)
+        return out
+
+    def all_gather_flat(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (1-D, same length and dtype on every rank) from every rank, in rank order."""
+        if not self.active:
+            return [flat]
+        t0 = time.perf_counter()
+        dev = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
+        src = flat.to(dev)
+        out = [torch.empty_like(src) for _ in range(self.world)]
+        dist.all_gather(out, src)
+        self.comm_s += time.perf_counter() - t0
+        self.comm_bytes += (self.world - 1) * src.numel() * src.element_size()
+        return [o.to(flat.device) for o in out]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def broadcast_object(self, obj, src: int = 0):
+        if not self.active:
+            return obj
+        box = [_to_cpu(obj) if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+SINGLE = Ranks()
+
+
+def chunk_batches(num_batches: int, reduce_chunks: int) -> list[range]:
+    """The fixed chunks: ``min(reduce_chunks, num_batches)`` contiguous, near-equal runs of batches."""
+    n = max(1, min(reduce_chunks, num_batches))
+    base, extra = divmod(num_batches, n)
+    out, start = [], 0
+    for c in range(n):
+        size = base + (1 if c < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                           if f.init})
+    return obj

@@ -1,0 +1,266 @@
+"""Calibrate and quantize one decoder layer: the per-layer work of `moecompress quantize`.
+
+True-sequential stages (attention, MLP inputs, MLP outputs), each calibrated on the outputs of what was
+already quantized; per stage the statistics of its targets are captured chunk by chunk (a fixed
+grouping of the calibration batches, ``CalibPlan``) and added in chunk order, then every target is
+solved (GPTQ/RTN/AWQ codes). Across processes (``moecompress.distributed``) each rank runs only its
+chunks' forward passes and solves only the parts it owns; the sums and the results are gathered so that
+every rank ends the layer with the same statistics and the same quantized layer as one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch.handle import ModelHandle
+from .calib.capture import HessianCapture, add_stats, pack_stats, stats_layout, unpack_stats
+from .calib.runner import LayerFeed, attention_half, mlp_half, run_layer
+from .distributed import SINGLE, Ranks
+from .errors import UserError
+from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
+from .quant.targets import Target, capture_spec, solve, stages_of, target_weight
+from .recipe import QuantizeConfig
+
+log = logging.getLogger("moecompress")
+
+
+@dataclass
+class CalibPlan:
+    """Which calibration batches this process runs, and how the statistics are summed.
+
+    ``chunks[c]`` lists the global batch indices of chunk ``c``; chunk ``c`` is rank ``c mod N``'s. The
+    local feed holds this rank's batches only, in global order (``local[b]`` = its position there)."""
+
+    chunks: list[range]
+    ranks: Ranks = field(default_factory=Ranks)
+    mine: list[int] = field(init=False)
+    local: dict[int, int] = field(init=False)
+
+    def __post_init__(self):
+        self.mine = [c for c in range(len(self.chunks)) if c % self.ranks.world == self.ranks.rank]
+        self.local = {b: j for j, b in enumerate(b for c in self.mine for b in self.chunks[c])}
+
+    @property
+    def my_batches(self) -> list[int]:
+        return sorted(self.local)
+
+    def rounds(self):
+        w = self.ranks.world
+        for start in range(0, len(self.chunks), w):
+            yield list(range(start, min(start + w, len(self.chunks))))
+
+    def batches(self, c: int) -> list[int]:
+        return [self.local[b] for b in self.chunks[c]]
+
+    def my_chunk(self, rnd: list[int]) -> int | None:
+        return rnd[self.ranks.rank] if self.ranks.rank < len(rnd) else None
+
+
+class RouterPrecision:
+    """Run the layer's routers in ``router_dtype`` (fp32 by default) whatever the activations' dtype."""
+
+    def __init__(self, layer, names, dtype):
+        self.mods = [layer.get_submodule(n) for n in names if _has(layer, n)]
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.handles = []
+        for m in self.mods:
+            m.to(self.dtype)
+            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_hook(self._post))
+        return self
+
+    def _pre(self, module, args):
+        module._in_dtype = args[0].dtype
+        return (args[0].to(self.dtype),) + tuple(args[1:])
+
+    def _post(self, module, args, out):
+        dt = module._in_dtype
+        if isinstance(out, tuple):
+            return tuple(o.to(dt) if torch.is_tensor(o) and o.is_floating_point() else o for o in out)
+        return out.to(dt)
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _has(layer, name) -> bool:
+    try:
+        layer.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None, cfg: QuantizeConfig, qspec,
+                   store_dtype, handle: ModelHandle, router_dtype, awq: AwqSettings | None = None,
+                   plan: CalibPlan | None = None):
+    """Calibrate and solve one layer: (record, {target: QuantizedWeight}, {local name: modified float tensor})."""
+    record: dict = {"layer": i, "linears": {}}
+    results: dict[Target, object] = {}
+    overrides: dict = {}
+    starved: set[int] = set()
+    if plan is None and feed is not None:  # one process, all batches as one chunk
+        plan = CalibPlan([range(len(feed.hidden))])
+    ranks = plan.ranks if plan is not None else SINGLE
+    bar = tqdm(total=len(targets), desc=f"layer {i}", unit="linear", leave=False, disable=not ranks.main)
+    split = feed is not None and cfg.true_sequential
+    mids = None  # the residual stream after (quantized) attention, once it is final
+    with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
+        for stage in stages_of(targets, cfg.true_sequential):
+            bar.set_postfix_str(f"calibrating {stage[0].stage}")
+            stats = {}
+            if feed is not None:
+                if split and mids is None and stage[0].stage != "attn":
+                    mids = attention_half(layer, i, feed)
+                run = _runner(layer, i, feed, mids, split)
+                specs = {t.module_name if t.expert_proj is None else t.name: capture_spec(
+                    t, starved if cfg.starved_experts == "all-tokens" and t.expert_proj == "down" else (),
+                    cfg.weight_by_routing) for t in stage}
+                groups = resolve(layer, handle.spec, {t.name for t in stage}, {t.name for t in targets}) if awq else []
+                sampler = _sampler(layer, handle, feed, awq) if any(g.group.loss == "block" for g in groups) else None
+                stats = capture(layer, specs, run, plan, sampler)
+                stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan)
+                if groups:
+                    bar.set_postfix_str(f"AWQ scales ({len(groups)} groups)")
+                    record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
+                                                                   results, overrides))
+            for t in stage:
+                bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
+                _solve_target(layer, i, t, stats, cfg, qspec, store_dtype, record, results, starved, handle, ranks,
+                              targets.index(t))
+                bar.update()
+        if feed is not None:
+            if split:
+                feed.hidden = mlp_half(layer, mids if mids is not None else attention_half(layer, i, feed))
+            else:
+                run_layer(layer, i, feed, update=True)
+    return record, results, overrides
+
+
+def _runner(layer, i: int, feed: LayerFeed, mids, split: bool):
+    """``run(local batch indices)``: the forward pass a capture needs (its outputs are discarded)."""
+    if mids is not None:
+        return lambda bs: mlp_half(layer, [mids[b] for b in bs])
+    if split:
+        return lambda bs: attention_half(layer, i, feed, bs)
+    return lambda bs: run_layer(layer, i, feed, False, bs)
+
+
+def capture(layer, specs, run, plan: CalibPlan, sampler=None) -> dict:
+    """The targets' statistics: captured chunk by chunk (each summed from zero over its batches), the chunks
+    added in chunk order; the capture passes' outputs are thrown away (experts compute nothing there)."""
+    ranks, total, layout = plan.ranks, None, None
+    for rnd in plan.rounds():
+        c, part = plan.my_chunk(rnd), None
+        if c is not None:
+            with HessianCapture(layer, specs, skip_expert_outputs=True) as cap, \
+                    (sampler or contextlib.nullcontext()):
+                run(plan.batches(c))
+            part = cap.stats
+        parts = [part]
+        if ranks.active:  # rank r holds chunk rnd[r]: gathered in rank order is chunk order
+            if layout is None:
+                layout = ranks.broadcast_object(stats_layout(part) if ranks.main else None)
+            flats = {k: ranks.all_gather_flat(v) for k, v in pack_stats(part, layout).items()}
+            device = _layer_device(layer)  # where the statistics are captured
+            parts = [unpack_stats({k: g[r] for k, g in flats.items()}, layout, device) for r in range(len(rnd))]
+        for p in parts:
+            total = p if total is None else add_stats(total, p)
+    return total or {}
+
+
+def _layer_device(layer) -> torch.device:
+    return next(p.device for p in layer.parameters())
+
+
+def _sampler(layer, handle: ModelHandle, feed: LayerFeed, awq: AwqSettings) -> ResidualSampler:
+    """Every n-th residual row at the router-input norm, about ``awq.search_tokens`` of them."""
+    total = sum(h.numel() // h.shape[-1] for h in feed.hidden)
+    return ResidualSampler(layer.get_submodule(handle.spec.router_input_norm), -(-total // awq.search_tokens))
+
+
+def _awq_stage(layer, i: int, handle: ModelHandle, groups, stats, sampler, awq: AwqSettings, results, overrides):
+    solved = {t.name: qw for t, qw in results.items()}
+    try:
+        recs = apply_stage(layer, handle.spec, groups, stats, sampler.tensor() if sampler else None, awq, solved,
+                           overrides)
+    except ValueError as e:
+        if "NaN/Inf" not in str(e):
+            raise
+        raise UserError(f"layer {i}: the AWQ scale search met non-finite values ({e}); an overflow in half "
+                        "precision? try --dtype float32") from None
+    for r in recs:
+        chk = r.get("float_readers_check", {})
+        flips = sum(v["topk_flips"] for v in chk.values())
+        if chk and not all(v["bit_identical"] for v in chk.values()):
+            log.info("layer %d: AWQ %s changed float readers' outputs (max %.3g, %d top-k flips)", i, r["source"],
+                     max(v["max_abs_change"] for v in chk.values()), flips)
+    return recs
+
+
+def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan):
+    """Find experts with too few routed tokens, log the decision, and recapture what they need."""
+    for t in stage:
+        if t.expert_proj != "gate_up" or t.name not in stats:
+            continue
+        routed = stats[t.name].extra["routed_tokens"]
+        record["expert_tokens"] = routed.tolist()
+        new = {e for e, n in enumerate(routed.tolist()) if n < cfg.min_expert_tokens}
+        if new:
+            starved |= new
+            record["starved_experts"] = sorted(starved)
+            record["starved_policy"] = cfg.starved_experts
+            if plan is None or plan.ranks.main:
+                log.info("layer %d: %d experts got fewer than %d tokens (%s): %s", i, len(new), cfg.min_expert_tokens,
+                         sorted(new), "Hessian from all tokens" if cfg.starved_experts == "all-tokens" else "RTN")
+        # down_proj stats captured in this same pass used routed tokens only: redo them for starved experts
+        downs = [d for d in stage if d.expert_proj == "down"]
+        if starved and cfg.starved_experts == "all-tokens" and downs:
+            specs = {d.name: capture_spec(d, starved, cfg.weight_by_routing) for d in downs}
+            stats.update(capture(layer, specs, run, plan))
+    return stats
+
+
+def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, record, results, starved,
+                  handle: ModelHandle, ranks: Ranks = SINGLE, t_index: int = 0):
+    param = target_weight(layer, t)
+    st = stats.get(t.module_name if t.expert_proj is None else t.name)
+    h = None
+    if st is not None:
+        h = st.hessian()
+        if t.expert_proj == "gate_up" and starved and cfg.starved_experts == "all-tokens":
+            # the gate/up input of a starved expert is any token of the layer: use all of them
+            all_h = 2.0 * st.extra["all_sums"] / max(int(st.extra["all_count"]), 1)
+            for e in starved:
+                h[e] = all_h
+    experts = param.shape[0] if param.dim() == 3 else 0
+    owned = gather = None
+    if ranks.active:  # expert blocks, or the whole dense linear, spread over the ranks
+        chunk = cfg.expert_chunk
+        owned = lambda s: (s // chunk + t_index) % ranks.world == ranks.rank  # noqa: E731
+        gather = lambda parts: {k: v for d in ranks.all_gather_objects(parts) for k, v in d.items()}  # noqa: E731
+    bar = tqdm(total=experts, desc=f"  {t.name}", unit="expert", leave=False,
+               disable=experts <= cfg.expert_chunk or not ranks.main)
+    try:
+        with bar:
+            res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
+                        rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
+                        chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds, on_chunk=bar.update, owned=owned,
+                        gather=gather)
+    except ValueError as e:  # the algorithms' NaN/Inf guard; the weights themselves were checked at load
+        if "NaN/Inf" not in str(e):
+            raise
+        name = f"{handle.layer_prefix(i)}{handle.disk_local(t.module_name)}"
+        raise UserError(f"the calibration activations reaching {name} are not finite ({e}); "
+                        "an overflow in half precision? try --dtype float32") from None
+    param.data.copy_(res.dequantized.to(param.dtype))
+    results[t] = res.qweight
+    record["linears"][t.name] = res.info if t.expert_proj else res.info[0]

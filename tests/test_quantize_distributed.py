@@ -1,0 +1,117 @@
+"""`torchrun -m moecompress quantize` on 2 and 3 gloo ranks: the same bytes as one process, resume across
+rank counts, and what a failing rank does. Every run uses one torch thread per process (torchrun's default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from test_quantize_resume import digest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--bits", "4", "--group-size", "32", "--calib-samples", "12", "--seq-len", "64", "--batch-size", "2",
+        "--threads", "1"]
+_port = iter(range(29600, 29700))
+
+
+def _single(src, out, *extra):
+    return [sys.executable, "-m", "moecompress", "quantize", str(src), "--out", str(out), *ARGS, *extra]
+
+
+def _torchrun(n, src, out, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
+            "--master-port", str(next(_port)), "-m", "moecompress", "quantize", str(src), "--out", str(out), *ARGS,
+            *extra]
+
+
+def _run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.parametrize("family,method", [("qwen3_moe", "gptq"), ("deepseek_v3", "rtn")])
+def test_two_and_three_ranks_write_the_bytes_of_one(tiny_ckpt, tmp_path, family, method):
+    src = tiny_ckpt(family)
+    _run(_single(src, tmp_path / "one", "--method", method))
+    ref = digest(tmp_path / "one")
+    for n in (2, 3):
+        _run(_torchrun(n, src, tmp_path / f"n{n}", "--method", method))
+        assert digest(tmp_path / f"n{n}") == ref, f"{n} ranks"
+        info = json.loads((tmp_path / f"n{n}" / "moecompress.json").read_text())["distributed"]
+        assert info["world_size"] == n and info["reduce_chunks"] == 6
+        assert sorted(c for r in info["ranks"] for c in r["chunks"]) == list(range(6))  # each chunk run once
+        assert all(r["comm_bytes_received"] > 0 for r in info["ranks"])
+    assert json.loads((tmp_path / "one" / "moecompress.json").read_text())["distributed"]["world_size"] == 1
+
+
+def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):
+    """A run that crashed on one process resumes on two ranks (each loads its chunks' feed): same bytes."""
+    from conftest import quick_config  # noqa: F401  (the conftest's path setup)
+    from moecompress import pipeline
+    from moecompress.recipe import build_config
+
+    src = tiny_ckpt("qwen3_moe")
+    _run(_single(src, tmp_path / "ref"))
+    real = pipeline._quantize_layer
+
+    def crashing(layer, i, *a, **kw):
+        if i == 1:
+            raise RuntimeError("simulated crash")
+        return real(layer, i, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", crashing)
+    cfg = build_config(bits=4, group_size=32, calib_samples=12, seq_len=64, batch_size=2)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(RuntimeError):
+            pipeline.quantize(src, tmp_path / "q", cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / ".q.partial" / "manifest.json").read_text())["layers_done"] == 1
+    _run(_torchrun(2, src, tmp_path / "q", "--resume"))
+    assert digest(tmp_path / "q") == digest(tmp_path / "ref")
+
+
+def test_a_dying_rank_stops_the_run_and_leaves_it_resumable(tiny_ckpt, tmp_path):
+    from moecompress.tiny import save_tiny
+
+    src = save_tiny("qwen3_moe", tmp_path / "deep", num_hidden_layers=6)
+    out = tmp_path / "q"
+    proc = subprocess.Popen(_torchrun(2, src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    manifest = tmp_path / ".q.partial" / "manifest.json"
+    deadline = time.time() + 120
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "moecompress" in " ".join(c.cmdline())]
+    victim = next(w for w in workers if w.environ().get("RANK") == "1")
+    victim.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert not out.exists()
+    assert "rank" in err.lower() and ("1" in err)  # torchrun names the failed rank (and its signal)
+    assert manifest.exists()  # the committed layers stay: resume on one process
+    _run(_single(src, out, "--resume"))
+    _run(_single(src, tmp_path / "ref"))
+    assert digest(out) == digest(tmp_path / "ref")
+
+
+def test_awq_across_ranks_is_refused_in_one_line(tiny_ckpt, tmp_path):
+    p = subprocess.run(_torchrun(2, tiny_ckpt("qwen3_moe"), tmp_path / "q", "--method", "awq"), capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines and all("runs on one process for now" in ln and ln.startswith("error: rank ") for ln in lines)
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()

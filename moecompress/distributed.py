@@ -106,6 +106,36 @@ class Ranks:
         self.comm_bytes += (self.world - 1) * src.numel() * src.element_size()
         return [o.to(flat.device) for o in out]
 
+    def gather_solved(self, parts: dict[int, tuple], owner_of) -> dict[int, tuple]:
+        """Every rank's solved parts ``{start: (QuantizedWeight, infos, base errors or None)}``, on every rank:
+        the small things as objects, the tensors broadcast from their owner (NCCL moves them device to
+        device; nothing large is pickled)."""
+        if not self.active:
+            return parts
+        from .quant.spec import QuantizedWeight
+
+        metas = self.all_gather_objects({s: _part_meta(p) for s, p in parts.items()})
+        meta = {s: m for d in metas for s, m in d.items()}
+        t0 = time.perf_counter()
+        gloo = dist.get_backend() == "gloo"
+        dev = torch.device("cpu") if gloo else torch.device("cuda", torch.cuda.current_device())
+        out = {}
+        for s in sorted(meta):
+            infos, spec, shapes = meta[s]
+            src = owner_of(s)
+            local = _part_tensors(parts[s]) if src == self.rank else {}
+            got = {}
+            for name, (shape, dtype) in shapes.items():
+                t = local[name].to(dev).contiguous() if src == self.rank else torch.empty(shape, dtype=dtype, device=dev)
+                dist.broadcast(t, src=src)
+                if src != self.rank:
+                    self.comm_bytes += t.numel() * t.element_size()
+                got[name] = t
+            qw = QuantizedWeight(got["qweight"], got["scales"], got["zeros"], spec, got.get("g_idx"))
+            out[s] = parts[s] if src == self.rank else (qw, infos, got.get("base"))
+        self.comm_s += time.perf_counter() - t0
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -131,6 +161,20 @@ def chunk_batches(num_batches: int, reduce_chunks: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def _part_tensors(part: tuple) -> dict[str, torch.Tensor]:
+    qw, _, base = part
+    out = {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros}
+    if qw.g_idx is not None:
+        out["g_idx"] = qw.g_idx
+    if base is not None:
+        out["base"] = base
+    return out
+
+
+def _part_meta(part: tuple):
+    return part[1], part[0].spec, {k: (tuple(v.shape), v.dtype) for k, v in _part_tensors(part).items()}
 
 
 def _to_cpu(obj):

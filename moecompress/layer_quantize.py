@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -113,6 +114,8 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
     bar = tqdm(total=len(targets), desc=f"layer {i}", unit="linear", leave=False, disable=not ranks.main)
     split = feed is not None and cfg.true_sequential
     mids = None  # the residual stream after (quantized) attention, once it is final
+    clock = {"calib_s": 0.0, "solve_s": 0.0}
+    comm0 = (ranks.comm_s, ranks.comm_bytes)
     with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
         for stage in stages_of(targets, cfg.true_sequential):
             bar.set_postfix_str(f"calibrating {stage[0].stage}")
@@ -126,22 +129,31 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                     cfg.weight_by_routing) for t in stage}
                 groups = resolve(layer, handle.spec, {t.name for t in stage}, {t.name for t in targets}) if awq else []
                 sampler = _sampler(layer, handle, feed, awq) if any(g.group.loss == "block" for g in groups) else None
+                t0 = time.perf_counter()
                 stats = capture(layer, specs, run, plan, sampler)
                 stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan)
+                clock["calib_s"] += time.perf_counter() - t0
                 if groups:
                     bar.set_postfix_str(f"AWQ scales ({len(groups)} groups)")
                     record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
                                                                    results, overrides))
             for t in stage:
                 bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
+                t0 = time.perf_counter()
                 _solve_target(layer, i, t, stats, cfg, qspec, store_dtype, record, results, starved, handle, ranks,
                               targets.index(t))
+                clock["solve_s"] += time.perf_counter() - t0
                 bar.update()
+        t0 = time.perf_counter()
         if feed is not None:
             if split:
                 feed.hidden = mlp_half(layer, mids if mids is not None else attention_half(layer, i, feed))
             else:
                 run_layer(layer, i, feed, update=True)
+        clock["feed_s"] = time.perf_counter() - t0
+    # where the layer's time went (calibration and solving include this rank's waits in collectives)
+    record["timings_s"] = dict(clock, comm_s=ranks.comm_s - comm0[0])
+    record["comm_bytes_received"] = ranks.comm_bytes - comm0[1]
     return record, results, overrides
 
 
@@ -245,8 +257,9 @@ def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, reco
     owned = gather = None
     if ranks.active:  # expert blocks, or the whole dense linear, spread over the ranks
         chunk = cfg.expert_chunk
-        owned = lambda s: (s // chunk + t_index) % ranks.world == ranks.rank  # noqa: E731
-        gather = lambda parts: {k: v for d in ranks.all_gather_objects(parts) for k, v in d.items()}  # noqa: E731
+        owner_of = lambda s: (s // chunk + t_index) % ranks.world  # noqa: E731
+        owned = lambda s: owner_of(s) == ranks.rank  # noqa: E731
+        gather = lambda parts: ranks.gather_solved(parts, owner_of)  # noqa: E731
     bar = tqdm(total=experts, desc=f"  {t.name}", unit="expert", leave=False,
                disable=experts <= cfg.expert_chunk or not ranks.main)
     try:

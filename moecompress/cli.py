@@ -266,11 +266,20 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
         import torch
 
         torch.set_num_threads(threads)
+    from .distributed import Ranks
+
     check_json_path(json_out)
-    result = evaluate(model_dir, reference, data=list(data) or None, samples=samples, seq_len=seq_len,
-                      batch_size=batch_size, seed=seed, low_memory=low_memory, device=device, tasks=tasks,
-                      dtype=dtype, tasks_path=tasks_path, tasks_limit=tasks_limit, reference_cache=reference_cache,
-                      reference_cache_max_bytes=int(reference_cache_max_gib * 1024 ** 3))
+    ranks = Ranks.from_env(device)  # torchrun -m moecompress eval ...: the windows split over the ranks
+    try:
+        result = evaluate(model_dir, reference, data=list(data) or None, samples=samples, seq_len=seq_len,
+                          batch_size=batch_size, seed=seed, low_memory=low_memory, device=ranks.device(device),
+                          tasks=tasks, dtype=dtype, tasks_path=tasks_path, tasks_limit=tasks_limit,
+                          reference_cache=reference_cache,
+                          reference_cache_max_bytes=int(reference_cache_max_gib * 1024 ** 3), ranks=ranks)
+    finally:
+        ranks.close()
+    if not ranks.main:
+        return
     write_json_atomic(json_out, result)
     click.echo(summary(result))
     click.echo(f"wrote {json_out}")

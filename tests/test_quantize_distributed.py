@@ -115,3 +115,38 @@ def test_awq_across_ranks_is_refused_in_one_line(tiny_ckpt, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert lines and all("runs on one process for now" in ln and ln.startswith("error: rank ") for ln in lines)
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+def _numbers(x, prefix=""):
+    """Every number of an eval JSON, flattened to {path: float} (timings, paths and settings left out)."""
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if k not in ("seconds", "settings", "model", "reference", "data", "reference_cache"):
+                out.update(_numbers(v, f"{prefix}.{k}"))
+        return out
+    if isinstance(x, list):
+        out = {}
+        for i, v in enumerate(x):
+            out.update(_numbers(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: float(x)} if isinstance(x, (int, float)) and not isinstance(x, bool) else {}
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_eval_on_two_ranks_gives_one_process_numbers(tiny_ckpt, tmp_path, low_memory):
+    """torchrun eval: each rank takes every 2nd batch, the sums are added: the same JSON numbers to relative
+    1e-9 (only the order of float64 sums differs)."""
+    src = tiny_ckpt("qwen3_moe")
+    _run(_single(src, tmp_path / "q", "--method", "rtn"))
+    base = ["eval", str(tmp_path / "q"), "--reference", str(src), "--samples", "6", "--seq-len", "32", "--batch-size",
+            "2", "--threads", "1"] + (["--low-memory"] if low_memory else [])
+    _run([sys.executable, "-m", "moecompress", *base, "--json", str(tmp_path / "one.json")])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+          "--master-port", str(next(_port)), "-m", "moecompress", *base, "--json", str(tmp_path / "two.json")])
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["settings"]["ranks"] == 2 and one["settings"]["ranks"] == 1
+    a, b = _numbers(one), _numbers(two)
+    assert a.keys() == b.keys() and len(a) > 40
+    bad = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > 1e-9 * max(abs(a[k]), 1e-12)}
+    assert not bad, bad

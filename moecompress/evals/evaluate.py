@@ -147,11 +147,18 @@ def _task_list(tasks) -> list[str]:
 def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len: int = 256, batch_size: int = 8,
              seed: int = 1234, low_memory: bool = False, device: str = "cpu", tasks=None, dtype: str = "auto",
              tasks_path: str | None = None, tasks_limit: int | None = None, reference_cache=None,
-             reference_cache_max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+             reference_cache_max_bytes: int = DEFAULT_MAX_BYTES, ranks=None) -> dict:
     """Evaluate ``model_dir`` against ``reference_dir``; returns the report dict (module docstring).
 
     ``reference_cache``: a folder where the reference's outputs are stored and replayed from
-    (:mod:`.ref_cache`); entries over ``reference_cache_max_bytes`` are not written."""
+    (:mod:`.ref_cache`); entries over ``reference_cache_max_bytes`` are not written.
+
+    ``ranks`` (``moecompress.distributed.Ranks``, a torchrun launch): each rank evaluates every N-th batch
+    and the sums are added over the ranks, so the numbers equal one process's up to the order of the
+    floating-point sums (relative 1e-9 and below: the per-batch sums are float64)."""
+    from moecompress.distributed import SINGLE
+
+    ranks = ranks or SINGLE
     t0 = time.perf_counter()
     for name, value, low in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -171,6 +178,13 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
     check_vocab(model_h, ref_h, model_tok, ref_tok)
     windows, data_info = build_windows(specs, ref_tok, samples, seq_len, seed, int(ref_h.text_config.vocab_size))
     batches = as_batches(windows, batch_size)
+    if ranks.active:
+        if task_names:
+            raise UserError("--tasks run on one process for now; launch eval without torchrun")
+        if reference_cache is not None:
+            log.info("rank %d: the reference cache is not used across ranks", ranks.rank)
+            reference_cache = None
+        all_batches, batches = batches, batches[ranks.rank::ranks.world]
 
     cache = None
     if reference_cache is not None:
@@ -184,6 +198,14 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
         _run_streamed(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
     else:
         whole = _run_whole(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
+
+    if ranks.active:  # every rank's sums, added in rank order (the same on every rank)
+        lms, routs = ranks.all_gather_objects(lm), ranks.all_gather_objects(routing)
+        lm, routing = lms[0], routs[0]
+        for other_lm, other_r in zip(lms[1:], routs[1:]):
+            lm.merge(other_lm)
+            routing.merge(other_r)
+        batches = all_batches
 
     lm_eval_result = None
     if task_names:
@@ -209,7 +231,7 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
                      "low_memory": bool(low_memory), "device": str(dev), "dtype": str(dt).replace("torch.", ""),
                      "tasks": task_names or None, "tasks_path": tasks_path, "tasks_limit": tasks_limit,
                      "experts_implementation": "eager", "windows_sha256": windows_digest(windows),
-                     "torch": torch.__version__},
+                     "torch": torch.__version__, "ranks": ranks.world},
         "seconds": time.perf_counter() - t0,
         "lm_eval": lm_eval_result,
         "reference_cache": cache.summary() if cache is not None else None,

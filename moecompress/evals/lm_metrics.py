@@ -132,6 +132,14 @@ class LMAccumulator:
         for k, v in logit_sums(logits, ref_logits, input_ids).items():
             acc[k] = acc.get(k, 0) + v
 
+    def merge(self, other: "LMAccumulator") -> "LMAccumulator":
+        """Add another accumulator's sums (another rank's windows) into this one."""
+        for name, sums in other.sums.items():
+            acc = self.sums.setdefault(name, {})
+            for k, v in sums.items():
+                acc[k] = acc.get(k, 0) + v
+        return self
+
     def result(self) -> dict:
         s = self.sums
         pos = sum(v["n_pos"] for v in s.values())

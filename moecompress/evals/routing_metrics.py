@@ -157,6 +157,23 @@ class LayerRouting:
                 prev, hist = F.pad(prev, (0, n - prev.numel())), F.pad(hist, (0, n - hist.numel()))
             self.active[side] = hist if prev is None else prev + hist
 
+    def merge(self, other: "LayerRouting") -> None:
+        """Add another accumulator's sums of the same layer (another rank's windows)."""
+        self.tokens += other.tokens
+        self.exact += other.exact
+        self.jaccard += other.jaccard
+        self.kl += other.kl
+        for side in other.counts:
+            self.counts[side] = self.counts[side] + other.counts[side] if side in self.counts else other.counts[side]
+            self.skips[side] = self.skips.get(side, 0) + other.skips[side]
+            self.slots[side] = self.slots.get(side, 0) + other.slots[side]
+            self.has_zero[side] = self.has_zero.get(side, False) or other.has_zero[side]
+            prev, hist = self.active.get(side), other.active[side]
+            if prev is not None and prev.numel() != hist.numel():
+                n = max(prev.numel(), hist.numel())
+                prev, hist = F.pad(prev, (0, n - prev.numel())), F.pad(hist, (0, n - hist.numel()))
+            self.active[side] = hist if prev is None else prev + hist
+
     def agreement(self) -> dict:
         n = max(self.tokens, 1)
         return {"topk_exact": self.exact / n, "jaccard": self.jaccard / n, "router_kl": self.kl / n}
@@ -174,6 +191,11 @@ class RoutingAccumulator:
 
     def update(self, layer: int, out: RouterOut, ref: RouterOut) -> None:
         self.layers.setdefault(layer, LayerRouting()).update(out, ref)
+
+    def merge(self, other: "RoutingAccumulator") -> "RoutingAccumulator":
+        for i, lr in other.layers.items():
+            self.layers.setdefault(i, LayerRouting()).merge(lr)
+        return self
 
     def result(self) -> dict:
         """``{"routing": ..., "expert_load": ..., "skip_rate": ...}`` (see evals.evaluate for the schema)."""

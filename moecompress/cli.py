@@ -195,11 +195,20 @@ def parse_size(text: str, flag: str) -> int:
 @click.option("--cache", "cache_dir", default=None, help="Cache folder for built-in models (default $MOECOMPRESS_CACHE).")
 def run_cmd(recipe, out, force, cache_dir) -> None:
     """Build, evaluate and report every variant of a YAML RECIPE (work already done is skipped)."""
+    import torch
+
+    from .distributed import Ranks
     from .report import summary_text, write_report
     from .run.runner import run_recipe
 
-    run_dir = run_recipe(recipe, out=out, force=force, cache_dir=cache_dir, report=False)
-    click.echo(summary_text(write_report(run_dir)))
+    # torchrun -m moecompress run RECIPE: quantize and eval steps split over the ranks (NCCL when GPUs exist)
+    ranks = Ranks.from_env("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        run_dir = run_recipe(recipe, out=out, force=force, cache_dir=cache_dir, report=False, ranks=ranks)
+    finally:
+        ranks.close()
+    if ranks.main:
+        click.echo(summary_text(write_report(run_dir)))
 
 
 @cli.command("report")

@@ -164,35 +164,43 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             summary["layers"].append(record)
             _commit(partial, i + 1, handle.num_layers, writer, summary, quantized_names, feed, plan, ranks)
         summary["distributed"] = _rank_report(ranks, plan, t_start)
-        if not ranks.main:
-            return summary
-        if cfg.quantize_lm_head:
-            qw, summary["lm_head"] = quantize_lm_head(handle, model, feed.hidden if feed else None, cfg, qspec,
-                                                      store_dtype, device, dtype)
-            for k, v in encode(cfg.format, qw, store_dtype).items():
-                writer.add(f"lm_head.{k}", v)
-            quantized_names.add("lm_head")
-        for name in handle.non_layer_tensor_names():
-            if not (cfg.quantize_lm_head and name == "lm_head.weight"):
-                writer.add(name, handle.reader.get(name))
-        shards = writer.close()
-        kept = kept_module_names(handle, model, quantized_names)
-        qcfg = quantization_config(cfg.format, qspec, kept, handle, {"damp_percent": cfg.damp,
-                                                                     "true_sequential": cfg.true_sequential,
-                                                                     "lm_head": cfg.quantize_lm_head})
-        config = dict(handle.reader.config)
-        config["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if cfg.format == "gptq":
-            (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-        copy_side_files(model_dir, tmp)
-        summary["kept_in_float"] = kept
-        summary["shards"] = shards
-        summary["size_bytes"] = writer.total_bytes
-        summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])
-        summary["timings_s"]["total"] = time.perf_counter() - t_start
-        (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        if ranks.main:
+            _finish(handle, model, model_dir, tmp, writer, cfg, qspec, summary, quantized_names, store_dtype, device,
+                    dtype, feed, t_start)
+    ranks.barrier()  # the other ranks return once the output is in place
     return summary
+
+
+def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: ShardedWriter, cfg: QuantizeConfig, qspec,
+            summary: dict, quantized_names: set[str], store_dtype, device, dtype, feed: LayerFeed | None,
+            t_start: float) -> None:
+    """Rank 0, after the layers: lm_head, the other float tensors, the configs, moecompress.json."""
+    if cfg.quantize_lm_head:
+        qw, summary["lm_head"] = quantize_lm_head(handle, model, feed.hidden if feed else None, cfg, qspec,
+                                                  store_dtype, device, dtype)
+        for k, v in encode(cfg.format, qw, store_dtype).items():
+            writer.add(f"lm_head.{k}", v)
+        quantized_names.add("lm_head")
+    for name in handle.non_layer_tensor_names():
+        if not (cfg.quantize_lm_head and name == "lm_head.weight"):
+            writer.add(name, handle.reader.get(name))
+    shards = writer.close()
+    kept = kept_module_names(handle, model, quantized_names)
+    qcfg = quantization_config(cfg.format, qspec, kept, handle, {"damp_percent": cfg.damp,
+                                                                 "true_sequential": cfg.true_sequential,
+                                                                 "lm_head": cfg.quantize_lm_head})
+    config = dict(handle.reader.config)
+    config["quantization_config"] = qcfg
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if cfg.format == "gptq":
+        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    copy_side_files(model_dir, tmp)
+    summary["kept_in_float"] = kept
+    summary["shards"] = shards
+    summary["size_bytes"] = writer.total_bytes
+    summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])
+    summary["timings_s"]["total"] = time.perf_counter() - t_start
+    (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
 
 
 def _agree(ranks: Ranks, fn):

@@ -150,3 +150,33 @@ def test_eval_on_two_ranks_gives_one_process_numbers(tiny_ckpt, tmp_path, low_me
     assert a.keys() == b.keys() and len(a) > 40
     bad = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > 1e-9 * max(abs(a[k]), 1e-12)}
     assert not bad, bad
+
+
+def test_run_recipe_on_two_ranks(tiny_ckpt, tmp_path):
+    """torchrun -m moecompress run: GPTQ/RTN variants split over the ranks, AWQ built by rank 0 alone, evals
+    split; the same checkpoints as one process, the same eval numbers to relative 1e-9, one report."""
+    src = tiny_ckpt("qwen3_moe")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""model: {src}
+threads: 1
+calibration: {{data: builtin:stdlib, samples: 12, seq_len: 64, seed: 0}}
+eval: {{data: [builtin:heldout-code], samples: 4, seq_len: 32, batch_size: 2}}
+variants:
+  - {{name: rtn, method: rtn, bits: 4, group_size: 32, batch_size: 2}}
+  - {{name: gptq, method: gptq, bits: 4, group_size: 32, batch_size: 2}}
+  - {{name: awq, method: awq, bits: 4, group_size: 32, batch_size: 2, awq_grid: 3}}
+""")
+    _run([sys.executable, "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "one")])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+          "--master-port", str(next(_port)), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
+    for v in ("rtn", "gptq", "awq"):
+        assert digest(tmp_path / "one" / "variants" / v) == digest(tmp_path / "two" / "variants" / v), v
+    for name in ("reference", "rtn", "gptq", "awq"):
+        a, b = (_numbers(json.loads((tmp_path / d / "eval" / f"{name}.json").read_text())) for d in ("one", "two"))
+        bad = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > 1e-9 * max(abs(a[k]), 1e-12)}
+        assert a.keys() == b.keys() and not bad, (name, bad)
+    assert (tmp_path / "two" / "report.md").is_file()
+    built = json.loads((tmp_path / "two" / "variants" / "gptq" / "moecompress.json").read_text())
+    assert built["distributed"]["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "variants" / "awq" / "moecompress.json").read_text())[
+        "distributed"]["world_size"] == 1

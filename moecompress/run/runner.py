@@ -100,8 +100,13 @@ def write_json(path: Path, data: Any) -> None:
 
 class Runner:
     def __init__(self, recipe: Recipe, run_dir: Path, model_dir: Path, force: bool = False,
-                 recipe_file: str | None = None):
+                 recipe_file: str | None = None, ranks=None):
+        from ..distributed import SINGLE
+
         self.recipe, self.run_dir, self.model_dir, self.force = recipe, run_dir, model_dir, force
+        # under torchrun: quantize and eval steps split over the ranks; the rest runs on rank 0 while the
+        # others wait, and every step ends on a barrier so all ranks see the same files when deciding the next
+        self.ranks = ranks or SINGLE
         self.recipe_file = recipe_file
         self.variants = recipe.built_variants()
         self.by_name = {v.name: v for v in self.variants}
@@ -134,8 +139,10 @@ class Runner:
             "not built yet" if saved is None else "settings or source changed")
         log.info("zeda: training (%s)", reason)
         t0 = time.perf_counter()
-        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=self.zeda_dir.exists(),
-                 command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
+        if self.ranks.main:
+            run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=self.zeda_dir.exists(),
+                     command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
+        self.ranks.barrier()
         self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
 
     def build(self, v: Variant, i: int, n: int) -> None:
@@ -166,11 +173,18 @@ class Runner:
         t0 = time.perf_counter()
         command = ["moecompress", "run", self.recipe_file or "<recipe>", "#", v.name]
         summary = self._make(v, out, command, wanted)
+        self.ranks.barrier()
         dt = time.perf_counter() - t0
-        log.info("%s: built in %.1fs (%.2f MB)", tag, dt, summary["size_bytes"] / 1e6)
+        if summary is not None and "size_bytes" in summary:
+            log.info("%s: built in %.1fs (%.2f MB)", tag, dt, summary["size_bytes"] / 1e6)
         self._decide(v.name, "build", "built", reason, dt)
 
-    def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict:
+    def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict | None:
+        from ..distributed import SINGLE
+
+        split = isinstance(v.config, QuantizeConfig) and not (v.config.awq or v.config.quantize_lm_head)
+        if not self.ranks.main and not split:
+            return None  # rank 0 builds it alone
         if isinstance(v.config, SkipBaseline):
             from ..zero.baselines import make_baseline
 
@@ -181,7 +195,8 @@ class Runner:
             return rec
         from ..pipeline import quantize
 
-        return quantize(self.source_dir(v), out, v.config, overwrite=out.exists(), command=command)
+        return quantize(self.source_dir(v), out, v.config, overwrite=out.exists(), command=command,
+                        ranks=self.ranks if split else SINGLE)
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, name: str, i: int, n: int) -> None:
@@ -197,11 +212,22 @@ class Runner:
         ev = self.recipe.eval
         log.info("%s: evaluating (%s)", tag, reason)
         t0 = time.perf_counter()
-        result = evaluate(str(model), str(self.model_dir), data=list(ev.data), samples=ev.samples, seq_len=ev.seq_len,
-                          batch_size=ev.batch_size, seed=ev.seed, low_memory=ev.low_memory, device=ev.device,
-                          tasks=ev.tasks, reference_cache=self.run_dir / REFERENCE_CACHE)
+        from ..distributed import SINGLE
+
+        ranks = SINGLE if ev.tasks else self.ranks  # lm-eval tasks run on rank 0 alone
+        result = None
+        if ranks.active or self.ranks.main:
+            result = evaluate(str(model), str(self.model_dir), data=list(ev.data), samples=ev.samples,
+                              seq_len=ev.seq_len, batch_size=ev.batch_size, seed=ev.seed, low_memory=ev.low_memory,
+                              device=ranks.device(ev.device), tasks=ev.tasks,
+                              reference_cache=self.run_dir / REFERENCE_CACHE, ranks=ranks)
+        if self.ranks.main:
+            write_json(path, dict(result, run_stamp=stamp))
+        self.ranks.barrier()
+        if not self.ranks.main:
+            self._decide(name, "eval", "evaluated", reason, time.perf_counter() - t0)
+            return
         result = dict(result, run_stamp=stamp)
-        write_json(path, result)
         dt = time.perf_counter() - t0
         ppl = ", ".join(f"{k} {v:.3f}" for k, v in (result.get("ppl") or {}).items())
         log.info("%s: evaluated in %.1fs (ppl %s; KL %.4f)", tag, dt, ppl, result.get("kl") or 0.0)
@@ -219,9 +245,13 @@ class Runner:
             return
         log.info("%s: benchmarking on %s (%s)", tag, b.device, reason)
         t0 = time.perf_counter()
+        if not self.ranks.main:  # rank 0 measures alone
+            self.ranks.barrier()
+            return
         result = benchmark(str(model), device=b.device, prompt_len=b.prompt_len, new_tokens=b.new_tokens,
                            batch=b.batch, dtype=b.dtype, repeats=b.repeats)
         write_json(path, dict(result, run_stamp=stamp))
+        self.ranks.barrier()
         log.info("%s: %.0f prefill / %.1f decode tokens/s", tag, result.get("prefill_tokens_per_s") or 0,
                  result.get("decode_tokens_per_s") or 0)
         self._decide(name, "bench", "measured", reason, time.perf_counter() - t0)
@@ -261,7 +291,9 @@ class Runner:
         names = [REFERENCE] + [v.name for v in self.variants]
         n = len(self.variants)
         log.info("run %s: %d variants of %s", self.run_dir, n, self.model_dir)
-        write_json(self.run_dir / "run.json", self._run_info(0.0))  # a partial run can be reported too
+        if self.ranks.main:
+            write_json(self.run_dir / "run.json", self._run_info(0.0))  # a partial run can be reported too
+        self.ranks.barrier()
         if self.zeda is not None:
             self.build_zeda()
         for i, v in enumerate(self.variants, 1):
@@ -276,7 +308,8 @@ class Runner:
                 for i, name in enumerate(names, 1):
                     self.bench(name, benchmark, i, len(names))
         info = self._run_info(time.perf_counter() - t_start)
-        write_json(self.run_dir / "run.json", info)
+        if self.ranks.main:
+            write_json(self.run_dir / "run.json", info)
         return info
 
     def _run_info(self, seconds: float) -> dict:
@@ -319,7 +352,7 @@ def find_benchmark() -> Callable | None:
 
 
 def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, force: bool = False,
-               cache_dir: str | Path | None = None, report: bool = True) -> Path:
+               cache_dir: str | Path | None = None, report: bool = True, ranks=None) -> Path:
     """Run a recipe (a :class:`Recipe` or a YAML file) and write its report; returns the run folder."""
     recipe_file = None
     if not isinstance(recipe, Recipe):
@@ -328,12 +361,18 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, fo
     run_dir = Path(out if out is not None else recipe.output_dir).expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} exists and is not a folder")
+    if ranks is not None and ranks.active and not ranks.main:
+        ranks.barrier()  # rank 0 resolves (and may build) the model first
     model_dir = resolve_model(recipe.model, cache_dir)
+    if ranks is not None and ranks.active and ranks.main:
+        ranks.barrier()
     if recipe.threads:
         import torch
 
         torch.set_num_threads(recipe.threads)
-    Runner(recipe, run_dir, model_dir, force=force, recipe_file=recipe_file).run()
+    Runner(recipe, run_dir, model_dir, force=force, recipe_file=recipe_file, ranks=ranks).run()
+    if ranks is not None and not ranks.main:
+        return run_dir
     if report:
         from ..report import write_report
 

@@ -126,6 +126,10 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
               help="AWQ: residual rows kept per layer for the MoE-block loss of the post-attention scales.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice). On a shared machine 1 is often fastest.")
+@click.option("--deterministic/--no-deterministic", default=True, show_default=True,
+              help="CUDA: deterministic algorithms where torch has them (cuBLAS workspace config, "
+                   "torch.use_deterministic_algorithms with warnings for the ops that have none). CPU runs are "
+                   "deterministic either way.")
 @click.option("--max-shard-size", default="4GiB", show_default=True,
               help="Largest safetensors shard: bytes, or a size like 500MB / 4GiB.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists, and discard a partial run of it.")
@@ -135,8 +139,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
              weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, quantize_lm_head,
-             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, max_shard_size, overwrite,
-             resume) -> None:
+             measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, deterministic, max_shard_size,
+             overwrite, resume) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype).
 
     On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
@@ -159,6 +163,8 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         only_experts=only_experts, quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
+    if deterministic and device.startswith("cuda"):
+        _deterministic_cuda()
     ranks = Ranks.from_env(device)
     try:
         summary = run(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume,
@@ -171,6 +177,17 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
     click.echo(f"wrote {out} ({summary['size_bytes'] / 2**20:.1f} MiB, {len(summary['layers'])} layers, "
                f"{n} starved expert{'s' if n != 1 else ''} handled by '{cfg.starved_experts}') "
                f"in {summary['timings_s']['total']:.1f}s")
+
+
+def _deterministic_cuda() -> None:
+    """Same bytes from the same inputs on CUDA where torch allows: cuBLAS needs a fixed workspace (set before
+    the first cuBLAS call), and ops with only atomic-add kernels warn instead of failing."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,

@@ -44,8 +44,8 @@ gives the layers-only % of floor and an estimate for the real depth: fixed + 48 
 against the 48-layer floor. That estimate is labelled "est." everywhere; the measured rows are for
 the N layers run.
 
-On CPU the figures are a smoke test only: fp32 runs, and int4 runs dequantized to fp32 (the packed
-kernels are CUDA-only), so the int4 floor there is not what the run read.
+On CPU the figures are a smoke test only: fp32 runs; int4 stays packed there too (torch's CPU int4
+kernel, ``runtime.cpu_packed``), but the floor's bandwidth is the GPU's idea of a step.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def _cell(row: dict, key: str, width: int, fmt: str) -> str:
 def print_report(meta: dict, rows: list[dict], targets: list[dict]) -> None:
     print()
     if meta["smoke"]:
-        print("CPU SMOKE RUN: numbers are not meaningful (fp32 torch path; int4 runs dequantized to fp32, so the "
+        print("CPU SMOKE RUN: numbers are not meaningful (fp32 torch path, int4 on torch's CPU int4 kernel; the "
               "int4 floor is the packed format's, not what this run read). Run on a GPU for the real figures.")
     print(f"e2e decode, {meta['shape']} x {meta['layers']} layers"
           + (f" (the real model has {meta['real_layers']}; the floor is for the {meta['layers']} run)"

@@ -351,7 +351,7 @@ def test_kernel_path_repacks_awq_at_load(tiny_ckpt, tmp_path):
     moe_layers = sum(type(layer.mlp).__name__ == "MoEBlock" for layer in kern.model.layers)
     assert kern.report.packed_linears > 0 and kern.report.packed_expert_layers == moe_layers >= 1
     assert not kern.report.dequantized
-    cpu = Runtime.load(out)
+    cpu = Runtime.load(out, cpu_weights="dequantized")
     prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7))
     x = kern.generate(prompt, 3, stop_ids=[], keep_logits=True)
     y = cpu.generate(prompt, 3, stop_ids=[], keep_logits=True)

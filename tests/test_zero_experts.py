@@ -392,7 +392,7 @@ def test_kernel_path_with_zero_experts_matches_cpu_path(tiny_ckpt, tmp_path, fam
     native = mixed_zero_model(tiny_ckpt(family), tmp_path / "z")  # deepseek tiny: n_group 2
     q = tmp_path / "q"
     quantize(native, q, quick_config(format=fmt))
-    kern, cpu = Runtime.load(q, kernels=True), Runtime.load(q)
+    kern, cpu = Runtime.load(q, kernels=True), Runtime.load(q, cpu_weights="dequantized")
     assert kern.report.packed_expert_layers >= 1
     prompt = _ids(5, batch=1, length=6)
     a = kern.generate(prompt, 4, stop_ids=[], keep_logits=True)

@@ -8,8 +8,10 @@ device, so the peak host memory is one float layer. Conversion:
   correction bias re-read from the checkpoint in fp32; dense leading layers stay dense MLPs);
 * on the kernel path, every linear the checkpoint stores quantized (int4/int8, no act-order
   permutation, a group the kernels can chunk) is repacked for the kernels -- attention, shared
-  experts and the routed experts alike; anything else keeps its dequantized float weight. The CPU
-  path keeps float weights only (dequantized once here);
+  experts and the routed experts alike; anything else keeps its dequantized float weight. On the CPU
+  path (``packed_cpu``, the default) every quantized linear stays packed too (:mod:`.cpu_packed`: torch's
+  CPU int4/int8 kernels where the layout fits, codes dequantized per call otherwise), so resident memory
+  is about the checkpoint's size; ``packed_cpu=False`` dequantizes once here (the fp32 reference);
 * RMSNorms become one fused op (:mod:`.norms`).
 """
 
@@ -26,6 +28,7 @@ from ..checkpoint.dequant import read_quantized
 from ..checkpoint.load import DequantizingReader, materialize_outer, open_model
 from ..errors import UserError
 from ..kernels.packing import QuantWeights, repack_for_kernel
+from .cpu_packed import CpuExperts, CpuQuantLinear
 from .moe import Experts, MoEBlock, Routing
 from .norms import fuse_rmsnorms
 from .qlinear import PackedWeight, QuantLinear
@@ -48,11 +51,20 @@ class ConversionReport:
     packed_expert_layers: int = 0
     fused_norms: int = 0
     dequantized: list[str] = field(default_factory=list)  # quantized on disk, run as float (with why)
+    cpu_kinds: dict = field(default_factory=dict)  # CPU packed linears by kind (int4pack / int8pack / codes)
 
 
-def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None,
-                       use_kernels: bool) -> tuple[ModelHandle, nn.Module, ConversionReport]:
-    """(handle, eval-mode causal LM ready for the runtime, report); dtype None: the checkpoint's."""
+CPU_WEIGHTS = ("packed", "exact", "dequantized")
+
+
+def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, use_kernels: bool,
+                       cpu_weights: str = "packed") -> tuple[ModelHandle, nn.Module, ConversionReport]:
+    """(handle, eval-mode causal LM ready for the runtime, report); dtype None: the checkpoint's.
+
+    ``cpu_weights`` (CPU path): "packed" (torch's int4/int8 CPU kernels where they fit), "exact" (packed
+    codes, fp32 math: the dequantized numbers), "dequantized" (fp32 weights, the reference)."""
+    if cpu_weights not in CPU_WEIGHTS:
+        raise UserError(f"cpu_weights must be one of {', '.join(CPU_WEIGHTS)}, not {cpu_weights!r}")
     handle, model = open_model(path, experts_implementation="eager")
     if handle.family not in RUNTIME_FAMILIES:
         raise UserError(f"the runtime does not support the '{handle.family}' family yet; "
@@ -65,6 +77,9 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None,
     report = ConversionReport(dtype=dtype)
     reader = handle.reader
     packer = _Packer(reader, dtype) if use_kernels and isinstance(reader, DequantizingReader) else None
+    cpu = reader if (not use_kernels and cpu_weights != "dequantized" and device.type == "cpu"
+                     and isinstance(reader, DequantizingReader)) else None
+    exact = cpu_weights == "exact"
     if isinstance(reader, DequantizingReader):
         report.quant_format = reader.fmt
     routing = Routing.from_config(handle.text_config, handle.top_k, handle.spec.scoring, handle.zero)
@@ -74,8 +89,10 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None,
         handle.load_layer(model, i, torch.device("cpu"), dtype)
         if packer is not None:
             _pack_linears(handle, packer, i, layer, report)
+        elif cpu is not None:
+            _pack_linears_cpu(handle, cpu, i, layer, report, exact)
         if _is_moe(layer.mlp):
-            layer.mlp = _moe_block(handle, i, layer.mlp, routing, packer, use_kernels, report)
+            layer.mlp = _moe_block(handle, i, layer.mlp, routing, packer, use_kernels, report, cpu, exact)
         layer.to(device)
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
@@ -92,7 +109,8 @@ def _is_moe(mlp: nn.Module) -> bool:
 
 
 def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, packer: "_Packer | None",
-               use_kernels: bool, report: ConversionReport) -> MoEBlock:
+               use_kernels: bool, report: ConversionReport, cpu: DequantizingReader | None = None,
+               exact: bool = False) -> MoEBlock:
     pre = handle.layer_prefix(i)
     reader = handle.reader
     router = reader.get(handle.source_name(i, "mlp.gate.weight")).float()
@@ -113,12 +131,69 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
         if p13 is not None and p2 is not None:
             w13, w2 = PackedWeight(p13), PackedWeight(p2)
             report.packed_expert_layers += 1
+    experts = _cpu_experts(handle, cpu, i, report, exact) if cpu is not None else None
+    if experts is None:
+        experts = Experts(w13, w2, use_kernels)
     shared = None
     if handle.spec.shared_expert is not None:
         shared = mlp.get_submodule(handle.spec.shared_expert.removeprefix("mlp."))
     gates = [r.removeprefix("mlp.") for r in handle.spec.routers if r != "mlp.gate" and r.startswith("mlp.")]
     shared_gate = mlp.get_submodule(gates[0]) if gates else None
-    return MoEBlock(router, bias, Experts(w13, w2, use_kernels), routing, shared, shared_gate, logit_bias)
+    return MoEBlock(router, bias, experts, routing, shared, shared_gate, logit_bias)
+
+
+def _cpu_linear(reader: DequantizingReader, module: str, bias: torch.Tensor | None,
+                report: ConversionReport, exact: bool = False) -> CpuQuantLinear:
+    qw = read_quantized(reader.inner, reader.fmt, reader.spec, module)
+    spec = reader.spec
+    lin = CpuQuantLinear(qw.qweight, qw.scales, qw.zeros, spec.bits, spec.group_size or qw.qweight.shape[-1],
+                         qw.g_idx, bias, symmetric=spec.symmetric, exact=exact)
+    report.cpu_kinds[lin.kind] = report.cpu_kinds.get(lin.kind, 0) + 1
+    return lin
+
+
+def _pack_linears_cpu(handle: ModelHandle, reader: DequantizingReader, i: int, layer: nn.Module,
+                      report: ConversionReport, exact: bool = False) -> None:
+    for name, mod in list(layer.named_modules()):
+        if not isinstance(mod, nn.Linear):
+            continue
+        disk = (handle.source_name(i, name + ".weight") or "").removesuffix(".weight")
+        if disk in reader.modules:
+            layer.set_submodule(name, _cpu_linear(reader, disk, None if mod.bias is None else mod.bias.data, report,
+                                                  exact))
+            report.packed_linears += 1
+
+
+def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report: ConversionReport,
+                 exact: bool = False) -> CpuExperts | None:
+    """The layer's routed experts as packed CPU linears (gate and up fused along N), or None if not quantized."""
+    names = [handle.expert_source_names(i, e) for e in range(handle.num_experts)]
+    if not all(m in reader.modules for row in names for m in row):
+        return None
+    gate_up, down = [], []
+    for g, u, d in names:
+        a, b = (read_quantized(reader.inner, reader.fmt, reader.spec, m) for m in (g, u))
+        if a.g_idx is None and b.g_idx is None:
+            spec = reader.spec
+            lin = CpuQuantLinear(torch.cat([a.qweight, b.qweight]), torch.cat([a.scales, b.scales]),
+                                 torch.cat([a.zeros, b.zeros]), spec.bits, spec.group_size or a.qweight.shape[-1],
+                                 None, None, symmetric=spec.symmetric, exact=exact)
+            report.cpu_kinds[lin.kind] = report.cpu_kinds.get(lin.kind, 0) + 1
+        else:  # each its own act-order permutation: two linears, outputs concatenated
+            lin = _Concat([_cpu_linear(reader, g, None, report, exact), _cpu_linear(reader, u, None, report, exact)])
+        gate_up.append(lin)
+        down.append(_cpu_linear(reader, d, None, report, exact))
+    report.packed_expert_layers += 1
+    return CpuExperts(gate_up, down)
+
+
+class _Concat(nn.Module):
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 def _pack_linears(handle: ModelHandle, packer: "_Packer", i: int, layer: nn.Module,

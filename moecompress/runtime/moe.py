@@ -153,7 +153,10 @@ class MoEBlock(nn.Module):
         weights, ids = self.route(x)
         e = self.experts
         # the torch path is called directly: at decode on a CPU the module-call overhead is not negligible
-        out = e(x, weights, ids) if e.use_kernels else _experts_torch(x, e.w13, e.w2, weights, ids)
+        if e.use_kernels or not isinstance(e, Experts):  # kernels, or packed CPU experts (runtime.cpu_packed)
+            out = e(x, weights, ids)
+        else:
+            out = _experts_torch(x, e.w13, e.w2, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -1,0 +1,159 @@
+"""Quantized linears that stay packed on the CPU: memory about the checkpoint's size, and faster decode.
+
+On a CPU the runtime used to dequantize every quantized weight to fp32 at load (4x an int4 checkpoint
+plus scales, in RAM). Here each quantized linear keeps its codes and runs one of three ways, chosen
+once at load from what the checkpoint holds (``cpu_linear``):
+
+* ``int4pack``: 4-bit, a group of 32/64/128/256 and N a multiple of 16 -- torch's CPU weight-only kernel
+  (``_convert_weight_to_int4pack_for_cpu`` once, ``_weight_int4pack_mm_for_cpu`` per call). It computes
+  ``(q - 8) * scale + zero`` with a float ``zero``; ours is ``scale * (q - z)``, so ``zero = (8 - z) *
+  scale`` (0 for symmetric weights). Activations, scales and zeros go in as bf16, the products are
+  accumulated in fp32 and the output is bf16: the result matches the dequantized fp32 layer to bf16
+  precision (~3e-3 relative), not bit for bit. An act-order group index is applied as a column
+  permutation of the activations (the weights are stored with their groups contiguous).
+* ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
+* ``codes``: anything else (3/2 bits, asymmetric or grouped int8, odd shapes, a torch without the
+  kernels): uint8 codes (1 byte per weight) + fp32 scales/zeros, dequantized on every call and multiplied
+  in the activations' dtype -- exactly the fp32 path's numbers, at a quarter of its weight memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def _has_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.aten, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+HAS_INT4 = _has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
+HAS_INT8 = _has_op("_weight_int8pack_mm")
+
+
+def cpu_kind(bits: int, n: int, k: int, group: int, symmetric: bool) -> str:
+    """Which way a ``[n, k]`` weight runs (see the module docstring)."""
+    if bits == 4 and HAS_INT4 and n % 16 == 0 and group in INT4_GROUPS and k % group == 0:
+        return "int4pack"
+    if bits == 8 and HAS_INT8 and symmetric and group == k:
+        return "int8pack"
+    return "codes"
+
+
+class CpuQuantLinear(nn.Module):
+    """``y = x @ W^T (+ b)`` with ``W = scale * (q - z)`` kept packed; ``x`` and ``y`` in the caller's dtype."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, symmetric: bool = False,
+                 exact: bool = False):
+        """``exact``: always the ``codes`` way (fp32 math: the dequantized path's numbers, slower)."""
+        super().__init__()
+        n, k = q.shape
+        self.in_features, self.out_features, self.bits, self.group_size = k, n, bits, group_size
+        self.kind = "codes" if exact else cpu_kind(bits, n, k, group_size, symmetric)
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("perm", None)
+        if g_idx is not None:  # act-order: put every group's columns together, permute x to match
+            order = torch.argsort(g_idx.long(), stable=True)
+            if torch.equal(order, torch.arange(k)):
+                g_idx = None
+            elif torch.equal(g_idx.long()[order], torch.arange(k) // group_size):
+                self.perm, q, g_idx = order, q[:, order], None
+        self.register_buffer("g_idx", None if g_idx is None else g_idx.long())
+        if self.kind == "int4pack" and g_idx is None:
+            z = zeros.float()
+            sz = torch.stack([scales.float().t(), ((8.0 - z) * scales.float()).t()], dim=-1)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            self.register_buffer("sz", sz.to(torch.bfloat16).contiguous())
+        elif self.kind == "int8pack" and g_idx is None:
+            self.register_buffer("packed", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
+            self.register_buffer("sz", scales.reshape(n).to(torch.bfloat16).contiguous())
+        else:
+            self.kind = "codes"
+            self.register_buffer("packed", q.to(torch.uint8).contiguous())
+            self.register_buffer("scales", scales.float().contiguous())
+            self.register_buffer("zeros", zeros.to(torch.uint8).contiguous())
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 ``[N, K]`` (natural column order): the reference these kernels approximate."""
+        if self.kind == "codes":
+            w = self._dequant_codes()
+        else:
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+            w = self._packed_mm(eye).float().t()
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
+
+    def _dequant_codes(self) -> torch.Tensor:
+        gi = self.g_idx if self.g_idx is not None else torch.arange(self.in_features) // self.group_size
+        return self.scales[:, gi] * (self.packed.float() - self.zeros[:, gi].float())
+
+    def _packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int4pack":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.sz)
+        return torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.sz)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
+        if self.kind == "codes":
+            y = F.linear(x2, self._dequant_codes().to(x.dtype))
+        else:
+            y = self._packed_mm(x2.to(torch.bfloat16).contiguous()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+                f"kind={self.kind}" + (", act-order" if self.perm is not None or self.g_idx is not None else ""))
+
+
+class CpuExperts(nn.Module):
+    """Routed experts as packed linears: ``gate_up[e]`` (``[2I, H]``) and ``down[e]`` (``[H, I]``)."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
+        self.num_experts = len(gate_up)
+        self.use_kernels = False
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's experts of ``weight * expert(x)``; ids >= E (zero experts) touch nothing."""
+        t, k = ids.shape
+        e = self.num_experts
+        out = torch.zeros_like(x)
+        if t == 1:
+            for ex, wj in zip(ids[0].tolist(), weights[0].tolist()):
+                if ex < e:
+                    gate, up = self.gate_up[ex](x).chunk(2, dim=-1)
+                    out.add_(self.down[ex](F.silu(gate) * up), alpha=wj)
+            return out
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        flat_w = weights.reshape(-1)
+        start = 0
+        for ex, count in enumerate(torch.bincount(flat).tolist()):
+            if count and ex < e:
+                slots = order[start:start + count]
+                tok = slots // k
+                gate, up = self.gate_up[ex](x[tok]).chunk(2, dim=-1)
+                y = self.down[ex](F.silu(gate) * up) * flat_w[slots, None]
+                out.index_add_(0, tok, y.to(x.dtype))
+            start += count
+        return out
+
+
+def packed_bytes(module: nn.Module) -> int:
+    """Bytes of every buffer and parameter under ``module`` (what the packed model holds)."""
+    return sum(t.numel() * t.element_size() for t in list(module.buffers()) + list(module.parameters()))

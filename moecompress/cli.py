@@ -322,11 +322,15 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: fp32 on CPU, the checkpoint's dtype on GPU.")
-def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype) -> None:
+@click.option("--cpu-weights", type=click.Choice(["packed", "exact", "dequantized"]), default="packed",
+              show_default=True, help="CPU, quantized checkpoints: packed (torch's int4/int8 CPU kernels, bf16 "
+              "activations into them), exact (packed, fp32 math), dequantized (fp32 weights: 4-8x the memory).")
+def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype, cpu_weights) -> None:
     """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
     from .runtime.cli import generate_text, speed_line
 
-    text, result = generate_text(model_dir, prompt, max_new_tokens, greedy=greedy, temperature=temperature,
+    text, result = generate_text(model_dir, prompt, max_new_tokens, cpu_weights=cpu_weights, greedy=greedy,
+                                 temperature=temperature,
                                  top_p=top_p, seed=seed, device=device, dtype=dtype)
     click.echo(text)
     click.echo(speed_line(result), err=True)

@@ -257,3 +257,34 @@ def test_gptq_w4_g32_sym(bf16_qwen, tmp_path):
     assert r["bits_per_weight"] == pytest.approx(4 + 16 / 32 + 4 / 32 + 32 * (128 + 128 + 64) / dense)
     assert r["quantization"]["format"] == "gptq" and r["quantization"]["bits"] == 4
     assert 0 < r["kl"] < 0.5
+
+
+@pytest.mark.parametrize("fmt,kw", [("compressed-tensors", {"symmetric": False}),
+                                    ("gptq", {"method": "gptq", "act_order": "group"}),
+                                    ("compressed-tensors", {"bits": 8})])
+def test_packed_whole_model_gives_the_dequantized_numbers(bf16_qwen, tmp_path, fmt, kw):
+    """The default (whole-model) eval keeps a quantized checkpoint packed on the CPU and dequantizes each
+    linear and expert when used: bit for bit the numbers of the dequantized (low-memory) path, in a
+    fraction of the float weights' memory."""
+    from conftest import quick_config
+
+    from moecompress.evals.collect import WholeModel
+    from moecompress.pipeline import quantize
+    from moecompress.runtime.cpu_packed import CpuQuantLinear, LazyExpertWeights, packed_bytes
+
+    q = tmp_path / "q"
+    quantize(bf16_qwen, q, quick_config(**{"method": "rtn", "bits": 4, "group_size": 32, "format": fmt, **kw}))
+    a = evaluate(q, bf16_qwen, **SMALL)
+    b = evaluate(q, bf16_qwen, low_memory=True, **SMALL)
+    la, lb = dict(_leaves(a)), dict(_leaves(b))
+    for key in la.keys() - {".seconds", ".settings.low_memory"}:
+        assert la[key] == lb[key], key
+    whole = WholeModel(q, "cpu", torch.float32)
+    mods = list(whole.model.modules())
+    assert sum(isinstance(m, LazyExpertWeights) for m in mods) == 2 * len(whole.moe_layers)
+    assert sum(isinstance(m, CpuQuantLinear) for m in mods) >= 4 * whole.handle.num_layers
+    layers = whole.model.model.layers
+    held = packed_bytes(layers)  # every tensor the layers hold (norms and routers too)
+    dense = sum(int(torch.tensor(m.shape).prod()) * 4 for m in mods if isinstance(m, LazyExpertWeights)) + sum(
+        m.in_features * m.out_features * 4 for m in mods if isinstance(m, CpuQuantLinear))
+    assert held < (0.3 if kw.get("bits", 4) == 4 else 0.45) * dense, (held, dense)

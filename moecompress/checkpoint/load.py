@@ -93,12 +93,22 @@ def materialize_outer(handle: ModelHandle, model: nn.Module, device, dtype) -> N
 
 @torch.no_grad()
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               experts_implementation: str = "eager") -> tuple[ModelHandle, nn.Module]:
-    """(handle, eval-mode causal LM with every weight of ``path`` in ``dtype``; quantized ones dequantized)."""
+               experts_implementation: str = "eager", packed: bool = False) -> tuple[ModelHandle, nn.Module]:
+    """(handle, eval-mode causal LM with every weight of ``path`` in ``dtype``; quantized ones dequantized).
+
+    ``packed`` (CPU, eager experts): quantized linears and experts stay packed and are dequantized when
+    used (``runtime.cpu_packed``, "exact"): the same numbers, at about the checkpoint's memory instead of
+    the float model's (each layer is float only while it is converted)."""
     device = torch.device(device)
     handle, model = open_model(path, experts_implementation)
     materialize_outer(handle, model, device, dtype)
-    for i in range(len(decoder_layers(model))):
+    pack = packed and device.type == "cpu" and experts_implementation == "eager" and \
+        isinstance(handle.reader, DequantizingReader)
+    for i, layer in enumerate(decoder_layers(model)):
         handle.load_layer(model, i, device, dtype)
+        if pack:
+            from ..runtime.convert import pack_layer_exact
+
+            pack_layer_exact(handle, i, layer, dtype)
     _check_materialized(model, str(path))
     return handle, model.eval()

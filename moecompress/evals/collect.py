@@ -93,7 +93,9 @@ class WholeModel:
     """A whole causal LM: ``forward(ids)`` -> (fp32 logits [B, T, V], {moe layer: RouterOut})."""
 
     def __init__(self, path, device, dtype, experts_implementation: str = "eager"):
-        self.handle, self.model = load_model(path, dtype, device, experts_implementation)
+        # quantized checkpoints stay packed on the CPU (dequantized per use, the same numbers): RAM about the
+        # checkpoint's size rather than the float model's
+        self.handle, self.model = load_model(path, dtype, device, experts_implementation, packed=True)
         self.device = torch.device(device)
         layers = decoder_layers(self.model)
         self.moe_layers = moe_layer_ids(self.model, self.handle)

@@ -26,7 +26,8 @@ def load_tokenizer(model_dir: Path):
 
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: bool, temperature: float,
-                  top_p: float, seed: int, device: str, dtype: str) -> tuple[str, GenerationResult]:
+                  top_p: float, seed: int, device: str, dtype: str,
+                  cpu_weights: str = "packed") -> tuple[str, GenerationResult]:
     """(decoded continuation, result); every input problem is a UserError raised before any loading."""
     path = Path(model_dir)
     if not path.is_dir():
@@ -41,7 +42,7 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: b
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise UserError("the prompt encodes to no tokens")
-    rt = Runtime.load(path, device=device, dtype=dtype)
+    rt = Runtime.load(path, device=device, dtype=dtype, cpu_weights=cpu_weights)
     rt.warmup(ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens)
     result = rt.generate(ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
     return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result

@@ -28,7 +28,7 @@ from ..checkpoint.dequant import read_quantized
 from ..checkpoint.load import DequantizingReader, materialize_outer, open_model
 from ..errors import UserError
 from ..kernels.packing import QuantWeights, repack_for_kernel
-from .cpu_packed import CpuExperts, CpuQuantLinear
+from .cpu_packed import CpuExperts, CpuQuantLinear, LazyExpertWeights
 from .moe import Experts, MoEBlock, Routing
 from .norms import fuse_rmsnorms
 from .qlinear import PackedWeight, QuantLinear
@@ -185,6 +185,32 @@ def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report
         down.append(_cpu_linear(reader, d, None, report, exact))
     report.packed_expert_layers += 1
     return CpuExperts(gate_up, down)
+
+
+def pack_layer_exact(handle: ModelHandle, i: int, layer: nn.Module, dtype: torch.dtype) -> None:
+    """Keep a transformers decoder layer's quantized weights packed (dequantized when used, same numbers):
+    linears become ``CpuQuantLinear(exact)``, the fused experts' parameters ``LazyExpertWeights``."""
+    reader = handle.reader
+    _pack_linears_cpu(handle, reader, i, layer, ConversionReport(), exact=True)
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        return
+    names = [handle.expert_source_names(i, e) for e in range(experts.gate_up_proj.shape[0])]
+    if not all(m in reader.modules for row in names for m in row):
+        return
+    spec = reader.spec
+
+    def stacked(col: int) -> tuple:
+        qs = [read_quantized(reader.inner, reader.fmt, spec, row[col]) for row in names]
+        g = None if qs[0].g_idx is None else torch.stack([q.group_index() for q in qs])
+        return (torch.stack([q.qweight for q in qs]), torch.stack([q.scales for q in qs]),
+                torch.stack([q.zeros for q in qs]), g)
+
+    group = spec.group_size or experts.gate_up_proj.shape[-1]
+    gate_up = LazyExpertWeights([stacked(0), stacked(1)], spec.bits, group, dtype)
+    down = LazyExpertWeights([stacked(2)], spec.bits, spec.group_size or experts.down_proj.shape[-1], dtype)
+    del experts.gate_up_proj, experts.down_proj
+    experts.gate_up_proj, experts.down_proj = gate_up, down
 
 
 class _Concat(nn.Module):

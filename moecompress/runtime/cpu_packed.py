@@ -13,8 +13,13 @@ once at load from what the checkpoint holds (``cpu_linear``):
   permutation of the activations (the weights are stored with their groups contiguous).
 * ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
 * ``codes``: anything else (3/2 bits, asymmetric or grouped int8, odd shapes, a torch without the
-  kernels): uint8 codes (1 byte per weight) + fp32 scales/zeros, dequantized on every call and multiplied
-  in the activations' dtype -- exactly the fp32 path's numbers, at a quarter of its weight memory.
+  kernels), or on request (``exact``): codes (two per byte up to 4 bits) + fp32 scales and uint8 zeros,
+  dequantized on every call with the dequantizing reader's own operations and multiplied like
+  ``nn.Linear`` -- bit for bit the fp32 path's numbers, at 1/8 (int4) to 1/4 (int8) of its weight memory.
+
+``LazyExpertWeights`` does the same for a transformers experts module (the evaluator's whole-model path):
+it replaces the fused ``gate_up_proj``/``down_proj`` parameters, and the eager experts forward dequantizes
+only the experts a batch reaches.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ class CpuQuantLinear(nn.Module):
             elif torch.equal(g_idx.long()[order], torch.arange(k) // group_size):
                 self.perm, q, g_idx = order, q[:, order], None
         self.register_buffer("g_idx", None if g_idx is None else g_idx.long())
+        if self.kind == "codes" and self.perm is not None:  # exact: the natural column order, no permutation
+            q = torch.empty_like(q).index_copy_(1, self.perm, q)
+            self.g_idx, self.perm = g_idx_of(self.perm, group_size), None
         if self.kind == "int4pack" and g_idx is None:
             z = zeros.float()
             sz = torch.stack([scales.float().t(), ((8.0 - z) * scales.float()).t()], dim=-1)
@@ -77,7 +85,7 @@ class CpuQuantLinear(nn.Module):
             self.register_buffer("sz", scales.reshape(n).to(torch.bfloat16).contiguous())
         else:
             self.kind = "codes"
-            self.register_buffer("packed", q.to(torch.uint8).contiguous())
+            self.register_buffer("packed", pack_codes(q, bits))
             self.register_buffer("scales", scales.float().contiguous())
             self.register_buffer("zeros", zeros.to(torch.uint8).contiguous())
 
@@ -93,8 +101,8 @@ class CpuQuantLinear(nn.Module):
         return w
 
     def _dequant_codes(self) -> torch.Tensor:
-        gi = self.g_idx if self.g_idx is not None else torch.arange(self.in_features) // self.group_size
-        return self.scales[:, gi] * (self.packed.float() - self.zeros[:, gi].float())
+        return dequant(unpack_codes(self.packed, self.bits, self.in_features), self.scales, self.zeros, self.g_idx,
+                       self.group_size)
 
     def _packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kind == "int4pack":
@@ -106,10 +114,9 @@ class CpuQuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        if self.kind == "codes":
-            y = F.linear(x2, self._dequant_codes().to(x.dtype))
-        else:
-            y = self._packed_mm(x2.to(torch.bfloat16).contiguous()).to(x.dtype)
+        if self.kind == "codes":  # what nn.Linear computes on the dequantized weight, bit for bit
+            return F.linear(x, self._dequant_codes().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = self._packed_mm(x2.to(torch.bfloat16).contiguous()).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
@@ -117,6 +124,65 @@ class CpuQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
                 f"kind={self.kind}" + (", act-order" if self.perm is not None or self.g_idx is not None else ""))
+
+
+def g_idx_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The group index of each natural column when ``perm`` lists the columns group by group."""
+    g = torch.empty_like(perm)
+    g[perm] = torch.arange(perm.numel()) // group_size
+    return g
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., K]``, two per byte (low nibble first) when they fit in 4 bits and K is even."""
+    q = q.to(torch.uint8)
+    if bits <= 4 and q.shape[-1] % 2 == 0:
+        return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+    return q.contiguous()
+
+
+def unpack_codes(p: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    if p.shape[-1] == k:
+        return p
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(*p.shape[:-1], k)
+
+
+def dequant(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
+            group_size: int) -> torch.Tensor:
+    """``W = scale * (q - z)`` in fp32 -- the very operations of ``QuantizedWeight.dequantize``, so the
+    result is bit-identical to the weights the dequantizing reader gives."""
+    gi = g_idx if g_idx is not None else torch.arange(q.shape[-1]) // group_size
+    return scales.float()[..., gi] * (q.float() - zeros.float()[..., gi])
+
+
+class LazyExpertWeights(nn.Module):
+    """Stands in for a fused experts parameter (``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``) of a
+    transformers experts module: packed codes, and ``self[e]`` dequantizes expert ``e`` when the eager
+    experts forward asks for it -- the same fp32 values as the dequantized checkpoint, so the model's
+    numbers do not change, at about the packed checkpoint's memory. ``parts``: row blocks (gate, up)
+    stacked over the experts, each ``(codes [E, n, K], scales [E, n, G], zeros [E, n, G], g_idx [E, K] | None)``."""
+
+    def __init__(self, parts: list[tuple], bits: int, group_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        self.k = parts[0][0].shape[-1]
+        self.n_parts = len(parts)
+        for j, (q, s, z, g) in enumerate(parts):
+            self.register_buffer(f"q{j}", pack_codes(q, bits))
+            self.register_buffer(f"s{j}", s.float().contiguous())
+            self.register_buffer(f"z{j}", z.to(torch.uint8).contiguous())
+            self.register_buffer(f"g{j}", None if g is None else g.long())
+        self.shape = torch.Size([parts[0][0].shape[0], sum(p[0].shape[1] for p in parts), self.k])
+
+    def __getitem__(self, e) -> torch.Tensor:
+        e = int(e)
+        rows = [dequant(unpack_codes(getattr(self, f"q{j}")[e], self.bits, self.k), getattr(self, f"s{j}")[e],
+                        getattr(self, f"z{j}")[e], None if getattr(self, f"g{j}") is None else getattr(self, f"g{j}")[e],
+                        self.group_size) for j in range(self.n_parts)]
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, bits={self.bits}, group={self.group_size}, parts={self.n_parts}"
 
 
 class CpuExperts(nn.Module):

@@ -17,9 +17,11 @@ started by the stdlib-only launcher of ``vs_llmcompressor.py`` (wall time; peak 
   act_group_aware on, damp 0.05), bf16, CPU, ``GPTQMODEL_CPU_WORKERS=2``.
 
 Where the time goes: the interpreter's start (``python -c pass``) and ours' imports (``import
-moecompress.cli, moecompress.pipeline`` + transformers' Qwen3-MoE modeling; one ``-X importtime`` run
-splits them by top-level package) are timed as fresh processes too, and the pipeline's own total
-(``moecompress.json``) is read back; GPTQModel's child reports its imports / load / quantize / save.
+moecompress.cli, moecompress.pipeline`` + transformers' Qwen3-MoE modeling) and GPTQModel's (``import
+torch, gptqmodel``) are timed as fresh processes too; the pipeline's own total (``moecompress.json``) is
+read back; one extra run of ours under ``python -X importtime`` (not in the medians) sums every import
+of a real run, lazy ones included, by root package; GPTQModel's child reports imports / load / quantize
+/ save. On a loaded machine ``--threads 1`` is much less noisy than 2 (see benchmarks/RESULTS.md).
 With ``--eval-windows N`` (default 16; 0 skips) both outputs are evaluated against the float model
 (``moecompress.evals.evaluate``: perplexity, mean KL, top-1, routers' top-k exact), a quality sanity
 check only (random weights).
@@ -160,8 +162,13 @@ def main(argv=None) -> int:
                          ("gptqmodel_interpreter", [args.gptqmodel_python, "-c", "pass"]),
                          ("gptqmodel_imports", [args.gptqmodel_python, "-c", "import torch, gptqmodel"])):
             startup[key].append(timed(launcher, cmd, work / f"{key}.log", env))
-    timed(launcher, [args.ours_python, "-X", "importtime", "-c", OURS_IMPORTS], work / "ours_importtime.log", env)
+    # one more run of ours under -X importtime (not in the medians): every import of a real run, lazy ones too
+    out = work / "out-ours-importtime"
+    shutil.rmtree(out, ignore_errors=True)
+    it_run = timed(launcher, [ours_cmd[0], "-X", "importtime", *ours_cmd[1:], "--out", str(out)],
+                   work / "ours_importtime.log", env)
     by_package = importtime_by_package((work / "ours_importtime.log").read_text())
+    it_run["imports_s"] = sum(by_package.values())
     launcher.close()
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
@@ -204,7 +211,8 @@ def main(argv=None) -> int:
     print(f"ours: interpreter + imports {res['ours_imports_s']:.1f}s = {100 * res['ours_imports_s'] / w:.0f}% of the "
           f"wall time; pipeline {res['ours_pipeline_s']:.1f}s = {100 * res['ours_pipeline_s'] / w:.0f}%; "
           f"layers {sum(o[-1]['layer_s']):.1f}s (last run: {o[-1]['layer_s']}, summed {o[-1]['layer_split_s']})")
-    print("ours' imports by top-level package (-X importtime, self times summed, s): "
+    print(f"ours under -X importtime: {it_run['imports_s']:.1f}s of imports in a {it_run['wall_s']:.1f}s run "
+          f"({100 * it_run['imports_s'] / it_run['wall_s']:.0f}%); by root package (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in list(by_package.items())[:6]))
     print("runs (s): ours " + ", ".join(f"{r['wall_s']:.1f}" for r in o)
           + "; GPTQModel " + ", ".join(f"{r['wall_s']:.1f}" for r in g)
@@ -222,6 +230,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"args": vars(args), "command": [sys.executable, *sys.argv],
                                                "repo": str(REPO), "model_parameters": n_params,
                                                "model_dims": MODEL_DIMS, "windows_sha256": sha, "summary": res,
+                                               "importtime_run": it_run,
                                                "importtime_by_package_s": by_package, "quality": quality,
                                                "runs": runs, "startup": startup, "versions": versions},
                                               indent=2, default=str) + "\n")

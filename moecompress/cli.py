@@ -336,6 +336,32 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
     click.echo(speed_line(result), err=True)
 
 
+@cli.command("plan")
+@click.argument("model_dir")
+@click.option("--vram", required=True, help="GPU memory to use, e.g. 6GiB.")
+@click.option("--ram", default=None, help="Host memory for the experts left off the GPU, e.g. 32GiB (checked).")
+@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens of KV cache to reserve on the GPU.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
+              help="For a float checkpoint: the quantization to plan for (a quantized one says its own).")
+@click.option("--group-size", type=int, default=128, show_default=True)
+@click.option("--load", "load_json", default=None, help="An `eval` JSON: place experts by its measured expert load.")
+@click.option("--gpu-gbps", type=float, default=300.0, show_default=True, help="GPU memory bandwidth (GB/s).")
+@click.option("--cpu-gbps", type=float, default=40.0, show_default=True, help="Host memory bandwidth (GB/s).")
+def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbps, cpu_gbps) -> None:
+    """Place MODEL_DIR's parts on a small GPU (experts by use) and estimate decode tokens/s (config only)."""
+    from .runtime.plan import load_from_eval, model_parts, plan, render
+
+    vram_b = parse_size(vram, "--vram")
+    ram_b = parse_size(ram, "--ram") if ram else None
+    if group_size <= 0 or group_size & (group_size - 1):
+        raise UserError(f"--group-size {group_size}: a power of two")
+    parts = model_parts(model_dir, int(bits), group_size)
+    load = load_from_eval(load_json) if load_json else None
+    click.echo(render(plan(parts, vram_b, context=context, ram_bytes=ram_b, load=load, gpu_gbps=gpu_gbps,
+                           cpu_gbps=cpu_gbps), parts, vram_b))
+
+
 from .zeda.cli import zeda  # noqa: E402
 from .zero.cli import zero_experts  # noqa: E402
 

@@ -1,0 +1,190 @@
+"""The runtime on a CPU with packed int4 weights: resident memory and decode/prefill speed, side by side.
+
+    python benchmarks/cpu_packed_decode.py [--models qwen3-30b-a3b-2L,wide] [--threads 2] [--batches 1,8] \
+        [--new-tokens 32] [--repeats 3] [--json out.json]
+
+Models (each quantized once with RTN int4 g128 symmetric, compressed-tensors, cached in --workdir):
+
+* ``qwen3-30b-a3b-2L``: random bf16 weights with Qwen3-30B-A3B's layer shapes (hidden 2048, 32/4 heads,
+  128 experts of 768, top-8) but 2 layers and a 32000-token vocabulary (the real 151936 x 2048 embedding
+  and head would be most of a 2-layer model and say nothing about the layers);
+* ``wide`` / ``demo``: the trained demo model's variant (built once and cached by moecompress.demo_model:
+  ~11 min for wide on 2 cores the first time);
+* any quantized checkpoint folder.
+
+Each side runs in a fresh process (so resident memory is its own), with the same torch threads:
+
+* ``packed``: our runtime, quantized weights packed (``cpu_weights="packed"``: torch's int4 CPU kernel);
+* ``dequantized``: our runtime on fp32 weights dequantized at load (the path before packed execution);
+* ``transformers``: ``AutoModelForCausalLM.generate`` (fp32) on a dequantized copy of the checkpoint.
+
+Resident memory: RSS after loading minus RSS before loading (after every import), against the
+checkpoint's size on disk. Decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating
+N and 1 greedy tokens after the same prompt, median of ``--repeats``; prefill tokens/s of a 128-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {"qwen3-30b-a3b-2L": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                   intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                                   num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32000,
+                                   num_hidden_layers=2, max_position_embeddings=4096)}
+SIDES = ("packed", "dequantized", "transformers")
+
+
+def prepare(name: str, workdir: Path) -> Path:
+    """The quantized checkpoint of ``name`` (built and quantized once)."""
+    import torch
+
+    from moecompress.pipeline import quantize
+    from moecompress.recipe import build_config
+
+    if Path(name).is_dir():
+        return Path(name)
+    q = workdir / f"{name}-int4"
+    if (q / "config.json").exists():
+        return q
+    if name in SHAPES:
+        from moecompress.tiny import save_tiny
+
+        src = workdir / f"{name}-bf16"
+        if not (src / "config.json").exists():
+            save_tiny("qwen3_moe", src, dtype=torch.bfloat16, **SHAPES[name])
+    else:
+        from moecompress.demo_model import demo_model_path
+
+        src = demo_model_path(variant=name)
+    quantize(src, q, build_config(method="rtn", bits=4, group_size=128, measure_errors=False))
+    return q
+
+
+def child(args) -> dict:
+    """One side, in this process: load, then time."""
+    import psutil
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import transformers  # noqa: F401  (every side pays the same imports before the RSS baseline)
+
+    from moecompress.runtime import Runtime
+
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    path = Path(args.model)
+    if args.side == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None
+        vocab = model.config.vocab_size
+
+        @torch.no_grad()
+        def gen(ids, n):
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    else:
+        rt = Runtime.load(path, device="cpu", dtype="float32", cpu_weights=args.side)
+        vocab = rt.model.vocab_size
+
+        def gen(ids, n):
+            rt.generate(ids, n, stop_ids=[])
+    rss1 = proc.memory_info().rss
+    out = {"side": args.side, "rss_load_bytes": rss1 - rss0, "rss_bytes": rss1, "decode": {}, "prefill": None}
+    g = torch.Generator().manual_seed(0)
+    for b in args.batches:
+        ids = torch.randint(0, vocab, (b, 16), generator=g)
+        gen(ids, 2)  # warm-up
+        t1, tn = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            gen(ids, 1)
+            t1.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            gen(ids, args.new_tokens)
+            tn.append(time.perf_counter() - t)
+        dt = statistics.median(tn) - statistics.median(t1)
+        out["decode"][str(b)] = b * (args.new_tokens - 1) / dt
+    ids = torch.randint(0, vocab, (1, 128), generator=g)
+    t = []
+    for _ in range(args.repeats):
+        s = time.perf_counter()
+        gen(ids, 1)
+        t.append(time.perf_counter() - s)
+    out["prefill"] = 128 / statistics.median(t)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="cpu_packed_decode.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="qwen3-30b-a3b-2L")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moecompress-cpu-packed")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dense", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.models.split(","):
+        q = prepare(name, args.workdir)
+        dense = args.workdir / f"{q.name}-dequantized"
+        if not (dense / "config.json").exists():
+            from moecompress.checkpoint.dequant import write_dequantized
+
+            write_dequantized(q, dense)
+        size = sum(f.stat().st_size for f in q.glob("*.safetensors"))
+        rows = {}
+        for side in args.sides.split(","):
+            cmd = [sys.executable, __file__, "--child", "--side", side, "--model", str(q), "--dense", str(dense),
+                   "--threads", str(args.threads), "--batches", ",".join(map(str, args.batches)),
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode or not line:
+                rows[side] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+                continue
+            rows[side] = json.loads(line[0][7:])
+        results[name] = {"checkpoint": str(q), "checkpoint_bytes": size, "sides": rows}
+        print(f"\n{name}: int4 g128 checkpoint {size / 2**20:.1f} MiB ({q}); {args.threads} threads")
+        print(f"{'side':>13} {'load RSS MiB':>12} {'x ckpt':>7} " + " ".join(f"{'dec b' + str(b):>9}" for b in args.batches)
+              + f" {'prefill':>8}")
+        for side, r in rows.items():
+            if "error" in r:
+                print(f"{side:>13} failed: {r['error']}")
+                continue
+            print(f"{side:>13} {r['rss_load_bytes'] / 2**20:12.1f} {r['rss_load_bytes'] / size:7.2f} "
+                  + " ".join(f"{r['decode'][str(b)]:9.1f}" for b in args.batches) + f" {r['prefill']:8.0f}")
+        ok = {s: r for s, r in rows.items() if "error" not in r}
+        if "packed" in ok:
+            for other in ("dequantized", "transformers"):
+                if other in ok:
+                    ratios = ", ".join(f"batch {b}: {ok['packed']['decode'][str(b)] / ok[other]['decode'][str(b)]:.2f}x"
+                                       for b in args.batches)
+                    print(f"  packed decode vs {other}: {ratios}; prefill "
+                          f"{ok['packed']['prefill'] / ok[other]['prefill']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

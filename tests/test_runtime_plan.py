@@ -1,0 +1,106 @@
+"""`moecompress plan`: expert placement on a small GPU from routing statistics, and its decode estimate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moecompress.errors import UserError
+from moecompress.runtime.plan import ModelParts, Part, model_parts, plan
+
+MB = 1 << 20
+
+
+def _parts():
+    # 2 MoE layers x 4 experts of 10 MiB, top-1; 20 MiB of dense weights per layer, 30 MiB outside the layers
+    dense = [Part("embed+head", 30 * MB)] + [Part(f"l{i}", 20 * MB, i) for i in range(2)]
+    return ModelParts("toy", dense, {0: [10 * MB] * 4, 1: [10 * MB] * 4}, top_k=1, kv_bytes_per_token=1024, hidden=64)
+
+
+def test_the_most_used_experts_go_to_the_gpu():
+    load = {0: [0.7, 0.1, 0.1, 0.1], 1: [0.25, 0.25, 0.25, 0.25]}
+    parts = _parts()
+    need = 70 * MB + 1024 * 100 + (1 << 20)
+    pl = plan(parts, need + 20 * MB, context=100, load=load, reserve_bytes=1 << 20)
+    # room for 2 experts: layer 0's hot one (P = 0.7), then one of layer 1's (P = 0.25), not layer 0's 0.1s
+    assert pl.on_gpu == {0: [0], 1: [0]}
+    assert pl.gpu_bytes == need - (1 << 20) + 20 * MB and pl.cpu_bytes == 60 * MB
+    # the estimate by hand: lm_head etc. on the GPU, then per layer dense + max(GPU experts, CPU experts) + a hop
+    g, c, pcie = 300e9, 40e9, 16e9
+    hop = 2 * 64 * 2 / pcie + 20e-6
+    t0 = 20 * MB / g + max(0.7 * 10 * MB / g, 0.3 * 10 * MB / c) + hop
+    t1 = 20 * MB / g + max(0.25 * 10 * MB / g, 0.75 * 10 * MB / c) + hop
+    assert pl.decode_tokens_per_s == pytest.approx(1 / (30 * MB / g + t0 + t1))
+    assert pl.all_on_gpu_tokens_per_s > pl.decode_tokens_per_s
+    assert [r["gpu_hit_share"] for r in pl.per_layer] == pytest.approx([0.7, 0.25])
+
+
+def test_uniform_load_and_a_vram_floor():
+    parts = _parts()
+    pl = plan(parts, 200 * MB, context=100, reserve_bytes=0)
+    assert sum(len(v) for v in pl.on_gpu.values()) == 8 and pl.cpu_bytes == 0 and pl.load_source == "uniform"
+    with pytest.raises(UserError, match=r"--vram 0.05 GiB is below what the non-expert part needs: 0.07 GiB"):
+        plan(parts, 50 * MB, context=100, reserve_bytes=0)
+    with pytest.raises(UserError, match="--ram"):
+        plan(parts, 80 * MB, context=100, reserve_bytes=0, ram_bytes=10 * MB)
+
+
+def test_config_only_shapes_match_a_real_checkpoint(tiny_ckpt, tmp_path):
+    """Sizes from the config alone equal what `quantize` writes (expert and dense parts)."""
+    from conftest import quick_config
+
+    from moecompress.pipeline import quantize
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", bits=4, group_size=32))
+    from safetensors import safe_open
+
+    parts = model_parts(q)  # quantized: its own settings (4 bits, group 32, symmetric)
+    size = 0
+    for f in q.glob("*.safetensors"):  # the tensors' bytes (the headers of a tiny model are a large share)
+        with safe_open(str(f), "pt") as fh:
+            size += sum(fh.get_tensor(n).numel() * fh.get_tensor(n).element_size()
+                        for n in fh.keys() if not n.endswith("weight_shape"))
+    planned = sum(p.nbytes for p in parts.dense) + sum(sum(s) for s in parts.experts.values())
+    assert abs(planned - size) / size < 0.01, (planned, size)
+
+
+def _qwen36_config(path):
+    from transformers.models.qwen3_5_moe import Qwen3_5MoeConfig
+
+    text = dict(hidden_size=2048, num_hidden_layers=40, vocab_size=248320, num_attention_heads=16,
+                num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                linear_key_head_dim=128, linear_value_head_dim=128, num_experts=256, num_experts_per_tok=8,
+                moe_intermediate_size=512, shared_expert_intermediate_size=512, tie_word_embeddings=False)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=2048)
+    Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False).save_pretrained(path)
+    return path
+
+
+def test_qwen36_35b_a3b_int4_on_a_6gb_gpu(tmp_path, capsys):
+    """The issue's case, from the published shapes (no download): a placement and an estimate."""
+    from moecompress.cli import main
+
+    cfg = _qwen36_config(tmp_path / "q36")
+    assert main(["plan", str(cfg), "--vram", "6GiB", "--ram", "32GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "40 MoE layers x 256 experts (top-8)" in out and "ESTIMATE decode at batch 1" in out
+    total = model_parts(cfg)
+    gib = (sum(p.nbytes for p in total.dense) + sum(sum(s) for s in total.experts.values())) / 2**30
+    assert 17 < gib < 20  # ~35B parameters at ~4.5 bits
+    assert main(["plan", str(cfg), "--vram", "2GiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is below what the non-expert part needs" in err[0]
+
+
+def test_load_from_an_eval_json(tmp_path, capsys):
+    from moecompress.cli import main
+
+    cfg = _qwen36_config(tmp_path / "q36")
+    rows = [[1.0 if e == 0 else 0.001 for e in range(256)] for _ in range(40)]
+    (tmp_path / "e.json").write_text(json.dumps({"expert_load": {"layers": list(range(40)), "model": rows}}))
+    assert main(["plan", str(cfg), "--vram", "4GiB", "--load", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "expert load: measured" in out
+    assert main(["plan", str(cfg), "--vram", "4GiB", "--load", str(tmp_path / "nope.json")]) == 2

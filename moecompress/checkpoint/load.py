@@ -17,6 +17,7 @@ from torch import nn
 
 from ..arch.handle import ModelHandle, _check_materialized, decoder_layers
 from ..calib.runner import prepare_embeddings
+from ..memory import release_freed_memory
 from .dequant import quantized_modules, read_quantized
 from .reader import CheckpointReader
 
@@ -110,5 +111,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             from ..runtime.convert import pack_layer_exact
 
             pack_layer_exact(handle, i, layer, dtype)
+            release_freed_memory()  # the layer's float copy is gone: give its pages back
     _check_materialized(model, str(path))
     return handle, model.eval()

@@ -21,12 +21,14 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..arch.handle import ModelHandle, decoder_layers
 from ..checkpoint.dequant import read_quantized
 from ..checkpoint.load import DequantizingReader, materialize_outer, open_model
 from ..errors import UserError
+from ..memory import release_freed_memory
 from ..kernels.packing import QuantWeights, repack_for_kernel
 from .cpu_packed import CpuExperts, CpuQuantLinear, LazyExpertWeights
 from .moe import Experts, MoEBlock, Routing
@@ -85,6 +87,8 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
     routing = Routing.from_config(handle.text_config, handle.top_k, handle.spec.scoring, handle.zero)
 
     materialize_outer(handle, model, device, dtype)
+    if cpu is not None and not exact:
+        _stored_dtype_outer(handle, model)
     for i, layer in enumerate(decoder_layers(model)):
         handle.load_layer(model, i, torch.device("cpu"), dtype)
         if packer is not None:
@@ -94,6 +98,8 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
         if _is_moe(layer.mlp):
             layer.mlp = _moe_block(handle, i, layer.mlp, routing, packer, use_kernels, report, cpu, exact)
         layer.to(device)
+        if cpu is not None:  # the layer's float copy is gone: give its pages back, so RSS stays near the packed size
+            release_freed_memory()
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise RuntimeError(f"{path}: '{n}' was not loaded (still on the meta device)")
@@ -140,6 +146,42 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
     gates = [r.removeprefix("mlp.") for r in handle.spec.routers if r != "mlp.gate" and r.startswith("mlp.")]
     shared_gate = mlp.get_submodule(gates[0]) if gates else None
     return MoEBlock(router, bias, experts, routing, shared, shared_gate, logit_bias)
+
+
+class _StoredEmbedding(nn.Module):
+    """An embedding kept in its stored dtype (bf16): the rows it returns are cast to the run's dtype, exactly."""
+
+    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.out_dtype = nn.Parameter(weight, requires_grad=False), out_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.out_dtype)
+
+
+class _StoredHead(nn.Module):
+    """lm_head kept in its stored dtype (bf16): hidden states go in rounded to it, like the packed linears'."""
+
+    def __init__(self, weight: torch.Tensor, out_dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.out_dtype = weight if isinstance(weight, nn.Parameter) else nn.Parameter(
+            weight, requires_grad=False), out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(self.out_dtype)
+
+
+def _stored_dtype_outer(handle: ModelHandle, model: nn.Module) -> None:
+    """Packed CPU runs: the embedding and lm_head stay in the checkpoint's half-precision dtype (half the
+    memory of the fp32 copies; the embedding's rows are exact, the head sees bf16 inputs)."""
+    stored = handle.float_dtype
+    run = model.model.embed_tokens.weight.dtype
+    if stored.itemsize >= run.itemsize:
+        return
+    emb = _StoredEmbedding(model.model.embed_tokens.weight.data.to(stored), run)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    model.model.embed_tokens = emb
+    model.lm_head = _StoredHead(emb.weight if tied else model.lm_head.weight.data.to(stored), run)
 
 
 def _cpu_linear(reader: DequantizingReader, module: str, bias: torch.Tensor | None,

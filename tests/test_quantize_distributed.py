@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from test_quantize_resume import digest
+from test_quantize_resume import _crash_at, digest
 
 pytestmark = pytest.mark.slow
 
@@ -55,20 +55,12 @@ def test_two_and_three_ranks_write_the_bytes_of_one(tiny_ckpt, tmp_path, family,
 
 def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):
     """A run that crashed on one process resumes on two ranks (each loads its chunks' feed): same bytes."""
-    from conftest import quick_config  # noqa: F401  (the conftest's path setup)
     from moecompress import pipeline
     from moecompress.recipe import build_config
 
     src = tiny_ckpt("qwen3_moe")
     _run(_single(src, tmp_path / "ref"))
-    real = pipeline._quantize_layer
-
-    def crashing(layer, i, *a, **kw):
-        if i == 1:
-            raise RuntimeError("simulated crash")
-        return real(layer, i, *a, **kw)
-
-    monkeypatch.setattr(pipeline, "_quantize_layer", crashing)
+    _crash_at(monkeypatch, 1)
     cfg = build_config(bits=4, group_size=32, calib_samples=12, seq_len=64, batch_size=2)
     import torch
 

@@ -205,18 +205,13 @@ class CpuExperts(nn.Module):
                     gate, up = self.gate_up[ex](x).chunk(2, dim=-1)
                     out.add_(self.down[ex](F.silu(gate) * up), alpha=wj)
             return out
-        flat = ids.reshape(-1).long()
-        order = torch.argsort(flat, stable=True)
+        from .moe import expert_groups
+
         flat_w = weights.reshape(-1)
-        start = 0
-        for ex, count in enumerate(torch.bincount(flat).tolist()):
-            if count and ex < e:
-                slots = order[start:start + count]
-                tok = slots // k
-                gate, up = self.gate_up[ex](x[tok]).chunk(2, dim=-1)
-                y = self.down[ex](F.silu(gate) * up) * flat_w[slots, None]
-                out.index_add_(0, tok, y.to(x.dtype))
-            start += count
+        for ex, slots, tok in expert_groups(ids, e):
+            gate, up = self.gate_up[ex](x[tok]).chunk(2, dim=-1)
+            y = self.down[ex](F.silu(gate) * up) * flat_w[slots, None]
+            out.index_add_(0, tok, y.to(x.dtype))
         return out
 
 

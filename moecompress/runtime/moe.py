@@ -102,18 +102,25 @@ def _experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
                 gate, up = F.linear(x, w13[ex]).chunk(2, dim=-1)
                 out.addmm_(F.silu(gate) * up, w2[ex].t(), alpha=wj)
         return out
+    flat_w = weights.reshape(-1)
+    for ex, slots, tok in expert_groups(ids, e):
+        y = _expert(x[tok], w13[ex], w2[ex]) * flat_w[slots, None]
+        out.index_add_(0, tok, y.to(x.dtype))
+    return out
+
+
+def expert_groups(ids: torch.Tensor, num_experts: int):
+    """``(expert, slots, tokens)`` for every real expert that ``ids [T, k]`` routes to, in expert order
+    (slots flattened ``t * k + j``, in token order within an expert); ids >= E (zero experts) are skipped."""
+    k = ids.shape[1]
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    flat_w = weights.reshape(-1)
     start = 0
     for ex, count in enumerate(torch.bincount(flat).tolist()):
-        if count and ex < e:
-            slots = order[start : start + count]
-            tok = slots // k
-            y = _expert(x[tok], w13[ex], w2[ex]) * flat_w[slots, None]
-            out.index_add_(0, tok, y.to(x.dtype))
+        if count and ex < num_experts:
+            slots = order[start:start + count]
+            yield ex, slots, slots // k
         start += count
-    return out
 
 
 class MoEBlock(nn.Module):

@@ -67,3 +67,26 @@ def test_packed_is_smaller_than_fp32_and_odd_shapes_fall_back():
     assert lin.kind == "codes"
     x = torch.randn(5, 96)
     assert _rel(lin(x), x @ w.T) < 1e-6
+
+
+def test_a_torch_without_the_int4_kernel_falls_back_with_one_warning(tiny_ckpt, tmp_path, monkeypatch, caplog):
+    """No CPU int4 op in this torch: the runtime still loads (codes, dequantized per call), says so in one
+    line per reason naming the modules, and computes the exact path's numbers."""
+    import logging
+
+    from conftest import quick_config
+
+    from moecompress.pipeline import quantize
+    from moecompress.runtime import Runtime, cpu_packed
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", bits=4, group_size=32))
+    monkeypatch.setattr(cpu_packed, "HAS_INT4", False)
+    with caplog.at_level(logging.WARNING, logger="moecompress.runtime"):
+        rt = Runtime.load(q)
+    lines = [r.getMessage() for r in caplog.records if "dequantized per call" in r.getMessage()]
+    assert len(lines) == 1 and "no CPU int4 kernel" in lines[0] and "q_proj" in lines[0]
+    assert set(rt.report.cpu_kinds) == {"codes"}
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    exact = Runtime.load(q, cpu_weights="exact")
+    assert torch.equal(rt.logits(ids), exact.logits(ids))

@@ -54,6 +54,7 @@ class ConversionReport:
     fused_norms: int = 0
     dequantized: list[str] = field(default_factory=list)  # quantized on disk, run as float (with why)
     cpu_kinds: dict = field(default_factory=dict)  # CPU packed linears by kind (int4pack / int8pack / codes)
+    cpu_fallbacks: dict = field(default_factory=dict)  # why -> modules that could not use a CPU kernel
 
 
 CPU_WEIGHTS = ("packed", "exact", "dequantized")
@@ -104,6 +105,9 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
         if t.is_meta:
             raise RuntimeError(f"{path}: '{n}' was not loaded (still on the meta device)")
     report.fused_norms = fuse_rmsnorms(model)
+    for why, mods in report.cpu_fallbacks.items():  # one line per reason, naming the first modules
+        log.warning("runtime: %d quantized linears run dequantized per call (%s): %s%s", len(mods), why,
+                    ", ".join(mods[:3]), " ..." if len(mods) > 3 else "")
     if report.dequantized:
         log.info("runtime: %d quantized tensors run dequantized (first: %s)", len(report.dequantized),
                  report.dequantized[0])
@@ -190,8 +194,14 @@ def _cpu_linear(reader: DequantizingReader, module: str, bias: torch.Tensor | No
     spec = reader.spec
     lin = CpuQuantLinear(qw.qweight, qw.scales, qw.zeros, spec.bits, spec.group_size or qw.qweight.shape[-1],
                          qw.g_idx, bias, symmetric=spec.symmetric, exact=exact)
-    report.cpu_kinds[lin.kind] = report.cpu_kinds.get(lin.kind, 0) + 1
+    _count(report, lin, module)
     return lin
+
+
+def _count(report: ConversionReport, lin: CpuQuantLinear, module: str) -> None:
+    report.cpu_kinds[lin.kind] = report.cpu_kinds.get(lin.kind, 0) + 1
+    if lin.why is not None:
+        report.cpu_fallbacks.setdefault(lin.why, []).append(module)
 
 
 def _pack_linears_cpu(handle: ModelHandle, reader: DequantizingReader, i: int, layer: nn.Module,
@@ -220,7 +230,7 @@ def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report
             lin = CpuQuantLinear(torch.cat([a.qweight, b.qweight]), torch.cat([a.scales, b.scales]),
                                  torch.cat([a.zeros, b.zeros]), spec.bits, spec.group_size or a.qweight.shape[-1],
                                  None, None, symmetric=spec.symmetric, exact=exact)
-            report.cpu_kinds[lin.kind] = report.cpu_kinds.get(lin.kind, 0) + 1
+            _count(report, lin, f"{g} + {u}")
         else:  # each its own act-order permutation: two linears, outputs concatenated
             lin = _Concat([_cpu_linear(reader, g, None, report, exact), _cpu_linear(reader, u, None, report, exact)])
         gate_up.append(lin)

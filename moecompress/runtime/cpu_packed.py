@@ -45,11 +45,26 @@ HAS_INT8 = _has_op("_weight_int8pack_mm")
 
 def cpu_kind(bits: int, n: int, k: int, group: int, symmetric: bool) -> str:
     """Which way a ``[n, k]`` weight runs (see the module docstring)."""
-    if bits == 4 and HAS_INT4 and n % 16 == 0 and group in INT4_GROUPS and k % group == 0:
-        return "int4pack"
-    if bits == 8 and HAS_INT8 and symmetric and group == k:
-        return "int8pack"
-    return "codes"
+    return _kind_and_why(bits, n, k, group, symmetric)[0]
+
+
+def _kind_and_why(bits: int, n: int, k: int, group: int, symmetric: bool) -> tuple[str, str | None]:
+    """(kind, why a weight that could have used a kernel does not)."""
+    if bits == 4:
+        if not HAS_INT4:
+            return "codes", "this torch has no CPU int4 kernel"
+        if n % 16:
+            return "codes", f"{n} output rows: the int4 kernel needs a multiple of 16"
+        if group not in INT4_GROUPS or k % group:
+            return "codes", f"group {group}: the int4 kernel takes 32/64/128/256"
+        return "int4pack", None
+    if bits == 8:
+        if not HAS_INT8:
+            return "codes", "this torch has no CPU int8 kernel"
+        if not symmetric or group != k:
+            return "codes", "the int8 kernel takes symmetric per-channel weights only"
+        return "int8pack", None
+    return "codes", f"{bits}-bit: no CPU kernel"
 
 
 class CpuQuantLinear(nn.Module):
@@ -62,7 +77,7 @@ class CpuQuantLinear(nn.Module):
         super().__init__()
         n, k = q.shape
         self.in_features, self.out_features, self.bits, self.group_size = k, n, bits, group_size
-        self.kind = "codes" if exact else cpu_kind(bits, n, k, group_size, symmetric)
+        self.kind, self.why = ("codes", None) if exact else _kind_and_why(bits, n, k, group_size, symmetric)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("perm", None)
         if g_idx is not None:  # act-order: put every group's columns together, permute x to match

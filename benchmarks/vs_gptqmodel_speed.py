@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     it_run["imports_s"] = sum(by_package.values())
     launcher.close()
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = statistics.median
     o, g = runs["ours"], runs["gptqmodel"]
     res = {
         "ours_wall_s": med([r["wall_s"] for r in o]), "gptqmodel_wall_s": med([r["wall_s"] for r in g]),
@@ -197,7 +197,8 @@ def main(argv=None) -> int:
 
     mib = 2**20
     w = res["ours_wall_s"]
-    print(f"\nwhole-process wall time, median of {args.repeats} (2-core CPU, {args.threads} torch threads):")
+    print(f"\nwhole-process wall time, median of {args.repeats} (2-core CPU, {args.threads} torch threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}):")
     print(f"{'':34} {'moecompress':>12} {'GPTQModel':>12}")
     for label, a, b, fmt in (("wall time (s)", w, res["gptqmodel_wall_s"], ".1f"),
                         ("  interpreter start (s)", res["ours_interpreter_s"], res["gptqmodel_interpreter_s"], ".2f"),
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "command": [sys.executable, *sys.argv],
                                                "repo": str(REPO), "model_parameters": n_params,
+                                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                                "model_dims": MODEL_DIMS, "windows_sha256": sha, "summary": res,
                                                "importtime_run": it_run,
                                                "importtime_by_package_s": by_package, "quality": quality,

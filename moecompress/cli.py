@@ -325,13 +325,21 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 @click.option("--cpu-weights", type=click.Choice(["packed", "exact", "dequantized"]), default="packed",
               show_default=True, help="CPU, quantized checkpoints: packed (torch's int4/int8 CPU kernels, bf16 "
               "activations into them), exact (packed, fp32 math), dequantized (fp32 weights: 4-8x the memory).")
-def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype, cpu_weights) -> None:
+@click.option("--offload-experts", default=None, metavar="auto|N",
+              help="GPU: keep N routed experts per layer on the device (or 'auto': as many as --vram allows, "
+                   "the most used first) and run the rest from host memory on the CPU.")
+@click.option("--vram", default=None, help="With --offload-experts auto: GPU memory to use, e.g. 6GiB.")
+@click.option("--load", "load_json", default=None, help="With --offload-experts: an `eval` JSON whose measured "
+              "expert load decides which experts stay on the GPU (default: uniform).")
+def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype, cpu_weights,
+             offload_experts, vram, load_json) -> None:
     """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
-    from .runtime.cli import generate_text, speed_line
+    from .runtime.cli import generate_text, offload_placement, speed_line
 
+    offload = offload_placement(model_dir, offload_experts, vram, load_json, device) if offload_experts else None
     text, result = generate_text(model_dir, prompt, max_new_tokens, cpu_weights=cpu_weights, greedy=greedy,
-                                 temperature=temperature,
-                                 top_p=top_p, seed=seed, device=device, dtype=dtype)
+                                 temperature=temperature, top_p=top_p, seed=seed, device=device, dtype=dtype,
+                                 offload=offload)
     click.echo(text)
     click.echo(speed_line(result), err=True)
 

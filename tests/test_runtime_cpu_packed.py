@@ -90,3 +90,59 @@ def test_a_torch_without_the_int4_kernel_falls_back_with_one_warning(tiny_ckpt, 
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     exact = Runtime.load(q, cpu_weights="exact")
     assert torch.equal(rt.logits(ids), exact.logits(ids))
+
+
+@pytest.mark.parametrize("family,cpu_weights", [("qwen3_moe", "packed"), ("deepseek_v3", "exact"),
+                                               ("qwen2_moe", "dequantized")])
+def test_split_experts_give_the_unsplit_outputs(tiny_ckpt, tmp_path, family, cpu_weights):
+    """Expert offload with the GPU side simulated on the CPU: half of each layer's experts "near", the rest
+    "far"; greedy tokens equal the unsplit runtime's and logits agree to float rounding (the two sides'
+    outputs are added instead of accumulated together)."""
+    from conftest import quick_config
+
+    from moecompress.pipeline import quantize
+    from moecompress.runtime import Runtime
+    from moecompress.runtime.offload import SplitExperts
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt(family), q, quick_config(method="rtn", bits=4, group_size=32))
+    whole = Runtime.load(q, cpu_weights=cpu_weights)
+    moe = [i for i, layer in enumerate(whole.model.layers) if type(layer.mlp).__name__ == "MoEBlock"]
+    near = {i: [e for e in range(8) if (e + i) % 2 == 0] for i in moe}
+    split = Runtime.load(q, cpu_weights=cpu_weights, offload=near)
+    assert split.report.offloaded_experts == 4 * len(moe) and not split.cuda_graph
+    assert all(isinstance(split.model.layers[i].mlp.experts, SplitExperts) for i in moe)
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    a = whole.generate(prompt, 12, stop_ids=[], keep_logits=True)
+    b = split.generate(prompt, 12, stop_ids=[], keep_logits=True)
+    assert a.tokens == b.tokens
+    assert max(float((x - y).norm() / x.norm()) for x, y in zip(a.logits, b.logits)) < 1e-5
+    with pytest.raises(Exception, match="outside"):
+        Runtime.load(q, cpu_weights=cpu_weights, offload={moe[0]: [99]})
+
+
+def test_split_on_the_kernel_path_under_the_interpreter(tiny_ckpt, tmp_path):
+    """The real offload code path (near experts packed for the Triton fused MoE, far experts packed on the
+    CPU), run by Triton's interpreter: the unsplit kernel path's tokens, logits to bf16-kernel tolerance."""
+    from conftest import quick_config
+
+    from moecompress.kernels import _common
+    from moecompress.pipeline import quantize
+    from moecompress.runtime import Runtime
+    from moecompress.runtime.cpu_packed import CpuExperts
+    from moecompress.runtime.offload import SplitExperts
+
+    if not _common.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
+    q = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", bits=4, group_size=32))
+    whole = Runtime.load(q, kernels=True)
+    split = Runtime.load(q, kernels=True, offload={0: [1, 2, 5], 1: [0, 7]})
+    e0 = split.model.layers[0].mlp.experts
+    assert isinstance(e0, SplitExperts) and e0.near.use_kernels and isinstance(e0.far, CpuExperts)
+    assert split.report.offloaded_experts == 5 + 6
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(7))
+    a = whole.generate(prompt, 4, stop_ids=[], keep_logits=True)
+    b = split.generate(prompt, 4, stop_ids=[], keep_logits=True)
+    assert a.tokens == b.tokens
+    assert max(float((x - y).norm() / x.norm()) for x, y in zip(a.logits, b.logits)) < 2e-2

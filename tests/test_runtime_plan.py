@@ -104,3 +104,27 @@ def test_load_from_an_eval_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "expert load: measured" in out
     assert main(["plan", str(cfg), "--vram", "4GiB", "--load", str(tmp_path / "nope.json")]) == 2
+
+
+def test_offload_flags_are_checked(tiny_ckpt, capsys):
+    from moecompress.cli import main
+
+    path = str(tiny_ckpt("qwen3_moe"))
+    for args, msg in ((["--offload-experts", "2"], "needs --device cuda"),):
+        assert main(["generate", path, "--prompt", "hi", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_offload_placement_by_count_and_load(tiny_ckpt, tmp_path):
+    from moecompress.runtime.cli import offload_placement
+
+    path = str(tiny_ckpt("qwen3_moe"))
+    rows = [[0.0, 5.0, 1.0, 0.0, 0.0, 3.0, 0.0, 0.0]] * 2
+    (tmp_path / "e.json").write_text(json.dumps({"expert_load": {"layers": [0, 1], "model": rows}}))
+    assert offload_placement(path, "2", None, str(tmp_path / "e.json"), "cuda") == {0: [1, 5], 1: [1, 5]}
+    assert offload_placement(path, "3", None, None, "cuda") == {0: [0, 1, 2], 1: [0, 1, 2]}
+    with pytest.raises(UserError, match="needs --vram"):
+        offload_placement(path, "auto", None, None, "cuda")
+    with pytest.raises(UserError, match="'auto' or a number"):
+        offload_placement(path, "many", None, None, "cuda")

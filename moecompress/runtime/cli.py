@@ -27,7 +27,7 @@ def load_tokenizer(model_dir: Path):
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: bool, temperature: float,
                   top_p: float, seed: int, device: str, dtype: str,
-                  cpu_weights: str = "packed") -> tuple[str, GenerationResult]:
+                  cpu_weights: str = "packed", offload: dict | None = None) -> tuple[str, GenerationResult]:
     """(decoded continuation, result); every input problem is a UserError raised before any loading."""
     path = Path(model_dir)
     if not path.is_dir():
@@ -42,10 +42,35 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: b
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise UserError("the prompt encodes to no tokens")
-    rt = Runtime.load(path, device=device, dtype=dtype, cpu_weights=cpu_weights)
+    rt = Runtime.load(path, device=device, dtype=dtype, cpu_weights=cpu_weights, offload=offload)
     rt.warmup(ids.shape[0], ids.shape[1], ids.shape[1] + max_new_tokens)
     result = rt.generate(ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)
     return tokenizer.decode(result.tokens[0], skip_special_tokens=True), result
+
+
+def offload_placement(model_dir: str, spec: str, vram: str | None, load_json: str | None,
+                      device: str) -> dict[int, list[int]]:
+    """``--offload-experts auto|N`` as ``{moe layer: experts kept on the device}`` (``runtime.plan``)."""
+    from ..cli import parse_size
+    from .plan import load_from_eval, model_parts, plan
+
+    if not device.startswith("cuda"):
+        raise UserError("--offload-experts splits experts between a GPU and the CPU: it needs --device cuda "
+                        "(on a CPU everything already runs from host memory)")
+    parts = model_parts(model_dir)
+    load = load_from_eval(load_json) if load_json else None
+    if spec == "auto":
+        if vram is None:
+            raise UserError("--offload-experts auto needs --vram (the GPU memory to fill)")
+        return plan(parts, parse_size(vram, "--vram"), load=load).on_gpu
+    if not spec.isdigit() or int(spec) < 0:
+        raise UserError(f"--offload-experts {spec!r}: 'auto' or a number of experts per layer")
+    n = int(spec)
+    out = {}
+    for layer, sizes in parts.experts.items():
+        row = (load or {}).get(layer) or [1.0] * len(sizes)
+        out[layer] = sorted(sorted(range(len(sizes)), key=lambda e: -row[e])[:n])
+    return out
 
 
 def speed_line(r: GenerationResult) -> str:

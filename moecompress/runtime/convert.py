@@ -32,6 +32,7 @@ from ..memory import release_freed_memory
 from ..kernels.packing import QuantWeights, repack_for_kernel
 from .cpu_packed import CpuExperts, CpuQuantLinear, LazyExpertWeights
 from .moe import Experts, MoEBlock, Routing
+from .offload import SplitExperts, subset
 from .norms import fuse_rmsnorms
 from .qlinear import PackedWeight, QuantLinear
 
@@ -55,17 +56,21 @@ class ConversionReport:
     dequantized: list[str] = field(default_factory=list)  # quantized on disk, run as float (with why)
     cpu_kinds: dict = field(default_factory=dict)  # CPU packed linears by kind (int4pack / int8pack / codes)
     cpu_fallbacks: dict = field(default_factory=dict)  # why -> modules that could not use a CPU kernel
+    offloaded_experts: int = 0  # routed experts kept in host memory, run on the CPU
 
 
 CPU_WEIGHTS = ("packed", "exact", "dequantized")
 
 
 def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, use_kernels: bool,
-                       cpu_weights: str = "packed") -> tuple[ModelHandle, nn.Module, ConversionReport]:
+                       cpu_weights: str = "packed", offload: dict[int, list[int]] | None = None,
+                       ) -> tuple[ModelHandle, nn.Module, ConversionReport]:
     """(handle, eval-mode causal LM ready for the runtime, report); dtype None: the checkpoint's.
 
     ``cpu_weights`` (CPU path): "packed" (torch's int4/int8 CPU kernels where they fit), "exact" (packed
-    codes, fp32 math: the dequantized numbers), "dequantized" (fp32 weights, the reference)."""
+    codes, fp32 math: the dequantized numbers), "dequantized" (fp32 weights, the reference).
+    ``offload``: per MoE layer, the routed experts that live on ``device``; the others stay in host memory
+    and run on the CPU (:mod:`.offload`; with a CPU ``device`` this simulates the split)."""
     if cpu_weights not in CPU_WEIGHTS:
         raise UserError(f"cpu_weights must be one of {', '.join(CPU_WEIGHTS)}, not {cpu_weights!r}")
     handle, model = open_model(path, experts_implementation="eager")
@@ -97,7 +102,8 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
         elif cpu is not None:
             _pack_linears_cpu(handle, cpu, i, layer, report, exact)
         if _is_moe(layer.mlp):
-            layer.mlp = _moe_block(handle, i, layer.mlp, routing, packer, use_kernels, report, cpu, exact)
+            layer.mlp = _moe_block(handle, i, layer.mlp, routing, packer, use_kernels, report, cpu, exact,
+                                   None if offload is None else offload.get(i))
         layer.to(device)
         if cpu is not None:  # the layer's float copy is gone: give its pages back, so RSS stays near the packed size
             release_freed_memory()
@@ -120,7 +126,7 @@ def _is_moe(mlp: nn.Module) -> bool:
 
 def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, packer: "_Packer | None",
                use_kernels: bool, report: ConversionReport, cpu: DequantizingReader | None = None,
-               exact: bool = False) -> MoEBlock:
+               exact: bool = False, near: list[int] | None = None) -> MoEBlock:
     pre = handle.layer_prefix(i)
     reader = handle.reader
     router = reader.get(handle.source_name(i, "mlp.gate.weight")).float()
@@ -144,6 +150,8 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
     experts = _cpu_experts(handle, cpu, i, report, exact) if cpu is not None else None
     if experts is None:
         experts = Experts(w13, w2, use_kernels)
+    if near is not None:
+        experts = _split(handle, i, mlp, experts, sorted(set(near)), cpu, exact, report)
     shared = None
     if handle.spec.shared_expert is not None:
         shared = mlp.get_submodule(handle.spec.shared_expert.removeprefix("mlp."))
@@ -186,6 +194,24 @@ def _stored_dtype_outer(handle: ModelHandle, model: nn.Module) -> None:
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     model.model.embed_tokens = emb
     model.lm_head = _StoredHead(emb.weight if tied else model.lm_head.weight.data.to(stored), run)
+
+
+def _split(handle: ModelHandle, i: int, mlp: nn.Module, experts: nn.Module, near: list[int],
+           cpu: DequantizingReader | None, exact: bool, report: ConversionReport) -> SplitExperts:
+    """``near`` experts stay where the layer goes; the rest run on the CPU (packed when quantized)."""
+    n = handle.num_experts
+    if any(e < 0 or e >= n for e in near):
+        raise UserError(f"layer {i}: the offload placement names experts outside 0..{n - 1}")
+    far_ids = [e for e in range(n) if e not in set(near)]
+    if cpu is not None or not isinstance(experts, Experts) or not experts.use_kernels:
+        far_full = experts  # already CPU-side (the split is simulated on a CPU run)
+    elif isinstance(handle.reader, DequantizingReader):
+        far_full = _cpu_experts(handle, handle.reader, i, report, exact) or Experts(
+            mlp.experts.gate_up_proj.data, mlp.experts.down_proj.data, False)
+    else:
+        far_full = Experts(mlp.experts.gate_up_proj.data, mlp.experts.down_proj.data, False)
+    report.offloaded_experts += len(far_ids)
+    return SplitExperts(subset(experts, near), subset(far_full, far_ids), near, n)
 
 
 def _cpu_linear(reader: DequantizingReader, module: str, bias: torch.Tensor | None,

@@ -93,10 +93,12 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-             kernels: bool | None = None, cuda_graph: bool = True, cpu_weights: str = "packed") -> "Runtime":
+             kernels: bool | None = None, cuda_graph: bool = True, cpu_weights: str = "packed",
+             offload: dict[int, list[int]] | None = None) -> "Runtime":
         """Load ``path`` (plain HF, compressed-tensors or GPTQ). ``dtype="auto"``: fp32 on CPU, the
         checkpoint's float dtype on CUDA. ``kernels``: Triton kernels (default: on CUDA only). ``cpu_weights``
-        (CPU): "packed" (``runtime.cpu_packed``), "exact" (packed, fp32 math) or "dequantized" (fp32 at load)."""
+        (CPU): "packed" (``runtime.cpu_packed``), "exact" (packed, fp32 math) or "dequantized" (fp32 at load).
+        ``offload``: per MoE layer, the experts kept on ``device``; the rest run on the CPU (``runtime.offload``)."""
         from ..kernels import _common
 
         dev = resolve_device(device)
@@ -105,8 +107,11 @@ class Runtime:
         use_kernels = dev.type == "cuda" if kernels is None else kernels
         if use_kernels and not _common.can_launch(torch.empty(0, device=dev)):
             raise UserError("Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
-        handle, lm, report = load_runtime_model(path, dev, _resolve_dtype(dtype, dev), use_kernels, cpu_weights)
-        return cls(RuntimeModel(lm), dev, report.dtype, use_kernels, cuda_graph and dev.type == "cuda",
+        handle, lm, report = load_runtime_model(path, dev, _resolve_dtype(dtype, dev), use_kernels, cpu_weights,
+                                                offload)
+        # a step that reaches host-memory experts syncs with the host: no CUDA graphs then
+        graphs = cuda_graph and dev.type == "cuda" and not report.offloaded_experts
+        return cls(RuntimeModel(lm), dev, report.dtype, use_kernels, graphs,
                    default_stop_ids(path, handle.text_config), handle.family, report)
 
     # ------------------------------------------------------------------ forward helpers

@@ -11,6 +11,7 @@
 #          build isolation; else a sitecustomize shim on PYTHONPATH); which of our imports are missing
 #   zero   the kernel bench at Qwen3-30B-A3B shapes, bf16/int4, 0/25/50/75% of slots on zero experts,
 #          T = 1..64, CUDA graphs                               -> zero_bench.json
+#   align  the zero step with the one-launch Triton moe_align (opt-in)  -> align_bench.json
 #   layer  benchmarks/gpu_layer_time.py: GPTQ/RTN quantize time per Qwen3-30B-A3B layer -> layer.json
 #   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py tests/test_pipeline_cuda.py -> tests.log
 #   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
@@ -50,7 +51,7 @@ fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(zero layer e2e tests)
 for s in "${steps[@]}"; do
-    case $s in tests|bench|e2e|zero|layer|sweep) ;; *) echo "unknown step '$s' (zero, layer, e2e, tests, bench, sweep; fetch-wheels on the dev machine)"; exit 2;; esac
+    case $s in tests|bench|e2e|zero|align|layer|sweep) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep; fetch-wheels on the dev machine)"; exit 2;; esac
 done
 
 OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
@@ -62,7 +63,7 @@ SETUP=$OUT/setup.log
 # whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
 # TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
 BUDGET=${BUDGET:-520}
-declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [layer]=160 [sweep]=100)
+declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100)
 total_w=0
 for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
 limit() {  # step -> seconds
@@ -180,6 +181,11 @@ for s in "${steps[@]}"; do
         run_step zero "$(limit zero)" env TRITON_INTERPRET=0 "$PY" -m moecompress.kernels.bench \
             --shapes qwen3-30b-a3b --tokens 1,4,16,64 --dtypes bf16,int4 --zero-frac 0,0.25,0.5,0.75 --cuda-graph \
             --iters 100 --baseline-iters 5 --json "$OUT/zero_bench.json"
+        ;;
+    align)  # the zero-slot bench again with the one-launch Triton moe_align (MOECOMPRESS_TRITON_ALIGN=1)
+        run_step align "$(limit align)" env TRITON_INTERPRET=0 MOECOMPRESS_TRITON_ALIGN=1 "$PY" -m moecompress.kernels.bench \
+            --shapes qwen3-30b-a3b --tokens 1,4,16 --dtypes bf16,int4 --zero-frac 0,0.5 --cuda-graph \
+            --iters 100 --baseline-iters 3 --json "$OUT/align_bench.json"
         ;;
     sweep)  # decode tiles with more programs in flight, at 0% and 50% zero slots (SWEEP_CONFIGS: ;-separated JSON)
         default_sweep='{"BLOCK_N":16,"BLOCK_K":256};{"BLOCK_N":32,"BLOCK_K":256};{"BLOCK_N":16,"BLOCK_K":128};{"BLOCK_N":32,"BLOCK_K":128}'

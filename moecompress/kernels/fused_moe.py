@@ -27,6 +27,8 @@ GEMMs at prefill.
 
 from __future__ import annotations
 
+import os
+
 from typing import Literal
 
 import torch
@@ -86,7 +88,10 @@ def fused_moe(
         return out
 
     cfg = _resolve_config(config, x, w13, w2, t)
-    aligned = moe_align_block_size(topk_ids, cfg["BLOCK_M"], num_experts)
+    align = moe_align_block_size
+    if os.environ.get("MOECOMPRESS_TRITON_ALIGN") == "1":  # one launch instead of ~20 (opt-in until timed)
+        from .moe_align_triton import moe_align_block_size_triton as align
+    aligned = align(topk_ids, cfg["BLOCK_M"], num_experts)
     rw = topk_weights.reshape(-1).float().contiguous()
     inter = _common.empty((s, i), x.dtype, x.device)
     _grouped_gemm(x, w13, inter, aligned, rw, a_row_div=top_k, gate_up=True, cfg=cfg)

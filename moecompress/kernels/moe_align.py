@@ -84,3 +84,4 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     expert_ids = torch.searchsorted(pad_end, starts, right=True)
     expert_ids = torch.where(starts < total, expert_ids, -1).to(torch.int32)
     return AlignedSlots(sorted_ids, expert_ids, total.to(torch.int32), counts, block_m, s)
+

@@ -11,7 +11,7 @@
 #          build isolation; else a sitecustomize shim on PYTHONPATH); which of our imports are missing
 #   zero   the kernel bench at Qwen3-30B-A3B shapes, bf16/int4, 0/25/50/75% of slots on zero experts,
 #          T = 1..64, CUDA graphs                               -> zero_bench.json
-#   align  the zero step with the one-launch Triton moe_align (opt-in)  -> align_bench.json
+#   align  the zero-slot bench with MOECOMPRESS_TRITON_ALIGN=1 (the CUDA default since 2026-12-04) -> align_bench.json
 #   layer  benchmarks/gpu_layer_time.py: GPTQ/RTN quantize time per Qwen3-30B-A3B layer -> layer.json
 #   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py tests/test_pipeline_cuda.py -> tests.log
 #   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
@@ -182,7 +182,7 @@ for s in "${steps[@]}"; do
             --shapes qwen3-30b-a3b --tokens 1,4,16,64 --dtypes bf16,int4 --zero-frac 0,0.25,0.5,0.75 --cuda-graph \
             --iters 100 --baseline-iters 5 --json "$OUT/zero_bench.json"
         ;;
-    align)  # the zero-slot bench again with the one-launch Triton moe_align (MOECOMPRESS_TRITON_ALIGN=1)
+    align)  # the zero-slot bench with the one-launch Triton moe_align forced on (MOECOMPRESS_TRITON_ALIGN=1)
         run_step align "$(limit align)" env TRITON_INTERPRET=0 MOECOMPRESS_TRITON_ALIGN=1 "$PY" -m moecompress.kernels.bench \
             --shapes qwen3-30b-a3b --tokens 1,4,16 --dtypes bf16,int4 --zero-frac 0,0.5 --cuda-graph \
             --iters 100 --baseline-iters 3 --json "$OUT/align_bench.json"

@@ -4,8 +4,8 @@ Public ops, each ``<op>.py`` = launcher + small dataclasses + a ``<op>_torch`` r
 
 * ``routing.route``                    softmax / sigmoid(+bias, group-limited) top-k routing
 * ``moe_align.moe_align_block_size``   slots sorted by expert into GEMM blocks (zero experts dropped)
-* ``moe_align_triton.moe_align_block_size_triton``   the same in one launch, small slot counts (opt-in:
-  ``MOECOMPRESS_TRITON_ALIGN=1``)
+* ``moe_align_triton.moe_align_block_size_triton``   the same in one launch, small slot counts (default
+  on CUDA; ``MOECOMPRESS_TRITON_ALIGN=0`` turns it off)
 * ``fused_moe.fused_moe``              expert MLP, dense or int4/int8 group-quantized weights
 * ``quant_matmul.quant_linear``        dense int4/int8 group-quantized linear
 * ``rmsnorm.rmsnorm``                  RMSNorm with optional fused residual add

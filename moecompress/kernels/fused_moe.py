@@ -89,7 +89,9 @@ def fused_moe(
 
     cfg = _resolve_config(config, x, w13, w2, t)
     align = moe_align_block_size
-    if os.environ.get("MOECOMPRESS_TRITON_ALIGN") == "1":  # one launch instead of ~20 (opt-in until timed)
+    flag = os.environ.get("MOECOMPRESS_TRITON_ALIGN")  # "0": the torch version, "1": Triton on any device
+    if flag == "1" or (flag != "0" and x.device.type == "cuda"):
+        # one launch instead of ~20: 1.3-3.1x faster fused MoE at T <= 16 on an H200, same bits (2026-12-04)
         from .moe_align_triton import moe_align_block_size_triton as align
     aligned = align(topk_ids, cfg["BLOCK_M"], num_experts)
     rw = topk_weights.reshape(-1).float().contiguous()

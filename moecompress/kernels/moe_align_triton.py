@@ -4,8 +4,10 @@ The torch version (:mod:`.moe_align`) is ~20 small launches: at decode they cost
 GEMMs (the first H200 run measured ~89 us for a T = 1 Qwen3-30B-A3B layer whatever the share of zero
 slots). One program does all of it here: counts by a one-hot sum, padded offsets by a cumsum, each slot's
 rank among the earlier slots of its expert by a triangular compare, the block -> expert table by counting
-offsets. The same outputs as the torch version bit for bit (tests under the interpreter). Opt-in
-(``MOECOMPRESS_TRITON_ALIGN=1``) until it is timed on a GPU.
+offsets. The same outputs as the torch version bit for bit (tests under the interpreter; on an H200 the
+fused MoE's errors against its twin were identical with either). ``fused_moe`` uses it on CUDA by default
+(``MOECOMPRESS_TRITON_ALIGN=0`` turns it off, ``=1`` turns it on elsewhere): at Qwen3-30B-A3B shapes it cut
+the fused MoE from 88.8 to 39.2 us at T = 1 (bf16; int4 103.3 -> 52.5) and by 1.3-2x at T = 4-16.
 """
 
 from __future__ import annotations

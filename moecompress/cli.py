@@ -12,6 +12,7 @@ import sys
 import click
 
 from .errors import UserError
+from .units import parse_size
 
 
 def _rank_prefix() -> str:
@@ -188,21 +189,6 @@ def _deterministic_cuda() -> None:
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str, flag: str) -> int:
-    """'4GiB' / '500MB' / '123' -> bytes; UserError naming the flag otherwise."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
-        raise UserError(f"{flag} {text!r}: give a positive size such as 500MB, 4GiB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @cli.command("run")

@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .arch.handle import ModelHandle, decoder_layers
 from .calib.runner import LayerFeed, capture_layer_kwargs, prepare_embeddings
-from .checkpoint.partial import PartialRun, check_stale, resumable_output_dir, source_fingerprint
+from .checkpoint.partial import PartialRun, json_default, check_stale, resumable_output_dir, source_fingerprint
 from .checkpoint.writer import ShardedWriter, check_output_path, copy_side_files
 from .distributed import SINGLE, Ranks, chunk_batches
 from .errors import UserError
@@ -200,7 +200,7 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
     summary["size_bytes"] = writer.total_bytes
     summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])
     summary["timings_s"]["total"] = time.perf_counter() - t_start
-    (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
 
 
 def _agree(ranks: Ranks, fn):
@@ -280,9 +280,3 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "platform": sys.platform}
-
-
-def _json_default(o):
-    if torch.is_tensor(o):
-        return o.tolist()
-    return str(o)

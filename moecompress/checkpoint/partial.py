@@ -139,7 +139,7 @@ class PartialRun:
                     "source": self.source, "num_layers": num_layers, "layers_done": layers_done,
                     "writer": writer_state, "feed": prefix, "records": records, **(extra or {})}
         tmp = self.path / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(manifest, default=json_default) + "\n")
         os.replace(tmp, self.path / MANIFEST)
         self.layers_done, self._feed_prefix = layers_done, prefix
         self._drop_feeds(older_only=True)  # other ranks may already be saving the next layer's
@@ -215,7 +215,7 @@ def check_stale(run: PartialRun, resume: bool, overwrite: bool) -> dict | None:
                     "to continue it, or --overwrite to discard it")
 
 
-def _json_default(o):
+def json_default(o):
     if torch.is_tensor(o):
         return o.tolist()
     return str(o)

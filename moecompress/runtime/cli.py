@@ -51,7 +51,7 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: b
 def offload_placement(model_dir: str, spec: str, vram: str | None, load_json: str | None,
                       device: str) -> dict[int, list[int]]:
     """``--offload-experts auto|N`` as ``{moe layer: experts kept on the device}`` (``runtime.plan``)."""
-    from ..cli import parse_size
+    from ..units import parse_size
     from .plan import load_from_eval, model_parts, plan
 
     if not device.startswith("cuda"):

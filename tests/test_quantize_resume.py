@@ -92,6 +92,30 @@ def test_crash_then_resume_gives_the_same_bytes(deep, reference, tmp_path, monke
     assert not partial.exists()
 
 
+@pytest.mark.parametrize("where", ["side files", "finalize"])
+def test_crash_after_the_shards_are_named_then_resume(deep, reference, tmp_path, monkeypatch, where):
+    """Killed after the last layer, once the shards have their final names (and the manifest still names the
+    state of the last layer): resume finishes with the same bytes, and no spill is left in the output."""
+    from moecompress.checkpoint import partial as partial_mod
+
+    def crash(*a, **kw):
+        raise RuntimeError(f"simulated crash at {where}")
+
+    if where == "side files":
+        monkeypatch.setattr(pipeline, "copy_side_files", crash)
+    else:
+        monkeypatch.setattr(partial_mod.PartialRun, "finalize", crash)
+    out = tmp_path / "q"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    partial = tmp_path / ".q.partial"
+    assert list(partial.glob("model-*.safetensors"))  # the kill came after close() named the shards
+    monkeypatch.undo()
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    assert digest(out) == digest(reference)
+    assert not partial.exists()
+
+
 def test_resume_refuses_other_settings_and_overwrite_discards(deep, tmp_path, monkeypatch):
     out = tmp_path / "q"
     _crash_at(monkeypatch, 2)
@@ -167,7 +191,37 @@ def test_writer_restores_from_any_commit(tmp_path):
                 w._current._spill.flush()
             w2 = ShardedWriter(d, 3000, resume=state)
             write(d, tensors[commit_at:], w2).close()
+            w2.drop_finished_spills()  # what PartialRun.finalize does once the saved state is gone
             assert digest(d) == digest(ref), (commit_at, crash_at)
+
+    # killed in close(), after some or all shards got their final names: the state still resumes
+    for commit_at in (7, 20, 29):
+        for renamed in (1, 3, 99):
+            d = tmp_path / f"close-{commit_at}-{renamed}"
+            d.mkdir()
+            w = write(d, tensors[:commit_at])
+            state = json.loads(json.dumps(w.commit()))
+            w.drop_finished_spills()
+            write(d, tensors[commit_at:], w)
+            real_replace, calls = os.replace, []
+
+            def dying_replace(a, b):
+                if len(calls) == renamed:
+                    raise KeyboardInterrupt  # the kill, between two renames
+                calls.append(a)
+                real_replace(a, b)
+
+            os.replace = dying_replace
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    w.close()
+                    raise KeyboardInterrupt  # close finished: killed before the folder moved into place
+            finally:
+                os.replace = real_replace
+            w2 = ShardedWriter(d, 3000, resume=state)
+            write(d, tensors[commit_at:], w2).close()
+            w2.drop_finished_spills()
+            assert digest(d) == digest(ref), (commit_at, renamed)
 
 
 def _cli(src, out, *extra):

@@ -161,9 +161,12 @@ class PartialRun:
 
     def finalize(self, overwrite: bool) -> None:
         """Remove the resume state and rename the folder into place (replacing ``out`` with ``overwrite``)."""
-        (self.path / MANIFEST).unlink(missing_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)  # first: without it, nothing below is resumed from
         for f in self.path.glob("*feed-*.safetensors*"):
             f.unlink()
+        for f in self.path.glob(".*"):  # the state's other files (shard spills, temporaries): none is output
+            if f.is_file():
+                f.unlink()
         old = None
         if self.out.exists():
             if not overwrite:

@@ -133,7 +133,10 @@ class ShardedWriter:
         self._seen = {n for names in self._shards for n in names}
         n = len(self._shards)
         for i in range(n):  # finished before the state: their spills are no longer needed
+            self._unrename(i)
             self._shard_path(i).with_name(self._shard_path(i).name + ".data").unlink(missing_ok=True)
+        for f in [*self.folder.glob("model*.safetensors"), self.folder / "model.safetensors.index.json"]:
+            f.unlink(missing_ok=True)  # a killed close() named shards the state does not list as finished
         for f in self.folder.glob(".shard-*.safetensors*"):  # written after the state: dropped
             i = int(f.name.split("-")[1].split(".")[0])
             if i > n or (i == n and (state["current"] is None or f.suffix == ".safetensors")):
@@ -141,6 +144,18 @@ class ShardedWriter:
         if state["current"] is not None:
             self._current = StreamingSafetensors(self._shard_path(n), resume=state["current"])
             self._seen.update(self._current.names)
+
+    def _unrename(self, i: int) -> None:
+        """Shard ``i`` back at its working name, if a killed :meth:`close` had already given it its final one."""
+        path = self._shard_path(i)
+        if path.is_file():
+            return
+        final = sorted(self.folder.glob(f"model-{i + 1:05d}-of-*.safetensors"))
+        if i == 0 and (self.folder / "model.safetensors").is_file():
+            final.append(self.folder / "model.safetensors")
+        if not final:
+            raise RuntimeError(f"{path} is missing: the folder does not hold the shards its saved state lists")
+        os.replace(final[0], path)
 
     def commit(self) -> dict:
         """A state to resume from (JSON-able); every byte written so far is handed to the operating system.
@@ -188,9 +203,14 @@ class ShardedWriter:
             self._current = None
 
     def close(self) -> list[str]:
-        """Name the shards, write the index (when more than one), and return the shard file names."""
+        """Name the shards, write the index (when more than one), and return the shard file names.
+
+        A resumable writer keeps the spill files (hidden ``.shard-*.data``) of the shards finished since the
+        last :meth:`commit`: that saved state still needs them if the process dies before the output is in
+        place. Whoever moves the output into place removes them after the state (``checkpoint.partial``)."""
         self.flush()
-        self.drop_finished_spills()
+        if not self._resumable:
+            self.drop_finished_spills()
         n = len(self._shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, final in enumerate(names):

@@ -128,7 +128,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                     t, starved if cfg.starved_experts == "all-tokens" and t.expert_proj == "down" else (),
                     cfg.weight_by_routing) for t in stage}
                 groups = resolve(layer, handle.spec, {t.name for t in stage}, {t.name for t in targets}) if awq else []
-                sampler = _sampler(layer, handle, feed, awq) if any(g.group.loss == "block" for g in groups) else None
+                sampler = _sampler(layer, handle, feed, awq, ranks) if any(g.group.loss == "block" for g in groups) else None
                 t0 = time.perf_counter()
                 stats = capture(layer, specs, run, plan, sampler)
                 stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan)
@@ -172,12 +172,19 @@ def capture(layer, specs, run, plan: CalibPlan, sampler=None) -> dict:
     ranks, total, layout = plan.ranks, None, None
     for rnd in plan.rounds():
         c, part = plan.my_chunk(rnd), None
+        sampled = len(sampler.rows) if sampler is not None else 0
         if c is not None:
             with HessianCapture(layer, specs, skip_expert_outputs=True) as cap, \
                     (sampler or contextlib.nullcontext()):
                 run(plan.batches(c))
             part = cap.stats
         parts = [part]
+        if ranks.active and sampler is not None:  # AWQ's residual rows, every rank's in chunk order
+            rows = sampler.rows[sampled:]
+            del sampler.rows[sampled:]
+            for got in ranks.all_gather_objects(torch.cat(rows) if rows else None):
+                if got is not None:
+                    sampler.rows.append(got.to(_layer_device(layer)))
         if ranks.active:  # rank r holds chunk rnd[r]: gathered in rank order is chunk order
             if layout is None:
                 layout = ranks.broadcast_object(stats_layout(part) if ranks.main else None)
@@ -193,9 +200,10 @@ def _layer_device(layer) -> torch.device:
     return next(p.device for p in layer.parameters())
 
 
-def _sampler(layer, handle: ModelHandle, feed: LayerFeed, awq: AwqSettings) -> ResidualSampler:
-    """Every n-th residual row at the router-input norm, about ``awq.search_tokens`` of them."""
-    total = sum(h.numel() // h.shape[-1] for h in feed.hidden)
+def _sampler(layer, handle: ModelHandle, feed: LayerFeed, awq: AwqSettings, ranks: Ranks = SINGLE) -> ResidualSampler:
+    """Every n-th residual row at the router-input norm, about ``awq.search_tokens`` of them (n from the
+    row count of every rank's batches, so that the rows are those of one process)."""
+    total = sum(ranks.all_gather_objects(sum(h.numel() // h.shape[-1] for h in feed.hidden)))
     return ResidualSampler(layer.get_submodule(handle.spec.router_input_norm), -(-total // awq.search_tokens))
 
 

@@ -36,28 +36,49 @@ def check_lm_head(handle: ModelHandle, qspec, fmt: str) -> None:
 
 
 @torch.no_grad()
-def final_norm_hessian(norm: torch.nn.Module, hidden: list[torch.Tensor]) -> torch.Tensor:
-    """GPTQ's ``H = 2/n sum x x^T`` over the normed final hidden states of every calibration batch."""
-    sums, n = None, 0
-    for h in hidden:
-        x = norm(h).reshape(-1, h.shape[-1]).float()
-        sums = x.T @ x if sums is None else sums.addmm_(x.T, x)
-        n += x.shape[0]
-    return 2.0 * sums / max(n, 1)
+def final_norm_hessian(norm: torch.nn.Module, hidden: list[torch.Tensor], plan=None) -> torch.Tensor:
+    """GPTQ's ``H = 2/n sum x x^T`` over the normed final hidden states of every calibration batch.
+
+    ``plan`` (``layer_quantize.CalibPlan``): ``hidden`` holds this rank's batches; the sums are taken chunk by
+    chunk and added in chunk order across the ranks, so any rank count gives the bytes of one process."""
+    if plan is None:
+        from .layer_quantize import CalibPlan
+
+        plan = CalibPlan([range(len(hidden))])
+    ranks, total, n = plan.ranks, None, 0
+    width = hidden[0].shape[-1] if hidden else norm.weight.shape[-1]
+    for rnd in plan.rounds():
+        c = plan.my_chunk(rnd)
+        part = torch.zeros(width * width + 1, dtype=torch.float64, device=norm.weight.device)
+        if c is not None:
+            sums = torch.zeros(width, width, dtype=torch.float32, device=norm.weight.device)
+            for b in plan.batches(c):
+                x = norm(hidden[b]).reshape(-1, width).float()
+                sums.addmm_(x.T, x)
+                part[-1] += x.shape[0]
+            part[:-1] = sums.reshape(-1)
+        for p in ranks.all_gather_flat(part)[:len(rnd)]:  # rank r holds chunk rnd[r]: chunk order
+            sums = p[:-1].reshape(width, width).float()
+            total = sums if total is None else total + sums
+            n += int(p[-1].item())
+    return 2.0 * total / max(n, 1)
 
 
-def quantize_lm_head(handle: ModelHandle, model, hidden: list[torch.Tensor] | None, cfg, qspec,
+def lm_head_hessian(handle: ModelHandle, model, hidden: list[torch.Tensor], plan, device, dtype,
+                    store_dtype: torch.dtype) -> torch.Tensor:
+    """The head's Hessian from the final residual stream (every rank takes part under torchrun)."""
+    norm = handle.load_module(model, "model.norm", device, dtype)
+    check_finite(norm.weight, handle.non_layer_disk_name("model.norm.weight") or "model.norm.weight", dtype, store_dtype)
+    h = final_norm_hessian(norm, hidden, plan)
+    model.model.norm.to("meta")
+    return h
+
+
+def quantize_lm_head(handle: ModelHandle, model, h: torch.Tensor | None, cfg, qspec,
                      store_dtype: torch.dtype, device, dtype) -> tuple[QuantizedWeight, dict]:
-    """(quantized head, its error record); ``hidden``: the final residual stream per batch (None: RTN without data)."""
+    """(quantized head, its error record); ``h``: its Hessian (:func:`lm_head_hessian`; None: RTN without data)."""
     head = handle.load_module(model, "lm_head", device, dtype)
     check_finite(head.weight, "lm_head.weight", dtype, store_dtype)
-    h = None
-    if hidden is not None:
-        norm = handle.load_module(model, "model.norm", device, dtype)
-        check_finite(norm.weight, handle.non_layer_disk_name("model.norm.weight") or "model.norm.weight",
-                     dtype, store_dtype)
-        h = final_norm_hessian(norm, hidden)
-        model.model.norm.to("meta")
     try:
         res = solve(head.weight.data, h, qspec, cfg.solver, store_dtype, damp=cfg.damp,
                     block_size=cfg.block_size, refine_rounds=cfg.refine_rounds)

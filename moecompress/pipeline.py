@@ -29,7 +29,7 @@ from .distributed import SINGLE, Ranks, chunk_batches
 from .errors import UserError
 from .export import encode, kept_module_names, layer_tensors, quantization_config
 from .finite import check_finite, check_finite_layer
-from .lm_head import check_lm_head, quantize_lm_head
+from .lm_head import check_lm_head, lm_head_hessian, quantize_lm_head
 from .memory import release_freed_memory
 from .layer_quantize import CalibPlan
 from .layer_quantize import quantize_layer as _quantize_layer
@@ -89,9 +89,6 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         raise UserError(f"{model_dir} is already quantized ({handle.reader.config['quantization_config'].get('quant_method')}); "
                         "quantize its float original instead")
     check_output_path(model_dir, out_dir, overwrite)
-    if ranks.active and (cfg.awq or cfg.quantize_lm_head):
-        raise UserError(f"{'--method ' + cfg.method if cfg.awq else '--quantize-lm-head'} runs on one process for "
-                        "now; launch it without torchrun")
     partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes},
                          source_fingerprint(model_dir))
     saved = _agree(ranks, lambda: check_stale(partial, resume, overwrite))
@@ -163,20 +160,23 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             record["seconds"] = time.perf_counter() - t0
             summary["layers"].append(record)
             _commit(partial, i + 1, handle.num_layers, writer, summary, quantized_names, feed, plan, ranks)
+        head_h = None  # lm_head's Hessian: every rank adds its batches' part
+        if cfg.quantize_lm_head and feed is not None:
+            head_h = lm_head_hessian(handle, model, feed.hidden, plan, device, dtype, store_dtype)
         summary["distributed"] = _rank_report(ranks, plan, t_start)
         if ranks.main:
             _finish(handle, model, model_dir, tmp, writer, cfg, qspec, summary, quantized_names, store_dtype, device,
-                    dtype, feed, t_start)
+                    dtype, head_h, t_start)
     ranks.barrier()  # the other ranks return once the output is in place
     return summary
 
 
 def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: ShardedWriter, cfg: QuantizeConfig, qspec,
-            summary: dict, quantized_names: set[str], store_dtype, device, dtype, feed: LayerFeed | None,
+            summary: dict, quantized_names: set[str], store_dtype, device, dtype, head_h: torch.Tensor | None,
             t_start: float) -> None:
     """Rank 0, after the layers: lm_head, the other float tensors, the configs, moecompress.json."""
     if cfg.quantize_lm_head:
-        qw, summary["lm_head"] = quantize_lm_head(handle, model, feed.hidden if feed else None, cfg, qspec,
+        qw, summary["lm_head"] = quantize_lm_head(handle, model, head_h, cfg, qspec,
                                                   store_dtype, device, dtype)
         for k, v in encode(cfg.format, qw, store_dtype).items():
             writer.add(f"lm_head.{k}", v)

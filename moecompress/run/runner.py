@@ -182,7 +182,7 @@ class Runner:
     def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict | None:
         from ..distributed import SINGLE
 
-        split = isinstance(v.config, QuantizeConfig) and not (v.config.awq or v.config.quantize_lm_head)
+        split = isinstance(v.config, QuantizeConfig)
         if not self.ranks.main and not split:
             return None  # rank 0 builds it alone
         if isinstance(v.config, SkipBaseline):

@@ -32,3 +32,59 @@ def test_moe_block_with_zero_experts_in_the_router(gen):
     block = MoEBlock(router, None, experts, Routing(top_k=2, scoring="softmax", renormalize=True))
     x = torch.rand(1, 5, h, generator=gen) + 0.1
     assert torch.equal(block(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("rule", [None, ("top-k", 5.0), ("threshold", 0.3), ("top-p", 0.7)])
+@pytest.mark.parametrize("scaling", [1.0, 2.5])
+def test_one_token_fast_path_matches_the_general_path(gen, rule, scaling):
+    """Decode on the torch path: the top-k of the logits + a softmax over them, the rule on lists and the
+    per-expert views give the general path's experts and outputs (to rounding), zero experts included."""
+    e, z, h, i, k = 16, 4, 32, 16, 8
+    router = torch.randn(e + z, h, generator=gen)
+    bias = torch.cat([torch.zeros(e), torch.full((z,), 1.5)])
+    experts = Experts(torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen), use_kernels=False)
+    block = MoEBlock(router, None, experts, Routing(top_k=k, scoring="softmax", renormalize=True, num_zero=z,
+                                                    rule=rule, scaling=scaling), logit_bias=bias)
+    assert block._one_token_route
+    skipped = 0
+    for _ in range(40):
+        x = torch.randn(1, 1, h, generator=gen)
+        ids, w = block._route_one(x[0])
+        ref_w, ref_ids = block.route(x[0])
+        assert ids == ref_ids[0].tolist()
+        torch.testing.assert_close(torch.tensor(w), ref_w[0], rtol=1e-6, atol=1e-7)
+        skipped += sum(j >= e for j in ids)
+        general = _experts_torch_ref(block, x[0], ref_w, ref_ids)
+        torch.testing.assert_close(block(x)[0], general, rtol=1e-4, atol=1e-4)
+    assert skipped > 0  # zero experts (and the rule) took slots
+
+
+def _experts_torch_ref(block, x, w, ids):
+    from moecompress.runtime.moe import _experts_torch
+
+    two = torch.cat([x, x])  # two tokens: the general (sorted, grouped) path
+    return _experts_torch(two, block.experts.w13, block.experts.w2, torch.cat([w, w]), torch.cat([ids, ids]))[:1]
+
+
+def test_fast_path_is_off_where_routing_differs(gen):
+    e, h, i = 8, 16, 8
+    experts = Experts(torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen), use_kernels=False)
+    router = torch.randn(e, h, generator=gen)
+    for routing, bias in ((Routing(top_k=2, scoring="sigmoid", renormalize=True), None),
+                          (Routing(top_k=2, scoring="softmax", renormalize=False), None),
+                          (Routing(top_k=2, scoring="softmax", renormalize=True), torch.zeros(e)),
+                          (Routing(top_k=2, scoring="softmax", renormalize=True, n_group=2, topk_group=1), None)):
+        assert not MoEBlock(router, bias, experts, routing)._one_token_route
+
+
+@pytest.mark.parametrize("kind,value", [("top-k", 3.0), ("top-k", 0.0), ("threshold", 0.5), ("threshold", 0.0),
+                                        ("top-p", 0.5), ("top-p", 1.0)])
+def test_apply_rule_one_matches_apply_rule(gen, kind, value):
+    from moecompress.zero.routing import apply_rule, apply_rule_one
+
+    e, k = 10, 6
+    for _ in range(50):
+        w, ids = torch.rand(1, 14, generator=gen).softmax(-1).topk(k, dim=-1)
+        ids = ids.to(torch.int32)
+        ref = apply_rule(w, ids, (kind, value), e, sorted_desc=True)[0].tolist()
+        assert apply_rule_one(w[0].tolist(), ids[0].tolist(), (kind, value), e) == ref

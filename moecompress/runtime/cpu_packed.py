@@ -213,13 +213,9 @@ class CpuExperts(nn.Module):
         """Sum over each token's experts of ``weight * expert(x)``; ids >= E (zero experts) touch nothing."""
         t, k = ids.shape
         e = self.num_experts
-        out = torch.zeros_like(x)
         if t == 1:
-            for ex, wj in zip(ids[0].tolist(), weights[0].tolist()):
-                if ex < e:
-                    gate, up = self.gate_up[ex](x).chunk(2, dim=-1)
-                    out.add_(self.down[ex](F.silu(gate) * up), alpha=wj)
-            return out
+            return self.forward_one(x, ids[0].tolist(), weights[0].tolist())
+        out = torch.zeros_like(x)
         from .moe import expert_groups
 
         flat_w = weights.reshape(-1)
@@ -227,6 +223,15 @@ class CpuExperts(nn.Module):
             gate, up = self.gate_up[ex](x[tok]).chunk(2, dim=-1)
             y = self.down[ex](F.silu(gate) * up) * flat_w[slots, None]
             out.index_add_(0, tok, y.to(x.dtype))
+        return out
+
+    def forward_one(self, x: torch.Tensor, ids: list[int], weights: list[float]) -> torch.Tensor:
+        """One token, its routing as lists (``MoEBlock``'s decode fast path)."""
+        out = torch.zeros_like(x)
+        for ex, wj in zip(ids, weights):
+            if ex < self.num_experts:
+                gate, up = self.gate_up[ex](x).chunk(2, dim=-1)
+                out.add_(self.down[ex](F.silu(gate) * up), alpha=wj)
         return out
 
 

@@ -117,3 +117,28 @@ def apply_rule(weights: torch.Tensor, ids: torch.Tensor, rule: tuple[str, float]
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
         drop = real & ~keep
     return torch.where(drop, torch.full_like(ids, num_experts), ids)
+
+
+def apply_rule_one(weights: list[float], ids: list[int], rule: tuple[str, float], num_experts: int) -> list[int]:
+    """:func:`apply_rule` for one token whose slots come in decreasing weight order, on Python lists (the
+    runtime's one-token decode path: a few list operations instead of a dozen small tensor ops). The sums
+    are taken in double precision: a slot within rounding of the rule's boundary may fall the other way."""
+    kind, value = rule
+    real = [e < num_experts for e in ids]
+    if kind == "threshold":
+        top = max((w for w, r in zip(weights, real) if r), default=0.0)
+        return [num_experts if r and w < value * top else e for w, e, r in zip(weights, ids, real)]
+    if kind == "top-k":
+        out, kept = [], 0
+        for e, r in zip(ids, real):
+            kept += r
+            out.append(num_experts if r and kept > int(value) else e)
+        return out
+    if kind == "top-p":
+        total = sum(w for w, r in zip(weights, real) if r)
+        out, before = [], 0.0
+        for w, e, r in zip(weights, ids, real):
+            out.append(num_experts if r and not before < value * total else e)
+            before += w if r else 0.0
+        return out
+    raise ValueError(f"unknown rule {kind!r}")

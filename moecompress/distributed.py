@@ -95,18 +95,19 @@ class Ranks:
         self.comm_bytes += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != self.rank)
         return out
 
-    def all_gather_flat(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` (1-D, same length and dtype on every rank) from every rank, in rank order."""
+    def broadcast_flat(self, flat: torch.Tensor, src: int) -> torch.Tensor:
+        """``flat`` (1-D) of rank ``src``, on the collective's device (the CPU under gloo, this rank's GPU under
+        NCCL); the others pass a tensor of the same length and dtype to fill."""
         if not self.active:
-            return [flat]
+            return flat
         t0 = time.perf_counter()
         dev = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
-        src = flat.to(dev)
-        out = [torch.empty_like(src) for _ in range(self.world)]
-        dist.all_gather(out, src)
+        t = flat.to(dev).contiguous()
+        dist.broadcast(t, src=src)
         self.comm_s += time.perf_counter() - t0
-        self.comm_bytes += (self.world - 1) * src.numel() * src.element_size()
-        return [o.to(flat.device) for o in out]
+        if src != self.rank:
+            self.comm_bytes += t.numel() * t.element_size()
+        return t
 
     def gather_solved(self, parts: dict[int, tuple], owner_of) -> dict[int, tuple]:
         """Every rank's solved parts ``{start: (QuantizedWeight, infos, base errors or None)}``, on every rank:

@@ -178,21 +178,27 @@ def capture(layer, specs, run, plan: CalibPlan, sampler=None) -> dict:
                     (sampler or contextlib.nullcontext()):
                 run(plan.batches(c))
             part = cap.stats
-        parts = [part]
         if ranks.active and sampler is not None:  # AWQ's residual rows, every rank's in chunk order
             rows = sampler.rows[sampled:]
             del sampler.rows[sampled:]
             for got in ranks.all_gather_objects(torch.cat(rows) if rows else None):
                 if got is not None:
                     sampler.rows.append(got.to(_layer_device(layer)))
-        if ranks.active:  # rank r holds chunk rnd[r]: gathered in rank order is chunk order
-            if layout is None:
-                layout = ranks.broadcast_object(stats_layout(part) if ranks.main else None)
-            flats = {k: ranks.all_gather_flat(v) for k, v in pack_stats(part, layout).items()}
-            device = _layer_device(layer)  # where the statistics are captured
-            parts = [unpack_stats({k: g[r] for k, g in flats.items()}, layout, device) for r in range(len(rnd))]
-        for p in parts:
+        if not ranks.active:
+            total = part if total is None else add_stats(total, part)
+            continue
+        # rank r holds chunk rnd[r]: each chunk's sums in turn from its rank, added in chunk order. One
+        # chunk at a time, so a rank holds the total and one chunk's statistics, whatever the rank count
+        if layout is None:
+            layout = ranks.broadcast_object(stats_layout(part) if ranks.main else None)
+        device = _layer_device(layer)  # where the statistics are captured
+        mine = pack_stats(part, layout) if part is not None else None
+        del part
+        for r in range(len(rnd)):
+            buf, mine = (mine, None) if r == ranks.rank else (pack_stats(None, layout), mine)
+            p = unpack_stats({k: ranks.broadcast_flat(v, src=r) for k, v in buf.items()}, layout, device)
             total = p if total is None else add_stats(total, p)
+            del buf, p
     return total or {}
 
 

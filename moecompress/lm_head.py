@@ -57,7 +57,8 @@ def final_norm_hessian(norm: torch.nn.Module, hidden: list[torch.Tensor], plan=N
                 sums.addmm_(x.T, x)
                 part[-1] += x.shape[0]
             part[:-1] = sums.reshape(-1)
-        for p in ranks.all_gather_flat(part)[:len(rnd)]:  # rank r holds chunk rnd[r]: chunk order
+        for r in range(len(rnd)):  # rank r holds chunk rnd[r]: chunk order, one chunk at a time
+            p = ranks.broadcast_flat(part if r == ranks.rank else torch.zeros_like(part), src=r).to(part.device)
             sums = p[:-1].reshape(width, width).float()
             total = sums if total is None else total + sums
             n += int(p[-1].item())

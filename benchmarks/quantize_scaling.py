@@ -17,8 +17,9 @@ Projected: per layer, time on N GPUs = compute / N + communication, where
   tokens x (attention weights + top-k x expert weights) + routed tokens x K^2 (the Hessians);
 * dividing by N assumes the work splits evenly: ``reduce_chunks`` = 8 chunks of calibration batches and
   expert blocks of 16 (8 per projection of 128 experts), both divisible by N <= 8;
-* communication: the bytes each rank receives per layer (the byte model: every chunk's statistics but its
-  own are all-gathered, and the solved parts it does not own are broadcast to it) over ``--link-gbps``
+* communication: the bytes each rank receives per layer (the byte model: the other chunks' statistics are
+  broadcast one chunk at a time, except the per-expert sums, which only each block's owner receives, and the
+  solved parts it does not own are broadcast to it) over ``--link-gbps``
   (default 360 GB/s: NCCL's all-gather bus bandwidth on 8 H100/H200 SXM with NVSwitch, as nccl-tests
   report it), plus ``--latency-us`` per collective.
 """
@@ -74,11 +75,29 @@ def solved_bytes(s: Shape, group: int = 128) -> int:
     return lin(q, h) + 2 * lin(kv, h) + lin(h, q) + lin(2 * i, h, e) + lin(h, i, e)
 
 
+def expert_sums_bytes(s: Shape) -> int:
+    """The per-expert sums of one chunk (both projections): reduced to each block's owner only."""
+    return s.experts * (s.hidden ** 2 + s.inter ** 2) * F32
+
+
 def received_bytes(s: Shape, ranks: int, chunks: int = 8) -> float:
+    """Mean bytes a rank receives per layer: the replicated statistics of the other ranks' chunks, its
+    share (1/N) of their per-expert sums, and the solved parts it does not own."""
     if ranks == 1:
         return 0.0
     rounds = -(-chunks // ranks)
-    return rounds * (ranks - 1) * stats_bytes(s) + (ranks - 1) / ranks * solved_bytes(s)
+    replicated = stats_bytes(s) - expert_sums_bytes(s)
+    return rounds * (ranks - 1) * (replicated + expert_sums_bytes(s) / ranks) + (ranks - 1) / ranks * solved_bytes(s)
+
+
+def collectives(ranks: int, chunks: int = 8, blocks: int = 8, captures: int = 4, solved_parts: int = 20) -> int:
+    """Collectives per layer: per capture and round a shape broadcast, one broadcast per rank and dtype (2)
+    and N - 1 point-to-point sends per expert block of the two expert projections; per solved part a
+    metadata gather and ~5 tensor broadcasts."""
+    if ranks == 1:
+        return 0
+    rounds = -(-chunks // ranks)
+    return captures * rounds * (1 + 2 * ranks) + 2 * blocks * rounds * (ranks - 1) + 6 * solved_parts
 
 
 def solve_ops(s: Shape) -> float:
@@ -95,13 +114,13 @@ def calib_ops(s: Shape) -> float:
 
 
 def project(shape: Shape, anchor_s: float, solve_share: float, link_gbps: float, latency_us: float,
-            collectives: int, ranks=(1, 2, 4, 8)) -> list[dict]:
+            ranks=(1, 2, 4, 8)) -> list[dict]:
     base = REAL["qwen3-30b-a3b"]
     solve = anchor_s * solve_share * solve_ops(shape) / solve_ops(base)
     calib = anchor_s * (1 - solve_share) * calib_ops(shape) / calib_ops(base)
     out = []
     for n in ranks:
-        comm = received_bytes(shape, n) / (link_gbps * 1e9) + (collectives * latency_us * 1e-6 if n > 1 else 0)
+        comm = received_bytes(shape, n) / (link_gbps * 1e9) + collectives(n) * latency_us * 1e-6
         layer = (solve + calib) / n + comm
         out.append({"shape": shape.name, "ranks": n, "layer_s": layer, "compute_s": (solve + calib) / n,
                     "comm_s": comm, "comm_share": comm / layer, "received_gb": received_bytes(shape, n) / 1e9,
@@ -165,14 +184,11 @@ def main(argv=None) -> int:
                   f"{100 * lr['comm_s'] / lr['seconds']:6.1f}%")
         print(f"{n:>5}   all wall {r['wall_s']:.2f} s" + (f" ({measured[ranks[0]]['wall_s'] / r['wall_s']:.2f}x "
                                                         f"the {ranks[0]}-rank run)" if n != ranks[0] else ""))
-    # collectives per layer: 1 layout broadcast + one all-gather per dtype per round, per capture (3 stages
-    # + the starved recapture at most) and per solved part (meta gather + 3-5 broadcasts)
-    collectives = 4 * (1 + 2 * 8) + (4 + 2 * 8) * 5
     proj = [row for name in REAL for row in project(REAL[name], args.anchor_s, args.anchor_solve_share,
-                                                    args.link_gbps, args.latency_us, collectives)]
+                                                    args.link_gbps, args.latency_us)]
     print(f"\nPROJECTION (not measured): anchor {args.anchor_s} s per Qwen3-30B-A3B layer on one H200 "
           f"(solve share {args.anchor_solve_share}), link {args.link_gbps:.0f} GB/s, {args.latency_us:.0f} us x "
-          f"{collectives} collectives per layer")
+          f"{', '.join(f'{collectives(n)} ({n} GPUs)' for n in (2, 4, 8))} collectives per layer")
     print(f"{'shape':>16} {'GPUs':>4} {'layer s':>8} {'compute s':>9} {'comm s':>7} {'comm %':>7} {'recv GB':>8} "
           f"{'model min':>9}")
     for p in proj:
@@ -181,7 +197,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"measured": measured, "projection": proj, "assumptions": {
             "anchor_s": args.anchor_s, "anchor_solve_share": args.anchor_solve_share, "link_gbps": args.link_gbps,
-            "latency_us": args.latency_us, "collectives_per_layer": collectives}}, indent=1) + "\n")
+            "latency_us": args.latency_us, "collectives_per_layer": {n: collectives(n) for n in (2, 4, 8)}}},
+            indent=1) + "\n")
     return 0
 
 

@@ -101,13 +101,30 @@ class Ranks:
         if not self.active:
             return flat
         t0 = time.perf_counter()
-        dev = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
-        t = flat.to(dev).contiguous()
+        t = flat.to(self._comm_device()).contiguous()
         dist.broadcast(t, src=src)
         self.comm_s += time.perf_counter() - t0
         if src != self.rank:
             self.comm_bytes += t.numel() * t.element_size()
         return t
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Point to point (from the collective's device: the CPU under gloo, this rank's GPU under NCCL)."""
+        t0 = time.perf_counter()
+        dist.send(t.to(self._comm_device()).contiguous(), dst=dst)
+        self.comm_s += time.perf_counter() - t0
+
+    def recv(self, shape: tuple, dtype: torch.dtype, src: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        t = torch.empty(shape, dtype=dtype, device=self._comm_device())
+        dist.recv(t, src=src)
+        self.comm_s += time.perf_counter() - t0
+        self.comm_bytes += t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def _comm_device() -> torch.device:
+        return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
 
     def gather_solved(self, parts: dict[int, tuple], owner_of) -> dict[int, tuple]:
         """Every rank's solved parts ``{start: (QuantizedWeight, infos, base errors or None)}``, on every rank:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch.handle import ModelHandle
-from .calib.capture import HessianCapture, add_stats, pack_stats, stats_layout, unpack_stats
+from .calib.capture import HessianCapture, add_stats, pack_stats, stats_bytes, stats_layout, unpack_stats
 from .calib.runner import LayerFeed, attention_half, mlp_half, run_layer
 from .distributed import SINGLE, Ranks
 from .errors import UserError
@@ -41,6 +41,7 @@ class CalibPlan:
     ranks: Ranks = field(default_factory=Ranks)
     mine: list[int] = field(init=False)
     local: dict[int, int] = field(init=False)
+    peak_stats_bytes: int = field(init=False, default=0)  # the most statistics this rank held at once
 
     def __post_init__(self):
         self.mine = [c for c in range(len(self.chunks)) if c % self.ranks.world == self.ranks.rank]
@@ -129,9 +130,14 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                     cfg.weight_by_routing) for t in stage}
                 groups = resolve(layer, handle.spec, {t.name for t in stage}, {t.name for t in targets}) if awq else []
                 sampler = _sampler(layer, handle, feed, awq, ranks) if any(g.group.loss == "block" for g in groups) else None
+                # across processes, each expert block's sums go to the rank that solves it (AWQ's search
+                # reads every expert's, so it keeps them all)
+                owners = {t.name: _owner_of(ranks, cfg.expert_chunk, targets.index(t)) for t in stage
+                          if t.expert_proj is not None} if ranks.active and not awq else None
                 t0 = time.perf_counter()
-                stats = capture(layer, specs, run, plan, sampler)
-                stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan)
+                stats = capture(layer, specs, run, plan, sampler, owners, cfg.expert_chunk)
+                stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan, owners)
+                plan.peak_stats_bytes = max(plan.peak_stats_bytes, stats_bytes(stats))
                 clock["calib_s"] += time.perf_counter() - t0
                 if groups:
                     bar.set_postfix_str(f"AWQ scales ({len(groups)} groups)")
@@ -166,10 +172,14 @@ def _runner(layer, i: int, feed: LayerFeed, mids, split: bool):
     return lambda bs: run_layer(layer, i, feed, False, bs)
 
 
-def capture(layer, specs, run, plan: CalibPlan, sampler=None) -> dict:
+def capture(layer, specs, run, plan: CalibPlan, sampler=None, owners: dict | None = None, block: int = 16) -> dict:
     """The targets' statistics: captured chunk by chunk (each summed from zero over its batches), the chunks
-    added in chunk order; the capture passes' outputs are thrown away (experts compute nothing there)."""
+    added in chunk order; the capture passes' outputs are thrown away (experts compute nothing there).
+
+    ``owners`` (across processes): ``{stats name: owner_of(first expert)}`` for the experts' statistics
+    whose per-expert sums only the owner of each ``block`` of experts receives (:func:`_reduce_owned`)."""
     ranks, total, layout = plan.ranks, None, None
+    owned_sums: dict = {}
     for rnd in plan.rounds():
         c, part = plan.my_chunk(rnd), None
         sampled = len(sampler.rows) if sampler is not None else 0
@@ -189,9 +199,13 @@ def capture(layer, specs, run, plan: CalibPlan, sampler=None) -> dict:
             continue
         # rank r holds chunk rnd[r]: each chunk's sums in turn from its rank, added in chunk order. One
         # chunk at a time, so a rank holds the total and one chunk's statistics, whatever the rank count
+        device = _layer_device(layer)  # where the statistics are captured
+        if owners:
+            sharded = _take_sums(part, owners)
+            _reduce_owned(sharded, owners, block, len(rnd), ranks, owned_sums, device)
+            del sharded
         if layout is None:
             layout = ranks.broadcast_object(stats_layout(part) if ranks.main else None)
-        device = _layer_device(layer)  # where the statistics are captured
         mine = pack_stats(part, layout) if part is not None else None
         del part
         for r in range(len(rnd)):
@@ -199,7 +213,47 @@ def capture(layer, specs, run, plan: CalibPlan, sampler=None) -> dict:
             p = unpack_stats({k: ranks.broadcast_flat(v, src=r) for k, v in buf.items()}, layout, device)
             total = p if total is None else add_stats(total, p)
             del buf, p
+    for name in owners or {}:
+        if total is not None and name in total and torch.is_tensor(total[name].sums) and total[name].sums.numel() == 0:
+            total[name].sums = owned_sums.get(name, {})  # the blocks this rank owns (maybe none)
     return total or {}
+
+
+def _take_sums(part: dict | None, owners: dict) -> dict:
+    """The per-expert sums of the sharded statistics, replaced in ``part`` by empty tensors (the rest of
+    ``part`` is reduced to every rank; these go to their owners)."""
+    out = {}
+    if part is None:
+        return out
+    for name in owners:
+        st = part.get(name)
+        if st is not None and torch.is_tensor(st.sums) and st.sums.dim() == 3:
+            out[name], st.sums = st.sums, st.sums.new_zeros(0)
+    return out
+
+
+def _reduce_owned(sharded: dict, owners: dict, block: int, chunks: int, ranks: Ranks, owned: dict, device) -> None:
+    """Add this round's chunks of every sharded sum into ``owned[name][first expert]`` on the block's owner
+    only, in chunk order (rank r holds chunk r of the round): what one process would add, held by one rank.
+    Names and shapes come from rank 0 (it always holds the round's first chunk)."""
+    shapes = ranks.broadcast_object({n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in
+                                     sharded.items()} if ranks.main else None)
+    for name in sorted(shapes):
+        (e, k, _), dtype = shapes[name]
+        for s in range(0, e, block):
+            o, n = owners[name](s), min(block, e - s)
+            for r in range(chunks):
+                if r == ranks.rank:
+                    part = sharded[name][s:s + n]
+                    if o != r:
+                        ranks.send(part, dst=o)
+                        continue
+                elif o == ranks.rank:
+                    part = ranks.recv((n, k, k), getattr(torch, dtype), src=r).to(device)
+                else:
+                    continue
+                acc = owned.setdefault(name, {})
+                acc[s] = part.clone() if s not in acc else acc[s].add_(part)
 
 
 def _layer_device(layer) -> torch.device:
@@ -232,7 +286,7 @@ def _awq_stage(layer, i: int, handle: ModelHandle, groups, stats, sampler, awq: 
     return recs
 
 
-def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan):
+def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan, owners=None):
     """Find experts with too few routed tokens, log the decision, and recapture what they need."""
     for t in stage:
         if t.expert_proj != "gate_up" or t.name not in stats:
@@ -251,7 +305,7 @@ def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan):
         downs = [d for d in stage if d.expert_proj == "down"]
         if starved and cfg.starved_experts == "all-tokens" and downs:
             specs = {d.name: capture_spec(d, starved, cfg.weight_by_routing) for d in downs}
-            stats.update(capture(layer, specs, run, plan))
+            stats.update(capture(layer, specs, run, plan, owners=owners, block=cfg.expert_chunk))
     return stats
 
 
@@ -265,13 +319,14 @@ def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, reco
         if t.expert_proj == "gate_up" and starved and cfg.starved_experts == "all-tokens":
             # the gate/up input of a starved expert is any token of the layer: use all of them
             all_h = 2.0 * st.extra["all_sums"] / max(int(st.extra["all_count"]), 1)
-            for e in starved:
-                h[e] = all_h
+            for s, blk in (h.items() if isinstance(h, dict) else [(0, h)]):
+                for e in starved:
+                    if s <= e < s + blk.shape[0]:
+                        blk[e - s] = all_h
     experts = param.shape[0] if param.dim() == 3 else 0
     owned = gather = None
     if ranks.active:  # expert blocks, or the whole dense linear, spread over the ranks
-        chunk = cfg.expert_chunk
-        owner_of = lambda s: (s // chunk + t_index) % ranks.world  # noqa: E731
+        owner_of = _owner_of(ranks, cfg.expert_chunk, t_index)
         owned = lambda s: owner_of(s) == ranks.rank  # noqa: E731
         gather = lambda parts: ranks.gather_solved(parts, owner_of)  # noqa: E731
     bar = tqdm(total=experts, desc=f"  {t.name}", unit="expert", leave=False,
@@ -291,3 +346,9 @@ def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, reco
     param.data.copy_(res.dequantized.to(param.dtype))
     results[t] = res.qweight
     record["linears"][t.name] = res.info if t.expert_proj else res.info[0]
+
+
+def _owner_of(ranks: Ranks, chunk: int, t_index: int):
+    """The rank that solves the block of ``chunk`` experts (or the dense linear) starting at ``s``, for the
+    ``t_index``-th target of the layer: blocks dealt round-robin, each target starting one rank further."""
+    return lambda s: (s // chunk + t_index) % ranks.world

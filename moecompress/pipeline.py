@@ -222,7 +222,8 @@ def _agree(ranks: Ranks, fn):
 def _rank_report(ranks: Ranks, plan: CalibPlan | None, t_start: float) -> dict:
     """Rank count, and per rank: wall time so far, time and bytes in collectives, chunks run."""
     mine = {"rank": ranks.rank, "seconds": time.perf_counter() - t_start, "comm_s": ranks.comm_s,
-            "comm_bytes_received": ranks.comm_bytes, "chunks": plan.mine if plan is not None else []}
+            "comm_bytes_received": ranks.comm_bytes, "chunks": plan.mine if plan is not None else [],
+            "peak_stats_bytes": plan.peak_stats_bytes if plan is not None else 0}
     return {"world_size": ranks.world, "reduce_chunks": len(plan.chunks) if plan is not None else 0,
             "ranks": ranks.all_gather_objects(mine)}
 

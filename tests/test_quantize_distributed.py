@@ -43,6 +43,7 @@ def test_two_and_three_ranks_write_the_bytes_of_one(tiny_ckpt, tmp_path, family,
     src = tiny_ckpt(family)
     _run(_single(src, tmp_path / "one", "--method", method))
     ref = digest(tmp_path / "one")
+    one = json.loads((tmp_path / "one" / "moecompress.json").read_text())["distributed"]
     for n in (2, 3):
         _run(_torchrun(n, src, tmp_path / f"n{n}", "--method", method))
         assert digest(tmp_path / f"n{n}") == ref, f"{n} ranks"
@@ -50,7 +51,21 @@ def test_two_and_three_ranks_write_the_bytes_of_one(tiny_ckpt, tmp_path, family,
         assert info["world_size"] == n and info["reduce_chunks"] == 6
         assert sorted(c for r in info["ranks"] for c in r["chunks"]) == list(range(6))  # each chunk run once
         assert all(r["comm_bytes_received"] > 0 for r in info["ranks"])
-    assert json.loads((tmp_path / "one" / "moecompress.json").read_text())["distributed"]["world_size"] == 1
+    assert one["world_size"] == 1
+
+
+def test_expert_statistics_live_on_their_owner(tiny_ckpt, tmp_path):
+    """64 experts = 4 blocks of 16: each block's per-expert sums are reduced to the rank that solves it, so a
+    rank's statistics peak at about 1/N of one process's (plus the small replicated part); same bytes."""
+    src = tiny_ckpt("qwen3_moe", num_experts=64)
+    _run(_single(src, tmp_path / "one"))
+    one = json.loads((tmp_path / "one" / "moecompress.json").read_text())["distributed"]["ranks"][0]
+    for n, bound in ((2, 0.6), (3, 0.55)):  # 3 ranks: one of them owns two of the four blocks
+        _run(_torchrun(n, src, tmp_path / f"n{n}"))
+        assert digest(tmp_path / f"n{n}") == digest(tmp_path / "one")
+        peaks = [r["peak_stats_bytes"] for r in json.loads((tmp_path / f"n{n}" / "moecompress.json").read_text())[
+            "distributed"]["ranks"]]
+        assert max(peaks) < bound * one["peak_stats_bytes"], (n, peaks, one["peak_stats_bytes"])
 
 
 def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):

@@ -31,15 +31,21 @@ from torch import nn
 class GramStats:
     """Running ``sum x x^T`` and token count, for one linear ([K, K]) or all experts ([E, K, K])."""
 
-    sums: torch.Tensor
+    sums: torch.Tensor | dict[int, torch.Tensor]  # or, across processes, the owned blocks {first expert: [n, K, K]}
     counts: torch.Tensor  # [] or [E], int64
     extra: dict = field(default_factory=dict)
 
-    def hessian(self) -> torch.Tensor:
-        # counts live on the CPU (small, updated per expert); the sums on the calibration device
-        n = self.counts.to(self.sums.device).clamp(min=1).to(self.sums.dtype)
-        n = n.view(*n.shape, 1, 1) if n.dim() else n
-        return 2.0 * self.sums / n
+    def hessian(self) -> torch.Tensor | dict[int, torch.Tensor]:
+        if isinstance(self.sums, dict):
+            return {s: _hessian(b, self.counts[s:s + b.shape[0]]) for s, b in self.sums.items()}
+        return _hessian(self.sums, self.counts)
+
+
+def _hessian(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    # counts live on the CPU (small, updated per expert); the sums on the calibration device
+    n = counts.to(sums.device).clamp(min=1).to(sums.dtype)
+    n = n.view(*n.shape, 1, 1) if n.dim() else n
+    return 2.0 * sums / n
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,16 @@ def add_stats(total: dict[str, GramStats], part: dict[str, GramStats]) -> dict[s
             else:
                 t.extra[k] += v
     return total
+
+
+def stats_bytes(stats: dict[str, GramStats]) -> int:
+    """Bytes of every tensor the statistics hold (owned blocks included)."""
+    def size(v) -> int:
+        if isinstance(v, dict):
+            return sum(size(x) for x in v.values())
+        return v.numel() * v.element_size() if torch.is_tensor(v) else 0
+
+    return sum(size(st.sums) + size(st.counts) + size(st.extra) for st in stats.values())
 
 
 def stats_layout(stats: dict[str, GramStats]) -> list[tuple]:

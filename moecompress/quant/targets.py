@@ -111,6 +111,7 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     """
     batched = w.dim() == 3
     W = w.float() if batched else w.float().unsqueeze(0)
+    # h may come as {first member: [chunk, K, K]}: the blocks this process owns (moecompress.distributed)
     H = None if h is None else (h if batched else h.unsqueeze(0))
     parts: dict[int, tuple] = {}
     for s in range(0, W.shape[0], chunk):
@@ -125,16 +126,8 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     ordered = [parts[s] for s in sorted(parts)]
     qw = _cat([p[0] for p in ordered]) if len(ordered) > 1 else ordered[0][0]
     infos = [i for p in ordered for i in p[1]]
-    base = None if any(p[2] is None for p in ordered) else torch.cat([p[2].to(W.device) for p in ordered])
     qw = _to(qw, W.device)
     deq = qw.dequantize(torch.float32)
-    werr = weight_rel_error(W, deq)
-    oerr = output_rel_error(W, deq, H.float()) if H is not None else None
-    for j, info in enumerate(infos):
-        info["weight_rel_err"] = float(werr[j])
-        info["output_rel_err"] = None if oerr is None else float(oerr[j])
-        if base is not None:
-            info["rtn_output_rel_err"] = float(base[j])
     if not batched:
         qw = qw[0]
         deq = deq[0]
@@ -143,19 +136,21 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
 
 def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtype, damp: float, block_size: int,
                  rtn_members, refine_rounds: int):
-    """(QuantizedWeight, per-member info, the RTN baseline's output errors or None) of members ``idx``."""
+    """(QuantizedWeight, per-member info, the RTN baseline's output errors or None) of members ``idx``; the
+    infos carry each member's errors (its owner computes them: only it holds the member's Hessian)."""
     wc = W[idx]
+    H = _members(H, idx)
     use_rtn = method in ("rtn", "awq") or H is None
     if use_rtn:
         # AWQ's codes: round to nearest after the scales, the clip search weighted by input importance
-        diag = H[idx].float().diagonal(dim1=-2, dim2=-1) if method == "awq" and H is not None else None
+        diag = H.float().diagonal(dim1=-2, dim2=-1) if method == "awq" and H is not None else None
         qw = rtn_quantize(wc, qspec, diag)
         stats = [{"method": "rtn" if diag is None else "awq"} for _ in idx]
     else:
-        qw, st = gptq_quantize(wc, H[idx].float(), qspec, damp=damp, block_size=block_size)
+        qw, st = gptq_quantize(wc, H.float(), qspec, damp=damp, block_size=block_size)
         stats = _per_member(st, len(idx))
         if refine_rounds:
-            qw, _ = refine(wc, H[idx].float(), qw, rounds=refine_rounds, damp=damp, block_size=block_size)
+            qw, _ = refine(wc, H.float(), qw, rounds=refine_rounds, damp=damp, block_size=block_size)
         rtn_idx = [j for j, m in enumerate(idx) if m in rtn_members]
         if rtn_idx:
             rq = rtn_quantize(wc[rtn_idx], qspec)
@@ -168,8 +163,27 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
     # the RTN baseline on the same statistics: how much GPTQ bought, per linear, in every report
     base = None
     if H is not None and method != "rtn":
-        base = output_rel_error(wc, rtn_quantize(wc, qspec).dequantize(), H[idx].float())
-    return round_scales(qw, store_dtype), stats, base
+        base = output_rel_error(wc, rtn_quantize(wc, qspec).dequantize(), H.float())
+    qw = round_scales(qw, store_dtype)
+    deq = qw.dequantize(torch.float32)
+    werr = weight_rel_error(wc, deq)
+    oerr = output_rel_error(wc, deq, H.float()) if H is not None else None
+    for j, info in enumerate(stats):
+        info["weight_rel_err"] = float(werr[j])
+        info["output_rel_err"] = None if oerr is None else float(oerr[j])
+        if base is not None:
+            info["rtn_output_rel_err"] = float(base[j])
+    return qw, stats, base
+
+
+def _members(H, idx: list[int]):
+    """``H[idx]``: from a tensor, or from owned blocks ``{first member: [n, K, K]}`` holding exactly ``idx``."""
+    if H is None or torch.is_tensor(H):
+        return None if H is None else H[idx]
+    block = H[idx[0]]
+    if block.shape[0] != len(idx):
+        raise ValueError(f"the Hessian block at {idx[0]} holds {block.shape[0]} members, not {len(idx)}")
+    return block
 
 
 def _to(qw: QuantizedWeight, device) -> QuantizedWeight:

@@ -10,7 +10,6 @@ A successful run removes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,16 +21,6 @@ from ..errors import UserError
 
 # settings a resumed run may change without changing the result
 VOLATILE = ("log_every", "checkpoint_every")
-
-
-def source_fingerprint(model_dir: Path) -> str:
-    """Changes when the source checkpoint's config or shards change (path, names, sizes)."""
-    h = hashlib.sha256(str(Path(model_dir).resolve()).encode())
-    for f in sorted(Path(model_dir).iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".json")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    h.update((Path(model_dir) / "config.json").read_bytes())
-    return h.hexdigest()[:24]
 
 
 class ResumeState:

@@ -38,7 +38,8 @@ from ..zero.rewrite import rewrite_checkpoint
 from .config import ZedaConfig
 from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
 from .distributed import Dist
-from .resume import ResumeState, source_fingerprint
+from ..checkpoint.partial import source_fingerprint
+from .resume import ResumeState
 from .student import Student, build_student, teacher_mode, tracking, warm_start
 
 log = logging.getLogger("moecompress")

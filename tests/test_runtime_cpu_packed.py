@@ -146,3 +146,29 @@ def test_split_on_the_kernel_path_under_the_interpreter(tiny_ckpt, tmp_path):
     b = split.generate(prompt, 4, stop_ids=[], keep_logits=True)
     assert a.tokens == b.tokens
     assert max(float((x - y).norm() / x.norm()) for x, y in zip(a.logits, b.logits)) < 2e-2
+
+
+@pytest.mark.skipif(not HAS_INT4 or not HAS_INT8, reason="this torch has no CPU int4/int8 kernels")
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
+def test_one_token_kernel_path_matches_the_dequantized_experts(bits, group):
+    """CpuExperts.forward_one on the kernels (x cast once, the SiLU gate in bf16) against fp32 experts on
+    the dequantized weights: bf16 precision; ids >= E (zero experts) touch nothing."""
+    from moecompress.runtime.cpu_packed import CpuExperts
+    from moecompress.runtime.moe import _experts_one
+
+    e, h, i = 6, 128, 64
+    gu = [_weights(2 * i, h, bits, group if bits == 4 else h, True, seed=j) for j in range(e)]
+    dn = [_weights(h, i, bits, group if bits == 4 else i, True, seed=100 + j) for j in range(e)]
+    lin = lambda t, g: CpuQuantLinear(t[0], t[1], t[2], bits, g, symmetric=True)  # noqa: E731
+    experts = CpuExperts([lin(t, group if bits == 4 else h) for t in gu], [lin(t, group if bits == 4 else i) for t in dn])
+    assert all(m.kind != "codes" for m in (*experts.gate_up, *experts.down))
+    w13, w2 = torch.stack([t[4] for t in gu]), torch.stack([t[4] for t in dn])
+    gen = torch.Generator().manual_seed(0)
+    for ids, ws in (([0, 3, 5], [0.5, 0.3, 0.2]), ([2, e, 4, e + 1], [0.4, 0.3, 0.2, 0.1])):
+        x = torch.randn(1, h, generator=gen)
+        ours = experts.forward_one(x, ids, ws)
+        assert experts.__dict__["_lists"][2]  # the kernel path ran
+        ref = _experts_one(x, w13, w2.transpose(1, 2), ids, ws)
+        assert _rel(ours, ref) < 2e-2, _rel(ours, ref)
+        general = experts(torch.cat([x, x]), torch.tensor([ws, ws]), torch.tensor([ids, ids]))[:1]
+        assert _rel(ours, general) < 1e-2

@@ -226,12 +226,29 @@ class CpuExperts(nn.Module):
         return out
 
     def forward_one(self, x: torch.Tensor, ids: list[int], weights: list[float]) -> torch.Tensor:
-        """One token, its routing as lists (``MoEBlock``'s decode fast path)."""
+        """One token, its routing as lists (``MoEBlock``'s decode fast path). When every expert runs a
+        torch kernel (int4pack/int8pack, no act-order permutation, no bias), the token goes to bf16 once and
+        each expert costs six small ops: its two kernel calls, the SiLU gate in bf16 (what the down kernel
+        takes anyway) and the weighted add into the fp32 output -- at decode on a CPU the per-op cost, not
+        the weight reads, is what small experts spend their time on."""
         out = torch.zeros_like(x)
+        lists = self.__dict__.get("_lists")
+        if lists is None:
+            lists = self.__dict__["_lists"] = (list(self.gate_up), list(self.down), all(
+                isinstance(m, CpuQuantLinear) and m.kind != "codes" and m.perm is None and m.bias is None
+                for m in (*self.gate_up, *self.down)))
+        gate_up, down, kernels = lists
+        if kernels:
+            xb = x.reshape(1, -1).to(torch.bfloat16)
+            for ex, wj in zip(ids, weights):
+                if ex < self.num_experts:
+                    gate, up = gate_up[ex]._packed_mm(xb).chunk(2, dim=-1)
+                    out.add_(down[ex]._packed_mm(F.silu(gate).mul_(up)).view(out.shape), alpha=wj)
+            return out
         for ex, wj in zip(ids, weights):
             if ex < self.num_experts:
-                gate, up = self.gate_up[ex](x).chunk(2, dim=-1)
-                out.add_(self.down[ex](F.silu(gate) * up), alpha=wj)
+                gate, up = gate_up[ex](x).chunk(2, dim=-1)
+                out.add_(down[ex](F.silu(gate) * up), alpha=wj)
         return out
 
 

@@ -125,24 +125,29 @@ def count_experts_hit(rt, prompt: torch.Tensor, new_tokens: int) -> float:
     calls: list[tuple[int, torch.Tensor]] = []
 
     def wrap(block):
-        inner = block.route  # the bound method
+        inner, inner_one = block.route, block._route_one  # the bound methods
 
         def route(x):
             weights, ids = inner(x)
             calls.append((block.experts.num_experts, ids.clone()))
             return weights, ids
-        return route
+
+        def route_one(x):  # one token on the CPU torch path: the routing as lists
+            ids, weights = inner_one(x)
+            calls.append((block.experts.num_experts, torch.tensor([ids])))
+            return ids, weights
+        return route, route_one
 
     graph = rt.cuda_graph
     try:
         for b in blocks:
-            b.route = wrap(b)
+            b.route, b._route_one = wrap(b)
         rt.cuda_graph = False  # a graph replay runs no Python: decode eagerly for the count
         rt.generate(prompt, new_tokens, stop_ids=[])
     finally:
         rt.cuda_graph = graph
         for b in blocks:
-            del b.route
+            del b.route, b._route_one
     decode = calls[len(blocks):]  # the first forward (one call per block) is the prefill
     if not decode:
         raise RuntimeError("no decode step was recorded")

@@ -82,6 +82,23 @@ def test_short_run_moves_skipping_toward_the_target_and_writes_a_zero_expert_mod
     assert rec["zero_experts"]["final"]["mean_skip"] > 0.1
 
 
+@pytest.mark.slow
+def test_zero_rows_only_keeps_the_real_router_rows_bit_for_bit(tiny_ckpt, tmp_path):
+    """--trainable zero-rows: the zero rows learn (skipping starts), the real rows stay the original's."""
+    from moecompress.zeda.train import run_zeda
+
+    src = tiny_ckpt("qwen3_moe")
+    out = tmp_path / "z"
+    rec = run_zeda(src, out, build_zeda_config(target_skip=0.5, lr=2e-2, trainable="zero-rows", **QUICK))
+    a, b = load_file(next(src.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
+    routers = [k for k in a if k.endswith(".mlp.gate.weight")]
+    assert routers
+    for k in routers:
+        e = a[k].shape[0]
+        assert torch.equal(b[k][:e], a[k]), f"{k}: the real rows moved"
+    assert rec["zero_experts"]["final"]["mean_skip"] > 0.1
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(target_skip=1.0), "must lie in (0, 1)"),
     (dict(target_skip=0.0), "must lie in (0, 1)"),

@@ -26,8 +26,8 @@ import click
               help="Weight of the guard keeping the real experts' relative routing (when their rows train).")
 @click.option("--balance", type=click.Choice(["slots", "mass"]), default="slots", show_default=True,
               help="What the balancing loss steers: a soft count of zero slots, or the zero rows' probability mass.")
-@click.option("--trainable", type=click.Choice(["routers", "routers+norms", "lora"]), default="routers",
-              show_default=True)
+@click.option("--trainable", type=click.Choice(["routers", "zero-rows", "routers+norms", "lora"]), default="routers",
+              show_default=True, help="zero-rows: the real experts' router rows stay the original's.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True)

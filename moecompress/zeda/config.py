@@ -26,7 +26,7 @@ class ZedaConfig(BaseModel):
     balance_weight: float = Field(1.0, ge=0)
     balance: Literal["slots", "mass"] = "slots"
     route_weight: float = Field(1.0, ge=0)
-    trainable: Literal["routers", "routers+norms", "lora"] = "routers"
+    trainable: Literal["routers", "zero-rows", "routers+norms", "lora"] = "routers"
     temperature: float = Field(1.0, gt=0, description="sampling temperature of both stages' generations")
     device: str = "cpu"
     seed: int = 0

@@ -4,7 +4,9 @@
 experts in memory (:func:`moecompress.zero.inject.zero_router_init`: outputs unchanged). With
 :func:`teacher_mode` on, every router masks its zero rows and routes the original k slots, so the
 forward is exactly the original model's; off, it is the student. Only router parameters (and,
-optionally, the norms) are trainable; everything else is frozen.
+optionally, the norms) are trainable; everything else is frozen. ``trainable="zero-rows"``: only the
+zero rows and their bias learn (a gradient mask on the real rows; AdamW without weight decay then
+leaves the real rows bit for bit as they were).
 
 :func:`warm_start` then moves the zero rows from "never chosen" (where no gradient reaches them)
 to the edge of the real experts: from one batch of teacher activations, per layer, the zero logits'
@@ -79,6 +81,11 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
             params.append(r.zero_expert_bias)
         else:
             r.zero_expert_bias.requires_grad_(False)
+    if trainable == "zero-rows":  # the real rows keep the original's bits: only the zero rows (and bias) learn
+        for r in routers.values():
+            keep = torch.zeros(r.weight.shape[0], 1, dtype=r.weight.dtype, device=r.weight.device)
+            keep[r.num_experts:] = 1.0
+            r.weight.register_hook(lambda g, m=keep: g * m)
     if trainable == "routers+norms":
         for name, p in model.named_parameters():
             if name.startswith("model.layers.") and "norm" in name.rsplit(".", 2)[-2] and p.dim() == 1:

@@ -257,7 +257,7 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     if handle.zero is not None:
         raise UserError(f"{model_dir} already has {handle.num_zero} zero experts; run ZEDA on the original model")
     if cfg.trainable == "lora":
-        raise UserError("--trainable lora is not available yet; use routers or routers+norms")
+        raise UserError("--trainable lora is not available yet; use routers, zero-rows or routers+norms")
     if cfg.layout == "stock":
         raise UserError("--layout stock is not available for ZEDA yet: its zero experts carry a logit bias; "
                         "write native, and use 'zero-experts convert' once expressible")

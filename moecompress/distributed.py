@@ -8,17 +8,21 @@ Who does what, per decoder layer (every rank holds the layer being quantized):
   (contiguous runs of batches; the count does not depend on the number of ranks). Chunk ``c`` belongs to
   rank ``c mod N``: that rank alone runs the chunk's forward passes and keeps its hidden states.
 * **Statistics**: each chunk's Hessians and token counts are summed from zero over its batches, then the
-  chunks are added *in chunk order*, on every rank (the chunks of each round of N are all-gathered). The
+  chunks are added *in chunk order*: the per-expert Hessian sums of each block of ``expert_chunk`` experts
+  on the rank that solves that block only (point to point from each chunk's rank), everything else (token
+  counts, the layer-wide sums, dense linears' Hessians) on every rank (broadcast one chunk at a time). The
   sums are the same sequence of floating-point operations whatever N is, so 1, 2 or 3 ranks give
-  byte-identical checkpoints (and one process is just N = 1).
+  byte-identical checkpoints (and one process is just N = 1). AWQ keeps every expert's sums on every rank:
+  its scale search reads them all.
 * **Solving**: the experts of a projection are split in blocks of ``expert_chunk``, and the dense linears
-  (attention, shared experts) are spread over the ranks; each owner solves its part and the parts are
-  all-gathered, so every rank holds the whole quantized layer to feed the next one.
+  (attention, shared experts) are spread over the ranks; each owner solves its part (and its error
+  records) and the parts are broadcast, so every rank holds the whole quantized layer to feed the next one.
 * **Output**: rank 0 writes the checkpoint, the resume state and ``moecompress.json`` (rank count and
-  per-rank timings); every rank keeps only its own chunks' hidden states.
+  per-rank timings, bytes received, peak statistics held); every rank keeps only its own chunks' hidden
+  states.
 
-The all-gathered statistics move ``reduce_chunks`` x (one chunk's statistics) per layer to every rank;
-sending each rank only the experts it owns would divide that by N (a later refinement).
+A rank receives the other chunks' replicated statistics and 1/N of their expert sums per layer
+(``benchmarks/quantize_scaling.py`` models it byte for byte), and holds about 1/N of the expert sums.
 """
 
 from __future__ import annotations

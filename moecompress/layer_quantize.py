@@ -4,8 +4,9 @@ True-sequential stages (attention, MLP inputs, MLP outputs), each calibrated on 
 already quantized; per stage the statistics of its targets are captured chunk by chunk (a fixed
 grouping of the calibration batches, ``CalibPlan``) and added in chunk order, then every target is
 solved (GPTQ/RTN/AWQ codes). Across processes (``moecompress.distributed``) each rank runs only its
-chunks' forward passes and solves only the parts it owns; the sums and the results are gathered so that
-every rank ends the layer with the same statistics and the same quantized layer as one process would.
+chunks' forward passes and solves only the parts it owns; each expert block's sums reach only its owner,
+the rest of the statistics and the solved parts reach every rank, so that every rank ends the layer with
+the quantized layer one process would have made.
 """
 
 from __future__ import annotations

@@ -209,3 +209,26 @@ variants:
     assert built["distributed"]["world_size"] == 2
     assert json.loads((tmp_path / "two" / "variants" / "awq" / "moecompress.json").read_text())[
         "distributed"]["world_size"] == 2
+
+
+def test_run_recipe_with_zeda_on_two_ranks(tiny_ckpt, tmp_path):
+    """A `zeda:` step under torchrun trains on every rank (DDP in the run's process group, which it must
+    not tear down) and gives one process's model to float tolerance; the later steps still run."""
+    import yaml
+
+    quick = dict(prompts=8, prompt_len=16, gen_len=12, batch=4, stage1_steps=8, stage2_steps=4, log_every=2, lr=2e-2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(tiny_ckpt("qwen3_moe")), "threads": 1, "calibration": {"samples": 4, "seq_len": 32},
+        "eval": {"samples": 2, "seq_len": 32, "data": ["builtin:heldout-code"]}, "zeda": quick,
+        "variants": [{"name": "zeda", "from": "zeda"},
+                     {"name": "zeda-rtn-w4", "from": "zeda", "method": "rtn", "bits": 4, "group_size": 32}]}))
+    _run([sys.executable, "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "one")])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+          "--master-port", str(next(_port)), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
+    z1, z2 = (json.loads((tmp_path / d / "zeda" / "moecompress.json").read_text()) for d in ("one", "two"))
+    assert z1["ranks"] == 1 and z2["ranks"] == 2
+    e1, e2 = (json.loads((tmp_path / d / "eval" / "zeda-rtn-w4.json").read_text()) for d in ("one", "two"))
+    assert e2["skip_rate"]["model_overall"] == pytest.approx(e1["skip_rate"]["model_overall"], abs=0.02)
+    assert e2["kl"] == pytest.approx(e1["kl"], rel=0.05)
+    assert (tmp_path / "two" / "report.md").is_file()

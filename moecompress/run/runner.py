@@ -139,9 +139,10 @@ class Runner:
             "not built yet" if saved is None else "settings or source changed")
         log.info("zeda: training (%s)", reason)
         t0 = time.perf_counter()
-        if self.ranks.main:
-            run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=self.zeda_dir.exists(),
-                     command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
+        # under torchrun every rank trains its share of each batch (DDP, in the process group already up);
+        # rank 0 writes
+        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=self.zeda_dir.exists(),
+                 command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
         self.ranks.barrier()
         self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
 

@@ -26,6 +26,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run started the process group (a `moecompress run` step joins its caller's)
 
     @property
     def main(self) -> bool:
@@ -37,9 +38,10 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
     def device(self, requested: torch.device) -> torch.device:
         """``cuda:LOCAL_RANK`` for a multi-rank GPU run, else the requested device."""
@@ -74,5 +76,5 @@ class Dist:
         return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

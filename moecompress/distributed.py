@@ -71,8 +71,9 @@ class Ranks:
                 raise UserError("--device cuda was asked for but no CUDA device is available")
             torch.cuda.set_device(local)
         if not dist.is_initialized():
-            # long: in `moecompress run` the other ranks wait while rank 0 runs a step alone (AWQ, a ZEDA
-            # training, a benchmark); a rank that dies is noticed by torchrun at once, not by this timeout
+            # long: in `moecompress run` the other ranks wait while rank 0 runs a step alone (a skipping
+            # baseline, lm-eval tasks, a benchmark); a rank that dies is noticed by torchrun at once, not by
+            # this timeout
             timeout = datetime.timedelta(seconds=int(os.environ.get("MOECOMPRESS_DIST_TIMEOUT", str(24 * 3600))))
             dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
         return cls(dist.get_rank(), dist.get_world_size(), local)

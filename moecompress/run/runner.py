@@ -104,8 +104,8 @@ class Runner:
         from ..distributed import SINGLE
 
         self.recipe, self.run_dir, self.model_dir, self.force = recipe, run_dir, model_dir, force
-        # under torchrun: quantize and eval steps split over the ranks; the rest runs on rank 0 while the
-        # others wait, and every step ends on a barrier so all ranks see the same files when deciding the next
+        # under torchrun: quantize, ZEDA and eval steps split over the ranks; the rest runs on rank 0 while
+        # the others wait, and every step ends on a barrier so all ranks see the same files when deciding the next
         self.ranks = ranks or SINGLE
         self.recipe_file = recipe_file
         self.variants = recipe.built_variants()

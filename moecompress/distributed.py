@@ -49,6 +49,7 @@ class Ranks:
     comm_bytes: int = 0  # what this rank received through collectives (statistics and solved parts)
     comm_s: float = 0.0
     timings: dict = field(default_factory=dict)
+    owns_group: bool = False  # this process started the group (a step of `moecompress run` joins its caller's)
 
     @property
     def main(self) -> bool:
@@ -70,13 +71,14 @@ class Ranks:
             if not torch.cuda.is_available():
                 raise UserError("--device cuda was asked for but no CUDA device is available")
             torch.cuda.set_device(local)
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             # long: in `moecompress run` the other ranks wait while rank 0 runs a step alone (a skipping
             # baseline, lm-eval tasks, a benchmark); a rank that dies is noticed by torchrun at once, not by
             # this timeout
             timeout = datetime.timedelta(seconds=int(os.environ.get("MOECOMPRESS_DIST_TIMEOUT", str(24 * 3600))))
             dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
-        return cls(dist.get_rank(), dist.get_world_size(), local)
+        return cls(dist.get_rank(), dist.get_world_size(), local, owns_group=owns)
 
     def device(self, requested: str) -> str:
         """``cuda:LOCAL_RANK`` for a multi-rank GPU run, else the requested device."""
@@ -85,7 +87,7 @@ class Ranks:
         return requested
 
     def close(self) -> None:
-        if self.active and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ collectives

@@ -37,7 +37,8 @@ from ..zero.layout import ZeroExperts, text_config_dict, write_zero_experts
 from ..zero.rewrite import rewrite_checkpoint
 from .config import ZedaConfig
 from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
-from .distributed import Dist
+from ..distributed import SINGLE, Ranks
+from .distributed import mean, share, wrap
 from ..checkpoint.partial import source_fingerprint
 from .resume import ResumeState
 from .student import Student, build_student, teacher_mode, tracking, warm_start
@@ -72,7 +73,7 @@ def _sample(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, seed: int,
 
 
 def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaConfig, prompt_len: int,
-          d: Dist) -> tuple[torch.Tensor, dict]:
+          d: Ranks) -> tuple[torch.Tensor, dict]:
     """This rank's loss for ``seq`` (its share of the global batch) and the step's statistics (global)."""
     model = student.model
     with torch.no_grad(), teacher_mode(student):
@@ -90,15 +91,15 @@ def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaCon
         local = torch.stack([r.aux["soft_skip"].mean() for r in routers])
     else:
         local = torch.stack([zero_mass(r.aux["probs"], r.num_experts) for r in routers])
-    glob = d.mean(local)  # every layer's share over the whole global batch
+    glob = mean(d, local)  # every layer's share over the whole global batch
     bal = group_balance(list(glob), cfg.target_skip)
     # first-order surrogate: averaged over the ranks, its gradient is exactly that of ``bal`` (see .distributed)
     bal_grad = (2.0 * (glob - cfg.target_skip) * local).mean()
     kls = [r.aux["real_kl"] for r in routers if "real_kl" in r.aux]
     route = torch.stack(kls).mean() if kls else torch.zeros((), device=seq.device)
     loss = kd + cfg.balance_weight * bal_grad + cfg.route_weight * route
-    skips = d.mean(torch.tensor([slot_share(r.aux["ids"], r.num_experts) for r in routers]))
-    kd_g, route_g = (float(d.mean(x)) for x in (kd, route))
+    skips = mean(d, torch.tensor([slot_share(r.aux["ids"], r.num_experts) for r in routers]))
+    kd_g, route_g = (float(mean(d, x)) for x in (kd, route))
     stats = {"kd": kd_g, "balance": float(bal), "route": route_g,
              "loss": kd_g + cfg.balance_weight * float(bal) + cfg.route_weight * route_g,
              "zero_share": [float(m) for m in glob],
@@ -107,7 +108,7 @@ def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaCon
 
 
 def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: ResumeState | None = None,
-          d: Dist = Dist()) -> list[dict]:
+          d: Ranks = SINGLE) -> list[dict]:
     """Both stages; returns the log (one entry per ``log_every`` steps and at each stage's end).
 
     Every ``checkpoint_every`` steps ``resume`` (when given) saves what the next step needs: the
@@ -117,7 +118,7 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     """
     model = student.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    forward = d.wrap(model)  # DDP across ranks: gradients averaged in the backward
+    forward = wrap(d, model)  # DDP across ranks: gradients averaged in the backward
     opt = torch.optim.AdamW(student.params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
@@ -147,7 +148,7 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
             model.eval()
             seq = _sample(student, prompts[idx], cfg, cfg.seed * 104729 + step, teacher=False)
             model.train()
-        seq = d.share(seq.to(next(model.parameters()).device))
+        seq = share(d, seq.to(next(model.parameters()).device))
         warm = min(1.0, (step + 1) / 10)  # 10 steps of linear warm-up
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warm
@@ -269,15 +270,16 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     from ..pipeline import resolve_device
 
     device = resolve_device(cfg.device)
-    d = Dist.from_env(device.type)
+    d = Ranks.from_env(device.type)
     try:
-        return _run(model_dir, out_dir, cfg, overwrite, command, resume, num_zero, d.device(device), d, t0)
+        return _run(model_dir, out_dir, cfg, overwrite, command, resume, num_zero, torch.device(d.device(str(device))),
+                    d, t0)
     finally:
         d.close()
 
 
 def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, command, resume: bool, num_zero: int,
-         device: torch.device, d: Dist, t0: float) -> dict:
+         device: torch.device, d: Ranks, t0: float) -> dict:
     if cfg.batch % d.world:
         raise UserError(f"--batch {cfg.batch} must be a multiple of the {d.world} ranks")
     state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir))

@@ -69,9 +69,9 @@ def stats_bytes(s: Shape) -> int:
 
 
 def solved_bytes(s: Shape, group: int = 128) -> int:
-    """The quantized layer as gathered: uint8 codes, fp32 scales, uint8 zeros, fp32 RTN-baseline errors."""
+    """The quantized layer as gathered: uint8 codes, fp32 scales, uint8 zeros (the errors travel as objects)."""
     h, i, e, q, kv = s.hidden, s.inter, s.experts, s.heads * s.head_dim, s.kv_heads * s.head_dim
-    lin = lambda n, k, m=1: m * (n * k + n * (k // group) * (F32 + 1) + F32)  # noqa: E731
+    lin = lambda n, k, m=1: m * (n * k + n * (k // group) * (F32 + 1))  # noqa: E731
     return lin(q, h) + 2 * lin(kv, h) + lin(h, q) + lin(2 * i, h, e) + lin(h, i, e)
 
 

@@ -134,7 +134,7 @@ class Ranks:
         return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
 
     def gather_solved(self, parts: dict[int, tuple], owner_of) -> dict[int, tuple]:
-        """Every rank's solved parts ``{start: (QuantizedWeight, infos, base errors or None)}``, on every rank:
+        """Every rank's solved parts ``{start: (QuantizedWeight, per-member infos)}``, on every rank:
         the small things as objects, the tensors broadcast from their owner (NCCL moves them device to
         device; nothing large is pickled)."""
         if not self.active:
@@ -159,7 +159,7 @@ class Ranks:
                     self.comm_bytes += t.numel() * t.element_size()
                 got[name] = t
             qw = QuantizedWeight(got["qweight"], got["scales"], got["zeros"], spec, got.get("g_idx"))
-            out[s] = parts[s] if src == self.rank else (qw, infos, got.get("base"))
+            out[s] = parts[s] if src == self.rank else (qw, infos)
         self.comm_s += time.perf_counter() - t0
         return out
 
@@ -191,12 +191,10 @@ def chunk_batches(num_batches: int, reduce_chunks: int) -> list[range]:
 
 
 def _part_tensors(part: tuple) -> dict[str, torch.Tensor]:
-    qw, _, base = part
+    qw = part[0]
     out = {"qweight": qw.qweight, "scales": qw.scales, "zeros": qw.zeros}
     if qw.g_idx is not None:
         out["g_idx"] = qw.g_idx
-    if base is not None:
-        out["base"] = base
     return out
 
 

@@ -136,8 +136,8 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
 
 def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtype, damp: float, block_size: int,
                  rtn_members, refine_rounds: int):
-    """(QuantizedWeight, per-member info, the RTN baseline's output errors or None) of members ``idx``; the
-    infos carry each member's errors (its owner computes them: only it holds the member's Hessian)."""
+    """(QuantizedWeight, per-member info) of members ``idx``; the infos carry each member's errors and the
+    RTN baseline's (its owner computes them: only it holds the member's Hessian)."""
     wc = W[idx]
     H = _members(H, idx)
     use_rtn = method in ("rtn", "awq") or H is None
@@ -173,7 +173,7 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
         info["output_rel_err"] = None if oerr is None else float(oerr[j])
         if base is not None:
             info["rtn_output_rel_err"] = float(base[j])
-    return qw, stats, base
+    return qw, stats
 
 
 def _members(H, idx: list[int]):

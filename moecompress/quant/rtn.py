@@ -70,12 +70,17 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax
     return q, (q - zero).mul_(scale)
 
 
-def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None):
+def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None,
+                   hblock: torch.Tensor | None = None):
     """Best (scale, zero) per group of ``wg [..., N, G, gs]`` over ``spec.clip_ratios``.
 
-    ``weight`` broadcasts against ``wg`` and weighs each element's squared error. Ties keep the
-    earlier ratio, so with 1.0 listed first the search is never worse than plain min/max.
-    No input checks: the public callers make them.
+    ``weight`` broadcasts against ``wg`` and weighs each element's squared error. ``hblock
+    [..., G, gs, gs]`` (instead of ``weight``): each group's block of the input Hessian, so a row's
+    error in group ``g`` is ``e H_gg e^T`` -- the group's exact share of the output error, input
+    correlations included (AWQ's clip search measures the same on sampled inputs); with it,
+    asymmetric groups also try AWQ's clamp family (both ends clamped at ``r x max|w|``, which clips
+    only the longer tail first). Ties keep the earlier candidate, so with 1.0 listed first the
+    search is never worse than plain min/max. No input checks: the public callers make them.
     """
     # Every ratio re-reads the group: slabs of rows small enough to stay in cache are several
     # times faster than whole-tensor passes.
@@ -83,29 +88,37 @@ def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | Non
     rows = wg.shape[-3]
     step = max(1, _SEARCH_CHUNK // max(1, wg[..., :1, :, :].numel()))
     if step >= rows:
-        return _search_slab(wg, spec, weight)
-    parts = [_search_slab(wg[..., r : r + step, :, :], spec, weight) for r in range(0, rows, step)]
+        return _search_slab(wg, spec, weight, hblock)
+    parts = [_search_slab(wg[..., r : r + step, :, :], spec, weight, hblock) for r in range(0, rows, step)]
     return torch.cat([p[0] for p in parts], -2), torch.cat([p[1] for p in parts], -2)
 
 
 _SEARCH_CHUNK = 1 << 19  # elements per slab (2 MiB of float32)
 
 
-def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None):
+def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None, hblock: torch.Tensor | None = None):
     lo = wg.amin(-1).clamp_(max=0)
     hi = wg.amax(-1).clamp_(min=0)
+    cands = [(lo, hi, r) for r in spec.clip_ratios]
+    if hblock is not None and not spec.symmetric:
+        m = torch.maximum(-lo, hi)
+        cands += [(torch.maximum(lo, -m * r), torch.minimum(hi, m * r), 1.0) for r in spec.clip_ratios if r < 1.0]
     best = None
-    for r in spec.clip_ratios:
-        scale, zero = _range_qparams(lo, hi, r, spec)
-        if len(spec.clip_ratios) == 1:
+    for c_lo, c_hi, r in cands:
+        scale, zero = _range_qparams(c_lo, c_hi, r, spec)
+        if len(cands) == 1:
             return scale, zero
         s = scale[..., None]
         if spec.symmetric:  # z is a constant: clamp the signed value instead of adding z and back
             err = _round(wg / s).clamp_(-spec.sym_zero, spec.qmax - spec.sym_zero)
         else:
             err = _round(wg / s).add_(zero[..., None]).clamp_(0, spec.qmax).sub_(zero[..., None])
-        err = err.mul_(s).sub_(wg).square_()
-        err = err.sum(-1) if weight is None else err.mul_(weight).sum(-1)
+        err = err.mul_(s).sub_(wg)
+        if hblock is not None:  # [..., N, G, gs] x [..., G, gs, gs]: per row and group e H_gg e^T
+            err = (torch.matmul(err.transpose(-3, -2), hblock).transpose(-3, -2) * err).sum(-1)
+        else:
+            err = err.square_()
+            err = err.sum(-1) if weight is None else err.mul_(weight).sum(-1)
         if best is None:
             best = [err, scale, zero]
         else:
@@ -114,11 +127,20 @@ def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None)
     return best[1], best[2]
 
 
-def compute_qparams(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None):
+def group_blocks(h: torch.Tensor, gs: int) -> torch.Tensor:
+    """The diagonal ``gs x gs`` blocks of ``h [..., K, K]``: ``[..., K/gs, gs, gs]``."""
+    k = h.shape[-1]
+    g = k // gs
+    return h.reshape(*h.shape[:-2], g, gs, g, gs).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None):
     """Per-group ``(scales float32 [..., N, G], zeros uint8 [..., N, G])`` of ``w [..., N, K]``.
 
     ``weight [..., K]`` (non-negative, e.g. the Hessian diagonal) weighs each input column's squared
-    error in the clip search; None weighs all columns equally.
+    error in the clip search; None weighs all columns equally. ``hessian [..., K, K]`` (instead):
+    the clip search scores each group by its block of the Hessian (see :func:`search_qparams`).
     """
     k = w.shape[-1]
     spec.check_shape(k)
@@ -134,7 +156,13 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | Non
             raise ValueError("column weight must be non-negative")
         # [..., K] -> [..., 1, G, gs]: the same column weight for every output row.
         wt = weight.float().reshape(*weight.shape[:-1], 1, k // gs, gs)
-    scales, zeros = search_qparams(wg, spec, wt)
+    hb = None
+    if hessian is not None:
+        if hessian.shape[-2:] != (k, k) or hessian.shape[:-2] not in ((), w.shape[:-2]):
+            raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit weight {tuple(w.shape)}")
+        check_finite(hessian, "Hessian")
+        hb = group_blocks(hessian.float(), gs)
+    scales, zeros = search_qparams(wg, spec, wt, hb)
     return scales, zeros.to(torch.uint8)
 
 
@@ -162,12 +190,14 @@ def quantize_with_qparams(
     return _codes(w.float(), s, z, spec.qmax).to(torch.uint8)
 
 
-def rtn_quantize(w: torch.Tensor, spec: QuantSpec, hessian_diag: torch.Tensor | None = None) -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, spec: QuantSpec, hessian_diag: torch.Tensor | None = None,
+                 hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest of ``w [N, K]`` or ``[B, N, K]`` with the clip search.
 
-    ``hessian_diag [K]`` / ``[B, K]`` weighs the search by input importance. ``spec.act_order`` has
-    no meaning without error feedback and is ignored (no g_idx).
+    ``hessian_diag [K]`` / ``[B, K]`` weighs the search by input importance; ``hessian [K, K]`` /
+    ``[B, K, K]`` scores it by each group's Hessian block instead. ``spec.act_order`` has no meaning
+    without error feedback and is ignored (no g_idx).
     """
-    scales, zeros = compute_qparams(w, spec, hessian_diag)
+    scales, zeros = compute_qparams(w, spec, hessian_diag, hessian)
     q = quantize_with_qparams(w, scales, zeros, spec)
     return QuantizedWeight(q, scales.float(), zeros, spec)

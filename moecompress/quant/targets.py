@@ -142,10 +142,11 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
     H = _members(H, idx)
     use_rtn = method in ("rtn", "awq") or H is None
     if use_rtn:
-        # AWQ's codes: round to nearest after the scales, the clip search weighted by input importance
-        diag = H.float().diagonal(dim1=-2, dim2=-1) if method == "awq" and H is not None else None
-        qw = rtn_quantize(wc, qspec, diag)
-        stats = [{"method": "rtn" if diag is None else "awq"} for _ in idx]
+        # AWQ's codes: round to nearest after the scales, the clip search scoring each group by its block
+        # of the Hessian (the group's exact share of the output error, as AWQ's own clip search measures)
+        awq = method == "awq" and H is not None
+        qw = rtn_quantize(wc, qspec, None, H.float() if awq else None)
+        stats = [{"method": "awq" if awq else "rtn"} for _ in idx]
     else:
         qw, st = gptq_quantize(wc, H.float(), qspec, damp=damp, block_size=block_size)
         stats = _per_member(st, len(idx))

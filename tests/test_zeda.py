@@ -56,6 +56,40 @@ def test_teacher_is_the_original_in_one_copy(tiny_ckpt, family, mode):
     assert len(st.params) == len(trainable)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_original_weights_training_forward_is_the_hard_one_and_the_kl_reaches_the_zero_rows(tiny_ckpt, family):
+    """--zero-weights original: a zero slot weighs 0, so only the discrete choice depends on the zero rows.
+    Training computes every real expert of the original top-k with a straight-through keep: the same
+    logits as the hard routing (to rounding), and the distillation loss alone moves the zero rows."""
+    from moecompress.zeda.losses import forward_kl
+    from moecompress.zeda.student import tracking
+
+    src = tiny_ckpt(family)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for weights in ("original", "renormalized"):
+        st = build_student(src, 2, "same", 0, "routers", "cpu", torch.float32, weights)
+        for r in st.routers.values():  # zero experts take a good share of the slots
+            e = r.num_experts
+            if r.rs.scoring == "softmax":
+                r.zero_expert_bias.data.fill_(0.0)
+            else:
+                r.e_score_correction_bias[e:] = r.e_score_correction_bias[:e].max() + 0.05
+        with torch.no_grad():
+            hard = st.model(input_ids=ids).logits
+            with teacher_mode(st):
+                teacher = st.model(input_ids=ids).logits
+        with tracking(st):
+            soft = st.model(input_ids=ids).logits
+            skip = [float((r.aux["ids"] >= r.num_experts).float().mean()) for r in st.routers.values()]
+        assert 0.05 < sum(skip) / len(skip) < 0.95, skip
+        torch.testing.assert_close(soft, hard, rtol=1e-5, atol=1e-5)
+        forward_kl(teacher, soft).backward()
+        grads[weights] = [r.weight.grad[r.num_experts:].abs().sum().item() for r in st.routers.values()]
+    assert all(g > 0 for g in grads["original"]), grads  # through the straight-through keep
+    assert all(g > 0 for g in grads["renormalized"]), grads  # through the zero slots' weights
+
+
 @pytest.mark.slow
 def test_short_run_moves_skipping_toward_the_target_and_writes_a_zero_expert_model(tiny_ckpt, tmp_path):
     from moecompress.evals.evaluate import evaluate
@@ -71,6 +105,7 @@ def test_short_run_moves_skipping_toward_the_target_and_writes_a_zero_expert_mod
     assert (out / "zeda_curve.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_zero_experts"] == 1 and cfg["zero_experts_layout"] == "native"  # default k - 1
+    assert cfg["zero_experts_weights"] == "original"  # the default weighting, which every reader honours
     a, b = load_file(next(src.glob("*.safetensors"))), load_file(next(out.glob("*.safetensors")))
     for k, v in a.items():
         if ".mlp.gate." not in k:

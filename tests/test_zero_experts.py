@@ -57,6 +57,15 @@ def mixed_zero_model(src, out, num_zero: int = 4, seed: int = 0) -> Path:
     return Path(out)
 
 
+def set_original_weights(path: Path) -> Path:
+    """Declare ``zero_experts_weights: original`` in ``path``'s config."""
+    cfg_path = Path(path) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    (cfg.get("text_config") or cfg)["zero_experts_weights"] = "original"
+    cfg_path.write_text(json.dumps(cfg))
+    return Path(path)
+
+
 def _router_ids(path, ids) -> dict[int, torch.Tensor]:
     from moecompress.zero.modules import zero_routers
 
@@ -202,14 +211,61 @@ def test_convert_refuses_what_stock_cannot_express(tiny_ckpt, tmp_path, family):
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
 
 
+def test_convert_refuses_original_weights(tiny_ckpt, tmp_path):
+    native = mixed_zero_model(tiny_ckpt("qwen3_moe"), tmp_path / "n")
+    convert_layout(native, tmp_path / "ok", "stock")  # expressible with the default weighting
+    set_original_weights(native)
+    with pytest.raises(UserError, match="weighted 'original'"):
+        convert_layout(native, tmp_path / "s", "stock")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_original_weights_are_the_real_only_routing(scoring):
+    """``original``: ids as the merged top-k; each real slot the weight of the real-only routing, zero
+    slots 0; tokens with no zero slot are exactly the renormalized routing's."""
+    from moecompress.zero.routing import route_zero
+
+    g = torch.Generator().manual_seed(3)
+    t, e, z, k = 64, 8, 3, 4
+    real, zero = torch.randn(t, e, generator=g), torch.randn(t, z, generator=g) - 0.5
+    kw = dict(top_k=k, scoring=scoring, renormalize=True)
+    if scoring == "sigmoid":
+        kw.update(correction_bias=torch.rand(e + z, generator=g) * 0.1, n_group=2, topk_group=1, scaling=2.5)
+    w_r, ids_r = route_zero(real, zero, **kw)
+    w_o, ids_o = route_zero(real, zero, weights="original", **kw)
+    if "correction_bias" in kw:
+        w_real, ids_real = route_zero(real, zero[:, :0], **dict(kw, correction_bias=kw["correction_bias"][:e]))
+    else:
+        w_real, ids_real = route_zero(real, zero[:, :0], **kw)
+    assert torch.equal(ids_o, ids_r)
+    live = ids_o < e
+    none = live.all(-1)
+    assert 0 < int(none.sum()) < t  # both kinds of tokens occur
+    assert torch.equal(w_o[none], w_real[none]) and torch.equal(ids_o[none], ids_real[none].to(ids_o.dtype))
+    torch.testing.assert_close(w_o[none], w_r[none])  # the zero rows' mass cancels in the renormalization
+    assert bool((w_o[~live] == 0).all())
+    for i in range(t):
+        for j in range(k):
+            if live[i, j]:
+                (where,) = torch.nonzero(ids_real[i] == ids_o[i, j]).flatten().tolist()
+                assert w_o[i, j] == w_real[i, where]
+    # the kept real experts are the best of the real-only top-k: the zero slots displace the lowest
+    with pytest.raises(ValueError, match="weighting"):
+        route_zero(real, zero, weights="sum", **kw)
+
+
 # ---------------------------------------------------------------- runtime
 
 
+@pytest.mark.parametrize("weights", ["renormalized", "original"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_runtime_greedy_matches_reference_with_zero_experts(tiny_ckpt, tmp_path, family):
+def test_runtime_greedy_matches_reference_with_zero_experts(tiny_ckpt, tmp_path, family, weights):
     from moecompress.runtime import Runtime
 
     native = mixed_zero_model(tiny_ckpt(family), tmp_path / "z")
+    if weights == "original":
+        set_original_weights(native)
     prompt = _ids(1, batch=1, length=11)
     _, ref = load_model(native)
     ref.generation_config.eos_token_id = None
@@ -379,8 +435,11 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path):
     assert rc == 2 and "beta=1.5 must lie in [0, 1]" in err
 
 
-@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("deepseek_v3", "gptq")])
-def test_kernel_path_with_zero_experts_matches_cpu_path(tiny_ckpt, tmp_path, family, fmt):
+@pytest.mark.parametrize("family,fmt,weights", [("qwen3_moe", "compressed-tensors", "renormalized"),
+                                                ("deepseek_v3", "gptq", "renormalized"),
+                                                ("qwen3_moe", "gptq", "original"),
+                                                ("deepseek_v3", "compressed-tensors", "original")])
+def test_kernel_path_with_zero_experts_matches_cpu_path(tiny_ckpt, tmp_path, family, fmt, weights):
     """The GPU code path (Triton routing with zero experts outside the groups, fused MoE dropping zero
     slots, packed experts), run by Triton's interpreter: same tokens and logits as the CPU path."""
     from moecompress.kernels import _common
@@ -390,10 +449,14 @@ def test_kernel_path_with_zero_experts_matches_cpu_path(tiny_ckpt, tmp_path, fam
     if not _common.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest when there is no GPU)")
     native = mixed_zero_model(tiny_ckpt(family), tmp_path / "z")  # deepseek tiny: n_group 2
+    if weights == "original":
+        set_original_weights(native)
     q = tmp_path / "q"
     quantize(native, q, quick_config(format=fmt))
     kern, cpu = Runtime.load(q, kernels=True), Runtime.load(q, cpu_weights="dequantized")
     assert kern.report.packed_expert_layers >= 1
+    qcfg = json.loads((q / "config.json").read_text())
+    assert (qcfg.get("text_config") or qcfg).get("zero_experts_weights", "renormalized") == weights
     prompt = _ids(5, batch=1, length=6)
     a = kern.generate(prompt, 4, stop_ids=[], keep_logits=True)
     b = cpu.generate(prompt, 4, stop_ids=[], keep_logits=True)

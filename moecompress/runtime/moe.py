@@ -15,6 +15,8 @@ Router rows beyond the experts in the weights are zero experts (ZEDA, :mod:`moec
 their logits may carry a ``zero_expert_bias``, group-limited routing leaves them out of the groups,
 a skipping rule (``zero_experts_rule``) may send more slots there, and their slots are dropped --
 before the grouped GEMMs on the kernel path, and without touching any expert on the torch path.
+With ``zero_experts_weights: original`` the real slots take the weights of a second routing over
+the real rows alone (:func:`moecompress.zero.routing.original_weights`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.routing import route_torch
-from ..zero.routing import apply_rule, apply_rule_one
+from ..zero.routing import apply_rule, apply_rule_one, original_weights
 from .qlinear import PackedWeight
 
 
@@ -42,6 +44,7 @@ class Routing:
     scaling: float = 1.0
     num_zero: int = 0  # zero experts: router rows beyond the real experts
     rule: tuple[str, float] | None = None  # a training-free skipping rule (zero.routing.apply_rule)
+    zero_weights: str = "renormalized"  # "original": real slots keep the real-only routing's weights
 
     @classmethod
     def from_config(cls, text_config, top_k: int, scoring: str, zero=None) -> "Routing":
@@ -55,6 +58,7 @@ class Routing:
             scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0),
             num_zero=zero.num_zero if zero is not None else 0,
             rule=zero.rule if zero is not None else None,
+            zero_weights=zero.weights if zero is not None else "renormalized",
         )
 
 
@@ -168,9 +172,14 @@ class MoEBlock(nn.Module):
             from ..kernels.routing import route as route_fn
         else:
             route_fn = route_torch
-        weights, ids = route_fn(logits, r.top_k, renormalize=r.renormalize, scoring=r.scoring,
-                                correction_bias=self.correction_bias, n_group=r.n_group, topk_group=r.topk_group,
-                                routed_scaling_factor=r.scaling, num_zero=r.num_zero)
+        kw = dict(renormalize=r.renormalize, scoring=r.scoring, n_group=r.n_group, topk_group=r.topk_group,
+                  routed_scaling_factor=r.scaling)
+        weights, ids = route_fn(logits, r.top_k, correction_bias=self.correction_bias, num_zero=r.num_zero, **kw)
+        if r.num_zero and r.zero_weights == "original":
+            e = logits.shape[1] - r.num_zero
+            bias = None if self.correction_bias is None else self.correction_bias[:e]
+            w_real, ids_real = route_fn(logits[:, :e], r.top_k, correction_bias=bias, **kw)
+            weights = original_weights(w_real, ids_real, ids)
         if r.rule is not None:
             # softmax routing returns its slots by decreasing weight (route and route_torch sort them)
             ids = apply_rule(weights, ids, r.rule, self.experts.num_experts, sorted_desc=r.scoring == "softmax")
@@ -179,13 +188,22 @@ class MoEBlock(nn.Module):
     def _route_one(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
         """:meth:`route` for one token as Python lists (softmax over the k largest logits = the renormalized
         top-k of the softmax, to rounding)."""
-        top, ids = F.linear(x.float(), self.router_weight, self.logit_bias).topk(self.routing.top_k, dim=-1)
-        w = top.softmax(dim=-1)
-        if self.routing.scaling != 1.0:
-            w = w * self.routing.scaling
-        ids, w = ids[0].tolist(), w[0].tolist()
-        if self.routing.rule is not None:
-            ids = apply_rule_one(w, ids, self.routing.rule, self.experts.num_experts)
+        r = self.routing
+        logits = F.linear(x.float(), self.router_weight, self.logit_bias)
+        top, ids = logits.topk(r.top_k, dim=-1)
+        e = self.experts.num_experts
+        if r.num_zero and r.zero_weights == "original":
+            top_real, ids_real = logits[:, :e].topk(r.top_k, dim=-1)
+            weight_of = dict(zip(ids_real[0].tolist(), (top_real.softmax(dim=-1) * r.scaling)[0].tolist()))
+            ids = ids[0].tolist()
+            w = [weight_of.get(i, 0.0) for i in ids]
+        else:
+            w = top.softmax(dim=-1)
+            if r.scaling != 1.0:
+                w = w * r.scaling
+            ids, w = ids[0].tolist(), w[0].tolist()
+        if r.rule is not None:
+            ids = apply_rule_one(w, ids, r.rule, e)
         return ids, w
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

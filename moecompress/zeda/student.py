@@ -45,10 +45,11 @@ class Student:
         return self.handle.num_experts
 
 
-def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable: str, device, dtype) -> Student:
+def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable: str, device, dtype,
+                  weights: str = "renormalized") -> Student:
     handle, model = load_model(model_dir, dtype, device)
     k = handle.top_k
-    zero = ZeroExperts(num_zero, "native", None, topk_mode)
+    zero = ZeroExperts(num_zero, "native", None, topk_mode, weights)
     rs = replace(RouterSpec.of(handle.spec, handle.text_config, handle.num_experts, zero),
                  top_k=k + 1 if topk_mode == "plus-one" else k, teacher_top_k=k)
     for p in model.parameters():

@@ -26,6 +26,17 @@ models are native only.
 :func:`.routing.apply_rule`): ``{"rule": "threshold", "value": beta}``, ``{"rule": "top-p", "value": p}``
 or ``{"rule": "top-k", "value": k'}``; skipped slots become zero expert ``E``.
 ``zero_experts_topk_mode`` records how the zero experts were added (``same`` or ``plus-one``).
+
+``zero_experts_weights`` (native only) says how the chosen slots are weighted:
+
+* ``renormalized`` (the default, also when absent) -- as above: the family's weights over all ``E+Z``
+  rows, a zero slot keeping its weight in the renormalization (so the real experts' share shrinks
+  by the zero slots' weight; what a stock loader computes).
+* ``original`` -- each real slot gets the weight the router gives that expert when the zero experts
+  are left out (the family's routing over the ``E`` real rows alone, same ``k``); a zero slot weighs
+  0. Zero experts then only decide how many of the lowest-ranked real slots a token drops, and the
+  kept experts' weights are the original's -- exactly what the training-free rules do (a learned
+  per-token top-k reduction). Stock loaders cannot express it.
 """
 
 from __future__ import annotations
@@ -37,10 +48,11 @@ from ..errors import UserError
 LAYOUTS = ("native", "stock")
 RULES = ("threshold", "top-p", "top-k")
 TOPK_MODES = ("same", "plus-one")
+WEIGHTINGS = ("renormalized", "original")
 MAX_ZERO_EXPERTS = 4096
 
-KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE = ("num_zero_experts", "zero_experts_layout", "zero_experts_rule",
-                                         "zero_experts_topk_mode")
+KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE, KEY_WEIGHTS = (
+    "num_zero_experts", "zero_experts_layout", "zero_experts_rule", "zero_experts_topk_mode", "zero_experts_weights")
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class ZeroExperts:
     layout: str = "native"
     rule: tuple[str, float] | None = None
     topk_mode: str | None = None
+    weights: str = "renormalized"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_zero <= MAX_ZERO_EXPERTS:
@@ -59,6 +72,8 @@ class ZeroExperts:
             raise UserError(f"zero_experts_layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
         if self.rule is not None:
             check_rule(*self.rule)
+        if self.weights not in WEIGHTINGS:
+            raise UserError(f"zero_experts_weights must be one of {', '.join(WEIGHTINGS)}, not {self.weights!r}")
 
     def config_fields(self) -> dict:
         out: dict = {KEY_Z: self.num_zero, KEY_LAYOUT: self.layout}
@@ -66,6 +81,8 @@ class ZeroExperts:
             out[KEY_RULE] = {"rule": self.rule[0], "value": self.rule[1]}
         if self.topk_mode is not None:
             out[KEY_MODE] = self.topk_mode
+        if self.weights != "renormalized":  # the default stays implicit: older checkpoints read the same
+            out[KEY_WEIGHTS] = self.weights
         return out
 
 
@@ -109,7 +126,8 @@ def read_zero_experts(config: dict) -> ZeroExperts | None:
         if not isinstance(rule, dict) or set(rule) != {"rule", "value"}:
             raise UserError(f"config.json: {KEY_RULE} must be {{'rule': ..., 'value': ...}}, got {rule!r}")
         rule = (str(rule["rule"]), float(rule["value"]))
-    return ZeroExperts(z, str(text.get(KEY_LAYOUT, "native")), rule, text.get(KEY_MODE))
+    return ZeroExperts(z, str(text.get(KEY_LAYOUT, "native")), rule, text.get(KEY_MODE),
+                       str(text.get(KEY_WEIGHTS, "renormalized")))
 
 
 def write_zero_experts(config: dict, zero: ZeroExperts | None) -> dict:
@@ -117,7 +135,7 @@ def write_zero_experts(config: dict, zero: ZeroExperts | None) -> dict:
     out = dict(config)
     nested = "text_config" in out and isinstance(out["text_config"], dict)
     text = dict(out["text_config"]) if nested else out
-    for k in (KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE):
+    for k in (KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE, KEY_WEIGHTS):
         text.pop(k, None)
     if zero is not None:
         text.update(zero.config_fields())

@@ -37,6 +37,7 @@ class RouterSpec:
     scaling: float = 1.0
     rule: tuple[str, float] | None = None
     teacher_top_k: int | None = None  # the original k (plus-one models route k+1 slots)
+    weights: str = "renormalized"  # how chosen slots are weighted (zero.layout: zero_experts_weights)
 
     @classmethod
     def of(cls, spec, text_config, num_experts: int, zero: ZeroExperts) -> "RouterSpec":
@@ -51,6 +52,7 @@ class RouterSpec:
             scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0) if sigmoid else 1.0,
             rule=zero.rule,
             teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
+            weights=zero.weights,
         )
 
 
@@ -108,13 +110,49 @@ class ZeroExpertRouter(nn.Module):
             real, zero_in, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
             correction_bias=bias, n_group=rs.n_group, topk_group=rs.topk_group,
             scaling=rs.scaling, cast_dtype=real.dtype if rs.cast_weights else None,
+            weights="renormalized" if self.mask_zero else rs.weights,
         )
         if not self.mask_zero:
             ids = apply_rule(weights, ids, rs.rule, self.num_experts)
         logits = torch.cat([real, zero], dim=-1)
         if self.track:
             self.aux = self._aux(hidden, real, logits, ids)
+            if rs.weights == "original" and not self.mask_zero and rs.rule is None:
+                return (logits,) + self._relaxed(real, zero_in, bias, ids)
         return logits, weights, ids
+
+    def _relaxed(self, real, zero, bias, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training with ``original`` weights: (weights, ids) over the real-only top-k, every one of its
+        experts computed; a slot's weight is its original weight times *keep*: in the forward the hard
+        survival (1 when the slot is in the merged top-k ``ids``, else 0: the same output as the hard
+        routing), in the backward the gradient of a soft survival (straight-through). Without it the
+        zero rows would get no gradient from the distillation at all (a zero slot weighs 0, so only
+        the discrete choice depends on them); with it the KL tells them which slots are cheap to drop.
+
+        Soft survival of real slot ``j`` (rank ``r_j`` among the real slots, selection score ``c_j``):
+        ``sigmoid((k + 1/2 - r_j - n_j) / 0.25)`` with ``n_j = sum_z sigmoid((c_z - c_j) / tau)`` the soft
+        count of zero rows outranking it (the hard rule: ``r_j + #{c_z > c_j} <= k``)."""
+        rs = self.rs
+        w_real, ids_real = route_zero(real, zero[:, :0], top_k=rs.top_k, scoring=rs.scoring,
+                                      renormalize=rs.renormalize,
+                                      correction_bias=None if bias is None else bias[: self.num_experts],
+                                      n_group=rs.n_group,
+                                      topk_group=rs.topk_group, scaling=rs.scaling,
+                                      cast_dtype=real.dtype if rs.cast_weights else None)
+        keep_hard = (ids_real[:, :, None] == ids[:, None, :]).any(-1).to(w_real.dtype)
+        if rs.scoring == "softmax":
+            c_real, c_zero, tau = real.float(), zero.float(), 0.5
+        else:
+            e = self.num_experts
+            c_real = real.float().sigmoid() + (0 if bias is None else bias[:e])
+            c_zero = zero.float().sigmoid() + (0 if bias is None else bias[e:])
+            tau = 0.02
+        c = c_real.gather(1, ids_real)  # [T, k]
+        rank = 1 + (c.detach()[:, None, :] > c.detach()[:, :, None]).sum(-1)  # 1 = the best real slot
+        n = torch.sigmoid((c_zero[:, None, :] - c[:, :, None]) / tau).sum(-1)
+        keep_soft = torch.sigmoid((rs.top_k + 0.5 - rank - n) / 0.25).to(w_real.dtype)
+        keep = keep_hard + (keep_soft - keep_soft.detach())
+        return w_real * keep, ids_real
 
     def _soft_skip(self, logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """[T]: a differentiable count of each token's slots on zero experts, over k. A zero row takes

@@ -15,7 +15,8 @@ without touching the real part when the zero rows carry no mass:
 
 Where no zero expert makes the top-k, the result *is* the real-only top-k (same values, same
 slot order); elsewhere it is the top-k over all rows. A zero slot keeps its weight in the
-renormalization (see :mod:`.layout`).
+renormalization (``weights="renormalized"``), or the real slots keep the weights of the real-only
+routing and zero slots weigh 0 (``"original"``, :func:`original_weights`; see :mod:`.layout`).
 
 :func:`apply_rule` turns the training-free skipping baselines into zero slots after the top-k.
 """
@@ -29,8 +30,32 @@ import torch.nn.functional as F
 def route_zero(real: torch.Tensor, zero: torch.Tensor, *, top_k: int, scoring: str, renormalize: bool,
                correction_bias: torch.Tensor | None = None, n_group: int | None = None,
                topk_group: int | None = None, scaling: float = 1.0,
-               cast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               cast_dtype: torch.dtype | None = None, weights: str = "renormalized") -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, k], ids [T, k] int64)``; ids in ``[E, E+Z)`` are zero experts."""
+    kw = dict(top_k=top_k, scoring=scoring, renormalize=renormalize, correction_bias=correction_bias,
+              n_group=n_group, topk_group=topk_group, scaling=scaling, cast_dtype=cast_dtype)
+    w, ids = _route_zero(real, zero, **kw)
+    if weights == "original" and zero.shape[-1]:
+        if correction_bias is not None:
+            kw["correction_bias"] = correction_bias[: real.shape[-1]]
+        w_real, ids_real = _route_zero(real, zero[:, :0], **kw)
+        w = original_weights(w_real, ids_real, ids)
+    elif weights not in ("renormalized", "original"):
+        raise ValueError(f"unknown zero-expert weighting {weights!r}")
+    return w, ids
+
+
+def original_weights(w_real: torch.Tensor, ids_real: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The weights of slots ``ids [T, k]`` when each real slot keeps the weight the real-only routing
+    ``(w_real, ids_real)`` gives its expert, and a zero slot (an id no real routing holds) weighs 0.
+
+    The real experts of a merged top-k are always among the real-only top-k (a zero slot displaces the
+    lowest-ranked real one), so every real slot finds its weight."""
+    match = ids[:, :, None] == ids_real[:, None, :]
+    return (match.to(w_real.dtype) * w_real[:, None, :]).sum(-1)
+
+
+def _route_zero(real, zero, *, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling, cast_dtype):
     e = real.shape[-1]
     if scoring == "softmax":
         p_real = F.softmax(real.float(), dim=-1)

@@ -57,11 +57,13 @@ def mixed_zero_model(src, out, num_zero: int = 4, seed: int = 0) -> Path:
     return Path(out)
 
 
-def set_original_weights(path: Path) -> Path:
-    """Declare ``zero_experts_weights: original`` in ``path``'s config."""
+def set_original_weights(path: Path, relative: bool = False) -> Path:
+    """Declare ``zero_experts_weights: original`` (and relative zero logits) in ``path``'s config."""
     cfg_path = Path(path) / "config.json"
     cfg = json.loads(cfg_path.read_text())
     (cfg.get("text_config") or cfg)["zero_experts_weights"] = "original"
+    if relative:
+        (cfg.get("text_config") or cfg)["zero_experts_logits"] = "relative"
     cfg_path.write_text(json.dumps(cfg))
     return Path(path)
 
@@ -211,13 +213,35 @@ def test_convert_refuses_what_stock_cannot_express(tiny_ckpt, tmp_path, family):
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
 
 
-def test_convert_refuses_original_weights(tiny_ckpt, tmp_path):
+def test_convert_refuses_original_weights_and_relative_logits(tiny_ckpt, tmp_path):
     native = mixed_zero_model(tiny_ckpt("qwen3_moe"), tmp_path / "n")
     convert_layout(native, tmp_path / "ok", "stock")  # expressible with the default weighting
     set_original_weights(native)
     with pytest.raises(UserError, match="weighted 'original'"):
         convert_layout(native, tmp_path / "s", "stock")
+    set_original_weights(native, relative=True)
+    with pytest.raises(UserError, match="relative"):
+        convert_layout(native, tmp_path / "s", "stock")
     assert not (tmp_path / "s").exists()
+
+
+def test_relative_zero_row_of_zeros_is_the_threshold_rule(tiny_ckpt, tmp_path):
+    """Relative zero logits with a zero row and bias log(beta), original weights: exactly the slots the
+    threshold rule beta drops (the real slots below beta x the top weight) go to the zero expert."""
+    import math
+
+    from moecompress.zero.routing import apply_rule, route_zero
+
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn(256, 8, generator=g) * 2
+    beta = 0.3
+    zero = torch.full((256, 7), math.log(beta)) + real.max(-1, keepdim=True).values  # Z = k - 1
+    kw = dict(top_k=4, scoring="softmax", renormalize=True)
+    w, ids = route_zero(real, zero, weights="original", **kw)
+    w_real, ids_real = route_zero(real, zero[:, :0], **kw)
+    want = apply_rule(w_real, ids_real, ("threshold", beta), 8)
+    assert 0.1 < float((want >= 8).float().mean()) < 0.6
+    assert torch.equal(torch.sort(torch.where(ids >= 8, 8, ids), -1).values, torch.sort(want, -1).values)
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
@@ -258,14 +282,16 @@ def test_original_weights_are_the_real_only_routing(scoring):
 # ---------------------------------------------------------------- runtime
 
 
-@pytest.mark.parametrize("weights", ["renormalized", "original"])
+@pytest.mark.parametrize("weights", ["renormalized", "original", "original+relative"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_runtime_greedy_matches_reference_with_zero_experts(tiny_ckpt, tmp_path, family, weights):
     from moecompress.runtime import Runtime
 
     native = mixed_zero_model(tiny_ckpt(family), tmp_path / "z")
-    if weights == "original":
-        set_original_weights(native)
+    if weights != "renormalized":
+        set_original_weights(native, relative=weights.endswith("relative"))
+        if weights.endswith("relative"):  # zero logits = best real logit - 0.3 + row . x: still a mix
+            _edit_tensors(native, lambda n, t: t - 0.3 if n.endswith("zero_expert_bias") else t)
     prompt = _ids(1, batch=1, length=11)
     _, ref = load_model(native)
     ref.generation_config.eos_token_id = None
@@ -274,6 +300,14 @@ def test_runtime_greedy_matches_reference_with_zero_experts(tiny_ckpt, tmp_path,
         want = ref.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
     got = rt.generate(prompt, 32, stop_ids=[])
     assert got.tokens == want.tolist(), family
+    skipped = torch.cat([v.flatten() for v in _router_ids(native, prompt).values()]) >= _num_experts(native)
+    assert 0.0 < float(skipped.float().mean()) < 1.0  # zero experts take some slots, not all
+
+
+def _num_experts(path) -> int:
+    from moecompress.arch.handle import ModelHandle
+
+    return ModelHandle.open(path).num_experts
 
 
 def test_runtime_zero_slot_touches_no_expert():

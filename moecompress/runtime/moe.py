@@ -16,7 +16,8 @@ their logits may carry a ``zero_expert_bias``, group-limited routing leaves them
 a skipping rule (``zero_experts_rule``) may send more slots there, and their slots are dropped --
 before the grouped GEMMs on the kernel path, and without touching any expert on the torch path.
 With ``zero_experts_weights: original`` the real slots take the weights of a second routing over
-the real rows alone (:func:`moecompress.zero.routing.original_weights`).
+the real rows alone (:func:`moecompress.zero.routing.original_weights`); with ``zero_experts_logits:
+relative`` the zero logits add the token's best real logit.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Routing:
     num_zero: int = 0  # zero experts: router rows beyond the real experts
     rule: tuple[str, float] | None = None  # a training-free skipping rule (zero.routing.apply_rule)
     zero_weights: str = "renormalized"  # "original": real slots keep the real-only routing's weights
+    zero_relative: bool = False  # zero logits + the token's best real logit (zero_experts_logits: relative)
 
     @classmethod
     def from_config(cls, text_config, top_k: int, scoring: str, zero=None) -> "Routing":
@@ -59,6 +61,7 @@ class Routing:
             num_zero=zero.num_zero if zero is not None else 0,
             rule=zero.rule if zero is not None else None,
             zero_weights=zero.weights if zero is not None else "renormalized",
+            zero_relative=zero is not None and zero.logits == "relative",
         )
 
 
@@ -167,7 +170,7 @@ class MoEBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights fp32 [T, k], ids int32 [T, k]) for ``x [T, H]``; logits computed in fp32."""
         r = self.routing
-        logits = F.linear(x.float(), self.router_weight, self.logit_bias)  # one addmm with zero experts' bias
+        logits = self._logits(x)
         if self.experts.use_kernels:
             from ..kernels.routing import route as route_fn
         else:
@@ -185,11 +188,20 @@ class MoEBlock(nn.Module):
             ids = apply_rule(weights, ids, r.rule, self.experts.num_experts, sorted_desc=r.scoring == "softmax")
         return weights, ids
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits ``[T, E+Z]``: one addmm with the zero experts' bias; relative zero logits add
+        the token's best real logit."""
+        logits = F.linear(x.float(), self.router_weight, self.logit_bias)
+        if self.routing.zero_relative:
+            e = logits.shape[1] - self.routing.num_zero
+            logits[:, e:] += logits[:, :e].max(dim=-1, keepdim=True).values
+        return logits
+
     def _route_one(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
         """:meth:`route` for one token as Python lists (softmax over the k largest logits = the renormalized
         top-k of the softmax, to rounding)."""
         r = self.routing
-        logits = F.linear(x.float(), self.router_weight, self.logit_bias)
+        logits = self._logits(x)
         top, ids = logits.topk(r.top_k, dim=-1)
         e = self.experts.num_experts
         if r.num_zero and r.zero_weights == "original":

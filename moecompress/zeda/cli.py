@@ -15,6 +15,8 @@ import click
 @click.option("--zero-weights", type=click.Choice(["original", "renormalized"]), default="original", show_default=True,
               help="original: kept experts keep the original router's weights (zero experts drop the lowest slots); "
                    "renormalized: a zero slot's weight stays in the renormalization (what stock loaders compute).")
+@click.option("--zero-logits", type=click.Choice(["relative", "linear"]), default="relative", show_default=True,
+              help="relative: a zero row's logit adds the token's best real logit; linear: a plain router row.")
 @click.option("--target-skip", type=float, default=0.5, show_default=True, help="Share of slots to skip, in (0, 1).")
 @click.option("--data", default="builtin:stdlib", show_default=True, help="Prompt text (same forms as --calib).")
 @click.option("--prompts", type=int, default=64, show_default=True)
@@ -37,13 +39,14 @@ import click
 @click.option("--resume", is_flag=True, help="Continue a killed run of the same settings from its last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
-def zeda(model_dir, out, num_zero, topk_mode, zero_weights, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
+def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
          stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, device, seed, layout, resume, checkpoint_every, overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
     from .train import run_zeda
 
-    cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, zero_weights=zero_weights, target_skip=target_skip, data=data,
+    cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, zero_weights=zero_weights, zero_logits=zero_logits,
+                            target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance,
                             trainable=trainable, device=device, seed=seed, layout=layout,

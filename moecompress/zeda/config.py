@@ -19,6 +19,9 @@ class ZedaConfig(BaseModel):
     # slot's weight shrink the real ones (what stock loaders compute). Measured on the wide demo model:
     # original 47.9% skip at KL 0.035, renormalized 40.2% at KL 0.044 (RESULTS.md, session 8).
     zero_weights: Literal["original", "renormalized"] = "original"
+    # what a zero row's logit is (zero.layout, zero_experts_logits): "relative" adds the token's best real
+    # logit, so the zero rows start from (and can learn beyond) the threshold rule; "linear" is a plain row
+    zero_logits: Literal["relative", "linear"] = "relative"
     target_skip: float = 0.5
     data: str = "builtin:stdlib"
     prompts: int = Field(64, gt=0)

@@ -46,10 +46,10 @@ class Student:
 
 
 def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable: str, device, dtype,
-                  weights: str = "renormalized") -> Student:
+                  weights: str = "renormalized", logits: str = "linear") -> Student:
     handle, model = load_model(model_dir, dtype, device)
     k = handle.top_k
-    zero = ZeroExperts(num_zero, "native", None, topk_mode, weights)
+    zero = ZeroExperts(num_zero, "native", None, topk_mode, weights, logits)
     rs = replace(RouterSpec.of(handle.spec, handle.text_config, handle.num_experts, zero),
                  top_k=k + 1 if topk_mode == "plus-one" else k, teacher_top_k=k)
     for p in model.parameters():
@@ -138,6 +138,8 @@ def warm_start(student: Student, input_ids: torch.Tensor, margin: float = 1.0) -
         e, k = r.num_experts, r.rs.teacher_top_k or r.top_k
         real = F.linear(x, r.weight[:e].float())
         zero = F.linear(x, r.weight[e:].float())
+        if r.rs.relative:
+            zero = zero + real.max(dim=-1, keepdim=True).values
         if r.rs.scoring == "softmax":
             kth = real.topk(k, dim=-1).values[:, -1]
             b = float(kth.mean() - zero.mean() - margin)

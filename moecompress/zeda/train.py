@@ -241,7 +241,7 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
                 out[handle.output_name(src)] = p.detach().cpu().to(tensors[src].dtype)
         return out
 
-    zero = ZeroExperts(student.zero.num_zero, "native", None, cfg.topk_mode, cfg.zero_weights)
+    zero = ZeroExperts(student.zero.num_zero, "native", None, cfg.topk_mode, cfg.zero_weights, cfg.zero_logits)
     config = write_zero_experts(handle.reader.config, zero)
     text_config_dict(config)[handle.spec.top_k_attr] = handle.top_k + (1 if cfg.topk_mode == "plus-one" else 0)
     return rewrite_checkpoint(handle, out_dir, config, layer_fn, record, overwrite, desc="writing",
@@ -299,14 +299,14 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
     torch.manual_seed(cfg.seed)
     prompts = _prompts(model_dir, cfg)
     student = build_student(model_dir, num_zero, cfg.topk_mode, cfg.seed, cfg.trainable, device, torch.float32,
-                            cfg.zero_weights)
+                            cfg.zero_weights, cfg.zero_logits)
     student.model.generation_config.eos_token_id = None
     bias0 = warm_start(student, prompts[: cfg.batch])
     history = train(student, prompts, cfg, state, d)
     record = {"moecompress_version": __version__, "command": command, "source": str(model_dir.resolve()),
               "recipe": cfg.model_dump(),
               "zero_experts": {"action": "zeda", "num_zero": num_zero, "topk_mode": cfg.topk_mode,
-                               "weights": cfg.zero_weights,
+                               "weights": cfg.zero_weights, "logits": cfg.zero_logits,
                                "target_skip": cfg.target_skip, "warm_start_bias": bias0,
                                "final": history[-1] if history else None},
               "ranks": d.world, "timings_s": {"total": time.perf_counter() - t0}}

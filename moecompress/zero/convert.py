@@ -3,8 +3,8 @@
 native -> stock appends Z experts of all-zero weights to every MoE layer (per expert, or to the
 fused 3D tensors when the checkpoint stores them so) and counts them in the family's expert
 field; stock -> native drops them. Refused when the stock layout cannot express the model: a
-``zero_expert_bias`` that is not all zero, a skipping rule, ``original`` slot weights, group-limited
-routing.
+``zero_expert_bias`` that is not all zero, a skipping rule, ``original`` slot weights, relative zero
+logits, group-limited routing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from .rewrite import rewrite_checkpoint
 def _stock_blockers(handle: ModelHandle) -> str | None:
     if handle.zero.rule is not None:
         return f"it skips by the rule {handle.zero.rule[0]} {handle.zero.rule[1]:g}, which stock loaders cannot run"
+    if handle.zero.logits != "linear":
+        return "its zero logits are relative to each token's best real logit, which stock loaders cannot compute"
     if handle.zero.weights != "renormalized":
         return (f"its slots are weighted {handle.zero.weights!r} (zero_experts_weights), which stock loaders "
                 "cannot compute")
@@ -48,7 +50,7 @@ def convert_layout(model_dir: str | Path, out_dir: str | Path, layout: str, over
         if why:
             raise UserError(f"{model_dir} cannot be written in the stock layout: {why}")
     fn = _to_stock(handle) if layout == "stock" else _to_native(handle)
-    zero = ZeroExperts(z, layout, handle.zero.rule, handle.zero.topk_mode, handle.zero.weights)
+    zero = ZeroExperts(z, layout, handle.zero.rule, handle.zero.topk_mode, handle.zero.weights, handle.zero.logits)
     config = write_zero_experts(handle.reader.config, zero)
     set_expert_count(config, handle.spec.num_experts_attr, e + z if layout == "stock" else e)
     record = {"moecompress_version": __version__, "command": command, "source": str(Path(model_dir).resolve()),

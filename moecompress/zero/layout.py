@@ -37,6 +37,14 @@ or ``{"rule": "top-k", "value": k'}``; skipped slots become zero expert ``E``.
   0. Zero experts then only decide how many of the lowest-ranked real slots a token drops, and the
   kept experts' weights are the original's -- exactly what the training-free rules do (a learned
   per-token top-k reduction). Stock loaders cannot express it.
+
+``zero_experts_logits`` (native only) says what a zero row's logit is:
+
+* ``linear`` (the default, also when absent) -- ``row . x + zero_expert_bias``, like any router row.
+* ``relative`` -- that plus the token's largest real logit: a zero expert competes with the token's
+  best real expert's logit rather than with an absolute level, so a zero row of zeros with bias
+  ``log(beta)`` skips exactly the slots below ``beta x`` the top weight (softmax routers: the
+  threshold rule), and training learns a token-dependent correction. Stock loaders cannot express it.
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ LAYOUTS = ("native", "stock")
 RULES = ("threshold", "top-p", "top-k")
 TOPK_MODES = ("same", "plus-one")
 WEIGHTINGS = ("renormalized", "original")
+ZERO_LOGITS = ("linear", "relative")
 MAX_ZERO_EXPERTS = 4096
 
-KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE, KEY_WEIGHTS = (
-    "num_zero_experts", "zero_experts_layout", "zero_experts_rule", "zero_experts_topk_mode", "zero_experts_weights")
+KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE, KEY_WEIGHTS, KEY_LOGITS = (
+    "num_zero_experts", "zero_experts_layout", "zero_experts_rule", "zero_experts_topk_mode", "zero_experts_weights",
+    "zero_experts_logits")
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class ZeroExperts:
     rule: tuple[str, float] | None = None
     topk_mode: str | None = None
     weights: str = "renormalized"
+    logits: str = "linear"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_zero <= MAX_ZERO_EXPERTS:
@@ -74,6 +85,8 @@ class ZeroExperts:
             check_rule(*self.rule)
         if self.weights not in WEIGHTINGS:
             raise UserError(f"zero_experts_weights must be one of {', '.join(WEIGHTINGS)}, not {self.weights!r}")
+        if self.logits not in ZERO_LOGITS:
+            raise UserError(f"zero_experts_logits must be one of {', '.join(ZERO_LOGITS)}, not {self.logits!r}")
 
     def config_fields(self) -> dict:
         out: dict = {KEY_Z: self.num_zero, KEY_LAYOUT: self.layout}
@@ -83,6 +96,8 @@ class ZeroExperts:
             out[KEY_MODE] = self.topk_mode
         if self.weights != "renormalized":  # the default stays implicit: older checkpoints read the same
             out[KEY_WEIGHTS] = self.weights
+        if self.logits != "linear":
+            out[KEY_LOGITS] = self.logits
         return out
 
 
@@ -127,7 +142,7 @@ def read_zero_experts(config: dict) -> ZeroExperts | None:
             raise UserError(f"config.json: {KEY_RULE} must be {{'rule': ..., 'value': ...}}, got {rule!r}")
         rule = (str(rule["rule"]), float(rule["value"]))
     return ZeroExperts(z, str(text.get(KEY_LAYOUT, "native")), rule, text.get(KEY_MODE),
-                       str(text.get(KEY_WEIGHTS, "renormalized")))
+                       str(text.get(KEY_WEIGHTS, "renormalized")), str(text.get(KEY_LOGITS, "linear")))
 
 
 def write_zero_experts(config: dict, zero: ZeroExperts | None) -> dict:
@@ -135,7 +150,7 @@ def write_zero_experts(config: dict, zero: ZeroExperts | None) -> dict:
     out = dict(config)
     nested = "text_config" in out and isinstance(out["text_config"], dict)
     text = dict(out["text_config"]) if nested else out
-    for k in (KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE, KEY_WEIGHTS):
+    for k in (KEY_Z, KEY_LAYOUT, KEY_RULE, KEY_MODE, KEY_WEIGHTS, KEY_LOGITS):
         text.pop(k, None)
     if zero is not None:
         text.update(zero.config_fields())

@@ -38,6 +38,7 @@ class RouterSpec:
     rule: tuple[str, float] | None = None
     teacher_top_k: int | None = None  # the original k (plus-one models route k+1 slots)
     weights: str = "renormalized"  # how chosen slots are weighted (zero.layout: zero_experts_weights)
+    relative: bool = False  # zero logits relative to the token's best real logit (zero_experts_logits)
 
     @classmethod
     def of(cls, spec, text_config, num_experts: int, zero: ZeroExperts) -> "RouterSpec":
@@ -52,7 +53,7 @@ class RouterSpec:
             scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0) if sigmoid else 1.0,
             rule=zero.rule,
             teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
-            weights=zero.weights,
+            weights=zero.weights, relative=zero.logits == "relative",
         )
 
 
@@ -92,6 +93,8 @@ class ZeroExpertRouter(nn.Module):
             rows = self.reference_rows.to(w.dtype)
         real = F.linear(x, rows)
         zero = F.linear(x, w[e:]) + self.zero_expert_bias.to(real.dtype)
+        if self.rs.relative:  # the best real logit is the reference, not a path for gradients to the real rows
+            zero = zero + real.detach().max(dim=-1, keepdim=True).values
         if self.mask_zero:
             zero = torch.full_like(zero, float("-inf"))
         return real, zero

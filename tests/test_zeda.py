@@ -248,16 +248,25 @@ def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path):
         assert x["balance"] == pytest.approx(y["balance"], rel=1e-3)
 
 
-def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt):
+@pytest.mark.parametrize("trainable", ["routers", "routers+norms"])
+def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt, trainable):
     src = tiny_ckpt("qwen3_moe")
-    st = build_student(src, 1, "same", 0, "routers", "cpu", torch.float32)
+    st = build_student(src, 1, "same", 0, trainable, "cpu", torch.float32)
     _, orig = load_model(src)
     with torch.no_grad():
         for r in st.routers.values():
             r.weight.add_(0.5)  # what training does to the real rows, exaggerated
+        for p in st.params:
+            if p.dim() == 1 and p.shape[0] == r.rs.hidden:  # the norms, when they train
+                p.mul_(1.5)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), teacher_mode(st):
-        assert torch.equal(st.model(input_ids=ids).logits, orig(input_ids=ids).logits)
+    with torch.no_grad():
+        student = st.model(input_ids=ids).logits
+        with teacher_mode(st):
+            assert torch.equal(st.model(input_ids=ids).logits, orig(input_ids=ids).logits)
+        assert torch.equal(st.model(input_ids=ids).logits, student)  # the trained norms are back
+    if trainable == "routers+norms":
+        assert st.originals and not torch.equal(student, orig(input_ids=ids).logits)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ the same on the selection scores, through the zero rows' correction bias).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ class Student:
     routers: dict[int, ZeroExpertRouter]  # layer -> router
     params: list[nn.Parameter]
     zero: ZeroExperts
+    # trained parameters outside the routers (norms) -> their original values: the teacher reads these
+    originals: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_experts(self) -> int:
@@ -87,12 +89,14 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
             keep = torch.zeros(r.weight.shape[0], 1, dtype=r.weight.dtype, device=r.weight.device)
             keep[r.num_experts:] = 1.0
             r.weight.register_hook(lambda g, m=keep: g * m)
+    originals = {}
     if trainable == "routers+norms":
         for name, p in model.named_parameters():
             if name.startswith("model.layers.") and "norm" in name.rsplit(".", 2)[-2] and p.dim() == 1:
                 p.requires_grad_(True)
                 params.append(p)
-    return Student(handle, model, routers, params, zero)
+                originals[p] = p.data.detach().clone()
+    return Student(handle, model, routers, params, zero, originals)
 
 
 @contextlib.contextmanager
@@ -109,9 +113,20 @@ def _router_flag(student: Student, name: str):
                 r.aux = None
 
 
+@contextlib.contextmanager
 def teacher_mode(student: Student):
-    """Within: the original model (zero rows masked, the original k, the original real rows)."""
-    return _router_flag(student, "mask_zero")
+    """Within: the original model (zero rows masked, the original k, the original real rows, the original
+    norms when they train). Only for forwards without gradients: trained norms are swapped for their
+    original values in place of the parameters' data, and put back after."""
+    swapped = [(p, p.data) for p in student.originals]
+    for p, _ in swapped:
+        p.data = student.originals[p]
+    try:
+        with _router_flag(student, "mask_zero"):
+            yield
+    finally:
+        for p, d in swapped:
+            p.data = d
 
 
 def tracking(student: Student):

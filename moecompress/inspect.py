@@ -117,6 +117,7 @@ def _zero_experts(h: ModelHandle, total: int, expert_params: int, skip_rate: flo
                          "params": int(base + expert_params * h.top_k * (1 - s) / max(h.num_experts, 1))}
               for s in rates}
     return {"num_zero": z.num_zero, "layout": z.layout, "topk_mode": z.topk_mode, "weights": z.weights,
+            "logits": z.logits,
             "rule": None if z.rule is None else {"rule": z.rule[0], "value": z.rule[1]},
             "skip_rate": skip_rate, "active": active}
 
@@ -263,6 +264,7 @@ def render(d: dict) -> str:
         rule = f", skipping rule {z['rule']['rule']} {z['rule']['value']:g}" if z["rule"] else ""
         mode = f", added with top-k mode {z['topk_mode']}" if z["topk_mode"] else ""
         weights = ", kept experts keep the original weights" if z.get("weights") == "original" else ""
+        weights += ", zero logits relative to the best real one" if z.get("logits") == "relative" else ""
         lines.append(f"  zero experts  {z['num_zero']} per router, {z['layout']} layout{mode}{rule}{weights}")
         what = "at the measured skip rate" if z["skip_rate"] is not None else "at skip rate"
         lines.append(f"  active/token  {what}: " + "; ".join(

@@ -109,22 +109,30 @@ class ZeroExpertRouter(nn.Module):
             bias = None if bias is None else bias[: self.num_experts]
         else:
             zero_in = zero
+        # training with original weights: only the merged ids are needed here, _relaxed weighs the slots
+        relax = self.track and rs.weights == "original" and not self.mask_zero and rs.rule is None
         weights, ids = route_zero(
             real, zero_in, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
             correction_bias=bias, n_group=rs.n_group, topk_group=rs.topk_group,
             scaling=rs.scaling, cast_dtype=real.dtype if rs.cast_weights else None,
-            weights="renormalized" if self.mask_zero else rs.weights,
+            weights="renormalized" if self.mask_zero or relax else rs.weights,
         )
         if not self.mask_zero:
             ids = apply_rule(weights, ids, rs.rule, self.num_experts)
         logits = torch.cat([real, zero], dim=-1)
         if self.track:
             self.aux = self._aux(hidden, real, logits, ids)
-            if rs.weights == "original" and not self.mask_zero and rs.rule is None:
-                return (logits,) + self._relaxed(real, zero_in, bias, ids)
+            if relax:
+                return (logits,) + self._relaxed(real, logits, bias, ids)
         return logits, weights, ids
 
-    def _relaxed(self, real, zero, bias, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def _selection(self, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """(selection scores ``[T, E+Z]`` as the top-k compares them, a temperature for soft counts)."""
+        if self.rs.scoring == "softmax":
+            return logits.float(), 0.5
+        return logits.float().sigmoid() + (0 if bias is None else bias), 0.02
+
+    def _relaxed(self, real, logits, bias, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Training with ``original`` weights: (weights, ids) over the real-only top-k, every one of its
         experts computed; a slot's weight is its original weight times *keep*: in the forward the hard
         survival (1 when the slot is in the merged top-k ``ids``, else 0: the same output as the hard
@@ -135,22 +143,15 @@ class ZeroExpertRouter(nn.Module):
         Soft survival of real slot ``j`` (rank ``r_j`` among the real slots, selection score ``c_j``):
         ``sigmoid((k + 1/2 - r_j - n_j) / 0.25)`` with ``n_j = sum_z sigmoid((c_z - c_j) / tau)`` the soft
         count of zero rows outranking it (the hard rule: ``r_j + #{c_z > c_j} <= k``)."""
-        rs = self.rs
-        w_real, ids_real = route_zero(real, zero[:, :0], top_k=rs.top_k, scoring=rs.scoring,
-                                      renormalize=rs.renormalize,
-                                      correction_bias=None if bias is None else bias[: self.num_experts],
-                                      n_group=rs.n_group,
-                                      topk_group=rs.topk_group, scaling=rs.scaling,
+        rs, e = self.rs, self.num_experts
+        w_real, ids_real = route_zero(real, real[:, :0], top_k=rs.top_k, scoring=rs.scoring,
+                                      renormalize=rs.renormalize, correction_bias=None if bias is None else bias[:e],
+                                      n_group=rs.n_group, topk_group=rs.topk_group, scaling=rs.scaling,
                                       cast_dtype=real.dtype if rs.cast_weights else None)
         keep_hard = (ids_real[:, :, None] == ids[:, None, :]).any(-1).to(w_real.dtype)
-        if rs.scoring == "softmax":
-            c_real, c_zero, tau = real.float(), zero.float(), 0.5
-        else:
-            e = self.num_experts
-            c_real = real.float().sigmoid() + (0 if bias is None else bias[:e])
-            c_zero = zero.float().sigmoid() + (0 if bias is None else bias[e:])
-            tau = 0.02
-        c = c_real.gather(1, ids_real)  # [T, k]
+        score, tau = self._selection(logits, bias)
+        c_zero = score[:, e:]
+        c = score[:, :e].gather(1, ids_real)  # [T, k]
         rank = 1 + (c.detach()[:, None, :] > c.detach()[:, :, None]).sum(-1)  # 1 = the best real slot
         n = torch.sigmoid((c_zero[:, None, :] - c[:, :, None]) / tau).sum(-1)
         keep_soft = torch.sigmoid((rs.top_k + 0.5 - rank - n) / 0.25).to(w_real.dtype)
@@ -162,10 +163,7 @@ class ZeroExpertRouter(nn.Module):
         a slot when its selection score passes the midpoint between the k-th and (k+1)-th best scores
         (held fixed); each row counts sigmoid((score - midpoint) / tau). It moves the tokens near the
         edge, without inflating the zero rows' weights the way a target on their mass would."""
-        if self.rs.scoring == "softmax":
-            score, tau = logits.float(), 0.5
-        else:
-            score, tau = logits.float().sigmoid() + bias, 0.02
+        score, tau = self._selection(logits, bias)
         k = self.top_k
         top = score.detach().topk(min(k + 1, score.shape[-1]), dim=-1).values
         mid = (top[:, k - 1] + top[:, -1]) / 2 if top.shape[-1] > k else top[:, -1] - tau

@@ -111,7 +111,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
               help="Weight each token in an expert's Hessian by its squared routing weight.")
 @click.option("--refine-rounds", type=click.IntRange(0, 16), default=1, show_default=True,
               help="GPTQ: rounds of least-squares scale refits alternated with GPTQ sweeps (0: plain GPTQ); "
-                   "AWQ: any value > 0 refits the scales to the rounded codes once.")
+                   "AWQ: any value > 0 alternates scale refits with re-rounding at the refit scales until no "
+                   "row improves (at most 8 refits).")
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")

@@ -116,6 +116,45 @@ def _refit_rows(w: torch.Tensor, qw: QuantizedWeight, Hd: torch.Tensor):
 
 
 @torch.no_grad()
+def refit_reround(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: float = 0.01,
+                  max_rounds: int = 8) -> tuple[QuantizedWeight, dict]:
+    """Alternate least-squares scale refits with rounding to nearest at the refit scales (AWQ's codes).
+
+    A refit keeps the codes; re-rounding the weight at the new scales (zero points unchanged) gives
+    new round-to-nearest codes, whose scales are refit again, and so on until no row improves or
+    ``max_rounds`` refits ran. Each row keeps its best candidate by the damped-Hessian loss, so the
+    result is never worse than ``qw`` nor than one refit. Needs natural group order (no ``g_idx``).
+    """
+    if qw.g_idx is not None:
+        raise ValueError("refit_reround needs groups in natural order (no g_idx)")
+    from .rtn import quantize_with_qparams  # rtn imports nothing from here; keep the import graph one-way
+
+    Hd = _damped(H, damp)
+    best = qw
+    best_loss = start = _row_loss(w, qw.dequantize(torch.float32), Hd)
+    cur = qw
+    for _ in range(max_rounds):
+        fitted, _, _ = _refit_rows(w, cur, Hd)
+        rounded = QuantizedWeight(quantize_with_qparams(w, fitted.scales, fitted.zeros, qw.spec), fitted.scales,
+                                  fitted.zeros, qw.spec)
+        improved = False
+        for c in (fitted, rounded):
+            loss = _row_loss(w, c.dequantize(torch.float32), Hd)
+            better = loss < best_loss
+            if bool(better.any()):
+                improved = True
+                pick = better[..., None]
+                best = QuantizedWeight(torch.where(pick, c.qweight, best.qweight),
+                                       torch.where(pick, c.scales, best.scales),
+                                       torch.where(pick, c.zeros, best.zeros), qw.spec)
+                best_loss = torch.where(better, loss, best_loss)
+        if not improved:
+            break
+        cur = rounded
+    return best, {"loss_before": start.sum(-1).tolist(), "loss_after": best_loss.sum(-1).tolist()}
+
+
+@torch.no_grad()
 def refine(w: torch.Tensor, H: torch.Tensor, qw: QuantizedWeight, *, rounds: int, damp: float = 0.01,
            block_size: int = 128) -> tuple[QuantizedWeight, dict]:
     """Alternate scale refits and GPTQ sweeps with those scales fixed, keeping each row's best.

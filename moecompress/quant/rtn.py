@@ -94,7 +94,9 @@ def search_qparams(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | Non
 
 
 _SEARCH_CHUNK = 1 << 19  # elements per slab (2 MiB of float32)
-_ENDS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)  # per-end shrink factors of the block-scored search
+# per-end shrink factors of the block-scored search: 1.0 down to 0.6 in steps of 0.025 (steps of 0.05-0.1 gave
+# 2-3% more KL on the demo model; RESULTS.md, session 9)
+_ENDS = tuple(1.0 - 0.025 * i for i in range(17))
 
 
 def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None, hblock: torch.Tensor | None = None):
@@ -104,8 +106,8 @@ def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None,
     if hblock is not None and not spec.symmetric:
         m = torch.maximum(-lo, hi)
         cands += [(torch.maximum(lo, -m * r), torch.minimum(hi, m * r), 1.0) for r in spec.clip_ratios if r < 1.0]
-        # each end shrunk on its own (a group's two tails differ): 56 more candidates, worth 4-6% of KL
-        # on the wide demo model at W3 g64 / W4 g128 (RESULTS.md, session 8)
+        # each end shrunk on its own (a group's two tails differ): 272 more candidates, worth 4-6% of KL
+        # on the wide demo model at W3 g64 / W4 g128 (RESULTS.md, sessions 8 and 9)
         cands += [(lo * a, hi * b, 1.0) for a in _ENDS for b in _ENDS if a != b]
     best = None
     for c_lo, c_hi, r in cands:

@@ -17,7 +17,7 @@ from torch import nn
 from ..arch.registry import ArchSpec
 from ..calib.capture import ExpertTarget
 from .gptq import gptq_quantize
-from .refit import refine, refit_scales
+from .refit import refine, refit_reround
 from .rtn import rtn_quantize
 from .spec import QuantizedWeight, QuantSpec
 
@@ -146,8 +146,8 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
         # of the Hessian (the group's exact share of the output error, as AWQ's own clip search measures)
         awq = method == "awq" and H is not None
         qw = rtn_quantize(wc, qspec, None, H.float() if awq else None)
-        if awq and refine_rounds:  # the codes stay; each group's scale is refit to them by least squares
-            qw, _ = refit_scales(wc, qw, H.float(), damp)
+        if awq and refine_rounds:  # scales refit to the codes by least squares, the weight re-rounded at them, ...
+            qw, _ = refit_reround(wc, qw, H.float(), damp)
         stats = [{"method": "awq" if awq else "rtn"} for _ in idx]
     else:
         qw, st = gptq_quantize(wc, H.float(), qspec, damp=damp, block_size=block_size)

@@ -156,8 +156,21 @@ def test_bad_runs_are_refused_before_any_work(tiny_ckpt, tmp_path):
     add_zero_experts(src, z, 2)
     with pytest.raises(UserError, match="already has 2 zero experts"):
         run_zeda(z, tmp_path / "a", build_zeda_config(**QUICK))
-    with pytest.raises(UserError, match="lora is not available"):
-        run_zeda(src, tmp_path / "a", build_zeda_config(trainable="lora", **QUICK))
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *a, **k):  # a machine without peft
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    builtins.__import__ = no_peft
+    try:
+        with pytest.raises(UserError, match=r"needs peft .*pip install 'moecompress\[lora\]'"):
+            run_zeda(src, tmp_path / "a", build_zeda_config(trainable="lora", **QUICK))
+    finally:
+        builtins.__import__ = real_import
     with pytest.raises(UserError, match="--num-zero 100 must lie in"):
         run_zeda(src, tmp_path / "a", build_zeda_config(num_zero=100, **QUICK))
     empty = tmp_path / "empty.txt"
@@ -248,7 +261,7 @@ def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path):
         assert x["balance"] == pytest.approx(y["balance"], rel=1e-3)
 
 
-@pytest.mark.parametrize("trainable", ["routers", "routers+norms"])
+@pytest.mark.parametrize("trainable", ["routers", "routers+norms", "lora"])
 def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt, trainable):
     src = tiny_ckpt("qwen3_moe")
     st = build_student(src, 1, "same", 0, trainable, "cpu", torch.float32)
@@ -259,6 +272,8 @@ def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt, trainabl
         for p in st.params:
             if p.dim() == 1 and p.shape[0] == r.rs.hidden:  # the norms, when they train
                 p.mul_(1.5)
+        for p in st.lora:  # the experts' adapters, when they train (B starts at 0: give both a value)
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         student = st.model(input_ids=ids).logits
@@ -267,6 +282,64 @@ def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt, trainabl
         assert torch.equal(st.model(input_ids=ids).logits, student)  # the trained norms are back
     if trainable == "routers+norms":
         assert st.originals and not torch.equal(student, orig(input_ids=ids).logits)
+    if trainable == "lora":
+        assert st.lora and not st.originals
+        with teacher_mode(st):  # routers masked, adapters off; the adapters alone change the output
+            for r in st.routers.values():
+                r.weight.sub_(0.5)
+        with torch.no_grad(), _lora_only(st):
+            assert (st.model(input_ids=ids).logits - orig(input_ids=ids).logits).abs().max() > 1e-3
+
+
+def _lora_only(st):
+    """Within: the routers masked (the original routing) but the adapters on."""
+    from moecompress.zeda.student import _router_flag
+
+    return _router_flag(st, "mask_zero")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,fused", [("qwen3_moe", False), ("mixtral", True)])
+def test_lora_run_exports_merged_experts_that_transformers_reads_as_the_student(tiny_ckpt, tmp_path, family, fused):
+    """--trainable lora: the adapters train, the output holds W + B A in the checkpoint's own expert layout
+    (per expert, or fused), and transformers' forward of it equals the trained student's."""
+    from moecompress.zeda import train as T
+    from moecompress.zeda.train import run_zeda
+
+    src = tiny_ckpt(family, original_format=not fused)
+    out = tmp_path / "z"
+    kept = {}
+    real_export = T.export
+
+    def spy(student, *a, **k):  # the trained student, as it is when written
+        kept["student"] = student
+        return real_export(student, *a, **k)
+
+    T.export = spy
+    try:
+        run_zeda(src, out, build_zeda_config(target_skip=0.5, lr=2e-2, trainable="lora", lora_rank=4, lora_lr=2e-2,
+                                             **QUICK))
+    finally:
+        T.export = real_export
+    st = kept["student"]
+    from moecompress.arch.handle import ModelHandle
+
+    name = ModelHandle.open(src).output_name  # we write the family's original spellings, in the source's layout
+    a = {name(k): v for k, v in load_file(next(src.glob("*.safetensors"))).items()}
+    b = load_file(next(out.glob("*.safetensors")))
+    assert set(a) | {k for k in b if k.endswith("zero_expert_bias")} == set(b)
+    assert any(k.endswith("experts.gate_up_proj") for k in a) == fused
+    experts = [k for k in a if ".experts." in k]
+    assert experts and all(b[k].dtype == a[k].dtype for k in experts)
+    assert any(not torch.equal(a[k], b[k]) for k in experts), "the merged adapters changed no expert"
+    assert all(torch.equal(a[k], b[k]) for k in a if ".experts." not in k and ".gate." not in k
+               and "router" not in k)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    _, model = load_model(out)
+    with torch.no_grad():
+        ours = st.model(input_ids=ids).logits
+        theirs = model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.slow

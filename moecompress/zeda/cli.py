@@ -32,7 +32,10 @@ import click
 @click.option("--balance", type=click.Choice(["slots", "mass"]), default="slots", show_default=True,
               help="What the balancing loss steers: a soft count of zero slots, or the zero rows' probability mass.")
 @click.option("--trainable", type=click.Choice(["routers", "zero-rows", "routers+norms", "lora"]), default="routers",
-              show_default=True, help="zero-rows: the real experts' router rows stay the original's.")
+              show_default=True, help="zero-rows: the real experts' router rows stay the original's; lora: the "
+                                      "routers and a LoRA adapter per routed expert (needs peft), merged at export.")
+@click.option("--lora-rank", type=int, default=8, show_default=True, help="--trainable lora: the adapters' rank.")
+@click.option("--lora-lr", type=float, default=1e-3, show_default=True, help="--trainable lora: the adapters' learning rate.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True)
@@ -40,7 +43,8 @@ import click
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
 def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
-         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, device, seed, layout, resume, checkpoint_every, overwrite) -> None:
+         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, lora_rank, lora_lr, device, seed, layout, resume, checkpoint_every,
+         overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
     from .train import run_zeda
@@ -49,7 +53,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
                             target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance,
-                            trainable=trainable, device=device, seed=seed, layout=layout,
+                            trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
     final = rec["zero_experts"]["final"] or {}

@@ -35,6 +35,9 @@ class ZedaConfig(BaseModel):
     balance: Literal["slots", "mass"] = "slots"
     route_weight: float = Field(1.0, ge=0)
     trainable: Literal["routers", "zero-rows", "routers+norms", "lora"] = "routers"
+    # --trainable lora: the routers, plus a rank-r adapter per routed expert (gate/up and down; peft)
+    lora_rank: int = Field(8, gt=0)
+    lora_lr: float = Field(1e-3, gt=0, description="learning rate of the LoRA adapters (the routers keep lr)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of both stages' generations")
     device: str = "cpu"
     seed: int = 0

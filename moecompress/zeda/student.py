@@ -4,7 +4,8 @@
 experts in memory (:func:`moecompress.zero.inject.zero_router_init`: outputs unchanged). With
 :func:`teacher_mode` on, every router masks its zero rows and routes the original k slots, so the
 forward is exactly the original model's; off, it is the student. Only router parameters (and,
-optionally, the norms) are trainable; everything else is frozen. ``trainable="zero-rows"``: only the
+optionally, the norms, or LoRA adapters on the experts: :mod:`.lora`, off in the teacher's forward)
+are trainable; everything else is frozen. ``trainable="zero-rows"``: only the
 zero rows and their bias learn (a gradient mask on the real rows; AdamW without weight decay then
 leaves the real rows bit for bit as they were).
 
@@ -41,6 +42,7 @@ class Student:
     zero: ZeroExperts
     # trained parameters outside the routers (norms) -> their original values: the teacher reads these
     originals: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    lora: list[nn.Parameter] = field(default_factory=list)  # the experts' adapters (--trainable lora)
 
     @property
     def num_experts(self) -> int:
@@ -48,7 +50,7 @@ class Student:
 
 
 def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable: str, device, dtype,
-                  weights: str = "renormalized", logits: str = "linear") -> Student:
+                  weights: str = "renormalized", logits: str = "linear", lora_rank: int = 8) -> Student:
     handle, model = load_model(model_dir, dtype, device)
     k = handle.top_k
     zero = ZeroExperts(num_zero, "native", None, topk_mode, weights, logits)
@@ -96,7 +98,12 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
                 p.requires_grad_(True)
                 params.append(p)
                 originals[p] = p.data.detach().clone()
-    return Student(handle, model, routers, params, zero, originals)
+    lora = []
+    if trainable == "lora":  # after the experts' class swap: peft wraps the zero-skipping experts
+        from .lora import add_lora
+
+        lora = add_lora(model, lora_rank)
+    return Student(handle, model, routers, params, zero, originals, lora)
 
 
 @contextlib.contextmanager
@@ -116,13 +123,18 @@ def _router_flag(student: Student, name: str):
 @contextlib.contextmanager
 def teacher_mode(student: Student):
     """Within: the original model (zero rows masked, the original k, the original real rows, the original
-    norms when they train). Only for forwards without gradients: trained norms are swapped for their
+    norms when they train, the experts' adapters off). Only for forwards without gradients: trained norms are swapped for their
     original values in place of the parameters' data, and put back after."""
     swapped = [(p, p.data) for p in student.originals]
     for p, _ in swapped:
         p.data = student.originals[p]
+    adapters = contextlib.nullcontext()
+    if student.lora:
+        from .lora import adapters_disabled
+
+        adapters = adapters_disabled(student.model)
     try:
-        with _router_flag(student, "mask_zero"):
+        with _router_flag(student, "mask_zero"), adapters:
             yield
     finally:
         for p, d in swapped:

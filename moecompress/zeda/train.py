@@ -119,7 +119,10 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     model = student.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     forward = wrap(d, model)  # DDP across ranks: gradients averaged in the backward
-    opt = torch.optim.AdamW(student.params, lr=cfg.lr, weight_decay=0.0)
+    groups = [{"params": student.params, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if student.lora:
+        groups.append({"params": student.lora, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start = 0
@@ -151,7 +154,7 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
         seq = share(d, seq.to(next(model.parameters()).device))
         warm = min(1.0, (step + 1) / 10)  # 10 steps of linear warm-up
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * warm
+            g["lr"] = g["base_lr"] * warm
         with tracking(student):
             loss, stats = _step(student, forward, seq, stage, cfg, p_len, d)
             if not math.isfinite(stats["loss"]):
@@ -161,7 +164,7 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
                                 f"written{kept}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.params, 1.0)
+        torch.nn.utils.clip_grad_norm_(student.params + student.lora, 1.0)
         opt.step()
         mean_skip = sum(stats["skip"].values()) / max(len(stats["skip"]), 1)
         bar.set_postfix_str(f"stage {stage} kd {stats['kd']:.4f} bal {stats['balance']:.4f} skip {mean_skip:.2f}")
@@ -220,7 +223,12 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
            extra_files: dict[str, bytes]) -> dict:
     """The original checkpoint with the trained routers (and norms) and the zero-expert config."""
     handle = ModelHandle.open(model_dir)
-    trained = {n: p for n, p in student.model.named_parameters() if p.requires_grad}
+    trained = {n: p for n, p in student.model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    merged = {}
+    if student.lora:
+        from .lora import merged_experts
+
+        merged = merged_experts(student.model)  # W + B A of every adapted expert tensor
 
     def layer_fn(i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {handle.output_name(n): t for n, t in tensors.items()}
@@ -239,6 +247,9 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
             if mem.startswith(prefix) and ".gate." not in mem:
                 src = handle.source_name(i, mem[len(prefix):])
                 out[handle.output_name(src)] = p.detach().cpu().to(tensors[src].dtype)
+        for mem, w in merged.items():
+            if mem.startswith(prefix):
+                out.update(_expert_tensors(handle, i, mem[len(prefix):], w.cpu(), tensors))
         return out
 
     zero = ZeroExperts(student.zero.num_zero, "native", None, cfg.topk_mode, cfg.zero_weights, cfg.zero_logits)
@@ -246,6 +257,24 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
     text_config_dict(config)[handle.spec.top_k_attr] = handle.top_k + (1 if cfg.topk_mode == "plus-one" else 0)
     return rewrite_checkpoint(handle, out_dir, config, layer_fn, record, overwrite, desc="writing",
                               extra_files=extra_files)
+
+
+def _expert_tensors(handle: ModelHandle, i: int, local: str, w: torch.Tensor, tensors: dict) -> dict:
+    """Layer i's fused expert tensor ``w`` (``mlp.experts.gate_up_proj [E, 2I, H]`` or ``down_proj [E, H, I]``)
+    under the names and dtypes the checkpoint stores it with: fused as it is, or per expert."""
+    fused = handle.fused_source(i, local)
+    if fused is not None:
+        return {handle.output_name(fused): w.to(tensors[fused].dtype)}
+    out = {}
+    for e in range(w.shape[0]):
+        gate, up, down = (n + ".weight" for n in handle.expert_source_names(i, e))
+        if local.endswith("gate_up_proj"):
+            half = w.shape[1] // 2
+            parts = {gate: w[e, :half], up: w[e, half:]}
+        else:
+            parts = {down: w[e]}
+        out.update({handle.output_name(n): t.contiguous().to(tensors[n].dtype) for n, t in parts.items()})
+    return out
 
 
 def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwrite: bool = False,
@@ -258,7 +287,9 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     if handle.zero is not None:
         raise UserError(f"{model_dir} already has {handle.num_zero} zero experts; run ZEDA on the original model")
     if cfg.trainable == "lora":
-        raise UserError("--trainable lora is not available yet; use routers, zero-rows or routers+norms")
+        from .lora import _peft
+
+        _peft()  # one line now, not after the teacher's generations, when peft is missing
     if cfg.layout == "stock":
         raise UserError("--layout stock is not available for ZEDA yet: its zero experts carry a logit bias; "
                         "write native, and use 'zero-experts convert' once expressible")
@@ -299,7 +330,7 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
     torch.manual_seed(cfg.seed)
     prompts = _prompts(model_dir, cfg)
     student = build_student(model_dir, num_zero, cfg.topk_mode, cfg.seed, cfg.trainable, device, torch.float32,
-                            cfg.zero_weights, cfg.zero_logits)
+                            cfg.zero_weights, cfg.zero_logits, cfg.lora_rank)
     student.model.generation_config.eos_token_id = None
     bias0 = warm_start(student, prompts[: cfg.batch])
     history = train(student, prompts, cfg, state, d)

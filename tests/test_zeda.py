@@ -220,14 +220,16 @@ def test_killed_run_resumes_to_the_same_bits(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path, shard):
     """torchrun, 2 gloo ranks, each on half of every global batch, vs one process on the whole batch.
 
     Tolerance: relative (Frobenius) error of each trained tensor below 2e-3. The two runs compute the
     same gradient up to the order of floating-point sums (DDP averages two half-batch gradients;
     the balancing loss enters as its exact first-order surrogate), and Adam turns 1e-7-relative
     noise in near-zero gradient entries into differences of up to its step size: after 14 steps the
-    measured error is ~6e-4 at most; the logged losses agree to 1e-3 relative (1e-2 for the tiny KL)."""
+    measured error is ~6e-4 at most; the logged losses agree to 1e-3 relative (1e-2 for the tiny KL).
+    ``--shard fsdp`` (FSDP2: every parameter sharded over the 2 ranks, gathered per layer) computes the same."""
     import subprocess
     import sys
 
@@ -243,7 +245,7 @@ def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", str(port), "-m", "moecompress.cli", *args(two)],
+                        "127.0.0.1", "--master-port", str(port), "-m", "moecompress.cli", *args(two), "--shard", shard],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (load_file(next(d.glob("*.safetensors"))) for d in (one, two))
@@ -381,3 +383,77 @@ def test_recipe_zeda_errors_are_one_line():
     with pytest.raises(UserError, match="'from' must be"):
         parse_recipe({**base, "variants": [{"name": "z", "from": "elsewhere"}]})
     assert parse_recipe({**base, "zeda": {"target_skip": 0.4}}).zeda_config().target_skip == 0.4
+
+
+def _torchrun(args: list[str], ranks: int = 2) -> list[str]:
+    import socket
+    import sys
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-m", "moecompress.cli", *args]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_and_resumed_equals_an_uninterrupted_one(tiny_ckpt, tmp_path):
+    """--shard fsdp under torchrun (2 gloo ranks): the checkpoint gathers the sharded routers and Adam's moments,
+    a resumed run lays them out again, and the result is bit for bit an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    src = tiny_ckpt("qwen3_moe")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = lambda out, *extra: [*_zeda_cli(src, out, "--shard", "fsdp", *extra)[3:]]
+    p = subprocess.run(_torchrun(args(full)), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = tmp_path / ".cut.zeda-resume" / "state.pt"
+    proc = subprocess.Popen(_torchrun(args(cut)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    for pid in [*_descendants(proc.pid), proc.pid]:  # both ranks (torchrun starts them in sessions of their own)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert state.exists() and not cut.exists(), "the kill came too late to test anything"
+    p = subprocess.run(_torchrun(args(cut, "--resume")), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (load_file(next(d.glob("*.safetensors"))) for d in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    assert json.loads((full / "zeda_log.json").read_text()) == json.loads((cut / "zeda_log.json").read_text())
+
+
+def test_fsdp_refuses_what_it_cannot_shard_yet(tiny_ckpt, tmp_path):
+    from moecompress.zeda.train import run_zeda
+
+    for trainable in ("routers+norms", "lora", "zero-rows"):
+        with pytest.raises(UserError, match="--shard fsdp trains the routers only"):
+            run_zeda(tiny_ckpt("qwen3_moe"), tmp_path / "a", build_zeda_config(shard="fsdp", trainable=trainable, **QUICK))
+    assert not (tmp_path / "a").exists()

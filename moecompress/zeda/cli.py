@@ -37,13 +37,16 @@ import click
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="--trainable lora: the adapters' rank.")
 @click.option("--lora-lr", type=float, default=1e-3, show_default=True, help="--trainable lora: the adapters' learning rate.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--shard", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="Under torchrun: ddp holds the whole model on every rank; fsdp shards it (FSDP2), for models that "
+                   "do not fit one device.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a killed run of the same settings from its last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
 def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
-         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, lora_rank, lora_lr, device, seed, layout, resume, checkpoint_every,
+         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, lora_rank, lora_lr, device, shard, seed, layout, resume, checkpoint_every,
          overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
@@ -53,7 +56,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
                             target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance,
-                            trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, seed=seed, layout=layout,
+                            trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, shard=shard, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
     final = rec["zero_experts"]["final"] or {}

@@ -40,6 +40,8 @@ class ZedaConfig(BaseModel):
     lora_lr: float = Field(1e-3, gt=0, description="learning rate of the LoRA adapters (the routers keep lr)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of both stages' generations")
     device: str = "cpu"
+    # across torchrun ranks: "ddp" replicates the model on every rank, "fsdp" shards it (FSDP2)
+    shard: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
     layout: Literal["native", "stock"] = "native"
     log_every: int = Field(10, gt=0)

@@ -1,8 +1,10 @@
 """ZEDA across processes: torch.distributed, launched by ``torchrun`` (gloo on CPU, NCCL on GPU).
 
-Every rank holds the model (DDP; FSDP2 for weights that do not fit one device is still to come),
+Every rank holds the model (``--shard ddp``: DDP) or its share of every parameter (``--shard fsdp``:
+FSDP2's ``fully_shard`` per decoder layer and at the root, for weights that do not fit one device;
+each layer's parameters are gathered for its forward and backward and freed after). Every rank
 draws the same global batch of ``batch`` sequences and trains on its contiguous ``batch / world``
-share; DDP averages the gradients. The losses are written so that this average is *the* gradient
+share; DDP (or FSDP2's reduce-scatter) averages the gradients. The losses are written so that this average is *the* gradient
 of the global batch's loss: the distillation term is a mean over equal shares, and the balancing
 term, a function of every layer's mean over the whole batch, enters each rank as its first-order
 surrogate ``2 (m_global - target) * m_local`` (``m_global`` all-reduced, held fixed), whose
@@ -44,3 +46,39 @@ def wrap(ranks: Ranks, model: torch.nn.Module) -> torch.nn.Module:
 
     dev = next(model.parameters()).device
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def shard_fsdp(model: torch.nn.Module) -> None:
+    """FSDP2 across the ranks, in place: each decoder layer is one unit (its parameters are gathered for
+    its forward and backward only), the rest (embeddings, final norm, head) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (a collective: every rank calls it, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (whole, the same on every rank) laid out like ``ref``: this rank's shard when ``ref`` is
+    sharded (no communication), else ``value`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(ref, DTensor):
+        return value
+    return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def full_state(obj):
+    """``obj`` (an optimizer's state dict, nested dicts and lists) with every sharded tensor made whole."""
+    if isinstance(obj, dict):
+        return {k: full_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [full_state(v) for v in obj]
+    return full(obj).cpu() if torch.is_tensor(obj) else obj

@@ -57,29 +57,45 @@ class ResumeState:
                 raise UserError(f"cannot resume {self.path}: setting '{k}' was {saved.get(k)!r}, now "
                                 f"{self.settings.get(k)!r} (pass the same settings, or --overwrite to start over)")
 
-    def save(self, step: int, student, opt, gen: torch.Generator, history: list[dict]) -> None:
-        params = {n: p.detach().cpu().clone() for n, p in student.model.named_parameters() if p.requires_grad}
+    def save(self, step: int, student, opt, gen: torch.Generator, history: list[dict], write: bool = True) -> None:
+        """Every rank calls it (sharded tensors are gathered whole); only ``write`` ranks write."""
+        from .distributed import full, full_state
+
+        params = {n: full(p.detach()).cpu().clone() for n, p in student.model.named_parameters() if p.requires_grad}
+        opt_state = full_state(opt.state_dict())
+        self.saved_step = step
+        if not write:
+            return
         buffers = {f"router.{i}.e_score_correction_bias": r.e_score_correction_bias.detach().cpu().clone()
                    for i, r in student.routers.items() if r.e_score_correction_bias is not None}
-        state = {"step": step, "params": params, "buffers": buffers, "opt": opt.state_dict(),
+        state = {"step": step, "params": params, "buffers": buffers, "opt": opt_state,
                  "gen": gen.get_state(), "history": json.dumps(history), "settings": json.dumps(self.settings),
                  "source": self.source}
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / f".state.pt.tmp-{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, self.file)
-        self.saved_step = step
 
     def load(self, student, opt, gen: torch.Generator) -> tuple[int, list[dict]]:
+        """The saved state into the (possibly sharded) parameters and optimizer; every rank reads the file."""
+        from .distributed import shard_like
+
         state = self._read()
         named = dict(student.model.named_parameters())
         with torch.no_grad():
             for n, t in state["params"].items():
-                named[n].copy_(t)
+                named[n].copy_(shard_like(t, named[n]))
             for i, r in student.routers.items():
                 b = state["buffers"].get(f"router.{i}.e_score_correction_bias")
                 if b is not None:
                     r.e_score_correction_bias.copy_(b)
+        # the optimizer's per-parameter tensors (Adam's moments) laid out like their parameters
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for idx, st in state["opt"]["state"].items():
+            p = params[int(idx)]
+            for k, v in st.items():
+                if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = shard_like(v, p)
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         self.saved_step = int(state["step"])

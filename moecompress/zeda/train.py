@@ -38,7 +38,7 @@ from ..zero.rewrite import rewrite_checkpoint
 from .config import ZedaConfig
 from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
 from ..distributed import SINGLE, Ranks
-from .distributed import mean, share, wrap
+from .distributed import full, mean, share, shard_fsdp, wrap
 from ..checkpoint.partial import source_fingerprint
 from .resume import ResumeState
 from .student import Student, build_student, teacher_mode, tracking, warm_start
@@ -118,7 +118,19 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     """
     model = student.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    forward = wrap(d, model)  # DDP across ranks: gradients averaged in the backward
+    if d.active and cfg.shard == "fsdp":  # FSDP2: new (sharded) parameter objects, found again by name
+        names = {id(p): n for n, p in model.named_parameters()}
+        wanted = [names[id(p)] for p in student.params]
+        shard_fsdp(model)
+        named = dict(model.named_parameters())
+        student.params = [named[n] for n in wanted]
+        local = sum(p.to_local().numel() * p.element_size() for p in named.values() if hasattr(p, "to_local"))
+        whole = sum(p.numel() * p.element_size() for p in named.values())
+        log.info("zeda: FSDP2 over %d ranks: this rank holds %.1f of %.1f MiB of parameters", d.world, local / 2**20,
+                 whole / 2**20)
+        forward = model
+    else:
+        forward = wrap(d, model)  # DDP across ranks: gradients averaged in the backward
     groups = [{"params": student.params, "lr": cfg.lr, "base_lr": cfg.lr}]
     if student.lora:
         groups.append({"params": student.lora, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
@@ -164,7 +176,10 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
                                 f"written{kept}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.params + student.lora, 1.0)
+        # each group clipped on its own: the adapters' gradients would otherwise shrink the routers' steps
+        torch.nn.utils.clip_grad_norm_(student.params, 1.0)
+        if student.lora:
+            torch.nn.utils.clip_grad_norm_(student.lora, 1.0)
         opt.step()
         mean_skip = sum(stats["skip"].values()) / max(len(stats["skip"]), 1)
         bar.set_postfix_str(f"stage {stage} kd {stats['kd']:.4f} bal {stats['balance']:.4f} skip {mean_skip:.2f}")
@@ -173,10 +188,7 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
             history.append(dict(stats, stage=stage, step=step + 1, mean_skip=mean_skip))
             log.debug("stage %d step %d: %s", stage, step + 1, history[-1])
         if resume is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            if d.main:
-                resume.save(step + 1, student, opt, gen, history)
-            else:
-                resume.saved_step = step + 1
+            resume.save(step + 1, student, opt, gen, history, d.main)  # every rank: sharded tensors are gathered
             d.barrier()
     bar.close()
     model.eval()
@@ -219,11 +231,18 @@ def curve_png(history: list[dict]) -> bytes | None:
     return buf.getvalue()
 
 
+def trained_values(student: Student) -> dict[str, torch.Tensor]:
+    """``{parameter name: whole tensor}`` of everything that trained (a collective under FSDP2: every rank
+    calls it), LoRA adapters excluded (they are merged at export)."""
+    return {n: full(p.detach()) for n, p in student.model.named_parameters() if p.requires_grad and ".lora_" not in n}
+
+
 def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, record: dict, overwrite: bool,
-           extra_files: dict[str, bytes]) -> dict:
-    """The original checkpoint with the trained routers (and norms) and the zero-expert config."""
+           extra_files: dict[str, bytes], trained: dict[str, torch.Tensor] | None = None) -> dict:
+    """The original checkpoint with the trained routers (and norms) and the zero-expert config; ``trained``:
+    the values to write (default: :func:`trained_values`)."""
     handle = ModelHandle.open(model_dir)
-    trained = {n: p for n, p in student.model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    trained = trained_values(student) if trained is None else trained
     merged = {}
     if student.lora:
         from .lora import merged_experts
@@ -233,20 +252,20 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
     def layer_fn(i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {handle.output_name(n): t for n, t in tensors.items()}
         r = student.routers.get(i)
+        prefix = f"model.layers.{i}."
         if r is not None:
             name = handle.source_name(i, "mlp.gate.weight")
-            out[handle.output_name(name)] = r.weight.detach().cpu().to(tensors[name].dtype)
+            out[handle.output_name(name)] = trained[prefix + "mlp.gate.weight"].cpu().to(tensors[name].dtype)
             if r.e_score_correction_bias is not None:
                 bname = handle.source_name(i, "mlp.gate.e_score_correction_bias")
                 out[handle.output_name(bname)] = r.e_score_correction_bias.detach().cpu().to(tensors[bname].dtype)
             else:
                 out[handle.output_name(name).removesuffix("weight") + "zero_expert_bias"] = \
-                    r.zero_expert_bias.detach().float().cpu()
-        prefix = f"model.layers.{i}."
+                    trained[prefix + "mlp.gate.zero_expert_bias"].float().cpu()
         for mem, p in trained.items():
             if mem.startswith(prefix) and ".gate." not in mem:
                 src = handle.source_name(i, mem[len(prefix):])
-                out[handle.output_name(src)] = p.detach().cpu().to(tensors[src].dtype)
+                out[handle.output_name(src)] = p.cpu().to(tensors[src].dtype)
         for mem, w in merged.items():
             if mem.startswith(prefix):
                 out.update(_expert_tensors(handle, i, mem[len(prefix):], w.cpu(), tensors))
@@ -290,6 +309,8 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
         from .lora import _peft
 
         _peft()  # one line now, not after the teacher's generations, when peft is missing
+    if cfg.shard == "fsdp" and cfg.trainable != "routers":
+        raise UserError(f"--shard fsdp trains the routers only for now, not --trainable {cfg.trainable}; use --shard ddp")
     if cfg.layout == "stock":
         raise UserError("--layout stock is not available for ZEDA yet: its zero experts carry a logit bias; "
                         "write native, and use 'zero-experts convert' once expressible")
@@ -334,6 +355,7 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
     student.model.generation_config.eos_token_id = None
     bias0 = warm_start(student, prompts[: cfg.batch])
     history = train(student, prompts, cfg, state, d)
+    trained = trained_values(student)  # on every rank: gathers sharded parameters under FSDP2
     record = {"moecompress_version": __version__, "command": command, "source": str(model_dir.resolve()),
               "recipe": cfg.model_dump(),
               "zero_experts": {"action": "zeda", "num_zero": num_zero, "topk_mode": cfg.topk_mode,
@@ -349,7 +371,7 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
     if png is not None:
         files["zeda_curve.png"] = png
     try:
-        out = export(student, model_dir, out_dir, cfg, record, overwrite, files)
+        out = export(student, model_dir, out_dir, cfg, record, overwrite, files, trained)
         state.discard()
     finally:
         d.barrier()

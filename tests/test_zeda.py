@@ -457,3 +457,24 @@ def test_fsdp_refuses_what_it_cannot_shard_yet(tiny_ckpt, tmp_path):
         with pytest.raises(UserError, match="--shard fsdp trains the routers only"):
             run_zeda(tiny_ckpt("qwen3_moe"), tmp_path / "a", build_zeda_config(shard="fsdp", trainable=trainable, **QUICK))
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_bf16_autocast_keeps_the_router_in_fp32_and_trains(tiny_ckpt, tmp_path):
+    """--precision bf16 (the default on a GPU; forced here on the CPU): the forwards run under bf16 autocast but
+    every router computes its logits in fp32, bit for bit as without autocast; a short run trains and writes."""
+    from moecompress.zeda.train import run_zeda
+
+    src = tiny_ckpt("qwen3_moe")
+    st = build_student(src, 1, "same", 0, "routers", "cpu", torch.float32)
+    r = next(iter(st.routers.values()))
+    h = torch.randn(2, 5, r.rs.hidden, generator=torch.Generator().manual_seed(4))
+    ref = r.logits(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = r.logits(h)
+        assert torch.nn.functional.linear(h, r.weight).dtype == torch.bfloat16  # autocast is on
+    assert all(g.dtype == torch.float32 and torch.equal(g, x) for g, x in zip(got, ref))
+    out = tmp_path / "z"
+    rec = run_zeda(src, out, build_zeda_config(precision="bf16", target_skip=0.5, lr=2e-2, **QUICK))
+    assert rec["zero_experts"]["final"]["mean_skip"] > 0.05
+    assert json.loads((out / "zeda_log.json").read_text())["settings"]["precision"] == "bf16"

@@ -37,6 +37,8 @@ import click
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="--trainable lora: the adapters' rank.")
 @click.option("--lora-lr", type=float, default=1e-3, show_default=True, help="--trainable lora: the adapters' learning rate.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Forwards under bf16 autocast (auto: on a GPU; fp32 on a CPU); routers always compute in fp32.")
 @click.option("--shard", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="Under torchrun: ddp holds the whole model on every rank; fsdp shards it (FSDP2), for models that "
                    "do not fit one device.")
@@ -46,7 +48,7 @@ import click
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
 def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
-         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, lora_rank, lora_lr, device, shard, seed, layout, resume, checkpoint_every,
+         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, lora_rank, lora_lr, device, precision, shard, seed, layout, resume, checkpoint_every,
          overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
@@ -56,7 +58,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
                             target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance,
-                            trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, shard=shard, seed=seed, layout=layout,
+                            trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, precision=precision, shard=shard, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
     final = rec["zero_experts"]["final"] or {}

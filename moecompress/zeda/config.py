@@ -42,6 +42,9 @@ class ZedaConfig(BaseModel):
     device: str = "cpu"
     # across torchrun ranks: "ddp" replicates the model on every rank, "fsdp" shards it (FSDP2)
     shard: Literal["ddp", "fsdp"] = "ddp"
+    # forwards under bf16 autocast (weights and optimizer stay fp32; routers compute in fp32): "auto" = on
+    # a GPU, fp32 on a CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     layout: Literal["native", "stock"] = "native"
     log_every: int = Field(10, gt=0)

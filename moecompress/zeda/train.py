@@ -59,6 +59,12 @@ def _prompts(model_dir: Path, cfg: ZedaConfig) -> torch.Tensor:
     return windows.input_ids
 
 
+def autocast(cfg: ZedaConfig, device: torch.device):
+    """bf16 autocast for the forwards when ``cfg.precision`` asks for it (auto: on a GPU), else a no-op."""
+    on = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def _sample(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, seed: int, teacher: bool) -> torch.Tensor:
     """Sampled continuations ``[B, P + gen_len]`` of ``prompts`` by the teacher or the student."""
@@ -66,7 +72,7 @@ def _sample(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, seed: int,
     torch.manual_seed(seed)
     dev = next(model.parameters()).device
     ctx = teacher_mode(student) if teacher else contextlib.nullcontext()
-    with ctx:
+    with ctx, autocast(cfg, dev):
         out = model.generate(prompts.to(dev), max_new_tokens=cfg.gen_len, min_new_tokens=cfg.gen_len, do_sample=True,
                              temperature=cfg.temperature, top_k=0, top_p=1.0, pad_token_id=0, use_cache=True)
     return out[:, : prompts.shape[1] + cfg.gen_len]
@@ -76,10 +82,11 @@ def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaCon
           d: Ranks) -> tuple[torch.Tensor, dict]:
     """This rank's loss for ``seq`` (its share of the global batch) and the step's statistics (global)."""
     model = student.model
-    with torch.no_grad(), teacher_mode(student):
+    with torch.no_grad(), teacher_mode(student), autocast(cfg, seq.device):
         t_logits = model(input_ids=seq, use_cache=False).logits
     # (called under ``tracking``, kept on through the backward: checkpointed layers recompute the same graph)
-    s_logits = forward(input_ids=seq, use_cache=False).logits
+    with autocast(cfg, seq.device):
+        s_logits = forward(input_ids=seq, use_cache=False).logits
     if stage == 1:  # every position of the teacher's text
         kd = forward_kl(t_logits, s_logits)
     else:  # the positions predicting the student's own tokens

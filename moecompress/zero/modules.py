@@ -80,11 +80,21 @@ class ZeroExpertRouter(nn.Module):
         self.aux: dict | None = None
 
     def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real ``[T, E]``, zero ``[T, Z]``) logits, computed as the family computes its router logits."""
+        """(real ``[T, E]``, zero ``[T, Z]``) logits, computed as the family computes its router logits.
+
+        Under autocast (ZEDA's bf16 training) the router still computes in fp32: routing decisions are what
+        ZEDA trains, and a bf16 GEMM would flip near-ties between the teacher's and the student's forwards."""
+        dev = hidden.device.type
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return self._logits(hidden.reshape(-1, self.rs.hidden).float(), self.weight.float())
         x = hidden.reshape(-1, self.rs.hidden)
         w = self.weight
         if self.rs.logits_fp32:
             x, w = x.type(torch.float32), w.type(torch.float32)
+        return self._logits(x, w)
+
+    def _logits(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.num_experts
         # the real rows alone, as in the original: same GEMM shape, same bits; the teacher reads the
         # original rows even while training moves the student's

@@ -286,10 +286,11 @@ def test_teacher_stays_the_original_while_the_student_trains(tiny_ckpt, trainabl
         assert st.originals and not torch.equal(student, orig(input_ids=ids).logits)
     if trainable == "lora":
         assert st.lora and not st.originals
-        with teacher_mode(st):  # routers masked, adapters off; the adapters alone change the output
+        assert all(p.requires_grad for p in st.params), "the routers must train beside the adapters"
+        with torch.no_grad():  # the routers' real rows back to the original's
             for r in st.routers.values():
                 r.weight.sub_(0.5)
-        with torch.no_grad(), _lora_only(st):
+        with torch.no_grad(), _lora_only(st):  # the original routing, adapters on: they alone change the output
             assert (st.model(input_ids=ids).logits - orig(input_ids=ids).logits).abs().max() > 1e-3
 
 
@@ -334,6 +335,8 @@ def test_lora_run_exports_merged_experts_that_transformers_reads_as_the_student(
     experts = [k for k in a if ".experts." in k]
     assert experts and all(b[k].dtype == a[k].dtype for k in experts)
     assert any(not torch.equal(a[k], b[k]) for k in experts), "the merged adapters changed no expert"
+    routers = [k for k in a if k.endswith(".gate.weight") and ".experts." not in k]
+    assert routers and all(not torch.equal(a[k], b[k][: a[k].shape[0]]) for k in routers), "the routers did not train"
     assert all(torch.equal(a[k], b[k]) for k in a if ".experts." not in k and ".gate." not in k
                and "router" not in k)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))

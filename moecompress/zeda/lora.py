@@ -37,7 +37,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[nn
     peft, _ = _peft()
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=[],
                           target_parameters=list(TARGETS), lora_dropout=0.0, bias="none")
-    peft.inject_adapter_in_model(cfg, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    peft.inject_adapter_in_model(cfg, model)  # (it freezes everything but the adapters: the routers train too)
+    for p in trainable:
+        p.requires_grad_(True)
     params = [p for n, p in model.named_parameters() if ".lora_" in n]
     if not params:
         raise UserError("--trainable lora: this model has no fused routed experts to adapt")

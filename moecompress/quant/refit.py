@@ -115,6 +115,17 @@ def _refit_rows(w: torch.Tensor, qw: QuantizedWeight, Hd: torch.Tensor):
     return QuantizedWeight(qw.qweight, new, qw.zeros, qw.spec, qw.g_idx), before, after
 
 
+def _keep_better(best: QuantizedWeight, best_loss: torch.Tensor, cand: QuantizedWeight, loss: torch.Tensor):
+    """(per row the better of ``best`` and ``cand`` by their losses ``[B, N]``, its losses, whether any row moved)."""
+    better = loss < best_loss
+    if not bool(better.any()):
+        return best, best_loss, False
+    pick = better[..., None]
+    merged = QuantizedWeight(torch.where(pick, cand.qweight, best.qweight), torch.where(pick, cand.scales, best.scales),
+                             torch.where(pick, cand.zeros, best.zeros), best.spec, best.g_idx)
+    return merged, torch.where(better, loss, best_loss), True
+
+
 @torch.no_grad()
 def refit_reround(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: float = 0.01,
                   max_rounds: int = 8) -> tuple[QuantizedWeight, dict]:
@@ -130,25 +141,16 @@ def refit_reround(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, damp: f
     from .rtn import quantize_with_qparams  # rtn imports nothing from here; keep the import graph one-way
 
     Hd = _damped(H, damp)
-    best = qw
-    best_loss = start = _row_loss(w, qw.dequantize(torch.float32), Hd)
-    cur = qw
+    best, best_loss, start, cur = qw, None, None, qw
     for _ in range(max_rounds):
-        fitted, _, _ = _refit_rows(w, cur, Hd)
+        fitted, before, after = _refit_rows(w, cur, Hd)  # after: the refit's loss per row
+        if start is None:
+            start, best_loss = before, before
         rounded = QuantizedWeight(quantize_with_qparams(w, fitted.scales, fitted.zeros, qw.spec), fitted.scales,
                                   fitted.zeros, qw.spec)
-        improved = False
-        for c in (fitted, rounded):
-            loss = _row_loss(w, c.dequantize(torch.float32), Hd)
-            better = loss < best_loss
-            if bool(better.any()):
-                improved = True
-                pick = better[..., None]
-                best = QuantizedWeight(torch.where(pick, c.qweight, best.qweight),
-                                       torch.where(pick, c.scales, best.scales),
-                                       torch.where(pick, c.zeros, best.zeros), qw.spec)
-                best_loss = torch.where(better, loss, best_loss)
-        if not improved:
+        best, best_loss, a = _keep_better(best, best_loss, fitted, after)
+        best, best_loss, b = _keep_better(best, best_loss, rounded, _row_loss(w, rounded.dequantize(torch.float32), Hd))
+        if not (a or b):
             break
         cur = rounded
     return best, {"loss_before": start.sum(-1).tolist(), "loss_after": best_loss.sum(-1).tolist()}
@@ -179,11 +181,7 @@ def refine(w: torch.Tensor, H: torch.Tensor, qw: QuantizedWeight, *, rounds: int
                                      qparams=(fitted.scales, fitted.zeros))
             cands.append((swept, _row_loss(w, swept.dequantize(torch.float32), Hd)))
         for c, loss in cands:
-            better = loss < best_loss
-            pick = better[..., None]
-            best = QuantizedWeight(torch.where(pick, c.qweight, best.qweight), torch.where(pick, c.scales, best.scales),
-                                   torch.where(pick, c.zeros, best.zeros), qw.spec, qw.g_idx)
-            best_loss = torch.where(better, loss, best_loss)
+            best, best_loss, _ = _keep_better(best, best_loss, c, loss)
     if start is None:
         return qw, {}
     return best, {"loss_before": start.tolist(), "loss_after": best_loss.sum(-1).tolist()}

@@ -15,11 +15,15 @@ group is :class:`moecompress.distributed.Ranks`'s; the functions here are what Z
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
 from ..distributed import Ranks
 from ..errors import UserError
+
+log = logging.getLogger("moecompress")
 
 
 def share(ranks: Ranks, batch: torch.Tensor) -> torch.Tensor:
@@ -48,14 +52,23 @@ def wrap(ranks: Ranks, model: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
-def shard_fsdp(model: torch.nn.Module) -> None:
+def shard_fsdp(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     """FSDP2 across the ranks, in place: each decoder layer is one unit (its parameters are gathered for
-    its forward and backward only), the rest (embeddings, final norm, head) the root's."""
+    its forward and backward only), the rest (embeddings, final norm, head) the root's. Sharding replaces
+    every parameter object: returns ``params``' replacements (found again by name)."""
     from torch.distributed.fsdp import fully_shard
 
+    names = {id(p): n for n, p in model.named_parameters()}
+    wanted = [names[id(p)] for p in params]
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    named = dict(model.named_parameters())
+    local = sum(p.to_local().numel() * p.element_size() for p in named.values() if hasattr(p, "to_local"))
+    whole = sum(p.numel() * p.element_size() for p in named.values())
+    log.info("zeda: FSDP2 over %d ranks: this rank holds %.1f of %.1f MiB of parameters", dist.get_world_size(),
+             local / 2**20, whole / 2**20)
+    return [named[n] for n in wanted]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

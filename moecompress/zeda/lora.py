@@ -57,7 +57,7 @@ def _wrappers(model: nn.Module):
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Within: every LoRA adapter of ``model`` is off (the original experts); no-op without adapters."""
-    layers = [m for m in model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+    layers = [m for _, m in _wrappers(model)]
     for m in layers:
         m.enable_adapters(False)
     try:

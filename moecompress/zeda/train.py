@@ -125,16 +125,8 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     """
     model = student.model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if d.active and cfg.shard == "fsdp":  # FSDP2: new (sharded) parameter objects, found again by name
-        names = {id(p): n for n, p in model.named_parameters()}
-        wanted = [names[id(p)] for p in student.params]
-        shard_fsdp(model)
-        named = dict(model.named_parameters())
-        student.params = [named[n] for n in wanted]
-        local = sum(p.to_local().numel() * p.element_size() for p in named.values() if hasattr(p, "to_local"))
-        whole = sum(p.numel() * p.element_size() for p in named.values())
-        log.info("zeda: FSDP2 over %d ranks: this rank holds %.1f of %.1f MiB of parameters", d.world, local / 2**20,
-                 whole / 2**20)
+    if d.active and cfg.shard == "fsdp":
+        student.params = shard_fsdp(model, student.params)  # sharding makes new parameter objects
         forward = model
     else:
         forward = wrap(d, model)  # DDP across ranks: gradients averaged in the backward

@@ -125,29 +125,28 @@ def count_experts_hit(rt, prompt: torch.Tensor, new_tokens: int) -> float:
     calls: list[tuple[int, torch.Tensor]] = []
 
     def wrap(block):
-        inner, inner_one = block.route, block._route_one  # the bound methods
+        inner = block.route  # the bound method
 
         def route(x):
             weights, ids = inner(x)
             calls.append((block.experts.num_experts, ids.clone()))
             return weights, ids
-
-        def route_one(x):  # one token on the CPU torch path: the routing as lists
-            ids, weights = inner_one(x)
-            calls.append((block.experts.num_experts, torch.tensor([ids])))
-            return ids, weights
-        return route, route_one
+        return route
 
     graph = rt.cuda_graph
+    fast = [b._one_token_route for b in blocks]
     try:
         for b in blocks:
-            b.route, b._route_one = wrap(b)
+            # the one-token CPU path routes in a closure: send every token through the wrapped general
+            # route instead (same experts)
+            b.route, b._one_token_route = wrap(b), False
         rt.cuda_graph = False  # a graph replay runs no Python: decode eagerly for the count
         rt.generate(prompt, new_tokens, stop_ids=[])
     finally:
         rt.cuda_graph = graph
-        for b in blocks:
-            del b.route, b._route_one
+        for b, f in zip(blocks, fast):
+            del b.route
+            b._one_token_route = f
     decode = calls[len(blocks):]  # the first forward (one call per block) is the prefill
     if not decode:
         raise RuntimeError("no decode step was recorded")

@@ -168,7 +168,7 @@ def test_one_token_kernel_path_matches_the_dequantized_experts(bits, group):
         x = torch.randn(1, h, generator=gen)
         ours = experts.forward_one(x, ids, ws)
         assert experts.__dict__["_lists"][2]  # the kernel path ran
-        ref = _experts_one(x, w13, w2.transpose(1, 2), ids, ws)
+        ref = _experts_one(x, w13.transpose(1, 2), w2.transpose(1, 2), ids, ws)
         assert _rel(ours, ref) < 2e-2, _rel(ours, ref)
         general = experts(torch.cat([x, x]), torch.tensor([ws, ws]), torch.tensor([ids, ids]))[:1]
         assert _rel(ours, general) < 1e-2

@@ -36,15 +36,19 @@ def test_moe_block_with_zero_experts_in_the_router(gen):
 
 @pytest.mark.parametrize("rule", [None, ("top-k", 5.0), ("threshold", 0.3), ("top-p", 0.7)])
 @pytest.mark.parametrize("scaling", [1.0, 2.5])
-def test_one_token_fast_path_matches_the_general_path(gen, rule, scaling):
-    """Decode on the torch path: the top-k of the logits + a softmax over them, the rule on lists and the
+@pytest.mark.parametrize("weights,relative", [("renormalized", False), ("original", False), ("original", True),
+                                              ("renormalized", True)])
+def test_one_token_fast_path_matches_the_general_path(gen, rule, scaling, weights, relative):
+    """Decode on the torch path: the top-k of the logits + a softmax over them (or the real top-k merged
+    with the zero logits, for relative zero logits and the original weights), the rule on lists and the
     per-expert views give the general path's experts and outputs (to rounding), zero experts included."""
     e, z, h, i, k = 16, 4, 32, 16, 8
     router = torch.randn(e + z, h, generator=gen)
-    bias = torch.cat([torch.zeros(e), torch.full((z,), 1.5)])
+    bias = torch.cat([torch.zeros(e), torch.full((z,), -2.0 if relative else 1.5)])
     experts = Experts(torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen), use_kernels=False)
     block = MoEBlock(router, None, experts, Routing(top_k=k, scoring="softmax", renormalize=True, num_zero=z,
-                                                    rule=rule, scaling=scaling), logit_bias=bias)
+                                                    rule=rule, scaling=scaling, zero_weights=weights,
+                                                    zero_relative=relative), logit_bias=bias)
     assert block._one_token_route
     skipped = 0
     for _ in range(40):
@@ -57,6 +61,24 @@ def test_one_token_fast_path_matches_the_general_path(gen, rule, scaling):
         general = _experts_torch_ref(block, x[0], ref_w, ref_ids)
         torch.testing.assert_close(block(x)[0], general, rtol=1e-4, atol=1e-4)
     assert skipped > 0  # zero experts (and the rule) took slots
+
+
+def test_one_token_path_follows_the_blocks_tensors(gen):
+    """The decode closures see in-place changes of the block's weights (they hold views, not copies) and are
+    made again after ``.to()``."""
+    e, h, i, k = 8, 16, 8, 2
+    experts = Experts(torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen), use_kernels=False)
+    block = MoEBlock(torch.randn(e, h, generator=gen), None, experts, Routing(top_k=k, scoring="softmax", renormalize=True))
+    x = torch.randn(1, 1, h, generator=gen)
+    block(x)
+    assert "_decode" in block.__dict__
+    with torch.no_grad():
+        block.router_weight.neg_()
+        block.experts.w2.mul_(3.0)
+    ref_w, ref_ids = block.route(x[0])
+    torch.testing.assert_close(block(x)[0], _experts_torch_ref(block, x[0], ref_w, ref_ids), rtol=1e-5, atol=1e-5)
+    block.to("cpu")
+    assert "_decode" not in block.__dict__
 
 
 def _experts_torch_ref(block, x, w, ids):

@@ -22,6 +22,7 @@ relative`` the zero logits add the token's best real logit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,9 +77,16 @@ class Experts(nn.Module):
             if not use_kernels:
                 raise ValueError("packed experts run on the kernel path only")
             self.w13, self.w2 = w13, w2
-        else:
+        elif use_kernels:
             self.register_buffer("w13", w13)
             self.register_buffer("w2", w2)
+        else:
+            # the torch path keeps each expert's matrices transposed in memory ([H, 2I] and [I, H] row-major,
+            # seen here through transposed views of the usual shapes): a decode token is then a row vector
+            # times a row-major matrix, which the CPU BLAS runs in about 60% of the time of ``F.linear``'s
+            # layout -- per-call cost is what small experts spend their time on at decode
+            self.register_buffer("w13", w13.transpose(1, 2).contiguous().transpose(1, 2))
+            self.register_buffer("w2", w2.transpose(1, 2).contiguous().transpose(1, 2))
         self.num_experts = w13.shape[0]
         self.use_kernels = use_kernels
 
@@ -95,14 +103,14 @@ class Experts(nn.Module):
         """One token on the torch path, its routing as lists (``MoEBlock``'s decode fast path)."""
         views = self.__dict__.get("_views")
         if views is None or views[0] is not self.w13 or views[1] is not self.w2:  # built again after .to()
-            views = self.__dict__["_views"] = (self.w13, self.w2, list(self.w13.unbind(0)),
+            views = self.__dict__["_views"] = (self.w13, self.w2, list(self.w13.transpose(1, 2).unbind(0)),
                                                list(self.w2.transpose(1, 2).unbind(0)))
         return _experts_one(x, views[2], views[3], ids, weights)
 
 
 def _expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    gate, up = torch.mm(x, w13.t()).chunk(2, dim=-1)
+    return torch.mm(F.silu(gate).mul_(up), w2.t())
 
 
 def _experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -111,7 +119,7 @@ def _experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     t, k = ids.shape
     e = w13.shape[0]
     if t == 1:
-        return _experts_one(x, w13, w2.transpose(1, 2), ids[0].tolist(), weights[0].tolist())
+        return _experts_one(x, w13.transpose(1, 2), w2.transpose(1, 2), ids.tolist()[0], weights.tolist()[0])
     out = torch.zeros_like(x)
     flat_w = weights.reshape(-1)
     for ex, slots, tok in expert_groups(ids, e):
@@ -120,17 +128,23 @@ def _experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights
     return out
 
 
-def _experts_one(x: torch.Tensor, w13, w2t, ids: list[int], weights: list[float]):
-    """Decode, one token: its chosen experts in turn (no sorting), each weight folded into the down GEMV;
-    ids >= E (zero experts) touch nothing. ``w13[e]`` is ``[2I, H]``, ``w2t[e]`` is ``[I, H]`` (tensors or
-    lists of per-expert views: a list saves the per-call indexing, a visible cost at decode on a CPU)."""
-    e = len(w13)
-    out = torch.zeros_like(x)
+def _experts_one(x: torch.Tensor, w13t, w2t, ids: list[int], weights: list[float]):
+    """Decode, one token ``x [1, H]``: its chosen experts in turn (no sorting), each weight folded into the
+    down GEMM; ids >= E (zero experts) touch nothing. ``w13t[e]`` is ``[H, 2I]``, ``w2t[e]`` is ``[I, H]``
+    (tensors, or lists of per-expert views: a list saves the per-call indexing, a visible cost at decode on
+    a CPU). The first real expert writes the output (``addmm`` with ``beta=0`` ignores its input), so a
+    token pays no op for a zero output buffer unless every slot is a zero expert."""
+    e = len(w13t)
+    out = None
     for ex, wj in zip(ids, weights):
         if ex < e:
-            gate, up = F.linear(x, w13[ex]).chunk(2, dim=-1)
-            out.addmm_(F.silu(gate).mul_(up), w2t[ex], alpha=wj)
-    return out
+            gate, up = torch.mm(x, w13t[ex]).chunk(2, dim=-1)
+            h = F.silu(gate).mul_(up)
+            if out is None:
+                out = torch.addmm(x, h, w2t[ex], beta=0, alpha=wj)
+            else:
+                out.addmm_(h, w2t[ex], alpha=wj)
+    return torch.zeros_like(x) if out is None else out
 
 
 def expert_groups(ids: torch.Tensor, num_experts: int):
@@ -154,7 +168,9 @@ class MoEBlock(nn.Module):
                  routing: Routing, shared_expert: nn.Module | None = None,
                  shared_expert_gate: nn.Module | None = None, logit_bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.register_buffer("router_weight", router_weight.float())
+        # stored transposed ([H, E+Z] row-major, seen as [E+Z, H]): a decode token's logits are then a row
+        # vector times a row-major matrix, the CPU BLAS's faster case (see :class:`Experts`)
+        self.register_buffer("router_weight", router_weight.float().t().contiguous().t())
         self.register_buffer("correction_bias", None if correction_bias is None else correction_bias.float())
         # [E+Z] fp32 added to the router logits (0 on the real rows, zero_expert_bias on the zero rows)
         self.register_buffer("logit_bias", None if logit_bias is None else logit_bias.float())
@@ -198,39 +214,93 @@ class MoEBlock(nn.Module):
         return logits
 
     def _route_one(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
-        """:meth:`route` for one token as Python lists (softmax over the k largest logits = the renormalized
-        top-k of the softmax, to rounding)."""
+        """:meth:`route` for one token ``x [1, H]`` as Python lists (the decode path's router)."""
+        return self._decoder()[0](x)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_decode", None)  # closures over the tensors before .to() / .float()
+        return super()._apply(fn, recurse)
+
+    def _decoder(self) -> tuple:
+        """``(route, decode)`` for one token on the torch path, closures over this block's tensors made once
+        (``.to()`` drops them, :meth:`_apply`); ``()`` where the path does not apply. A decode token of a small
+        MoE is a few dozen small ops, and an ``nn.Module`` attribute lookup costs about what one of them does.
+
+        ``route(x) -> (ids, weights)``: the top-k of the logits and a softmax over those k (= the renormalized
+        top-k of the softmax, to rounding). Where zero logits are relative or the real slots keep the
+        real-only routing's weights, the real top-k is merged in Python with the Z zero logits (the overall
+        top-k is among them). A skipping rule then runs on the lists. ``decode(x)``: routed experts (zero
+        slots touch nothing) plus the shared expert."""
+        cached = self.__dict__.get("_decode")
+        if cached is not None:
+            return cached
+        e = self.experts
+        if e.use_kernels or not hasattr(e, "forward_one"):
+            self.__dict__["_decode"] = ()
+            return ()
         r = self.routing
-        logits = self._logits(x)
-        top, ids = logits.topk(r.top_k, dim=-1)
-        e = self.experts.num_experts
-        if r.num_zero and r.zero_weights == "original":
-            top_real, ids_real = logits[:, :e].topk(r.top_k, dim=-1)
-            weight_of = dict(zip(ids_real[0].tolist(), (top_real.softmax(dim=-1) * r.scaling)[0].tolist()))
-            ids = ids[0].tolist()
-            w = [weight_of.get(i, 0.0) for i in ids]
+        k, n, z, scaling, rule = r.top_k, e.num_experts, r.num_zero, r.scaling, r.rule
+        rt = self.router_weight.t()
+        rt = rt if rt.is_contiguous() else rt.contiguous()
+        bias, relative, original = self.logit_bias, r.zero_relative, bool(z) and r.zero_weights == "original"
+        zero_ids = list(range(n, n + z))
+
+        def route(x: torch.Tensor) -> tuple[list[int], list[float]]:
+            xf = x if x.dtype == torch.float32 else x.float()
+            logits = torch.mm(xf, rt) if bias is None else torch.addmm(bias, xf, rt)
+            if not (relative or original):
+                top, ids = logits.topk(k)
+                w = top.softmax(-1)
+                ids, w = ids.tolist()[0], (w if scaling == 1.0 else w * scaling).tolist()[0]
+            else:
+                top, real = logits[:, :n].topk(k)
+                full, real = logits.tolist()[0], real.tolist()[0]
+                shift = full[real[0]] if relative else 0.0  # the token's best real logit
+                slots = sorted([(full[j], j) for j in real] + [(full[j] + shift, j) for j in zero_ids],
+                               key=lambda p: -p[0])[:k]
+                ids = [j for _, j in slots]
+                if original:  # real slots: the real-only routing's weights; zero slots: 0
+                    w = top.softmax(-1)
+                    weight_of = dict(zip(real, (w if scaling == 1.0 else w * scaling).tolist()[0]))
+                    w = [weight_of.get(j, 0.0) for j in ids]
+                else:
+                    ex = [math.exp(v - slots[0][0]) for v, _ in slots]
+                    total = sum(ex)
+                    w = [scaling * a / total for a in ex]
+            if rule is not None:
+                ids = apply_rule_one(w, ids, rule, n)
+            return ids, w
+
+        if isinstance(e, Experts):
+            w13t, w2t = list(e.w13.transpose(1, 2).unbind(0)), list(e.w2.transpose(1, 2).unbind(0))
+
+            def experts(x, ids, w):
+                return _experts_one(x, w13t, w2t, ids, w)
         else:
-            w = top.softmax(dim=-1)
-            if r.scaling != 1.0:
-                w = w * r.scaling
-            ids, w = ids[0].tolist(), w[0].tolist()
-        if r.rule is not None:
-            ids = apply_rule_one(w, ids, r.rule, e)
-        return ids, w
+            experts = e.forward_one
+        add_shared = self._add_shared if self.shared_expert is not None else None
+
+        def decode(x: torch.Tensor) -> torch.Tensor:
+            out = experts(x, *route(x))
+            return out if add_shared is None else add_shared(x, out)
+
+        self.__dict__["_decode"] = (route, decode)
+        return route, decode
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
-        e = self.experts
-        if self._one_token_route and x.shape[0] == 1 and not e.use_kernels and hasattr(e, "forward_one"):
-            out = e.forward_one(x, *self._route_one(x))
-            return self._add_shared(x, out).view(hidden.shape)
+        if x.shape[0] == 1 and self._one_token_route:
+            fns = self._decoder()
+            if fns:
+                return fns[1](x).view_as(hidden)
         weights, ids = self.route(x)
+        e = self.experts
         # the torch path is called directly: at decode on a CPU the module-call overhead is not negligible
         if e.use_kernels or not isinstance(e, Experts):  # kernels, or packed CPU experts (runtime.cpu_packed)
             out = e(x, weights, ids)
         else:
             out = _experts_torch(x, e.w13, e.w2, weights, ids)
-        return self._add_shared(x, out).view(hidden.shape)
+        return self._add_shared(x, out).view_as(hidden)
 
     def _add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.shared_expert is not None:

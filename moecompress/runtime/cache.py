@@ -68,10 +68,10 @@ class KVCache:
             return k, v
         # eager step: the new tokens are the last ones of the filled prefix (a slice copy is cheaper
         # than index_copy_, which runs a parallel region even for one row on the CPU)
-        start = self._kv_len - key.shape[2]
-        k[:, :, start : self._kv_len].copy_(key)
-        v[:, :, start : self._kv_len].copy_(value)
-        return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
+        n, q = self._kv_len, key.shape[2]
+        k.narrow(2, n - q, q).copy_(key)
+        v.narrow(2, n - q, q).copy_(value)
+        return k.narrow(2, 0, n), v.narrow(2, 0, n)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len or 0

@@ -33,6 +33,7 @@ from ..kernels.packing import QuantWeights, repack_for_kernel
 from .cpu_packed import CpuExperts, CpuQuantLinear, LazyExpertWeights
 from .moe import Experts, MoEBlock, Routing
 from .offload import SplitExperts, subset
+from .attention import wrap_decode_attention
 from .norms import fuse_rmsnorms
 from .qlinear import PackedWeight, QuantLinear
 
@@ -53,6 +54,7 @@ class ConversionReport:
     packed_linears: int = 0
     packed_expert_layers: int = 0
     fused_norms: int = 0
+    fast_attention: int = 0  # decoder layers whose one-token attention runs the fast path (runtime.attention)
     dequantized: list[str] = field(default_factory=list)  # quantized on disk, run as float (with why)
     cpu_kinds: dict = field(default_factory=dict)  # CPU packed linears by kind (int4pack / int8pack / codes)
     cpu_fallbacks: dict = field(default_factory=dict)  # why -> modules that could not use a CPU kernel
@@ -111,6 +113,8 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
         if t.is_meta:
             raise RuntimeError(f"{path}: '{n}' was not loaded (still on the meta device)")
     report.fused_norms = fuse_rmsnorms(model)
+    if device.type == "cpu" and not use_kernels:
+        report.fast_attention = wrap_decode_attention(model, list(decoder_layers(model)))
     for why, mods in report.cpu_fallbacks.items():  # one line per reason, naming the first modules
         log.warning("runtime: %d quantized linears run dequantized per call (%s): %s%s", len(mods), why,
                     ", ".join(mods[:3]), " ..." if len(mods) > 3 else "")

@@ -1,0 +1,204 @@
+"""One-token decode attention on the CPU: transformers' standard attention in about fifteen tensor ops.
+
+A decode step of a small model on a CPU is bound by the number of tensor ops, not by arithmetic, and
+transformers' attention spends about fifty on one token (three projections, per-head norms, rotary
+through ``rotate_half``, the sdpa wrapper's checks, reshapes). For the standard attention -- q/k/v/o
+projections, grouped-query heads, optional q/k RMSNorm per head (Qwen3) or over the whole projection
+(OLMoE), optional ``clip_qkv``, rotate-half rotary over the full head -- :class:`DecodeAttention` runs a
+decode token (one per batch row) as:
+
+* q, k and v in one GEMM against a row-major ``[H, (nq + 2 nk) d]`` matrix (the CPU BLAS's faster layout
+  for a row vector); the three projections' weights become views of it, so nothing is stored twice;
+* both q/k norms in one ``rms_norm`` and one multiply (per-head weights stacked);
+* rotary on q and k together as one batched GEMM with the step's rotary matrix (:class:`RotaryMatrix`,
+  made once per step and shared by every layer);
+* the new key/value written into the runtime's cache, sdpa over it (grouped heads in the kernel), and
+  ``o_proj`` against its row-major transpose.
+
+Everything else -- prefill, a mask (sliding windows, CUDA-graph steps), no cache, non-fp32 weights or
+packed projections -- goes to the wrapped module unchanged. Whether a layer qualifies is checked once, on
+the layer itself (:func:`wrap_decode_attention`): its decode output on a probe must match transformers'
+to rounding, so a family whose attention differs (partial rotary, gated or latent attention) keeps its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .norms import FusedRMSNorm
+
+log = logging.getLogger("moecompress")
+
+
+class _NotStandard(Exception):
+    """The attention module is not the standard one this fast path computes."""
+
+
+class RotaryMatrix:
+    """The step's rotary embedding as one ``[B, d, d]`` matrix per batch row, made once per step and shared by
+    every layer: ``x @ M = x cos + rotate_half(x) sin`` for row vectors ``x`` (``M = diag(cos) + P diag(sin)``,
+    ``P`` the signed half swap of ``rotate_half``), so a layer rotates its q and k heads in one batched GEMM.
+    Each output is a sum of two products (the others are exact zeros): the same numbers as
+    ``rotate_half``'s to rounding."""
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._basis: tuple[torch.Tensor, torch.Tensor] | None = None  # (identity, P)
+
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``cos``/``sin`` ``[B, 1, d]`` (one position) -> ``M [B, d, d]`` (two ops: ``I cos + P sin``)."""
+        if self._last is None or self._last[0] is not sin:
+            d = sin.shape[-1]
+            if self._basis is None or self._basis[0].shape[0] != d or self._basis[0].device != sin.device:
+                h = d // 2
+                p = torch.zeros(d, d, dtype=sin.dtype, device=sin.device)
+                idx = torch.arange(h, device=sin.device)
+                p[idx + h, idx] = -1.0  # rotate_half(x)[k] = -x[k + h] for k < h
+                p[idx, idx + h] = 1.0  # and x[k - h] for k >= h
+                self._basis = (torch.eye(d, dtype=sin.dtype, device=sin.device), p)
+            eye, p = self._basis
+            self._last = (sin, torch.addcmul(eye * cos, p, sin))  # [B, 1, d] broadcast over the rows j
+        return self._last[1]
+
+
+class DecodeAttention(nn.Module):
+    """Standard attention with a fast one-token path (module docstring); the wrapped module does the rest."""
+
+    def __init__(self, inner: nn.Module, rotary: RotaryMatrix) -> None:
+        super().__init__()
+        q, k, v, o = (getattr(inner, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in (q, k, v, o)):
+            raise _NotStandard("projections are not fp32 nn.Linear")
+        d = int(inner.head_dim)
+        nq, nk = q.out_features // d, k.out_features // d
+        if q.out_features != nq * d or k.out_features != nk * d or v.out_features != nk * d or nq % nk:
+            raise _NotStandard("head counts")
+        biases = [m.bias for m in (q, k, v)]
+        if any(b is None for b in biases) != all(b is None for b in biases):
+            raise _NotStandard("some q/k/v projections have a bias, some not")
+        self.norm, eps, stacked = _norm_kind(inner, d, nq, nk)
+        self.inner = inner
+        self.d, self.nq, self.nk = d, nq, nk
+        self.scaling = float(inner.scaling)
+        self.layer_idx = inner.layer_idx
+        self.clip = getattr(inner.config, "clip_qkv", None)
+        self.eps = eps
+        self.rotary = rotary
+        wqkv = torch.cat([q.weight.detach(), k.weight.detach(), v.weight.detach()]).t().contiguous()
+        start = 0
+        for m in (q, k, v):  # the projections read views of the fused matrix: one copy of the weights
+            m.weight = nn.Parameter(wqkv[:, start:start + m.out_features].t(), requires_grad=False)
+            start += m.out_features
+        self.register_buffer("wqkv", wqkv)
+        self.register_buffer("bqkv", None if biases[0] is None else torch.cat([b.detach() for b in biases]))
+        wo = o.weight.detach().t().contiguous()
+        o.weight = nn.Parameter(wo.t(), requires_grad=False)
+        self.register_buffer("wo", wo)
+        self.register_buffer("bo", None if o.bias is None else o.bias.detach())
+        self.register_buffer("qk_weight", stacked)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (hidden_states.shape[1] != 1 or attention_mask is not None or not isinstance(cache, KVCache)
+                or cache._kv_len is None):
+            return self.inner(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                              **kwargs)
+        return self.decode(hidden_states, position_embeddings, cache), None
+
+    def decode(self, x: torch.Tensor, position_embeddings, cache: KVCache) -> torch.Tensor:
+        """``x [B, 1, H]`` -> attention output ``[B, 1, H]``, its key/value written into ``cache``."""
+        b, d, nq, nk = x.shape[0], self.d, self.nq, self.nk
+        x2 = x.view(b, -1)
+        qkv = torch.mm(x2, self.wqkv) if self.bqkv is None else torch.addmm(self.bqkv, x2, self.wqkv)
+        qk, v = qkv[:, : (nq + nk) * d], qkv[:, (nq + nk) * d:]
+        if self.norm == "head":
+            qk = F.rms_norm(qk.view(b, nq + nk, d), (d,), None, self.eps).mul_(self.qk_weight)
+        elif self.norm == "full":
+            qn, kn = self.inner.q_norm, self.inner.k_norm
+            qk = torch.cat([qn(qk[:, : nq * d]), kn(qk[:, nq * d:])], dim=1).view(b, nq + nk, d)
+        else:
+            qk = qk.reshape(b, nq + nk, d)
+        if self.clip is not None:
+            qk = qk.clamp(-self.clip, self.clip)
+            v = v.clamp(-self.clip, self.clip)
+        rot = torch.bmm(qk, self.rotary(*position_embeddings))  # [B, nq + nk, d]
+        keys, values = cache.update(rot[:, nq:].unsqueeze(2), v.reshape(b, nk, 1, d), self.layer_idx)
+        out = F.scaled_dot_product_attention(rot[:, :nq].unsqueeze(2), keys, values, scale=self.scaling,
+                                             enable_gqa=nq != nk).view(b, nq * d)
+        out = torch.mm(out, self.wo) if self.bo is None else torch.addmm(self.bo, out, self.wo)
+        return out.view(b, 1, -1)
+
+
+def _norm_kind(inner: nn.Module, d: int, nq: int, nk: int) -> tuple[str | None, float, torch.Tensor | None]:
+    """(kind, eps, stacked per-head weights): ``"head"`` (RMSNorm over each head, Qwen3), ``"full"`` (over the
+    whole q / k projection, OLMoE) or None (no q/k norm)."""
+    qn, kn = getattr(inner, "q_norm", None), getattr(inner, "k_norm", None)
+    if qn is None and kn is None:
+        return None, 0.0, None
+    if not (isinstance(qn, FusedRMSNorm) and isinstance(kn, FusedRMSNorm) and qn.eps == kn.eps
+            and qn.weight.dtype == torch.float32):
+        raise _NotStandard("q/k norms are not plain RMSNorms")
+    if qn.weight.shape[0] == d and kn.weight.shape[0] == d:
+        stacked = torch.cat([qn.weight.detach().expand(nq, d), kn.weight.detach().expand(nk, d)])
+        return "head", qn.eps, stacked
+    if qn.weight.shape[0] == nq * d and kn.weight.shape[0] == nk * d:
+        return "full", qn.eps, None
+    raise _NotStandard("q/k norm widths")
+
+
+@torch.no_grad()
+def wrap_decode_attention(model: nn.Module, layers: list[nn.Module]) -> int:
+    """Give every decoder layer whose attention is the standard one the fast decode path (module
+    docstring); returns how many. Each candidate is probed: a decode step after a 3-token prefill, ours
+    against transformers' on the same cache contents, must agree to 1e-4 relative."""
+    rotary = model.model.rotary_emb
+    matrix = RotaryMatrix()
+    wrapped = 0
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or isinstance(attn, DecodeAttention):
+            continue
+        try:
+            fast = DecodeAttention(attn, matrix)
+        except (_NotStandard, AttributeError, TypeError) as why:
+            log.debug("runtime: layer attention keeps transformers' forward (%s)", why)
+            continue
+        if _probe(fast, rotary):
+            layer.self_attn = fast
+            wrapped += 1
+    return wrapped
+
+
+def _probe(fast: DecodeAttention, rotary: nn.Module) -> bool:
+    """Whether ``fast.decode`` gives the wrapped module's output on a random decode step."""
+    inner = fast.inner
+    h = fast.wqkv.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, h, generator=gen).to(fast.wqkv.device)
+    pos = torch.arange(4, device=x.device)
+    try:
+        cos, sin = rotary(x, pos[None])
+        if cos.shape[-1] != fast.d:  # partial rotary
+            return False
+        # transformers >= 5.25 names the cache argument ``cache`` (``past_key_values`` still works, with a warning)
+        name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        outs = []
+        for use_fast in (False, True):
+            cache = KVCache(fast.layer_idx + 1, 1, 8)
+            cache.prepare(pos[:3], 3)
+            inner(x[:, :3], position_embeddings=(cos[:, :3], sin[:, :3]), attention_mask=None, **{name: cache})
+            cache.prepare(pos[3:], 4)
+            pe = (cos[:, 3:], sin[:, 3:])
+            outs.append(fast.decode(x[:, 3:], pe, cache) if use_fast else
+                        inner(x[:, 3:], position_embeddings=pe, attention_mask=None, **{name: cache})[0])
+        ref, ours = outs
+        return bool(ours.shape == ref.shape and ((ours - ref).norm() <= 1e-4 * ref.norm() + 1e-6))
+    except (RuntimeError, ValueError, TypeError, IndexError) as why:
+        log.debug("runtime: fast decode attention probe failed (%s)", why)
+        return False

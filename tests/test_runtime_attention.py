@@ -1,0 +1,97 @@
+"""The one-token CPU decode attention (runtime.attention) against the transformers module it wraps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecompress.runtime import Runtime
+from moecompress.runtime.attention import DecodeAttention, RotaryMatrix
+from moecompress.runtime.cache import KVCache
+
+STANDARD = {"qwen3_moe": "head", "qwen2_moe": None, "mixtral": None, "olmoe": "full"}
+OTHERS = ["deepseek_v3", "glm4_moe", "qwen3_5_moe", "glm4_moe_lite"]  # latent, partial-rotary, gated attention
+
+
+def _fast_layers(rt):
+    return [layer.self_attn for layer in rt.model.layers if isinstance(getattr(layer, "self_attn", None), DecodeAttention)]
+
+
+@pytest.mark.parametrize("family", list(STANDARD))
+def test_standard_attention_takes_the_fast_path(tiny_ckpt, family):
+    rt = Runtime.load(tiny_ckpt(family))
+    fast = _fast_layers(rt)
+    assert len(fast) == len(rt.model.layers) and rt.report.fast_attention == len(fast)
+    assert {a.norm for a in fast} == {STANDARD[family]}
+    a = fast[0]
+    # the projections read views of the fused matrices: the weights are stored once
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert getattr(a.inner, name).weight.untyped_storage().data_ptr() == a.wqkv.untyped_storage().data_ptr()
+    assert a.inner.o_proj.weight.untyped_storage().data_ptr() == a.wo.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("family", OTHERS)
+def test_other_attention_keeps_transformers(tiny_ckpt, family):
+    rt = Runtime.load(tiny_ckpt(family))
+    assert _fast_layers(rt) == [] and rt.report.fast_attention == 0
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {}), ("qwen2_moe", {}), ("mixtral", {}), ("olmoe", {}),
+                                              ("olmoe", {"clip_qkv": 0.5})])
+def test_decode_steps_match_the_wrapped_module(tiny_ckpt, family, overrides):
+    """Ten decode steps on two batch rows after a 5-token prefill: every step's output and the cache contents
+    equal transformers' to rounding."""
+    rt = Runtime.load(tiny_ckpt(family, **overrides))
+    attn = _fast_layers(rt)[-1]
+    rotary = rt.model.lm.model.rotary_emb
+    h = attn.wqkv.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 15, h, generator=gen) * 2
+    pos = torch.arange(15)
+    cos, sin = rotary(x, pos[None].expand(2, -1))
+    caches = [KVCache(attn.layer_idx + 1, 2, 16) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            cache.prepare(pos[:5], 5)
+            attn.inner(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None,
+                       past_key_values=cache)
+        for t in range(5, 15):
+            pe = (cos[:, t:t + 1], sin[:, t:t + 1])
+            for cache in caches:
+                cache.prepare(pos[t:t + 1], t + 1)
+            ref = attn.inner(x[:, t:t + 1], position_embeddings=pe, attention_mask=None, past_key_values=caches[0])[0]
+            ours, none = attn(x[:, t:t + 1], position_embeddings=pe, attention_mask=None, past_key_values=caches[1])
+            assert none is None
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].keys[attn.layer_idx], caches[0].keys[attn.layer_idx], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].values[attn.layer_idx], caches[0].values[attn.layer_idx])
+
+
+def test_prefill_and_masked_steps_go_to_transformers(tiny_ckpt, monkeypatch):
+    rt = Runtime.load(tiny_ckpt("qwen3_moe"))
+    attn = _fast_layers(rt)[0]
+    calls = []
+    monkeypatch.setattr(attn, "decode", lambda *a: calls.append(a) or torch.zeros(1, 1, attn.wqkv.shape[0]))
+    x = torch.randn(1, 3, attn.wqkv.shape[0])
+    cos, sin = rt.model.lm.model.rotary_emb(x, torch.arange(3)[None])
+    cache = KVCache(attn.layer_idx + 1, 1, 8)
+    with torch.no_grad():
+        cache.prepare(torch.arange(3), 3)
+        attn(x, position_embeddings=(cos, sin), attention_mask=None, past_key_values=cache)  # prefill
+        cache.prepare(torch.arange(2, 3), 3)
+        mask = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+        attn(x[:, 2:], position_embeddings=(cos[:, 2:], sin[:, 2:]), attention_mask=mask, past_key_values=cache)
+        cache.prepare(torch.arange(2, 3), None)  # a graph step: the position lives on the device
+        attn(x[:, 2:], position_embeddings=(cos[:, 2:], sin[:, 2:]), attention_mask=None, past_key_values=cache)
+    assert calls == []
+
+
+def test_rotary_matrix_is_rotate_half(gen):
+    d, b = 64, 3
+    ang = torch.rand(b, 1, d // 2, generator=gen) * 10
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x = torch.randn(b, 5, d, generator=gen)
+    ref = x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
+    m = RotaryMatrix()
+    torch.testing.assert_close(torch.bmm(x, m(cos, sin)), ref, rtol=1e-6, atol=1e-6)
+    assert m(cos, sin) is m(cos, sin)  # once per step (same sin tensor)

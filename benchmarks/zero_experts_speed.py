@@ -133,10 +133,13 @@ def block_at_shape(shape: str, rates: list[float], rounds: int = 10, calls: int 
     return [{"skip_rate": s, "moe_block_decode_us": v, "moe_block_ratio": v / us[rates[0]]} for s, v in us.items()]
 
 
-def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repeats: int, tmp: Path) -> dict:
+def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repeats: int, tmp: Path,
+        trained: list[Path] = ()) -> dict:
     from moecompress.runtime import Runtime
 
     paths = _variants(model, rates, tmp)
+    for t in trained:  # a trained zero-expert model of the same original (its skip rate is its own, per token)
+        paths[(f"trained:{t.name}", None)] = t
     rts = {key: Runtime.load(p, device="cpu", dtype="float32") for key, p in paths.items()}
     vocab = next(iter(rts.values())).model.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -157,12 +160,45 @@ def run(model: Path, rates: list[float], prompt_len: int, new_tokens: int, repea
     for key in rts:
         s = key
         d, p = statistics.median(dec[s]), statistics.median(pre[s])
+        if key[1] is None:  # trained: the share of decode slots its routers sent to zero experts
+            key = (key[0], _decode_skip(rts[s], prompt, new_tokens))
         rows.append({"kind": key[0], "skip_rate": key[1], "moe_block_decode_us": block[s],
                      "moe_block_ratio": block[s] / block[base],
                      "decode_tokens_per_s": d, "decode_ratio": d / statistics.median(dec[base]),
                      "prefill_tokens_per_s": p, "prefill_ratio": p / statistics.median(pre[base])})
     return {"model": str(model), "threads": torch.get_num_threads(), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
+
+
+def _decode_skip(rt, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Share of the decode steps' routed slots that went to zero experts (ids >= E), over every MoE block:
+    one generation through the blocks' general route (same choices as the one-token path), counted."""
+    from moecompress.runtime.moe import MoEBlock
+
+    blocks = [m for m in rt.model.lm.modules() if isinstance(m, MoEBlock)]
+    counts = [0, 0]
+
+    def wrap(b):
+        inner = b.route
+
+        def route(x):
+            weights, ids = inner(x)
+            if x.shape[0] == 1:  # decode steps only
+                counts[0] += int((ids >= b.experts.num_experts).sum())
+                counts[1] += ids.numel()
+            return weights, ids
+        return route
+
+    fast = [b._one_token_route for b in blocks]
+    try:
+        for b in blocks:
+            b.route, b._one_token_route = wrap(b), False
+        rt.generate(prompt, new_tokens, stop_ids=[])
+    finally:
+        for b, f in zip(blocks, fast):
+            del b.route
+            b._one_token_route = f
+    return counts[0] / max(counts[1], 1)
 
 
 def main(argv=None) -> int:
@@ -176,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-shape", default=None, help="Also time one MoE block of these shapes (qwen3-30b-a3b).")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--trained", type=Path, action="append", default=[],
+                    help="A trained zero-expert model of --model (e.g. `moecompress zeda` output); repeatable.")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
@@ -186,7 +224,7 @@ def main(argv=None) -> int:
         model = demo_model_path(variant=a.demo_variant)
     rates = [float(x) for x in a.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(Path(model), rates, a.prompt_len, a.new_tokens, a.repeats, Path(tmp))
+        res = run(Path(model), rates, a.prompt_len, a.new_tokens, a.repeats, Path(tmp), a.trained)
     print(f"{res['model']}  ({res['threads']} threads, fp32, prompt {a.prompt_len}, {a.new_tokens} new tokens, "
           f"median of {a.repeats})")
     print(f"{'model':>9} {'skip':>5} {'MoE block us':>13} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} "

@@ -253,20 +253,23 @@ class MoEBlock(nn.Module):
                 w = top.softmax(-1)
                 ids, w = ids.tolist()[0], (w if scaling == 1.0 else w * scaling).tolist()[0]
             else:
-                top, real = logits[:, :n].topk(k)
-                full, real = logits.tolist()[0], real.tolist()[0]
-                shift = full[real[0]] if relative else 0.0  # the token's best real logit
+                # the top k + Z rows hold the real top-k (at most Z zero rows rank above them); every zero row's
+                # logit comes from the full list (relative ones move by the token's best real logit)
+                full = logits.tolist()[0]
+                real = [j for j in logits.topk(k + z)[1].tolist()[0] if j < n][:k]
+                shift = full[real[0]] if relative else 0.0
                 slots = sorted([(full[j], j) for j in real] + [(full[j] + shift, j) for j in zero_ids],
                                key=lambda p: -p[0])[:k]
                 ids = [j for _, j in slots]
-                if original:  # real slots: the real-only routing's weights; zero slots: 0
-                    w = top.softmax(-1)
-                    weight_of = dict(zip(real, (w if scaling == 1.0 else w * scaling).tolist()[0]))
+                if original:  # real slots: the real-only routing's weights (a softmax over its top k); zero: 0
+                    ex = [math.exp(full[j] - full[real[0]]) for j in real]
+                    total = sum(ex) / scaling
+                    weight_of = {j: a / total for j, a in zip(real, ex)}
                     w = [weight_of.get(j, 0.0) for j in ids]
                 else:
                     ex = [math.exp(v - slots[0][0]) for v, _ in slots]
-                    total = sum(ex)
-                    w = [scaling * a / total for a in ex]
+                    total = sum(ex) / scaling
+                    w = [a / total for a in ex]
             if rule is not None:
                 ids = apply_rule_one(w, ids, rule, n)
             return ids, w

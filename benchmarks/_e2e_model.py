@@ -87,12 +87,17 @@ def layer_weight_bytes(d: Dims, fmt: WeightFormat) -> dict:
 
 def held_weight_bytes(rt) -> dict:
     """The same three quantities read off the tensors the loaded runtime holds (mean over layers)."""
-    def nbytes(m) -> int:
-        return sum(t.nbytes for t in m.parameters()) + sum(t.nbytes for t in m.buffers())
+    def nbytes(m) -> int:  # each storage once: the CPU fast attention's projections are views of one matrix
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in list(m.parameters()) + list(m.buffers())}
+        return sum(storages.values())
+
+    def attention(lay):  # transformers' module (runtime.attention wraps it on the CPU; its weights are views
+        return getattr(lay.self_attn, "inner", lay.self_attn)  # of the wrapper's, plus stacked q/k norm weights)
 
     layers = rt.model.layers
     return {
-        "attention": sum(nbytes(lay.self_attn) for lay in layers) / len(layers),
+        "attention": sum(nbytes(attention(lay)) for lay in layers) / len(layers),
         "expert": sum(nbytes(lay.mlp.experts) / lay.mlp.experts.num_experts for lay in layers) / len(layers),
         "router": sum(lay.mlp.router_weight.nbytes for lay in layers) / len(layers),
     }

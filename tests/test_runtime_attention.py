@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moecompress.runtime import Runtime
-from moecompress.runtime.attention import DecodeAttention, RotaryMatrix
+from moecompress.runtime.attention import DecodeAttention, RotaryMatrix, decode_layer
 from moecompress.runtime.cache import KVCache
 
 STANDARD = {"qwen3_moe": "head", "qwen2_moe": None, "mixtral": None, "olmoe": "full"}
@@ -30,10 +30,23 @@ def test_standard_attention_takes_the_fast_path(tiny_ckpt, family):
     assert a.inner.o_proj.weight.untyped_storage().data_ptr() == a.wo.untyped_storage().data_ptr()
 
 
+    assert all(f is not None for f in rt.model.fast)  # decode steps skip the decoder layers' own forward
+
+
 @pytest.mark.parametrize("family", OTHERS)
 def test_other_attention_keeps_transformers(tiny_ckpt, family):
     rt = Runtime.load(tiny_ckpt(family))
     assert _fast_layers(rt) == [] and rt.report.fast_attention == 0
+    assert rt.model.fast == [None] * len(rt.model.layers)
+
+
+def test_a_layer_that_is_not_the_plain_residual_block_keeps_its_forward(tiny_ckpt):
+    rt = Runtime.load(tiny_ckpt("qwen3_moe"))
+    layer, rotary = rt.model.layers[0], rt.model.lm.model.rotary_emb
+    assert decode_layer(layer, rotary) is not None
+    plain = layer.forward
+    layer.forward = lambda *a, **k: plain(*a, **k) * 1.5  # what a family with a scaled residual would do
+    assert decode_layer(layer, rotary) is None
 
 
 @pytest.mark.parametrize("family,overrides", [("qwen3_moe", {}), ("qwen2_moe", {}), ("mixtral", {}), ("olmoe", {}),

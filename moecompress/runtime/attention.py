@@ -186,8 +186,7 @@ def _probe(fast: DecodeAttention, rotary: nn.Module) -> bool:
         cos, sin = rotary(x, pos[None])
         if cos.shape[-1] != fast.d:  # partial rotary
             return False
-        # transformers >= 5.25 names the cache argument ``cache`` (``past_key_values`` still works, with a warning)
-        name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        name = _cache_name(inner)
         outs = []
         for use_fast in (False, True):
             cache = KVCache(fast.layer_idx + 1, 1, 8)
@@ -202,3 +201,52 @@ def _probe(fast: DecodeAttention, rotary: nn.Module) -> bool:
     except (RuntimeError, ValueError, TypeError, IndexError) as why:
         log.debug("runtime: fast decode attention probe failed (%s)", why)
         return False
+
+
+def decode_layer(layer: nn.Module, rotary: nn.Module):
+    """``fast(hidden [B, 1, H], rope, cache) -> hidden`` for a decoder layer that is the plain pre-norm residual
+    block (``h += attn(norm1(h)); h += mlp(norm2(h))``) around a :class:`DecodeAttention`, skipping the
+    layer's own forward and module calls; None for any other layer, or where a decode step through it gives
+    other numbers than the layer's forward."""
+    attn = getattr(layer, "self_attn", None)
+    norm1, norm2 = getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)
+    mlp = getattr(layer, "mlp", None)
+    if not (isinstance(attn, DecodeAttention) and isinstance(norm1, FusedRMSNorm) and isinstance(norm2, FusedRMSNorm)
+            and mlp is not None):
+        return None
+    n1, n2, attend = norm1.forward, norm2.forward, attn.decode
+
+    def fast(h: torch.Tensor, rope, cache: KVCache) -> torch.Tensor:
+        h = h + attend(n1(h), rope, cache)
+        return h + mlp(n2(h))
+
+    def step(fn, x, pos, rope, cache):
+        cache.prepare(pos, int(pos[-1]) + 1)
+        if fn is None:
+            return layer(x, attention_mask=None, position_ids=pos[None], position_embeddings=rope,
+                         **{_cache_name(layer): cache})
+        return fn(x, rope, cache)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, attn.wqkv.shape[0], generator=gen).to(attn.wqkv.device)
+    pos = torch.arange(4, device=x.device)
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(x, pos[None])
+            outs = []
+            for fn in (None, fast):
+                cache = KVCache(attn.layer_idx + 1, 1, 8)
+                step(None, x[:, :3], pos[:3], (cos[:, :3], sin[:, :3]), cache)
+                outs.append(step(fn, x[:, 3:], pos[3:], (cos[:, 3:], sin[:, 3:]), cache))
+        ref, ours = (o[0] if isinstance(o, tuple) else o for o in outs)
+        if ours.shape == ref.shape and (ours - ref).norm() <= 1e-5 * ref.norm() + 1e-6:
+            return fast
+    except (RuntimeError, ValueError, TypeError, IndexError) as why:
+        log.debug("runtime: fast decode layer probe failed (%s)", why)
+    return None
+
+
+def _cache_name(module: nn.Module) -> str:
+    """The name ``module``'s forward takes the cache by: ``cache`` in transformers >= 5.25, else
+    ``past_key_values`` (which 5.25 still accepts, with a warning)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

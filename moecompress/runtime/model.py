@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import decode_layer
 from .cache import KVCache
 
 
@@ -30,6 +31,10 @@ class RuntimeModel:
         # ``[3, B, T]``: transformers 5.17 indexes them so and fails on ``[B, T]``, 5.18+ expands
         # ``[B, T]`` itself and accepts ``[3, B, T]`` unchanged. Text tokens use one position on every axis.
         self.mrope = getattr(lm.model.rotary_emb, "mrope_section", None) is not None
+        # one-token decode steps skip the decoder layer's own forward where it is the plain pre-norm residual
+        # block around our fast attention (runtime.attention); checked on each layer
+        self.fast = [None if w is not None or lin else decode_layer(layer, lm.model.rotary_emb)
+                     for layer, w, lin in zip(self.layers, self.windows, self.linear_attention)]
 
     @property
     def vocab_size(self) -> int:
@@ -58,7 +63,11 @@ class RuntimeModel:
         else:
             total = ids.shape[1]
         masks: dict[int | None, torch.Tensor | None] = {}
-        for layer, window, linear in zip(self.layers, self.windows, self.linear_attention):
+        decode = ids.shape[1] == 1 and cache is not None and kv_len is not None
+        for layer, window, linear, fast in zip(self.layers, self.windows, self.linear_attention, self.fast):
+            if decode and fast is not None:
+                hidden = fast(hidden, rope, cache)
+                continue
             if not linear and window not in masks:
                 masks[window] = attention_mask(positions, total, window, static=cache is not None and kv_len is None)
             hidden = layer(hidden, attention_mask=None if linear else masks[window], position_ids=pos_ids,

@@ -257,16 +257,22 @@ class MoEBlock(nn.Module):
                 # logit comes from the full list (relative ones move by the token's best real logit)
                 full = logits.tolist()[0]
                 real = [j for j in logits.topk(k + z)[1].tolist()[0] if j < n][:k]
-                shift = full[real[0]] if relative else 0.0
-                slots = sorted([(full[j], j) for j in real] + [(full[j] + shift, j) for j in zero_ids],
-                               key=lambda p: -p[0])[:k]
-                ids = [j for _, j in slots]
+                best = full[real[0]]
+                shift = best if relative else 0.0
+                cut = full[real[-1]]  # only zero rows above the k-th real logit take a slot
+                zero = [(full[j] + shift, j) for j in zero_ids if full[j] + shift > cut]
                 if original:  # real slots: the real-only routing's weights (a softmax over its top k); zero: 0
-                    ex = [math.exp(full[j] - full[real[0]]) for j in real]
+                    ex = [math.exp(full[j] - best) for j in real]
                     total = sum(ex) / scaling
-                    weight_of = {j: a / total for j, a in zip(real, ex)}
-                    w = [weight_of.get(j, 0.0) for j in ids]
+                    if not zero:
+                        ids, w = real, [a / total for a in ex]
+                    else:
+                        weight_of = dict(zip(real, ex))
+                        ids = [j for _, j in sorted([(full[j], j) for j in real] + zero, reverse=True)[:k]]
+                        w = [weight_of[j] / total if j < n else 0.0 for j in ids]
                 else:
+                    slots = sorted([(full[j], j) for j in real] + zero, reverse=True)[:k]
+                    ids = [j for _, j in slots]
                     ex = [math.exp(v - slots[0][0]) for v, _ in slots]
                     total = sum(ex) / scaling
                     w = [a / total for a in ex]

@@ -108,3 +108,17 @@ def test_rotary_matrix_is_rotate_half(gen):
     m = RotaryMatrix()
     torch.testing.assert_close(torch.bmm(x, m(cos, sin)), ref, rtol=1e-6, atol=1e-6)
     assert m(cos, sin) is m(cos, sin)  # once per step (same sin tensor)
+
+
+def test_rowmajor_linears_keeps_values_and_tied_weights(gen):
+    from torch import nn
+
+    from moecompress.runtime.convert import rowmajor_linears
+
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 6), "proj": nn.Linear(6, 4), "head": nn.Linear(6, 10, bias=False)})
+    model["head"].weight = model["emb"].weight  # tied
+    x = torch.randn(3, 6, generator=gen)
+    before = model["proj"](x)
+    assert rowmajor_linears(model) == 1
+    assert model["proj"].weight.stride() == (1, 4) and model["head"].weight is model["emb"].weight
+    assert torch.equal(model["proj"](x), before)

@@ -26,8 +26,8 @@ def test_standard_attention_takes_the_fast_path(tiny_ckpt, family):
     a = fast[0]
     # the projections read views of the fused matrices: the weights are stored once
     for name in ("q_proj", "k_proj", "v_proj"):
-        assert getattr(a.inner, name).weight.untyped_storage().data_ptr() == a.wqkv.untyped_storage().data_ptr()
-    assert a.inner.o_proj.weight.untyped_storage().data_ptr() == a.wo.untyped_storage().data_ptr()
+        assert getattr(a.inner, name).weight.untyped_storage().data_ptr() == a.qkv.w.untyped_storage().data_ptr()
+    assert a.inner.o_proj.weight.untyped_storage().data_ptr() == a.o.w.untyped_storage().data_ptr()
 
 
     assert all(f is not None for f in rt.model.fast)  # decode steps skip the decoder layers' own forward
@@ -55,9 +55,37 @@ def test_decode_steps_match_the_wrapped_module(tiny_ckpt, family, overrides):
     """Ten decode steps on two batch rows after a 5-token prefill: every step's output and the cache contents
     equal transformers' to rounding."""
     rt = Runtime.load(tiny_ckpt(family, **overrides))
-    attn = _fast_layers(rt)[-1]
+    _check_decode_steps(rt, _fast_layers(rt)[-1])
+
+
+# packed CPU projections: int4 (one fused kernel call for q/k/v), int8 with a q/k/v bias (three calls), asym g64
+PACKED = [("qwen3_moe", {}, True), ("qwen2_moe", {"bits": 8, "format": "gptq"}, False),
+          ("olmoe", {"symmetric": False, "group_size": 64}, True)]
+
+
+@pytest.mark.parametrize("family,settings,fused", PACKED)
+def test_packed_projections_take_the_fast_path(tiny_ckpt, tmp_path, family, settings, fused):
+    from conftest import quick_config
+    from moecompress.pipeline import quantize
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt(family), q, quick_config(**{"bits": 4, "format": "compressed-tensors", "method": "rtn",
+                                                   **settings}))
+    rt = Runtime.load(q)  # --cpu-weights packed
+    fast = _fast_layers(rt)
+    assert len(fast) == len(rt.model.layers) and all(f is not None for f in rt.model.fast)
+    attn = fast[-1]
+    assert attn.qkv.fused == fused
+    if fused:  # the projections' packed rows are views of the concatenation: stored once
+        for name in ("q_proj", "k_proj", "v_proj"):
+            ptr = getattr(attn.inner, name).packed.untyped_storage().data_ptr()
+            assert ptr == attn.qkv.packed.untyped_storage().data_ptr()
+    _check_decode_steps(rt, attn)
+
+
+def _check_decode_steps(rt, attn):
     rotary = rt.model.lm.model.rotary_emb
-    h = attn.wqkv.shape[0]
+    h = attn.hidden
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 15, h, generator=gen) * 2
     pos = torch.arange(15)
@@ -84,8 +112,8 @@ def test_prefill_and_masked_steps_go_to_transformers(tiny_ckpt, monkeypatch):
     rt = Runtime.load(tiny_ckpt("qwen3_moe"))
     attn = _fast_layers(rt)[0]
     calls = []
-    monkeypatch.setattr(attn, "decode", lambda *a: calls.append(a) or torch.zeros(1, 1, attn.wqkv.shape[0]))
-    x = torch.randn(1, 3, attn.wqkv.shape[0])
+    monkeypatch.setattr(attn, "decode", lambda *a: calls.append(a) or torch.zeros(1, 1, attn.hidden))
+    x = torch.randn(1, 3, attn.hidden)
     cos, sin = rt.model.lm.model.rotary_emb(x, torch.arange(3)[None])
     cache = KVCache(attn.layer_idx + 1, 1, 8)
     with torch.no_grad():

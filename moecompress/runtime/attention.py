@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
+from .cpu_packed import CpuQuantLinear
 from .norms import FusedRMSNorm
 
 log = logging.getLogger("moecompress")
@@ -73,35 +74,27 @@ class DecodeAttention(nn.Module):
     def __init__(self, inner: nn.Module, rotary: RotaryMatrix) -> None:
         super().__init__()
         q, k, v, o = (getattr(inner, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if not all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in (q, k, v, o)):
-            raise _NotStandard("projections are not fp32 nn.Linear")
+        if not (all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in (q, k, v, o))
+                or all(isinstance(m, CpuQuantLinear) for m in (q, k, v, o))):
+            raise _NotStandard("projections are neither fp32 nn.Linear nor packed CPU linears")
         d = int(inner.head_dim)
         nq, nk = q.out_features // d, k.out_features // d
         if q.out_features != nq * d or k.out_features != nk * d or v.out_features != nk * d or nq % nk:
             raise _NotStandard("head counts")
-        biases = [m.bias for m in (q, k, v)]
-        if any(b is None for b in biases) != all(b is None for b in biases):
-            raise _NotStandard("some q/k/v projections have a bias, some not")
         self.norm, eps, stacked = _norm_kind(inner, d, nq, nk)
         self.inner = inner
         self.d, self.nq, self.nk = d, nq, nk
+        self.hidden = q.in_features
         self.scaling = float(inner.scaling)
         self.layer_idx = inner.layer_idx
         self.clip = getattr(inner.config, "clip_qkv", None)
         self.eps = eps
         self.rotary = rotary
-        wqkv = torch.cat([q.weight.detach(), k.weight.detach(), v.weight.detach()]).t().contiguous()
-        start = 0
-        for m in (q, k, v):  # the projections read views of the fused matrix: one copy of the weights
-            m.weight = nn.Parameter(wqkv[:, start:start + m.out_features].t(), requires_grad=False)
-            start += m.out_features
-        self.register_buffer("wqkv", wqkv)
-        self.register_buffer("bqkv", None if biases[0] is None else torch.cat([b.detach() for b in biases]))
-        wo = o.weight.detach().t().contiguous()
-        o.weight = nn.Parameter(wo.t(), requires_grad=False)
-        self.register_buffer("wo", wo)
-        self.register_buffer("bo", None if o.bias is None else o.bias.detach())
         self.register_buffer("qk_weight", stacked)
+        if type(q) is nn.Linear:
+            self.qkv, self.o = _DenseQKV(q, k, v), _DenseO(o)
+        else:
+            self.qkv, self.o = _PackedQKV(q, k, v), o
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -114,8 +107,7 @@ class DecodeAttention(nn.Module):
     def decode(self, x: torch.Tensor, position_embeddings, cache: KVCache) -> torch.Tensor:
         """``x [B, 1, H]`` -> attention output ``[B, 1, H]``, its key/value written into ``cache``."""
         b, d, nq, nk = x.shape[0], self.d, self.nq, self.nk
-        x2 = x.view(b, -1)
-        qkv = torch.mm(x2, self.wqkv) if self.bqkv is None else torch.addmm(self.bqkv, x2, self.wqkv)
+        qkv = self.qkv(x.view(b, -1))
         qk, v = qkv[:, : (nq + nk) * d], qkv[:, (nq + nk) * d:]
         if self.norm == "head":
             qk = F.rms_norm(qk.view(b, nq + nk, d), (d,), None, self.eps).mul_(self.qk_weight)
@@ -131,8 +123,79 @@ class DecodeAttention(nn.Module):
         keys, values = cache.update(rot[:, nq:].unsqueeze(2), v.reshape(b, nk, 1, d), self.layer_idx)
         out = F.scaled_dot_product_attention(rot[:, :nq].unsqueeze(2), keys, values, scale=self.scaling,
                                              enable_gqa=nq != nk).view(b, nq * d)
-        out = torch.mm(out, self.wo) if self.bo is None else torch.addmm(self.bo, out, self.wo)
-        return out.view(b, 1, -1)
+        return self.o(out).view(b, 1, -1)
+
+
+class _DenseQKV(nn.Module):
+    """q, k and v of fp32 ``nn.Linear`` projections as one GEMM against a row-major ``[H, (nq + 2 nk) d]``
+    matrix; the projections' weights become views of it (one copy of the weights)."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
+        super().__init__()
+        biases = [m.bias for m in (q, k, v)]
+        if any(b is None for b in biases) != all(b is None for b in biases):
+            raise _NotStandard("some q/k/v projections have a bias, some not")
+        w = torch.cat([q.weight.detach(), k.weight.detach(), v.weight.detach()]).t().contiguous()
+        start = 0
+        for m in (q, k, v):
+            m.weight = nn.Parameter(w[:, start:start + m.out_features].t(), requires_grad=False)
+            start += m.out_features
+        self.register_buffer("w", w)
+        self.register_buffer("b", None if biases[0] is None else torch.cat([b.detach() for b in biases]))
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x2, self.w) if self.b is None else torch.addmm(self.b, x2, self.w)
+
+
+
+class _DenseO(nn.Module):
+    """``o_proj`` against its row-major transpose (the module's weight becomes a view of it)."""
+
+    def __init__(self, o: nn.Linear) -> None:
+        super().__init__()
+        w = o.weight.detach().t().contiguous()
+        o.weight = nn.Parameter(w.t(), requires_grad=False)
+        self.register_buffer("w", w)
+        self.register_buffer("b", None if o.bias is None else o.bias.detach())
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x2, self.w) if self.b is None else torch.addmm(self.b, x2, self.w)
+
+
+
+class _PackedQKV(nn.Module):
+    """q, k and v of packed CPU linears: one kernel call on rows concatenated across the three when they
+    share a torch kernel, group size and no act-order permutation or bias (the projections' packed rows
+    become views of the concatenation; their small scale tensors stay as they are); else three calls."""
+
+    def __init__(self, q: CpuQuantLinear, k: CpuQuantLinear, v: CpuQuantLinear) -> None:
+        super().__init__()
+        mods = (q, k, v)
+        self.parts = nn.ModuleList(mods)
+        self.fused = (len({m.kind for m in mods}) == 1 and q.kind in ("int4pack", "int8pack")
+                      and len({m.group_size for m in mods}) == 1
+                      and all(m.perm is None and m.bias is None for m in mods))
+        if self.fused:
+            packed = torch.cat([m.packed for m in mods])
+            start = 0
+            for m in mods:
+                n = m.packed.shape[0]
+                m.packed = packed[start:start + n]
+                start += n
+            self.register_buffer("packed", packed)
+            self.register_buffer("sz", torch.cat([m.sz for m in mods], dim=1 if q.kind == "int4pack" else 0))
+            self.kind, self.group_size = q.kind, q.group_size
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return torch.cat([m(x2) for m in self.parts], dim=-1)
+        xb = x2.to(torch.bfloat16).contiguous()
+        if self.kind == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.sz)
+        return y.to(x2.dtype)
+
 
 
 def _norm_kind(inner: nn.Module, d: int, nq: int, nk: int) -> tuple[str | None, float, torch.Tensor | None]:
@@ -178,9 +241,9 @@ def wrap_decode_attention(model: nn.Module, layers: list[nn.Module]) -> int:
 def _probe(fast: DecodeAttention, rotary: nn.Module) -> bool:
     """Whether ``fast.decode`` gives the wrapped module's output on a random decode step."""
     inner = fast.inner
-    h = fast.wqkv.shape[0]
+    h = fast.hidden
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, h, generator=gen).to(fast.wqkv.device)
+    x = torch.randn(1, 4, h, generator=gen)
     pos = torch.arange(4, device=x.device)
     try:
         cos, sin = rotary(x, pos[None])
@@ -228,7 +291,7 @@ def decode_layer(layer: nn.Module, rotary: nn.Module):
         return fn(x, rope, cache)
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, attn.wqkv.shape[0], generator=gen).to(attn.wqkv.device)
+    x = torch.randn(1, 4, attn.hidden, generator=gen)
     pos = torch.arange(4, device=x.device)
     try:
         with torch.no_grad():

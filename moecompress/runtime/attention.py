@@ -94,7 +94,7 @@ class DecodeAttention(nn.Module):
         if type(q) is nn.Linear:
             self.qkv, self.o = _DenseQKV(q, k, v), _DenseO(o)
         else:
-            self.qkv, self.o = _PackedQKV(q, k, v), o
+            self.qkv, self.o = _PackedQKV(q, k, v), _PackedO(o)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -189,13 +189,33 @@ class _PackedQKV(nn.Module):
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return torch.cat([m(x2) for m in self.parts], dim=-1)
-        xb = x2.to(torch.bfloat16).contiguous()
+        xb = x2.to(torch.bfloat16)  # x2: a view of the contiguous [B, H] decode input
         if self.kind == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz)
         else:
             y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.sz)
         return y.to(x2.dtype)
 
+
+
+class _PackedO(nn.Module):
+    """``o_proj`` as a packed CPU linear: its torch kernel called directly where it has one (no act-order
+    permutation or bias), else the module."""
+
+    def __init__(self, o: CpuQuantLinear) -> None:
+        super().__init__()
+        self.o = o
+        self.direct = o.kind in ("int4pack", "int8pack") and o.perm is None and o.bias is None
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_call", None)  # the kernel's arguments before .to()
+        return super()._apply(fn, recurse)
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        if not self.direct:
+            return self.o(x2)
+        call = self.__dict__.get("_call") or self.__dict__.setdefault("_call", self.o._kernel_call())
+        return call[0](x2.to(torch.bfloat16), *call[1]).to(x2.dtype)
 
 
 def _norm_kind(inner: nn.Module, d: int, nq: int, nk: int) -> tuple[str | None, float, torch.Tensor | None]:

@@ -120,9 +120,14 @@ class CpuQuantLinear(nn.Module):
                        self.group_size)
 
     def _packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        fn, args = self._kernel_call()
+        return fn(x2, *args)
+
+    def _kernel_call(self) -> tuple:
+        """``(fn, args)``: ``fn(x2, *args)`` is this linear's torch kernel on bf16 ``x2 [M, K]``."""
         if self.kind == "int4pack":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.sz)
-        return torch.ops.aten._weight_int8pack_mm(x2, self.packed, self.sz)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu, (self.packed, self.group_size, self.sz)
+        return torch.ops.aten._weight_int8pack_mm, (self.packed, self.sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -209,6 +214,10 @@ class CpuExperts(nn.Module):
         self.num_experts = len(gate_up)
         self.use_kernels = False
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_lists", None)  # kernel arguments of the tensors before .to()
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum over each token's experts of ``weight * expert(x)``; ids >= E (zero experts) touch nothing."""
         t, k = ids.shape
@@ -234,16 +243,20 @@ class CpuExperts(nn.Module):
         out = torch.zeros_like(x)
         lists = self.__dict__.get("_lists")
         if lists is None:
-            lists = self.__dict__["_lists"] = (list(self.gate_up), list(self.down), all(
-                isinstance(m, CpuQuantLinear) and m.kind != "codes" and m.perm is None and m.bias is None
-                for m in (*self.gate_up, *self.down)))
-        gate_up, down, kernels = lists
-        if kernels:
+            kernels = all(isinstance(m, CpuQuantLinear) and m.kind != "codes" and m.perm is None and m.bias is None
+                          for m in (*self.gate_up, *self.down))
+            # per expert, each kernel call's function and arguments, read off the modules once (their
+            # buffer lookups would cost about as much as the kernels at this size); ``.to()`` drops them
+            calls = [(m._kernel_call(), n._kernel_call()) for m, n in zip(self.gate_up, self.down)] if kernels else None
+            lists = self.__dict__["_lists"] = (list(self.gate_up), list(self.down), calls)
+        gate_up, down, calls = lists
+        if calls is not None:
             xb = x.reshape(1, -1).to(torch.bfloat16)
             for ex, wj in zip(ids, weights):
                 if ex < self.num_experts:
-                    gate, up = gate_up[ex]._packed_mm(xb).chunk(2, dim=-1)
-                    out.add_(down[ex]._packed_mm(F.silu(gate).mul_(up)).view(out.shape), alpha=wj)
+                    (f13, a13), (f2, a2) = calls[ex]
+                    gate, up = f13(xb, *a13).chunk(2, dim=-1)
+                    out.add_(f2(F.silu(gate).mul_(up), *a2), alpha=wj)  # both [1, H]
             return out
         for ex, wj in zip(ids, weights):
             if ex < self.num_experts:

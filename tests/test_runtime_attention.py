@@ -150,3 +150,24 @@ def test_rowmajor_linears_keeps_values_and_tied_weights(gen):
     assert rowmajor_linears(model) == 1
     assert model["proj"].weight.stride() == (1, 4) and model["head"].weight is model["emb"].weight
     assert torch.equal(model["proj"](x), before)
+
+
+def test_rotary_matrix_follows_the_steps_dtype(gen):
+    m = RotaryMatrix()
+    cos, sin = torch.rand(1, 1, 64, generator=gen), torch.rand(1, 1, 64, generator=gen)
+    assert m(cos, sin).dtype == torch.float32
+    assert m(cos.bfloat16(), sin.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bf16_packed_run_decodes(tiny_ckpt, tmp_path):
+    """A bf16 CPU run of a packed checkpoint (the probes run in bf16 too): decoding works, and its greedy
+    tokens follow the fp32 run's for the first steps."""
+    from conftest import quick_config
+    from moecompress.pipeline import quantize
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt("mixtral"), q, quick_config(bits=4, format="compressed-tensors", method="rtn"))
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    ours = Runtime.load(q, dtype="bfloat16").generate(prompt, 8, stop_ids=[])
+    ref = Runtime.load(q).generate(prompt, 8, stop_ids=[])
+    assert len(ours.tokens[0]) == 8 and ours.tokens[0][:2] == ref.tokens[0][:2]

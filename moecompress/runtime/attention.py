@@ -56,7 +56,8 @@ class RotaryMatrix:
         """``cos``/``sin`` ``[B, 1, d]`` (one position) -> ``M [B, d, d]`` (two ops: ``I cos + P sin``)."""
         if self._last is None or self._last[0] is not sin:
             d = sin.shape[-1]
-            if self._basis is None or self._basis[0].shape[0] != d or self._basis[0].device != sin.device:
+            basis = self._basis
+            if basis is None or basis[0].shape[0] != d or basis[0].device != sin.device or basis[0].dtype != sin.dtype:
                 h = d // 2
                 p = torch.zeros(d, d, dtype=sin.dtype, device=sin.device)
                 idx = torch.arange(h, device=sin.device)
@@ -172,9 +173,12 @@ class _PackedQKV(nn.Module):
         super().__init__()
         mods = (q, k, v)
         self.parts = nn.ModuleList(mods)
+        # torch's CPU int4 packing lays rows out in blocks of up to 64: concatenated rows keep each part's
+        # layout only when every part is a whole number of blocks
         self.fused = (len({m.kind for m in mods}) == 1 and q.kind in ("int4pack", "int8pack")
                       and len({m.group_size for m in mods}) == 1
-                      and all(m.perm is None and m.bias is None for m in mods))
+                      and all(m.perm is None and m.bias is None for m in mods)
+                      and (q.kind == "int8pack" or all(m.out_features % 64 == 0 for m in mods)))
         if self.fused:
             packed = torch.cat([m.packed for m in mods])
             start = 0
@@ -239,7 +243,10 @@ def _norm_kind(inner: nn.Module, d: int, nq: int, nk: int) -> tuple[str | None, 
 def wrap_decode_attention(model: nn.Module, layers: list[nn.Module]) -> int:
     """Give every decoder layer whose attention is the standard one the fast decode path (module
     docstring); returns how many. Each candidate is probed: a decode step after a 3-token prefill, ours
-    against transformers' on the same cache contents, must agree to 1e-4 relative."""
+    against transformers' on the same cache contents, in the layer's run dtype, must agree to rounding.
+    The wrapped weights are laid out once, here: moving the model afterwards (``.to()``) keeps the numbers
+    but stores the fused and the projections' weights apart, and in-place edits of the q/k norm weights or
+    the q/k/v biases do not reach decode steps (their stacked copies are made here)."""
     rotary = model.model.rotary_emb
     matrix = RotaryMatrix()
     wrapped = 0
@@ -252,18 +259,30 @@ def wrap_decode_attention(model: nn.Module, layers: list[nn.Module]) -> int:
         except (_NotStandard, AttributeError, TypeError) as why:
             log.debug("runtime: layer attention keeps transformers' forward (%s)", why)
             continue
-        if _probe(fast, rotary):
+        if _probe(fast, rotary, _run_dtype(layer)):
             layer.self_attn = fast
             wrapped += 1
     return wrapped
 
 
-def _probe(fast: DecodeAttention, rotary: nn.Module) -> bool:
-    """Whether ``fast.decode`` gives the wrapped module's output on a random decode step."""
+def _run_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype the layer's hidden states run in (its input norm's)."""
+    w = getattr(getattr(layer, "input_layernorm", None), "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) else torch.float32
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal to rounding: 1e-5 relative in fp32, 3e-2 in a half dtype (a wrong computation is off by O(1))."""
+    tol = 1e-5 if ref.dtype == torch.float32 else 3e-2
+    return bool(ours.shape == ref.shape and (ours.float() - ref.float()).norm() <= tol * ref.float().norm() + 1e-6)
+
+
+def _probe(fast: DecodeAttention, rotary: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``fast.decode`` gives the wrapped module's output on a random decode step (in the run dtype)."""
     inner = fast.inner
     h = fast.hidden
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, h, generator=gen)
+    x = torch.randn(1, 4, h, generator=gen).to(dtype)
     pos = torch.arange(4, device=x.device)
     try:
         cos, sin = rotary(x, pos[None])
@@ -280,7 +299,7 @@ def _probe(fast: DecodeAttention, rotary: nn.Module) -> bool:
             outs.append(fast.decode(x[:, 3:], pe, cache) if use_fast else
                         inner(x[:, 3:], position_embeddings=pe, attention_mask=None, **{name: cache})[0])
         ref, ours = outs
-        return bool(ours.shape == ref.shape and ((ours - ref).norm() <= 1e-4 * ref.norm() + 1e-6))
+        return _close(ours, ref)
     except (RuntimeError, ValueError, TypeError, IndexError) as why:
         log.debug("runtime: fast decode attention probe failed (%s)", why)
         return False
@@ -311,7 +330,7 @@ def decode_layer(layer: nn.Module, rotary: nn.Module):
         return fn(x, rope, cache)
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, attn.hidden, generator=gen)
+    x = torch.randn(1, 4, attn.hidden, generator=gen).to(_run_dtype(layer))
     pos = torch.arange(4, device=x.device)
     try:
         with torch.no_grad():
@@ -322,7 +341,7 @@ def decode_layer(layer: nn.Module, rotary: nn.Module):
                 step(None, x[:, :3], pos[:3], (cos[:, :3], sin[:, :3]), cache)
                 outs.append(step(fn, x[:, 3:], pos[3:], (cos[:, 3:], sin[:, 3:]), cache))
         ref, ours = (o[0] if isinstance(o, tuple) else o for o in outs)
-        if ours.shape == ref.shape and (ours - ref).norm() <= 1e-5 * ref.norm() + 1e-6:
+        if _close(ours, ref):
             return fast
     except (RuntimeError, ValueError, TypeError, IndexError) as why:
         log.debug("runtime: fast decode layer probe failed (%s)", why)

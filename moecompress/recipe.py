@@ -62,7 +62,7 @@ class QuantizeConfig(BaseModel):
     # routers) to powers of two, so the fold is exact and routing bit-identical; "free" does not
     awq_scales: Literal["pow2", "free"] = "pow2"
     awq_grid: int = 20
-    awq_duo_scaling: bool = True
+    awq_duo_scaling: bool = True  # also try AutoAWQ's x^a / w^(1-a) beside x^a (False: x^a only)
     awq_search_tokens: int = 8192
 
     @field_validator("group_size", mode="before")

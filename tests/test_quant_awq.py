@@ -152,3 +152,17 @@ def test_fold_leaves_the_float_model_unchanged(family, dtype):
         else:
             assert torch.equal(out, ref), f"{family}: pow2 fold changed the logits"
         ref = out
+
+
+def test_search_tries_duo_and_activation_only_scales_per_member(gen):
+    """With the weight term the search covers both families: each member keeps the candidate its loss
+    prefers, and the record says which family it came from."""
+    x = torch.rand(2, 16, generator=gen) + 0.1
+    w = torch.rand(2, 16, generator=gen) + 0.1
+    grid = alpha_grid(4)
+    target = torch.stack([candidate_scales(x, None, grid[2], False)[0], candidate_scales(x, w, grid[1], False)[1]])
+    choice = search_scales(lambda s: ((s - target) ** 2).sum(-1), x, w, grid, pow2=False)
+    assert choice.duo == [False, True] and choice.alpha == [grid[2], grid[1]]
+    torch.testing.assert_close(choice.scales, target)
+    only = search_scales(lambda s: ((s - target) ** 2).sum(-1), x, None, grid, pow2=False)
+    assert only.duo == [False, False]

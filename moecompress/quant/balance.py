@@ -41,7 +41,7 @@ class AwqSettings:
     spec: QuantSpec
     grid: int = 20
     scales: str = "pow2"  # "pow2": groups with a float reader (a router) use powers of two; "free": none do
-    duo: bool = True  # s = x**a / w**(1-a) (AutoAWQ's duo scaling); False: s = x**a
+    duo: bool = True  # also try s = x**a / w**(1-a) (AutoAWQ's duo scaling) beside s = x**a; False: s = x**a only
     search_tokens: int = 8192  # residual rows kept for the block loss and the routing check
     store_dtype: torch.dtype = torch.bfloat16  # the checkpoint's float dtype (quantization scales round to it)
     # the stored dtype of a float tensor by layer-local name (a router may be kept in fp32 on disk)
@@ -247,6 +247,7 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
     if router_before is not None:
         rec["float_readers_check"] = _compare(router_before, _float_outputs(layer, g, residual))
     rec.update({"pow2": pow2, "alpha": choice.alpha if grp.per_expert else choice.alpha[0],
+                "duo": choice.duo if grp.per_expert else choice.duo[0],
                 "loss_before": choice.loss_before if grp.per_expert else choice.loss_before[0],
                 "loss_after": choice.loss_after if grp.per_expert else choice.loss_after[0],
                 "scales": scale_summary(s_eff)})

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .cpu_packed import CpuQuantLinear
+from .cpu_packed import CpuQuantLinear, kernel_call
 from .norms import FusedRMSNorm
 
 log = logging.getLogger("moecompress")
@@ -93,7 +93,7 @@ class DecodeAttention(nn.Module):
         self.rotary = rotary
         self.register_buffer("qk_weight", stacked)
         if type(q) is nn.Linear:
-            self.qkv, self.o = _DenseQKV(q, k, v), _DenseO(o)
+            self.qkv, self.o = _RowMajor(q, k, v), _RowMajor(o)
         else:
             self.qkv, self.o = _PackedQKV(q, k, v), _PackedO(o)
 
@@ -127,18 +127,18 @@ class DecodeAttention(nn.Module):
         return self.o(out).view(b, 1, -1)
 
 
-class _DenseQKV(nn.Module):
-    """q, k and v of fp32 ``nn.Linear`` projections as one GEMM against a row-major ``[H, (nq + 2 nk) d]``
-    matrix; the projections' weights become views of it (one copy of the weights)."""
+class _RowMajor(nn.Module):
+    """fp32 ``nn.Linear`` projections of one input (q/k/v, or o alone) as one GEMM against a row-major
+    ``[in, sum of outs]`` matrix; the projections' weights become views of it (one copy of the weights)."""
 
-    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
+    def __init__(self, *linears: nn.Linear) -> None:
         super().__init__()
-        biases = [m.bias for m in (q, k, v)]
+        biases = [m.bias for m in linears]
         if any(b is None for b in biases) != all(b is None for b in biases):
-            raise _NotStandard("some q/k/v projections have a bias, some not")
-        w = torch.cat([q.weight.detach(), k.weight.detach(), v.weight.detach()]).t().contiguous()
+            raise _NotStandard("some projections have a bias, some not")
+        w = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
         start = 0
-        for m in (q, k, v):
+        for m in linears:
             m.weight = nn.Parameter(w[:, start:start + m.out_features].t(), requires_grad=False)
             start += m.out_features
         self.register_buffer("w", w)
@@ -146,22 +146,6 @@ class _DenseQKV(nn.Module):
 
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.mm(x2, self.w) if self.b is None else torch.addmm(self.b, x2, self.w)
-
-
-
-class _DenseO(nn.Module):
-    """``o_proj`` against its row-major transpose (the module's weight becomes a view of it)."""
-
-    def __init__(self, o: nn.Linear) -> None:
-        super().__init__()
-        w = o.weight.detach().t().contiguous()
-        o.weight = nn.Parameter(w.t(), requires_grad=False)
-        self.register_buffer("w", w)
-        self.register_buffer("b", None if o.bias is None else o.bias.detach())
-
-    def forward(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.mm(x2, self.w) if self.b is None else torch.addmm(self.b, x2, self.w)
-
 
 
 class _PackedQKV(nn.Module):
@@ -193,13 +177,8 @@ class _PackedQKV(nn.Module):
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return torch.cat([m(x2) for m in self.parts], dim=-1)
-        xb = x2.to(torch.bfloat16)  # x2: a view of the contiguous [B, H] decode input
-        if self.kind == "int4pack":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.sz)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.sz)
-        return y.to(x2.dtype)
-
+        fn, args = kernel_call(self.kind, self.packed, self.group_size, self.sz)
+        return fn(x2.to(torch.bfloat16), *args).to(x2.dtype)  # x2: a view of the contiguous [B, H] input
 
 
 class _PackedO(nn.Module):

@@ -125,9 +125,7 @@ class CpuQuantLinear(nn.Module):
 
     def _kernel_call(self) -> tuple:
         """``(fn, args)``: ``fn(x2, *args)`` is this linear's torch kernel on bf16 ``x2 [M, K]``."""
-        if self.kind == "int4pack":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu, (self.packed, self.group_size, self.sz)
-        return torch.ops.aten._weight_int8pack_mm, (self.packed, self.sz)
+        return kernel_call(self.kind, self.packed, self.group_size, self.sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -144,6 +142,14 @@ class CpuQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
                 f"kind={self.kind}" + (", act-order" if self.perm is not None or self.g_idx is not None else ""))
+
+
+def kernel_call(kind: str, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> tuple:
+    """``(fn, args)``: ``fn(x2, *args)`` runs torch's CPU weight-only kernel of ``kind`` ("int4pack" or
+    "int8pack") on bf16 ``x2 [M, K]``."""
+    if kind == "int4pack":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu, (packed, group_size, sz)
+    return torch.ops.aten._weight_int8pack_mm, (packed, sz)
 
 
 def g_idx_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -99,13 +99,21 @@ class Experts(nn.Module):
             return fused_moe(x, w13, w2, weights, ids, num_experts=self.num_experts)
         return _experts_torch(x, self.w13, self.w2, weights, ids)
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_views", None)  # per-expert views of the tensors before .to()
+        return super()._apply(fn, recurse)
+
+    def views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-expert row-major ``([H, 2I] ...], [I, H] ...])`` views for :func:`_experts_one`, made once."""
+        views = self.__dict__.get("_views")
+        if views is None:
+            views = self.__dict__["_views"] = (list(self.w13.transpose(1, 2).unbind(0)),
+                                               list(self.w2.transpose(1, 2).unbind(0)))
+        return views
+
     def forward_one(self, x: torch.Tensor, ids: list[int], weights: list[float]) -> torch.Tensor:
         """One token on the torch path, its routing as lists (``MoEBlock``'s decode fast path)."""
-        views = self.__dict__.get("_views")
-        if views is None or views[0] is not self.w13 or views[1] is not self.w2:  # built again after .to()
-            views = self.__dict__["_views"] = (self.w13, self.w2, list(self.w13.transpose(1, 2).unbind(0)),
-                                               list(self.w2.transpose(1, 2).unbind(0)))
-        return _experts_one(x, views[2], views[3], ids, weights)
+        return _experts_one(x, *self.views(), ids, weights)
 
 
 def _expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -257,31 +265,29 @@ class MoEBlock(nn.Module):
                 # logit comes from the full list (relative ones move by the token's best real logit)
                 full = logits.tolist()[0]
                 real = [j for j in logits.topk(k + z)[1].tolist()[0] if j < n][:k]
-                best = full[real[0]]
-                shift = best if relative else 0.0
+                shift = full[real[0]] if relative else 0.0  # the token's best real logit
                 cut = full[real[-1]]  # only zero rows above the k-th real logit take a slot
                 zero = [(full[j] + shift, j) for j in zero_ids if full[j] + shift > cut]
-                if original:  # real slots: the real-only routing's weights (a softmax over its top k); zero: 0
-                    ex = [math.exp(full[j] - best) for j in real]
-                    total = sum(ex) / scaling
-                    if not zero:
-                        ids, w = real, [a / total for a in ex]
-                    else:
-                        weight_of = dict(zip(real, ex))
-                        ids = [j for _, j in sorted([(full[j], j) for j in real] + zero, reverse=True)[:k]]
-                        w = [weight_of[j] / total if j < n else 0.0 for j in ids]
+                slots = [(full[j], j) for j in real]
+                if zero:
+                    slots = sorted(slots + zero, reverse=True)[:k]
+                ids = [j for _, j in slots]
+                # original: real slots take the real-only routing's weights (a softmax over its top k), zero
+                # slots 0; renormalized: a softmax over the chosen slots' logits
+                top = [full[j] for j in real] if original else [v for v, _ in slots]
+                ex = [math.exp(v - top[0]) for v in top]
+                total = sum(ex) / scaling
+                if original:
+                    weight_of = dict(zip(real, ex))
+                    w = [weight_of[j] / total if j < n else 0.0 for j in ids]
                 else:
-                    slots = sorted([(full[j], j) for j in real] + zero, reverse=True)[:k]
-                    ids = [j for _, j in slots]
-                    ex = [math.exp(v - slots[0][0]) for v, _ in slots]
-                    total = sum(ex) / scaling
                     w = [a / total for a in ex]
             if rule is not None:
                 ids = apply_rule_one(w, ids, rule, n)
             return ids, w
 
-        if isinstance(e, Experts):
-            w13t, w2t = list(e.w13.transpose(1, 2).unbind(0)), list(e.w2.transpose(1, 2).unbind(0))
+        if isinstance(e, Experts):  # the views bound once: no per-call lookup on the decode path
+            w13t, w2t = e.views()
 
             def experts(x, ids, w):
                 return _experts_one(x, w13t, w2t, ids, w)

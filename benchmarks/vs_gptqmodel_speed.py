@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,6 +120,10 @@ def main(argv=None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(args.threads), GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
     env.pop("PYTHONPATH", None)
+    # an installed wheel comes with bytecode (GPTQModel's does); an editable checkout under
+    # PYTHONDONTWRITEBYTECODE=1 would compile our modules on every run
+    subprocess.run([args.ours_python, "-c", "import compileall, os, moecompress; "
+                    "compileall.compile_dir(os.path.dirname(moecompress.__file__), quiet=1)"], env=env, check=True)
     ours_cmd = [args.ours_python, "-m", "moecompress", "quantize", str(model_dir), "--method", "gptq", "--bits", "4",
                 "--group-size", "128", "--calib", calib_spec, "--calib-samples", str(args.calib_samples),
                 "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--batch-size", str(args.batch_size),

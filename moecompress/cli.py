@@ -6,6 +6,7 @@ errors); bugs keep their traceback.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -387,9 +388,14 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # The process ends here. Python's shutdown would run the cyclic garbage collector over every object
+    # torch and transformers created (0.7 s of a 10 s quantize); frozen objects are skipped, and
+    # everything else (atexit, flushing, closing files) happens as usual.
+    gc.freeze()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

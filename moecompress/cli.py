@@ -72,12 +72,11 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
     """Write a tiny random checkpoint of FAMILY (byte tokenizer included) to try the tools on."""
     from pathlib import Path
 
-    from .checkpoint.writer import atomic_output_dir
+    from .checkpoint.writer import atomic_output_dir, check_output_path
     from .tiny import save_tiny
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    check_output_path(None, out, overwrite)
     with atomic_output_dir(out, overwrite) as tmp:
         save_tiny(family, tmp, seed=seed, fused_experts=fused_experts)
     click.echo(f"wrote a tiny {family} checkpoint to {out}")
@@ -327,6 +326,8 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
     """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
     from .runtime.cli import generate_text, offload_placement, speed_line
 
+    if not offload_experts and (vram or load_json):
+        raise UserError(f"{'--vram' if vram else '--load'} only applies with --offload-experts")
     offload = offload_placement(model_dir, offload_experts, vram, load_json, device) if offload_experts else None
     text, result = generate_text(model_dir, prompt, max_new_tokens, cpu_weights=cpu_weights, greedy=greedy,
                                  temperature=temperature, top_p=top_p, seed=seed, device=device, dtype=dtype,
@@ -345,8 +346,10 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
               help="For a float checkpoint: the quantization to plan for (a quantized one says its own).")
 @click.option("--group-size", type=int, default=128, show_default=True)
 @click.option("--load", "load_json", default=None, help="An `eval` JSON: place experts by its measured expert load.")
-@click.option("--gpu-gbps", type=float, default=300.0, show_default=True, help="GPU memory bandwidth (GB/s).")
-@click.option("--cpu-gbps", type=float, default=40.0, show_default=True, help="Host memory bandwidth (GB/s).")
+@click.option("--gpu-gbps", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="GPU memory bandwidth (GB/s).")
+@click.option("--cpu-gbps", type=click.FloatRange(min=0, min_open=True), default=40.0, show_default=True,
+              help="Host memory bandwidth (GB/s).")
 def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbps, cpu_gbps) -> None:
     """Place MODEL_DIR's parts on a small GPU (experts by use) and estimate decode tokens/s (config only)."""
     from .runtime.plan import load_from_eval, model_parts, plan, render

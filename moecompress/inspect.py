@@ -109,6 +109,8 @@ def _zero_experts(h: ModelHandle, total: int, expert_params: int, skip_rate: flo
     """Zero experts: how many, the layout, and active experts/parameters per token at skip rates."""
     z = h.zero
     if z is None:
+        if skip_rate is not None:
+            raise UserError(f"{h.reader.path} has no zero experts: --skip-rate and --eval apply to zero-expert models")
         return None
     # a stock checkpoint stores the zero experts' (all-zero) weights: on disk, never active
     base = total - expert_params - (expert_params * z.num_zero // max(h.num_experts, 1) if z.layout == "stock" else 0)
@@ -224,6 +226,8 @@ def measured_skip_rate(eval_json: str | Path) -> float:
     """The model's overall skip rate from an ``eval`` JSON."""
     import json
 
+    if not Path(eval_json).is_file():
+        raise UserError(f"--eval {eval_json} does not exist (an `eval --json` file)")
     try:
         r = json.loads(Path(eval_json).read_text())
         return float(r["skip_rate"]["model_overall"])

@@ -46,6 +46,8 @@ def resolve_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}' (use cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}' (use cpu or cuda[:N])")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
     return dev
@@ -88,6 +90,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     if handle.reader.config.get("quantization_config"):
         raise UserError(f"{model_dir} is already quantized ({handle.reader.config['quantization_config'].get('quant_method')}); "
                         "quantize its float original instead")
+    if cfg.needs_calibration:
+        handle.check_context(cfg.seq_len)
     check_output_path(model_dir, out_dir, overwrite)
     partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes},
                          source_fingerprint(model_dir))

@@ -58,7 +58,19 @@ CASES = {
     "blank-line jsonl calibration file": (lambda p, t: p, ["--calib", "BLANKJSONL"], "empty (0 rows)"),
     "out below a file": (lambda p, t: p, ["--out", "FILE/sub/out"], "is a file"),
     "act-order group with compressed-tensors": (lambda p, t: p, ["--act-order", "group"], "GPTQ format"),
+    "windows longer than the context": (lambda p, t: p, ["--seq-len", "1024"], "max_position_embeddings 512"),
+    "config without its experts field": (lambda p, t: _drop_key(p, t, "num_experts|num_local_experts"), [], "router rows"),
+    "malformed jsonl calibration file": (lambda p, t: p, ["--calib", "BADJSONL"], "JSON parse error"),
 }
+
+
+def _drop_key(p, t, key):
+    d = _copy(p, t / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    for k in key.split("|"):
+        cfg.pop(k, None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
 
 
 def _strip(p, t, pattern):
@@ -114,9 +126,10 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path, qwen, case):
     (tmp_path / "EMPTY.txt").write_text("")
     (tmp_path / "BINARY.bin").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "BLANK.jsonl").write_text("\n\n")
+    (tmp_path / "BAD.jsonl").write_text('{"text": "a" "b"}\n')
     (tmp_path / "FILE").write_text("not a folder")
     extra = [{"EMPTY": str(tmp_path / "EMPTY.txt"), "BINARY": str(tmp_path / "BINARY.bin"),
-              "BLANKJSONL": str(tmp_path / "BLANK.jsonl")}.get(a, a.replace("FILE", str(tmp_path / "FILE")))
+              "BLANKJSONL": str(tmp_path / "BLANK.jsonl"), "BADJSONL": str(tmp_path / "BAD.jsonl")}.get(a, a.replace("FILE", str(tmp_path / "FILE")))
              for a in extra]
     out = tmp_path / "out"
     rc, err = _run(capsys, "quantize", str(model), "--out", str(out), "--group-size", "32",
@@ -279,3 +292,67 @@ def test_inspect_quantized_checkpoint(capsys, tmp_path, tiny_ckpt, fmt):
         assert after[key] == before[key] > 0, key
     assert after["params_experts"] < after["params_total"]
     assert after["size_estimate_bytes"] is None and after["quantization"]["bits"] == 4
+
+
+# the other commands (found by an audit of every command's bad input)
+OTHER = {
+    "plan with zero bandwidth": (["plan", "QWEN", "--vram", "6GiB", "--gpu-gbps", "0"], "gpu-gbps"),
+    "plan with negative bandwidth": (["plan", "QWEN", "--vram", "6GiB", "--cpu-gbps", "-1"], "cpu-gbps"),
+    "baseline on an unknown device": (["zero-experts", "baseline", "QWEN", "--rule", "top-p", "--target-skip", "0.3",
+                                       "--out", "OUT", "--device", "gpu"], "unknown device 'gpu'"),
+    "baseline that keeps no expert": (["zero-experts", "baseline", "QWEN", "--rule", "top-k", "--target-skip", "0.99",
+                                       "--out", "OUT", "--calib-samples", "2", "--seq-len", "32"], "keep no expert"),
+    "baseline with no samples": (["zero-experts", "baseline", "QWEN", "--rule", "top-p", "--target-skip", "0.3",
+                                  "--out", "OUT", "--calib-samples", "0"], "calib-samples"),
+    "report of a file": (["report", "FILE"], "is not a folder"),
+    "report of an eval that is not an object": (["report", "LISTEVAL"], "holds a json list"),
+    "make-tiny over a file": (["make-tiny", "FILE", "--overwrite"], "is not a directory"),
+    "inspect --skip-rate without zero experts": (["inspect", "QWEN", "--skip-rate", "0.5"], "no zero experts"),
+    "inspect --eval of a missing file": (["inspect", "QWEN", "--eval", "OUT/nope.json"], "does not exist"),
+    "generate --vram without --offload-experts": (["generate", "QWEN", "--prompt", "x", "--vram", "6GiB"],
+                                                  "only applies with --offload-experts"),
+    "eval with an empty task list": (["eval", "QWEN", "--reference", "QWEN", "--tasks", ",", "--json", "OUT/e.json"],
+                                     "names no lm-eval task"),
+    "eval beyond the context": (["eval", "QWEN", "--reference", "QWEN", "--seq-len", "1024", "--json", "OUT/e.json"],
+                                "max_position_embeddings"),
+    "zeda with no steps": (["zeda", "QWEN", "--out", "OUT", "--stage1-steps", "0", "--stage2-steps", "0"],
+                           "nothing would be trained"),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER))
+def test_other_commands_bad_input(capsys, tmp_path, qwen, case):
+    argv, needle = OTHER[case]
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "reference.json").write_text("[1]")
+    subs = {"QWEN": str(qwen), "OUT": str(tmp_path / "out"), "FILE": str(tmp_path / "FILE"),
+            "LISTEVAL": str(tmp_path / "run")}
+    argv = [subs.get(a, a.replace("OUT", str(tmp_path / "out"))) for a in argv]
+    rc, err = _run(capsys, *argv)
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and needle.lower() in err[0].lower(), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_tiny_refuses_to_overwrite_the_current_directory(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mine.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    rc, err = _run(capsys, "make-tiny", ".", "--overwrite")
+    assert rc == 2 and "current directory" in err[0], err
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_lm_eval_dataset_that_cannot_be_loaded_is_one_line(monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+
+    from moecompress.errors import UserError
+    from moecompress.evals.lm_eval_adapter import load_tasks
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", offline)
+    with pytest.raises(UserError, match="hellaswag: a dataset could not be loaded"):
+        load_tasks(["hellaswag"], None)

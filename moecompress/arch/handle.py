@@ -82,7 +82,15 @@ class ModelHandle:
             raise _unsupported(reader.config)
         h._check_zero_experts()
         h._check_layers_present()
+        h._check_router_rows()
         return h
+
+    def check_context(self, seq_len: int, option: str = "--seq-len") -> None:
+        """A window longer than the model's ``max_position_embeddings`` measures positions it never saw."""
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        if limit and seq_len > int(limit):
+            raise UserError(f"{option} {seq_len} is longer than the model's context (max_position_embeddings "
+                            f"{limit})")
 
     def _check_zero_experts(self) -> None:
         z = self.zero
@@ -97,6 +105,21 @@ class ModelHandle:
             from ..zero.layout import check_rule
 
             check_rule(*z.rule, self.top_k)
+
+    def _check_router_rows(self) -> None:
+        """The first router's rows are the experts config.json counts (plus native zero experts): a config
+        that misses its experts field gets transformers' default, which the weights then contradict."""
+        expected = self.num_experts + self.num_zero
+        for i in range(self.num_layers):
+            for name in self._spellings(self.spec.routers[0] + ".weight"):
+                info = self.reader.tensors.get(f"{self.layer_prefix(i)}{name}")
+                if info is not None:
+                    if info.shape[0] != expected:
+                        raise UserError(f"{self.reader.path}: config.json gives {expected} router rows (experts"
+                                        f"{' + zero experts' if self.num_zero else ''}) but "
+                                        f"{self.layer_prefix(i)}{name} has {info.shape[0]}; is "
+                                        f"'{self.spec.num_experts_attr}' missing or wrong in config.json?")
+                    return
 
     def _check_layers_present(self) -> None:
         last = f"{self.disk_prefix}.layers.{self.num_layers - 1}."

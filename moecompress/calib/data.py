@@ -196,6 +196,8 @@ def _load_folder(folder: Path) -> TextSource:
 
 
 def _one_line(e: BaseException) -> str:
+    while e.__cause__ is not None:  # datasets wraps the parser's error ("An error occurred while generating...")
+        e = e.__cause__
     msg = " ".join(str(e).split()) or type(e).__name__
     return msg if len(msg) <= 300 else msg[:297] + "..."
 
@@ -253,7 +255,7 @@ def _quiet_datasets():
     with warnings.catch_warnings():  # it warns (and keeps the bars) when HF_DATASETS_DISABLE_PROGRESS_BARS=0
         warnings.simplefilter("ignore")
         ds_logging.disable_progress_bar()
-    ds_logging.set_verbosity_error()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # a parse failure is logged as an error, then raised
     try:
         yield
     finally:

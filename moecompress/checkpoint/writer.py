@@ -21,16 +21,22 @@ from ..errors import UserError
 from .safetensors_stream import StreamingSafetensors
 
 
-def check_output_path(src: Path, out: Path, overwrite: bool) -> None:
-    src, out = Path(src).resolve(), Path(out).resolve()
-    if out == src or src in out.parents:
-        raise UserError(f"--out {out} lies inside the source model directory {src}; choose a folder outside it")
-    if out in src.parents:
-        raise UserError(f"--out {out} contains the source model directory; choose another folder")
+def check_output_path(src: Path | None, out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot be written, or whose replacing would destroy the source (``src``;
+    None: no source) or the current directory."""
+    out = Path(out).resolve()
+    if src is not None:
+        src = Path(src).resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--out {out} lies inside the source model directory {src}; choose a folder outside it")
+        if out in src.parents:
+            raise UserError(f"--out {out} contains the source model directory; choose another folder")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    if out.exists() and (out == Path.cwd().resolve() or out in Path.cwd().resolve().parents):
+        raise UserError(f"--out {out} is (or contains) the current directory; --overwrite would delete it")
     missing_parents(out)  # refuse up front a folder that cannot be created
 
 

@@ -141,7 +141,10 @@ def _task_list(tasks) -> list[str]:
     if tasks is None:
         return []
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    return [t.strip() for t in items if t and t.strip()]
+    names = [t.strip() for t in items if t and t.strip()]
+    if items and not names:
+        raise UserError(f"--tasks {tasks!r} names no lm-eval task")
+    return names
 
 
 def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len: int = 256, batch_size: int = 8,
@@ -168,10 +171,14 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
     if task_names:  # fail on a missing lm-eval or an unknown task before any model is loaded
         from .lm_eval_adapter import task_manager
 
+        from .lm_eval_adapter import load_tasks
+
         manager = task_manager(task_names, tasks_path)
+        load_tasks(task_names, manager)  # their datasets, too: a missing one fails now, not after the eval
     specs = list(data) if data else list(DEFAULT_DATA)
     ref_h, model_h = ModelHandle.open(reference_dir, dequantize=True), ModelHandle.open(model_dir, dequantize=True)
     _check_pair(model_h, ref_h)
+    ref_h.check_context(seq_len)
     dev, dt = _resolve(device, dtype, ref_h)
     ref_tok = load_tokenizer(reference_dir, required=True)
     model_tok = load_tokenizer(model_dir, required=False)

@@ -57,6 +57,17 @@ def task_manager(tasks: list[str], tasks_path: str | None):
     return tm
 
 
+def load_tasks(tasks: list[str], manager) -> dict:
+    """lm-eval's task dict (which loads every task's dataset); one line when a dataset cannot be had."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        return get_task_dict(tasks, manager)
+    except OSError as e:  # ConnectionError and the hub's offline errors are OSErrors
+        raise UserError(f"lm-eval task(s) {', '.join(tasks)}: a dataset could not be loaded (not in the local "
+                        f"datasets cache and the Hub is unreachable?): {str(e).splitlines()[0]}") from None
+
+
 def _make_lm_class():
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

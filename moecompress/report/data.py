@@ -44,9 +44,12 @@ def size_classes(sizes: Sequence[float], tolerance: float = SIZE_CLASS_TOLERANCE
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        got = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(got, dict):
+        raise UserError(f"{path} holds a JSON {type(got).__name__}, not the object moecompress writes")
+    return got
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
@@ -54,7 +57,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict
     recipe's order). Without ``run.json`` (evaluations copied by hand) every ``eval/*.json`` is used."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist")
+        raise UserError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
     info = _read(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     if info.get("variants") is not None:
         names = [REFERENCE] + [v["name"] for v in info["variants"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
 
@@ -50,6 +50,12 @@ class ZedaConfig(BaseModel):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(20, gt=0, description="steps between resumable training checkpoints")
 
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.stage1_steps + self.stage2_steps == 0:
+            raise ValueError("stage1_steps and stage2_steps are both 0: nothing would be trained")
+        return self
+
     @field_validator("target_skip")
     @classmethod
     def _skip(cls, v):
@@ -64,4 +70,5 @@ def build_zeda_config(**kw) -> ZedaConfig:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise UserError(f"zeda setting '{where}': {err['msg'].removeprefix('Value error, ')}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"zeda setting '{where}': {msg}" if where else f"zeda: {msg}") from None

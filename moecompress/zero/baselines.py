@@ -108,9 +108,13 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
         raise UserError(f"unknown skipping rule {kind!r}; choose one of {', '.join(RULES)}")
     if not 0.0 < target < 1.0:
         raise UserError(f"--target-skip {target} must lie in (0, 1)")
+    from ..pipeline import resolve_device
+
+    resolve_device(device)
     handle = open_float_original(model_dir, "calibrate a skipping rule on")
     if handle.zero is not None:
         raise UserError(f"{model_dir} already has zero experts; calibrate baselines on the original model")
+    handle.check_context(seq_len)
     check_output_path(handle.reader.path, Path(out_dir), overwrite)
     from transformers import AutoTokenizer
 
@@ -118,6 +122,9 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
     windows = make_calibration_windows(load_texts(calib), tok, samples, seq_len, seed)
     weights = record_router_weights(model_dir, windows.input_ids, device, torch.float32)
     value, share = calibrate_rule(weights, kind, target, handle.top_k)
+    if kind == "top-k" and value < 1:
+        raise UserError(f"top-k would keep no expert to skip {100 * target:.0f}% of the slots (top-k is "
+                        f"{handle.top_k}); choose a lower --target-skip")
     log.info("%s rule: %s = %g skips %.1f%% of the calibration slots (target %.1f%%)", kind, kind, value,
              100 * share, 100 * target)
     record = add_zero_experts(model_dir, out_dir, 1, "same", seed=seed, overwrite=overwrite, command=command,

@@ -123,12 +123,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MOECOMPRESS_CACHE") or Path.home() / ".cache" / "moecompress").expanduser()
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder (``cache_dir``, else the default); UserError now if it cannot be a folder."""
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    what = f"--cache {cache_dir}" if cache_dir is not None else f"the cache folder {path}"
+    p = path
+    while not p.exists() and p != p.parent:  # the first existing folder on the way up must be one
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{what} is not a folder" + (f" ({p} is a file)" if p != path else ""))
+    return path
+
+
 def demo_model_path(cache_dir: str | Path | None = None, *, seed: int = 0, steps: int | None = None,
                     quick: bool = False, build: bool = True, variant: str = "demo") -> Path:
     """``<cache>/demo-<recipe hash>``, built there first (atomically) when missing and ``build``."""
     r = recipe(seed=seed, steps=steps, quick=quick, variant=variant)
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = path / f"demo-{recipe_hash(r)}"
+    path = cache_root(cache_dir) / f"demo-{recipe_hash(r)}"
     if build and not (path / "demo_model.json").is_file():
         log.info("building the demo model into %s (a few minutes, once)", path)
         try:

@@ -6,7 +6,7 @@ the GPTQ format, RTN needs no calibration...) is checked here, before any work s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -17,7 +17,21 @@ Method = Literal["gptq", "rtn", "awq", "awq+gptq"]
 Format = Literal["compressed-tensors", "gptq", "awq"]
 
 
-class QuantizeConfig(BaseModel):
+class NoBoolNumbers(BaseModel):
+    """Refuses true/false for a number: pydantic would take YAML's ``true`` as 1 (``group_size: true``
+    would quantize with groups of one)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool(cls, v, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = get_args(annotation) or (annotation,)
+        if isinstance(v, bool) and bool not in kinds and (int in kinds or float in kinds):
+            raise ValueError(f"expected a number, got {str(v).lower()}")
+        return v
+
+
+class QuantizeConfig(NoBoolNumbers):
     """Everything `moecompress quantize` needs besides the model and output paths."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,7 +83,7 @@ class QuantizeConfig(BaseModel):
     @classmethod
     def _channel(cls, v):
         if isinstance(v, bool):
-            return v  # True == 1 and False == 0: leave booleans to the type check
+            return v  # True == 1 and False == 0: refused by NoBoolNumbers
         if v in (-1, "channel", "per-channel", None):
             return None
         if v == 0:  # not a synonym of per-channel: a 0 is more likely a slip than a choice

@@ -27,3 +27,11 @@ def test_unknown_key_and_bad_refine_rounds_are_one_line_errors():
         build_config(refine_round=2)
     with pytest.raises(UserError, match="refine_rounds"):
         build_config(refine_rounds=-1)
+
+
+def test_booleans_are_not_numbers():
+    """YAML's true would otherwise read as 1: group_size true quantized with groups of one."""
+    for key in ("group_size", "bits", "calib_samples", "damp"):
+        with pytest.raises(UserError, match=f"'{key}': expected a number, got true"):
+            build_config(**{key: True})
+    assert build_config(symmetric=False).symmetric is False  # a real boolean setting still takes one

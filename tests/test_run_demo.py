@@ -44,3 +44,21 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(run), "--cache", str(cache)]) == 0
     decisions = json.loads((run / "run.json").read_text())["decisions"]
     assert decisions and {d["action"] for d in decisions} == {"skipped"}
+
+
+def test_bad_out_or_cache_fails_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    import moecompress.demo_model as demo_model
+
+    def build(*a, **kw):
+        raise AssertionError("the demo model was built before the arguments were checked")
+
+    monkeypatch.setattr(demo_model, "build_demo_model", build)
+    a_file, run, cache = tmp_path / "a_file.txt", tmp_path / "run", tmp_path / "cache"
+    a_file.write_text("not a folder\n")
+    assert main(["demo", "--quick", "--out", str(a_file), "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"run folder {a_file} exists and is not a folder" in err[0], err
+    assert main(["demo", "--quick", "--out", str(run), "--cache", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --cache {a_file} is not a folder"]
+    assert not run.exists() and not cache.exists()

@@ -75,6 +75,12 @@ BAD = {
     "not a mapping": ("- a\n- b\n", "a recipe is a mapping"),
     "empty file": ("", "the recipe is empty"),
     "bad YAML": ("model: x\nvariants: [{name: a\n", "invalid YAML (line"),
+    "boolean group size": ("model: x\nvariants: [{name: a, group_size: true}]",
+                           "variants[0] (a).group_size: expected a number, got true"),
+    "boolean samples": ("model: x\ncalibration: {samples: true}\nvariants: [{name: a}]",
+                        "calibration.samples: expected a number, got true"),
+    "boolean skip target": ("model: x\nvariants: [{name: a, skip: {rule: top-k, target: false}}]",
+                            "variants[0] (a).skip.target: expected a number, got false"),
 }
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+
+import pytest
 
 from moecompress.cli import main
 from moecompress.run.runner import run_recipe, settings_diff
@@ -134,3 +137,43 @@ def test_force_out_and_bench(tmp_path, tiny_ckpt, monkeypatch, caplog):
     assert "decode tok/s" in md and "| 60.0 |" in md and (run / "plots" / "accuracy_vs_speed.png").is_file()
     run_recipe(recipe, out=run, report=False)  # up to date: not measured again
     assert _decisions(run)[("rtn", "bench")]["action"] == "skipped" and len(calls) == 2
+
+
+
+BAD_INPUTS = {  # recipe lines (over a good recipe's), extra `run` arguments, the error
+    "--out is the model": ("", "--out {model}", "lies inside the source model directory"),
+    "--out inside the model": ("", "--out {model}/run", "lies inside the source model directory"),
+    "output_dir is the model": ("output_dir: {model}", "", "output_dir {model} lies inside the source model"),
+    "--out holds the model": ("", "--out {tmp}", "contains the source model directory"),
+    "not a MoE": ("model: {tmp}/dense", "", "'llama' is not a Mixture-of-Experts model"),
+    "calibration data missing": ("calibration: {{data: {tmp}/nope.txt}}", "",
+                                 "variant a: calibration text path does not exist"),
+    "defaults device": ("defaults: {{device: tpu}}", "", "variant a: unknown device 'tpu' (use cpu or cuda[:N])"),
+    "eval device": ("eval: {{device: tpu}}", "", "eval: unknown device 'tpu' (use cpu or cuda[:N])"),
+    "eval data missing": ("eval: {{data: [{tmp}/nope.txt]}}", "", "eval data path does not exist: {tmp}/nope.txt"),
+    "--cache a file": ("model: builtin:demo-quick", "--cache {tmp}/recipe.yaml", "is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_fail_before_anything_is_written(tmp_path, tiny_ckpt, capsys, case):
+    """Each mistake is one line, found before the run folder (or anything in the model) is written,
+    not when its step comes (the eval's only after every variant was built)."""
+    model = shutil.copytree(tiny_ckpt("qwen3_moe"), tmp_path / "model")
+    dense = shutil.copytree(model, tmp_path / "dense")
+    config = json.loads((dense / "config.json").read_text())
+    config = {k: v for k, v in config.items() if "experts" not in k}  # a dense model's config
+    (dense / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    before = sorted(p.name for p in model.iterdir())
+    capsys.readouterr()  # the tiny model's build
+    lines, args, expected = (x.format(model=model, tmp=tmp_path) for x in BAD_INPUTS[case])
+    keys = {"model": str(model), "output_dir": str(tmp_path / "run"),
+            "variants": "[{name: a, method: gptq, bits: 4, group_size: 32}]"}
+    keys.update(line.split(": ", 1) for line in lines.splitlines())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in keys.items()))
+    assert main(["run", str(recipe), *args.split()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("run.json"))
+    assert sorted(p.name for p in model.iterdir()) == before

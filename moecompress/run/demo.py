@@ -41,11 +41,12 @@ def run_demo(*, quick: bool = False, out: str | Path | None = None, cache_dir: s
              force: bool = False) -> dict:
     """Run the demo; returns the report data, with ``timings_s`` (model, run, total) added."""
     from ..report import write_report
-    from .runner import resolve_model, run_recipe
+    from .runner import resolve_model, run_folder, run_recipe
 
     t0 = time.perf_counter()
     recipe = demo_recipe(quick)
-    resolve_model(recipe.model, cache_dir)  # builds the demo model the first time
+    run_folder(recipe, out)  # a bad --out fails now, not after the model is built
+    resolve_model(recipe.model, cache_dir)  # builds the demo model the first time (--cache checked first)
     t_model = time.perf_counter() - t0
     log.info("demo model ready (%.0fs)", t_model)
     run_dir = run_recipe(recipe, out=out, force=force, cache_dir=cache_dir, report=False)

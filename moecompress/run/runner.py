@@ -352,6 +352,65 @@ def find_benchmark() -> Callable | None:
     return None
 
 
+def run_folder(recipe: Recipe, out: str | Path | None) -> Path:
+    """The run folder (``out``, else the recipe's ``output_dir``); UserError now if it cannot be one."""
+    from ..checkpoint.writer import missing_parents
+
+    run_dir = Path(out if out is not None else recipe.output_dir).expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} exists and is not a folder")
+    if not run_dir.exists():
+        missing_parents(run_dir)
+    return run_dir
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """The devices and data of every step, checked before the run folder is made: a mistake would
+    otherwise surface only when its step comes (an evaluation's, after every variant was built).
+    Data is read, not tokenized."""
+    from ..calib.data import load_texts
+    from ..pipeline import resolve_device
+
+    where: dict[tuple[str, str], str] = {}  # (kind, value) -> the first step using it: each is checked once
+    zeda = recipe.zeda_config()
+    if zeda is not None:
+        where.update({("device", zeda.device): "zeda", ("data", zeda.data): "zeda"})
+    for v in recipe.built_variants():
+        if isinstance(v.config, QuantizeConfig):
+            where.setdefault(("device", v.config.device), f"variant {v.name}")
+            if v.config.needs_calibration:
+                where.setdefault(("data", v.config.calib), f"variant {v.name}")
+        elif isinstance(v.config, SkipBaseline):
+            where.setdefault(("data", recipe.calibration.data), f"variant {v.name}")
+    where.setdefault(("device", recipe.eval.device), "eval")
+    for spec in recipe.eval.data:
+        where.setdefault(("eval data", spec), "")  # its errors say "eval data" instead
+    for (kind, value), step in where.items():
+        try:
+            if kind == "device":
+                resolve_device(value)
+            else:
+                load_texts(value)
+        except UserError as e:
+            msg = str(e)
+            if kind == "eval data":  # the loader speaks of calibration text
+                msg = msg.replace("calibration text", "eval data").replace("calibration file", "eval data file")
+            raise UserError(f"{step}: {msg}" if step else msg) from None
+
+
+def check_model(model_dir: Path, run_dir: Path, option: str) -> None:
+    """The run folder and the source model stay apart, and the model is a supported MoE."""
+    from ..arch.handle import ModelHandle
+
+    model_dir = model_dir.resolve()
+    if run_dir == model_dir or model_dir in run_dir.parents:
+        raise UserError(f"{option} {run_dir} lies inside the source model directory {model_dir}; "
+                        "choose a folder outside it")
+    if run_dir in model_dir.parents:
+        raise UserError(f"{option} {run_dir} contains the source model directory {model_dir}; choose another folder")
+    ModelHandle.open(model_dir)  # a non-MoE or unsupported family fails here, not in the first build
+
+
 def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, force: bool = False,
                cache_dir: str | Path | None = None, report: bool = True, ranks=None) -> Path:
     """Run a recipe (a :class:`Recipe` or a YAML file) and write its report; returns the run folder."""
@@ -359,14 +418,14 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, fo
     if not isinstance(recipe, Recipe):
         recipe_file = str(recipe)
         recipe = load_recipe(recipe)
-    run_dir = Path(out if out is not None else recipe.output_dir).expanduser().resolve()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} exists and is not a folder")
+    run_dir = run_folder(recipe, out)
+    check_inputs(recipe)
     if ranks is not None and ranks.active and not ranks.main:
         ranks.barrier()  # rank 0 resolves (and may build) the model first
     model_dir = resolve_model(recipe.model, cache_dir)
     if ranks is not None and ranks.active and ranks.main:
         ranks.barrier()
+    check_model(model_dir, run_dir, "--out" if out is not None else "output_dir")
     if recipe.threads:
         import torch
 

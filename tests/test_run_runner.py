@@ -152,6 +152,10 @@ BAD_INPUTS = {  # recipe lines (over a good recipe's), extra `run` arguments, th
     "eval device": ("eval: {{device: tpu}}", "", "eval: unknown device 'tpu' (use cpu or cuda[:N])"),
     "eval data missing": ("eval: {{data: [{tmp}/nope.txt]}}", "", "eval data path does not exist: {tmp}/nope.txt"),
     "--cache a file": ("model: builtin:demo-quick", "--cache {tmp}/recipe.yaml", "is not a folder"),
+    "windows beyond the context": ("calibration: {{seq_len: 4096}}", "",
+                                   "variant a: seq_len 4096 is longer than the model's context"),
+    "eval windows beyond the context": ("eval: {{seq_len: 4096}}", "", "eval: seq_len 4096 is longer"),
+    "a quantized model to quantize": ("model: {tmp}/quantized", "", "is already quantized (compressed-tensors)"),
 }
 
 
@@ -164,6 +168,10 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, tiny_ckpt, capsys,
     config = json.loads((dense / "config.json").read_text())
     config = {k: v for k, v in config.items() if "experts" not in k}  # a dense model's config
     (dense / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    quantized = shutil.copytree(model, tmp_path / "quantized")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors"}
+    (quantized / "config.json").write_text(json.dumps(config))
     before = sorted(p.name for p in model.iterdir())
     capsys.readouterr()  # the tiny model's build
     lines, args, expected = (x.format(model=model, tmp=tmp_path) for x in BAD_INPUTS[case])

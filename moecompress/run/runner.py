@@ -398,8 +398,9 @@ def check_inputs(recipe: Recipe) -> None:
             raise UserError(f"{step}: {msg}" if step else msg) from None
 
 
-def check_model(model_dir: Path, run_dir: Path, option: str) -> None:
-    """The run folder and the source model stay apart, and the model is a supported MoE."""
+def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | None = None) -> None:
+    """The run folder and the source model stay apart, and the model is a supported MoE that the
+    recipe's steps can take (float if a variant quantizes it; windows within its context)."""
     from ..arch.handle import ModelHandle
 
     model_dir = model_dir.resolve()
@@ -408,7 +409,18 @@ def check_model(model_dir: Path, run_dir: Path, option: str) -> None:
                         "choose a folder outside it")
     if run_dir in model_dir.parents:
         raise UserError(f"{option} {run_dir} contains the source model directory {model_dir}; choose another folder")
-    ModelHandle.open(model_dir)  # a non-MoE or unsupported family fails here, not in the first build
+    h = ModelHandle.open(model_dir)  # a non-MoE or unsupported family fails here, not in the first build
+    if recipe is None:
+        return
+    built = [v for v in recipe.built_variants() if isinstance(v.config, QuantizeConfig)]
+    q = h.reader.config.get("quantization_config")
+    if q and built:
+        raise UserError(f"{model_dir} is already quantized ({q.get('quant_method')}); variant {built[0].name} "
+                        "would quantize it again: use its float original")
+    for v in built:
+        if v.config.needs_calibration:
+            h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")
+    h.check_context(recipe.eval.seq_len, "eval: seq_len")
 
 
 def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, force: bool = False,
@@ -425,7 +437,7 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, fo
     model_dir = resolve_model(recipe.model, cache_dir)
     if ranks is not None and ranks.active and ranks.main:
         ranks.barrier()
-    check_model(model_dir, run_dir, "--out" if out is not None else "output_dir")
+    check_model(model_dir, run_dir, "--out" if out is not None else "output_dir", recipe)
     if recipe.threads:
         import torch
 

@@ -117,6 +117,27 @@ def test_tile_configs(gen, config):
     _run(xd, *_dense(gen, 72, 40, torch.float32), w, ids, TOL[torch.float32], config=config)
 
 
+@pytest.mark.parametrize("split", [2, 3, 8])
+@pytest.mark.parametrize("t", [1, 7])
+def test_split_k(gen, split, t):
+    """SPLIT_K sums K ranges in an fp32 buffer, then adds them in order and applies the epilogue: same
+    result as one pass (to fp32 rounding), quantized and dense, with slots on zero experts; more splits
+    than K steps fall back to one per step."""
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}
+    h, i = 128, 96
+    x = torch.randn(t, h, generator=gen).to(DEVICE)
+    w13 = _quant(gen, 2 * i, h, 4, 32, False, torch.float32)
+    w2 = _quant(gen, h, i, 4, 32, False, torch.float32)
+    w, ids = _routing(gen, t, 3)
+    got = _run(x, w13, w2, w, ids, TOL[torch.float32], config=cfg)
+    one = fused_moe(x, w13, w2, w, ids, num_experts=E, config=dict(cfg, SPLIT_K=1))
+    torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)
+    xd = torch.randn(t, 72, generator=gen).to(DEVICE)
+    _run(xd, *_dense(gen, 72, 40, torch.float32), w, ids, TOL[torch.float32], config=cfg)
+    xb = x.to(torch.bfloat16)
+    _run(xb, *_dense(gen, h, i, torch.bfloat16), w, ids, TOL[torch.bfloat16], config=cfg)
+
+
 def test_per_channel_and_mixed(gen):
     # int8 per-channel gate/up (one group spanning K=96, packed in chunks of 32) with a dense down proj
     t, h, i = 7, 96, 64

@@ -33,11 +33,11 @@ def _variants(full: bool):
     pick = (lambda xs: xs) if full else (lambda xs: xs[:1])
     adts = [_BF16, _FP16, _FP32]
     moe = []
-    for adt, bits, has_zp, gate_up, tiles in itertools.product(
-        adts, [0, 4, 8], [False, True], [True, False], [(16, 64, 256), (64, 128, 64)]
+    for adt, bits, has_zp, gate_up, tiles, partial in itertools.product(
+        adts, [0, 4, 8], [False, True], [True, False], [(16, 64, 256), (64, 128, 64)], [False, True]
     ):
-        if bits == 0 and has_zp:
-            continue
+        if (bits == 0 and has_zp) or (partial and tiles[0] != 16):
+            continue  # split-K is for decode tiles
         bm, bn, bk = tiles
         chunk = bk if bits == 0 else (128 if bk >= 128 else 32)
         moe.append((fm._moe_gemm_kernel, dict(
@@ -45,17 +45,23 @@ def _variants(full: bool):
             w_ptr="*" + (_U8 if bits else adt), stride_we=1 << 20, stride_wn=512, stride_wk=1,
             s_ptr="*" + adt, stride_se=4096, stride_sn=16, stride_sg=1,
             z_ptr="*" + _U8, stride_ze=4096, stride_zn=16, stride_zg=1,
-            c_ptr="*" + adt, stride_cm=512, stride_cn=1,
+            c_ptr="*" + (_FP32 if partial else adt), stride_cm=512, stride_cn=1, stride_cs=4096 if partial else 0,
             rw_ptr="*" + _FP32, sorted_ids_ptr="*" + _I32, expert_ids_ptr="*" + _I32, n_post_ptr="*" + _I32,
-            num_slots=7, N=7, K=1024, group_size=128, num_pid_m=7,
-            A_ROW_DIV=8 if gate_up else 1, GATE_UP=gate_up, MUL_ROUTING_WEIGHT=not gate_up,
+            num_slots=7, N=7, K=1024, k_per_split=256 if partial else 1024, group_size=128, num_pid_m=7,
+            A_ROW_DIV=8 if gate_up else 1, GATE_UP=gate_up, MUL_ROUTING_WEIGHT=not gate_up, PARTIAL=partial,
             BITS=bits, HAS_ZP=has_zp, CHUNK=chunk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
             FP32_IEEE=adt == _FP32, UPCAST_DOT=False,
         ), 4, 4 if bm == 16 else 3))
     if not full:  # bf16 activations: dense, int4 sym/asym, int8, both GEMMs, decode and prefill tiles
         moe = [v for v in moe if v[1]["a_ptr"] == "*bf16" and (v[1]["BITS"] != 8 or not v[1]["HAS_ZP"])]
-        moe = [v for v in moe if v[1]["BLOCK_M"] == 16 or v[1]["BITS"] == 4]
+        moe = [v for v in moe if (v[1]["BLOCK_M"] == 16 or v[1]["BITS"] == 4)
+               and (not v[1]["PARTIAL"] or (v[1]["BITS"] == 4 and not v[1]["HAS_ZP"]))]
     out = list(moe)
+    for gate_up, odt in pick(list(itertools.product([True, False], [_BF16, _FP32]))):
+        out.append((fm._split_sum_kernel, dict(
+            p_ptr="*fp32", stride_ps=4096, stride_pm=512, c_ptr="*" + odt, stride_cm=512, stride_cn=1,
+            rw_ptr="*fp32", N=7, split=4, GATE_UP=gate_up, MUL_ROUTING_WEIGHT=not gate_up, BLOCK=512,
+        ), 4, 3))
     for ident, idt in pick(list(itertools.product([True, False], [_I64, _I32]))):
         out.append((fm._moe_sum_kernel, dict(
             y_ptr="*bf16", stride_ym=512, ids_ptr="*" + idt, stride_it=8, stride_ij=1, out_ptr="*bf16",

@@ -68,7 +68,9 @@ def fused_moe(
     ids outside ``[0, num_experts)`` contribute nothing. ``num_experts`` defaults to w13's first dim.
     ``zero_expert_mode="identity"``: ids >= num_experts instead add ``weight * x[t]`` (LongCat-Flash's
     "zero-computation" experts are identities in HF); still no GEMM work, the add is in the reduction.
-    ``config`` overrides the tuned tile config (moecompress/kernels/configs/fused_moe.json); ``out`` may be given.
+    ``config`` overrides the tuned tile config (moecompress/kernels/configs/fused_moe.json); besides the tiles it
+    may set ``SPLIT_K`` (default 1): each GEMM's K loop split in that many ranges summed in fp32, for more
+    programs in flight at small T (not yet measured on a GPU, so no table entry uses it). ``out`` may be given.
     """
     if quant is not None:
         w13, w2 = quant
@@ -231,9 +233,16 @@ def _grouped_gemm(a, w: Weight, c, aligned: AlignedSlots, rw, *, a_row_div: int,
     bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
     bk = _block_k(int(cfg["BLOCK_K"]), w)
     num_pid_m = aligned.num_blocks
-    grid = (num_pid_m * _common.cdiv(n, bn),)
+    # split-K (config SPLIT_K > 1): each program sums one range of whole BLOCK_K steps into an fp32 partial
+    # buffer; a second kernel adds the ranges in order (deterministic) and applies the epilogue. More
+    # programs per expert at small T, where a few experts' serial K loops leave the GPU idle.
+    k_steps = _common.cdiv(k, bk)
+    k_per = _common.cdiv(k_steps, max(1, min(int(cfg.get("SPLIT_K", 1)), k_steps))) * bk
+    split = _common.cdiv(k, k_per)
+    grid = (num_pid_m * _common.cdiv(n, bn), split)
     if grid[0] == 0:
         return
+    part = _common.empty((split, c.shape[0], 2 * n if gate_up else n), torch.float32, c.device) if split > 1 else c
     if isinstance(w, QuantWeights):
         qw, sc = w.qweight, w.scales
         zp = w.zeros if w.zeros is not None else sc
@@ -249,15 +258,21 @@ def _grouped_gemm(a, w: Weight, c, aligned: AlignedSlots, rw, *, a_row_div: int,
         qw, qw.stride(0), qw.stride(1), qw.stride(2),
         sc, *sstr,
         zp, *zs,
-        c, c.stride(0), c.stride(1),
+        part, part.stride(-2), part.stride(-1), part.stride(0) if split > 1 else 0,
         rw, aligned.sorted_ids, aligned.expert_ids, aligned.num_tokens_post_padded,
-        aligned.num_slots, n, k, group, num_pid_m,
-        A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_ROUTING_WEIGHT=not gate_up,
+        aligned.num_slots, n, k, k_per, group, num_pid_m,
+        A_ROW_DIV=a_row_div, GATE_UP=gate_up, MUL_ROUTING_WEIGHT=not gate_up, PARTIAL=split > 1,
         BITS=bits, HAS_ZP=has_zp, CHUNK=chunk,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=int(cfg.get("GROUP_M", 1)),
         **_common.dot_flags(a.dtype),
         num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)),
     )
+    if split > 1:
+        block = min(_common.next_pow2(n), 1024)
+        _split_sum_kernel[(c.shape[0], _common.cdiv(n, block))](
+            part, part.stride(0), part.stride(1), c, c.stride(0), c.stride(1), rw, n, split,
+            GATE_UP=gate_up, MUL_ROUTING_WEIGHT=not gate_up, BLOCK=block, num_warps=4,
+        )
 
 
 @triton.jit
@@ -266,16 +281,18 @@ def _moe_gemm_kernel(
     w_ptr, stride_we, stride_wn, stride_wk,
     s_ptr, stride_se, stride_sn, stride_sg,
     z_ptr, stride_ze, stride_zn, stride_zg,
-    c_ptr, stride_cm, stride_cn,
+    c_ptr, stride_cm, stride_cn, stride_cs,
     rw_ptr, sorted_ids_ptr, expert_ids_ptr, n_post_ptr,
-    num_slots, N, K, group_size, num_pid_m,
-    A_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
+    num_slots, N, K, k_per_split, group_size, num_pid_m,
+    A_ROW_DIV: tl.constexpr, GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, PARTIAL: tl.constexpr,
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    # One program: BLOCK_M sorted slots (all routed to one expert) x BLOCK_N output columns.
-    # Rows of A are tokens (gate/up: slot // top_k) or slots (down); rows of C are slots.
+    # One program: BLOCK_M sorted slots (all routed to one expert) x BLOCK_N output columns, over the K
+    # range of program_id(1) (all of K unless split). Rows of A are tokens (gate/up: slot // top_k) or
+    # slots (down); rows of C are slots. PARTIAL: C is the fp32 partial buffer [split, slots, N (x2 for
+    # gate/up: gate, then up)] and the epilogue is left to _split_sum_kernel.
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     # The grid is sized for the worst case; blocks past the real padded length (including every
     # block when all slots went to zero experts) exit before touching any weight.
@@ -295,10 +312,12 @@ def _moe_gemm_kernel(
     z_g = z_ptr + expert * stride_ze + offs_n * stride_zn
     z_u = z_g + N * stride_zn
 
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BITS == 0:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -309,7 +328,7 @@ def _moe_gemm_kernel(
                 wu = tl.load(w_u[None, :] + offs_k[:, None] * stride_wk, mask=wmask, other=0.0)
                 acc_u = _dot(a, wu.to(a.dtype), acc_u, FP32_IEEE, UPCAST_DOT)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for c in tl.static_range(BLOCK_K // CHUNK):
                 kc = k0 + c * CHUNK
                 g = kc // group_size
@@ -324,14 +343,47 @@ def _moe_gemm_kernel(
                         BITS, HAS_ZP, CHUNK, BLOCK_M, BLOCK_N, FP32_IEEE, UPCAST_DOT,
                     )
 
-    if GATE_UP:
-        out = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    else:
-        out = acc_g
-    if MUL_ROUTING_WEIGHT:
-        out = out * tl.load(rw_ptr + slot, mask=row_mask, other=0.0)[:, None]
     c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    c_mask = row_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        c_ptrs += tl.program_id(1).to(tl.int64) * stride_cs
+        tl.store(c_ptrs, acc_g, mask=c_mask)
+        if GATE_UP:
+            tl.store(c_ptrs + N * stride_cn, acc_u, mask=c_mask)
+    else:
+        if GATE_UP:
+            out = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        else:
+            out = acc_g
+        if MUL_ROUTING_WEIGHT:
+            out = out * tl.load(rw_ptr + slot, mask=row_mask, other=0.0)[:, None]
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _split_sum_kernel(
+    p_ptr, stride_ps, stride_pm, c_ptr, stride_cm, stride_cn, rw_ptr, N, split,
+    GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # c[slot] = epilogue(sum over the K ranges, in order). Rows of slots no expert computed (zero
+    # experts) hold garbage here as in c itself; nothing reads them.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sp in range(0, split):
+        base = p_ptr + sp * stride_ps + row * stride_pm
+        g += tl.load(base + offs, mask=mask, other=0.0)
+        if GATE_UP:
+            u += tl.load(base + N + offs, mask=mask, other=0.0)
+    if GATE_UP:
+        out = g / (1.0 + tl.exp(-g)) * u
+    else:
+        out = g
+    if MUL_ROUTING_WEIGHT:
+        out = out * tl.load(rw_ptr + row)
+    tl.store(c_ptr + row * stride_cm + offs * stride_cn, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -322,6 +322,8 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
 
     device = resolve_device(cfg.device)
     d = Ranks.from_env(device.type)
+    if cfg.shard == "fsdp" and not d.active:
+        log.warning("--shard fsdp shards across torchrun ranks; this single process trains the whole model")
     try:
         return _run(model_dir, out_dir, cfg, overwrite, command, resume, num_zero, torch.device(d.device(str(device))),
                     d, t0)

@@ -15,7 +15,7 @@ import threading
 import click
 
 from .errors import UserError
-from .units import parse_size
+from .units import nonempty_path, parse_size
 
 
 def _rank_prefix() -> str:
@@ -62,7 +62,7 @@ def inspect(model_dir: str, skip_rate, eval_json) -> None:
 
 
 @cli.command("make-tiny")
-@click.argument("out_dir")
+@click.argument("out_dir", callback=nonempty_path)
 @click.option("--family", type=click.Choice(["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe",
                                              "qwen3_5_moe", "glm4_moe_lite"]), default="qwen3_moe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -84,7 +84,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 
 @cli.command()
 @click.argument("model_dir")
-@click.option("--out", "out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--out", "out", required=True, callback=nonempty_path,
+              help="Output folder (must not exist unless --overwrite).")
 @click.option("--method", type=click.Choice(["gptq", "rtn", "awq", "awq+gptq"]), default="gptq", show_default=True,
               help="awq: AWQ scales folded, then round to nearest with the clip search; awq+gptq: the scales, then GPTQ.")
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
@@ -197,7 +198,8 @@ def _deterministic_cuda() -> None:
 
 @cli.command("run")
 @click.argument("recipe")
-@click.option("--out", default=None, help="Run folder (default: the recipe's output_dir, relative to the current directory).")
+@click.option("--out", default=None, callback=nonempty_path,
+              help="Run folder (default: the recipe's output_dir, relative to the current directory).")
 @click.option("--force", is_flag=True, help="Rebuild, re-evaluate and re-benchmark every variant.")
 @click.option("--cache", "cache_dir", default=None, help="Cache folder for built-in models (default $MOECOMPRESS_CACHE).")
 def run_cmd(recipe, out, force, cache_dir) -> None:
@@ -233,7 +235,8 @@ def report_cmd(run_dir, open_) -> None:
 
 @cli.command("demo")
 @click.option("--quick", is_flag=True, help="A less-trained model, fewer variants and windows (~2 CPU minutes).")
-@click.option("--out", default=None, help="Run folder (default: ./moecompress-demo, or ./moecompress-demo-quick).")
+@click.option("--out", default=None, callback=nonempty_path,
+              help="Run folder (default: ./moecompress-demo, or ./moecompress-demo-quick).")
 @click.option("--cache", "cache_dir", default=None, help="Where the demo model is cached (default $MOECOMPRESS_CACHE "
                                                           "or ~/.cache/moecompress).")
 @click.option("--force", is_flag=True, help="Redo every variant even when up to date.")

@@ -1,4 +1,4 @@
-"""Sizes users type on the command line: ``4GiB``, ``500MB``, ``123`` (bytes)."""
+"""Values users type on the command line: sizes (``4GiB``, ``500MB``, ``123`` bytes) and paths."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ def parse_size(text: str, flag: str) -> int:
     if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
         raise UserError(f"{flag} {text!r}: give a positive size such as 500MB, 4GiB or a number of bytes")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def nonempty_path(_ctx, param, value):
+    """click callback: an empty path (``--out ""``) is a slip, not the current directory."""
+    if value is not None and not str(value).strip():
+        name = param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+        raise UserError(f"{name} is empty; give a folder")
+    return value

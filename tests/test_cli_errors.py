@@ -317,6 +317,10 @@ OTHER = {
                                 "max_position_embeddings"),
     "zeda with no steps": (["zeda", "QWEN", "--out", "OUT", "--stage1-steps", "0", "--stage2-steps", "0"],
                            "nothing would be trained"),
+    "quantize --out empty": (["quantize", "QWEN", "--out", ""], "--out is empty"),
+    "zero-experts add --out empty": (["zero-experts", "add", "QWEN", "--out", " ", "--num-zero", "1"], "--out is empty"),
+    "zeda --out empty": (["zeda", "QWEN", "--out", ""], "--out is empty"),
+    "run --out empty": (["run", "FILE", "--out", ""], "--out is empty"),
 }
 
 

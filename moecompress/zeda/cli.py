@@ -6,10 +6,12 @@ import sys
 
 import click
 
+from ..units import nonempty_path
+
 
 @click.command("zeda")
 @click.argument("model_dir")
-@click.option("--out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--out", required=True, callback=nonempty_path, help="Output folder (must not exist unless --overwrite).")
 @click.option("--num-zero", type=int, default=None, help="Zero experts per router (default: top-k - 1, so a token keeps one real expert).")
 @click.option("--topk-mode", type=click.Choice(["same", "plus-one"]), default="same", show_default=True)
 @click.option("--zero-weights", type=click.Choice(["original", "renormalized"]), default="original", show_default=True,

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..units import nonempty_path
 from .layout import LAYOUTS, RULES, TOPK_MODES
 
 
@@ -16,7 +17,7 @@ def zero_experts() -> None:
 
 @zero_experts.command("add")
 @click.argument("model_dir")
-@click.option("--out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--out", required=True, callback=nonempty_path, help="Output folder (must not exist unless --overwrite).")
 @click.option("--num-zero", type=int, required=True, help="Zero experts per MoE router (Z).")
 @click.option("--topk-mode", type=click.Choice(TOPK_MODES), default="same", show_default=True,
               help="same: zero experts compete for the k slots; plus-one: k+1 slots, one more that may skip.")
@@ -34,7 +35,7 @@ def add(model_dir, out, num_zero, topk_mode, seed, overwrite) -> None:
 
 @zero_experts.command("convert")
 @click.argument("model_dir")
-@click.option("--out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--out", required=True, callback=nonempty_path, help="Output folder (must not exist unless --overwrite).")
 @click.option("--layout", type=click.Choice(LAYOUTS), required=True,
               help="native: router rows only (our runtime skips them); stock: zero-weight experts any loader reads.")
 @click.option("--overwrite", is_flag=True)
@@ -52,7 +53,7 @@ def convert(model_dir, out, layout, overwrite) -> None:
               help="threshold: drop slots under beta x the top weight; top-p: keep until p of the weight; "
                    "top-k: keep the k' heaviest.")
 @click.option("--target-skip", type=float, required=True, help="Share of expert slots to skip, in (0, 1).")
-@click.option("--out", required=True, help="Output folder (must not exist unless --overwrite).")
+@click.option("--out", required=True, callback=nonempty_path, help="Output folder (must not exist unless --overwrite).")
 @click.option("--calib", default="builtin:stdlib", show_default=True, help="Calibration text (same forms as quantize).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)

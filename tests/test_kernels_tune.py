@@ -18,6 +18,8 @@ def test_candidate_grid_fits_the_rows_an_expert_gets():
     assert max(c["BLOCK_M"] for c in decode) <= 32 < max(c["BLOCK_M"] for c in prefill)
     assert all(c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 and c["BLOCK_K"] >= 16 for c in decode + prefill)
     assert len(prefill) > len(decode) > 10
+    # decode also tries split-K (fused_moe's SPLIT_K); prefill has rows enough
+    assert {c.get("SPLIT_K", 1) for c in decode} == {1, 2, 4} and {c.get("SPLIT_K", 1) for c in prefill} == {1}
 
 
 def test_write_configs_merges_under_the_device(tmp_path):
@@ -28,6 +30,8 @@ def test_write_configs_merges_under_the_device(tmp_path):
     assert table == json.loads(path.read_text())
     assert table["default"] == {"default": {"BLOCK_M": 64}}
     assert table["GPU X"] == {"int4:t1": {"BLOCK_M": 32}, "int4:t16": {k: cfg[k] for k in FIELDS}}
+    table = write_configs({"int4:t1": {"config": dict(cfg, SPLIT_K=4), "us": 1.0}}, "GPU X", path)
+    assert table["GPU X"]["int4:t1"] == dict(cfg, SPLIT_K=4)  # kept only where it splits
 
 
 @pytest.mark.skipif(not _common.interpreting(), reason="the CPU self-test runs under TRITON_INTERPRET=1")

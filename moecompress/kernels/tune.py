@@ -45,6 +45,9 @@ def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[dict]
         if warps == 8 and bm * bn < 64 * 128:
             continue
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages))
+    if tokens <= 16:  # decode: few experts' serial K loops can leave the GPU idle; split them (fused_moe SPLIT_K)
+        out += [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=4, num_stages=stages, SPLIT_K=sk)
+                for bn, bk, stages, sk in itertools.product((32, 64, 128, 256), (64, 128, 256), (2, 3), (2, 4))]
     return out
 
 
@@ -108,7 +111,8 @@ def write_configs(tuned: dict[str, dict], device_name: str, path: Path) -> dict:
     table = json.loads(path.read_text()) if path.exists() else {}
     entries = table.setdefault(device_name, {})
     for key, res in tuned.items():
-        entries[key] = {k: res["config"][k] for k in FIELDS}
+        cfg = res["config"]
+        entries[key] = {k: cfg[k] for k in FIELDS} | ({"SPLIT_K": cfg["SPLIT_K"]} if cfg.get("SPLIT_K", 1) > 1 else {})
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table, indent=2) + "\n")
     tmp.replace(path)

@@ -25,6 +25,7 @@ from .arch.handle import ModelHandle, decoder_layers
 from .calib.runner import LayerFeed, capture_layer_kwargs, prepare_embeddings
 from .checkpoint.partial import PartialRun, json_default, check_stale, resumable_output_dir, source_fingerprint
 from .checkpoint.writer import ShardedWriter, check_output_path, copy_side_files
+from .devices import resolve_device
 from .distributed import SINGLE, Ranks, chunk_batches
 from .errors import UserError
 from .export import encode, kept_module_names, layer_tensors, quantization_config
@@ -39,18 +40,6 @@ from .recipe import QuantizeConfig
 
 log = logging.getLogger("moecompress")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (use cpu or cuda[:N])") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}' (use cpu or cuda[:N])")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
-    return dev
 
 
 def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device) -> torch.dtype:

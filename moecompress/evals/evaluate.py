@@ -60,7 +60,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _resolve(device: str, dtype: str, ref_handle: ModelHandle) -> tuple[torch.device, torch.dtype]:
-    from moecompress.pipeline import resolve_device
+    from moecompress.devices import resolve_device
 
     dev = resolve_device(device)
     if dtype == "auto":  # CPUs are slow and inexact in half precision

@@ -369,7 +369,7 @@ def check_inputs(recipe: Recipe) -> None:
     otherwise surface only when its step comes (an evaluation's, after every variant was built).
     Data is read, not tokenized."""
     from ..calib.data import load_texts
-    from ..pipeline import resolve_device
+    from ..devices import resolve_device
 
     where: dict[tuple[str, str], str] = {}  # (kind, value) -> the first step using it: each is checked once
     zeda = recipe.zeda_config()

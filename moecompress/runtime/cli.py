@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .generate import GenerationResult, Runtime, resolve_device
+from ..devices import resolve_device
+from .generate import GenerationResult, Runtime
 from .sampling import SamplingParams
 
 

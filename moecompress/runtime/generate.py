@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import UserError
 from .cache import KVCache
 from .convert import ConversionReport, load_runtime_model
@@ -51,18 +52,6 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float | None:
         return self.batch * self.decode_steps / self.decode_s if self.decode_steps else None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device must be cpu or cuda[:N], not '{device}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' was asked for but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device must be cpu or cuda[:N], not '{device}'")
-    return dev
 
 
 def default_stop_ids(path: str | Path, config) -> list[int]:

@@ -318,7 +318,7 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     num_zero = cfg.num_zero or max(1, handle.top_k - 1)
     check_num_zero(num_zero, handle.num_experts)
     check_output_path(model_dir, out_dir, overwrite)
-    from ..pipeline import resolve_device
+    from ..devices import resolve_device
 
     device = resolve_device(cfg.device)
     d = Ranks.from_env(device.type)

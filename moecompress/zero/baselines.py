@@ -108,7 +108,7 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
         raise UserError(f"unknown skipping rule {kind!r}; choose one of {', '.join(RULES)}")
     if not 0.0 < target < 1.0:
         raise UserError(f"--target-skip {target} must lie in (0, 1)")
-    from ..pipeline import resolve_device
+    from ..devices import resolve_device
 
     resolve_device(device)
     handle = open_float_original(model_dir, "calibrate a skipping rule on")

@@ -26,11 +26,7 @@ def check_output_path(src: Path | None, out: Path, overwrite: bool) -> None:
     None: no source) or the current directory."""
     out = Path(out).resolve()
     if src is not None:
-        src = Path(src).resolve()
-        if out == src or src in out.parents:
-            raise UserError(f"--out {out} lies inside the source model directory {src}; choose a folder outside it")
-        if out in src.parents:
-            raise UserError(f"--out {out} contains the source model directory; choose another folder")
+        refuse_overlap(src, out)
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -38,6 +34,15 @@ def check_output_path(src: Path | None, out: Path, overwrite: bool) -> None:
     if out.exists() and (out == Path.cwd().resolve() or out in Path.cwd().resolve().parents):
         raise UserError(f"--out {out} is (or contains) the current directory; --overwrite would delete it")
     missing_parents(out)  # refuse up front a folder that cannot be created
+
+
+def refuse_overlap(src: Path, out: Path, option: str = "--out") -> None:
+    """UserError when the output folder ``out`` is, lies inside or contains the source model folder."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if out == src or src in out.parents:
+        raise UserError(f"{option} {out} lies inside the source model directory {src}; choose a folder outside it")
+    if out in src.parents:
+        raise UserError(f"{option} {out} contains the source model directory {src}; choose another folder")
 
 
 def missing_parents(out: Path) -> list[Path]:

@@ -169,9 +169,7 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
     task_names = _task_list(tasks)
     manager = None
     if task_names:  # fail on a missing lm-eval or an unknown task before any model is loaded
-        from .lm_eval_adapter import task_manager
-
-        from .lm_eval_adapter import load_tasks
+        from .lm_eval_adapter import load_tasks, task_manager
 
         manager = task_manager(task_names, tasks_path)
         load_tasks(task_names, manager)  # their datasets, too: a missing one fails now, not after the eval

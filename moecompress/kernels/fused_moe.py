@@ -351,13 +351,18 @@ def _moe_gemm_kernel(
         if GATE_UP:
             tl.store(c_ptrs + N * stride_cn, acc_u, mask=c_mask)
     else:
-        if GATE_UP:
-            out = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        else:
-            out = acc_g
+        out = _activate(acc_g, acc_u, GATE_UP)
         if MUL_ROUTING_WEIGHT:
             out = out * tl.load(rw_ptr + slot, mask=row_mask, other=0.0)[:, None]
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _activate(g, u, GATE_UP: tl.constexpr):
+    """The first GEMM's epilogue: SiLU(gate) * up (the second GEMM's output passes through)."""
+    if GATE_UP:
+        return g / (1.0 + tl.exp(-g)) * u
+    return g
 
 
 @triton.jit
@@ -377,10 +382,7 @@ def _split_sum_kernel(
         g += tl.load(base + offs, mask=mask, other=0.0)
         if GATE_UP:
             u += tl.load(base + N + offs, mask=mask, other=0.0)
-    if GATE_UP:
-        out = g / (1.0 + tl.exp(-g)) * u
-    else:
-        out = g
+    out = _activate(g, u, GATE_UP)
     if MUL_ROUTING_WEIGHT:
         out = out * tl.load(rw_ptr + row)
     tl.store(c_ptr + row * stride_cm + offs * stride_cn, out.to(c_ptr.dtype.element_ty), mask=mask)

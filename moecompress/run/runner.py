@@ -402,13 +402,9 @@ def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | No
     """The run folder and the source model stay apart, and the model is a supported MoE that the
     recipe's steps can take (float if a variant quantizes it; windows within its context)."""
     from ..arch.handle import ModelHandle
+    from ..checkpoint.writer import refuse_overlap
 
-    model_dir = model_dir.resolve()
-    if run_dir == model_dir or model_dir in run_dir.parents:
-        raise UserError(f"{option} {run_dir} lies inside the source model directory {model_dir}; "
-                        "choose a folder outside it")
-    if run_dir in model_dir.parents:
-        raise UserError(f"{option} {run_dir} contains the source model directory {model_dir}; choose another folder")
+    refuse_overlap(model_dir, run_dir, option)
     h = ModelHandle.open(model_dir)  # a non-MoE or unsupported family fails here, not in the first build
     if recipe is None:
         return

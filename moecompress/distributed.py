@@ -202,16 +202,21 @@ def _part_meta(part: tuple):
     return part[1], part[0].spec, {k: (tuple(v.shape), v.dtype) for k, v in _part_tensors(part).items()}
 
 
-def _to_cpu(obj):
+def to_device(obj, device):
+    """``obj`` with every tensor in it (nested in dicts, lists, tuples, dataclasses) moved to ``device``."""
     if torch.is_tensor(obj):
-        return obj.detach().to("cpu")
+        return obj.detach().to(device)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(to_device(v, device) for v in obj)
     if hasattr(obj, "__dataclass_fields__"):
         import dataclasses
 
-        return dataclasses.replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                                           if f.init})
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
     return obj
+
+
+def _to_cpu(obj):
+    return to_device(obj, "cpu")

@@ -288,7 +288,8 @@ def render(d: dict) -> str:
             lines.append("  quantized     " + (", ".join(d["quantized"]) or "nothing"))
             kept[0] += " (float)"
     for g in d.get("awq_groups") or []:
-        what = "MoE block output, routing fixed" if g["loss"] == "block" else "readers' output error"
+        what = {"block": "MoE block output, routing fixed", "attention": "attention block output"}.get(
+            g["loss"], "readers' output error")
         lines.append(f"  awq group     {g['source']} -> {', '.join(g['readers'])}"
                      f"{' (per expert)' if g['per_expert'] else ''}: {what}; scales {g['scales']}")
     if d.get("non_text"):  # `quantize` copies them byte for byte

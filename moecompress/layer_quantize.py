@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .arch.handle import ModelHandle
 from .calib.capture import HessianCapture, add_stats, pack_stats, stats_bytes, stats_layout, unpack_stats
 from .calib.runner import LayerFeed, attention_half, mlp_half, run_layer
-from .distributed import SINGLE, Ranks
+from .distributed import SINGLE, Ranks, to_device
 from .errors import UserError
 from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
 from .quant.targets import Target, capture_spec, solve, stages_of, target_weight
@@ -142,8 +142,10 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                 clock["calib_s"] += time.perf_counter() - t0
                 if groups:
                     bar.set_postfix_str(f"AWQ scales ({len(groups)} groups)")
+                    windows = (_attention_windows(layer, i, feed, plan, cfg, awq)
+                               if any(g.group.loss == "attention" for g in groups) else None)
                     record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
-                                                                   results, overrides))
+                                                                   results, overrides, windows))
             for t in stage:
                 bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 t0 = time.perf_counter()
@@ -268,11 +270,29 @@ def _sampler(layer, handle: ModelHandle, feed: LayerFeed, awq: AwqSettings, rank
     return ResidualSampler(layer.get_submodule(handle.spec.router_input_norm), -(-total // awq.search_tokens))
 
 
-def _awq_stage(layer, i: int, handle: ModelHandle, groups, stats, sampler, awq: AwqSettings, results, overrides):
+def _attention_windows(layer, i: int, feed: LayerFeed, plan: CalibPlan, cfg: QuantizeConfig, awq: AwqSettings) -> LayerFeed:
+    """The calibration batches AWQ's attention loss runs on: about ``awq.search_tokens`` tokens of whole
+    batches, evenly spaced by global batch index, the same on every rank (gathered from their holders), so
+    that the scales do not depend on the rank count. Layer ``i``'s call arguments only."""
+    n = sum(len(c) for c in plan.chunks)
+    k = max(1, min(n, -(-awq.search_tokens // max(1, cfg.batch_size * cfg.seq_len))))
+    chosen = list(range(0, n, max(1, n // k)))[:k]
+    mine = {b: (feed.hidden[plan.local[b]], feed.calls[plan.local[b]][i]) for b in chosen if b in plan.local}
+    if plan.ranks.active:
+        held: dict = {}
+        for got in plan.ranks.all_gather_objects(mine):
+            held.update(got)
+        mine = to_device(held, _layer_device(layer))
+    return LayerFeed([mine[b][0] for b in chosen], [{i: mine[b][1]} for b in chosen])
+
+
+def _awq_stage(layer, i: int, handle: ModelHandle, groups, stats, sampler, awq: AwqSettings, results, overrides,
+               windows: LayerFeed | None = None):
     solved = {t.name: qw for t, qw in results.items()}
+    attention = (lambda: attention_half(layer, i, windows)) if windows is not None else None
     try:
         recs = apply_stage(layer, handle.spec, groups, stats, sampler.tensor() if sampler else None, awq, solved,
-                           overrides)
+                           overrides, attention)
     except ValueError as e:
         if "NaN/Inf" not in str(e):
             raise

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from moecompress.cli import main
 from moecompress.pipeline import quantize
+from moecompress.quant.spec import QuantSpec
 from moecompress.tiny import build_tiny, byte_tokenizer
 
 from conftest import quick_config
@@ -170,3 +171,93 @@ def test_awq_checkpoint_loads_in_transformers(family, tmp_path):
     src = _save(family, tmp_path / "src", dtype=torch.float32)
     quantize(src, tmp_path / "out", quick_config(method="awq+gptq"))
     check_loads_and_matches_dequantized(src, tmp_path / "out", tmp_path, f"{family} awq+gptq")
+
+
+@pytest.mark.parametrize("family,sources", [
+    ("qwen3_moe", {"input_layernorm"}),
+    ("deepseek_v3", {"input_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"})])
+def test_attention_groups_are_scored_by_the_attention_output(family, sources, tmp_path):
+    """The groups read inside attention search on the attention block's output; the others keep their loss."""
+    src = _save(family, tmp_path / "src")
+    s = quantize(src, tmp_path / "out", quick_config(method="awq", symmetric=False))
+    recs = [g for r in s["layers"] for g in r["awq"] if "skipped" not in g]
+    by_loss = {g["source"]: g["loss"] for g in recs}
+    assert {k for k, v in by_loss.items() if v == "attention"} == sources
+    assert by_loss["post_attention_layernorm"] == "block"
+    if family == "qwen3_moe":
+        assert by_loss["self_attn.v_proj"] == "outputs"
+    for g in recs:
+        if g["loss"] == "attention":
+            assert 0 < g["loss_after"] <= g["loss_before"]
+
+
+def test_attention_loss_is_the_attention_output_error():
+    """``_attention_loss(s)``: the squared change of ``self_attn``'s output with q/k/v quantized at scales
+    ``s`` (computed here by calling the attention module directly), and the weights are restored after."""
+    from moecompress.arch.registry import BY_MODEL_TYPE
+    from moecompress.calib.runner import attention_half, capture_layer_kwargs
+    from moecompress.quant.awq import scaled_error
+    from moecompress.quant.balance import AwqSettings, _attention_loss, _head_repeat, resolve
+    from moecompress.quant.gptq import accumulate_hessian
+
+    torch.manual_seed(0)
+    model = build_tiny("qwen3_moe", dtype=torch.float32).eval()
+    spec = BY_MODEL_TYPE["qwen3_moe"]
+    ids = torch.randint(0, model.config.vocab_size, (4, 24))
+    feed = capture_layer_kwargs(model, ids, 2, "cpu")
+    layer = model.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    group = [g for g in resolve(layer, spec, set(names), set(names)) if g.group.source == "input_layernorm"][0]
+    assert group.group.loss == "attention"
+    x = torch.cat([layer.input_layernorm(h).reshape(-1, h.shape[-1]) for h in feed.hidden]).detach()
+    h, _ = accumulate_hessian(None, x, 0)
+
+    class _St:
+        def hessian(self):
+            return h
+
+    stats = {n: _St() for n in names}
+    settings = AwqSettings(QuantSpec(bits=3, group_size=32, symmetric=False))
+    loss, swap = _attention_loss(layer, group, lambda: attention_half(layer, 0, feed), settings, stats,
+                                 _head_repeat(layer, group))
+    before = {n: layer.get_submodule(n).weight.detach().clone() for n in names}
+    s = torch.exp2(torch.randn(1, x.shape[-1]) * 0.5)
+
+    def attn_out():
+        outs = []
+        for b, hid in enumerate(feed.hidden):
+            args, kwargs = feed.calls[b][0]
+            kw = {k: v for k, v in kwargs.items() if k in ("position_embeddings", "attention_mask")}
+            outs.append(layer.self_attn(hidden_states=layer.input_layernorm(hid), **kw)[0])
+        return outs
+
+    with torch.no_grad():
+        ref = attn_out()
+        for n in names:
+            w = layer.get_submodule(n).weight
+            w.data = w.data - scaled_error(w.data[None], s, settings.spec, h.diagonal()[None])[0]
+        want = sum(((o.double() - r.double()) ** 2).sum() for o, r in zip(attn_out(), ref))
+        for n in names:
+            layer.get_submodule(n).weight.data = before[n]
+    got = loss(s)
+    torch.testing.assert_close(got, want.reshape(1), rtol=1e-3, atol=1e-9)
+    assert float(got) > 0 and float(loss(torch.ones_like(s))) > 0
+    assert all(torch.equal(layer.get_submodule(n).weight, before[n]) for n in names)  # restored
+
+
+def test_attention_windows_are_the_same_for_every_rank_count():
+    """Whole batches evenly spaced by global index, about search_tokens tokens of them, whatever the chunks."""
+    from moecompress.calib.runner import LayerFeed
+    from moecompress.layer_quantize import CalibPlan, _attention_windows
+    from moecompress.quant.balance import AwqSettings
+
+    hidden = [torch.full((2, 16, 4), float(b)) for b in range(8)]
+    feed = LayerFeed(hidden, [{0: ((), {"b": b}), 1: ((), {"b": -b})} for b in range(8)])
+    cfg = quick_config(method="awq", batch_size=2, seq_len=16)
+    layer = torch.nn.Linear(4, 4)
+    for tokens, want in ((64, [0, 4]), (32, [0]), (10_000, list(range(8)))):
+        awq = AwqSettings(QuantSpec(bits=4), search_tokens=tokens)
+        for chunks in ([range(0, 8)], [range(0, 4), range(4, 8)], [range(0, 3), range(3, 6), range(6, 8)]):
+            w = _attention_windows(layer, 1, feed, CalibPlan(chunks), cfg, awq)
+            assert [int(x[0, 0, 0]) for x in w.hidden] == want
+            assert [c[1][1]["b"] for c in w.calls] == [-b for b in want]

@@ -118,9 +118,10 @@ def test_a_dying_rank_stops_the_run_and_leaves_it_resumable(tiny_ckpt, tmp_path)
 @pytest.mark.parametrize("family,method", [("qwen3_moe", "awq"), ("mixtral", "awq+gptq")])
 def test_awq_on_two_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path, family, method):
     """AWQ's statistics are reduced like GPTQ's and its sampled residual rows gathered in chunk order: the
-    scale search sees what one process sees, so the checkpoint is the same, byte for byte."""
+    scale search sees what one process sees, so the checkpoint is the same, byte for byte. 300 search tokens:
+    the attention loss runs on batches 0, 2 and 4 of 6, held by both ranks."""
     src = tiny_ckpt(family)
-    extra = ["--method", method, "--awq-grid", "4", "--awq-search-tokens", "100"]
+    extra = ["--method", method, "--awq-grid", "4", "--awq-search-tokens", "300"]
     _run(_single(src, tmp_path / "one", *extra))
     _run(_torchrun(2, src, tmp_path / "two", *extra))
     assert digest(tmp_path / "two") == digest(tmp_path / "one")
@@ -129,6 +130,7 @@ def test_awq_on_two_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path, family, m
     # the searches' records (losses, chosen alphas, the routing check on the sampled rows) match exactly
     searched = [r["awq"] for r in one["layers"]]
     assert any(g.get("float_readers_check") for a in searched for g in a)  # the block loss's sampled rows ran
+    assert any(g.get("loss") == "attention" and "alpha" in g for a in searched for g in a)
     assert [r["awq"] for r in two["layers"]] == searched
 
 

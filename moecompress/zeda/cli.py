@@ -21,7 +21,7 @@ from ..units import nonempty_path
               help="relative: a zero row's logit adds the token's best real logit; linear: a plain router row.")
 @click.option("--target-skip", type=float, default=0.5, show_default=True, help="Share of slots to skip, in (0, 1).")
 @click.option("--data", default="builtin:stdlib", show_default=True, help="Prompt text (same forms as --calib).")
-@click.option("--prompts", type=int, default=64, show_default=True)
+@click.option("--prompts", type=int, default=256, show_default=True)
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--gen-len", type=int, default=64, show_default=True)
 @click.option("--stage1-steps", type=int, default=120, show_default=True)

@@ -218,7 +218,7 @@ def test_attention_loss_is_the_attention_output_error():
 
     stats = {n: _St() for n in names}
     settings = AwqSettings(QuantSpec(bits=3, group_size=32, symmetric=False))
-    loss, swap = _attention_loss(layer, group, lambda: attention_half(layer, 0, feed), settings, stats,
+    loss = _attention_loss(layer, group, lambda: attention_half(layer, 0, feed), settings, stats,
                                  _head_repeat(layer, group))
     before = {n: layer.get_submodule(n).weight.detach().clone() for n in names}
     s = torch.exp2(torch.randn(1, x.shape[-1]) * 0.5)

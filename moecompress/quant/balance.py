@@ -225,15 +225,14 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
     w_mean = weight_mean(ws, settings.spec) if settings.duo else None
     x_src = rep.reduce(x_mean.float())
     w_src = rep.reduce(w_mean) if w_mean is not None else None
-    swap = None  # the weights a loss swaps while it scores (restored before folding)
     rec["loss"] = grp.loss if grp.loss != "attention" or attention is not None else "outputs"
     if grp.loss == "block":
         if residual is None:
             rec["skipped"] = "no residual samples for the block loss"
             return rec
-        loss, swap = _block_loss(layer, g, residual, settings, spec, stats)
+        loss = _block_loss(layer, g, residual, settings, spec, stats)
     elif rec["loss"] == "attention":
-        loss, swap = _attention_loss(layer, g, attention, settings, stats, rep)
+        loss = _attention_loss(layer, g, attention, settings, stats, rep)
     else:
         hs = [stats[_stats_key(r)].hessian() for r in g.quantized]
         hs = [h if h.dim() == 3 else h[None] for h in hs]
@@ -243,11 +242,7 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
         def loss(s):
             return hessian_loss(ws, hs, rep(s), settings.spec)
 
-    try:
-        choice = search_scales(loss, x_src, w_src, alpha_grid(settings.grid), pow2)
-    finally:
-        if swap is not None:
-            swap.restore()
+    choice = search_scales(loss, x_src, w_src, alpha_grid(settings.grid), pow2)
     checked = g.floats and grp.source == spec.router_input_norm and residual is not None
     router_before = _float_outputs(layer, g, residual) if checked else None
     s_eff, s_cols = fold(layer, spec, g, choice.scales, settings.store_dtype, solved, overrides, stats,
@@ -326,7 +321,6 @@ def _block_loss(layer, g: Resolved, residual, settings: AwqSettings, spec: ArchS
         x = layer.get_submodule(spec.router_input_norm)(residual)[None]
         ref = _out(mlp(x))
     params = [r.weight(layer) for r in g.quantized]
-    originals = [p.data for p in params]
     diag = None
     for r in g.quantized:
         st = stats.get(_stats_key(r))
@@ -334,19 +328,27 @@ def _block_loss(layer, g: Resolved, residual, settings: AwqSettings, spec: ArchS
             sums = st.extra["all_sums"] if r.kind == "experts_gate_up" else st.sums
             diag = sums.diagonal()[None].float()
             break
-    swap = _Swap()
 
     def loss(s):
-        sv = s[0]
-        with torch.no_grad():
-            for p, w0 in zip(params, originals):
-                swap.set(p, w0 - scaled_error(w0.reshape(-1, w0.shape[-1])[None], sv[None], settings.spec, diag)
-                         .reshape(w0.shape).to(w0.dtype))
-            out = _out(mlp(x))
-            swap.restore()
+        out = _out(_run_quantized(params, s, settings.spec, [diag] * len(params), lambda: mlp(x)))
         return ((out.float() - ref.float()) ** 2).sum().reshape(1)
 
-    return loss, swap
+    return loss
+
+
+def _run_quantized(params: list[nn.Parameter], cols: torch.Tensor, spec: QuantSpec, diags, run):
+    """``run()`` with every reader's weight replaced by its fake-quantized twin at column scales ``cols [1, K]``
+    (clip search weighted by ``diags[i] [1, K]``, or unweighted where None); the originals are restored after."""
+    swap = _Swap()
+    with torch.no_grad():
+        try:
+            for p, d in zip(params, diags):
+                w0 = p.data
+                flat = w0.reshape(-1, w0.shape[-1])[None]
+                swap.set(p, w0 - scaled_error(flat, cols, spec, d).reshape(w0.shape).to(w0.dtype))
+            return run()
+        finally:
+            swap.restore()
 
 
 def _attention_loss(layer, g: Resolved, attention, settings: AwqSettings, stats: dict, rep):
@@ -358,25 +360,16 @@ def _attention_loss(layer, g: Resolved, attention, settings: AwqSettings, stats:
     block clip search and refits) or on a finer alpha grid did not help further (measured worse, within the
     run-to-run spread of the choice)."""
     with torch.no_grad():
-        ref = [o.clone() for o in attention()]
+        ref = attention()
     params = [r.weight(layer) for r in g.quantized]
-    originals = [p.data for p in params]
     diags = [stats[_stats_key(r)].hessian().diagonal(dim1=-2, dim2=-1).reshape(1, -1).float() for r in g.quantized]
-    swap = _Swap()
 
     def loss(s):
-        cols = rep(s)
-        with torch.no_grad():
-            for p, w0, d in zip(params, originals, diags):
-                swap.set(p, w0 - scaled_error(w0[None], cols, settings.spec, d)[0].to(w0.dtype))
-            try:
-                outs = attention()
-            finally:
-                swap.restore()
+        outs = _run_quantized(params, rep(s), settings.spec, diags, attention)
         total = sum(((o.double() - r.double()) ** 2).sum() for o, r in zip(outs, ref))
         return torch.as_tensor(total, dtype=torch.float64).reshape(1)
 
-    return loss, swap
+    return loss
 
 
 def _out(o):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .arch.handle import ModelHandle
 from .calib.capture import HessianCapture, add_stats, pack_stats, stats_bytes, stats_layout, unpack_stats
+from .calib.expert_inputs import ExpertInputs
 from .calib.runner import LayerFeed, attention_half, mlp_half, run_layer
 from .distributed import SINGLE, Ranks, to_device
 from .errors import UserError
@@ -116,6 +117,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
     bar = tqdm(total=len(targets), desc=f"layer {i}", unit="linear", leave=False, disable=not ranks.main)
     split = feed is not None and cfg.true_sequential
     mids = None  # the residual stream after (quantized) attention, once it is final
+    kept = None  # the experts' down-projection inputs of the last capture
     clock = {"calib_s": 0.0, "solve_s": 0.0}
     comm0 = (ranks.comm_s, ranks.comm_bytes)
     with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
@@ -135,9 +137,14 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                 # reads every expert's, so it keeps them all)
                 owners = {t.name: _owner_of(ranks, cfg.expert_chunk, targets.index(t)) for t in stage
                           if t.expert_proj is not None} if ranks.active and not awq else None
+                # the down projections' inputs, computed for their statistics, feed the next layer too (not
+                # under AWQ, whose scales change them after the capture; nor with all-token experts)
+                if mids is not None and awq is None and not (starved and cfg.starved_experts == "all-tokens") \
+                        and any(t.expert_proj == "down" for t in stage):
+                    kept = ExpertInputs()
                 t0 = time.perf_counter()
-                stats = capture(layer, specs, run, plan, sampler, owners, cfg.expert_chunk)
-                stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan, owners)
+                stats = capture(layer, specs, run, plan, sampler, owners, cfg.expert_chunk, awq is not None, kept)
+                stats = _starved_pass(layer, i, stage, stats, record, starved, cfg, run, plan, owners, awq is not None)
                 plan.peak_stats_bytes = max(plan.peak_stats_bytes, stats_bytes(stats))
                 clock["calib_s"] += time.perf_counter() - t0
                 if groups:
@@ -146,17 +153,22 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                                if any(g.group.loss == "attention" for g in groups) else None)
                     record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
                                                                    results, overrides, windows))
-            for t in stage:
-                bar.set_postfix_str(t.name + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
+            for group in same_input_groups(stage, stats):
+                t = group[0]
+                bar.set_postfix_str("+".join(x.name for x in group)
+                                    + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 t0 = time.perf_counter()
-                _solve_target(layer, i, t, stats, cfg, qspec, store_dtype, record, results, starved, handle, ranks,
-                              targets.index(t))
+                _solve_target(layer, i, group, stats, cfg, qspec, store_dtype, record, results, starved, handle,
+                              ranks, targets.index(t))
                 clock["solve_s"] += time.perf_counter() - t0
-                bar.update()
+                bar.update(len(group))
         t0 = time.perf_counter()
         if feed is not None:
             if split:
-                feed.hidden = mlp_half(layer, mids if mids is not None else attention_half(layer, i, feed))
+                mids = mids if mids is not None else attention_half(layer, i, feed)
+                batches = list(range(len(mids)))
+                with kept.replay(batches) if kept is not None and kept.covers(batches) else contextlib.nullcontext():
+                    feed.hidden = mlp_half(layer, mids)
             else:
                 run_layer(layer, i, feed, update=True)
         clock["feed_s"] = time.perf_counter() - t0
@@ -175,22 +187,26 @@ def _runner(layer, i: int, feed: LayerFeed, mids, split: bool):
     return lambda bs: run_layer(layer, i, feed, False, bs)
 
 
-def capture(layer, specs, run, plan: CalibPlan, sampler=None, owners: dict | None = None, block: int = 16) -> dict:
+def capture(layer, specs, run, plan: CalibPlan, sampler=None, owners: dict | None = None, block: int = 16,
+            abs_sums: bool = True, keep: ExpertInputs | None = None) -> dict:
     """The targets' statistics: captured chunk by chunk (each summed from zero over its batches), the chunks
     added in chunk order; the capture passes' outputs are thrown away (experts compute nothing there).
 
     ``owners`` (across processes): ``{stats name: owner_of(first expert)}`` for the experts' statistics
-    whose per-expert sums only the owner of each ``block`` of experts receives (:func:`_reduce_owned`)."""
+    whose per-expert sums only the owner of each ``block`` of experts receives (:func:`_reduce_owned`).
+    ``keep``: where the down projections' inputs computed on the way are kept for the feed."""
     ranks, total, layout = plan.ranks, None, None
     owned_sums: dict = {}
     for rnd in plan.rounds():
         c, part = plan.my_chunk(rnd), None
         sampled = len(sampler.rows) if sampler is not None else 0
         if c is not None:
-            with HessianCapture(layer, specs, skip_expert_outputs=True) as cap, \
+            with HessianCapture(layer, specs, skip_expert_outputs=True, abs_sums=abs_sums, keep=keep) as cap, \
                     (sampler or contextlib.nullcontext()):
                 run(plan.batches(c))
             part = cap.stats
+            if keep is not None:
+                keep.assign(plan.batches(c))
         if ranks.active and sampler is not None:  # AWQ's residual rows, every rank's in chunk order
             rows = sampler.rows[sampled:]
             del sampler.rows[sampled:]
@@ -307,7 +323,7 @@ def _awq_stage(layer, i: int, handle: ModelHandle, groups, stats, sampler, awq: 
     return recs
 
 
-def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan, owners=None):
+def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan, owners=None, abs_sums=True):
     """Find experts with too few routed tokens, log the decision, and recapture what they need."""
     for t in stage:
         if t.expert_proj != "gate_up" or t.name not in stats:
@@ -326,13 +342,34 @@ def _starved_pass(layer, i, stage, stats, record, starved: set, cfg, run, plan, 
         downs = [d for d in stage if d.expert_proj == "down"]
         if starved and cfg.starved_experts == "all-tokens" and downs:
             specs = {d.name: capture_spec(d, starved, cfg.weight_by_routing) for d in downs}
-            stats.update(capture(layer, specs, run, plan, owners=owners, block=cfg.expert_chunk))
+            stats.update(capture(layer, specs, run, plan, owners=owners, block=cfg.expert_chunk, abs_sums=abs_sums))
     return stats
 
 
-def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, record, results, starved,
+def same_input_groups(stage: list[Target], stats: dict) -> list[list[Target]]:
+    """The stage's targets in solve order, the dense linears with bit-equal statistics (one input read by
+    q/k/v: ``HessianCapture`` shares it) grouped, to be solved as one stacked weight: each row's GPTQ
+    problem depends on H alone, so stacking changes no row's problem and factors H once. Equal sums
+    on every rank (they are reduced alike), so the grouping is the same for any rank count."""
+    groups: list[list[Target]] = []
+    for t in stage:
+        st = stats.get(t.module_name) if t.expert_proj is None else None
+        for g in groups:
+            lead = stats.get(g[0].module_name) if g[0].expert_proj is None else None
+            if st is not None and lead is not None and torch.equal(st.counts, lead.counts) \
+                    and torch.equal(st.sums, lead.sums):
+                g.append(t)
+                break
+        else:
+            groups.append([t])
+    return groups
+
+
+def _solve_target(layer, i: int, group: list[Target], stats, cfg, qspec, store_dtype, record, results, starved,
                   handle: ModelHandle, ranks: Ranks = SINGLE, t_index: int = 0):
-    param = target_weight(layer, t)
+    t = group[0]
+    params = [target_weight(layer, x) for x in group]
+    param = params[0]
     st = stats.get(t.module_name if t.expert_proj is None else t.name)
     h = None
     if st is not None:
@@ -352,21 +389,32 @@ def _solve_target(layer, i: int, t: Target, stats, cfg, qspec, store_dtype, reco
         gather = lambda parts: ranks.gather_solved(parts, owner_of)  # noqa: E731
     bar = tqdm(total=experts, desc=f"  {t.name}", unit="expert", leave=False,
                disable=experts <= cfg.expert_chunk or not ranks.main)
+    stacked = len(group) > 1
     try:
         with bar:
-            res = solve(param.data, h, qspec, cfg.method, store_dtype, damp=cfg.damp, block_size=cfg.block_size,
+            res = solve(torch.cat([p.data for p in params]) if stacked else param.data, h, qspec, cfg.method,
+                        store_dtype, damp=cfg.damp, block_size=cfg.block_size,
                         rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
                         chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds, on_chunk=bar.update, owned=owned,
-                        gather=gather)
+                        gather=gather, splits=[p.shape[0] for p in params] if stacked else None)
     except ValueError as e:  # the algorithms' NaN/Inf guard; the weights themselves were checked at load
         if "NaN/Inf" not in str(e):
             raise
         name = f"{handle.layer_prefix(i)}{handle.disk_local(t.module_name)}"
         raise UserError(f"the calibration activations reaching {name} are not finite ({e}); "
                         "an overflow in half precision? try --dtype float32") from None
-    param.data.copy_(res.dequantized.to(param.dtype))
-    results[t] = res.qweight
-    record["linears"][t.name] = res.info if t.expert_proj else res.info[0]
+    if t.expert_proj:
+        param.data.copy_(res.dequantized.to(param.dtype))
+        results[t] = res.qweight
+        record["linears"][t.name] = res.info
+        return
+    start = 0
+    for x, p, info in zip(group, params, res.info):
+        rows = slice(start, start + p.shape[0])
+        p.data.copy_(res.dequantized[rows].to(p.dtype))
+        results[x] = res.qweight.rows(rows.start, rows.stop)
+        record["linears"][x.name] = dict(info, solved_with=[y.name for y in group]) if stacked else info
+        start = rows.stop
 
 
 def _owner_of(ranks: Ranks, chunk: int, t_index: int):

@@ -58,3 +58,36 @@ def test_skipping_expert_outputs_keeps_the_statistics_and_restores_forward(tiny_
     shared_only = layer.mlp.shared_expert(x) * torch.sigmoid(layer.mlp.shared_expert_gate(x))
     torch.testing.assert_close(skipped, shared_only)  # the routed experts contributed nothing
     assert not torch.allclose(layer.mlp(x), shared_only)  # outside the context they compute again
+
+
+def test_linears_reading_one_input_share_one_accumulation(tiny_ckpt):
+    """q/k/v read the very same normed tensor: one Gram is built, the others are bit-equal copies, and it is
+    the Gram of that input."""
+    handle = ModelHandle.open(tiny_ckpt("qwen3_moe"))
+    layer = handle.load_layer(handle.skeleton(), 0, torch.device("cpu"), torch.float32)
+    x = torch.randn(2, 7, handle.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    seen = {}
+    def spy(module, args):  # returns None: the input stays the same object
+        seen["x"] = args[0].detach().clone()
+
+    spy = layer.self_attn.q_proj.register_forward_pre_hook(spy)
+    pos = torch.arange(7)[None].expand(2, -1)
+    kw = dict(position_embeddings=layer_rotary(handle, x, pos), attention_mask=None, position_ids=pos)
+    with HessianCapture(layer, {n: None for n in names}, abs_sums=False) as cap:
+        layer.self_attn(layer.input_layernorm(x), **kw)
+    spy.remove()
+    assert cap.shared == {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}
+    q = cap.stats["self_attn.q_proj"]
+    for n in names[1:3]:
+        assert cap.stats[n] is not q and torch.equal(cap.stats[n].sums, q.sums) and torch.equal(cap.stats[n].counts, q.counts)
+    assert not torch.equal(cap.stats["self_attn.o_proj"].sums[:4], q.sums[:4])  # o_proj reads its own input
+    xs = seen["x"].reshape(-1, x.shape[-1])
+    torch.testing.assert_close(q.hessian(), 2.0 * xs.T @ xs / xs.shape[0], rtol=1e-5, atol=1e-6)
+    assert "abs_sums" not in q.extra  # GPTQ's capture skips AWQ's statistic
+
+
+def layer_rotary(handle, x, pos):
+    """The family's rotary (cos, sin) for positions ``pos`` (its tables rebuilt off the meta device)."""
+    rot = type(handle.skeleton().model.rotary_emb)(config=handle.text_config)
+    return rot(x, pos)

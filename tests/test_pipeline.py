@@ -170,3 +170,29 @@ def test_solve_reports_each_chunk_of_experts(gen):
     solve(w, h, QuantSpec(bits=4, group_size=32), "gptq", torch.float32, damp=0.01, block_size=32, chunk=3,
           on_chunk=seen.append)
     assert seen == [3, 3, 1]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_feed_from_the_kept_expert_activations_matches_recomputing_them(tiny_ckpt, tmp_path, monkeypatch, family):
+    """The down projections' inputs kept from their capture feed the next layer (the default); with no room
+    to keep them the layer recomputes them: both quantize alike (the feeds differ by float rounding only)."""
+    import moecompress.calib.expert_inputs as ei
+
+    src = tiny_ckpt(family)
+    cfg = quick_config(calib_samples=8, seq_len=64)
+    used = []
+    replay = ei.ExpertInputs.replay
+    monkeypatch.setattr(ei.ExpertInputs, "replay", lambda self, b: used.append(len(b)) or replay(self, b))
+    quantize(src, tmp_path / "kept", cfg)
+    assert used  # the feed of every MoE layer came from the kept activations
+    monkeypatch.setattr(ei, "KEEP_BYTES", 0)
+    used.clear()
+    quantize(src, tmp_path / "recomputed", cfg)
+    assert not used
+    kept, again = dict(dequantized_state(tmp_path / "kept")), dict(dequantized_state(tmp_path / "recomputed"))
+    assert kept.keys() == again.keys()
+    for name, t in kept.items():
+        d = (t.float() - again[name].float()).abs()
+        step = again[name].float().abs().max().clamp_min(1e-12) / 7
+        # a rare code may round the other way on a float-rounding difference of the feed: at most one step
+        assert float(d.max()) <= float(step) + 1e-6 and float((d > 1e-6).float().mean()) < 0.01, name

@@ -222,3 +222,33 @@ def test_accumulate_hessian_matches_the_batch_formula():
     torch.testing.assert_close(h1, (2 / 300 * x.T @ x).float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="non-negative"):
         accumulate_hessian(None, x, 0, -wt)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+@pytest.mark.parametrize("act_order", [None, "weight", "group"])
+def test_linears_stacked_on_one_hessian_solve_as_they_do_alone(method, act_order):
+    """q/k/v share H: solved as one stacked weight (``splits``), every row and every reported error is what
+    solving each alone gives (each row's problem depends on H only)."""
+    from moecompress.quant.targets import solve
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2048, 128, generator=g) * (torch.rand(128, generator=g) * 2)
+    h = 2 * x.T @ x / x.shape[0]
+    ws = [torch.randn(n, 128, generator=g) * 0.05 for n in (128, 64, 32)]
+    spec = QuantSpec(4, 64, False, act_order if method == "gptq" else None)
+    kw = dict(damp=0.01, block_size=32, refine_rounds=1)
+    alone = [solve(w, h, spec, method, torch.bfloat16, **kw) for w in ws]
+    stacked = solve(torch.cat(ws), h, spec, method, torch.bfloat16, splits=[w.shape[0] for w in ws], **kw)
+    start = 0
+    for w, one, info in zip(ws, alone, stacked.info):
+        rows = slice(start, start + w.shape[0])
+        start = rows.stop
+        part = stacked.qweight.rows(rows.start, rows.stop)
+        assert torch.equal(part.qweight, one.qweight.qweight) and torch.equal(part.scales, one.qweight.scales)
+        assert torch.equal(stacked.dequantized[rows], one.dequantized)
+        for key in ("weight_rel_err", "output_rel_err", "rtn_output_rel_err"):
+            want = one.info[0].get(key)
+            assert (info.get(key) is None) if want is None else info.get(key) == pytest.approx(want, rel=1e-5), key
+        assert "loss" not in info  # GPTQ's loss is a joint figure
+    with pytest.raises(ValueError, match="partition"):
+        solve(torch.cat(ws), h, spec, method, torch.bfloat16, splits=[100, 100], **kw)

@@ -14,13 +14,17 @@ of one decoder layer while the layer runs on calibration batches:
 
 For experts named in ``all_token_experts`` (starved ones under the all-tokens policy) the
 statistics are taken over every token of the layer instead of the routed ones.
+Linear targets called on the very same input tensor (q/k/v reading one normed input) share one
+accumulation: the first to see a batch adds it, the others get a copy of its statistics at the end
+(``shared``: each follower's leader), so the sums are equal to the bit and a tokens' Gram is built once.
 The result is ``2/n * sum x x^T`` (GPTQ's H) with n the number of tokens that contributed.
 Beside it, ``extra["abs_sums"]`` holds ``sum |x|`` per input channel (unweighted; [K] or [E, K]):
-AWQ's activation statistic, ``abs_sums / counts``.
+AWQ's activation statistic, ``abs_sums / counts`` (only with ``abs_sums=True``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -67,14 +71,21 @@ class HessianCapture:
     """Hooks that fill ``self.stats[name]`` for each target while the layer runs."""
 
     def __init__(self, layer: nn.Module, targets: dict[str, ExpertTarget | None], stats_dtype=torch.float32,
-                 skip_expert_outputs: bool = False):
+                 skip_expert_outputs: bool = False, abs_sums: bool = True, keep=None):
         """``skip_expert_outputs``: the watched experts modules compute nothing and return zeros (for
-        passes whose layer output is discarded: their statistics need only the experts' inputs)."""
+        passes whose layer output is discarded: their statistics need only the experts' inputs).
+        ``abs_sums``: also sum ``|x|`` per channel (AWQ's statistic; GPTQ and RTN do not read it).
+        ``keep`` (an ``expert_inputs.ExpertInputs``): where a down-projection target puts the activations
+        it computes, for the feed to reuse."""
         self.layer = layer
         self.targets = targets
         self.dtype = stats_dtype
         self.skip = skip_expert_outputs
+        self.abs = abs_sums
+        self.keep = keep
         self.stats: dict[str, GramStats] = {}
+        self.shared: dict[str, str] = {}  # linear target -> the target whose accumulation it shares
+        self._last: dict[str, tuple[torch.Tensor, int]] = {}  # leader -> (its latest input, its version)
         self._handles: list = []
         self._patched: list[nn.Module] = []
 
@@ -99,6 +110,10 @@ class HessianCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last.clear()
+        for follower, leader in self.shared.items():
+            if leader in self.stats:
+                self.stats[follower] = copy.deepcopy(self.stats[leader])
         for module in self._patched:
             del module.forward  # back to the class's forward
         self._patched.clear()
@@ -113,16 +128,34 @@ class HessianCapture:
 
         return forward
 
+    def _same_input(self, name: str, x: torch.Tensor) -> bool:
+        """Whether ``name`` shares its leader's accumulation for input ``x`` (decided at its first call)."""
+        leader = self.shared.get(name)
+        if leader is None and name not in self.stats:  # first call: another target's current input?
+            leader = next((n for n, (t, v) in self._last.items() if t is x and v == x._version), None)
+            if leader is not None:
+                self.shared[name] = leader
+        if leader is None:
+            return False
+        t, v = self._last[leader]
+        if t is not x or v != x._version:
+            raise RuntimeError(f"{name} read the same input as {leader} in an earlier call but not in this one")
+        return True
+
     def _linear_hook(self, name: str):
         def hook(module, args):
+            if self._same_input(name, args[0]):
+                return
+            self._last[name] = (args[0], args[0]._version)
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype)
             st = self.stats.get(name)
             if st is None:
                 k = x.shape[-1]
                 st = self.stats[name] = GramStats(x.new_zeros(k, k), torch.zeros((), dtype=torch.long),
-                                                  {"abs_sums": x.new_zeros(k)})
+                                                  {"abs_sums": x.new_zeros(k)} if self.abs else {})
             st.sums.addmm_(x.T, x)
-            st.extra["abs_sums"] += x.abs().sum(0)
+            if self.abs:
+                st.extra["abs_sums"] += x.abs().sum(0)
             st.counts += x.shape[0]
 
         return hook
@@ -137,22 +170,26 @@ class HessianCapture:
             k = hidden.shape[-1] if target.proj == "gate_up" else experts.down_proj.shape[-1]
             st = self.stats.get(name)
             if st is None:
+                extra = {"routed_tokens": torch.zeros(n_exp, dtype=torch.long),
+                         "all_sums": hidden.new_zeros(k, k, dtype=self.dtype), "all_count": 0}
+                if self.abs:
+                    extra.update(abs_sums=hidden.new_zeros(n_exp, k, dtype=self.dtype),
+                                 all_abs_sums=hidden.new_zeros(k, dtype=self.dtype))
                 st = self.stats[name] = GramStats(hidden.new_zeros(n_exp, k, k, dtype=self.dtype),
-                                                  torch.zeros(n_exp, dtype=torch.long),
-                                                  {"routed_tokens": torch.zeros(n_exp, dtype=torch.long),
-                                                   "all_sums": hidden.new_zeros(k, k, dtype=self.dtype),
-                                                   "all_count": 0,
-                                                   "abs_sums": hidden.new_zeros(n_exp, k, dtype=self.dtype),
-                                                   "all_abs_sums": hidden.new_zeros(k, dtype=self.dtype)})
+                                                  torch.zeros(n_exp, dtype=torch.long), extra)
             if target.proj == "gate_up":  # the whole layer's input: what a starved expert falls back to
                 hx = hidden.to(self.dtype)
                 st.extra["all_sums"].addmm_(hx.T, hx)
-                st.extra["all_abs_sums"] += hx.abs().sum(0)
+                if self.abs:
+                    st.extra["all_abs_sums"] += hx.abs().sum(0)
                 st.extra["all_count"] += hx.shape[0]
             valid = idx < n_exp  # zero experts (ids >= E) contribute nothing
             flat_e = torch.where(valid, idx, n_exp).reshape(-1)
             routed = torch.bincount(flat_e, minlength=n_exp + 1)[:n_exp].cpu()
             st.extra["routed_tokens"] += routed
+            # kept for the feed: the routed tokens' activations (not all tokens' for a starved expert)
+            keep = self.keep if target.proj == "down" and not target.all_token_experts else None
+            call = keep.start_call(experts, idx) if keep is not None else None
             order = torch.argsort(flat_e, stable=True)
             bounds = torch.cumsum(torch.bincount(flat_e, minlength=n_exp + 1), 0).tolist()
             start = 0
@@ -173,8 +210,11 @@ class HessianCapture:
                 if target.proj == "down":
                     gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
                     x = experts.act_fn(gate) * up
+                    if call is not None:
+                        keep.add(call, e, slots, x)
                 x = x.to(self.dtype)
-                st.extra["abs_sums"][e] += x.abs().sum(0)
+                if self.abs:
+                    st.extra["abs_sums"][e] += x.abs().sum(0)
                 xw = x if w is None else x * w.unsqueeze(-1)
                 st.sums[e].addmm_(xw.T, xw)
                 st.counts[e] += x.shape[0]

@@ -232,10 +232,12 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
         eye = torch.eye(i2 - i1, k - i1, dtype=R.dtype, device=R.device).expand(b, -1, -1)
         Ub = torch.linalg.solve_triangular(R[:, i1:, i1:], eye, upper=True, left=False).float()
         U1, Urest = Ub[:, :, : i2 - i1], Ub[:, :, i2 - i1 :]
+        if static is not None:  # the block's columns' qparams, gathered once: [B, columns, N]
+            sb, zb = st[bi[:, None], col_group[:, i1:i2]], zt[bi[:, None], col_group[:, i1:i2]]
         for i in range(i2 - i1):
             j = i1 + i
             if static is not None:
-                s, z = st[bi, col_group[:, j]], zt[bi, col_group[:, j]]
+                s, z = sb[:, i], zb[:, i]
             elif j % gs == 0:
                 # The group's qparams come from its columns as GPTQ has updated them so far;
                 # those past this block still miss this block's (lazy) updates, so apply them.

@@ -106,6 +106,11 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = scale * (q - z), in ``dtype``; computed in float32."""
+        if self.g_idx is None:  # groups in natural order: broadcast each group's scale over its columns
+            k, g = self.qweight.shape[-1], self.scales.shape[-1]
+            q = self.qweight.float().reshape(*self.qweight.shape[:-1], g, k // g)
+            return (self.scales.float()[..., None] * (q - self.zeros.float()[..., None])).reshape(
+                self.qweight.shape).to(dtype)
         gi = self.group_index()
         if gi.dim() == 1:
             s = self.scales.float()[..., gi]
@@ -115,6 +120,11 @@ class QuantizedWeight:
             s = torch.gather(self.scales.float(), -1, idx)
             z = torch.gather(self.zeros.float(), -1, idx)
         return (s * (self.qweight.float() - z)).to(dtype)
+
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows ``start:stop`` of an unbatched weight (its groups, and g_idx, are per input column)."""
+        return QuantizedWeight(self.qweight[start:stop], self.scales[start:stop], self.zeros[start:stop], self.spec,
+                               self.g_idx)
 
     def __getitem__(self, i: int) -> "QuantizedWeight":
         """One member of a batched result."""

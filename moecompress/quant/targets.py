@@ -67,12 +67,17 @@ def capture_spec(t: Target, all_token_experts=frozenset(), weight_by_routing=Fal
     return ExpertTarget(t.expert_proj, frozenset(all_token_experts), weight_by_routing)
 
 
-def output_rel_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """||X (W - Wq)^T||^2 / ||X W^T||^2 computed from H = 2/n X^T X (batched over a leading dim)."""
+def output_energy(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """||X W^T||^2 from H = 2/n X^T X (batched over a leading dim): :func:`output_rel_error`'s denominator."""
+    return ((w.float() @ h) * w.float()).sum(dim=(-1, -2)).clamp(min=1e-30)
+
+
+def output_rel_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
+    """||X (W - Wq)^T||^2 / ||X W^T||^2 computed from H = 2/n X^T X (batched over a leading dim);
+    ``energy``: the denominator, when already known (:func:`output_energy`)."""
     d = (w - wq).float()
     num = ((d @ h) * d).sum(dim=(-1, -2))
-    den = ((w.float() @ h) * w.float()).sum(dim=(-1, -2)).clamp(min=1e-30)
-    return num / den
+    return num / (output_energy(w, h) if energy is None else energy)
 
 
 def weight_rel_error(w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,8 @@ def round_scales(qw: QuantizedWeight, store_dtype: torch.dtype) -> QuantizedWeig
 
 def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, store_dtype: torch.dtype,
           *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16,
-          refine_rounds: int = 0, on_chunk=None, owned=None, gather=None) -> SolveResult:
+          refine_rounds: int = 0, on_chunk=None, owned=None, gather=None,
+          splits: list[int] | None = None) -> SolveResult:
     """Quantize one target: w [N, K] (with h [K, K]) or all experts w [E, N, K] (with h [E, K, K]).
 
     ``method``: "gptq", "rtn", or "awq" (round to nearest with the Hessian-diagonal-weighted clip
@@ -108,7 +114,13 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     Across processes (``moecompress.distributed``): ``owned(start)`` says which chunks (by first member)
     this process solves, and ``gather({start: part})`` returns every process's parts; each chunk is
     solved exactly as one process would, so the result does not depend on how the chunks were shared.
+
+    ``splits`` (one weight only): its rows are several linears that read the same input, stacked and
+    solved as one (every row's problem is its own given H); ``info`` then holds one entry per linear,
+    with its own errors (GPTQ's loss, a joint figure, is left out).
     """
+    if splits is not None and (w.dim() != 2 or sum(splits) != w.shape[0]):
+        raise ValueError(f"splits {splits} do not partition the rows of a weight of shape {tuple(w.shape)}")
     batched = w.dim() == 3
     W = w.float() if batched else w.float().unsqueeze(0)
     # h may come as {first member: [chunk, K, K]}: the blocks this process owns (moecompress.distributed)
@@ -118,7 +130,7 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
         if owned is not None and not owned(s):
             continue
         parts[s] = _solve_chunk(W, H, list(range(s, min(s + chunk, W.shape[0]))), qspec, method, store_dtype, damp,
-                                block_size, rtn_members, refine_rounds)
+                                block_size, rtn_members, refine_rounds, splits)
         if on_chunk is not None:
             on_chunk(len(parts[s][1]))
     if gather is not None:
@@ -135,7 +147,7 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
 
 
 def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtype, damp: float, block_size: int,
-                 rtn_members, refine_rounds: int):
+                 rtn_members, refine_rounds: int, splits: list[int] | None = None):
     """(QuantizedWeight, per-member info) of members ``idx``; the infos carry each member's errors and the
     RTN baseline's (its owner computes them: only it holds the member's Hessian)."""
     wc = W[idx]
@@ -164,19 +176,40 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
             for j in rtn_idx:
                 stats[j] = {"method": "rtn", "reason": "starved"}
     # the RTN baseline on the same statistics: how much GPTQ bought, per linear, in every report
-    base = None
-    if H is not None and method != "rtn":
-        base = output_rel_error(wc, rtn_quantize(wc, qspec).dequantize(), H.float())
+    rtn_deq = rtn_quantize(wc, qspec).dequantize() if H is not None and method != "rtn" else None
     qw = round_scales(qw, store_dtype)
     deq = qw.dequantize(torch.float32)
+    if splits is not None:
+        return qw, _split_infos(stats[0], wc, deq, rtn_deq, H, splits)
+    energy = None if H is None else output_energy(wc, H.float())
+    base = None if rtn_deq is None else output_rel_error(wc, rtn_deq, H.float(), energy)
     werr = weight_rel_error(wc, deq)
-    oerr = output_rel_error(wc, deq, H.float()) if H is not None else None
+    oerr = output_rel_error(wc, deq, H.float(), energy) if H is not None else None
     for j, info in enumerate(stats):
         info["weight_rel_err"] = float(werr[j])
         info["output_rel_err"] = None if oerr is None else float(oerr[j])
         if base is not None:
             info["rtn_output_rel_err"] = float(base[j])
     return qw, stats
+
+
+def _split_infos(info: dict, wc, deq, rtn_deq, H, splits: list[int]) -> list[dict]:
+    """One info per stacked linear (rows ``splits`` of the single member): the shared solver facts, and
+    each linear's own errors."""
+    out, start = [], 0
+    h = None if H is None else H.float()
+    for n in splits:
+        rows = slice(start, start + n)
+        start += n
+        w, d = wc[:, rows], deq[:, rows]
+        one = {k: v for k, v in info.items() if k != "loss"}
+        energy = None if h is None else output_energy(w, h)
+        one["weight_rel_err"] = float(weight_rel_error(w, d)[0])
+        one["output_rel_err"] = None if h is None else float(output_rel_error(w, d, h, energy)[0])
+        if rtn_deq is not None:
+            one["rtn_output_rel_err"] = float(output_rel_error(w, rtn_deq[:, rows], h, energy)[0])
+        out.append(one)
+    return out
 
 
 def _members(H, idx: list[int]):

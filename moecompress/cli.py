@@ -151,9 +151,12 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
 
     On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
-    from .distributed import Ranks
-    from .pipeline import quantize as run
-    from .recipe import build_config
+    from .memory import gc_paused
+
+    with gc_paused():  # torch, transformers: start-up, not garbage
+        from .distributed import Ranks
+        from .pipeline import quantize as run
+        from .recipe import build_config
 
     if threads:
         import torch

@@ -31,7 +31,7 @@ from .errors import UserError
 from .export import encode, kept_module_names, layer_tensors, quantization_config
 from .finite import check_finite, check_finite_layer
 from .lm_head import check_lm_head, lm_head_hessian, quantize_lm_head
-from .memory import release_freed_memory
+from .memory import gc_paused, release_freed_memory
 from .layer_quantize import CalibPlan
 from .layer_quantize import quantize_layer as _quantize_layer
 from .quant.balance import AwqSettings
@@ -50,7 +50,8 @@ def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device
 
 
 def load_calibration(cfg: QuantizeConfig, model_dir: Path):
-    from transformers import AutoTokenizer
+    with gc_paused():
+        from transformers import AutoTokenizer
 
     from .calib.data import load_texts, make_calibration_windows
 
@@ -58,7 +59,8 @@ def load_calibration(cfg: QuantizeConfig, model_dir: Path):
     if not any((model_dir / f).is_file() for f in files):
         raise UserError(f"{model_dir} has no tokenizer files ({', '.join(files[:3])}...): calibration needs the tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        with gc_paused():
+            tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:
         raise UserError(f"cannot load the tokenizer of {model_dir} (needed for calibration): {str(e).splitlines()[0]}") from None
     texts = load_texts(cfg.calib)

@@ -27,3 +27,23 @@ def test_freed_heap_pages_are_returned():
     after = _rss_mib()
     assert before - after > 64, f"RSS {before:.0f} -> {after:.0f} MiB: 128 MiB were freed, little came back"
     del blocks
+
+
+def test_gc_paused_turns_the_collector_back_on_only_if_it_was_on():
+    import gc
+
+    from moecompress.memory import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..checkpoint.reader import CheckpointReader
 from ..errors import UserError
+from ..memory import gc_paused
 from ..zero.layout import ZeroExperts, read_zero_experts
 from .registry import BY_MODEL_TYPE, ArchSpec, supported_families
 
@@ -55,6 +56,11 @@ class ModelHandle:
     @classmethod
     def open(cls, path: str | Path, dequantize: bool = False) -> "ModelHandle":
         """Open a checkpoint; with ``dequantize`` a quantized one reads as float (see checkpoint.load)."""
+        with gc_paused():  # imports transformers
+            return cls._open(path, dequantize)
+
+    @classmethod
+    def _open(cls, path: str | Path, dequantize: bool) -> "ModelHandle":
         from transformers import AutoConfig
 
         reader = CheckpointReader.open(path)
@@ -169,7 +175,7 @@ class ModelHandle:
 
             config = copy.deepcopy(config)
             setattr(config, self.spec.num_experts_attr, self.num_experts)
-        with torch.device("meta"):
+        with torch.device("meta"), gc_paused():  # imports the family's modeling code
             model = AutoModelForCausalLM.from_config(
                 config, experts_implementation=experts_implementation, trust_remote_code=False
             )

@@ -71,3 +71,20 @@ def test_over_the_budget_nothing_is_kept(tiny_ckpt):
     small = ExpertInputs(budget=1000)
     _capture(layer, down, mids, small)
     assert small.full and not small.covers([0, 1]) and not small.batches
+
+
+def test_half_precision_replay_is_accepted_within_its_rounding(tiny_ckpt, caplog):
+    """bf16 calibration (the GPU default): the replay differs from the forward by bf16 rounding only, which
+    must not count as a different formula."""
+    handle, layer, down = _layer_and_down(tiny_ckpt, "qwen3_moe")
+    layer = layer.to(torch.bfloat16)
+    mids = [torch.randn(2, 9, handle.text_config.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
+            for _ in range(2)]
+    keep = ExpertInputs()
+    _capture(layer, down, mids, keep)
+    want = mlp_half(layer, mids)
+    with caplog.at_level(logging.INFO, logger="moecompress"), keep.replay([0, 1]):
+        got = mlp_half(layer, mids)
+    assert "do not reproduce" not in caplog.text
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

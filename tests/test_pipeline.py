@@ -196,3 +196,18 @@ def test_feed_from_the_kept_expert_activations_matches_recomputing_them(tiny_ckp
         step = again[name].float().abs().max().clamp_min(1e-12) / 7
         # a rare code may round the other way on a float-rounding difference of the feed: at most one step
         assert float(d.max()) <= float(step) + 1e-6 and float((d > 1e-6).float().mean()) < 0.01, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linears_reading_the_attention_input_are_solved_together(tiny_ckpt, tmp_path, family):
+    """Every family's attention input projections (q/k/v, MLA's q_a/kv_a, Qwen3.5's delta-net in_proj) read
+    one tensor: found at run time, captured once and solved as one stacked weight, recorded per linear."""
+    s = quantize(tiny_ckpt(family), tmp_path / "q", quick_config())
+    groups = {tuple(v["solved_with"]) for rec in s["layers"] for v in rec["linears"].values()
+              if isinstance(v, dict) and v.get("solved_with")}
+    want = {"self_attn.q_proj", "self_attn.q_a_proj", "linear_attn.in_proj_qkv"}
+    assert any(set(g) & want and len(g) >= 2 for g in groups), groups
+    for rec in s["layers"]:
+        for name, v in rec["linears"].items():
+            if isinstance(v, dict) and v.get("solved_with"):
+                assert name in v["solved_with"] and v["output_rel_err"] < v["rtn_output_rel_err"], (name, v)

@@ -50,19 +50,19 @@ def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device
 
 
 def load_calibration(cfg: QuantizeConfig, model_dir: Path):
-    with gc_paused():
-        from transformers import AutoTokenizer
-
     from .calib.data import load_texts, make_calibration_windows
 
     files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
     if not any((model_dir / f).is_file() for f in files):
         raise UserError(f"{model_dir} has no tokenizer files ({', '.join(files[:3])}...): calibration needs the tokenizer")
-    try:
-        with gc_paused():
+    with gc_paused():  # the tokenizer's imports and construction
+        from transformers import AutoTokenizer
+
+        try:
             tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except Exception as e:
-        raise UserError(f"cannot load the tokenizer of {model_dir} (needed for calibration): {str(e).splitlines()[0]}") from None
+        except Exception as e:
+            raise UserError(f"cannot load the tokenizer of {model_dir} (needed for calibration): "
+                            f"{str(e).splitlines()[0]}") from None
     texts = load_texts(cfg.calib)
     return make_calibration_windows(texts, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
 

@@ -179,36 +179,29 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
     rtn_deq = rtn_quantize(wc, qspec).dequantize() if H is not None and method != "rtn" else None
     qw = round_scales(qw, store_dtype)
     deq = qw.dequantize(torch.float32)
-    if splits is not None:
-        return qw, _split_infos(stats[0], wc, deq, rtn_deq, H, splits)
-    energy = None if H is None else output_energy(wc, H.float())
-    base = None if rtn_deq is None else output_rel_error(wc, rtn_deq, H.float(), energy)
-    werr = weight_rel_error(wc, deq)
-    oerr = output_rel_error(wc, deq, H.float(), energy) if H is not None else None
-    for j, info in enumerate(stats):
-        info["weight_rel_err"] = float(werr[j])
-        info["output_rel_err"] = None if oerr is None else float(oerr[j])
-        if base is not None:
-            info["rtn_output_rel_err"] = float(base[j])
-    return qw, stats
+    if splits is None:
+        return qw, [dict(info, **err) for info, err in zip(stats, _errors(wc, deq, rtn_deq, H))]
+    # one member whose rows are several linears: the shared solver facts (not GPTQ's joint loss), and each
+    # linear's own errors
+    shared = {k: v for k, v in stats[0].items() if k != "loss"}
+    bounds = [0, *torch.tensor(splits).cumsum(0).tolist()]
+    return qw, [dict(shared, **_errors(wc[:, a:b], deq[:, a:b], None if rtn_deq is None else rtn_deq[:, a:b], H)[0])
+                for a, b in zip(bounds, bounds[1:])]
 
 
-def _split_infos(info: dict, wc, deq, rtn_deq, H, splits: list[int]) -> list[dict]:
-    """One info per stacked linear (rows ``splits`` of the single member): the shared solver facts, and
-    each linear's own errors."""
-    out, start = [], 0
+def _errors(w, deq, rtn_deq, H) -> list[dict]:
+    """Per member of ``w [B, N, K]``: the weight's and the output's relative error, and RTN's output error."""
     h = None if H is None else H.float()
-    for n in splits:
-        rows = slice(start, start + n)
-        start += n
-        w, d = wc[:, rows], deq[:, rows]
-        one = {k: v for k, v in info.items() if k != "loss"}
-        energy = None if h is None else output_energy(w, h)
-        one["weight_rel_err"] = float(weight_rel_error(w, d)[0])
-        one["output_rel_err"] = None if h is None else float(output_rel_error(w, d, h, energy)[0])
-        if rtn_deq is not None:
-            one["rtn_output_rel_err"] = float(output_rel_error(w, rtn_deq[:, rows], h, energy)[0])
-        out.append(one)
+    energy = None if h is None else output_energy(w, h)
+    werr = weight_rel_error(w, deq)
+    oerr = None if h is None else output_rel_error(w, deq, h, energy)
+    base = None if rtn_deq is None else output_rel_error(w, rtn_deq, h, energy)
+    out = []
+    for j in range(w.shape[0]):
+        e = {"weight_rel_err": float(werr[j]), "output_rel_err": None if oerr is None else float(oerr[j])}
+        if base is not None:
+            e["rtn_output_rel_err"] = float(base[j])
+        out.append(e)
     return out
 
 

@@ -34,6 +34,17 @@ def tiny_ckpt(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def quick_demo_cache(tmp_path_factory):
+    """A cache folder holding the quick demo model, trained once per session (~1 minute) for every test
+    that needs it: ``moecompress.demo_model.demo_model_path(quick_demo_cache, quick=True)``."""
+    from moecompress.demo_model import demo_model_path
+
+    cache = tmp_path_factory.mktemp("demo_cache")
+    demo_model_path(cache, quick=True)
+    return cache
+
+
 def quick_config(**kw):
     """Quantization settings small enough for tests (few short calibration windows)."""
     from moecompress.recipe import build_config

@@ -280,7 +280,7 @@ def test_inspect_quantized_checkpoint(capsys, tmp_path, tiny_ckpt, fmt):
     src = _with_mtp(tiny_ckpt("qwen3_5_moe"), tmp_path / "m")
     q = tmp_path / "q"
     rc, err = _run(capsys, "quantize", str(src), "--out", str(q), "--method", "rtn", "--group-size", "32",
-                   "--format", fmt, "--threads", "1")
+                   "--format", fmt, "--threads", "1", "--calib-samples", "4", "--seq-len", "32")
     assert rc == 0, err
     assert main(["inspect", str(q)]) == 0
     out = capsys.readouterr().out

@@ -68,8 +68,8 @@ def test_wide_variant_has_production_expert_layout():
 
 
 @pytest.fixture(scope="module")
-def quick_model(tmp_path_factory):
-    return build_demo_model(tmp_path_factory.mktemp("demo") / "demo", quick=True)
+def quick_model(quick_demo_cache):
+    return demo_model_path(quick_demo_cache, quick=True)  # built (by build_demo_model) once per session
 
 
 @pytest.mark.slow

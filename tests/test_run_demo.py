@@ -1,4 +1,4 @@
-"""`moecompress demo --quick` end to end: builds the quick demo model, quantizes, evaluates, reports."""
+"""`moecompress demo --quick` end to end: finds the quick demo model in --cache, quantizes, evaluates, reports."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from moecompress.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    run, cache = tmp_path / "demo", tmp_path / "cache"
+def test_quick_demo_end_to_end(tmp_path, capsys, quick_demo_cache):
+    # the quick model is trained once per session (test_demo_model checks that build); the demo finds it
+    # in --cache and builds nothing
+    run, cache = tmp_path / "demo", quick_demo_cache
+    before = sorted(p.name for p in cache.iterdir())
     assert main(["demo", "--quick", "--out", str(run), "--cache", str(cache)]) == 0
     out = capsys.readouterr().out
     assert f"report: {run / 'report.html'}" in out and "demo took" in out
     assert "verdict W3 g64" in out and "GPTQ beats RTN by more than the seed spread: " in out
-    assert [p.name for p in cache.iterdir() if p.name.startswith("demo-")]  # the model was built in --cache
+    assert sorted(p.name for p in cache.iterdir()) == before  # the model in --cache was used, nothing added
 
     report = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}

@@ -353,7 +353,16 @@ def test_baseline_command_end_to_end(tiny_ckpt, tmp_path):
 # ---------------------------------------------------------------- bad input (CLI: one line, exit 2)
 
 
-def _cli(*args) -> tuple[int, str]:
+def _cli(capsys, *args) -> tuple[int, str]:
+    """The CLI in this process (as ``python -m moecompress`` runs it, minus the interpreter's start)."""
+    from moecompress.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err.strip()
+
+
+def _cli_process(*args) -> tuple[int, str]:
     import subprocess
     import sys
 
@@ -362,7 +371,7 @@ def _cli(*args) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path):
+def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
     src = tiny_ckpt("qwen3_moe")
     z = tmp_path / "z"
     add_zero_experts(src, z, 2)
@@ -380,8 +389,9 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path):
         (("zero-experts", "baseline", src, "--rule", "top-k", "--target-skip", 0.3, "--out", tmp_path / "a",
           "--calib-samples", 2, "--seq-len", 32), "closest reached"),
     ]
-    for args, msg in cases:
-        rc, err = _cli(*args)
+    for i, (args, msg) in enumerate(cases):
+        # the first through a real process (its exit status), the rest in this one (the same main())
+        rc, err = _cli_process(*args) if i == 0 else _cli(capsys, *args)
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, (args, rc, err)
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.tmp-*"))
     bad = tmp_path / "badrule"
@@ -389,7 +399,7 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["zero_experts_rule"]["value"] = 1.5
     (bad / "config.json").write_text(json.dumps(cfg))
-    rc, err = _cli("inspect", bad)
+    rc, err = _cli(capsys, "inspect", bad)
     assert rc == 2 and "beta=1.5 must lie in [0, 1]" in err
 
 

@@ -249,26 +249,33 @@ def test_kill_9_at_random_points_then_resume(deep, reference, tmp_path):
     assert digest(out) == digest(reference)
 
     rng = random.Random(1234)
-    killed_states = []
-    for k in range(10):
+    delays = [rng.uniform(0, span) for _ in range(10)]
+
+    def kill_and_resume(k: int):
+        """Run k: killed ``delays[k]`` s into its layer loop, resumed; its state at the kill (after the checks)."""
         out = tmp_path / f"k{k}"
         partial = tmp_path / f".k{k}.partial"
         proc = subprocess.Popen(_cli(deep, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not partial.exists() and proc.poll() is None:
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, span))
+        time.sleep(delays[k])
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if out.exists():  # the run finished before the kill: nothing to resume
-            killed_states.append("finished")
             assert digest(out) == digest(reference) and not partial.exists()
-            continue
-        else:
-            m = partial / "manifest.json"
-            killed_states.append(json.loads(m.read_text())["layers_done"] if m.exists() else "no commit")
+            return "finished"
+        m = partial / "manifest.json"
+        state = json.loads(m.read_text())["layers_done"] if m.exists() else "no commit"
         p = subprocess.run(_cli(deep, out, "--resume"), env=env, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
-        assert digest(out) == digest(reference), (k, killed_states[-1])
+        assert digest(out) == digest(reference), (k, state)
         assert not partial.exists()
+        return state
+
+    # two runs at a time: each is one thread (--threads 1), so on two cores a pair takes about one run's time
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        killed_states = list(pool.map(kill_and_resume, range(10)))
     print("states at the kills:", killed_states)
     assert sum(isinstance(s, int) for s in killed_states) >= 5, killed_states  # most kills hit the layer loop

@@ -131,6 +131,50 @@ def test_resume_refuses_other_settings_and_overwrite_discards(deep, tmp_path, mo
     assert "resumed_at" not in s and s["recipe"]["bits"] == 3 and not (tmp_path / ".q.partial").exists()
 
 
+def test_resume_refuses_a_partial_run_of_another_build(deep, tmp_path, monkeypatch):
+    """The finished layers of another build's run would not match what this build writes: refused, one line,
+    the partial folder kept; a manifest without a build record (older builds) likewise."""
+    from moecompress import build_id
+
+    out, manifest = tmp_path / "q", tmp_path / ".q.partial" / "manifest.json"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    assert json.loads(manifest.read_text())["build"] == build_id.build_id()
+    monkeypatch.setattr(build_id, "code_hash", lambda: "0123456789abcdef")
+    with pytest.raises(UserError, match=r"started by moecompress .*, code [0-9a-f]{16}, and this is moecompress "
+                                        r".*, code 0123456789abcdef.*--overwrite") as e:
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    assert "\n" not in str(e.value) and manifest.is_file()
+    monkeypatch.undo()
+    m = json.loads(manifest.read_text())
+    del m["build"]
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="started by an older build that did not record itself"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+
+
+def test_code_hash_follows_the_sources(tmp_path, monkeypatch):
+    from moecompress import build_id
+
+    h = build_id.code_hash()
+    assert len(h) == 16 and h == build_id.code_hash()
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "build_id.py").write_text("x = 1\n")
+    (pkg / "sub" / "a.py").write_text("y = 2\n")
+    monkeypatch.setattr(build_id, "__file__", str(pkg / "build_id.py"))
+    hashes = []
+    for edit in (None, "y = 3\n", "y = 2\n"):
+        if edit:
+            (pkg / "sub" / "a.py").write_text(edit)
+        build_id.code_hash.cache_clear()
+        hashes.append(build_id.code_hash())
+    build_id.code_hash.cache_clear()
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2] and h not in hashes
+
+
 def test_resume_refuses_another_source(deep, tmp_path, monkeypatch):
     import shutil
 

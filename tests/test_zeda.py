@@ -492,3 +492,22 @@ def test_bf16_autocast_keeps_the_router_in_fp32_and_trains(tiny_ckpt, tmp_path):
     rec = run_zeda(src, out, build_zeda_config(precision="bf16", target_skip=0.5, lr=2e-2, **QUICK))
     assert rec["zero_experts"]["final"]["mean_skip"] > 0.05
     assert json.loads((out / "zeda_log.json").read_text())["settings"]["precision"] == "bf16"
+
+
+def test_resume_state_of_another_build_is_refused(tmp_path, monkeypatch):
+    """A training checkpoint records the build that wrote it; another build (or none recorded) is refused."""
+    from moecompress import build_id
+    from moecompress.zeda.resume import ResumeState
+
+    st = ResumeState(tmp_path / "out", {"lr": 0.005, "log_every": 10}, "src")
+    st.path.mkdir()
+    torch.save({"source": "src", "settings": json.dumps({"lr": 0.005}), "build": json.dumps(build_id.build_id())},
+               st.file)
+    st.check()  # the same build, settings and source
+    monkeypatch.setattr(build_id, "code_hash", lambda: "f" * 16)
+    with pytest.raises(UserError, match=r"started by moecompress .*, and this is moecompress .*, code f{16}"):
+        st.check()
+    monkeypatch.undo()
+    torch.save({"source": "src", "settings": json.dumps({"lr": 0.005})}, st.file)
+    with pytest.raises(UserError, match="an older build that did not record itself"):
+        st.check()

@@ -8,8 +8,9 @@ atomically (temporary file, then rename). A ``kill -9`` at any moment therefore 
 committed layer intact, and ``--resume`` goes on from there; since every layer is a deterministic
 function of its weights and its feed, the result is byte-identical to an uninterrupted run.
 
-The manifest names the settings and a fingerprint of the source checkpoint (its config and the headers
-of its shards); a resume whose settings or source differ is refused, naming the first difference.
+The manifest names the build of moecompress that started the run (:mod:`moecompress.build_id`), the
+settings and a fingerprint of the source checkpoint (its config and the headers of its shards); a resume
+by another build, or whose settings or source differ, is refused, naming the first difference.
 Nothing here is read with pickle: the manifest is JSON, the feed safetensors.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..build_id import build_id, check_same_build
 from ..errors import UserError
 from .writer import _make_parents, _remove_empty, missing_parents
 
@@ -90,6 +92,7 @@ class PartialRun:
     def check(self) -> dict:
         """The manifest, or UserError naming the first difference from this run."""
         m = self.manifest()
+        check_same_build(m.get("build"), self.path)
         if m["source"] != self.source:
             raise UserError(f"cannot resume {self.path}: the source checkpoint differs from the one it was started "
                             "on (its config or weights changed); pass --overwrite to start over")
@@ -135,7 +138,8 @@ class PartialRun:
         """Save the state after ``layers_done`` layers, once every chunk's feed is saved: the manifest that
         points to them (atomically), then drop what the previous manifest needed."""
         prefix = f"feed-{layers_done:05d}" if has_feed else None
-        manifest = {"format": FORMAT, "settings": self.settings, "settings_hash": settings_hash(self.settings),
+        manifest = {"format": FORMAT, "build": build_id(), "settings": self.settings,
+                    "settings_hash": settings_hash(self.settings),
                     "source": self.source, "num_layers": num_layers, "layers_done": layers_done,
                     "writer": writer_state, "feed": prefix, "records": records, **(extra or {})}
         tmp = self.path / f".{MANIFEST}.tmp"

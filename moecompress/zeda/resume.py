@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..build_id import build_id, check_same_build
 from ..errors import UserError
 
 # settings a resumed run may change without changing the result
@@ -48,6 +49,7 @@ class ResumeState:
     def check(self) -> None:
         """UserError naming the first difference when the saved run is not this run."""
         state = self._read()
+        check_same_build(json.loads(state["build"]) if "build" in state else None, self.path)
         if state["source"] != self.source:
             raise UserError(f"{self.path} is a ZEDA run of another source checkpoint (or it changed since); "
                             "pass --overwrite to start over")
@@ -70,7 +72,7 @@ class ResumeState:
                    for i, r in student.routers.items() if r.e_score_correction_bias is not None}
         state = {"step": step, "params": params, "buffers": buffers, "opt": opt_state,
                  "gen": gen.get_state(), "history": json.dumps(history), "settings": json.dumps(self.settings),
-                 "source": self.source}
+                 "source": self.source, "build": json.dumps(build_id())}
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / f".state.pt.tmp-{os.getpid()}"
         torch.save(state, tmp)

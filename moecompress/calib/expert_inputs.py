@@ -19,7 +19,10 @@ from torch import nn
 
 log = logging.getLogger("moecompress")
 
-KEEP_BYTES = 1 << 30  # at most this many bytes of activations kept per layer (1 GiB)
+# at most this many bytes of activations kept per layer (1 GiB). Fixed on purpose: a kept feed and a
+# recomputed one differ by float rounding, so a budget that followed the memory free at run time would
+# make the output bytes depend on the machine's state (determinism, and --resume's same bytes)
+KEEP_BYTES = 1 << 30
 # the replayed output's largest allowed relative (Frobenius) difference from the forward's: float rounding
 # only (a different formula differs by order 1); half precision rounds ~2**-8 per product
 _CHECK_REL = {torch.float32: 1e-4, torch.float64: 1e-6}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import zlib
 
 import pytest
@@ -43,6 +44,23 @@ def quick_demo_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo_cache")
     demo_model_path(cache, quick=True)
     return cache
+
+
+_BAR = re.compile(r"\|.*\| *\d+/\d+ \[")  # a tqdm bar: "desc:  40%|####  | 2/5 [00:01<00:01, ...]"
+
+
+def run_cli(capsys, *argv):
+    """``moecompress`` in this process (the ``main()`` that ``python -m moecompress`` runs): (exit code, the
+    stderr lines that are not progress bars or blank)."""
+    from moecompress.cli import main
+
+    rc = main([str(a) for a in argv])
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # tqdm's cursor moves
+    return rc, [l for l in err.splitlines() if l.strip() and not _BAR.search(l)]
+
+
+# a ZEDA run small enough for tests (settings of moecompress.zeda.config.ZedaConfig)
+ZEDA_QUICK = dict(prompts=8, prompt_len=16, gen_len=12, batch=4, stage1_steps=8, stage2_steps=4, log_every=2)
 
 
 def quick_config(**kw):

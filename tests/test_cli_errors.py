@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import pytest
 
+from conftest import run_cli
 from moecompress.cli import main
 
 
-_BAR = re.compile(r"\|.*\| *\d+/\d+ \[")  # a tqdm bar: "desc:  40%|####  | 2/5 [00:01<00:01, ...]"
-
-
-def _run(capsys, *argv):
-    """(exit code, stderr lines that are not progress bars or blank)."""
-    rc = main(list(argv))
-    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # tqdm's cursor moves
-    err = [l for l in err.splitlines() if l.strip() and not _BAR.search(l)]
-    return rc, err
+_run = run_cli  # (exit code, stderr lines that are not progress bars or blank)
 
 
 def _copy(src, dst):

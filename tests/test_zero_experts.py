@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES, quick_config
+from conftest import FAMILIES, quick_config, run_cli
 from moecompress.checkpoint.load import load_model
 from moecompress.errors import UserError
 from moecompress.zero.convert import convert_layout
@@ -355,11 +355,9 @@ def test_baseline_command_end_to_end(tiny_ckpt, tmp_path):
 
 def _cli(capsys, *args) -> tuple[int, str]:
     """The CLI in this process (as ``python -m moecompress`` runs it, minus the interpreter's start)."""
-    from moecompress.cli import main
-
     capsys.readouterr()
-    rc = main([str(a) for a in args])
-    return rc, capsys.readouterr().err.strip()
+    rc, lines = run_cli(capsys, *args)
+    return rc, "\n".join(lines)
 
 
 def _cli_process(*args) -> tuple[int, str]:

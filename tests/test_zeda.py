@@ -12,7 +12,7 @@ from conftest import ZEDA_QUICK as QUICK
 from moecompress.checkpoint.load import load_model
 from moecompress.errors import UserError
 from moecompress.zeda.config import build_zeda_config
-from moecompress.zeda.losses import forward_kl, group_balance, reverse_kl, zero_mass
+from moecompress.zeda.losses import balance_surrogate, forward_kl, group_balance, reverse_kl, zero_mass
 from moecompress.zeda.student import build_student, teacher_mode, warm_start
 
 
@@ -30,6 +30,23 @@ def test_losses_against_hand_computed_values():
     probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])  # E = 1 real expert, 2 zero experts
     assert zero_mass(probs, 1).item() == pytest.approx(0.7)
     assert group_balance([torch.tensor(0.7), torch.tensor(0.5)], 0.5).item() == pytest.approx(0.2 ** 2 / 2)
+    # over the model: only the mean share (0.6) is steered
+    assert group_balance([torch.tensor(0.7), torch.tensor(0.5)], 0.5, "model").item() == pytest.approx(0.1 ** 2)
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_balance_surrogate_has_the_balance_gradient(scope):
+    """Two ranks' surrogates, averaged, have the gradient of the balance of the ranks' mean shares."""
+    torch.manual_seed(0)
+    a = torch.rand(4, requires_grad=True)  # rank 0's per-layer shares
+    b = torch.rand(4, requires_grad=True)
+    exact = group_balance(list((a + b) / 2), 0.5, scope)
+    ga, gb = torch.autograd.grad(exact, (a, b))
+    glob = ((a + b) / 2).detach()
+    sur = (balance_surrogate(glob, a, 0.5, scope) + balance_surrogate(glob, b, 0.5, scope)) / 2
+    sa, sb = torch.autograd.grad(sur, (a, b))
+    torch.testing.assert_close((sa, sb), (ga, gb))
+    assert balance_surrogate(glob, a, 0.5, scope).item() != 0.0
 
 
 @pytest.mark.parametrize("family,mode", [("qwen3_moe", "same"), ("qwen3_moe", "plus-one"), ("deepseek_v3", "same")])

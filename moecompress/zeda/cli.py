@@ -33,6 +33,8 @@ from ..units import nonempty_path
               help="Weight of the guard keeping the real experts' relative routing (when their rows train).")
 @click.option("--balance", type=click.Choice(["slots", "mass"]), default="slots", show_default=True,
               help="What the balancing loss steers: a soft count of zero slots, or the zero rows' probability mass.")
+@click.option("--balance-scope", type=click.Choice(["layer", "model"]), default="layer", show_default=True,
+              help="Steer every layer's zero share to --target-skip, or only their mean (layers may then differ).")
 @click.option("--trainable", type=click.Choice(["routers", "zero-rows", "routers+norms", "lora"]), default="routers",
               show_default=True, help="zero-rows: the real experts' router rows stay the original's; lora: the "
                                       "routers and a LoRA adapter per routed expert (needs peft), merged at export.")
@@ -50,7 +52,7 @@ from ..units import nonempty_path
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)
 def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_skip, data, prompts, prompt_len, gen_len, stage1_steps,
-         stage2_steps, lr, batch, balance_weight, route_weight, balance, trainable, lora_rank, lora_lr, device, precision, shard, seed, layout, resume, checkpoint_every,
+         stage2_steps, lr, batch, balance_weight, route_weight, balance, balance_scope, trainable, lora_rank, lora_lr, device, precision, shard, seed, layout, resume, checkpoint_every,
          overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from .config import build_zeda_config
@@ -59,7 +61,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
     cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, zero_weights=zero_weights, zero_logits=zero_logits,
                             target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
-                            stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance,
+                            stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance, balance_scope=balance_scope,
                             trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, precision=precision, shard=shard, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)

@@ -33,6 +33,8 @@ class ZedaConfig(BaseModel):
     batch: int = Field(8, gt=0)
     balance_weight: float = Field(1.0, ge=0)
     balance: Literal["slots", "mass"] = "slots"
+    # where the balancing loss steers the zero share: each layer's, or only the mean over layers (losses.py)
+    balance_scope: Literal["layer", "model"] = "layer"
     route_weight: float = Field(1.0, ge=0)
     trainable: Literal["routers", "zero-rows", "routers+norms", "lora"] = "routers"
     # --trainable lora: the routers, plus a rank-r adapter per routed expert (gate/up and down; peft)

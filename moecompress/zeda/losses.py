@@ -7,8 +7,9 @@
 * :func:`reverse_kl` -- stage 2, KL(student || teacher) on the student's own samples.
 * :func:`group_balance` -- per MoE layer, the zero group's share of the slots, averaged over
   tokens, is pulled toward the target skip rate; the loss is the mean over layers of the squared
-  gap. Per layer rather than over all layers: a pooled target lets some layers skip everything and
-  others nothing, and the speedup depends on every layer. The share is made differentiable by the
+  gap (``balance_scope="layer"``, the default). ``"model"`` steers only the mean over layers -- what the
+  expert FLOPs saved depend on -- and lets the distillation decide which layers skip more; a pooled target
+  can let some layers skip everything and others nothing. The share is made differentiable by the
   router's *soft slot count* (``balance="slots"``, the default: see
   ``ZeroExpertRouter._soft_skip``), or approximated by the zero group's share of the selection
   distribution (``balance="mass"``). The mass proxy works against the distillation: to hold half
@@ -51,9 +52,20 @@ def zero_mass(probs: torch.Tensor, num_experts: int) -> torch.Tensor:
     return probs[:, num_experts:].sum(-1).mean()
 
 
-def group_balance(masses: list[torch.Tensor], target: float) -> torch.Tensor:
-    """Mean over layers of ``(zero-group mass - target)^2``."""
-    return torch.stack([(m - target) ** 2 for m in masses]).mean()
+def group_balance(masses: list[torch.Tensor], target: float, scope: str = "layer") -> torch.Tensor:
+    """``scope="layer"``: mean over layers of ``(zero-group share - target)^2``; ``"model"``: the squared gap
+    of the mean share over layers (the model's share of expert compute skipped)."""
+    m = torch.stack(list(masses))
+    return ((m - target) ** 2).mean() if scope == "layer" else (m.mean() - target) ** 2
+
+
+def balance_surrogate(glob: torch.Tensor, local: torch.Tensor, target: float, scope: str = "layer") -> torch.Tensor:
+    """A loss whose gradient, averaged over the ranks, is that of :func:`group_balance` of the global per-layer
+    shares ``glob`` (no gradient) with respect to this rank's ``local`` ones (first order: d(g - t)^2 = 2 (g - t) dg,
+    and ``glob`` is the ranks' mean of ``local``)."""
+    if scope == "layer":
+        return (2.0 * (glob - target) * local).mean()
+    return 2.0 * (glob.mean() - target) * local.mean()
 
 
 def slot_share(ids: torch.Tensor, num_experts: int) -> float:

@@ -36,7 +36,7 @@ from ..zero.inject import check_num_zero, open_float_original
 from ..zero.layout import ZeroExperts, text_config_dict, write_zero_experts
 from ..zero.rewrite import rewrite_checkpoint
 from .config import ZedaConfig
-from .losses import forward_kl, group_balance, reverse_kl, slot_share, zero_mass
+from .losses import balance_surrogate, forward_kl, group_balance, reverse_kl, slot_share, zero_mass
 from ..distributed import SINGLE, Ranks
 from .distributed import full, mean, share, shard_fsdp, wrap
 from ..checkpoint.partial import source_fingerprint
@@ -99,9 +99,9 @@ def _step(student: Student, forward, seq: torch.Tensor, stage: int, cfg: ZedaCon
     else:
         local = torch.stack([zero_mass(r.aux["probs"], r.num_experts) for r in routers])
     glob = mean(d, local)  # every layer's share over the whole global batch
-    bal = group_balance(list(glob), cfg.target_skip)
+    bal = group_balance(list(glob), cfg.target_skip, cfg.balance_scope)
     # first-order surrogate: averaged over the ranks, its gradient is exactly that of ``bal`` (see .distributed)
-    bal_grad = (2.0 * (glob - cfg.target_skip) * local).mean()
+    bal_grad = balance_surrogate(glob, local, cfg.target_skip, cfg.balance_scope)
     kls = [r.aux["real_kl"] for r in routers if "real_kl" in r.aux]
     route = torch.stack(kls).mean() if kls else torch.zeros((), device=seq.device)
     loss = kd + cfg.balance_weight * bal_grad + cfg.route_weight * route

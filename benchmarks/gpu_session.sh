@@ -16,6 +16,9 @@
 #   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py tests/test_pipeline_cuda.py -> tests.log
 #   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
 #   e2e    benchmarks/e2e_decode.py --layers $E2E_LAYERS (4)     -> e2e.log, e2e.json
+#   offload  expert offload on the GPU: its tests (tests/test_runtime_cpu_packed.py -k offload), then
+#          benchmarks/offload_decode.py: decode tok/s with 128/96/64/32/0 experts per layer on the GPU (the rest
+#          on the CPU) beside `moecompress plan`'s estimate, Qwen3-30B-A3B shapes, 2 layers -> offload.json
 # Timeouts: 520 s shared by the selected steps in proportion to WEIGHT below (one alone: 520 s);
 # override with TESTS_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT (seconds) or BUDGET.
 # Everything lands in $OUT: summary.txt, setup.log, steps.log (every step's output) and the JSON files (the
@@ -51,7 +54,7 @@ fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(zero layer e2e tests)
 for s in "${steps[@]}"; do
-    case $s in tests|bench|e2e|zero|align|layer|sweep) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep; fetch-wheels on the dev machine)"; exit 2;; esac
+    case $s in tests|bench|e2e|zero|align|layer|sweep|offload) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep, offload; fetch-wheels on the dev machine)"; exit 2;; esac
 done
 
 OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
@@ -63,7 +66,7 @@ SETUP=$OUT/setup.log
 # whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
 # TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
 BUDGET=${BUDGET:-520}
-declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100)
+declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100 [offload]=160)
 total_w=0
 for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
 limit() {  # step -> seconds
@@ -212,6 +215,14 @@ for s in "${steps[@]}"; do
         run_step e2e "$(limit e2e)" env TRITON_INTERPRET=0 "$PY" benchmarks/e2e_decode.py \
             --device cuda --layers "${E2E_LAYERS:-4}" --workdir "${E2E_WORKDIR:-/tmp/moecompress_e2e}" \
             --json "$OUT/e2e.json"
+        ;;
+    offload)  # a third of the step's time for the tests, the rest for the measurement
+        secs=$(limit offload)
+        run_step offload-tests $((secs / 3)) env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -rfEs -p no:cacheprovider \
+            tests/test_runtime_cpu_packed.py -k offload
+        run_step offload $((secs - secs / 3)) env TRITON_INTERPRET=0 "$PY" benchmarks/offload_decode.py --device cuda \
+            --near all,96,64,32,0 --new-tokens 16 --repeats 3 --workdir "${OFFLOAD_WORKDIR:-/tmp/moecompress_offload}" \
+            --json "$OUT/offload.json"
         ;;
     esac
 done

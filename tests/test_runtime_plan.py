@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moecompress.errors import UserError
-from moecompress.runtime.plan import ModelParts, Part, model_parts, plan
+from moecompress.runtime.plan import ModelParts, Part, estimate, model_parts, plan
 
 MB = 1 << 20
 
@@ -34,6 +34,11 @@ def test_the_most_used_experts_go_to_the_gpu():
     assert pl.decode_tokens_per_s == pytest.approx(1 / (30 * MB / g + t0 + t1))
     assert pl.all_on_gpu_tokens_per_s > pl.decode_tokens_per_s
     assert [r["gpu_hit_share"] for r in pl.per_layer] == pytest.approx([0.7, 0.25])
+    # the same figure for a placement given by hand (what benchmarks/offload_decode.py sets beside a measurement)
+    assert estimate(parts, {0: [0], 1: [0]}, load=load)[0] == pytest.approx(pl.decode_tokens_per_s)
+    assert estimate(parts, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})[0] == pytest.approx(pl.all_on_gpu_tokens_per_s)
+    everything_far = 1 / (30 * MB / g + 2 * (20 * MB / g + 4 * 0.25 * 10 * MB / c + hop))  # uniform, top-1: P = 1/4
+    assert estimate(parts, {})[0] == pytest.approx(everything_far)
 
 
 def test_uniform_load_and_a_vram_floor():

@@ -135,13 +135,7 @@ def plan(parts: ModelParts, vram_bytes: int, *, context: int = 4096, ram_bytes: 
         raise UserError(f"--vram {_gib(vram_bytes)} is below what the non-expert part needs: {_gib(need)} "
                         f"(weights {_gib(dense)}, KV cache for {context} tokens {_gib(kv)}, scratch "
                         f"{_gib(reserve_bytes)}); give at least that, or a shorter --context")
-    shares = {}
-    for layer, sizes in parts.experts.items():
-        row = (load or {}).get(layer)
-        if row is None or len(row) != len(sizes) or sum(row) <= 0:
-            row = [1.0] * len(sizes)
-        tot = float(sum(row))
-        shares[layer] = [min(1.0, parts.top_k * r / tot) for r in row]  # P(expert among a token's k)
+    shares = _shares(parts, load)
     free = vram_bytes - need
     order = sorted(((p, layer, e) for layer, ps in shares.items() for e, p in enumerate(ps)),
                    key=lambda t: (-t[0], t[1], t[2]))
@@ -162,6 +156,25 @@ def plan(parts: ModelParts, vram_bytes: int, *, context: int = 4096, ram_bytes: 
     everything = {layer: list(range(len(s))) for layer, s in parts.experts.items()}
     out.all_on_gpu_tokens_per_s, _ = _estimate(parts, shares, everything, gpu_gbps, cpu_gbps, pcie_gbps)
     return out
+
+
+def estimate(parts: ModelParts, placed: dict[int, list[int]], *, load: dict[int, list[float]] | None = None,
+             gpu_gbps: float = 300.0, cpu_gbps: float = 40.0, pcie_gbps: float = 16.0) -> tuple[float, list[dict]]:
+    """The decode estimate (tokens/s at batch 1, per-layer rows) of a given placement ``{layer: experts on the
+    GPU}`` (a layer not listed has all its experts on the CPU), e.g. to set beside a measured one."""
+    return _estimate(parts, _shares(parts, load), placed, gpu_gbps, cpu_gbps, pcie_gbps)
+
+
+def _shares(parts: ModelParts, load: dict[int, list[float]] | None) -> dict[int, list[float]]:
+    """Per layer, each expert's P(among a token's k) = k x its load share (uniform without ``load``), capped at 1."""
+    shares = {}
+    for layer, sizes in parts.experts.items():
+        row = (load or {}).get(layer)
+        if row is None or len(row) != len(sizes) or sum(row) <= 0:
+            row = [1.0] * len(sizes)
+        tot = float(sum(row))
+        shares[layer] = [min(1.0, parts.top_k * r / tot) for r in row]
+    return shares
 
 
 def _estimate(parts: ModelParts, shares, placed, gpu_gbps, cpu_gbps, pcie_gbps) -> tuple[float, list[dict]]:

@@ -101,9 +101,13 @@ def _interleaved_us(blocks: dict, x: torch.Tensor, rounds: int, calls: int, warm
 
 
 def _moe_blocks_us(rts: dict, rounds: int = 20, calls: int = 100) -> dict:
-    """Median time of one decode token through each runtime's first MoE block."""
-    blocks = {key: next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
-              for key, rt in rts.items()}
+    """Median time of one decode token through each runtime's first MoE block, called as a decode step calls it
+    (its one-token closure, ``MoEBlock.one_token``, where the step has one; else the module)."""
+    blocks = {}
+    for key, rt in rts.items():
+        block = next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
+        one = block.one_token()
+        blocks[key] = block if one is None else (lambda x, one=one: one(x.view(1, -1)))
     h = next(iter(rts.values())).model.lm.config.hidden_size
     return _interleaved_us(blocks, torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0)), rounds, calls, 20)
 

@@ -302,12 +302,20 @@ class MoEBlock(nn.Module):
         self.__dict__["_decode"] = (route, decode)
         return route, decode
 
+    def one_token(self):
+        """``decode(x [1, H]) -> [1, H]``, this block's one-token path (a closure; no module call), or None where
+        that path does not apply (kernels, or routing it does not implement)."""
+        if not self._one_token_route:
+            return None
+        fns = self._decoder()
+        return fns[1] if fns else None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
-        if x.shape[0] == 1 and self._one_token_route:
-            fns = self._decoder()
-            if fns:
-                return fns[1](x).view_as(hidden)
+        if x.shape[0] == 1:
+            one = self.one_token()
+            if one is not None:
+                return one(x).view_as(hidden)
         weights, ids = self.route(x)
         e = self.experts
         # the torch path is called directly: at decode on a CPU the module-call overhead is not negligible

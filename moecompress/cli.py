@@ -7,6 +7,7 @@ errors); bugs keep their traceback.
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import sys
@@ -400,6 +401,9 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
+    from .memory import freeze_start_up
+
+    freeze_start_up()  # this process ends in _exit: start-up objects may leave the collector's view
     _exit(main())
 
 
@@ -409,6 +413,7 @@ def _exit(code: int) -> None:
     by now; what the teardown would still do is done here: logging handlers, atexit callbacks (tqdm,
     torch), the standard streams. Where another non-daemon thread still runs, the normal exit joins it."""
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        gc.unfreeze()  # the teardown then collects what start-up froze (else extensions report leaked objects)
         sys.exit(code)
     logging.shutdown()
     atexit._run_exitfuncs()

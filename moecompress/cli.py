@@ -154,7 +154,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
     from .memory import gc_paused
 
-    with gc_paused():  # torch, transformers: start-up, not garbage
+    with gc_paused(freeze=True):  # torch, transformers: start-up, not garbage
         from .distributed import Ranks
         from .pipeline import quantize as run
         from .recipe import build_config

@@ -35,35 +35,36 @@ def release_freed_memory() -> bool:
     return True
 
 
-# set by the command line (``freeze_start_up``), whose process ends with ``os._exit``: what a paused region built
-# may then leave the collector's view for good
+# set by the command line (``freeze_start_up``), whose process ends with ``os._exit``: what a paused import region
+# built may then leave the collector's view for good
 _FREEZE = False
 
 
 def freeze_start_up(on: bool = True) -> None:
-    """Let :func:`gc_paused` freeze what its regions build (``gc.freeze``): for a process that ends without
-    Python's teardown (``moecompress.cli._exit``), never for a library caller's (frozen objects in reference
-    cycles would never be collected). ``gc.unfreeze`` undoes it, as the CLI does before a normal exit."""
+    """Let ``gc_paused(freeze=True)`` regions freeze what they build (``gc.freeze``): for a process that ends
+    without Python's teardown (``moecompress.cli._exit``), never for a library caller's. Only import regions ask
+    for it: modules live as long as the process anyway, while a model built in a frozen region would never be
+    collected (transformers' models sit in reference cycles). ``gc.unfreeze`` undoes it, as the CLI does before
+    a normal exit."""
     global _FREEZE
     _FREEZE = on
 
 
 @contextlib.contextmanager
-def gc_paused():
+def gc_paused(freeze: bool = False):
     """Python's cyclic collector off inside: for start-up work that builds many long-lived objects and
     little garbage (importing torch and transformers, building a model skeleton, loading a tokenizer).
     Its collections there rescan the growing heap again and again and free next to nothing: ~0.4 s of a
     9 s quantize on the 2-core box (RESULTS.md, session 13). Back on at the end (if it was on).
 
-    Under :func:`freeze_start_up`, the region's objects are then frozen: else the first young collection after
-    the region scans all of them, and a later older one again (four such passes took 0.28 s of a 7.5 s quantize,
-    RESULTS.md session 15)."""
+    ``freeze`` (imports only), under :func:`freeze_start_up`: the region's objects are then frozen, else the first
+    young collection after the region scans all of them, and a later older one again (RESULTS.md, session 15)."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        if _FREEZE:
+        if freeze and _FREEZE:
             gc.freeze()
         if was:
             gc.enable()

@@ -51,24 +51,49 @@ def test_gc_paused_turns_the_collector_back_on_only_if_it_was_on():
 
 def test_gc_paused_freezes_what_it_built_only_when_the_cli_asks():
     """A library caller's objects never leave the collector's view; under ``freeze_start_up`` (the CLI, whose
-    process ends with os._exit) what a paused region built is frozen, so later collections skip it."""
+    process ends with os._exit) what a paused import region built is frozen, so later collections skip it."""
     import gc
 
     from moecompress.memory import freeze_start_up, gc_paused
 
     assert gc.get_freeze_count() == 0
-    with gc_paused():
+    with gc_paused(freeze=True):
         built = [[i] for i in range(1000)]  # container objects: tracked by the collector
     assert gc.get_freeze_count() == 0
     freeze_start_up()
     try:
-        with gc_paused():
+        with gc_paused():  # not an import region
+            built = [[i] for i in range(1000)]
+        assert gc.get_freeze_count() == 0
+        with gc_paused(freeze=True):
             built = [[i] for i in range(1000)]
         assert gc.get_freeze_count() >= 1000
     finally:
         freeze_start_up(False)
         gc.unfreeze()
     assert gc.get_freeze_count() == 0 and len(built) == 1000
+
+
+def test_a_model_built_under_the_cli_freeze_is_still_collected(tiny_ckpt):
+    """transformers' models sit in reference cycles: a skeleton built in a frozen region would never be freed (a
+    recipe's next variant would pile up on the last one's). Only the imports are frozen: the model is collected."""
+    import gc
+    import weakref
+
+    from moecompress.arch.handle import ModelHandle
+    from moecompress.memory import freeze_start_up
+
+    freeze_start_up()
+    try:
+        model = ModelHandle.open(tiny_ckpt("qwen3_moe")).skeleton()
+        model.__dict__["_cycle"] = model  # (the tiny model has none of its own; the demo models have)
+        refs = [weakref.ref(model), weakref.ref(model.model.layers[0].mlp)]
+        del model
+        gc.collect()
+        assert all(r() is None for r in refs), "the skeleton was frozen"
+    finally:
+        freeze_start_up(False)
+        gc.unfreeze()
 
 
 def test_the_cli_process_ends_with_nothing_reported_at_exit(tiny_ckpt, tmp_path):

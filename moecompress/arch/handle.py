@@ -56,7 +56,9 @@ class ModelHandle:
     @classmethod
     def open(cls, path: str | Path, dequantize: bool = False) -> "ModelHandle":
         """Open a checkpoint; with ``dequantize`` a quantized one reads as float (see checkpoint.load)."""
-        with gc_paused():  # imports transformers
+        with gc_paused(freeze=True):  # transformers' configuration code: imported once, never garbage
+            import transformers.models.auto.configuration_auto  # noqa: F401
+        with gc_paused():
             return cls._open(path, dequantize)
 
     @classmethod
@@ -175,7 +177,9 @@ class ModelHandle:
 
             config = copy.deepcopy(config)
             setattr(config, self.spec.num_experts_attr, self.num_experts)
-        with torch.device("meta"), gc_paused():  # imports the family's modeling code
+        with gc_paused(freeze=True):  # the family's modeling code: imported once, never garbage
+            _import_modeling(config)
+        with torch.device("meta"), gc_paused():  # the skeleton itself: garbage (in reference cycles) once dropped
             model = AutoModelForCausalLM.from_config(
                 config, experts_implementation=experts_implementation, trust_remote_code=False
             )
@@ -339,3 +343,13 @@ def _check_materialized(module: nn.Module, what: str) -> None:
     for n, t in list(module.named_parameters()) + list(module.named_buffers()):
         if t.is_meta:
             raise RuntimeError(f"{what}: '{n}' was not loaded (still on the meta device)")
+
+
+def _import_modeling(config) -> None:
+    """Import the modeling code ``AutoModelForCausalLM.from_config(config)`` will use (no model is built)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError, ImportError):  # from_config says what is wrong, in its own words
+        pass

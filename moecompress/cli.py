@@ -154,10 +154,13 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
     from .memory import gc_paused
 
-    with gc_paused(freeze=True):  # torch, transformers: start-up, not garbage
+    with gc_paused(freeze=True):  # torch, transformers, the family's code: start-up, before any model exists
+        from .arch.handle import preload_modeling
         from .distributed import Ranks
         from .pipeline import quantize as run
         from .recipe import build_config
+
+        preload_modeling(model_dir)
 
     if threads:
         import torch

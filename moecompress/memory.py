@@ -41,11 +41,11 @@ _FREEZE = False
 
 
 def freeze_start_up(on: bool = True) -> None:
-    """Let ``gc_paused(freeze=True)`` regions freeze what they build (``gc.freeze``): for a process that ends
-    without Python's teardown (``moecompress.cli._exit``), never for a library caller's. Only import regions ask
-    for it: modules live as long as the process anyway, while a model built in a frozen region would never be
-    collected (transformers' models sit in reference cycles). ``gc.unfreeze`` undoes it, as the CLI does before
-    a normal exit."""
+    """Let ``gc_paused(freeze=True)`` regions freeze what exists at their end (``gc.freeze`` takes every tracked
+    object): for a process that ends without Python's teardown (``moecompress.cli._exit``), never for a library
+    caller's. Only the CLI's start-up region asks for it, where nothing but imported modules exists yet: a model
+    alive at a freeze would never be collected (transformers' models can sit in reference cycles).
+    ``gc.unfreeze`` undoes it, as the CLI does before a normal exit."""
     global _FREEZE
     _FREEZE = on
 
@@ -57,8 +57,9 @@ def gc_paused(freeze: bool = False):
     Its collections there rescan the growing heap again and again and free next to nothing: ~0.4 s of a
     9 s quantize on the 2-core box (RESULTS.md, session 13). Back on at the end (if it was on).
 
-    ``freeze`` (imports only), under :func:`freeze_start_up`: the region's objects are then frozen, else the first
-    young collection after the region scans all of them, and a later older one again (RESULTS.md, session 15)."""
+    ``freeze`` (start-up imports only, before any model exists), under :func:`freeze_start_up`: everything then
+    alive is frozen, else the first young collection after the region scans all of it, and a later older one
+    again (RESULTS.md, session 15)."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -55,9 +55,9 @@ def load_calibration(cfg: QuantizeConfig, model_dir: Path):
     files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
     if not any((model_dir / f).is_file() for f in files):
         raise UserError(f"{model_dir} has no tokenizer files ({', '.join(files[:3])}...): calibration needs the tokenizer")
-    with gc_paused(freeze=True):  # the tokenizer's imports
+    with gc_paused():  # the tokenizer's imports and construction
         from transformers import AutoTokenizer
-    with gc_paused():  # and its construction
+
         try:
             tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
         except Exception as e:

@@ -75,22 +75,31 @@ def test_gc_paused_freezes_what_it_built_only_when_the_cli_asks():
 
 
 def test_a_model_built_under_the_cli_freeze_is_still_collected(tiny_ckpt):
-    """transformers' models sit in reference cycles: a skeleton built in a frozen region would never be freed (a
-    recipe's next variant would pile up on the last one's). Only the imports are frozen: the model is collected."""
+    """``gc.freeze`` takes every object alive: were any region after start-up to freeze (the next skeleton's, a
+    tokenizer's), a model alive by then would never be collected -- transformers' models can sit in reference
+    cycles, and a recipe's next variant would pile up on the last one's. Under the CLI's freeze, a skeleton alive
+    while another is built and a calibration tokenizer loads is still collected once dropped."""
     import gc
     import weakref
 
+    from conftest import quick_config
+
     from moecompress.arch.handle import ModelHandle
     from moecompress.memory import freeze_start_up
+    from moecompress.pipeline import load_calibration
 
+    src = tiny_ckpt("qwen3_moe")
     freeze_start_up()
     try:
-        model = ModelHandle.open(tiny_ckpt("qwen3_moe")).skeleton()
-        model.__dict__["_cycle"] = model  # (the tiny model has none of its own; the demo models have)
+        model = ModelHandle.open(src).skeleton()
+        model.__dict__["_cycle"] = model  # (the tiny model has no cycle of its own; the demo models have)
         refs = [weakref.ref(model), weakref.ref(model.model.layers[0].mlp)]
+        other = ModelHandle.open(src).skeleton()
+        load_calibration(quick_config(), src)
         del model
         gc.collect()
-        assert all(r() is None for r in refs), "the skeleton was frozen"
+        assert all(r() is None for r in refs), "a region after start-up froze a live model"
+        assert other is not None
     finally:
         freeze_start_up(False)
         gc.unfreeze()

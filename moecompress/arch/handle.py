@@ -56,9 +56,7 @@ class ModelHandle:
     @classmethod
     def open(cls, path: str | Path, dequantize: bool = False) -> "ModelHandle":
         """Open a checkpoint; with ``dequantize`` a quantized one reads as float (see checkpoint.load)."""
-        with gc_paused(freeze=True):  # transformers' configuration code: imported once, never garbage
-            import transformers.models.auto.configuration_auto  # noqa: F401
-        with gc_paused():
+        with gc_paused():  # imports transformers
             return cls._open(path, dequantize)
 
     @classmethod
@@ -177,9 +175,7 @@ class ModelHandle:
 
             config = copy.deepcopy(config)
             setattr(config, self.spec.num_experts_attr, self.num_experts)
-        with gc_paused(freeze=True):  # the family's modeling code: imported once, never garbage
-            _import_modeling(config)
-        with torch.device("meta"), gc_paused():  # the skeleton itself: garbage (in reference cycles) once dropped
+        with torch.device("meta"), gc_paused():  # imports the family's modeling code
             model = AutoModelForCausalLM.from_config(
                 config, experts_implementation=experts_implementation, trust_remote_code=False
             )
@@ -345,11 +341,19 @@ def _check_materialized(module: nn.Module, what: str) -> None:
             raise RuntimeError(f"{what}: '{n}' was not loaded (still on the meta device)")
 
 
-def _import_modeling(config) -> None:
-    """Import the modeling code ``AutoModelForCausalLM.from_config(config)`` will use (no model is built)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+def preload_modeling(path: str | Path) -> None:
+    """Import the configuration, modeling and tokenizer code a checkpoint's family will need, building nothing
+    (best effort: any problem is left for the real load to report). For the command line's start-up region, where
+    imports happen before any model exists (``memory.gc_paused(freeze=True)``)."""
     try:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except (KeyError, ValueError, ImportError):  # from_config says what is wrong, in its own words
+        import json
+
+        from transformers import AutoTokenizer  # noqa: F401
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        cls = CONFIG_MAPPING[json.loads((Path(path) / "config.json").read_text())["model_type"]]
+        MODEL_FOR_CAUSAL_LM_MAPPING[cls]
+    except Exception:  # noqa: BLE001 -- a preload only
         pass

@@ -152,15 +152,12 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
 
     On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
-    from .memory import gc_paused
+    from .memory import start_up
 
-    with gc_paused(freeze=True):  # torch, transformers, the family's code: start-up, before any model exists
-        from .arch.handle import preload_modeling
+    with start_up(model_dir):  # torch, transformers, the family's code: before any model exists
         from .distributed import Ranks
         from .pipeline import quantize as run
         from .recipe import build_config
-
-        preload_modeling(model_dir)
 
     if threads:
         import torch
@@ -285,8 +282,11 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low_memory, device, dtype, tasks,
              tasks_path, tasks_limit, threads, reference_cache, reference_cache_max_gib, json_out) -> None:
     """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""
-    from .evals.evaluate import evaluate
-    from .evals.output import check_json_path, summary, write_json_atomic
+    from .memory import start_up
+
+    with start_up(model_dir, reference):
+        from .evals.evaluate import evaluate
+        from .evals.output import check_json_path, summary, write_json_atomic
 
     if threads:
         import torch
@@ -334,7 +334,10 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype, cpu_weights,
              offload_experts, vram, load_json) -> None:
     """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
-    from .runtime.cli import generate_text, offload_placement, speed_line
+    from .memory import start_up
+
+    with start_up(model_dir):
+        from .runtime.cli import generate_text, offload_placement, speed_line
 
     if not offload_experts and (vram or load_json):
         raise UserError(f"{'--vram' if vram else '--load'} only applies with --offload-experts")

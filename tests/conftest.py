@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import re
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +93,18 @@ def poisoned():
 
     with poisoned_buffers():
         yield
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as module ``name`` (in ``sys.modules`` while inside: dataclasses look
+    their module up there)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "offload_decode.py"
-
 
 def test_smoke_on_the_cpu(tiny_ckpt, tmp_path, capsys):
-    from conftest import quick_config
+    from conftest import benchmark_module, quick_config
 
     from moecompress.pipeline import quantize
 
     q = tmp_path / "q"
     quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", bits=4, group_size=32))
-    spec = importlib.util.spec_from_file_location("offload_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / "o.json"
-    assert mod.main(["--model", str(q), "--device", "cpu", "--near", "all,3,0", "--new-tokens", "3",
-                     "--repeats", "1", "--json", str(out)]) == 0
+    with benchmark_module("offload_decode") as mod:
+        rc = mod.main(["--model", str(q), "--device", "cpu", "--near", "all,3,0", "--new-tokens", "3",
+                       "--repeats", "1", "--json", str(out)])
+    assert rc == 0
     got = json.loads(out.read_text())
     moe_layers = 2  # the tiny qwen3_moe: 2 MoE layers of 8 experts
     assert [r["offloaded_experts"] for r in got["rows"]] == [0, 5 * moe_layers, 8 * moe_layers]

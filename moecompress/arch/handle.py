@@ -341,7 +341,6 @@ def _check_materialized(module: nn.Module, what: str) -> None:
             raise RuntimeError(f"{what}: '{n}' was not loaded (still on the meta device)")
 
 
-
 def preload_modeling(path: str | Path) -> None:
     """Import the configuration, modeling and tokenizer code a checkpoint's family will need, building nothing
     (best effort: any problem is left for the real load to report). For the command line's start-up region, where

@@ -410,7 +410,12 @@ def entry() -> None:
     from .memory import freeze_start_up
 
     freeze_start_up()  # this process ends in _exit: start-up objects may leave the collector's view
-    _exit(main())
+    try:
+        code = main()
+    except BaseException:  # a bug's traceback (or a SystemExit from below): Python's normal exit follows
+        gc.unfreeze()
+        raise
+    _exit(code)
 
 
 def _exit(code: int) -> None:

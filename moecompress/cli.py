@@ -7,6 +7,7 @@ errors); bugs keep their traceback.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -17,6 +18,22 @@ import click
 
 from .errors import UserError
 from .units import nonempty_path, parse_size
+
+
+@contextlib.contextmanager
+def start_up(*model_dirs):
+    """A command's start-up: its imports (inside) and then the configuration and modeling code of each model's
+    family (``arch.handle.preload_modeling``), with the collector paused, all frozen at the end under
+    ``memory.freeze_start_up`` (set by :func:`entry`). Before any model exists."""
+    from .memory import gc_paused
+
+    with gc_paused(freeze=True):
+        yield
+        from .arch.handle import preload_modeling
+
+        for path in model_dirs:
+            if path is not None:
+                preload_modeling(path)
 
 
 def _rank_prefix() -> str:
@@ -152,8 +169,6 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
 
     On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
-    from .memory import start_up
-
     with start_up(model_dir):  # torch, transformers, the family's code: before any model exists
         from .distributed import Ranks
         from .pipeline import quantize as run
@@ -282,8 +297,6 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low_memory, device, dtype, tasks,
              tasks_path, tasks_limit, threads, reference_cache, reference_cache_max_gib, json_out) -> None:
     """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""
-    from .memory import start_up
-
     with start_up(model_dir, reference):
         from .evals.evaluate import evaluate
         from .evals.output import check_json_path, summary, write_json_atomic
@@ -334,8 +347,6 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype, cpu_weights,
              offload_experts, vram, load_json) -> None:
     """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
-    from .memory import start_up
-
     with start_up(model_dir):
         from .runtime.cli import generate_text, offload_placement, speed_line
 

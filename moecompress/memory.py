@@ -69,17 +69,3 @@ def gc_paused(freeze: bool = False):
             gc.freeze()
         if was:
             gc.enable()
-
-
-@contextlib.contextmanager
-def start_up(*model_dirs):
-    """A command's start-up: its imports (inside) and then the configuration, modeling and tokenizer code of each
-    model's family (``arch.handle.preload_modeling``), with the collector paused, all frozen at the end under
-    :func:`freeze_start_up`. For the command line only, before any model exists."""
-    with gc_paused(freeze=True):
-        yield
-        from .arch.handle import preload_modeling
-
-        for path in model_dirs:
-            if path is not None:
-                preload_modeling(path)

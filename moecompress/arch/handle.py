@@ -342,7 +342,8 @@ def _check_materialized(module: nn.Module, what: str) -> None:
 
 
 def preload_modeling(path: str | Path) -> None:
-    """Import the configuration, modeling and tokenizer code a checkpoint's family will need, building nothing
+    """Import the configuration and modeling code a checkpoint's family will need (and transformers' tokenizer
+    entry point; the family's tokenizer class still loads with the tokenizer), building nothing
     (best effort: any problem is left for the real load to report). For the command line's start-up region, where
     imports happen before any model exists (``memory.gc_paused(freeze=True)``)."""
     try:

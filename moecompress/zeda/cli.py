@@ -55,7 +55,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
          stage2_steps, lr, batch, balance_weight, route_weight, balance, balance_scope, trainable, lora_rank, lora_lr, device, precision, shard, seed, layout, resume, checkpoint_every,
          overwrite) -> None:
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
-    from ..memory import start_up
+    from ..cli import start_up
 
     with start_up(model_dir):
         from .config import build_zeda_config

@@ -91,3 +91,19 @@ def layer_rotary(handle, x, pos):
     """The family's rotary (cos, sin) for positions ``pos`` (its tables rebuilt off the meta device)."""
     rot = type(handle.skeleton().model.rotary_emb)(config=handle.text_config)
     return rot(x, pos)
+
+
+@pytest.mark.parametrize("m", [1, 63, 64, 65, 200])
+def test_gathered_rows_are_padded_with_zero_rows_to_the_block(m):
+    """The per-expert GEMMs see row counts rounded up to ``ROW_BLOCK``: the routed rows first, then zeros (which
+    add nothing to a Gram matrix)."""
+    from moecompress.calib.capture import ROW_BLOCK, gather_rows
+
+    x = torch.randn(300, 8, requires_grad=True)
+    index = torch.randperm(300)[:m]
+    got = gather_rows(x, index)
+    assert got.shape == (-(-m // ROW_BLOCK) * ROW_BLOCK, 8) and not got.requires_grad
+    assert torch.equal(got[:m], x.detach()[index]) and not got[m:].any()
+    w = gather_rows(torch.rand(300), index)  # 1-D (routing weights)
+    assert w.shape == (got.shape[0],) and not w[m:].any()
+    torch.testing.assert_close(got.T @ got, x.detach()[index].T @ x.detach()[index], rtol=1e-5, atol=1e-5)

@@ -196,12 +196,13 @@ class HessianCapture:
             for e in range(n_exp):
                 end = bounds[e]
                 if e in target.all_token_experts:
-                    x, w = hidden, None
+                    x, w, m = hidden, None, hidden.shape[0]
                 elif end > start:
-                    slots = order[start:end]
-                    tok = slots // idx.shape[1]
-                    x = hidden[tok]
-                    w = weights.reshape(-1)[slots] if target.weight_by_routing else None
+                    slots, m = order[start:end], end - start
+                    # the routed rows, zero rows appended up to a multiple of ROW_BLOCK: they add nothing to
+                    # the sums, and the GEMMs below see a few shapes instead of a new one per expert and batch
+                    x = gather_rows(hidden, slots // idx.shape[1])
+                    w = gather_rows(weights.reshape(-1), slots) if target.weight_by_routing else None
                 else:
                     start = end
                     continue
@@ -209,7 +210,7 @@ class HessianCapture:
                 x = x.to(experts.gate_up_proj.dtype)
                 if target.proj == "down":
                     gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                    x = experts.act_fn(gate) * up
+                    x = experts.act_fn(gate) * up  # padded rows stay 0: act(0) * 0
                     if call is not None:
                         keep.add(call, e, slots, x)
                 x = x.to(self.dtype)
@@ -217,9 +218,22 @@ class HessianCapture:
                     st.extra["abs_sums"][e] += x.abs().sum(0)
                 xw = x if w is None else x * w.unsqueeze(-1)
                 st.sums[e].addmm_(xw.T, xw)
-                st.counts[e] += x.shape[0]
+                st.counts[e] += m
 
         return hook
+
+
+# rows of a per-expert GEMM are padded to a multiple of this: a CPU GEMM library prepares (and caches) a kernel
+# per shape, which costs about as much as a small GEMM itself when every expert and batch brings a new row count
+ROW_BLOCK = 64
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
+    """``x[index]`` with zero rows appended up to a multiple of ``block`` rows."""
+    m = index.shape[0]
+    out = x.new_zeros(-(-m // block) * block, *x.shape[1:])
+    torch.index_select(x.detach(), 0, index, out=out[:m])  # statistics: no gradient
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- chunk sums

@@ -118,6 +118,7 @@ def _down(module: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: t
     w = weights.reshape(-1)
     for e in sorted(per_expert):
         slots, act = per_expert[e]
-        y = nn.functional.linear(act, module.down_proj[e]) * w[slots, None]
+        # ``act`` may hold zero rows past the slots' (the capture pads its GEMMs' row counts)
+        y = nn.functional.linear(act, module.down_proj[e])[:slots.shape[0]] * w[slots, None]
         out.index_add_(0, slots // k, y.to(out.dtype))
     return out

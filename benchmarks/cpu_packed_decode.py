@@ -1,7 +1,7 @@
 """The runtime on a CPU with packed int4 weights: resident memory and decode/prefill speed, side by side.
 
     python benchmarks/cpu_packed_decode.py [--models qwen3-30b-a3b-2L,wide] [--threads 2] [--batches 1,8] \
-        [--new-tokens 32] [--repeats 3] [--json out.json]
+        [--new-tokens 32] [--prompts 128,512] [--repeats 3] [--sides packed,packed-kernel,...] [--json out.json]
 
 Models (each quantized once with RTN int4 g128 symmetric, compressed-tensors, cached in --workdir):
 
@@ -14,13 +14,17 @@ Models (each quantized once with RTN int4 g128 symmetric, compressed-tensors, ca
 
 Each side runs in a fresh process (so resident memory is its own), with the same torch threads:
 
-* ``packed``: our runtime, quantized weights packed (``cpu_weights="packed"``: torch's int4 CPU kernel);
+* ``packed``: our runtime, quantized weights packed (``cpu_weights="packed"``: torch's int4 CPU kernel, and
+  from ``runtime.cpu_gemm.DEQUANT_ROWS`` rows on, the weight dequantized to bf16 and one GEMM);
+* ``packed-kernel``: the same with the kernel for every row count (how packed ran before runtime.cpu_gemm);
 * ``dequantized``: our runtime on fp32 weights dequantized at load (the path before packed execution);
 * ``transformers``: ``AutoModelForCausalLM.generate`` (fp32) on a dequantized copy of the checkpoint.
 
 Resident memory: RSS after loading minus RSS before loading (after every import), against the
-checkpoint's size on disk. Decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating
-N and 1 greedy tokens after the same prompt, median of ``--repeats``; prefill tokens/s of a 128-token prompt.
+checkpoint's size on disk, and the same after every run ("after runs": KV caches and scratch buffers freed
+or kept by the allocator). Decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating N and
+1 greedy tokens after the same prompt, median of ``--repeats``; prefill tokens/s of each ``--prompts``
+length (one sequence, the time to its first token).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ SHAPES = {"qwen3-30b-a3b-2L": dict(hidden_size=2048, num_attention_heads=32, num
                                    intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                                    num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32000,
                                    num_hidden_layers=2, max_position_embeddings=4096)}
-SIDES = ("packed", "dequantized", "transformers")
+SIDES = ("packed", "packed-kernel", "dequantized", "transformers")
 
 
 def prepare(name: str, workdir: Path) -> Path:
@@ -92,13 +96,17 @@ def child(args) -> dict:
         def gen(ids, n):
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     else:
-        rt = Runtime.load(path, device="cpu", dtype="float32", cpu_weights=args.side)
+        if args.side == "packed-kernel":
+            from moecompress.runtime import cpu_gemm
+
+            cpu_gemm.DEQUANT_ROWS = 1 << 62
+        rt = Runtime.load(path, device="cpu", dtype="float32", cpu_weights=args.side.split("-")[0])
         vocab = rt.model.vocab_size
 
         def gen(ids, n):
             rt.generate(ids, n, stop_ids=[])
     rss1 = proc.memory_info().rss
-    out = {"side": args.side, "rss_load_bytes": rss1 - rss0, "rss_bytes": rss1, "decode": {}, "prefill": None}
+    out = {"side": args.side, "rss_load_bytes": rss1 - rss0, "rss_bytes": rss1, "decode": {}, "prefill": {}}
     g = torch.Generator().manual_seed(0)
     for b in args.batches:
         ids = torch.randint(0, vocab, (b, 16), generator=g)
@@ -113,13 +121,16 @@ def child(args) -> dict:
             tn.append(time.perf_counter() - t)
         dt = statistics.median(tn) - statistics.median(t1)
         out["decode"][str(b)] = b * (args.new_tokens - 1) / dt
-    ids = torch.randint(0, vocab, (1, 128), generator=g)
-    t = []
-    for _ in range(args.repeats):
-        s = time.perf_counter()
-        gen(ids, 1)
-        t.append(time.perf_counter() - s)
-    out["prefill"] = 128 / statistics.median(t)
+    for n in args.prompts:
+        ids = torch.randint(0, vocab, (1, n), generator=g)
+        gen(ids, 1)  # warm-up
+        t = []
+        for _ in range(args.repeats):
+            s = time.perf_counter()
+            gen(ids, 1)
+            t.append(time.perf_counter() - s)
+        out["prefill"][str(n)] = n / statistics.median(t)
+    out["rss_after_runs_bytes"] = proc.memory_info().rss - rss0
     return out
 
 
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompts", default="128,512", help="prefill prompt lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sides", default=",".join(SIDES))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "moecompress-cpu-packed")
@@ -139,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dense", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.prompts = [int(n) for n in str(args.prompts).split(",")]
     if args.child:
         print("RESULT " + json.dumps(child(args)))
         return 0
@@ -156,7 +169,8 @@ def main(argv=None) -> int:
         for side in args.sides.split(","):
             cmd = [sys.executable, __file__, "--child", "--side", side, "--model", str(q), "--dense", str(dense),
                    "--threads", str(args.threads), "--batches", ",".join(map(str, args.batches)),
-                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+                   "--new-tokens", str(args.new_tokens), "--prompts", ",".join(map(str, args.prompts)),
+                   "--repeats", str(args.repeats)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
@@ -165,22 +179,26 @@ def main(argv=None) -> int:
             rows[side] = json.loads(line[0][7:])
         results[name] = {"checkpoint": str(q), "checkpoint_bytes": size, "sides": rows}
         print(f"\n{name}: int4 g128 checkpoint {size / 2**20:.1f} MiB ({q}); {args.threads} threads")
-        print(f"{'side':>13} {'load RSS MiB':>12} {'x ckpt':>7} " + " ".join(f"{'dec b' + str(b):>9}" for b in args.batches)
-              + f" {'prefill':>8}")
+        print(f"{'side':>13} {'load RSS MiB':>12} {'x ckpt':>7} {'after runs':>10} "
+              + " ".join(f"{'dec b' + str(b):>9}" for b in args.batches)
+              + " ".join(f" {'pre ' + str(n):>8}" for n in args.prompts))
         for side, r in rows.items():
             if "error" in r:
                 print(f"{side:>13} failed: {r['error']}")
                 continue
             print(f"{side:>13} {r['rss_load_bytes'] / 2**20:12.1f} {r['rss_load_bytes'] / size:7.2f} "
-                  + " ".join(f"{r['decode'][str(b)]:9.1f}" for b in args.batches) + f" {r['prefill']:8.0f}")
+                  f"{r['rss_after_runs_bytes'] / size:10.2f} "
+                  + " ".join(f"{r['decode'][str(b)]:9.1f}" for b in args.batches)
+                  + " ".join(f" {r['prefill'][str(n)]:8.0f}" for n in args.prompts))
         ok = {s: r for s, r in rows.items() if "error" not in r}
         if "packed" in ok:
-            for other in ("dequantized", "transformers"):
+            for other in ("packed-kernel", "dequantized", "transformers"):
                 if other in ok:
                     ratios = ", ".join(f"batch {b}: {ok['packed']['decode'][str(b)] / ok[other]['decode'][str(b)]:.2f}x"
                                        for b in args.batches)
-                    print(f"  packed decode vs {other}: {ratios}; prefill "
-                          f"{ok['packed']['prefill'] / ok[other]['prefill']:.2f}x")
+                    pre = ", ".join(f"{n}: {ok['packed']['prefill'][str(n)] / ok[other]['prefill'][str(n)]:.2f}x"
+                                    for n in args.prompts)
+                    print(f"  packed decode vs {other}: {ratios}; prefill {pre}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

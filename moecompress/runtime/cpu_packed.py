@@ -12,6 +12,9 @@ once at load from what the checkpoint holds (``cpu_linear``):
   precision (~3e-3 relative), not bit for bit. An act-order group index is applied as a column
   permutation of the activations (the weights are stored with their groups contiguous).
 * ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
+
+Both kernels work row by row; from ``runtime.cpu_gemm.DEQUANT_ROWS`` rows on (a prompt, an expert many tokens
+reach) a call instead expands the weight to bf16 and runs one GEMM, where the CPU multiplies bf16 natively.
 * ``codes``: anything else (3/2 bits, asymmetric or grouped int8, odd shapes, a torch without the
   kernels), or on request (``exact``): codes (two per byte up to 4 bits) + fp32 scales and uint8 zeros,
   dequantized on every call with the dequantizing reader's own operations and multiplied like
@@ -27,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_gemm
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -104,6 +109,9 @@ class CpuQuantLinear(nn.Module):
             self.register_buffer("scales", scales.float().contiguous())
             self.register_buffer("zeros", zeros.to(torch.uint8).contiguous())
 
+        # many rows at once: dequantize to bf16 and one GEMM (runtime.cpu_gemm), where this CPU allows it
+        self._dequant_ok = cpu_gemm.dequant_rows_ok(self.kind, n, k)
+
     def weight(self) -> torch.Tensor:
         """The dequantized fp32 ``[N, K]`` (natural column order): the reference these kernels approximate."""
         if self.kind == "codes":
@@ -134,7 +142,11 @@ class CpuQuantLinear(nn.Module):
             x2 = x2[:, self.perm]
         if self.kind == "codes":  # what nn.Linear computes on the dequantized weight, bit for bit
             return F.linear(x, self._dequant_codes().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = self._packed_mm(x2.to(torch.bfloat16).contiguous()).to(x.dtype)
+        x2 = x2.to(torch.bfloat16).contiguous()
+        if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self.__dict__.get("_dequant_ok", False):
+            y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz).to(x.dtype)
+        else:
+            y = self._packed_mm(x2).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)

@@ -104,6 +104,10 @@ def test_gathered_rows_are_padded_with_zero_rows_to_the_block(m):
     got = gather_rows(x, index)
     assert got.shape == (-(-m // ROW_BLOCK) * ROW_BLOCK, 8) and not got.requires_grad
     assert torch.equal(got[:m], x.detach()[index]) and not got[m:].any()
+    from moecompress.calib.capture import pad_rows
+
+    assert pad_rows(got[:m]).shape == got.shape and torch.equal(pad_rows(got[:m]), got)
+    assert pad_rows(got) is got
     w = gather_rows(torch.rand(300), index)  # 1-D (routing weights)
     assert w.shape == (got.shape[0],) and not w[m:].any()
     torch.testing.assert_close(got.T @ got, x.detach()[index].T @ x.detach()[index], rtol=1e-5, atol=1e-5)

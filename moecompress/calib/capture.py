@@ -199,8 +199,8 @@ class HessianCapture:
                     x, w, m = hidden, None, hidden.shape[0]
                 elif end > start:
                     slots, m = order[start:end], end - start
-                    # the routed rows, zero rows appended up to a multiple of ROW_BLOCK: they add nothing to
-                    # the sums, and the GEMMs below see a few shapes instead of a new one per expert and batch
+                    # the routed rows, on a CPU zero rows appended up to a multiple of ROW_BLOCK: they add
+                    # nothing to the sums, and the GEMMs below see a few shapes, not a new one per expert and batch
                     x = gather_rows(hidden, slots // idx.shape[1])
                     w = gather_rows(weights.reshape(-1), slots) if target.weight_by_routing else None
                 else:
@@ -211,8 +211,8 @@ class HessianCapture:
                 if target.proj == "down":
                     gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
                     x = experts.act_fn(gate) * up  # padded rows stay 0: act(0) * 0
-                    if call is not None:
-                        keep.add(call, e, slots, x)
+                    if call is not None:  # the routed rows only (the feed's memory budget counts them)
+                        keep.add(call, e, slots, x if x.shape[0] == m else x[:m].clone())
                 x = x.to(self.dtype)
                 if self.abs:
                     st.extra["abs_sums"][e] += x.abs().sum(0)
@@ -223,16 +223,32 @@ class HessianCapture:
         return hook
 
 
-# rows of a per-expert GEMM are padded to a multiple of this: a CPU GEMM library prepares (and caches) a kernel
-# per shape, which costs about as much as a small GEMM itself when every expert and batch brings a new row count
+# on a CPU, the rows of a per-expert GEMM are padded to a multiple of this: its GEMM library prepares (and
+# caches) a kernel per shape, which costs about as much as a small GEMM itself when every expert and batch
+# brings a new row count (a GPU's does not: no padding there)
 ROW_BLOCK = 64
 
 
+def _padded_count(x: torch.Tensor, m: int, block: int) -> int:
+    return -(-m // block) * block if x.device.type == "cpu" else m
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
-    """``x[index]`` with zero rows appended up to a multiple of ``block`` rows."""
+    """``x[index]`` (no gradient), on a CPU with zero rows appended up to a multiple of ``block`` rows."""
     m = index.shape[0]
-    out = x.new_zeros(-(-m // block) * block, *x.shape[1:])
+    out = x.new_zeros(_padded_count(x, m, block), *x.shape[1:])
     torch.index_select(x.detach(), 0, index, out=out[:m])  # statistics: no gradient
+    return out
+
+
+def pad_rows(x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
+    """``x`` on a CPU with zero rows appended up to a multiple of ``block`` rows (``x`` itself if none are)."""
+    m = x.shape[0]
+    rows = _padded_count(x, m, block)
+    if rows == m:
+        return x
+    out = x.new_zeros(rows, *x.shape[1:])
+    out[:m] = x
     return out
 
 

@@ -17,6 +17,8 @@ import logging
 import torch
 from torch import nn
 
+from .capture import pad_rows
+
 log = logging.getLogger("moecompress")
 
 # at most this many bytes of activations kept per layer (1 GiB). Fixed on purpose: a kept feed and a
@@ -118,7 +120,7 @@ def _down(module: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: t
     w = weights.reshape(-1)
     for e in sorted(per_expert):
         slots, act = per_expert[e]
-        # ``act`` may hold zero rows past the slots' (the capture pads its GEMMs' row counts)
-        y = nn.functional.linear(act, module.down_proj[e])[:slots.shape[0]] * w[slots, None]
+        # the GEMM on a padded row count, as in the capture (calib.capture.pad_rows)
+        y = nn.functional.linear(pad_rows(act), module.down_proj[e])[:act.shape[0]] * w[slots, None]
         out.index_add_(0, slots // k, y.to(out.dtype))
     return out

@@ -21,6 +21,7 @@ or an N that is not a multiple of 64, every call stays on the kernel.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -46,12 +47,13 @@ def bf16_gemm_is_fast() -> bool:
 @functools.lru_cache(maxsize=None)
 def int4pack_layout_known() -> bool:
     """Whether ``_convert_weight_to_int4pack_for_cpu`` lays its codes out as :func:`int4pack_codes_t` reads
-    them (checked on a random 128 x 64 weight)."""
+    them (checked on a random 192 x 512 weight)."""
     try:
-        q = torch.randint(0, 16, (2 * _BLOCK, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        n, k = 3 * _BLOCK, 512  # several row blocks, a long K (a layout tiling K would show)
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return tuple(packed.shape) == (2 * _BLOCK, 32) and torch.equal(
-            int4pack_codes_t(packed, 2 * _BLOCK, 64, torch.empty(64, 2 * _BLOCK, dtype=torch.uint8)).t().int(), q)
+        return tuple(packed.shape) == (n, k // 2) and torch.equal(
+            int4pack_codes_t(packed, n, k, torch.empty(k, n, dtype=torch.uint8)).t().int(), q)
     except Exception:  # noqa: BLE001 -- no kernel, or another layout
         return False
 
@@ -72,9 +74,9 @@ def int4pack_codes_t(packed: torch.Tensor, n: int, k: int, out: torch.Tensor) ->
     return out
 
 
-class _Scratch:
+class _Scratch(threading.local):
     """Buffers reused from call to call (a fresh multi-MB tensor is page-faulted in every time, which costs
-    about as much as the arithmetic): at most one per dtype, grown to the largest weight seen."""
+    about as much as the arithmetic): per thread, at most one per dtype, grown to the largest weight seen."""
 
     def __init__(self):
         self.bufs: dict[torch.dtype, torch.Tensor] = {}
@@ -85,7 +87,8 @@ class _Scratch:
             n *= s
         buf = self.bufs.get(dtype)
         if buf is None or buf.numel() < n:
-            buf = self.bufs[dtype] = torch.empty(n, dtype=dtype)
+            with torch.inference_mode(False):  # a normal tensor even if first asked for under inference mode
+                buf = self.bufs[dtype] = torch.empty(n, dtype=dtype)
         return buf[:n].view(*shape)
 
 

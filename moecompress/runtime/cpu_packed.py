@@ -143,7 +143,8 @@ class CpuQuantLinear(nn.Module):
         if self.kind == "codes":  # what nn.Linear computes on the dequantized weight, bit for bit
             return F.linear(x, self._dequant_codes().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x2.to(torch.bfloat16).contiguous()
-        if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self.__dict__.get("_dequant_ok", False):
+        if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self.__dict__.get("_dequant_ok", False) \
+                and not (x2.requires_grad and torch.is_grad_enabled()):  # inference only (out= GEMMs)
             y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz).to(x.dtype)
         else:
             y = self._packed_mm(x2).to(x.dtype)

@@ -94,7 +94,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
     from .tiny import save_tiny
 
     out = Path(out_dir)
-    check_output_path(None, out, overwrite)
+    check_output_path(None, out, overwrite, option="")
     with atomic_output_dir(out, overwrite) as tmp:
         save_tiny(family, tmp, seed=seed, fused_experts=fused_experts)
     click.echo(f"wrote a tiny {family} checkpoint to {out}")
@@ -383,7 +383,7 @@ def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbp
     if group_size <= 0 or group_size & (group_size - 1):
         raise UserError(f"--group-size {group_size}: a power of two")
     parts = model_parts(model_dir, int(bits), group_size)
-    load = load_from_eval(load_json) if load_json else None
+    load = load_from_eval(load_json, parts) if load_json else None
     click.echo(render(plan(parts, vram_b, context=context, ram_bytes=ram_b, load=load, gpu_gbps=gpu_gbps,
                            cpu_gbps=cpu_gbps), parts, vram_b))
 
@@ -404,6 +404,9 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # a bare group: its help, not an error
+        click.echo(e.format_message())
+        return 0
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2

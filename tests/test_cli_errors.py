@@ -352,3 +352,87 @@ def test_lm_eval_dataset_that_cannot_be_loaded_is_one_line(monkeypatch):
     monkeypatch.setattr(lm_eval.tasks, "get_task_dict", offline)
     with pytest.raises(UserError, match="hellaswag: a dataset could not be loaded"):
         load_tasks(["hellaswag"], None)
+
+
+# found by an audit of the command line (session 16): each was a traceback, a wrong exit code or output left behind
+AUDIT = {
+    "plan of a weights file": (["plan", "QWEN/model.safetensors", "--vram", "8GiB"], "is not a directory"),
+    "plan of a broken config": (["plan", "BADJSON", "--vram", "8GiB"], "not valid JSON"),
+    "plan of a config with a string field": (["plan", "STRTYPE", "--vram", "8GiB"], "expected int, got str"),
+    "plan with another model's load": (["plan", "QWEN", "--vram", "8GiB", "--load", "LOAD16"], "not this model's"),
+    "generate --offload-experts with another model's load": (
+        ["generate", "QWEN", "--prompt", "x", "--device", "cuda", "--offload-experts", "2", "--load", "LOAD16"],
+        "not this model's"),
+    "generate of a folder without config": (["generate", "OUT0", "--prompt", "x"], "no config.json"),
+    "eval of a string quantization_config": (["eval", "QSTR", "--reference", "QWEN", "--json", "OUT/e.json"],
+                                             "quantization_config must be an object"),
+    "zero-experts add without a router": (["zero-experts", "add", "NOROUTER", "--out", "OUT", "--num-zero", "1"],
+                                          "model.layers.1.mlp.gate.weight' is missing"),
+    "zero-experts add with NaN weights": (["zero-experts", "add", "NAN", "--out", "OUT", "--num-zero", "1"],
+                                          "has NaN/Inf values"),
+    "zeda beyond the context": (["zeda", "QWEN", "--out", "OUT", "--prompt-len", "500", "--gen-len", "64"],
+                                "max_position_embeddings"),
+    "run into a folder of other files": (["run", "RECIPE", "--out", "OTHERS"], "no run.json"),
+    "eval against a reference with other experts": (["eval", "QWEN", "--reference", "QWEN16", "--json", "OUT/e.json"],
+                                                    "not the same MoE"),
+    "eval of a model with NaN weights": (["eval", "NAN", "--reference", "QWEN", "--samples", "2", "--seq-len", "32",
+                                          "--json", "OUT/e.json"], "NaN/Inf logits"),
+}
+
+
+def _edit_config(src, dst, **changes):
+    d = _copy(src, dst)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _without(src, dst, name):
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(src, dst)
+    tensors = load_file(d / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("case", list(AUDIT))
+def test_audited_bad_input(capsys, tmp_path, qwen, tiny_ckpt, case):
+    argv, needle = AUDIT[case]
+    qwen16 = tiny_ckpt("qwen3_moe", num_experts=16)
+    load16 = tmp_path / "load16.json"
+    load16.write_text(json.dumps({"expert_load": {"layers": [0, 1], "model": [[1.0] * 16, [1.0] * 16]}}))
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "notes.txt").write_text("mine")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {qwen}\nvariants:\n  - name: w4\n    method: rtn\n    bits: 4\n    group_size: 32\n")
+    (tmp_path / "out0").mkdir()
+    subs = {"QWEN": str(qwen), "QWEN16": str(qwen16), "OUT": str(tmp_path / "out"), "LOAD16": str(load16),
+            "OTHERS": str(others), "RECIPE": str(recipe), "OUT0": str(tmp_path / "out0")}
+    lazy = {"BADJSON": lambda: _broken_config(qwen, tmp_path),
+            "STRTYPE": lambda: _edit_config(qwen, tmp_path / "strtype", num_hidden_layers="2"),
+            "QSTR": lambda: _edit_config(qwen, tmp_path / "qstr", quantization_config="gptq"),
+            "NOROUTER": lambda: _without(qwen, tmp_path / "norouter", "model.layers.1.mlp.gate.weight"),
+            "NAN": lambda: _poison(qwen, tmp_path / "nan", "model.layers.0.self_attn.q_proj.weight", (1, 2))}
+
+    def sub(arg: str) -> str:
+        head, sep, rest = arg.partition("/")
+        if head in lazy:
+            head = str(lazy[head]())
+        return subs.get(head, head) + sep + rest
+
+    argv = [sub(a) for a in argv]
+    rc, err = _run(capsys, *argv)
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and needle.lower() in err[0].lower(), err
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "e.json").exists()
+
+
+def test_a_bare_command_group_prints_its_help(capsys):
+    assert main(["zero-experts"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Usage: ") and "add" in captured.out and not captured.err

@@ -68,7 +68,7 @@ def _no_tokenizer(src, tmp_path):
 
 
 CASES = {
-    "missing dir": (lambda p, t: t / "nope", ["--prompt", "x"], "not a directory"),
+    "missing dir": (lambda p, t: t / "nope", ["--prompt", "x"], "does not exist"),
     "no tokenizer": (_no_tokenizer, ["--prompt", "x"], "tokenizer"),
     "empty prompt": (lambda p, t: p, ["--prompt", ""], "prompt is empty"),
     "zero new tokens": (lambda p, t: p, ["--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.reader import CheckpointReader
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..memory import gc_paused
 from ..zero.layout import ZeroExperts, read_zero_experts
 from .registry import BY_MODEL_TYPE, ArchSpec, supported_families
@@ -74,7 +74,7 @@ class ModelHandle:
         try:
             config = AutoConfig.from_pretrained(str(reader.path), trust_remote_code=False)
         except Exception as e:  # transformers raises many types for a malformed config
-            raise UserError(f"{reader.path}/config.json cannot be read by transformers: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{reader.path}/config.json cannot be read by transformers: {one_line(e)}") from None
         text_config = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
         prefix = next(
             (p for p in spec.disk_model_prefixes if f"{p}.embed_tokens.weight" in reader or any(
@@ -271,6 +271,21 @@ class ModelHandle:
                 raise UserError(f"{r.path}: tensor for layer {i} '{key}' has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
             out[key] = t.to(dtype) if t.is_floating_point() and ref.is_floating_point() else t
         return out
+
+    def missing_tensors(self, i: int, module: nn.Module) -> list[str]:
+        """The checkpoint names decoder layer i (``module``, e.g. a skeleton's) needs that the shards lack."""
+        missing = []
+        for key in module.state_dict(keep_vars=True):
+            if key.endswith(FUSED_GATE_UP) or key.endswith(FUSED_DOWN):
+                if self.fused_source(i, key) is not None:
+                    continue
+                for e in range(self.num_experts):
+                    g, u, d = self.expert_source_names(i, e)
+                    missing += [n + ".weight" for n in ((g, u) if key.endswith(FUSED_GATE_UP) else (d,))
+                                if n + ".weight" not in self.reader]
+            elif self.source_name(i, key) is None and not (key.endswith(ZERO_BIAS) and self.zero is not None):
+                missing.append(f"{self.layer_prefix(i)}{self.disk_local(key)}")
+        return missing
 
     def _read_experts(self, i: int, key: str) -> torch.Tensor:
         """Fused [E, 2I, H] / [E, H, I] expert tensors from fused or per-expert storage."""

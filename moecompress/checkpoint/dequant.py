@@ -26,6 +26,16 @@ _CT_MARK, _GPTQ_MARK = ".weight_packed", ".qweight"
 
 def spec_from_config(qcfg: dict) -> tuple[str, QuantSpec]:
     """(format, QuantSpec) from a config.json ``quantization_config`` we know how to read."""
+    if not isinstance(qcfg, dict):
+        raise UserError(f"config.json: quantization_config must be an object, not {type(qcfg).__name__}")
+    try:
+        return _spec_from_config(qcfg)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of another type
+        raise UserError(f"config.json: quantization_config ({qcfg.get('quant_method')!r}) is malformed "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _spec_from_config(qcfg: dict) -> tuple[str, QuantSpec]:
     method = qcfg.get("quant_method")
     if method == "compressed-tensors":
         groups = list(qcfg.get("config_groups", {}).values())

@@ -71,6 +71,24 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def read_config(p: Path) -> dict:
+    """The JSON object in checkpoint folder ``p``'s config.json (a one-line UserError for every way it is not)."""
+    if not p.exists():
+        raise UserError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise UserError(f"{p} is not a directory (expected a Hugging Face checkpoint folder)")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{p} has no config.json: not a Hugging Face checkpoint")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e.__class__.__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path} must hold a JSON object")
+    return config
+
+
 @dataclass
 class CheckpointReader:
     """A checkpoint directory: its config.json and a lazy index of every tensor in its shards."""
@@ -83,19 +101,7 @@ class CheckpointReader:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "CheckpointReader":
         p = Path(path)
-        if not p.exists():
-            raise UserError(f"model directory {p} does not exist")
-        if not p.is_dir():
-            raise UserError(f"{p} is not a directory (expected a Hugging Face checkpoint folder)")
-        cfg_path = p / "config.json"
-        if not cfg_path.is_file():
-            raise UserError(f"{p} has no config.json: not a Hugging Face checkpoint")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{cfg_path} is not valid JSON ({e.__class__.__name__}: {e})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{cfg_path} must hold a JSON object")
+        config = read_config(p)
         shards = sorted(p.glob("*.safetensors"))
         if not shards:
             pickles = [n for n in PICKLE_NAMES if (p / n).exists()] + [x.name for x in p.glob("pytorch_model-*.bin")]

@@ -21,18 +21,19 @@ from ..errors import UserError
 from .safetensors_stream import StreamingSafetensors
 
 
-def check_output_path(src: Path | None, out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that cannot be written, or whose replacing would destroy the source (``src``;
-    None: no source) or the current directory."""
+def check_output_path(src: Path | None, out: Path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse an output folder (given as ``option``; "" for a positional argument) that cannot be written, or
+    whose replacing would destroy the source (``src``; None: no source) or the current directory."""
     out = Path(out).resolve()
     if src is not None:
         refuse_overlap(src, out)
+    what = f"{option} {out}" if option else str(out)
     if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+        raise UserError(f"{what} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+        raise UserError(f"{what} exists and is not a directory")
     if out.exists() and (out == Path.cwd().resolve() or out in Path.cwd().resolve().parents):
-        raise UserError(f"--out {out} is (or contains) the current directory; --overwrite would delete it")
+        raise UserError(f"{what} is (or contains) the current directory; --overwrite would delete it")
     missing_parents(out)  # refuse up front a folder that cannot be created
 
 

@@ -49,7 +49,7 @@ from moecompress.errors import UserError
 
 from .collect import StreamedModel, WholeModel
 from .data import DEFAULT_DATA, as_batches, build_windows, check_vocab, load_tokenizer, windows_digest
-from .lm_metrics import LMAccumulator
+from .lm_metrics import LMAccumulator, NonFiniteLogits
 from .ref_cache import DEFAULT_MAX_BYTES, ReferenceCache, cache_key
 from .ref_source import open_reference
 from .routing_metrics import RoutingAccumulator
@@ -74,6 +74,10 @@ def _check_pair(m: ModelHandle, r: ModelHandle) -> None:
     if m.family != r.family or m.num_layers != r.num_layers:
         raise UserError(f"model ({m.family}, {m.num_layers} layers) and reference ({r.family}, {r.num_layers} layers) "
                         "are not the same architecture")
+    # the same real experts (zero experts aside: ids >= E are never compared), or routing agreement is noise
+    if m.num_experts != r.num_experts:
+        raise UserError(f"model ({m.num_experts} experts per layer) and reference ({r.num_experts}) are not the same "
+                        "MoE: routing agreement compares expert ids")
 
 
 def _same(a, b) -> bool:
@@ -199,10 +203,14 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
 
     lm, routing = LMAccumulator(), RoutingAccumulator()
     whole = None
-    if low_memory:
-        _run_streamed(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
-    else:
-        whole = _run_whole(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
+    try:
+        if low_memory:
+            _run_streamed(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
+        else:
+            whole = _run_whole(model_dir, reference_dir, batches, dev, dt, lm, routing, cache, ref_h.num_layers)
+    except NonFiniteLogits as e:
+        raise UserError(f"{model_dir if e.which == 'model' else reference_dir}: NaN/Inf logits on the {e.name!r} "
+                        f"windows (NaN/Inf weights, or an overflow in {str(dt).replace('torch.', '')})") from None
 
     if ranks.active:  # every rank's sums, added in rank order (the same on every rank)
         lms, routs = ranks.all_gather_objects(lm), ranks.all_gather_objects(routing)

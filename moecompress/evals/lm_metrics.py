@@ -121,6 +121,14 @@ def logit_sums(logits: torch.Tensor, ref_logits: torch.Tensor, input_ids: torch.
     }
 
 
+class NonFiniteLogits(Exception):
+    """NaN/Inf among the logits of ``which`` ("model" or "reference") on dataset ``name``'s windows."""
+
+    def __init__(self, which: str, name: str):
+        super().__init__(which, name)
+        self.which, self.name = which, name
+
+
 @dataclass
 class LMAccumulator:
     """Per-dataset :func:`logit_sums`; ``result()`` gives perplexities, KL and top-1 agreement."""
@@ -128,6 +136,9 @@ class LMAccumulator:
     sums: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def update(self, name: str, logits: torch.Tensor, ref_logits: torch.Tensor, input_ids: torch.Tensor) -> None:
+        for which, t in (("model", logits), ("reference", ref_logits)):
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteLogits(which, name)
         acc = self.sums.setdefault(name, {})
         for k, v in logit_sums(logits, ref_logits, input_ids).items():
             acc[k] = acc.get(k, 0) + v

@@ -405,6 +405,9 @@ def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | No
     from ..checkpoint.writer import refuse_overlap
 
     refuse_overlap(model_dir, run_dir, option)
+    if run_dir.is_dir() and not (run_dir / "run.json").is_file() and any(run_dir.iterdir()):
+        raise UserError(f"{option} {run_dir} holds other files and no run.json: not a moecompress run to "
+                        "continue; choose an empty or new folder")
     h = ModelHandle.open(model_dir)  # a non-MoE or unsupported family fails here, not in the first build
     if recipe is None:
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.reader import read_config
 from ..errors import UserError
 from ..devices import resolve_device
 from .generate import GenerationResult, Runtime
@@ -31,8 +32,7 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: b
                   cpu_weights: str = "packed", offload: dict | None = None) -> tuple[str, GenerationResult]:
     """(decoded continuation, result); every input problem is a UserError raised before any loading."""
     path = Path(model_dir)
-    if not path.is_dir():
-        raise UserError(f"{model_dir} is not a directory")
+    read_config(path)  # a folder with a readable config.json (before the tokenizer is looked for)
     if not prompt:
         raise UserError("the prompt is empty")
     if max_new_tokens < 1:
@@ -59,11 +59,11 @@ def offload_placement(model_dir: str, spec: str, vram: str | None, load_json: st
         raise UserError("--offload-experts splits experts between a GPU and the CPU: it needs --device cuda "
                         "(on a CPU everything already runs from host memory)")
     parts = model_parts(model_dir)
-    load = load_from_eval(load_json) if load_json else None
+    load = load_from_eval(load_json, parts) if load_json else None
     if spec == "auto":
         if vram is None:
             raise UserError("--offload-experts auto needs --vram (the GPU memory to fill)")
-        return plan(parts, parse_size(vram, "--vram"), load=load).on_gpu
+        return plan(parts, parse_size(vram, "--vram"), load=load, context_option=None).on_gpu
     if not spec.isdigit() or int(spec) < 0:
         raise UserError(f"--offload-experts {spec!r}: 'auto' or a number of experts per layer")
     n = int(spec)

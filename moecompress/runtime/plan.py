@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..checkpoint.reader import read_config
+from ..errors import UserError, one_line
 
 
 @dataclass
@@ -75,10 +76,10 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
     from ..arch.registry import BY_MODEL_TYPE
 
     path = Path(config_dir)
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not cfg_file.is_file():
-        raise UserError(f"{config_dir}: no config.json")
-    raw = json.loads(cfg_file.read_text())
+    if path.is_file() and path.name == "config.json":  # the config itself
+        path = path.parent
+    raw = read_config(path)
+    cfg_file = path / "config.json"
     spec = BY_MODEL_TYPE.get(raw.get("model_type"))
     if spec is None:
         raise UserError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not a supported MoE family")
@@ -88,7 +89,10 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
 
         _, qs = spec_from_config(qcfg)
         bits, group, symmetric = qs.bits, qs.group_size, qs.symmetric
-    config = AutoConfig.from_pretrained(str(cfg_file.parent), trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a malformed config
+        raise UserError(f"{cfg_file} cannot be read by transformers: {one_line(e)}") from None
     text = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
     if float_bytes is None:
         dt = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
@@ -126,15 +130,17 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
 
 def plan(parts: ModelParts, vram_bytes: int, *, context: int = 4096, ram_bytes: int | None = None,
          load: dict[int, list[float]] | None = None, gpu_gbps: float = 300.0, cpu_gbps: float = 40.0,
-         pcie_gbps: float = 16.0, reserve_bytes: int = 512 << 20) -> Placement:
-    """Place the experts given ``vram_bytes``; UserError when even the non-expert part does not fit."""
+         pcie_gbps: float = 16.0, reserve_bytes: int = 512 << 20, context_option: str | None = "--context") -> Placement:
+    """Place the experts given ``vram_bytes``; UserError when even the non-expert part does not fit (naming
+    ``context_option``, where the caller has one)."""
     dense = sum(p.nbytes for p in parts.dense)
     kv = parts.kv_bytes_per_token * context
     need = dense + kv + reserve_bytes
     if vram_bytes < need:
         raise UserError(f"--vram {_gib(vram_bytes)} is below what the non-expert part needs: {_gib(need)} "
                         f"(weights {_gib(dense)}, KV cache for {context} tokens {_gib(kv)}, scratch "
-                        f"{_gib(reserve_bytes)}); give at least that, or a shorter --context")
+                        f"{_gib(reserve_bytes)}); give at least that"
+                        + (f", or a shorter {context_option}" if context_option else ""))
     shares = _shares(parts, load)
     free = vram_bytes - need
     order = sorted(((p, layer, e) for layer, ps in shares.items() for e, p in enumerate(ps)),
@@ -200,14 +206,22 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def load_from_eval(path: str | Path) -> dict[int, list[float]]:
-    """Per-layer expert load shares from an ``eval`` JSON (the evaluated model's routing)."""
+def load_from_eval(path: str | Path, parts: ModelParts) -> dict[int, list[float]]:
+    """Per-layer expert load shares from an ``eval`` JSON (the evaluated model's routing), which must be of a
+    model with ``parts``' MoE layers and experts."""
     try:
         data = json.loads(Path(path).read_text())
         el = data["expert_load"]
-        return {int(layer): [float(x) for x in row] for layer, row in zip(el["layers"], el["model"])}
+        load = {int(layer): [float(x) for x in row] for layer, row in zip(el["layers"], el["model"])}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--load {path}: not an eval JSON with expert_load ({type(e).__name__}: {e})") from None
+    for layer, sizes in parts.experts.items():
+        row = load.get(layer)
+        if row is None or len(row) != len(sizes):
+            got = "no such layer" if row is None else f"{len(row)} experts"
+            raise UserError(f"--load {path}: not this model's expert load (MoE layer {layer} has {len(sizes)} "
+                            f"experts here; the eval JSON: {got})")
+    return load
 
 
 def render(pl: Placement, parts: ModelParts, vram: int) -> str:

@@ -304,6 +304,7 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     handle = open_float_original(model_dir, "run ZEDA on")
     if handle.zero is not None:
         raise UserError(f"{model_dir} already has {handle.num_zero} zero experts; run ZEDA on the original model")
+    handle.check_context(cfg.prompt_len + cfg.gen_len, f"--prompt-len + --gen-len: {cfg.prompt_len} + {cfg.gen_len} =")
     if cfg.trainable == "lora":
         from .lora import _peft
 

@@ -368,7 +368,7 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
               help="Tokens of KV cache to reserve on the GPU.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
               help="For a float checkpoint: the quantization to plan for (a quantized one says its own).")
-@click.option("--group-size", type=int, default=128, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1: per channel (as in quantize).")
 @click.option("--load", "load_json", default=None, help="An `eval` JSON: place experts by its measured expert load.")
 @click.option("--gpu-gbps", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="GPU memory bandwidth (GB/s).")
@@ -380,9 +380,9 @@ def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbp
 
     vram_b = parse_size(vram, "--vram")
     ram_b = parse_size(ram, "--ram") if ram else None
-    if group_size <= 0 or group_size & (group_size - 1):
-        raise UserError(f"--group-size {group_size}: a power of two")
-    parts = model_parts(model_dir, int(bits), group_size)
+    if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
+        raise UserError(f"--group-size {group_size}: a power of two, or -1 for per channel")
+    parts = model_parts(model_dir, int(bits), None if group_size == -1 else group_size)
     load = load_from_eval(load_json, parts) if load_json else None
     click.echo(render(plan(parts, vram_b, context=context, ram_bytes=ram_b, load=load, gpu_gbps=gpu_gbps,
                            cpu_gbps=cpu_gbps), parts, vram_b))

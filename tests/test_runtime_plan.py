@@ -133,3 +133,16 @@ def test_offload_placement_by_count_and_load(tiny_ckpt, tmp_path):
         offload_placement(path, "auto", None, None, "cuda")
     with pytest.raises(UserError, match="'auto' or a number"):
         offload_placement(path, "many", None, None, "cuda")
+
+
+def test_plan_per_channel_group(tmp_path, capsys):
+    """``--group-size -1`` plans per-channel scales, as quantize takes it: fewer scale bytes than g128."""
+    from moecompress.cli import main
+
+    cfg = _qwen36_config(tmp_path / "q36")
+    assert main(["plan", str(cfg), "--vram", "6GiB", "--group-size", "-1"]) == 0
+    capsys.readouterr()
+    per_channel, grouped = model_parts(cfg, 4, None), model_parts(cfg, 4, 128)
+    assert sum(sum(s) for s in per_channel.experts.values()) < sum(sum(s) for s in grouped.experts.values())
+    assert main(["plan", str(cfg), "--vram", "6GiB", "--group-size", "100"]) == 2
+    assert "-1 for per channel" in capsys.readouterr().err

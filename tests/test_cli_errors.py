@@ -375,6 +375,7 @@ AUDIT = {
     "run into a folder of other files": (["run", "RECIPE", "--out", "OTHERS"], "no run.json"),
     "eval against a reference with other experts": (["eval", "QWEN", "--reference", "QWEN16", "--json", "OUT/e.json"],
                                                     "not the same MoE"),
+    "generate with NaN weights": (["generate", "NAN", "--prompt", "x", "--max-new-tokens", "2"], "NaN/Inf logits"),
     "eval of a model with NaN weights": (["eval", "NAN", "--reference", "QWEN", "--samples", "2", "--seq-len", "32",
                                           "--json", "OUT/e.json"], "NaN/Inf logits"),
 }
@@ -416,7 +417,7 @@ def test_audited_bad_input(capsys, tmp_path, qwen, tiny_ckpt, case):
             "STRTYPE": lambda: _edit_config(qwen, tmp_path / "strtype", num_hidden_layers="2"),
             "QSTR": lambda: _edit_config(qwen, tmp_path / "qstr", quantization_config="gptq"),
             "NOROUTER": lambda: _without(qwen, tmp_path / "norouter", "model.layers.1.mlp.gate.weight"),
-            "NAN": lambda: _poison(qwen, tmp_path / "nan", "model.layers.0.self_attn.q_proj.weight", (1, 2))}
+            "NAN": lambda: _poison(qwen, tmp_path / "nan", "model.layers.0.self_attn.v_proj.weight", (1, 2))}
 
     def sub(arg: str) -> str:
         head, sep, rest = arg.partition("/")

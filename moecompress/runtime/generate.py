@@ -190,6 +190,9 @@ class Runtime:
         self._sync()
         t0 = time.perf_counter()
         logits = self.model.forward(ids, self._positions(0, length), cache, length)
+        if not bool(torch.isfinite(logits).all()):  # else sampling fails or greedy prints garbage
+            raise UserError(f"NaN/Inf logits after the prompt (NaN/Inf weights in the checkpoint, or an overflow in "
+                            f"{str(self.dtype).replace('torch.', '')})")
         tok = sample(logits, params, gen)
         self._sync()
         t1 = time.perf_counter()

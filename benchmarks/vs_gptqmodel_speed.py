@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--ours-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="our calibration dtype (auto: fp32 on CPU; GPTQModel computes in bf16)")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows per set for the quality check")
     ap.add_argument("--gptqmodel-python", default=os.environ.get("GPTQMODEL_PYTHON", "/work/gptqmodel-venv/bin/python"))
     ap.add_argument("--ours-python", default=sys.executable)
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     ours_cmd = [args.ours_python, "-m", "moecompress", "quantize", str(model_dir), "--method", "gptq", "--bits", "4",
                 "--group-size", "128", "--calib", calib_spec, "--calib-samples", str(args.calib_samples),
                 "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-                "--threads", str(args.threads)]
+                "--threads", str(args.threads), "--dtype", args.ours_dtype]
     runs: dict[str, list[dict]] = {"ours": [], "gptqmodel": []}
     startup: dict[str, list[dict]] = {"ours_interpreter": [], "ours_imports": [], "gptqmodel_interpreter": [],
                                       "gptqmodel_imports": []}

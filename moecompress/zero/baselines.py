@@ -90,6 +90,10 @@ def record_router_weights(model_dir: str | Path, windows: torch.Tensor, device, 
             calls = sm.run_layer(i)
             if calls:
                 out.append(torch.cat([c.weights.cpu() for c in calls]))
+                if not bool(torch.isfinite(out[-1]).all()):
+                    raise UserError(f"{model_dir}: NaN/Inf routing weights in layer {i} on the calibration windows "
+                                    f"(NaN/Inf weights in the checkpoint, or an overflow in "
+                                    f"{str(dtype).replace('torch.', '')})")
     finally:
         sm.release()
     return out

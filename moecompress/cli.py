@@ -293,7 +293,7 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 @click.option("--reference-cache-max-gib", type=click.FloatRange(min=0, max=1e6), default=2.0, show_default=True,
               help="Do not write a cache entry larger than this; the oldest entries of DIR are removed to stay "
               "under it.")
-@click.option("--json", "json_out", required=True, help="Where to write the evaluation (JSON).")
+@click.option("--json", "json_out", required=True, callback=nonempty_path, help="Where to write the evaluation (JSON).")
 def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low_memory, device, dtype, tasks,
              tasks_path, tasks_limit, threads, reference_cache, reference_cache_max_gib, json_out) -> None:
     """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""

@@ -23,5 +23,5 @@ def nonempty_path(_ctx, param, value):
     """click callback: an empty path (``--out ""``) is a slip, not the current directory."""
     if value is not None and not str(value).strip():
         name = param.opts[0] if param.param_type_name == "option" else param.human_readable_name
-        raise UserError(f"{name} is empty; give a folder")
+        raise UserError(f"{name} is empty; give a path")
     return value

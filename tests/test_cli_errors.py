@@ -313,6 +313,7 @@ OTHER = {
     "zero-experts add --out empty": (["zero-experts", "add", "QWEN", "--out", " ", "--num-zero", "1"], "--out is empty"),
     "zeda --out empty": (["zeda", "QWEN", "--out", ""], "--out is empty"),
     "run --out empty": (["run", "FILE", "--out", ""], "--out is empty"),
+    "eval --json empty": (["eval", "QWEN", "--reference", "QWEN", "--json", ""], "--json is empty"),
 }
 
 

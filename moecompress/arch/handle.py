@@ -61,8 +61,6 @@ class ModelHandle:
 
     @classmethod
     def _open(cls, path: str | Path, dequantize: bool) -> "ModelHandle":
-        from transformers import AutoConfig
-
         reader = CheckpointReader.open(path)
         if dequantize:
             from ..checkpoint.load import DequantizingReader
@@ -71,10 +69,7 @@ class ModelHandle:
         spec = BY_MODEL_TYPE.get(reader.config.get("model_type"))
         if spec is None:
             raise _unsupported(reader.config)
-        try:
-            config = AutoConfig.from_pretrained(str(reader.path), trust_remote_code=False)
-        except Exception as e:  # transformers raises many types for a malformed config
-            raise UserError(f"{reader.path}/config.json cannot be read by transformers: {one_line(e)}") from None
+        config = read_hf_config(reader.path)
         text_config = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
         prefix = next(
             (p for p in spec.disk_model_prefixes if f"{p}.embed_tokens.weight" in reader or any(
@@ -344,6 +339,16 @@ class ModelHandle:
             emb = f"{self.disk_prefix}.embed_tokens.weight"
             return emb if emb in self.reader else None
         return None
+
+
+def read_hf_config(path: str | Path):
+    """transformers' config of checkpoint folder ``path`` (never remote code); a malformed one is a UserError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a malformed config
+        raise UserError(f"{Path(path) / 'config.json'} cannot be read by transformers: {one_line(e)}") from None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

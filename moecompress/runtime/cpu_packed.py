@@ -13,8 +13,6 @@ once at load from what the checkpoint holds (``cpu_linear``):
   permutation of the activations (the weights are stored with their groups contiguous).
 * ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
 
-Both kernels work row by row; from ``runtime.cpu_gemm.DEQUANT_ROWS`` rows on (a prompt, an expert many tokens
-reach) a call instead expands the weight to bf16 and runs one GEMM, where the CPU multiplies bf16 natively.
 * ``codes``: anything else (3/2 bits, asymmetric or grouped int8, odd shapes, a torch without the
   kernels), or on request (``exact``): codes (two per byte up to 4 bits) + fp32 scales and uint8 zeros,
   dequantized on every call with the dequantizing reader's own operations and multiplied like
@@ -23,6 +21,9 @@ reach) a call instead expands the weight to bf16 and runs one GEMM, where the CP
 ``LazyExpertWeights`` does the same for a transformers experts module (the evaluator's whole-model path):
 it replaces the fused ``gate_up_proj``/``down_proj`` parameters, and the eager experts forward dequantizes
 only the experts a batch reaches.
+
+The two kernels work row by row; from ``runtime.cpu_gemm.DEQUANT_ROWS`` rows on (a prompt, an expert many
+tokens reach) a call instead expands the weight to bf16 and runs one GEMM, where the CPU multiplies bf16 natively.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class CpuQuantLinear(nn.Module):
         if self.kind == "codes":  # what nn.Linear computes on the dequantized weight, bit for bit
             return F.linear(x, self._dequant_codes().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x2.to(torch.bfloat16).contiguous()
-        if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self.__dict__.get("_dequant_ok", False) \
+        if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self._dequant_ok \
                 and not (x2.requires_grad and torch.is_grad_enabled()):  # inference only (out= GEMMs)
             y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz).to(x.dtype)
         else:

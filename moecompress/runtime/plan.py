@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.reader import read_config
-from ..errors import UserError, one_line
+from ..errors import UserError
 
 
 @dataclass
@@ -71,8 +71,9 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
                 float_bytes: int | None = None) -> ModelParts:
     """Every tensor of the text model by its bytes, from ``config.json`` alone (``float_bytes``: the
     config's dtype, bf16 when it names none; quantization scales are stored in it too)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from ..arch.handle import read_hf_config
     from ..arch.registry import BY_MODEL_TYPE
 
     path = Path(config_dir)
@@ -89,10 +90,7 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
 
         _, qs = spec_from_config(qcfg)
         bits, group, symmetric = qs.bits, qs.group_size, qs.symmetric
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a malformed config
-        raise UserError(f"{cfg_file} cannot be read by transformers: {one_line(e)}") from None
+    config = read_hf_config(path)
     text = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
     if float_bytes is None:
         dt = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..arch.handle import ModelHandle
 from ..checkpoint.load import load_model
-from ..errors import UserError
+from ..finite import check_finite
 from ..zero.inject import zero_router_init
 from ..zero.layout import ZeroExperts
 from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks
@@ -54,8 +54,7 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
                   weights: str = "renormalized", logits: str = "linear", lora_rank: int = 8) -> Student:
     handle, model = load_model(model_dir, dtype, device)
     for name, p in model.named_parameters():  # a NaN weight would surface later as a diverging loss
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise UserError(f"{model_dir}: {name} has NaN/Inf values")
+        check_finite(p, name, p.dtype, p.dtype)
     k = handle.top_k
     zero = ZeroExperts(num_zero, "native", None, topk_mode, weights, logits)
     rs = replace(RouterSpec.of(handle.spec, handle.text_config, handle.num_experts, zero),

@@ -5,8 +5,8 @@
 
 Models (each quantized once with RTN int4 g128 symmetric, compressed-tensors, cached in --workdir):
 
-* ``qwen3-30b-a3b-2L``: random bf16 weights with Qwen3-30B-A3B's layer shapes (hidden 2048, 32/4 heads,
-  128 experts of 768, top-8) but 2 layers and a 32000-token vocabulary (the real 151936 x 2048 embedding
+* ``qwen3-30b-a3b-2L`` (``-4L``): random bf16 weights with Qwen3-30B-A3B's layer shapes (hidden 2048, 32/4 heads,
+  128 experts of 768, top-8) but 2 (4) layers and a 32000-token vocabulary (the real 151936 x 2048 embedding
   and head would be most of a 2-layer model and say nothing about the layers);
 * ``wide`` / ``demo``: the trained demo model's variant (built once and cached by moecompress.demo_model:
   ~11 min for wide on 2 cores the first time);
@@ -22,7 +22,9 @@ Each side runs in a fresh process (so resident memory is its own), with the same
 
 Resident memory: RSS after loading minus RSS before loading (after every import), against the
 checkpoint's size on disk, and the same after every run ("after runs": KV caches and scratch buffers freed
-or kept by the allocator). Decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating N and
+or kept by the allocator); "peak x": the resident peak during the load over the same baseline. With both
+``qwen3-30b-a3b-2L`` and ``-4L``, the difference between them per extra checkpoint byte is printed too:
+what a deep model's ratio tends to, without the fixed part (code the load imports, library state). Decode tokens/s = (N - 1) / (t(N) - t(1)) from the wall time of generating N and
 1 greedy tokens after the same prompt, median of ``--repeats``; prefill tokens/s of each ``--prompts``
 length (one sequence, the time to its first token).
 """
@@ -39,10 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {"qwen3-30b-a3b-2L": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                                   intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-                                   num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32000,
-                                   num_hidden_layers=2, max_position_embeddings=4096)}
+SHAPES = {f"qwen3-30b-a3b-{n}L": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                      intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                                      num_experts_per_tok=8, norm_topk_prob=True, vocab_size=32000,
+                                      num_hidden_layers=n, max_position_embeddings=4096) for n in (2, 4)}
 SIDES = ("packed", "packed-kernel", "dequantized", "transformers")
 
 
@@ -72,6 +74,15 @@ def prepare(name: str, workdir: Path) -> Path:
     return q
 
 
+def _peak_rss() -> int:
+    """VmHWM (Linux; 0 elsewhere): the resident peak since the process began, or since the last reset."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
 def child(args) -> dict:
     """One side, in this process: load, then time."""
     import psutil
@@ -84,6 +95,8 @@ def child(args) -> dict:
 
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
+    Path("/proc/self/clear_refs").exists() and Path("/proc/self/clear_refs").write_text("5")  # peak := now
+    t_load = time.perf_counter()
     path = Path(args.model)
     if args.side == "transformers":
         from transformers import AutoModelForCausalLM
@@ -105,8 +118,10 @@ def child(args) -> dict:
 
         def gen(ids, n):
             rt.generate(ids, n, stop_ids=[])
+    t_load = time.perf_counter() - t_load
     rss1 = proc.memory_info().rss
-    out = {"side": args.side, "rss_load_bytes": rss1 - rss0, "rss_bytes": rss1, "decode": {}, "prefill": {}}
+    out = {"side": args.side, "rss_load_bytes": rss1 - rss0, "rss_bytes": rss1, "load_s": t_load,
+           "peak_load_bytes": _peak_rss() - rss0, "decode": {}, "prefill": {}}
     g = torch.Generator().manual_seed(0)
     for b in args.batches:
         ids = torch.randint(0, vocab, (b, 16), generator=g)
@@ -179,14 +194,15 @@ def main(argv=None) -> int:
             rows[side] = json.loads(line[0][7:])
         results[name] = {"checkpoint": str(q), "checkpoint_bytes": size, "sides": rows}
         print(f"\n{name}: int4 g128 checkpoint {size / 2**20:.1f} MiB ({q}); {args.threads} threads")
-        print(f"{'side':>13} {'load RSS MiB':>12} {'x ckpt':>7} {'after runs':>10} "
+        print(f"{'side':>13} {'load s':>6} {'peak x':>6} {'load RSS MiB':>12} {'x ckpt':>7} {'after runs':>10} "
               + " ".join(f"{'dec b' + str(b):>9}" for b in args.batches)
               + " ".join(f" {'pre ' + str(n):>8}" for n in args.prompts))
         for side, r in rows.items():
             if "error" in r:
                 print(f"{side:>13} failed: {r['error']}")
                 continue
-            print(f"{side:>13} {r['rss_load_bytes'] / 2**20:12.1f} {r['rss_load_bytes'] / size:7.2f} "
+            print(f"{side:>13} {r['load_s']:6.1f} {r['peak_load_bytes'] / size:6.2f} "
+                  f"{r['rss_load_bytes'] / 2**20:12.1f} {r['rss_load_bytes'] / size:7.2f} "
                   f"{r['rss_after_runs_bytes'] / size:10.2f} "
                   + " ".join(f"{r['decode'][str(b)]:9.1f}" for b in args.batches)
                   + " ".join(f" {r['prefill'][str(n)]:8.0f}" for n in args.prompts))
@@ -199,9 +215,29 @@ def main(argv=None) -> int:
                     pre = ", ".join(f"{n}: {ok['packed']['prefill'][str(n)] / ok[other]['prefill'][str(n)]:.2f}x"
                                     for n in args.prompts)
                     print(f"  packed decode vs {other}: {ratios}; prefill {pre}")
+    _marginal(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+
+def _marginal(results: dict) -> None:
+    """For two shape models that differ only in depth: the resident memory each extra checkpoint byte costs
+    (what a 48-layer model's ratio tends to; the fixed part -- code imported during the load, library state --
+    drops out)."""
+    shaped = sorted((SHAPES[n]["num_hidden_layers"], n) for n in results if n in SHAPES)
+    for (_, a), (_, b) in zip(shaped, shaped[1:]):
+        ra, rb = results[a], results[b]
+        dsize = rb["checkpoint_bytes"] - ra["checkpoint_bytes"]
+        for side in rb["sides"]:
+            sa, sb = ra["sides"].get(side, {}), rb["sides"][side]
+            if "error" in sa or "error" in sb or not sa:
+                continue
+            print(f"  {side}: {b} - {a}: load RSS {(sb['rss_load_bytes'] - sa['rss_load_bytes']) / dsize:.3f}x, "
+                  f"peak {(sb['peak_load_bytes'] - sa['peak_load_bytes']) / dsize:.3f}x, after runs "
+                  f"{(sb['rss_after_runs_bytes'] - sa['rss_after_runs_bytes']) / dsize:.3f}x the extra checkpoint bytes "
+                  f"({dsize / 2**20:.0f} MiB)")
 
 
 if __name__ == "__main__":

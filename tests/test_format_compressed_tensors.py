@@ -48,6 +48,21 @@ def test_pack_matches_ct_pack_to_int32(bits, shape, dim):
     assert torch.equal(unpack_from_int32(ours, bits, torch.Size(shape), packed_dim=dim), signed(q, bits))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape,dim", [((5, 37), 1), ((33, 3), 0), ((2, 7, 96), 1), ((1,), 0), ((4, 1, 40), -1)])
+def test_bytewise_pack_equals_the_general_slot_loop(bits, shape, dim, monkeypatch):
+    from moecompress.quant import pack
+
+    q = torch.randint(0, 1 << bits, shape, generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+    fast = pack_along(q, bits, dim)
+    fast_back = unpack_along(fast, bits, dim, shape[dim])
+    monkeypatch.setattr(pack, "_bytewise", lambda bits: False)
+    slow = pack_along(q, bits, dim)
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast_back, q)
+    assert torch.equal(unpack_along(slow, bits, dim, shape[dim]), q)
+
+
 def test_pack_3bit_straddles_words_by_hand():
     # element i occupies stream bits [3i, 3i+3): element 10 -> bits 30,31 of word 0 and bit 0 of word 1
     q = torch.zeros(1, 32, dtype=torch.uint8)

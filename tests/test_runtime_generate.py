@@ -339,3 +339,25 @@ def test_cuda_graph_decode_matches_eager_and_cpu(quantized, tiny_ckpt, family, f
         assert max(_rel(a.cpu(), b.cpu()) for a, b in zip(runs[0].logits, other.logits)) < 1e-4
     again = graph.generate(_prompt(9, length=7), 24, stop_ids=[])  # the captured graph, reused at new positions
     assert again.tokens == cpu.generate(_prompt(9, length=7), 24, stop_ids=[]).tokens
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])  # deepseek_v3: a dense first layer, float there
+def test_packed_loads_never_read_the_experts_as_floats(quantized, family, monkeypatch):
+    """Where the routed experts are quantized, the CPU packed/exact loads read them packed only: the float
+    copy ``load_layer`` would make (2.4 GB a layer at Qwen3-30B-A3B's shapes) is skipped, and the outputs
+    are the usual ones (the tests above)."""
+    from moecompress.arch.handle import ModelHandle
+    from moecompress.checkpoint.load import load_model
+
+    q, _ = quantized(family, "compressed-tensors")
+    reads = []
+    real = ModelHandle._read_experts
+    monkeypatch.setattr(ModelHandle, "_read_experts", lambda self, i, key: reads.append((i, key)) or real(self, i, key))
+    for mode in ("packed", "exact"):
+        rt = Runtime.load(q, cpu_weights=mode)
+        assert rt.report.packed_expert_layers > 0 and reads == [], (mode, reads)
+    handle, model = load_model(q, packed=True)
+    assert reads == []
+    assert not any(t.is_meta for t in model.parameters())
+    Runtime.load(q, cpu_weights="dequantized")  # the float reference still reads them
+    assert reads

@@ -246,13 +246,17 @@ class ModelHandle:
                 return names  # type: ignore[return-value]
         return self.expert_disk_names(i, e)
 
-    def load_layer_state(self, i: int, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The in-memory state dict of decoder layer i, read from the shards (experts fused to 3D)."""
+    def load_layer_state(self, i: int, module: nn.Module, dtype: torch.dtype,
+                         skip_experts: bool = False) -> dict[str, torch.Tensor]:
+        """The in-memory state dict of decoder layer i, read from the shards (experts fused to 3D; left out
+        with ``skip_experts``)."""
         r = self.reader
         wanted = module.state_dict(keep_vars=True)
         out: dict[str, torch.Tensor] = {}
         for key, ref in wanted.items():
             if key.endswith(FUSED_GATE_UP) or key.endswith(FUSED_DOWN):
+                if skip_experts:
+                    continue
                 t = self._read_experts(i, key)
             else:
                 name = self.source_name(i, key)
@@ -306,12 +310,17 @@ class ModelHandle:
             raise UserError(f"{r.path}: expert tensor {e.args[0]} is missing from the shards") from None
         return out
 
-    def load_layer(self, model: nn.Module, i: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """Materialize decoder layer i of a skeleton in place, with its checkpoint weights."""
+    def load_layer(self, model: nn.Module, i: int, device: torch.device, dtype: torch.dtype,
+                   skip_experts: bool = False) -> nn.Module:
+        """Materialize decoder layer i of a skeleton in place, with its checkpoint weights.
+
+        ``skip_experts``: the fused routed-expert tensors are neither read nor dequantized and stay on the
+        meta device, for a caller that replaces them (e.g. with the packed weights the runtime reads itself:
+        a float copy of a Qwen3-30B-A3B layer's experts is 2.4 GB and most of its load time)."""
         layer = decoder_layers(model)[i]
-        state = self.load_layer_state(i, layer, dtype)
-        layer.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-        _check_materialized(layer, f"layer {i}")
+        state = self.load_layer_state(i, layer, dtype, skip_experts)
+        layer.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=not skip_experts, assign=True)
+        _check_materialized(layer, f"layer {i}", (FUSED_GATE_UP, FUSED_DOWN) if skip_experts else ())
         return layer
 
     def load_module(self, model: nn.Module, mem_name: str, device, dtype) -> nn.Module:
@@ -355,9 +364,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def _check_materialized(module: nn.Module, what: str) -> None:
+def _check_materialized(module: nn.Module, what: str, unless: tuple[str, ...] = ()) -> None:
+    """Every parameter and buffer of ``module`` holds data, except names ending with one of ``unless``."""
     for n, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if t.is_meta:
+        if t.is_meta and not (unless and n.endswith(unless)):
             raise RuntimeError(f"{what}: '{n}' was not loaded (still on the meta device)")
 
 

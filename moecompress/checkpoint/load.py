@@ -106,11 +106,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     pack = packed and device.type == "cpu" and experts_implementation == "eager" and \
         isinstance(handle.reader, DequantizingReader)
     for i, layer in enumerate(decoder_layers(model)):
-        handle.load_layer(model, i, device, dtype)
         if pack:
-            from ..runtime.convert import pack_layer_exact
+            from ..runtime.convert import exact_expert_names, pack_layer_exact
 
+            # quantized experts are read packed by pack_layer_exact: never as a float copy
+            handle.load_layer(model, i, device, dtype, skip_experts=exact_expert_names(handle, i, layer) is not None)
             pack_layer_exact(handle, i, layer, dtype)
             release_freed_memory()  # the layer's float copy is gone: give its pages back
+        else:
+            handle.load_layer(model, i, device, dtype)
     _check_materialized(model, str(path))
     return handle, model.eval()

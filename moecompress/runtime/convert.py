@@ -98,7 +98,9 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
     if cpu is not None and not exact:
         _stored_dtype_outer(handle, model)
     for i, layer in enumerate(decoder_layers(model)):
-        handle.load_layer(model, i, torch.device("cpu"), dtype)
+        # the CPU path reads quantized experts packed itself: their float copy would only be thrown away
+        handle.load_layer(model, i, torch.device("cpu"), dtype,
+                          skip_experts=cpu is not None and quantized_expert_names(handle, cpu, i) is not None)
         if packer is not None:
             _pack_linears(handle, packer, i, layer, report)
         elif cpu is not None:
@@ -270,11 +272,19 @@ def _pack_linears_cpu(handle: ModelHandle, reader: DequantizingReader, i: int, l
             report.packed_linears += 1
 
 
+def quantized_expert_names(handle: ModelHandle, reader: DequantizingReader, i: int,
+                           n: int | None = None) -> list[tuple[str, str, str]] | None:
+    """(gate, up, down) source module names of layer i's first ``n`` (default: all) routed experts if every one
+    is quantized in ``reader``, else None (a dense layer, float experts)."""
+    names = [handle.expert_source_names(i, e) for e in range(handle.num_experts if n is None else n)]
+    return names if names and all(m in reader.modules for row in names for m in row) else None
+
+
 def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report: ConversionReport,
                  exact: bool = False) -> CpuExperts | None:
     """The layer's routed experts as packed CPU linears (gate and up fused along N), or None if not quantized."""
-    names = [handle.expert_source_names(i, e) for e in range(handle.num_experts)]
-    if not all(m in reader.modules for row in names for m in row):
+    names = quantized_expert_names(handle, reader, i)
+    if names is None:
         return None
     gate_up, down = [], []
     for g, u, d in names:
@@ -293,17 +303,24 @@ def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report
     return CpuExperts(gate_up, down)
 
 
+def exact_expert_names(handle: ModelHandle, i: int, layer: nn.Module) -> list[tuple[str, str, str]] | None:
+    """The source names of a transformers decoder layer's fused experts if :func:`pack_layer_exact` keeps them
+    packed (all quantized), else None."""
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        return None
+    return quantized_expert_names(handle, handle.reader, i, experts.gate_up_proj.shape[0])
+
+
 def pack_layer_exact(handle: ModelHandle, i: int, layer: nn.Module, dtype: torch.dtype) -> None:
     """Keep a transformers decoder layer's quantized weights packed (dequantized when used, same numbers):
     linears become ``CpuQuantLinear(exact)``, the fused experts' parameters ``LazyExpertWeights``."""
     reader = handle.reader
     _pack_linears_cpu(handle, reader, i, layer, ConversionReport(), exact=True)
-    experts = getattr(getattr(layer, "mlp", None), "experts", None)
-    if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+    names = exact_expert_names(handle, i, layer)
+    if names is None:
         return
-    names = [handle.expert_source_names(i, e) for e in range(experts.gate_up_proj.shape[0])]
-    if not all(m in reader.modules for row in names for m in row):
-        return
+    experts = layer.mlp.experts
     spec = reader.spec
 
     def stacked(col: int) -> tuple:

@@ -19,6 +19,31 @@ if not torch.cuda.is_available():  # kernels run in Triton's interpreter on CPU 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+
+
+def pytest_configure(config):
+    """Refuse at once, in one line, an interpreter that cannot run a kernel loop: triton 3.6's interpreter calls
+    ``int()`` on a 1-element array, which numpy 2.4 refuses (every kernel test would fail with a TypeError)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    import warnings
+
+    import numpy
+    import triton
+    from packaging.version import Version
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy 1.25-2.3: a deprecation only
+            int(numpy.zeros(1, dtype=numpy.int32))
+        refused = False
+    except TypeError:
+        refused = True
+    if refused and Version(triton.__version__) < Version("3.7"):  # the 3.9 interpreter is fine
+        raise pytest.UsageError(f"triton {triton.__version__}'s interpreter cannot run with numpy "
+                                f"{numpy.__version__}: pip install 'numpy<2.4' (or a newer triton)")
+
+
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe", "glm4_moe_lite"]
 
 

@@ -74,3 +74,39 @@ def test_apply_rule_fast_path_for_sorted_slots_equals_the_general_one():
         ids = torch.randint(0, 10, (5, 6), generator=g)  # some slots already on zero experts (>= 8)
         for rule in (("top-k", 3.0), ("top-p", 0.6), ("threshold", 0.5)):
             assert torch.equal(apply_rule(w, ids, rule, 8), apply_rule(w, ids, rule, 8, sorted_desc=True)), rule
+
+
+@pytest.mark.parametrize("skips_e", [True, False], ids=["eager-skips-id-E", "eager-one-hot-over-E"])
+def test_zero_slots_contribute_nothing_whichever_eager_transformers_has(skips_e, monkeypatch):
+    """transformers 5.25's eager experts skip id E; 5.17's (the GPU image's) one-hot over E classes fails on it.
+    Either way a zero slot adds nothing: the same output as the real slots alone."""
+    import torch.nn.functional as F
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from moecompress.zero import modules as zm
+
+    cfg = Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    experts = Qwen3MoeExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    real_one_hot = F.one_hot
+
+    def one_hot(t, num_classes=-1):  # E + 1 classes: id E is skipped (5.25); E classes: it raises (5.17)
+        return real_one_hot(t, num_classes=5 if skips_e else 4)
+
+    monkeypatch.setattr(F, "one_hot", one_hot)
+    monkeypatch.setattr(zm, "_EAGER_SKIPS_E", {})
+    h = torch.randn(5, 16)
+    ids = torch.tensor([[0, 4], [1, 2], [5, 3], [4, 5], [2, 0]])  # 4, 5: zero experts
+    w = torch.rand(5, 2)
+    live = ids < 4
+    want = experts(h, torch.where(live, ids, 0), torch.where(live, w, 0.0))  # zero slots at weight 0
+    if not skips_e:
+        with pytest.raises(RuntimeError):
+            experts(h, torch.where(live, ids, 4), w)
+    experts.__class__ = zm._skipping_class(Qwen3MoeExperts)
+    got = experts(h, ids, w)
+    assert zm._EAGER_SKIPS_E[type(experts)] is skips_e
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

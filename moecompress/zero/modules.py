@@ -199,19 +199,20 @@ class ZeroExpertRouter(nn.Module):
 
 
 class ZeroSkippingExperts:
-    """Mixed into a transformers experts class: slots with ids ``>= E`` compute nothing.
+    """Mixed into a transformers experts class: slots with ids ``>= E`` contribute nothing.
 
-    transformers' ``eager`` experts skip an id equal to ``E`` (and fail on larger ones); the other
-    implementations have no notion of it. Zero slots become id ``E`` for ``eager``, and expert 0 with
-    weight 0 elsewhere (its output times an exact 0). The forward hooks of callers (calibration
-    capture) see the original ids.
+    Recent transformers' ``eager`` experts skip an id equal to ``E`` (5.25; they fail on larger ones);
+    older ones (5.17, the GPU image's) fail on it, and the other implementations have no notion of it.
+    Zero slots become id ``E`` for an ``eager`` that skips it (probed once per class: they then cost
+    nothing), and expert 0 with weight 0 otherwise (its output times an exact 0). The forward hooks of
+    callers (calibration capture) see the original ids.
     """
 
     def forward(self, hidden_states, top_k_index, top_k_weights):  # noqa: D102
         e = self.gate_up_proj.shape[0]
         live = top_k_index < e
         impl = getattr(getattr(self, "config", None), "_experts_implementation", None) or "eager"
-        if impl == "eager":
+        if impl == "eager" and _eager_skips_id_e(self, hidden_states, e):
             top_k_index = torch.where(live, top_k_index, e)
         else:
             top_k_index = torch.where(live, top_k_index, 0)
@@ -220,6 +221,26 @@ class ZeroSkippingExperts:
 
 
 _SKIPPING: dict[type, type] = {}
+_EAGER_SKIPS_E: dict[type, bool] = {}
+
+
+def _eager_skips_id_e(module: "ZeroSkippingExperts", hidden_states: torch.Tensor, e: int) -> bool:
+    """Whether the transformers experts class under ``module``'s mixin skips a slot with id ``E``: one token
+    routed only there, run once per class (a one-hot over ``E`` classes raises on it)."""
+    cls = type(module)
+    if cls not in _EAGER_SKIPS_E:
+        parent = super(ZeroSkippingExperts, module)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])[:1].detach()
+        if x.shape[0] == 0 or x.is_meta:
+            return False  # nothing to probe with: expert 0 at weight 0 is right either way
+        try:
+            with torch.no_grad():
+                out = parent.forward(x, torch.full((1, 1), e, dtype=torch.long, device=x.device),
+                                     torch.ones((1, 1), dtype=x.dtype, device=x.device))
+            _EAGER_SKIPS_E[cls] = bool((out == 0).all())
+        except (RuntimeError, IndexError):
+            _EAGER_SKIPS_E[cls] = False
+    return _EAGER_SKIPS_E[cls]
 
 
 def _skipping_class(cls: type) -> type:

@@ -16,6 +16,9 @@
 #   tests  TRITON_INTERPRET=0 pytest -x tests/test_kernels_*.py tests/test_runtime_*.py tests/test_pipeline_cuda.py -> tests.log
 #   bench  python -m moecompress.kernels.bench (default shapes)  -> bench.log, kernels_bench.json
 #   e2e    benchmarks/e2e_decode.py --layers $E2E_LAYERS (4)     -> e2e.log, e2e.json
+#   zeda   `moecompress zeda --device cuda` (bf16 autocast, transformers' experts on the GPU, zero slots) on
+#          $ZEDA_MODEL (default: a tiny random qwen3_moe built here; carry the demo model for real figures),
+#          then `moecompress eval` of its output on cuda            -> zeda.log, zeda_eval.json
 #   offload  expert offload on the GPU: its tests (tests/test_runtime_cpu_packed.py -k offload), then
 #          benchmarks/offload_decode.py: decode tok/s with 128/96/64/32/0 experts per layer on the GPU (the rest
 #          on the CPU) beside `moecompress plan`'s estimate, Qwen3-30B-A3B shapes, 2 layers -> offload.json
@@ -54,7 +57,7 @@ fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(zero layer e2e tests)
 for s in "${steps[@]}"; do
-    case $s in tests|bench|e2e|zero|align|layer|sweep|offload) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep, offload; fetch-wheels on the dev machine)"; exit 2;; esac
+    case $s in tests|bench|e2e|zero|align|layer|sweep|offload|zeda) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep, offload, zeda; fetch-wheels on the dev machine)"; exit 2;; esac
 done
 
 OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
@@ -66,7 +69,7 @@ SETUP=$OUT/setup.log
 # whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
 # TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
 BUDGET=${BUDGET:-520}
-declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100 [offload]=160)
+declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100 [offload]=160 [zeda]=120)
 total_w=0
 for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
 limit() {  # step -> seconds
@@ -215,6 +218,20 @@ for s in "${steps[@]}"; do
         run_step e2e "$(limit e2e)" env TRITON_INTERPRET=0 "$PY" benchmarks/e2e_decode.py \
             --device cuda --layers "${E2E_LAYERS:-4}" --workdir "${E2E_WORKDIR:-/tmp/moecompress_e2e}" \
             --json "$OUT/e2e.json"
+        ;;
+    zeda)  # two thirds of the step's time for the training, the rest for the eval
+        secs=$(limit zeda)
+        zdir=${ZEDA_WORKDIR:-/tmp/moecompress_zeda}
+        zmodel=${ZEDA_MODEL:-$zdir/tiny}
+        if [ -z "${ZEDA_MODEL:-}" ] && [ ! -f "$zmodel/config.json" ]; then
+            "$PY" -c "from moecompress.tiny import save_tiny; save_tiny('qwen3_moe', '$zmodel')" >>"$SETUP" 2>&1
+        fi
+        run_step zeda $((secs * 2 / 3)) env TRITON_INTERPRET=0 "$PY" -m moecompress zeda "$zmodel" --out "$zdir/out" \
+            --overwrite --device cuda --prompts "${ZEDA_PROMPTS:-64}" --stage1-steps "${ZEDA_STEPS1:-40}" \
+            --stage2-steps "${ZEDA_STEPS2:-20}"
+        cp "$zdir/out/zeda_log.json" "$OUT/zeda_log.json" 2>/dev/null
+        run_step zeda-eval $((secs - secs * 2 / 3)) env TRITON_INTERPRET=0 "$PY" -m moecompress eval "$zdir/out" \
+            --reference "$zmodel" --device cuda --samples 16 --seq-len 128 --json "$OUT/zeda_eval.json"
         ;;
     offload)  # a third of the step's time for the tests, the rest for the measurement
         secs=$(limit offload)

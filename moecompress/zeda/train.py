@@ -124,7 +124,10 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     seed follow from the step number), so on a CPU the result is bit for bit an uninterrupted run's.
     """
     model = student.model
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # 5.17 (the GPU image's)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if d.active and cfg.shard == "fsdp":
         student.params = shard_fsdp(model, student.params)  # sharding makes new parameter objects
         forward = model

@@ -288,3 +288,46 @@ def test_packed_whole_model_gives_the_dequantized_numbers(bf16_qwen, tmp_path, f
     dense = sum(int(torch.tensor(m.shape).prod()) * 4 for m in mods if isinstance(m, LazyExpertWeights)) + sum(
         m.in_features * m.out_features * 4 for m in mods if isinstance(m, CpuQuantLinear))
     assert held < (0.3 if kw.get("bits", 4) == 4 else 0.45) * dense, (held, dense)
+
+
+# ------------------------------------------------------------------------------------ memory: whole or streamed
+
+
+def test_resident_bytes_counts_what_a_whole_load_holds(bf16_qwen, tmp_path):
+    """The estimate behind the automatic streaming, against what the whole-model loads really hold: the bf16
+    source in fp32, and its W4 checkpoint kept packed (CPU) or dequantized."""
+    from moecompress.checkpoint.reader import CheckpointReader
+    from moecompress.evals.collect import WholeModel
+    from moecompress.evals.sizes import resident_bytes
+    from moecompress.runtime.cpu_packed import packed_bytes
+
+    q = _quantize(bf16_qwen, tmp_path / "q", format="compressed-tensors")
+    src, qr = CheckpointReader.open(bf16_qwen), CheckpointReader.open(q)
+    float_model = WholeModel(bf16_qwen, "cpu", torch.float32).model
+    held = sum(p.numel() * p.element_size() for p in float_model.parameters())
+    assert resident_bytes(src, torch.float32, packed=False) == held
+    assert resident_bytes(qr, torch.float32, packed=False) == held  # dequantized: the float model's size
+    packed = packed_bytes(WholeModel(q, "cpu", torch.float32).model)
+    assert resident_bytes(qr, torch.float32, packed=True) == pytest.approx(packed, rel=0.05)
+    assert packed < 0.6 * held
+
+
+def test_eval_streams_by_itself_when_the_models_do_not_fit(bf16_qwen, tmp_path, monkeypatch, caplog):
+    from moecompress.evals import evaluate as ev
+
+    q = _quantize(bf16_qwen, tmp_path / "q", format="compressed-tensors")
+    monkeypatch.setattr(ev, "available_bytes", lambda device: 10**15)
+    whole = evaluate(q, bf16_qwen, **SMALL)
+    assert whole["settings"]["low_memory"] is False and whole["settings"]["low_memory_auto"] is False
+    need = ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32)[1]
+    monkeypatch.setattr(ev, "available_bytes", lambda device: need - 1)
+    with caplog.at_level("WARNING", logger="moecompress"):
+        auto = evaluate(q, bf16_qwen, **SMALL)
+    assert auto["settings"]["low_memory"] is True and auto["settings"]["low_memory_auto"] is True
+    assert "streaming one layer at a time" in caplog.text
+    la, lb = dict(_leaves(whole)), dict(_leaves(auto))
+    for key in la.keys() - {".seconds", ".settings.low_memory", ".settings.low_memory_auto"}:
+        assert la[key] == lb[key], key
+    monkeypatch.setattr(ev, "available_bytes", lambda device: need + 1)
+    assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 2)[0] is False  # two torchrun processes
+    assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 1)[0] is True

@@ -6,10 +6,12 @@ next-token distributions (perplexity of both, KL(reference || model), top-1 agre
 layer, what each model's router decided on *its own* hidden states -- end-to-end routing drift:
 top-k set match, Jaccard, router KL (see :mod:`.routing_metrics`), expert load and skip rates.
 
-Memory: by default both models are loaded whole (quantized weights dequantized). ``low_memory``
-streams instead: one decoder layer of each model resident at a time plus the hidden states of all
-windows for both models, and one window of logits at a time. Both modes give the same numbers
-(the same batches run through the same layers; only the final ``lm_head`` runs per window).
+Memory: by default both models are loaded whole (quantized weights kept packed on a CPU, dequantized
+on a GPU). ``low_memory`` streams instead: one decoder layer of each model resident at a time plus the
+hidden states of all windows for both models, and one window of logits at a time. Both modes give the
+same numbers (the same batches run through the same layers; only the final ``lm_head`` runs per
+window), so where the two models would not fit whole in the device's free memory (:func:`whole_fits`)
+the evaluation streams by itself, says so, and records ``settings.low_memory_auto``.
 
 Reference cache: with ``reference_cache=DIR`` the reference's outputs (its ``lm_head`` inputs and
 routing per batch) are stored in DIR under a key of everything they depend on, and a later
@@ -37,6 +39,7 @@ The returned dict (JSON-serializable) is a contract the report relies on::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -53,7 +56,7 @@ from .lm_metrics import LMAccumulator, NonFiniteLogits
 from .ref_cache import DEFAULT_MAX_BYTES, ReferenceCache, cache_key
 from .ref_source import open_reference
 from .routing_metrics import RoutingAccumulator
-from .sizes import bits_per_weight, checkpoint_bytes, quantization_settings
+from .sizes import bits_per_weight, checkpoint_bytes, quantization_settings, resident_bytes
 
 log = logging.getLogger("moecompress")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +71,28 @@ def _resolve(device: str, dtype: str, ref_handle: ModelHandle) -> tuple[torch.de
     if dtype not in _DTYPES:
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return dev, _DTYPES[dtype]
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device``: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def whole_fits(model_dir, reference_dir, device: torch.device, dtype: torch.dtype, processes: int = 1
+               ) -> tuple[bool, int, int]:
+    """(whether both models fit loaded whole, the bytes they need, the bytes available): the weights as
+    :func:`sizes.resident_bytes` counts them (a quantized model stays packed on a CPU) plus 10% for
+    activations and the allocator, times the ``processes`` that share the memory (torchrun on one host)."""
+    need = resident_bytes(CheckpointReader.open(reference_dir), dtype, packed=False)
+    if Path(model_dir).resolve() != Path(reference_dir).resolve():
+        need += resident_bytes(CheckpointReader.open(model_dir), dtype, packed=device.type == "cpu")
+    need = int(need * 1.1) * processes
+    free = available_bytes(device)
+    return need <= free, need, free
 
 
 def _check_pair(m: ModelHandle, r: ModelHandle) -> None:
@@ -195,6 +220,15 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
             reference_cache = None
         all_batches, batches = batches, batches[ranks.rank::ranks.world]
 
+    low_memory_auto = False
+    if not low_memory:
+        shared = 1 if dev.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        fits, need, free = whole_fits(model_dir, reference_dir, dev, dt, shared)
+        if not fits:
+            low_memory = low_memory_auto = True
+            log.warning("eval: the two models need ~%.1f GiB loaded whole and %.1f GiB is free on %s: streaming one "
+                        "layer at a time instead (as --low-memory; the same numbers)", need / 2**30, free / 2**30, dev)
+
     cache = None
     if reference_cache is not None:
         key = cache_key(reference_dir, data_info=data_info, windows_sha256=windows_digest(windows),
@@ -241,7 +275,7 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
         "bits_per_weight": bits_per_weight(m_reader),
         "quantization": quantization_settings(m_reader),
         "settings": {"samples": samples, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-                     "low_memory": bool(low_memory), "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+                     "low_memory": bool(low_memory), "low_memory_auto": low_memory_auto, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
                      "tasks": task_names or None, "tasks_path": tasks_path, "tasks_limit": tasks_limit,
                      "experts_implementation": "eager", "windows_sha256": windows_digest(windows),
                      "torch": torch.__version__, "ranks": ranks.world},

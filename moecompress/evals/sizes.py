@@ -13,7 +13,10 @@ zero points, 4/32 per weight, and its ``g_idx``, 32 bits per input column.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
 
 from moecompress.checkpoint.dequant import quantized_modules, spec_from_config
 from moecompress.checkpoint.reader import CheckpointReader
@@ -38,6 +41,31 @@ def _dense_count(reader: CheckpointReader, fmt: str, bits: int, module: str) -> 
     if fmt == "awq":  # qweight [K, N*bits/32]: packed along N
         return rows * (n * 32 // bits)
     return rows * 32 // bits * n
+
+
+_FLOATS = ("F64", "F32", "F16", "BF16")
+_SIDECARS = ("weight_shape",)  # compressed-tensors metadata of a quantized linear, never resident
+
+
+def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool) -> int:
+    """About what the weights of ``reader``'s checkpoint take loaded whole in ``dtype`` (from the headers):
+    float tensors at ``dtype``'s size; quantized linears as stored (``packed``: the CPU keeps them so) or
+    dequantized to ``dtype``."""
+    fmt, spec, mods = quantized_modules(reader)
+    parts = _PARTS.get(fmt, ()) + _SIDECARS
+    owned = {f"{m}.{p}" for m in mods for p in parts}
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, info in reader.tensors.items():
+        if name in owned:
+            continue
+        total += math.prod(info.shape) * size if info.dtype in _FLOATS else info.nbytes
+    for m in mods:
+        if packed:
+            total += sum(reader.tensors[f"{m}.{p}"].nbytes for p in _PARTS[fmt] if f"{m}.{p}" in reader)
+        else:
+            total += _dense_count(reader, fmt, spec.bits, m) * size
+    return total
 
 
 def bits_per_weight(reader: CheckpointReader) -> float | None:

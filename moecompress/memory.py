@@ -69,3 +69,25 @@ def gc_paused(freeze: bool = False):
             gc.freeze()
         if was:
             gc.enable()
+
+
+def available_bytes(device) -> int:
+    """Memory free for new tensors on ``device`` (a ``torch.device``): the GPU's free memory, or the host's
+    available RAM."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def host_processes() -> int:
+    """Processes of this launch sharing the host's RAM (torchrun's ``LOCAL_WORLD_SIZE``; 1 without it)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1

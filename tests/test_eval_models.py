@@ -316,11 +316,11 @@ def test_eval_streams_by_itself_when_the_models_do_not_fit(bf16_qwen, tmp_path, 
     from moecompress.evals import evaluate as ev
 
     q = _quantize(bf16_qwen, tmp_path / "q", format="compressed-tensors")
-    monkeypatch.setattr(ev, "available_bytes", lambda device: 10**15)
+    monkeypatch.setattr(ev.memory, "available_bytes", lambda device: 10**15)
     whole = evaluate(q, bf16_qwen, **SMALL)
     assert whole["settings"]["low_memory"] is False and whole["settings"]["low_memory_auto"] is False
     need = ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32)[1]
-    monkeypatch.setattr(ev, "available_bytes", lambda device: need - 1)
+    monkeypatch.setattr(ev.memory, "available_bytes", lambda device: need - 1)
     with caplog.at_level("WARNING", logger="moecompress"):
         auto = evaluate(q, bf16_qwen, **SMALL)
     assert auto["settings"]["low_memory"] is True and auto["settings"]["low_memory_auto"] is True
@@ -328,6 +328,6 @@ def test_eval_streams_by_itself_when_the_models_do_not_fit(bf16_qwen, tmp_path, 
     la, lb = dict(_leaves(whole)), dict(_leaves(auto))
     for key in la.keys() - {".seconds", ".settings.low_memory", ".settings.low_memory_auto"}:
         assert la[key] == lb[key], key
-    monkeypatch.setattr(ev, "available_bytes", lambda device: need + 1)
+    monkeypatch.setattr(ev.memory, "available_bytes", lambda device: need + 1)
     assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 2)[0] is False  # two torchrun processes
     assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 1)[0] is True

@@ -193,6 +193,18 @@ def test_bad_runs_are_refused_before_any_work(tiny_ckpt, tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="--data"):
         run_zeda(src, tmp_path / "a", build_zeda_config(data=str(empty), **QUICK))
+    from moecompress import memory
+    from moecompress.checkpoint.reader import CheckpointReader
+    from moecompress.evals.sizes import resident_bytes
+
+    fp32 = resident_bytes(CheckpointReader.open(src), torch.float32, packed=False)
+    real = memory.available_bytes
+    memory.available_bytes = lambda device: fp32 - 1  # a machine one byte short of the fp32 student
+    try:
+        with pytest.raises(UserError, match=r"ZEDA holds the model in fp32, 0\.0 GiB before activations, and cpu"):
+            run_zeda(src, tmp_path / "a", build_zeda_config(**QUICK))
+    finally:
+        memory.available_bytes = real
     assert not (tmp_path / "a").exists()
 
 

@@ -39,13 +39,13 @@ The returned dict (JSON-serializable) is a contract the report relies on::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from moecompress import memory
 from moecompress.arch.handle import ModelHandle
 from moecompress.checkpoint.reader import CheckpointReader
 from moecompress.errors import UserError
@@ -73,15 +73,6 @@ def _resolve(device: str, dtype: str, ref_handle: ModelHandle) -> tuple[torch.de
     return dev, _DTYPES[dtype]
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory free for new tensors on ``device``: the GPU's free memory, or the host's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def whole_fits(model_dir, reference_dir, device: torch.device, dtype: torch.dtype, processes: int = 1
                ) -> tuple[bool, int, int]:
     """(whether both models fit loaded whole, the bytes they need, the bytes available): the weights as
@@ -91,7 +82,7 @@ def whole_fits(model_dir, reference_dir, device: torch.device, dtype: torch.dtyp
     if Path(model_dir).resolve() != Path(reference_dir).resolve():
         need += resident_bytes(CheckpointReader.open(model_dir), dtype, packed=device.type == "cpu")
     need = int(need * 1.1) * processes
-    free = available_bytes(device)
+    free = memory.available_bytes(device)
     return need <= free, need, free
 
 
@@ -222,8 +213,8 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
 
     low_memory_auto = False
     if not low_memory:
-        shared = 1 if dev.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        fits, need, free = whole_fits(model_dir, reference_dir, dev, dt, shared)
+        procs = 1 if dev.type == "cuda" else memory.host_processes()
+        fits, need, free = whole_fits(model_dir, reference_dir, dev, dt, procs)
         if not fits:
             low_memory = low_memory_auto = True
             log.warning("eval: the two models need ~%.1f GiB loaded whole and %.1f GiB is free on %s: streaming one "

@@ -326,6 +326,8 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
 
     device = resolve_device(cfg.device)
     d = Ranks.from_env(device.type)
+    if cfg.shard != "fsdp":
+        _check_fits(model_dir, device)
     if cfg.shard == "fsdp" and not d.active:
         log.warning("--shard fsdp shards across torchrun ranks; this single process trains the whole model")
     try:
@@ -333,6 +335,22 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
                     d, t0)
     finally:
         d.close()
+
+
+def _check_fits(model_dir: Path, device: torch.device) -> None:
+    """One line, before anything is loaded, where the fp32 student alone exceeds the device's free memory
+    (a CPU's RAM shared by the launch's processes): an out-of-memory kill says nothing."""
+    from .. import memory
+    from ..checkpoint.reader import CheckpointReader
+    from ..evals.sizes import resident_bytes
+
+    need = resident_bytes(CheckpointReader.open(model_dir), torch.float32, packed=False)
+    need *= 1 if device.type == "cuda" else memory.host_processes()
+    free = memory.available_bytes(device)
+    if need > free:
+        raise UserError(f"{model_dir}: ZEDA holds the model in fp32, {need / 2**30:.1f} GiB before activations, and "
+                        f"{device} has {free / 2**30:.1f} GiB free; use a bigger device, or shard it over several "
+                        "with torchrun ... --shard fsdp")
 
 
 def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, command, resume: bool, num_zero: int,

@@ -361,3 +361,21 @@ def test_packed_loads_never_read_the_experts_as_floats(quantized, family, monkey
     assert not any(t.is_meta for t in model.parameters())
     Runtime.load(q, cpu_weights="dequantized")  # the float reference still reads them
     assert reads
+
+
+def test_a_model_that_cannot_fit_is_refused_in_one_line_before_loading(quantized, monkeypatch):
+    from moecompress import memory
+    from moecompress.checkpoint.reader import CheckpointReader
+    from moecompress.errors import UserError
+    from moecompress.evals.sizes import resident_bytes
+
+    q, twin = quantized("qwen3_moe", "compressed-tensors")
+    floor = resident_bytes(CheckpointReader.open(q), torch.float32, packed=True, floor=True)
+    assert floor < resident_bytes(CheckpointReader.open(q), torch.float32, packed=False, floor=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: floor - 1)
+    with pytest.raises(UserError, match=r"its weights need at least .* GiB and cpu has .* GiB free; a quantized"):
+        Runtime.load(q)
+    with pytest.raises(UserError):
+        Runtime.load(twin)  # the float twin needs more still
+    monkeypatch.setattr(memory, "available_bytes", lambda device: floor)
+    Runtime.load(q)  # packed, it fits

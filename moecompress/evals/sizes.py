@@ -47,10 +47,11 @@ _FLOATS = ("F64", "F32", "F16", "BF16")
 _SIDECARS = ("weight_shape",)  # compressed-tensors metadata of a quantized linear, never resident
 
 
-def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool) -> int:
+def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, floor: bool = False) -> int:
     """About what the weights of ``reader``'s checkpoint take loaded whole in ``dtype`` (from the headers):
     float tensors at ``dtype``'s size; quantized linears as stored (``packed``: the CPU keeps them so) or
-    dequantized to ``dtype``."""
+    dequantized to ``dtype``. ``floor``: a lower bound instead, each float tensor at the smaller of its stored
+    size and ``dtype``'s (a loader may keep some, e.g. the embedding, as stored)."""
     fmt, spec, mods = quantized_modules(reader)
     parts = _PARTS.get(fmt, ()) + _SIDECARS
     owned = {f"{m}.{p}" for m in mods for p in parts}
@@ -59,7 +60,10 @@ def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool) -
     for name, info in reader.tensors.items():
         if name in owned:
             continue
-        total += math.prod(info.shape) * size if info.dtype in _FLOATS else info.nbytes
+        if info.dtype not in _FLOATS:
+            total += info.nbytes
+        else:
+            total += min(info.nbytes, math.prod(info.shape) * size) if floor else math.prod(info.shape) * size
     for m in mods:
         if packed:
             total += sum(reader.tensors[f"{m}.{p}"].nbytes for p in _PARTS[fmt] if f"{m}.{p}" in reader)

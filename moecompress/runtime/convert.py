@@ -79,6 +79,8 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
     and run on the CPU (:mod:`.offload`; with a CPU ``device`` this simulates the split)."""
     if cpu_weights not in CPU_WEIGHTS:
         raise UserError(f"cpu_weights must be one of {', '.join(CPU_WEIGHTS)}, not {cpu_weights!r}")
+    if offload is None:  # with offload the placement decides what goes where (``moecompress plan``)
+        _check_fits(path, device, dtype, packed=use_kernels or (device.type == "cpu" and cpu_weights != "dequantized"))
     handle, model = open_model(path, experts_implementation="eager")
     if handle.family not in RUNTIME_FAMILIES:
         raise UserError(f"the runtime does not support the '{handle.family}' family yet; "
@@ -130,6 +132,23 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
         log.info("runtime: %d quantized tensors run dequantized (first: %s)", len(report.dequantized),
                  report.dequantized[0])
     return handle, model.eval(), report
+
+
+def _check_fits(path, device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
+    """One line before loading where even a lower bound of the weights' size (quantized ones as stored when
+    ``packed``, floats at the smaller of their stored size and ``dtype``'s) exceeds the device's free memory:
+    an out-of-memory kill says nothing."""
+    from .. import memory
+    from ..checkpoint.reader import CheckpointReader
+    from ..evals.sizes import resident_bytes
+
+    need = resident_bytes(CheckpointReader.open(path), dtype or torch.bfloat16, packed, floor=True)
+    free = memory.available_bytes(device)
+    if need > free:
+        hint = ("on a GPU, --offload-experts keeps some experts in host memory (see moecompress plan)"
+                if device.type == "cuda" else "a quantized checkpoint stays packed on a CPU (--cpu-weights packed)")
+        raise UserError(f"{path}: its weights need at least {need / 2**30:.1f} GiB and {device} has "
+                        f"{free / 2**30:.1f} GiB free; {hint}")
 
 
 def rowmajor_linears(model: nn.Module) -> int:

@@ -267,7 +267,7 @@ def _probe(fast: DecodeAttention, rotary: nn.Module, dtype: torch.dtype) -> bool
         cos, sin = rotary(x, pos[None])
         if cos.shape[-1] != fast.d:  # partial rotary
             return False
-        name = _cache_name(inner)
+        name = cache_name(inner)
         outs = []
         for use_fast in (False, True):
             cache = KVCache(fast.layer_idx + 1, 1, 8)
@@ -311,7 +311,7 @@ def decode_layer(layer: nn.Module, rotary: nn.Module):
         cache.prepare(pos, int(pos[-1]) + 1)
         if fn is None:
             return layer(x, attention_mask=None, position_ids=pos[None], position_embeddings=rope,
-                         **{_cache_name(layer): cache})
+                         **{cache_name(layer): cache})
         return fn(x, rope, cache)
 
     gen = torch.Generator().manual_seed(0)
@@ -333,7 +333,7 @@ def decode_layer(layer: nn.Module, rotary: nn.Module):
     return None
 
 
-def _cache_name(module: nn.Module) -> str:
+def cache_name(module: nn.Module) -> str:
     """The name ``module``'s forward takes the cache by: ``cache`` in transformers >= 5.25, else
     ``past_key_values`` (which 5.25 still accepts, with a warning)."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

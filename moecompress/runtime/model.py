@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import decode_layer
+from .attention import cache_name, decode_layer
 from .cache import KVCache
 
 
@@ -35,6 +35,7 @@ class RuntimeModel:
         # block around our fast attention (runtime.attention); checked on each layer
         self.fast = [None if w is not None or lin else decode_layer(layer, lm.model.rotary_emb)
                      for layer, w, lin in zip(self.layers, self.windows, self.linear_attention)]
+        self.cache_kw = [cache_name(layer) for layer in self.layers]  # "cache" (5.25) or "past_key_values" (5.17)
 
     @property
     def vocab_size(self) -> int:
@@ -64,14 +65,15 @@ class RuntimeModel:
             total = ids.shape[1]
         masks: dict[int | None, torch.Tensor | None] = {}
         decode = ids.shape[1] == 1 and cache is not None and kv_len is not None
-        for layer, window, linear, fast in zip(self.layers, self.windows, self.linear_attention, self.fast):
+        for layer, window, linear, fast, kw in zip(self.layers, self.windows, self.linear_attention, self.fast,
+                                                   self.cache_kw):
             if decode and fast is not None:
                 hidden = fast(hidden, rope, cache)
                 continue
             if not linear and window not in masks:
                 masks[window] = attention_mask(positions, total, window, static=cache is not None and kv_len is None)
             hidden = layer(hidden, attention_mask=None if linear else masks[window], position_ids=pos_ids,
-                           past_key_values=cache, position_embeddings=rope)
+                           position_embeddings=rope, **{kw: cache})
         if last_only:
             hidden = hidden[:, -1]
         return self.lm.lm_head(base.norm(hidden)).float()

@@ -331,3 +331,39 @@ def test_eval_streams_by_itself_when_the_models_do_not_fit(bf16_qwen, tmp_path, 
     monkeypatch.setattr(ev.memory, "available_bytes", lambda device: need + 1)
     assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 2)[0] is False  # two torchrun processes
     assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 1)[0] is True
+
+
+def test_resident_bytes_leaves_out_what_no_load_reads(tiny_ckpt, tmp_path):
+    """MTP layers beyond num_hidden_layers, other towers and a stock layout's zero experts are in the shards but
+    never loaded: with the handle's filter the estimate is still exactly what a whole float load holds."""
+    from moecompress.arch.handle import ModelHandle
+    from moecompress.checkpoint.reader import CheckpointReader
+    from moecompress.evals.collect import WholeModel
+    from moecompress.evals.sizes import resident_bytes
+    from moecompress.zero.convert import convert_layout
+    from moecompress.zero.inject import add_zero_experts
+
+    src = tiny_ckpt("qwen3_moe")
+    extra = tmp_path / "extra"
+    shutil.copytree(src, extra)
+    shards = sorted(extra.glob("*.safetensors"))
+    state = load_file(shards[0])
+    layers = json.loads((extra / "config.json").read_text())["num_hidden_layers"]
+    state[f"model.layers.{layers}.mlp.experts.0.gate_proj.weight"] = torch.zeros(64, 64)  # an MTP layer
+    state["mtp.norm.weight"] = torch.zeros(4096)
+    state["model.visual.blocks.0.weight"] = torch.zeros(4096)
+    save_file(state, str(shards[0]), metadata={"format": "pt"})
+    stock = tmp_path / "stock"
+    native = tmp_path / "native"
+    add_zero_experts(src, native, 2)
+    for shard in native.glob("*.safetensors"):  # no logit offset: the stock layout can express it
+        t = load_file(shard)
+        save_file({k: torch.zeros_like(v) if k.endswith("zero_expert_bias") else v for k, v in t.items()}, str(shard),
+                  metadata={"format": "pt"})
+    convert_layout(native, stock, "stock")
+    for path in (extra, stock):
+        held = sum(p.numel() * p.element_size() for p in WholeModel(path, "cpu", torch.float32).model.parameters())
+        reader, keep = CheckpointReader.open(path), ModelHandle.open(path, dequantize=True).whole_load_filter()
+        # (stock: the load adds each router's zero_expert_bias, Z zeros the shards need not hold)
+        assert resident_bytes(reader, torch.float32, packed=False, keep=keep) == pytest.approx(held, rel=1e-4), path.name
+        assert resident_bytes(reader, torch.float32, packed=False) > held  # without the filter: counted

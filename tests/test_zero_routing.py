@@ -110,3 +110,8 @@ def test_zero_slots_contribute_nothing_whichever_eager_transformers_has(skips_e,
     got = experts(h, ids, w)
     assert zm._EAGER_SKIPS_E[type(experts)] is skips_e
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the probe runs on CPU tensors and never on the weights (on a GPU, an id out of one_hot's range is a
+    # device-side assert): weights and hidden states on the meta device give the same answer
+    zm._EAGER_SKIPS_E.clear()
+    experts.to("meta")
+    assert zm._eager_skips_id_e(experts, torch.empty(5, 16, device="meta"), 4) is skips_e

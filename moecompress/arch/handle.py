@@ -187,6 +187,27 @@ class ModelHandle:
         pre = self.layer_prefix(i)
         return [n for n in self.reader.names() if n.startswith(pre)]
 
+    def whole_load_filter(self):
+        """A predicate on checkpoint tensor names: True for what a whole load of this model reads -- the
+        embedding, final norm and head, the first ``num_layers`` decoder layers and, in them, the first
+        ``num_experts`` experts -- False for the rest (MTP layers, vision towers, a stock layout's zero experts).
+        Quantized parts (``weight_packed``, ``qweight``, ...) go by their module's name."""
+        base = f"{self.disk_prefix}.layers."
+        outer = (f"{self.disk_prefix}.embed_tokens.", f"{self.disk_prefix}.norm.", "lm_head.")
+        expert = re.compile(r"\.experts\.(\d+)\.")
+        layers, experts = self.num_layers, self.num_experts
+
+        def keep(name: str) -> bool:
+            if not name.startswith(base):
+                return name.startswith(outer)
+            i = name[len(base):].split(".", 1)[0]
+            if not i.isdigit() or int(i) >= layers:
+                return False
+            m = expert.search(name)
+            return m is None or int(m.group(1)) < experts
+
+        return keep
+
     def non_layer_tensor_names(self) -> list[str]:
         """Everything outside the decoder layers we process (embeddings, norm, lm_head, vision, MTP...)."""
         pat = re.compile(rf"^{re.escape(self.disk_prefix)}\.layers\.(\d+)\.")

@@ -78,9 +78,13 @@ def whole_fits(model_dir, reference_dir, device: torch.device, dtype: torch.dtyp
     """(whether both models fit loaded whole, the bytes they need, the bytes available): the weights as
     :func:`sizes.resident_bytes` counts them (a quantized model stays packed on a CPU) plus 10% for
     activations and the allocator, times the ``processes`` that share the memory (torchrun on one host)."""
-    need = resident_bytes(CheckpointReader.open(reference_dir), dtype, packed=False)
+    def weights(path, packed: bool) -> int:
+        keep = ModelHandle.open(path, dequantize=True).whole_load_filter()
+        return resident_bytes(CheckpointReader.open(path), dtype, packed=packed, keep=keep)
+
+    need = weights(reference_dir, False)
     if Path(model_dir).resolve() != Path(reference_dir).resolve():
-        need += resident_bytes(CheckpointReader.open(model_dir), dtype, packed=device.type == "cpu")
+        need += weights(model_dir, device.type == "cpu")
     need = int(need * 1.1) * processes
     free = memory.available_bytes(device)
     return need <= free, need, free

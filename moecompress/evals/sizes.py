@@ -47,18 +47,23 @@ _FLOATS = ("F64", "F32", "F16", "BF16")
 _SIDECARS = ("weight_shape",)  # compressed-tensors metadata of a quantized linear, never resident
 
 
-def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, floor: bool = False) -> int:
+def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, floor: bool = False,
+                   keep=None) -> int:
     """About what the weights of ``reader``'s checkpoint take loaded whole in ``dtype`` (from the headers):
     float tensors at ``dtype``'s size; quantized linears as stored (``packed``: the CPU keeps them so) or
     dequantized to ``dtype``. ``floor``: a lower bound instead, each float tensor at the smaller of its stored
-    size and ``dtype``'s (a loader may keep some, e.g. the embedding, as stored)."""
+    size and ``dtype``'s (a loader may keep some, e.g. the embedding, as stored). ``keep``: a predicate on
+    tensor names, the ones a load reads (``ModelHandle.whole_load_filter``: no MTP layer, vision tower or
+    stock zero expert); every tensor without it."""
     fmt, spec, mods = quantized_modules(reader)
+    if keep is not None:
+        mods = [m for m in mods if keep(m + ".weight")]
     parts = _PARTS.get(fmt, ()) + _SIDECARS
     owned = {f"{m}.{p}" for m in mods for p in parts}
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
     for name, info in reader.tensors.items():
-        if name in owned:
+        if name in owned or (keep is not None and not keep(name)):
             continue
         if info.dtype not in _FLOATS:
             total += info.nbytes

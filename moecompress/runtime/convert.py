@@ -79,9 +79,10 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
     and run on the CPU (:mod:`.offload`; with a CPU ``device`` this simulates the split)."""
     if cpu_weights not in CPU_WEIGHTS:
         raise UserError(f"cpu_weights must be one of {', '.join(CPU_WEIGHTS)}, not {cpu_weights!r}")
-    if offload is None:  # with offload the placement decides what goes where (``moecompress plan``)
-        _check_fits(path, device, dtype, packed=use_kernels or (device.type == "cpu" and cpu_weights != "dequantized"))
     handle, model = open_model(path, experts_implementation="eager")
+    if offload is None:  # with offload the placement decides what goes where (``moecompress plan``)
+        _check_fits(path, handle, device, dtype,
+                    packed=use_kernels or (device.type == "cpu" and cpu_weights != "dequantized"))
     if handle.family not in RUNTIME_FAMILIES:
         raise UserError(f"the runtime does not support the '{handle.family}' family yet; "
                         f"it runs {', '.join(RUNTIME_FAMILIES)}")
@@ -134,7 +135,7 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
     return handle, model.eval(), report
 
 
-def _check_fits(path, device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
+def _check_fits(path, handle: ModelHandle, device: torch.device, dtype: torch.dtype | None, packed: bool) -> None:
     """One line before loading where even a lower bound of the weights' size (quantized ones as stored when
     ``packed``, floats at the smaller of their stored size and ``dtype``'s) exceeds the device's free memory:
     an out-of-memory kill says nothing."""
@@ -142,7 +143,8 @@ def _check_fits(path, device: torch.device, dtype: torch.dtype | None, packed: b
     from ..checkpoint.reader import CheckpointReader
     from ..evals.sizes import resident_bytes
 
-    need = resident_bytes(CheckpointReader.open(path), dtype or torch.bfloat16, packed, floor=True)
+    need = resident_bytes(CheckpointReader.open(path), dtype or torch.bfloat16, packed, floor=True,
+                          keep=handle.whole_load_filter())
     free = memory.available_bytes(device)
     if need > free:
         hint = ("on a GPU, --offload-experts keeps some experts in host memory (see moecompress plan)"

@@ -325,9 +325,9 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     from ..devices import resolve_device
 
     device = resolve_device(cfg.device)
+    if cfg.shard != "fsdp":  # before the process group exists: a refusal leaves nothing to tear down
+        _check_fits(model_dir, handle, device)
     d = Ranks.from_env(device.type)
-    if cfg.shard != "fsdp":
-        _check_fits(model_dir, device)
     if cfg.shard == "fsdp" and not d.active:
         log.warning("--shard fsdp shards across torchrun ranks; this single process trains the whole model")
     try:
@@ -337,14 +337,15 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
         d.close()
 
 
-def _check_fits(model_dir: Path, device: torch.device) -> None:
+def _check_fits(model_dir: Path, handle: ModelHandle, device: torch.device) -> None:
     """One line, before anything is loaded, where the fp32 student alone exceeds the device's free memory
     (a CPU's RAM shared by the launch's processes): an out-of-memory kill says nothing."""
     from .. import memory
     from ..checkpoint.reader import CheckpointReader
     from ..evals.sizes import resident_bytes
 
-    need = resident_bytes(CheckpointReader.open(model_dir), torch.float32, packed=False)
+    need = resident_bytes(CheckpointReader.open(model_dir), torch.float32, packed=False,
+                          keep=handle.whole_load_filter())
     need *= 1 if device.type == "cuda" else memory.host_processes()
     free = memory.available_bytes(device)
     if need > free:

@@ -226,17 +226,16 @@ _EAGER_SKIPS_E: dict[type, bool] = {}
 
 def _eager_skips_id_e(module: "ZeroSkippingExperts", hidden_states: torch.Tensor, e: int) -> bool:
     """Whether the transformers experts class under ``module``'s mixin skips a slot with id ``E``: one token
-    routed only there, run once per class (a one-hot over ``E`` classes raises on it)."""
+    routed only there, run once per class (a one-hot over ``E`` classes raises on it). The probe's tensors
+    are on the CPU whatever the module's device: an eager that skips id E never touches the weights, one that
+    does not raises in ``one_hot`` -- on a GPU that would be a device-side assert, fatal to the process."""
     cls = type(module)
     if cls not in _EAGER_SKIPS_E:
         parent = super(ZeroSkippingExperts, module)
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])[:1].detach()
-        if x.shape[0] == 0 or x.is_meta:
-            return False  # nothing to probe with: expert 0 at weight 0 is right either way
+        x = torch.zeros(1, hidden_states.shape[-1], dtype=hidden_states.dtype)
         try:
             with torch.no_grad():
-                out = parent.forward(x, torch.full((1, 1), e, dtype=torch.long, device=x.device),
-                                     torch.ones((1, 1), dtype=x.dtype, device=x.device))
+                out = parent.forward(x, torch.full((1, 1), e, dtype=torch.long), torch.ones((1, 1), dtype=x.dtype))
             _EAGER_SKIPS_E[cls] = bool((out == 0).all())
         except (RuntimeError, IndexError):
             _EAGER_SKIPS_E[cls] = False

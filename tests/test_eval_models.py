@@ -319,7 +319,10 @@ def test_eval_streams_by_itself_when_the_models_do_not_fit(bf16_qwen, tmp_path, 
     monkeypatch.setattr(ev.memory, "available_bytes", lambda device: 10**15)
     whole = evaluate(q, bf16_qwen, **SMALL)
     assert whole["settings"]["low_memory"] is False and whole["settings"]["low_memory_auto"] is False
-    need = ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32)[1]
+    from moecompress.arch.handle import ModelHandle
+
+    q_h, ref_h = ModelHandle.open(q, dequantize=True), ModelHandle.open(bf16_qwen, dequantize=True)
+    need = ev.whole_fits(q_h, ref_h, torch.device("cpu"), torch.float32)[1]
     monkeypatch.setattr(ev.memory, "available_bytes", lambda device: need - 1)
     with caplog.at_level("WARNING", logger="moecompress"):
         auto = evaluate(q, bf16_qwen, **SMALL)
@@ -329,8 +332,8 @@ def test_eval_streams_by_itself_when_the_models_do_not_fit(bf16_qwen, tmp_path, 
     for key in la.keys() - {".seconds", ".settings.low_memory", ".settings.low_memory_auto"}:
         assert la[key] == lb[key], key
     monkeypatch.setattr(ev.memory, "available_bytes", lambda device: need + 1)
-    assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 2)[0] is False  # two torchrun processes
-    assert ev.whole_fits(q, bf16_qwen, torch.device("cpu"), torch.float32, 1)[0] is True
+    assert ev.whole_fits(q_h, ref_h, torch.device("cpu"), torch.float32, 2)[0] is False  # two torchrun processes
+    assert ev.whole_fits(q_h, ref_h, torch.device("cpu"), torch.float32, 1)[0] is True
 
 
 def test_resident_bytes_leaves_out_what_no_load_reads(tiny_ckpt, tmp_path):

@@ -56,7 +56,7 @@ from .lm_metrics import LMAccumulator, NonFiniteLogits
 from .ref_cache import DEFAULT_MAX_BYTES, ReferenceCache, cache_key
 from .ref_source import open_reference
 from .routing_metrics import RoutingAccumulator
-from .sizes import bits_per_weight, checkpoint_bytes, quantization_settings, resident_bytes
+from .sizes import bits_per_weight, checkpoint_bytes, model_bytes, quantization_settings
 
 log = logging.getLogger("moecompress")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,18 +73,14 @@ def _resolve(device: str, dtype: str, ref_handle: ModelHandle) -> tuple[torch.de
     return dev, _DTYPES[dtype]
 
 
-def whole_fits(model_dir, reference_dir, device: torch.device, dtype: torch.dtype, processes: int = 1
-               ) -> tuple[bool, int, int]:
+def whole_fits(model_h: ModelHandle, ref_h: ModelHandle, device: torch.device, dtype: torch.dtype,
+               processes: int = 1) -> tuple[bool, int, int]:
     """(whether both models fit loaded whole, the bytes they need, the bytes available): the weights as
-    :func:`sizes.resident_bytes` counts them (a quantized model stays packed on a CPU) plus 10% for
+    :func:`sizes.model_bytes` counts them (a quantized model stays packed on a CPU) plus 10% for
     activations and the allocator, times the ``processes`` that share the memory (torchrun on one host)."""
-    def weights(path, packed: bool) -> int:
-        keep = ModelHandle.open(path, dequantize=True).whole_load_filter()
-        return resident_bytes(CheckpointReader.open(path), dtype, packed=packed, keep=keep)
-
-    need = weights(reference_dir, False)
-    if Path(model_dir).resolve() != Path(reference_dir).resolve():
-        need += weights(model_dir, device.type == "cpu")
+    need = model_bytes(ref_h, dtype, packed=False)
+    if Path(model_h.reader.path).resolve() != Path(ref_h.reader.path).resolve():
+        need += model_bytes(model_h, dtype, packed=device.type == "cpu")
     need = int(need * 1.1) * processes
     free = memory.available_bytes(device)
     return need <= free, need, free
@@ -218,7 +214,7 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
     low_memory_auto = False
     if not low_memory:
         procs = 1 if dev.type == "cuda" else memory.host_processes()
-        fits, need, free = whole_fits(model_dir, reference_dir, dev, dt, procs)
+        fits, need, free = whole_fits(model_h, ref_h, dev, dt, procs)
         if not fits:
             low_memory = low_memory_auto = True
             log.warning("eval: the two models need ~%.1f GiB loaded whole and %.1f GiB is free on %s: streaming one "

@@ -77,6 +77,13 @@ def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, f
     return total
 
 
+def model_bytes(handle, dtype: torch.dtype, packed: bool, floor: bool = False) -> int:
+    """:func:`resident_bytes` of the checkpoint under ``handle`` (a ``ModelHandle``), counting only what a whole
+    load reads (``handle.whole_load_filter``)."""
+    reader = getattr(handle.reader, "inner", handle.reader)  # the raw shards under a dequantizing view
+    return resident_bytes(reader, dtype, packed, floor, keep=handle.whole_load_filter())
+
+
 def bits_per_weight(reader: CheckpointReader) -> float | None:
     """Stored bits per dense weight over the quantized linears; None for a float checkpoint."""
     fmt, spec, mods = quantized_modules(reader)

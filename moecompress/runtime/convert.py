@@ -140,11 +140,9 @@ def _check_fits(path, handle: ModelHandle, device: torch.device, dtype: torch.dt
     ``packed``, floats at the smaller of their stored size and ``dtype``'s) exceeds the device's free memory:
     an out-of-memory kill says nothing."""
     from .. import memory
-    from ..checkpoint.reader import CheckpointReader
-    from ..evals.sizes import resident_bytes
+    from ..evals.sizes import model_bytes
 
-    need = resident_bytes(CheckpointReader.open(path), dtype or torch.bfloat16, packed, floor=True,
-                          keep=handle.whole_load_filter())
+    need = model_bytes(handle, dtype or torch.bfloat16, packed, floor=True)
     free = memory.available_bytes(device)
     if need > free:
         hint = ("on a GPU, --offload-experts keeps some experts in host memory (see moecompress plan)"

@@ -341,11 +341,9 @@ def _check_fits(model_dir: Path, handle: ModelHandle, device: torch.device) -> N
     """One line, before anything is loaded, where the fp32 student alone exceeds the device's free memory
     (a CPU's RAM shared by the launch's processes): an out-of-memory kill says nothing."""
     from .. import memory
-    from ..checkpoint.reader import CheckpointReader
-    from ..evals.sizes import resident_bytes
+    from ..evals.sizes import model_bytes
 
-    need = resident_bytes(CheckpointReader.open(model_dir), torch.float32, packed=False,
-                          keep=handle.whole_load_filter())
+    need = model_bytes(handle, torch.float32, packed=False)
     need *= 1 if device.type == "cuda" else memory.host_processes()
     free = memory.available_bytes(device)
     if need > free:

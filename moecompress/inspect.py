@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from .arch.handle import ModelHandle, decoder_layers
+from .checkpoint.fp8_source import Fp8SourceReader
 from .errors import UserError
 from .quant.targets import layer_targets, target_weight
 
@@ -152,12 +153,15 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
                 pass
     non_text = _non_text_parts(h)
     bytes_now = h.reader.total_bytes()
+    fp8_source = h.reader.describe() if isinstance(h.reader, Fp8SourceReader) else None
     size = None
     if quant is None:
         total = sum(_numel(t.shape) for t in h.reader.tensors.values())
         qn = sum(quant_numel.values())
         elt = {"F32": 4, "BF16": 2, "F16": 2}
-        other_bytes = bytes_now - qn * elt.get(next(iter(h.reader.tensors.values())).dtype, 2)
+        # an FP8 source's float view: its tensors' float size, not the FP8 bytes on disk
+        float_bytes = sum(t.nbytes for t in h.reader.tensors.values()) if fp8_source else bytes_now
+        other_bytes = float_bytes - qn * elt.get(next(iter(h.reader.tensors.values())).dtype, 2)
         scale_bytes = quant_groups * 2
         size = {f"int{b}": int(max(other_bytes, 0) + qn * b / 8 + scale_bytes) for b in (4, 8)}
         quantized = sorted(quantized_kinds)
@@ -194,7 +198,7 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         "hidden_size": text.hidden_size, "float_dtype": str(h.float_dtype).replace("torch.", ""),
         "params_total": total, "params_active": active, "params_experts": expert_params,
         "size_bytes": bytes_now, "size_estimate_bytes": size, "group_size_for_estimate": group_size,
-        "quantization": quant,
+        "quantization": quant, "fp8_source": fp8_source,
         "quantized": quantized, "kept": kept, "non_text": non_text,
         "router_scoring": h.spec.scoring, "zero_experts": zero, "awq_groups": awq,
     }
@@ -275,6 +279,8 @@ def render(d: dict) -> str:
             f"{100 * float(s):.0f}%: {a['experts']:.3g} experts, {_params(a['params'])}"
             for s, a in z["active"].items()))
     kept = [", ".join(d["kept"])] if d["kept"] else []
+    if d.get("fp8_source"):
+        lines.append(f"  source        {d['fp8_source']} (every tool reads it as that float model)")
     if q is None:
         lines += [
             f"  size on disk  {_gb(d['size_bytes'])} now; int8 ~{_gb(d['size_estimate_bytes']['int8'])}, "

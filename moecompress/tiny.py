@@ -131,3 +131,49 @@ def _fuse_experts_on_disk(path: Path) -> None:
         data = json.loads(idx.read_text())
         data["weight_map"] = {k: files[0].name for k in sd}
         idx.write_text(json.dumps(data, indent=2))
+
+
+def save_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] | None = (128, 128),
+             layout: str = "fp8") -> Path:
+    """Write ``src`` (a float checkpoint) as an FP8 release would be: the decoder's linear and expert weights
+    in e4m3 with their scales, routers, norms, embeddings and the head in float (``quant.formats.fp8``).
+
+    ``layout="fp8"``: DeepSeek's / transformers' fine-grained FP8 (``weight_scale_inv`` per ``block``, None: per
+    tensor); ``"compressed-tensors"``: float-quantized with ``weight_scale`` per block (or per tensor)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from .quant.formats import fp8
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    suffix = "_scale_inv" if layout == "fp8" else "_scale"
+    for f in sorted(dst.glob("*.safetensors")):
+        sd, out = load_file(f), {}
+        for name, t in sd.items():
+            layer_linear = ".layers." in name and t.dim() >= 2 and t.is_floating_point() and not any(
+                x in name for x in ("norm", ".gate.weight", "router", "visual"))
+            if layer_linear:
+                out[name], out[name + suffix] = fp8.quantize(t, block)
+            else:
+                out[name] = t
+        save_file(out, f, metadata={"format": "pt"})
+        index = dst / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {k: f.name for k in out}
+            index.write_text(json.dumps(data, indent=2))
+    config = json.loads((dst / "config.json").read_text())
+    if layout == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": list(block) if block else None}
+    else:
+        strategy = {"strategy": "block", "block_structure": list(block)} if block else {"strategy": "tensor"}
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": dict(
+                num_bits=8, type="float", symmetric=True, dynamic=False, **strategy)}},
+            "ignore": ["lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.fp8_source import Fp8SourceReader
 from ..checkpoint.reader import CheckpointReader
 from ..errors import UserError, one_line
 from ..memory import gc_paused
@@ -61,7 +62,7 @@ class ModelHandle:
 
     @classmethod
     def _open(cls, path: str | Path, dequantize: bool) -> "ModelHandle":
-        reader = CheckpointReader.open(path)
+        reader = Fp8SourceReader.wrap(CheckpointReader.open(path))  # an FP8 release reads as its float model
         if dequantize:
             from ..checkpoint.load import DequantizingReader
 
@@ -70,6 +71,8 @@ class ModelHandle:
         if spec is None:
             raise _unsupported(reader.config)
         config = read_hf_config(reader.path)
+        if isinstance(reader, Fp8SourceReader):  # the skeleton is the float model
+            config.__dict__.pop("quantization_config", None)
         text_config = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
         prefix = next(
             (p for p in spec.disk_model_prefixes if f"{p}.embed_tokens.weight" in reader or any(

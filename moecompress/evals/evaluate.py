@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from moecompress import memory
 from moecompress.arch.handle import ModelHandle
+from moecompress.checkpoint.fp8_source import Fp8SourceReader
 from moecompress.checkpoint.reader import CheckpointReader
 from moecompress.errors import UserError
 
@@ -255,7 +256,7 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
         lm_eval_result = run_tasks(whole.model, model_tok or ref_tok, task_names, tasks_path, batch_size, tasks_limit,
                                    manager)
 
-    m_reader, r_reader = CheckpointReader.open(model_dir), CheckpointReader.open(reference_dir)
+    m_reader, r_reader = (Fp8SourceReader.wrap(CheckpointReader.open(d)) for d in (model_dir, reference_dir))
     out = {"model": str(Path(model_dir)), "reference": str(Path(reference_dir)), "family": ref_h.family,
            "data": data_info}
     out.update(lm.result())

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moecompress.checkpoint.dequant import quantized_modules, spec_from_config
+from moecompress.checkpoint.fp8_source import Fp8SourceReader
 from moecompress.checkpoint.reader import CheckpointReader
 
 _PARTS = {
@@ -80,12 +81,19 @@ def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, f
 def model_bytes(handle, dtype: torch.dtype, packed: bool, floor: bool = False) -> int:
     """:func:`resident_bytes` of the checkpoint under ``handle`` (a ``ModelHandle``), counting only what a whole
     load reads (``handle.whole_load_filter``)."""
-    reader = getattr(handle.reader, "inner", handle.reader)  # the raw shards under a dequantizing view
+    from ..checkpoint.load import DequantizingReader
+
+    # the packed shards under a dequantizing view (an FP8 source's view is its float model: counted as is)
+    reader = handle.reader.inner if isinstance(handle.reader, DequantizingReader) else handle.reader
     return resident_bytes(reader, dtype, packed, floor, keep=handle.whole_load_filter())
 
 
 def bits_per_weight(reader: CheckpointReader) -> float | None:
     """Stored bits per dense weight over the quantized linears; None for a float checkpoint."""
+    if isinstance(reader, Fp8SourceReader):  # FP8 weights and their scales, over the weights
+        raw = reader.inner.tensors
+        stored = sum(raw[w].nbytes + raw[s].nbytes for w, (s, _) in reader.scales.items())
+        return 8 * stored / max(sum(math.prod(raw[w].shape) for w in reader.scales), 1)
     fmt, spec, mods = quantized_modules(reader)
     if fmt is None or not mods:
         return None
@@ -98,6 +106,9 @@ def bits_per_weight(reader: CheckpointReader) -> float | None:
 
 def quantization_settings(reader: CheckpointReader) -> dict | None:
     """method, bits, group_size, symmetric, act_order, format -- from moecompress.json, else config.json."""
+    if isinstance(reader, Fp8SourceReader):
+        return {"method": "fp8", "bits": 8, "group_size": None, "symmetric": True, "act_order": None,
+                "format": reader.scheme.method, "source": reader.describe()}
     qcfg = reader.config.get("quantization_config")
     if not qcfg:
         return None

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint.reader import read_config
 from ..errors import UserError
+from ..quant.formats import fp8
 
 
 @dataclass
@@ -85,7 +86,7 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
     if spec is None:
         raise UserError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not a supported MoE family")
     qcfg = raw.get("quantization_config")
-    if qcfg:  # an already-quantized checkpoint: its own settings
+    if qcfg and fp8.scheme_from_config(qcfg) is None:  # quantized by us or a GPTQ/AWQ tool: its own settings
         from ..checkpoint.dequant import spec_from_config
 
         _, qs = spec_from_config(qcfg)

@@ -118,17 +118,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dty
     """``q * s`` of an FP8 tensor ``q [..., N, K]`` and its per-block scale, in float32, rounded once to ``dtype``.
 
     ``block`` (bm, bn): scale ``[..., ceil(N/bm), ceil(K/bn)]``; partial blocks at the edges take their
-    block's scale. A 1-D weight (rare: a bias stored in FP8) takes one scale."""
+    block's scale. Stacked experts go one at a time (the float32 product is one expert's, not the whole
+    tensor's). A 1-D weight (rare: a bias stored in FP8) takes one scale."""
     s = scale_values(scale)
     if q.dim() < 2 or s.numel() == 1:
         return (q.to(torch.float32) * s.reshape(())).to(dtype)
-    n, k = q.shape[-2:]
+    if q.dim() > 2:  # fused experts [E, N, K]: one expert at a time, so the float32 product is one expert's
+        s = s.reshape(*q.shape[:-2], *s.shape[-2:])
+        out = torch.empty(q.shape, dtype=dtype)
+        for e in range(q.shape[0]):
+            out[e] = dequantize(q[e], s[e], block, dtype)
+        return out
+    n, k = q.shape
     bm, bn = block
-    s = s.reshape(*q.shape[:-2], math.ceil(n / bm), math.ceil(k / bn))
+    s = s.reshape(math.ceil(n / bm), math.ceil(k / bn))
     if n % bm == 0 and k % bn == 0:  # the common case: one broadcast multiply, no expanded scale
-        qb = q.to(torch.float32).reshape(*q.shape[:-2], n // bm, bm, k // bn, bn)
-        return (qb * s[..., :, None, :, None]).to(dtype).reshape(q.shape)
-    full = s.repeat_interleave(bm, -2)[..., :n, :].repeat_interleave(bn, -1)[..., :k]
+        qb = q.to(torch.float32).reshape(n // bm, bm, k // bn, bn)
+        return (qb * s[:, None, :, None]).to(dtype).reshape(n, k)
+    full = s.repeat_interleave(bm, 0)[:n].repeat_interleave(bn, 1)[:, :k]
     return (q.to(torch.float32) * full).to(dtype)
 
 

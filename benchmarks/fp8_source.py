@@ -6,9 +6,9 @@ e4m3, 128 x 128 blocks, like DeepSeek-V3 and Qwen3-*-FP8) and that release's bf1
 our FP8 reader, so both sources hold the same values) are made beside it. Then, alternating, each a fresh
 process (wall time and peak RSS from ``os.wait4``):
 
-    python -m moecompress quantize SRC --out OUT --method rtn --bits 4 --group-size 128 --threads T
+    python -m moecompress quantize SRC --out OUT --method rtn --bits 4 --group-size 128 --no-measure-errors --threads T
 
-for SRC = the bf16 conversion and the FP8 release; the two outputs must be byte-identical (checked). In this
+(reads, rounds and writes every weight; no calibration) for SRC = the bf16 conversion and the FP8 release; the two outputs must be byte-identical (checked). In this
 process, the read of every tensor of layer 0 through ``ModelHandle.reader`` is timed too (median of
 ``--repeats``; page cache warm, so this is decoding, not the disk).
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                 out = work / f"fp8-bench-out-{side}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [sys.executable, "-m", "moecompress", "quantize", str(src), "--out", str(out), "--method", "rtn",
-                       "--bits", "4", "--group-size", "128", "--threads", str(args.threads)]
+                       "--bits", "4", "--group-size", "128", "--no-measure-errors", "--threads", str(args.threads)]
                 usage = launcher.run(cmd, work / f"fp8-bench-{side}.log", env)
                 if usage["returncode"] != 0:
                     raise SystemExit(f"quantize of {src} failed; log {work / f'fp8-bench-{side}.log'}")

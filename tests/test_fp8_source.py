@@ -38,6 +38,14 @@ def test_dequantize_matches_an_element_loop_on_ragged_blocks(gen, n, k, block):
     assert torch.equal(fp8.dequantize(q, s, block, torch.bfloat16), got.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_table_conversion_equals_torch_on_every_code(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    ref, got = codes.to(torch.float32), fp8.to_float32(codes)
+    assert torch.equal(ref.isnan(), got.isnan())
+    assert torch.equal(ref.nan_to_num(0.5), got.nan_to_num(0.5)) and torch.equal(ref.signbit(), got.signbit())
+
+
 def test_dequantize_stacked_experts_per_tensor_and_e8m0_scales(gen):
     w = torch.randn(3, 64, 96, generator=gen)
     q, s = fp8.quantize(w, (32, 32))

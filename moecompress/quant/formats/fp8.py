@@ -114,6 +114,20 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
+_LUTS: dict[torch.dtype, torch.Tensor] = {}
+
+
+def to_float32(q: torch.Tensor) -> torch.Tensor:
+    """``q.to(float32)`` of an FP8 tensor, exactly, by a 256-entry table (on a CPU 2.6x faster than torch's
+    own conversion, which is not vectorized)."""
+    if q.device.type != "cpu":
+        return q.to(torch.float32)
+    lut = _LUTS.get(q.dtype)
+    if lut is None:
+        lut = _LUTS[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).to(torch.float32)
+    return torch.take(lut, q.view(torch.uint8).long())
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """``q * s`` of an FP8 tensor ``q [..., N, K]`` and its per-block scale, in float32, rounded once to ``dtype``.
 
@@ -122,7 +136,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dty
     tensor's). A 1-D weight (rare: a bias stored in FP8) takes one scale."""
     s = scale_values(scale)
     if q.dim() < 2 or s.numel() == 1:
-        return (q.to(torch.float32) * s.reshape(())).to(dtype)
+        return (to_float32(q) * s.reshape(())).to(dtype)
     if q.dim() > 2:  # fused experts [E, N, K]: one expert at a time, so the float32 product is one expert's
         s = s.reshape(*q.shape[:-2], *s.shape[-2:])
         out = torch.empty(q.shape, dtype=dtype)
@@ -133,10 +147,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dty
     bm, bn = block
     s = s.reshape(math.ceil(n / bm), math.ceil(k / bn))
     if n % bm == 0 and k % bn == 0:  # the common case: one broadcast multiply, no expanded scale
-        qb = q.to(torch.float32).reshape(n // bm, bm, k // bn, bn)
+        qb = to_float32(q).reshape(n // bm, bm, k // bn, bn)
         return (qb * s[:, None, :, None]).to(dtype).reshape(n, k)
     full = s.repeat_interleave(bm, 0)[:n].repeat_interleave(bn, 1)[:, :k]
-    return (q.to(torch.float32) * full).to(dtype)
+    return (to_float32(q) * full).to(dtype)
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int] | None,

@@ -50,6 +50,7 @@ def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device
 
 
 def load_calibration(cfg: QuantizeConfig, model_dir: Path):
+    from .calib.chat import chat_renderer
     from .calib.data import load_texts, make_calibration_windows
 
     files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
@@ -63,7 +64,7 @@ def load_calibration(cfg: QuantizeConfig, model_dir: Path):
         except Exception as e:
             raise UserError(f"cannot load the tokenizer of {model_dir} (needed for calibration): "
                             f"{str(e).splitlines()[0]}") from None
-    texts = load_texts(cfg.calib)
+    texts = load_texts(cfg.calib, chat=chat_renderer(tok))
     return make_calibration_windows(texts, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
 
 

@@ -15,7 +15,8 @@
 * ``builtin:<name>``: Python standard library text, see :mod:`moecompress.calib.builtin_text`
   (``builtin:stdlib`` is the calibration part, ``builtin:heldout*`` the disjoint held-out part).
 
-Text column of a dataset: ``text_column`` if given, else ``text``, else the only string column;
+Text column of a dataset: ``text_column`` if given, else ``text``, else a column of conversations
+(``messages``..., rendered one document each: :mod:`moecompress.calib.chat`), else the only string column;
 anything else is an error naming the columns. Rows that are null or blank are dropped
 (blank documents are dropped by every source).
 
@@ -53,6 +54,7 @@ import torch
 
 from ..errors import UserError
 from .builtin_text import BUILTINS, load_builtin
+from .chat import Renderer, chat_column, render_column
 
 CHUNK_CHARS = 1 << 16
 SNAP_CHARS = 4096
@@ -169,7 +171,7 @@ def _load_text_file(path: Path) -> TextSource:
     return _make_source(f"text file {path}", [text], f"text file {path}")
 
 
-def _load_folder(folder: Path) -> TextSource:
+def _load_folder(folder: Path, chat: Renderer | None = None) -> TextSource:
     files = [f for f in _folder_files(folder) if f.is_file()]
     data_files = [f for f in files if f.suffix.lower() in DATASET_BUILDERS]
     if data_files:
@@ -181,7 +183,7 @@ def _load_folder(folder: Path) -> TextSource:
                 f"folder {folder} mixes dataset files ({', '.join(sorted(builders))}) with other files "
                 f"(e.g. {example}); pass one data file or a folder of one kind"
             )
-        return _load_dataset_files(builders.pop(), data_files, f"folder {folder}")
+        return _load_dataset_files(builders.pop(), data_files, f"folder {folder}", chat=chat)
     docs, skipped = [], 0
     for f in files:
         text = _decode(f.read_bytes())
@@ -225,9 +227,13 @@ def _pick_column(ds: Any, origin: str, text_column: str | None) -> str:
     raise UserError(f"{origin} has {why}; columns: {described or 'none'}; choose one with text_column")
 
 
-def _source_from_dataset(ds: Any, origin: str, text_column: str | None) -> TextSource:
+def _source_from_dataset(ds: Any, origin: str, text_column: str | None, chat: Renderer | None = None) -> TextSource:
     if len(ds) == 0:
         raise UserError(f"{origin} is empty (0 rows)")
+    conversations = chat_column(ds.features) if text_column is None and "text" not in ds.features else None
+    if conversations is not None:  # one document per conversation (calib.chat)
+        return _make_source(f"{origin} column '{conversations}' (conversations)",
+                            render_column(ds, conversations, origin, chat), origin)
     column = _pick_column(ds, origin, text_column)
     rows, digests, lengths = [], [], []
     i = 0
@@ -264,7 +270,8 @@ def _quiet_datasets():
             ds_logging.enable_progress_bar()
 
 
-def _load_dataset_files(builder: str, files: list[Path], origin: str, text_column: str | None = None) -> TextSource:
+def _load_dataset_files(builder: str, files: list[Path], origin: str, text_column: str | None = None,
+                        chat: Renderer | None = None) -> TextSource:
     from datasets import load_dataset
 
     if all(f.stat().st_size == 0 for f in files):
@@ -276,10 +283,10 @@ def _load_dataset_files(builder: str, files: list[Path], origin: str, text_colum
             if "corresponds to no data" in str(e):  # datasets' way of saying "0 rows"
                 raise UserError(f"{origin} is empty (0 rows)") from e
             raise UserError(f"could not read {origin} as {builder}: {_one_line(e)}") from e
-        return _source_from_dataset(ds, origin, text_column)
+        return _source_from_dataset(ds, origin, text_column, chat)
 
 
-def _load_saved_dataset(folder: Path, text_column: str | None) -> TextSource:
+def _load_saved_dataset(folder: Path, text_column: str | None, chat: Renderer | None = None) -> TextSource:
     from datasets import DatasetDict, load_from_disk
 
     origin = f"saved dataset {folder}"
@@ -298,11 +305,14 @@ def _load_saved_dataset(folder: Path, text_column: str | None) -> TextSource:
                 raise UserError(f"{origin} contains no splits")
             split = "train" if "train" in ds else next(iter(ds))
             ds, origin = ds[split], f"{origin} split '{split}'"
-        return _source_from_dataset(ds, origin, text_column)
+        return _source_from_dataset(ds, origin, text_column, chat)
 
 
-def load_texts(spec: str, *, text_column: str | None = None) -> TextSource:
-    """Load calibration text from a file, folder, dataset file/folder or ``builtin:<name>``."""
+def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | None = None) -> TextSource:
+    """Load calibration text from a file, folder, dataset file/folder or ``builtin:<name>``.
+
+    ``chat``: how a dataset of conversations becomes documents (``calib.chat.chat_renderer(tokenizer)``: the
+    model's chat template; None: ``role: content`` lines)."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"empty calibration text spec; pass {_SUPPORTED}")
     if spec.startswith("builtin:"):
@@ -314,11 +324,11 @@ def load_texts(spec: str, *, text_column: str | None = None) -> TextSource:
         raise UserError(f"calibration text path does not exist: {spec}{hint}")
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            return _load_saved_dataset(path, text_column)
-        return _load_folder(path)
+            return _load_saved_dataset(path, text_column, chat)
+        return _load_folder(path, chat)
     suffix = path.suffix.lower()
     if suffix in DATASET_BUILDERS:
-        return _load_dataset_files(DATASET_BUILDERS[suffix], [path], f"{suffix[1:]} file {path}", text_column)
+        return _load_dataset_files(DATASET_BUILDERS[suffix], [path], f"{suffix[1:]} file {path}", text_column, chat)
     if suffix in UNSUPPORTED_EXTENSIONS:
         raise UserError(f"unsupported calibration file extension '{suffix}' ({path}); pass {_SUPPORTED}")
     return _load_text_file(path)

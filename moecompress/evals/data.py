@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from moecompress.arch.handle import ModelHandle
+from moecompress.calib.chat import chat_renderer
 from moecompress.calib.data import load_texts, make_calibration_windows
 from moecompress.errors import UserError
 
@@ -61,7 +62,7 @@ def build_windows(specs: list[str], tokenizer, samples: int, seq_len: int, seed:
         n = 2
         while name in windows:
             name, n = f"{base}-{n}", n + 1
-        texts = load_texts(spec)
+        texts = load_texts(spec, chat=chat_renderer(tokenizer))
         try:
             w = make_calibration_windows(texts, tokenizer, samples, seq_len, seed)
         except UserError as e:

@@ -368,6 +368,7 @@ def check_inputs(recipe: Recipe) -> None:
     """The devices and data of every step, checked before the run folder is made: a mistake would
     otherwise surface only when its step comes (an evaluation's, after every variant was built).
     Data is read, not tokenized."""
+    from ..calib.chat import plain
     from ..calib.data import load_texts
     from ..devices import resolve_device
 
@@ -390,7 +391,7 @@ def check_inputs(recipe: Recipe) -> None:
             if kind == "device":
                 resolve_device(value)
             else:
-                load_texts(value)
+                load_texts(value, chat=plain)  # a check only: the build renders with the model's template
         except UserError as e:
             msg = str(e)
             if kind == "eval data":  # the loader speaks of calibration text

@@ -49,11 +49,13 @@ log = logging.getLogger("moecompress")
 def _prompts(model_dir: Path, cfg: ZedaConfig) -> torch.Tensor:
     from transformers import AutoTokenizer
 
+    from ..calib.chat import chat_renderer
     from ..calib.data import load_texts, make_calibration_windows
 
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     try:
-        windows = make_calibration_windows(load_texts(cfg.data), tok, cfg.prompts, cfg.prompt_len, cfg.seed)
+        windows = make_calibration_windows(load_texts(cfg.data, chat=chat_renderer(tok)), tok, cfg.prompts,
+                                           cfg.prompt_len, cfg.seed)
     except UserError as e:
         raise UserError(f"--data {cfg.data}: {e}") from None
     return windows.input_ids

@@ -104,6 +104,7 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
                   overwrite: bool = False, command: list[str] | None = None, recipe: dict | None = None) -> dict:
     """Calibrate rule ``kind`` to ``target`` on ``model_dir`` and write the rule model to ``out_dir``
     (``recipe``: the settings a ``moecompress run`` records to know when to rebuild)."""
+    from ..calib.chat import chat_renderer
     from ..calib.data import load_texts, make_calibration_windows
     from ..checkpoint.writer import check_output_path
     from .inject import add_zero_experts, open_float_original
@@ -123,7 +124,7 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(handle.reader.path), trust_remote_code=False)
-    windows = make_calibration_windows(load_texts(calib), tok, samples, seq_len, seed)
+    windows = make_calibration_windows(load_texts(calib, chat=chat_renderer(tok)), tok, samples, seq_len, seed)
     weights = record_router_weights(model_dir, windows.input_ids, device, torch.float32)
     value, share = calibrate_rule(weights, kind, target, handle.top_k)
     if kind == "top-k" and value < 1:

@@ -1,0 +1,91 @@
+"""Conversations as calibration or evaluation text: a dataset column of chat turns, rendered to documents.
+
+Instruct models are best calibrated on text laid out as they are served: the conversation rendered with the
+model's own chat template (llm-compressor's and GPTQModel's examples do this by hand with
+``apply_chat_template`` before calibrating). A dataset without a ``text`` column whose ``messages``,
+``conversations`` or ``conversation`` column is a list of turns -- ``{"role", "content"}`` (OpenAI / HF chat
+format, e.g. UltraChat) or ``{"from", "value"}`` (ShareGPT: ``human``/``gpt``/``system``) -- becomes one
+document per conversation: ``tokenizer.apply_chat_template(turns, tokenize=False)``. Without a template (base
+models' tokenizers) each turn is a ``role: content`` line, and the log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UserError, one_line
+
+log = logging.getLogger("moecompress")
+
+CHAT_COLUMNS = ("messages", "conversations", "conversation")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "tool": "tool", "function": "tool"}
+
+Renderer = Callable[[list[dict]], str]
+
+
+def plain(turns: list[dict]) -> str:
+    """A conversation as ``role: content`` lines (when the tokenizer has no chat template)."""
+    return "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+
+
+def chat_renderer(tokenizer) -> Renderer | None:
+    """The model's chat template as a function of one conversation; None when its tokenizer has none."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def render(turns: list[dict]) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False)
+
+    return render
+
+
+def chat_column(features: dict[str, Any]) -> str | None:
+    """The column of ``features`` that holds conversations (a list of turn records), if any."""
+    for name in CHAT_COLUMNS:
+        inner = getattr(features.get(name), "feature", None)
+        if isinstance(inner, dict) and ({"role", "content"} <= inner.keys() or {"from", "value"} <= inner.keys()):
+            return name
+    return None
+
+
+def turns_of(record: list | None, where: str) -> list[dict]:
+    """One row's turns as ``{"role", "content"}`` (ShareGPT's ``from``/``value`` mapped); [] for an empty row."""
+    turns = []
+    for turn in record or []:
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: a turn is not a record ({type(turn).__name__})")
+        if turn.get("role") is not None:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            role, content = _SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise UserError(f"{where}: every turn needs a role and text content (got role {role!r}, content of "
+                            f"type {type(content).__name__})")
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+def render_column(ds, column: str, origin: str, render: Renderer | None) -> list[str]:
+    """Every non-empty conversation of ``ds[column]`` as one document (``render`` None: :func:`plain`, logged)."""
+    if render is None:
+        log.info("%s: the tokenizer has no chat template; conversations are rendered as 'role: content' lines",
+                 origin)
+        render = plain
+    docs = []
+    i = 0
+    for batch in ds.select_columns([column]).iter(batch_size=1024):
+        for record in batch[column]:
+            turns = turns_of(record, f"{origin} row {i}")
+            if any(t["content"].strip() for t in turns):
+                try:
+                    docs.append(render(turns))
+                except Exception as e:  # noqa: BLE001 - templates raise many types (e.g. "roles must alternate")
+                    raise UserError(f"{origin} row {i}: the chat template refused the conversation: "
+                                    f"{one_line(e)}") from None
+            i += 1
+    if render is not plain:
+        log.info("%s: %d conversations rendered with the model's chat template", origin, len(docs))
+    return docs

@@ -1,0 +1,95 @@
+"""Conversation datasets as calibration / evaluation text: rendered with the model's chat template."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from conftest import quick_config, run_cli
+from moecompress.calib.chat import chat_renderer, plain
+from moecompress.calib.data import load_texts, make_calibration_windows
+from moecompress.errors import UserError
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHATS = [
+    {"id": "a", "messages": [{"role": "user", "content": "What does zip() do?"},
+                             {"role": "assistant", "content": "It pairs items of several iterables."}]},
+    {"id": "b", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                             {"role": "assistant", "content": "4"}]},
+    {"id": "c", "messages": []},  # an empty conversation is dropped, like a blank text
+]
+
+
+@pytest.fixture
+def tokenizer():
+    from moecompress.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_conversations_become_one_templated_document_each(tmp_path, tokenizer, caplog):
+    spec = str(_jsonl(tmp_path / "chat.jsonl", CHATS))
+    with caplog.at_level(logging.INFO, logger="moecompress"):
+        src = load_texts(spec, chat=chat_renderer(tokenizer))
+    assert list(src.documents) == [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in CHATS[:2]]
+    assert src.documents[0] == "<|user|>\nWhat does zip() do?<|end|>\n<|assistant|>\nIt pairs items of several " \
+                               "iterables.<|end|>\n"
+    assert "column 'messages' (conversations)" in src.description and "2 conversations rendered" in caplog.text
+    # the string column 'id' is not taken for the text, and the rendering is part of the text's hash
+    no_template = load_texts(spec)
+    assert no_template.documents[1] == "system: Be brief.\nuser: 2+2?\nassistant: 4"
+    assert no_template.text_hash != src.text_hash
+    w = make_calibration_windows(src, tokenizer, 4, 16, 0)
+    assert tuple(w.input_ids.shape) == (4, 16)
+
+
+def test_sharegpt_turns_and_a_text_column_wins(tmp_path, tokenizer):
+    sharegpt = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                   {"from": "gpt", "value": "Hello"}]}]
+    src = load_texts(str(_jsonl(tmp_path / "s.jsonl", sharegpt)), chat=chat_renderer(tokenizer))
+    assert src.documents[0] == tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello"}], tokenize=False)
+    both = [dict(r, text=f"plain text {i}") for i, r in enumerate(CHATS)]
+    src = load_texts(str(_jsonl(tmp_path / "b.jsonl", both)), chat=chat_renderer(tokenizer))
+    assert list(src.documents) == ["plain text 0", "plain text 1", "plain text 2"]
+
+
+def test_a_broken_conversation_is_one_line(tmp_path, tokenizer):
+    rows = [CHATS[0], {"messages": [{"role": "user", "content": None}]}]
+    with pytest.raises(UserError, match=r"row 1: every turn needs a role and text content"):
+        load_texts(str(_jsonl(tmp_path / "x.jsonl", rows)), chat=chat_renderer(tokenizer))
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(UserError, match=r"row 0: the chat template refused the conversation: .*roles must alternate"):
+        load_texts(str(_jsonl(tmp_path / "y.jsonl", CHATS)), chat=chat_renderer(tokenizer))
+    assert plain([{"role": "user", "content": "x"}]) == "user: x"
+    assert chat_renderer(None) is None
+
+
+def test_quantize_and_eval_calibrate_on_the_models_chat_template(tiny_ckpt, tmp_path, capsys):
+    """The model folder's own template (tokenizer_config.json) renders `--calib` conversations."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ckpt("qwen3_moe"), model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    data = _jsonl(tmp_path / "chat.jsonl", CHATS[:2] * 20)
+    from moecompress.pipeline import quantize
+
+    summary = quantize(model, tmp_path / "q", quick_config(method="gptq", calib=str(data), calib_samples=4, seq_len=32))
+    assert "(conversations)" in summary["calibration"]["source"]
+    rc, err = run_cli(capsys, "eval", tmp_path / "q", "--reference", model, "--data", data, "--samples", 2,
+                      "--seq-len", 32, "--json", tmp_path / "e.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["data"]["chat"]["windows"] == 2

@@ -149,6 +149,7 @@ def save_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] | None = (
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
     suffix = "_scale_inv" if layout == "fp8" else "_scale"
+    weight_map = {}
     for f in sorted(dst.glob("*.safetensors")):
         sd, out = load_file(f), {}
         for name, t in sd.items():
@@ -159,11 +160,12 @@ def save_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] | None = (
             else:
                 out[name] = t
         save_file(out, f, metadata={"format": "pt"})
-        index = dst / "model.safetensors.index.json"
-        if index.exists():
-            data = json.loads(index.read_text())
-            data["weight_map"] = {k: f.name for k in out}
-            index.write_text(json.dumps(data, indent=2))
+        weight_map.update({k: f.name for k in out})
+    index = dst / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = weight_map
+        index.write_text(json.dumps(data, indent=2))
     config = json.loads((dst / "config.json").read_text())
     if layout == "fp8":
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

@@ -66,10 +66,30 @@ def test_sharegpt_turns_and_a_text_column_wins(tmp_path, tokenizer):
     assert list(src.documents) == ["plain text 0", "plain text 1", "plain text 2"]
 
 
+def test_tool_calls_text_parts_and_turns_of_different_keys(tmp_path, tokenizer):
+    """Turns with different keys make datasets type the column List(Json): still conversations, never the 'id'
+    column; a tool-calling turn without content, text parts of a multimodal turn, and the turns' other keys
+    reach the template."""
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                               "{% if m.tool_calls %}[calls {{ m.tool_calls[0].function.name }}]{% endif %}"
+                               "{% if m.reasoning_content %}[thought {{ m.reasoning_content }}]{% endif %}{% endfor %}")
+    rows = [{"id": "x", "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+        {"role": "tool", "content": "42", "name": "f"}]},
+        {"id": "y", "messages": [{"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "image"}]},
+                                 {"role": "assistant", "content": "ok", "reasoning_content": "hmm"}]}]
+    src = load_texts(str(_jsonl(tmp_path / "t.jsonl", rows)), chat=chat_renderer(tokenizer))
+    assert list(src.documents) == ["<|user|>Hi<|assistant|>[calls f]<|tool|>42",
+                                   "<|user|>Look<|assistant|>ok[thought hmm]"]
+
+
 def test_a_broken_conversation_is_one_line(tmp_path, tokenizer):
-    rows = [CHATS[0], {"messages": [{"role": "user", "content": None}]}]
-    with pytest.raises(UserError, match=r"row 1: every turn needs a role and text content"):
+    rows = [CHATS[0], {"messages": [{"content": "who said this?"}]}]
+    with pytest.raises(UserError, match=r"row 1: every turn needs a role"):
         load_texts(str(_jsonl(tmp_path / "x.jsonl", rows)), chat=chat_renderer(tokenizer))
+    with pytest.raises(UserError, match=r"column 'messages' holds neither text nor conversations"):
+        load_texts(str(_jsonl(tmp_path / "n.jsonl", [{"id": "a", "messages": [1, 2]}])))
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(UserError, match=r"row 0: the chat template refused the conversation: .*roles must alternate"):
         load_texts(str(_jsonl(tmp_path / "y.jsonl", CHATS)), chat=chat_renderer(tokenizer))
@@ -89,6 +109,11 @@ def test_quantize_and_eval_calibrate_on_the_models_chat_template(tiny_ckpt, tmp_
 
     summary = quantize(model, tmp_path / "q", quick_config(method="gptq", calib=str(data), calib_samples=4, seq_len=32))
     assert "(conversations)" in summary["calibration"]["source"]
+    # rendered with the folder's template, not as plain lines
+    from transformers import AutoTokenizer
+
+    templated = load_texts(str(data), chat=chat_renderer(AutoTokenizer.from_pretrained(model)))
+    assert summary["calibration"]["text_hash"] == templated.text_hash != load_texts(str(data)).text_hash
     rc, err = run_cli(capsys, "eval", tmp_path / "q", "--reference", model, "--data", data, "--samples", 2,
                       "--seq-len", 32, "--json", tmp_path / "e.json")
     assert rc == 0, err

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from ..errors import UserError, one_line
 
@@ -42,17 +41,49 @@ def chat_renderer(tokenizer) -> Renderer | None:
     return render
 
 
-def chat_column(features: dict[str, Any]) -> str | None:
-    """The column of ``features`` that holds conversations (a list of turn records), if any."""
+def _is_turn(x) -> bool:
+    return isinstance(x, dict) and ("role" in x and "content" in x or "from" in x and "value" in x)
+
+
+def chat_column(ds) -> str | None:
+    """The column of dataset ``ds`` that holds conversations (lists of turn records), if any.
+
+    The column's type says so when every turn has the same keys (``List({role, content})``); with turns of
+    different keys (``tool_calls``, ``reasoning_content``...) datasets types it ``List(Json)``, or older
+    versions a plain list, so the first rows decide. A conversation column that holds something else is an
+    error, never a reason to calibrate on another column."""
     for name in CHAT_COLUMNS:
-        inner = getattr(features.get(name), "feature", None)
+        if name not in ds.features:
+            continue
+        inner = getattr(ds.features[name], "feature", None)
         if isinstance(inner, dict) and ({"role", "content"} <= inner.keys() or {"from", "value"} <= inner.keys()):
             return name
+        if getattr(ds.features[name], "dtype", None) in ("string", "large_string"):
+            continue  # a text column that happens to be called so: the caller's column rules apply
+        rows = [r for r in ds.select(range(min(len(ds), 16)))[name] if r]
+        if rows and all(isinstance(r, list) for r in rows) and any(_is_turn(t) for r in rows for t in r):
+            return name  # (each row's turns are checked as it is rendered, with its row number)
+        raise UserError(f"column '{name}' holds neither text nor conversations (lists of {{role, content}} or "
+                        f"{{from, value}} turns); its type is {ds.features[name]}")
     return None
 
 
+def _content(value, where: str) -> str:
+    """A turn's text: a string, None (an assistant turn that only calls tools), or a list of parts (the text
+    ones joined; images and audio have no text)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p if isinstance(p, str) else p.get("text") or "" for p in value
+                       if isinstance(p, str) or isinstance(p, dict))
+    raise UserError(f"{where}: a turn's content is {type(value).__name__}, not text")
+
+
 def turns_of(record: list | None, where: str) -> list[dict]:
-    """One row's turns as ``{"role", "content"}`` (ShareGPT's ``from``/``value`` mapped); [] for an empty row."""
+    """One row's turns as ``{"role", "content", ...}`` (ShareGPT's ``from``/``value`` mapped; other keys such as
+    ``tool_calls`` kept for the template, unset ones dropped); [] for an empty row."""
     turns = []
     for turn in record or []:
         if not isinstance(turn, dict):
@@ -61,10 +92,10 @@ def turns_of(record: list | None, where: str) -> list[dict]:
             role, content = turn.get("role"), turn.get("content")
         else:
             role, content = _SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise UserError(f"{where}: every turn needs a role and text content (got role {role!r}, content of "
-                            f"type {type(content).__name__})")
-        turns.append({"role": role, "content": content})
+        if not isinstance(role, str):
+            raise UserError(f"{where}: every turn needs a role (got {role!r})")
+        extra = {k: v for k, v in turn.items() if k not in ("role", "content", "from", "value") and v is not None}
+        turns.append({**extra, "role": role, "content": _content(content, where)})
     return turns
 
 

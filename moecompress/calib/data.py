@@ -230,7 +230,7 @@ def _pick_column(ds: Any, origin: str, text_column: str | None) -> str:
 def _source_from_dataset(ds: Any, origin: str, text_column: str | None, chat: Renderer | None = None) -> TextSource:
     if len(ds) == 0:
         raise UserError(f"{origin} is empty (0 rows)")
-    conversations = chat_column(ds.features) if text_column is None and "text" not in ds.features else None
+    conversations = chat_column(ds) if text_column is None and "text" not in ds.features else None
     if conversations is not None:  # one document per conversation (calib.chat)
         return _make_source(f"{origin} column '{conversations}' (conversations)",
                             render_column(ds, conversations, origin, chat), origin)

@@ -50,6 +50,10 @@ class Fp8SourceReader:
         qcfg = reader.config.get("quantization_config")
         scheme = fp8.scheme_from_config(qcfg)
         if scheme is None:
+            stray = next((n for n, info in reader.tensors.items() if info.dtype in fp8.FP8_DTYPES), None)
+            if stray is not None:  # read as floats, FP8 codes without their scales would be garbage
+                raise UserError(f"{reader.path}: {stray} is stored in FP8 but config.json declares no FP8 "
+                                "quantization_config (quant_method 'fp8' or compressed-tensors float-quantized)")
             return reader
         dtype, dtype_name = _model_dtype(reader.config)
         names = set(reader.tensors)
@@ -64,7 +68,7 @@ class Fp8SourceReader:
             if s is None:
                 raise UserError(f"{reader.path}: {name} is stored in FP8 but the shards hold no scale for it "
                                 f"(expected {name}{scheme.scale_names[0]})")
-            scales[name] = (s, fp8.block_of(info.shape, reader.tensors[s].shape, scheme.block, name))
+            scales[name] = (s, fp8.block_of(info.shape, reader.tensors[s].shape, scheme.blocks, name))
         hidden = {s for s, _ in scales.values()} | {n for n in names if n.endswith(fp8.ACTIVATION_SUFFIXES)}
         tensors = {n: replace(info, dtype=dtype_name) if n in scales else info
                    for n, info in reader.tensors.items() if n not in hidden}

@@ -39,13 +39,35 @@ class Fp8Scheme:
     """How one FP8 source checkpoint stores its scales."""
 
     method: str  # "fp8" (fine-grained, DeepSeek) or "compressed-tensors"
-    block: tuple[int, int] | None  # the configured block, None: derived from each scale's shape
+    blocks: tuple[tuple[int, int], ...]  # the configured blocks (rows, columns); a scale grid is matched against
+    # each, edge blocks partial (ceil); none, or none matching: the block is the weight's shape over the grid's
     scale_names: tuple[str, ...]  # sibling suffixes tried in order, appended to the weight's name
+    label: str  # for ``inspect``
 
     def describe(self) -> str:
-        if self.method == "fp8":
-            return f"FP8 e4m3, {self.block[0]}x{self.block[1]} blocks" if self.block else "FP8 e4m3, per tensor"
-        return "FP8 (compressed-tensors float-quantized)"
+        return self.label
+
+
+def _ct_blocks(weights: list[dict]) -> tuple[tuple[tuple[int, int], ...], str]:
+    """compressed-tensors weight args -> (configured blocks, strategies)."""
+    blocks, strategies = [], []
+    for w in weights:
+        strategy = w.get("strategy") or "tensor"
+        strategies.append(strategy)
+        if strategy == "block":
+            b = w.get("block_structure")
+            if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)):
+                raise UserError(f"config.json: FP8 block_structure must be two positive integers, not {b!r}")
+            blocks.append((int(b[0]), int(b[1])))
+        elif strategy == "group":
+            g = w.get("group_size")
+            if not (isinstance(g, int) and g > 0):
+                raise UserError(f"config.json: FP8 group strategy needs a positive group_size, not {g!r}")
+            blocks.append((1, g))
+        elif strategy not in ("tensor", "channel"):
+            raise UserError(f"config.json: FP8 compressed-tensors strategy {strategy!r} cannot be read "
+                            "(tensor, channel, group or block)")
+    return tuple(dict.fromkeys(blocks)), ", ".join(dict.fromkeys(strategies))
 
 
 def scheme_from_config(qcfg) -> Fp8Scheme | None:
@@ -57,13 +79,15 @@ def scheme_from_config(qcfg) -> Fp8Scheme | None:
         fmt = str(qcfg.get("fmt", "e4m3")).lower()
         if fmt not in ("e4m3", "e5m2", "float8_e4m3fn", "float8_e5m2"):
             raise UserError(f"config.json: FP8 checkpoints of fmt {fmt!r} cannot be read (e4m3 or e5m2)")
+        fmt = "e5m2" if "e5m2" in fmt else "e4m3"
         block = qcfg.get("weight_block_size")
-        if block is not None:
-            if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0
-                                                                                 for b in block)):
-                raise UserError(f"config.json: weight_block_size must be two positive integers, not {block!r}")
-            block = (int(block[0]), int(block[1]))
-        return Fp8Scheme("fp8", block, ("_scale_inv", "_scale"))
+        if block is None:
+            return Fp8Scheme("fp8", (), ("_scale_inv", "_scale"), f"FP8 {fmt}, per tensor")
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0
+                                                                             for b in block)):
+            raise UserError(f"config.json: weight_block_size must be two positive integers, not {block!r}")
+        return Fp8Scheme("fp8", ((int(block[0]), int(block[1])),), ("_scale_inv", "_scale"),
+                         f"FP8 {fmt}, {block[0]}x{block[1]} blocks")
     if method == "compressed-tensors" and qcfg.get("format") in ("float-quantized", "naive-quantized"):
         groups = list((qcfg.get("config_groups") or {}).values())
         weights = [g.get("weights") or {} for g in groups if isinstance(g, dict)]
@@ -71,7 +95,9 @@ def scheme_from_config(qcfg) -> Fp8Scheme | None:
             return None  # an int naive-quantized checkpoint: not FP8 (the caller's own error applies)
         if any(w.get("symmetric") is False for w in weights):
             raise UserError("config.json: asymmetric FP8 compressed-tensors checkpoints cannot be read")
-        return Fp8Scheme("compressed-tensors", None, ("_scale",))
+        blocks, strategies = _ct_blocks(weights)
+        return Fp8Scheme("compressed-tensors", blocks, ("_scale",),
+                         f"FP8 (compressed-tensors float-quantized, per {strategies})")
     return None
 
 
@@ -85,9 +111,11 @@ def scale_name(names, weight: str, scheme: Fp8Scheme) -> str | None:
     return None
 
 
-def block_of(shape: tuple[int, ...], scale_shape: tuple[int, ...], configured: tuple[int, int] | None,
+def block_of(shape: tuple[int, ...], scale_shape: tuple[int, ...], configured: tuple[tuple[int, int], ...],
              name: str) -> tuple[int, int]:
-    """The (rows, columns) block one scale covers, checked against the weight's shape."""
+    """The (rows, columns) block one scale covers, checked against the weight's shape: a configured block whose
+    grid (partial edge blocks included) is the scale's shape, else the weight's shape over the scale's when it
+    divides (per channel, or another block that tiles exactly, as transformers derives it)."""
     n, k = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[-1] if shape else 1)
     s = tuple(scale_shape)
     if math.prod(s) == 1:  # one scale for the whole tensor
@@ -98,12 +126,13 @@ def block_of(shape: tuple[int, ...], scale_shape: tuple[int, ...], configured: t
         raise UserError(f"FP8 checkpoint: scale of {name} has shape {tuple(scale_shape)}, which does not tile its "
                         f"weight of shape {tuple(shape)}")
     rows, cols = s[-2], s[-1]
-    if configured is not None and (math.ceil(n / configured[0]), math.ceil(k / configured[1])) == (rows, cols):
-        return configured
+    for bm, bn in configured:
+        if (math.ceil(n / bm), math.ceil(k / bn)) == (rows, cols):
+            return bm, bn
     if n % rows or k % cols:
+        blocks = " or ".join(f"{bm}x{bn}" for bm, bn in configured)
         raise UserError(f"FP8 checkpoint: scale of {name} has shape {tuple(scale_shape)}, which does not tile its "
-                        f"weight of shape {tuple(shape)}" + (f" in {configured[0]}x{configured[1]} blocks"
-                                                              if configured else ""))
+                        f"weight of shape {tuple(shape)}" + (f" in {blocks} blocks" if blocks else ""))
     return n // rows, k // cols
 
 
@@ -115,6 +144,7 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
 
 
 _LUTS: dict[torch.dtype, torch.Tensor] = {}
+_TAKE_CHUNK = 1 << 22
 
 
 def to_float32(q: torch.Tensor) -> torch.Tensor:
@@ -125,7 +155,11 @@ def to_float32(q: torch.Tensor) -> torch.Tensor:
     lut = _LUTS.get(q.dtype)
     if lut is None:
         lut = _LUTS[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).to(torch.float32)
-    return torch.take(lut, q.view(torch.uint8).long())
+    codes = q.contiguous().view(torch.uint8).reshape(-1)
+    out = torch.empty(codes.numel(), dtype=torch.float32)
+    for i in range(0, codes.numel(), _TAKE_CHUNK):  # the int64 index of a chunk, not of the whole tensor
+        torch.take(lut, codes[i:i + _TAKE_CHUNK].long(), out=out[i:i + _TAKE_CHUNK])
+    return out.reshape(q.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:

@@ -118,3 +118,26 @@ def test_quantize_and_eval_calibrate_on_the_models_chat_template(tiny_ckpt, tmp_
                       "--seq-len", 32, "--json", tmp_path / "e.json")
     assert rc == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["data"]["chat"]["windows"] == 2
+
+
+def test_a_column_is_chosen_after_the_path(tmp_path, tokenizer, capsys, tiny_ckpt):
+    """PATH#COLUMN picks the text column (the only way to choose one from the command line or a recipe)."""
+    pr = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "Write a haiku", "response": "Autumn moonlight falls"},
+                                        {"prompt": "Say hi", "response": "Hi!"}])
+    with pytest.raises(UserError, match=r"several string columns .* name one after the path: PATH#prompt"):
+        load_texts(str(pr))
+    assert list(load_texts(f"{pr}#response").documents) == ["Autumn moonlight falls", "Hi!"]
+    with pytest.raises(UserError, match=r"no string column 'nope'"):
+        load_texts(f"{pr}#nope")
+    chats = _jsonl(tmp_path / "c.jsonl", [dict(r, text="plain") for r in CHATS])
+    assert list(load_texts(f"{chats}#messages", chat=chat_renderer(tokenizer)).documents) == [
+        tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in CHATS[:2]]
+    text = tmp_path / "notes.txt"
+    text.write_text("some text")
+    with pytest.raises(UserError, match=r"a column \(#x\) can only be chosen in a dataset file or folder"):
+        load_texts(f"{text}#x")
+    # and from the command line, as --calib
+    rc, err = run_cli(capsys, "quantize", tiny_ckpt("qwen3_moe"), "--out", tmp_path / "q", "--calib", f"{pr}#response",
+                      "--calib-samples", 2, "--seq-len", 16, "--group-size", 32)
+    assert rc == 0, err
+    assert "column 'response'" in json.loads((tmp_path / "q" / "moecompress.json").read_text())["calibration"]["source"]

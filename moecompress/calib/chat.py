@@ -45,14 +45,14 @@ def _is_turn(x) -> bool:
     return isinstance(x, dict) and ("role" in x and "content" in x or "from" in x and "value" in x)
 
 
-def chat_column(ds) -> str | None:
-    """The column of dataset ``ds`` that holds conversations (lists of turn records), if any.
+def chat_column(ds, names: tuple[str, ...] = CHAT_COLUMNS) -> str | None:
+    """The column among ``names`` of dataset ``ds`` that holds conversations (lists of turn records), if any.
 
     The column's type says so when every turn has the same keys (``List({role, content})``); with turns of
     different keys (``tool_calls``, ``reasoning_content``...) datasets types it ``List(Json)``, or older
     versions a plain list, so the first rows decide. A conversation column that holds something else is an
     error, never a reason to calibrate on another column."""
-    for name in CHAT_COLUMNS:
+    for name in names:
         if name not in ds.features:
             continue
         inner = getattr(ds.features[name], "feature", None)

@@ -15,7 +15,7 @@
 * ``builtin:<name>``: Python standard library text, see :mod:`moecompress.calib.builtin_text`
   (``builtin:stdlib`` is the calibration part, ``builtin:heldout*`` the disjoint held-out part).
 
-Text column of a dataset: ``text_column`` if given, else ``text``, else a column of conversations
+Text column of a dataset: ``text_column`` if given (``PATH#COLUMN`` in a spec), else ``text``, else a column of conversations
 (``messages``..., rendered one document each: :mod:`moecompress.calib.chat`), else the only string column;
 anything else is an error naming the columns. Rows that are null or blank are dropped
 (blank documents are dropped by every source).
@@ -171,7 +171,7 @@ def _load_text_file(path: Path) -> TextSource:
     return _make_source(f"text file {path}", [text], f"text file {path}")
 
 
-def _load_folder(folder: Path, chat: Renderer | None = None) -> TextSource:
+def _load_folder(folder: Path, text_column: str | None = None, chat: Renderer | None = None) -> TextSource:
     files = [f for f in _folder_files(folder) if f.is_file()]
     data_files = [f for f in files if f.suffix.lower() in DATASET_BUILDERS]
     if data_files:
@@ -183,7 +183,7 @@ def _load_folder(folder: Path, chat: Renderer | None = None) -> TextSource:
                 f"folder {folder} mixes dataset files ({', '.join(sorted(builders))}) with other files "
                 f"(e.g. {example}); pass one data file or a folder of one kind"
             )
-        return _load_dataset_files(builders.pop(), data_files, f"folder {folder}", chat=chat)
+        return _load_dataset_files(builders.pop(), data_files, f"folder {folder}", text_column, chat)
     docs, skipped = [], 0
     for f in files:
         text = _decode(f.read_bytes())
@@ -224,13 +224,17 @@ def _pick_column(ds: Any, origin: str, text_column: str | None) -> str:
     if len(strings) == 1:
         return strings[0]
     why = "no string column" if not strings else "several string columns and none is named 'text'"
-    raise UserError(f"{origin} has {why}; columns: {described or 'none'}; choose one with text_column")
+    example = f"PATH#{strings[0]}" if strings else "PATH#COLUMN"
+    raise UserError(f"{origin} has {why}; columns: {described or 'none'}; name one after the path: {example}")
 
 
 def _source_from_dataset(ds: Any, origin: str, text_column: str | None, chat: Renderer | None = None) -> TextSource:
     if len(ds) == 0:
         raise UserError(f"{origin} is empty (0 rows)")
-    conversations = chat_column(ds) if text_column is None and "text" not in ds.features else None
+    if text_column is None:
+        conversations = chat_column(ds) if "text" not in ds.features else None
+    else:  # a named column of conversations is rendered too
+        conversations = chat_column(ds, (text_column,)) if text_column in ds.features else None
     if conversations is not None:  # one document per conversation (calib.chat)
         return _make_source(f"{origin} column '{conversations}' (conversations)",
                             render_column(ds, conversations, origin, chat), origin)
@@ -319,13 +323,20 @@ def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | No
         docs, desc = load_builtin(spec[len("builtin:") :])
         return _make_source(desc, [t for _, t in docs], spec)
     path = Path(os.path.expanduser(spec))
+    if not path.exists() and "#" in spec and text_column is None:  # DATA#COLUMN: which column holds the text
+        base, _, column = spec.rpartition("#")
+        if column and Path(os.path.expanduser(base)).exists():
+            source = load_texts(base, text_column=column, chat=chat)
+            if f"column '{column}'" not in source.description:  # a text file or folder: no columns
+                raise UserError(f"{spec}: a column (#{column}) can only be chosen in a dataset file or folder")
+            return source
     if not path.exists():
         hint = f"; valid builtins: {', '.join('builtin:' + n for n in BUILTINS)}" if ":" in spec else ""
         raise UserError(f"calibration text path does not exist: {spec}{hint}")
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return _load_saved_dataset(path, text_column, chat)
-        return _load_folder(path, chat)
+        return _load_folder(path, text_column, chat)
     suffix = path.suffix.lower()
     if suffix in DATASET_BUILDERS:
         return _load_dataset_files(DATASET_BUILDERS[suffix], [path], f"{suffix[1:]} file {path}", text_column, chat)

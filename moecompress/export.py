@@ -142,20 +142,27 @@ def _natural(s: str):
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
 
 
-def gptq_dynamic_rules(handle: ModelHandle, kept: list[str]) -> list[str]:
-    """GPTQModel negative-match regexes for the kept modules (one per layer-local name)."""
+def gptq_dynamic_rules(handle: ModelHandle, kept: list[str], quantized: set[str] = frozenset()) -> list[str]:
+    """GPTQModel negative-match regexes for the kept modules: one per layer-local name, or, for a name that is
+    quantized in other layers (``--ignore`` of some layers), one per kept module."""
     layer = re.compile(rf"^{re.escape(handle.disk_prefix)}\.layers\.\d+\.(.+)$")
+    quantized_locals = {q.partition(".")[2] for q in quantized}
     rules = []
     for n in kept:
         m = layer.match(n)
-        rules.append(rf".*\.layers\.\d+\.{re.escape(m.group(1))}$" if m else rf"^{re.escape(n)}$")
+        if m and m.group(1) not in quantized_locals:
+            rules.append(rf".*\.layers\.\d+\.{re.escape(m.group(1))}$")
+        else:
+            rules.append(rf"^{re.escape(n)}$")
     return sorted(set(rules))
 
 
-def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: ModelHandle, extra: dict) -> dict:
+def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: ModelHandle, extra: dict,
+                        quantized: set[str] = frozenset()) -> dict:
+    """``quantized``: ``"{layer}.{local name}"`` of every quantized layer module (as for kept_module_names)."""
     if fmt == "compressed-tensors":
         return ct_format.quantization_config(spec, ignore=kept)
     if fmt == "awq":  # GPTQModel reads ``dynamic``, not modules_to_not_convert: give it both
         return awq_format.quantization_config(spec, kept, lm_head=bool(extra.get("lm_head")),
-                                              dynamic_rules=gptq_dynamic_rules(handle, kept))
-    return gptq_format.quantize_config(spec, gptq_dynamic_rules(handle, kept), **extra)
+                                              dynamic_rules=gptq_dynamic_rules(handle, kept, quantized))
+    return gptq_format.quantize_config(spec, gptq_dynamic_rules(handle, kept, quantized), **extra)

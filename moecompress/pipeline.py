@@ -35,7 +35,7 @@ from .memory import gc_paused, release_freed_memory
 from .layer_quantize import CalibPlan
 from .layer_quantize import quantize_layer as _quantize_layer
 from .quant.balance import AwqSettings
-from .quant.targets import layer_targets, target_weight
+from .quant.targets import apply_ignore, layer_targets, target_weight
 from .recipe import QuantizeConfig
 
 log = logging.getLogger("moecompress")
@@ -96,7 +96,11 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     # transformers' grouped_mm experts path is its fastest on CPU and GPU; our hooks see the same call
     model = handle.skeleton(experts_implementation="grouped_mm")
     layers = decoder_layers(model)
-    all_targets = [layer_targets(layer, handle.spec, cfg.only_experts) for layer in layers]
+    all_targets, ignored = apply_ignore([layer_targets(layer, handle.spec, cfg.only_experts) for layer in layers],
+                                        cfg.ignore)
+    if ignored:
+        log.info("kept in float by --ignore: %d linears (%s%s)", len(ignored), ", ".join(ignored[:4]),
+                 ", ..." if len(ignored) > 4 else "")
     for i, targets in enumerate(all_targets):  # fail before any work on a group size that cannot fit
         for t in targets:
             qspec.check_shape(target_weight(layers[i], t).shape[-1], f"layer {i} {t.name}")
@@ -184,7 +188,7 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
     kept = kept_module_names(handle, model, quantized_names)
     qcfg = quantization_config(cfg.format, qspec, kept, handle, {"damp_percent": cfg.damp,
                                                                  "true_sequential": cfg.true_sequential,
-                                                                 "lm_head": cfg.quantize_lm_head})
+                                                                 "lm_head": cfg.quantize_lm_head}, quantized_names)
     config = dict(handle.reader.config)
     config["quantization_config"] = qcfg
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -63,6 +63,9 @@ class QuantizeConfig(NoBoolNumbers):
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
     min_expert_tokens: int = 16
     only_experts: bool = False
+    # regular expressions (re.search) over "layers.{i}.{module}" -- e.g. "layers.0.self_attn.q_proj",
+    # "layers.3.mlp.shared_experts.down_proj": matching linears stay in float. Routed experts are always quantized.
+    ignore: list[str] = Field(default_factory=list)
     # RTN needs no calibration data; with this on it still runs the data through the model to record
     # each linear's output error and the per-expert token counts (GPTQ always does)
     measure_errors: bool = True
@@ -103,6 +106,18 @@ class QuantizeConfig(NoBoolNumbers):
     def _positive(cls, v, info):
         if v <= 0:
             raise ValueError(f"{info.field_name} must be positive, got {v}")
+        return v
+
+    @field_validator("ignore")
+    @classmethod
+    def _patterns(cls, v):
+        import re
+
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"ignore pattern {p!r} is not a regular expression ({e})") from None
         return v
 
     @field_validator("awq_grid")

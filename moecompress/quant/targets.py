@@ -9,6 +9,7 @@ projections, each calibrated on the outputs of what was already quantized.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..arch.registry import ArchSpec
 from ..calib.capture import ExpertTarget
+from ..errors import UserError
 from .gptq import gptq_quantize
 from .refit import refine, refit_reround
 from .rtn import rtn_quantize
@@ -49,6 +51,38 @@ def layer_targets(layer: nn.Module, spec: ArchSpec, only_experts: bool) -> list[
                 stage = "mlp_down" if name.endswith("down_proj") else "mlp_up"
             out.append(Target(name, stage))
     return out
+
+
+def apply_ignore(all_targets: list[list[Target]], patterns: list[str]) -> tuple[list[list[Target]], list[str]]:
+    """``all_targets`` (per layer) without the linears whose ``layers.{i}.{name}`` matches one of ``patterns``
+    (``re.search``), and those names. A pattern that matches nothing, or matches routed experts (always
+    quantized: their formats have no per-expert float fallback), is a UserError."""
+    if not patterns:
+        return all_targets, []
+    compiled = [re.compile(p) for p in patterns]
+    used = [False] * len(patterns)
+    kept, ignored = [], []
+    for i, targets in enumerate(all_targets):
+        keep = []
+        for t in targets:
+            name = f"layers.{i}.{t.name}"
+            hits = [j for j, c in enumerate(compiled) if c.search(name)]
+            if hits and t.expert_proj is not None:
+                raise UserError(f"--ignore {patterns[hits[0]]!r} matches the routed experts {name}: they are "
+                                "always quantized (anchor the pattern, e.g. 'self_attn' or 'shared_experts')")
+            for j in hits:
+                used[j] = True
+            if hits:
+                ignored.append(name)
+            else:
+                keep.append(t)
+        kept.append(keep)
+    unused = [p for p, u in zip(patterns, used) if not u]
+    if unused:
+        example = next((f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts
+                        if t.expert_proj is None), "layers.0.self_attn.q_proj")
+        raise UserError(f"--ignore {unused[0]!r} matches no quantized linear (names look like '{example}')")
+    return kept, ignored
 
 
 def target_weight(layer: nn.Module, t: Target) -> torch.Tensor:

@@ -139,7 +139,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
 @click.option("--ignore", multiple=True, metavar="REGEX",
               help="Keep the linears whose 'layers.N.<module>' name matches REGEX in float (repeatable), e.g. "
-                   "'layers\.0\.self_attn' or 'shared_experts'. Routed experts are always quantized.")
+                   "'layers[.]0[.]self_attn' or 'shared_experts'. Routed experts are always quantized.")
 @click.option("--quantize-lm-head", is_flag=True,
               help="Quantize lm_head too (kept in float by default; refused when tied to the embeddings).")
 @click.option("--measure-errors/--no-measure-errors", default=True, show_default=True,

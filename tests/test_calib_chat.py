@@ -129,6 +129,10 @@ def test_a_column_is_chosen_after_the_path(tmp_path, tokenizer, capsys, tiny_ckp
     assert list(load_texts(f"{pr}#response").documents) == ["Autumn moonlight falls", "Hi!"]
     with pytest.raises(UserError, match=r"no string column 'nope'"):
         load_texts(f"{pr}#nope")
+    from moecompress.evals.data import dataset_name
+
+    assert (dataset_name(f"{pr}#response"), dataset_name(str(pr)), dataset_name(f"{tmp_path}/#x")) == (
+        "pr-response", "pr", f"{tmp_path.name}-x")
     chats = _jsonl(tmp_path / "c.jsonl", [dict(r, text="plain") for r in CHATS])
     assert list(load_texts(f"{chats}#messages", chat=chat_renderer(tokenizer)).documents) == [
         tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in CHATS[:2]]

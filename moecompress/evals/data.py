@@ -48,10 +48,15 @@ def check_vocab(model_h: ModelHandle, ref_h: ModelHandle, model_tok, ref_tok) ->
 
 
 def dataset_name(spec: str) -> str:
+    """A short name for a data spec: the builtin's, else the file's stem or the folder's name, with a chosen
+    column (``PATH#COLUMN``) appended as ``-COLUMN``."""
     if spec.startswith("builtin:"):
         return spec[len("builtin:"):]
+    column = ""
+    if "#" in spec and not Path(spec).expanduser().exists():
+        spec, _, column = spec.rpartition("#")
     p = Path(spec.rstrip("/"))
-    return p.stem if p.suffix else p.name
+    return (p.stem if p.suffix else p.name) + (f"-{column}" if column else "")
 
 
 def build_windows(specs: list[str], tokenizer, samples: int, seq_len: int, seed: int, vocab_size: int):

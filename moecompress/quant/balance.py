@@ -109,6 +109,8 @@ def resolve(layer: nn.Module, spec: ArchSpec, stage_targets: set[str], all_targe
             continue
         src = layer.get_submodule(g.source) if not g.source.endswith(UP) else None
         kind = "experts_up" if src is None else ("linear" if isinstance(src, nn.Linear) else "norm")
+        if kind == "linear" and g.source not in all_targets:
+            continue  # a linear kept in float (--ignore) would have to be written divided: left unbalanced
         out.append(Resolved(g, kind, quantized, floats))
     return out
 

@@ -77,12 +77,33 @@ def apply_ignore(all_targets: list[list[Target]], patterns: list[str]) -> tuple[
             else:
                 keep.append(t)
         kept.append(keep)
+    _check_fused(all_targets, ignored)
     unused = [p for p, u in zip(patterns, used) if not u]
     if unused:
         example = next((f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts
                         if t.expert_proj is None), "layers.0.self_attn.q_proj")
         raise UserError(f"--ignore {unused[0]!r} matches no quantized linear (names look like '{example}')")
     return kept, ignored
+
+
+# linears a serving engine loads as one (vLLM: qkv_proj, gate_up_proj, fused_qkv_a_proj, in_proj_qkvz, in_proj_ba):
+# quantized together or kept in float together
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+         ("in_proj_qkv", "in_proj_z"), ("in_proj_b", "in_proj_a"))
+
+
+def _check_fused(all_targets: list[list[Target]], ignored: list[str]) -> None:
+    """An ignored linear whose fused siblings stay quantized is a UserError (vLLM refuses such a layer)."""
+    quantized = {f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts}
+    for name in ignored:
+        parent, _, leaf = name.rpartition(".")
+        group = next((g for g in FUSED if leaf in g), ())
+        split = [f"{parent}.{x}" for x in group if f"{parent}.{x}" in quantized and f"{parent}.{x}" not in ignored]
+        if split:
+            members = "|".join(x for x in group if f"{parent}.{x}" in quantized)
+            raise UserError(f"--ignore keeps {name} in float but not {', '.join(s.rpartition('.')[2] for s in split)}: "
+                            f"serving engines load them as one fused layer; ignore all of them, e.g. "
+                            f"'{re.escape(parent)}\\.({members})$'")
 
 
 def target_weight(layer: nn.Module, t: Target) -> torch.Tensor:

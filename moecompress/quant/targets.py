@@ -190,11 +190,14 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
             on_chunk(len(parts[s][1]))
     if gather is not None:
         parts = gather(parts)
-    ordered = [parts[s] for s in sorted(parts)]
-    qw = _cat([p[0] for p in ordered]) if len(ordered) > 1 else ordered[0][0]
-    infos = [i for p in ordered for i in p[1]]
-    qw = _to(qw, W.device)
-    deq = qw.dequantize(torch.float32)
+    ordered = [(s, _to(parts[s][0], W.device), parts[s][1]) for s in sorted(parts)]
+    qw = _cat([p[1] for p in ordered]) if len(ordered) > 1 else ordered[0][1]
+    infos = [i for p in ordered for i in p[2]]
+    # dequantized chunk by chunk: the float temporaries are one chunk's, not the whole projection's (three
+    # fp32 copies of a Qwen3-235B layer's gate_up_proj would be ~19 GB)
+    deq = torch.empty(W.shape, dtype=torch.float32, device=W.device)
+    for s, part, _ in ordered:
+        deq[s:s + part.qweight.shape[0]] = part.dequantize(torch.float32)
     if not batched:
         qw = qw[0]
         deq = deq[0]

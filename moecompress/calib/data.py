@@ -184,6 +184,7 @@ def _load_folder(folder: Path, text_column: str | None = None, chat: Renderer | 
                 f"(e.g. {example}); pass one data file or a folder of one kind"
             )
         return _load_dataset_files(builders.pop(), data_files, f"folder {folder}", text_column, chat)
+    _no_columns(folder, text_column)
     docs, skipped = [], 0
     for f in files:
         text = _decode(f.read_bytes())
@@ -312,6 +313,16 @@ def _load_saved_dataset(folder: Path, text_column: str | None, chat: Renderer | 
         return _source_from_dataset(ds, origin, text_column, chat)
 
 
+def split_column(spec: str) -> tuple[str, str | None]:
+    """``(path, column)`` of a ``PATH#COLUMN`` data spec; ``(spec, None)`` when it names no column (or when a
+    file of that very name, ``#`` and all, exists)."""
+    if "#" in spec and not spec.startswith("builtin:") and not Path(os.path.expanduser(spec)).exists():
+        base, _, column = spec.rpartition("#")
+        if column and Path(os.path.expanduser(base)).exists():
+            return base, column
+    return spec, None
+
+
 def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | None = None) -> TextSource:
     """Load calibration text from a file, folder, dataset file/folder or ``builtin:<name>``.
 
@@ -322,14 +333,10 @@ def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | No
     if spec.startswith("builtin:"):
         docs, desc = load_builtin(spec[len("builtin:") :])
         return _make_source(desc, [t for _, t in docs], spec)
+    path_spec, column = split_column(spec)
+    if column is not None and text_column is None:  # PATH#COLUMN: which column holds the text
+        spec, text_column = path_spec, column
     path = Path(os.path.expanduser(spec))
-    if not path.exists() and "#" in spec and text_column is None:  # DATA#COLUMN: which column holds the text
-        base, _, column = spec.rpartition("#")
-        if column and Path(os.path.expanduser(base)).exists():
-            source = load_texts(base, text_column=column, chat=chat)
-            if f"column '{column}'" not in source.description:  # a text file or folder: no columns
-                raise UserError(f"{spec}: a column (#{column}) can only be chosen in a dataset file or folder")
-            return source
     if not path.exists():
         hint = f"; valid builtins: {', '.join('builtin:' + n for n in BUILTINS)}" if ":" in spec else ""
         raise UserError(f"calibration text path does not exist: {spec}{hint}")
@@ -342,7 +349,14 @@ def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | No
         return _load_dataset_files(DATASET_BUILDERS[suffix], [path], f"{suffix[1:]} file {path}", text_column, chat)
     if suffix in UNSUPPORTED_EXTENSIONS:
         raise UserError(f"unsupported calibration file extension '{suffix}' ({path}); pass {_SUPPORTED}")
+    _no_columns(path, text_column)
     return _load_text_file(path)
+
+
+def _no_columns(path: Path, text_column: str | None) -> None:
+    if text_column is not None:
+        raise UserError(f"{path}#{text_column}: a column (#{text_column}) can only be chosen in a dataset file or "
+                        "folder")
 
 
 # ----------------------------------------------------------------------------------------- windows

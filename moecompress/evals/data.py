@@ -13,7 +13,7 @@ import torch
 
 from moecompress.arch.handle import ModelHandle
 from moecompress.calib.chat import chat_renderer
-from moecompress.calib.data import load_texts, make_calibration_windows
+from moecompress.calib.data import load_texts, make_calibration_windows, split_column
 from moecompress.errors import UserError
 
 DEFAULT_DATA = ("builtin:heldout-code", "builtin:heldout-prose")
@@ -52,9 +52,7 @@ def dataset_name(spec: str) -> str:
     column (``PATH#COLUMN``) appended as ``-COLUMN``."""
     if spec.startswith("builtin:"):
         return spec[len("builtin:"):]
-    column = ""
-    if "#" in spec and not Path(spec).expanduser().exists():
-        spec, _, column = spec.rpartition("#")
+    spec, column = split_column(spec)
     p = Path(spec.rstrip("/"))
     return (p.stem if p.suffix else p.name) + (f"-{column}" if column else "")
 

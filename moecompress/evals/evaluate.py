@@ -47,8 +47,6 @@ from tqdm.auto import tqdm
 
 from moecompress import memory
 from moecompress.arch.handle import ModelHandle
-from moecompress.checkpoint.fp8_source import Fp8SourceReader
-from moecompress.checkpoint.reader import CheckpointReader
 from moecompress.errors import UserError
 
 from .collect import StreamedModel, WholeModel
@@ -57,7 +55,7 @@ from .lm_metrics import LMAccumulator, NonFiniteLogits
 from .ref_cache import DEFAULT_MAX_BYTES, ReferenceCache, cache_key
 from .ref_source import open_reference
 from .routing_metrics import RoutingAccumulator
-from .sizes import bits_per_weight, checkpoint_bytes, model_bytes, quantization_settings
+from .sizes import bits_per_weight, checkpoint_bytes, model_bytes, quantization_settings, stored_reader
 
 log = logging.getLogger("moecompress")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,7 +254,7 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
         lm_eval_result = run_tasks(whole.model, model_tok or ref_tok, task_names, tasks_path, batch_size, tasks_limit,
                                    manager)
 
-    m_reader, r_reader = (Fp8SourceReader.wrap(CheckpointReader.open(d)) for d in (model_dir, reference_dir))
+    m_reader, r_reader = stored_reader(model_h), stored_reader(ref_h)  # the handles' own: no second open
     out = {"model": str(Path(model_dir)), "reference": str(Path(reference_dir)), "family": ref_h.family,
            "data": data_info}
     out.update(lm.result())

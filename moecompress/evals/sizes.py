@@ -78,14 +78,18 @@ def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, f
     return total
 
 
+def stored_reader(handle):
+    """The reader the functions here take for ``handle`` (a ``ModelHandle``): the packed shards under a
+    dequantizing view; an FP8 source's view as is (it counts as its float model, and knows its FP8 parts)."""
+    from ..checkpoint.load import DequantizingReader
+
+    return handle.reader.inner if isinstance(handle.reader, DequantizingReader) else handle.reader
+
+
 def model_bytes(handle, dtype: torch.dtype, packed: bool, floor: bool = False) -> int:
     """:func:`resident_bytes` of the checkpoint under ``handle`` (a ``ModelHandle``), counting only what a whole
     load reads (``handle.whole_load_filter``)."""
-    from ..checkpoint.load import DequantizingReader
-
-    # the packed shards under a dequantizing view (an FP8 source's view is its float model: counted as is)
-    reader = handle.reader.inner if isinstance(handle.reader, DequantizingReader) else handle.reader
-    return resident_bytes(reader, dtype, packed, floor, keep=handle.whole_load_filter())
+    return resident_bytes(stored_reader(handle), dtype, packed, floor, keep=handle.whole_load_filter())
 
 
 def bits_per_weight(reader: CheckpointReader) -> float | None:

@@ -140,6 +140,10 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--ignore", multiple=True, metavar="REGEX",
               help="Keep the linears whose 'layers.N.<module>' name matches REGEX in float (repeatable), e.g. "
                    "'layers[.]0[.]self_attn' or 'shared_experts'. Routed experts are always quantized.")
+@click.option("--override", "overrides", multiple=True, metavar="REGEX=BITS[/GROUP]",
+              help="Another scheme for the linears whose 'layers.N.<module>' name matches REGEX (repeatable, first "
+                   "match wins), e.g. 'self_attn|shared_expert=8' or 'layers[.]0[.]=8/64'. Routed experts always "
+                   "take --bits/--group-size.")
 @click.option("--quantize-lm-head", is_flag=True,
               help="Quantize lm_head too (kept in float by default; refused when tied to the embeddings).")
 @click.option("--measure-errors/--no-measure-errors", default=True, show_default=True,
@@ -165,7 +169,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
                    "the result is byte-identical to an uninterrupted run.")
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
-             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, ignore, quantize_lm_head,
+             weight_by_routing, refine_rounds, starved_experts, min_expert_tokens, only_experts, ignore, overrides,
+             quantize_lm_head,
              measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, deterministic, max_shard_size,
              overwrite, resume) -> None:
     """Quantize MODEL_DIR into --out (routers stay bit-exact in their source dtype).
@@ -188,7 +193,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
-        only_experts=only_experts, ignore=list(ignore), quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
+        only_experts=only_experts, ignore=list(ignore), overrides=list(overrides), quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
     if deterministic and device.startswith("cuda"):

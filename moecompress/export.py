@@ -157,12 +157,75 @@ def gptq_dynamic_rules(handle: ModelHandle, kept: list[str], quantized: set[str]
     return sorted(set(rules))
 
 
+def _by_local(schemes: dict[str, QuantSpec]) -> dict[str, dict[int, QuantSpec]]:
+    """``{"layers.{i}.{local}": spec}`` -> ``{local: {i: spec}}``."""
+    out: dict[str, dict[int, QuantSpec]] = {}
+    for name, s in schemes.items():
+        _, i, local = name.split(".", 2)
+        out.setdefault(local, {})[int(i)] = s
+    return out
+
+
+def _layers_of(local: str, quantized: set[str]) -> set[int]:
+    return {int(q.partition(".")[0]) for q in quantized if q.partition(".")[2] == local}
+
+
+def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized: set[str]) -> list[tuple[QuantSpec, list[str]]]:
+    """compressed-tensors config groups of the overriding schemes: (scheme, ``re:`` targets) each, a target per
+    set of layers, matching the module names of every spelling (checkpoint and transformers' names, as
+    :func:`kept_module_names`). compressed-tensors and vLLM prefer a name target to a class target, whatever the
+    groups' order. The targets never contain the text "experts" (DeepSeek's ``shared_experts`` is written
+    ``shared_expert[s]``): transformers takes the routed experts' scheme from the first group with such a regex,
+    else from the first group with a class target."""
+    out = []
+    for spec in dict.fromkeys(schemes.values()):
+        locals_by_layers: dict[str, list[str]] = {}
+        for local, per_layer in _by_local(schemes).items():
+            mine = sorted(i for i, s in per_layer.items() if s == spec)
+            if not mine:
+                continue
+            idx = r"\d+" if set(mine) == _layers_of(local, quantized) else "(?:" + "|".join(map(str, mine)) + ")"
+            names = dict.fromkeys((local, handle.disk_local(local)))
+            locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names)
+        targets = ["re:.*\\.layers\\." + idx + r"\.(?:" + "|".join(sorted(set(ls))) + ")$"
+                   for idx, ls in locals_by_layers.items()]
+        out.append((spec, [t.replace("experts", "expert[s]") for t in targets]))
+    return out
+
+
+def gptq_positive_rules(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized: set[str]) -> dict[str, QuantSpec]:
+    """GPTQModel/vLLM positive ``dynamic`` rules ``{regex: scheme}``: one per layer-local name when every layer
+    that quantizes it uses the same scheme, else one per module; vLLM's fused name (``qkv_proj``...) too, since
+    vLLM matches the rules against its fused layers' names."""
+    from .quant.overrides import FUSED
+
+    fused_name = {leaf: f for g, f in FUSED for leaf in g}
+    rules: dict[str, QuantSpec] = {}
+    for local, per_layer in sorted(_by_local(schemes).items()):
+        uniform = len(set(per_layer.values())) == 1 and _layers_of(local, quantized) <= set(per_layer)
+        parent, _, leaf = local.rpartition(".")
+        locals_ = [local] + ([f"{parent}.{fused_name[leaf]}" if parent else fused_name[leaf]] if leaf in fused_name else [])
+        for loc in locals_:
+            for spelled in dict.fromkeys((loc, handle.disk_local(loc) if loc == local else loc)):
+                if uniform:
+                    rules[rf".*\.layers\.\d+\.{re.escape(spelled)}$"] = next(iter(per_layer.values()))
+                else:
+                    for i, s in sorted(per_layer.items()):
+                        rules[rf".*\.layers\.{i}\.{re.escape(spelled)}$"] = s
+    return rules
+
+
 def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: ModelHandle, extra: dict,
-                        quantized: set[str] = frozenset()) -> dict:
-    """``quantized``: ``"{layer}.{local name}"`` of every quantized layer module (as for kept_module_names)."""
+                        quantized: set[str] = frozenset(), schemes: dict[str, QuantSpec] | None = None) -> dict:
+    """``quantized``: ``"{layer}.{local name}"`` of every quantized layer module (as for kept_module_names);
+    ``schemes``: the overridden targets' schemes (``quant.overrides.assign``; not in the AWQ format)."""
+    schemes = schemes or {}
     if fmt == "compressed-tensors":
-        return ct_format.quantization_config(spec, ignore=kept)
+        return ct_format.quantization_config(spec, ignore=kept, others=scheme_groups(handle, schemes, quantized))
     if fmt == "awq":  # GPTQModel reads ``dynamic``, not modules_to_not_convert: give it both
+        if schemes:
+            raise ValueError("the AWQ format has one scheme")  # refused by the recipe already
         return awq_format.quantization_config(spec, kept, lm_head=bool(extra.get("lm_head")),
                                               dynamic_rules=gptq_dynamic_rules(handle, kept, quantized))
-    return gptq_format.quantize_config(spec, gptq_dynamic_rules(handle, kept, quantized), **extra)
+    return gptq_format.quantize_config(spec, gptq_dynamic_rules(handle, kept, quantized), **extra,
+                                       positive=gptq_positive_rules(handle, schemes, quantized))

@@ -33,30 +33,32 @@ def _quantization(h: ModelHandle) -> dict | None:
     qcfg = h.reader.config.get("quantization_config")
     if not qcfg:
         return None
-    from .checkpoint.dequant import spec_from_config
+    from .checkpoint.dequant import schemes_from_config
 
     if not isinstance(qcfg, dict):
         return {"format": "unknown", "known": False}
     try:
-        fmt, spec = spec_from_config(qcfg)
+        fmt, schemes = schemes_from_config(qcfg)
+        spec = schemes.base
     except (UserError, KeyError, TypeError, AttributeError):  # a scheme we do not read: say what we know
         return {"format": str(qcfg.get("quant_method", "unknown")), "known": False,
                 "bits": qcfg.get("bits"), "group_size": qcfg.get("group_size")}
     if fmt == "compressed-tensors":
         fmt = f"compressed-tensors {qcfg.get('format', '')}".strip()
     return {"format": fmt, "known": True, "bits": spec.bits, "group_size": spec.group_size,
-            "symmetric": spec.symmetric, "act_order": spec.act_order}
+            "symmetric": spec.symmetric, "act_order": spec.act_order, "_schemes": schemes}
 
 
 def _quantized_modules(h: ModelHandle, q: dict) -> dict[str, int]:
     """{module name: logical weight numel} of every packed linear of a checkpoint we can read."""
     t = h.reader.tensors
-    bits, gs = q["bits"], q["group_size"]
     out = {}
     if q["format"].startswith("compressed-tensors"):
         for n, info in t.items():
             if n.endswith(".weight_packed"):
                 m = n[: -len(".weight_packed")]
+                spec = q["_schemes"].of(m)
+                bits, gs = spec.bits, spec.group_size
                 rows, words = info.shape[0], info.shape[-1]
                 scale = t.get(f"{m}.weight_scale")
                 k = scale.shape[-1] * gs if gs and scale is not None else words * 32 // bits
@@ -65,6 +67,7 @@ def _quantized_modules(h: ModelHandle, q: dict) -> dict[str, int]:
         for n, info in t.items():
             if n.endswith(".qweight"):
                 m = n[: -len(".qweight")]
+                bits = q["_schemes"].of(m).bits
                 if q["format"] == "awq":  # qweight [K, N*bits/32]: packed along N
                     out[m] = info.shape[0] * (info.shape[-1] * 32 // bits)
                     continue
@@ -72,6 +75,16 @@ def _quantized_modules(h: ModelHandle, q: dict) -> dict[str, int]:
                 k = g_idx.shape[0] if g_idx is not None else info.shape[0] * 32 // bits
                 out[m] = k * info.shape[-1]
     return out
+
+
+def _other_schemes(h: ModelHandle, schemes, mods: dict[str, int]) -> list[dict]:
+    """The modules whose scheme is not the base one (per-module rules: ``quantize --override``), by scheme."""
+    by: dict = {}
+    for m in mods:
+        s = schemes.of(m)
+        if s != schemes.base:
+            by.setdefault(s, set()).add(_local_kind(h, m))
+    return [{"bits": s.bits, "group_size": s.group_size, "modules": sorted(ks, key=_natural)} for s, ks in by.items()]
 
 
 def _non_text_parts(h: ModelHandle) -> list[str]:
@@ -168,6 +181,7 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         kept = sorted(kept_kinds) + ["embed_tokens", "lm_head"]
     elif quant["known"]:
         mods = _quantized_modules(h, quant)
+        quant["other_schemes"] = _other_schemes(h, quant.pop("_schemes"), mods)
         parts = _CT_PARTS if quant["format"].startswith("compressed-tensors") else _GPTQ_PARTS
         packed = {f"{m}.{p}" for m in mods for p in parts}
         total = sum(mods.values()) + sum(_numel(t.shape) for n, t in h.reader.tensors.items() if n not in packed)
@@ -292,6 +306,9 @@ def render(d: dict) -> str:
         lines += [f"  quantization  already quantized: {_scheme(q)}", f"  size on disk  {_gb(d['size_bytes'])}"]
         if q["known"]:
             lines.append("  quantized     " + (", ".join(d["quantized"]) or "nothing"))
+            for o in q.get("other_schemes") or []:
+                group = "per-channel" if o["group_size"] is None else f"group {o['group_size']}"
+                lines.append(f"  other scheme  int{o['bits']}, {group}: {', '.join(o['modules'])}")
             kept[0] += " (float)"
     for g in d.get("awq_groups") or []:
         what = {"block": "MoE block output, routing fixed", "attention": "attention block output"}.get(

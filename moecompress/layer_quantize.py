@@ -105,8 +105,11 @@ def _has(layer, name) -> bool:
 
 def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None, cfg: QuantizeConfig, qspec,
                    store_dtype, handle: ModelHandle, router_dtype, awq: AwqSettings | None = None,
-                   plan: CalibPlan | None = None):
-    """Calibrate and solve one layer: (record, {target: QuantizedWeight}, {local name: modified float tensor})."""
+                   plan: CalibPlan | None = None, schemes: dict | None = None):
+    """Calibrate and solve one layer: (record, {target: QuantizedWeight}, {local name: modified float tensor}).
+
+    ``schemes``: ``{"layers.{i}.{name}": QuantSpec}`` of the targets an override gives another scheme than
+    ``qspec`` (``quant.overrides.assign``)."""
     record: dict = {"layer": i, "linears": {}}
     results: dict[Target, object] = {}
     overrides: dict = {}
@@ -153,12 +156,13 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                                if any(g.group.loss == "attention" for g in groups) else None)
                     record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
                                                                    results, overrides, windows))
-            for group in same_input_groups(stage, stats):
+            for group in _split_by_scheme(same_input_groups(stage, stats), i, schemes or {}):
                 t = group[0]
                 bar.set_postfix_str("+".join(x.name for x in group)
                                     + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 t0 = time.perf_counter()
-                _solve_target(layer, i, group, stats, cfg, qspec, store_dtype, record, results, starved, handle,
+                spec = (schemes or {}).get(f"layers.{i}.{t.name}", qspec)
+                _solve_target(layer, i, group, stats, cfg, spec, store_dtype, record, results, starved, handle,
                               ranks, targets.index(t))
                 clock["solve_s"] += time.perf_counter() - t0
                 bar.update(len(group))
@@ -363,6 +367,17 @@ def same_input_groups(stage: list[Target], stats: dict) -> list[list[Target]]:
         else:
             groups.append([t])
     return groups
+
+
+def _split_by_scheme(groups: list[list[Target]], i: int, schemes: dict) -> list[list[Target]]:
+    """Linears that read one input are solved as one stacked weight only when they share a scheme."""
+    out = []
+    for g in groups:
+        by: dict = {}
+        for t in g:
+            by.setdefault(schemes.get(f"layers.{i}.{t.name}"), []).append(t)
+        out.extend(by.values())
+    return out
 
 
 def _solve_target(layer, i: int, group: list[Target], stats, cfg, qspec, store_dtype, record, results, starved,

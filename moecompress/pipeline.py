@@ -35,6 +35,9 @@ from .memory import gc_paused, release_freed_memory
 from .layer_quantize import CalibPlan
 from .layer_quantize import quantize_layer as _quantize_layer
 from .quant.balance import AwqSettings
+from .quant.overrides import assign as assign_schemes
+from .quant.overrides import check_shapes
+from .quant.overrides import describe as describe_schemes
 from .quant.targets import apply_ignore, layer_targets, target_weight
 from .recipe import QuantizeConfig
 
@@ -101,9 +104,12 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     if ignored:
         log.info("kept in float by --ignore: %d linears (%s%s)", len(ignored), ", ".join(ignored[:4]),
                  ", ..." if len(ignored) > 4 else "")
-    for i, targets in enumerate(all_targets):  # fail before any work on a group size that cannot fit
-        for t in targets:
-            qspec.check_shape(target_weight(layers[i], t).shape[-1], f"layer {i} {t.name}")
+    schemes = assign_schemes(all_targets, cfg.override_list(), qspec)
+    if schemes:
+        log.info("other schemes by --override: %s", "; ".join(
+            f"{d['linears']} linears at {d['bits']} bits, group {d['group_size'] or 'channel'} ({', '.join(d['examples'])}"
+            f"{', ...' if d['linears'] > len(d['examples']) else ''})" for d in describe_schemes(schemes)))
+    check_shapes(layers, all_targets, schemes, qspec, target_weight)  # fail before any work on a group that cannot fit
     if cfg.quantize_lm_head:
         check_lm_head(handle, qspec, cfg.format)
     if cfg.awq and not handle.spec.awq_groups:
@@ -147,9 +153,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             layer = handle.load_layer(model, i, device, dtype)
             check_finite_layer(layer, i, handle, dtype, store_dtype)
             if awq is not None:  # folded float tensors round to their own stored dtype (fp32 routers stay fp32)
-                awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i))
+                awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i), spec_of=_layer_schemes(schemes, i))
             record, results, overrides = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype,
-                                                         handle, router_dtype, awq, plan)
+                                                         handle, router_dtype, awq, plan, schemes)
             if writer is not None:
                 for name, tensor in layer_tensors(handle, i, results, cfg.format, store_dtype, overrides).items():
                     writer.add(name, tensor)
@@ -166,14 +172,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         summary["distributed"] = _rank_report(ranks, plan, t_start)
         if ranks.main:
             _finish(handle, model, model_dir, tmp, writer, cfg, qspec, summary, quantized_names, store_dtype, device,
-                    dtype, head_h, t_start)
+                    dtype, head_h, t_start, schemes)
     ranks.barrier()  # the other ranks return once the output is in place
     return summary
 
 
 def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: ShardedWriter, cfg: QuantizeConfig, qspec,
             summary: dict, quantized_names: set[str], store_dtype, device, dtype, head_h: torch.Tensor | None,
-            t_start: float) -> None:
+            t_start: float, schemes: dict | None = None) -> None:
     """Rank 0, after the layers: lm_head, the other float tensors, the configs, moecompress.json."""
     if cfg.quantize_lm_head:
         qw, summary["lm_head"] = quantize_lm_head(handle, model, head_h, cfg, qspec,
@@ -188,7 +194,8 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
     kept = kept_module_names(handle, model, quantized_names)
     qcfg = quantization_config(cfg.format, qspec, kept, handle, {"damp_percent": cfg.damp,
                                                                  "true_sequential": cfg.true_sequential,
-                                                                 "lm_head": cfg.quantize_lm_head}, quantized_names)
+                                                                 "lm_head": cfg.quantize_lm_head}, quantized_names,
+                               schemes)
     config = dict(handle.reader.config)
     config["quantization_config"] = qcfg
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -196,6 +203,7 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     copy_side_files(model_dir, tmp)
     summary["kept_in_float"] = kept
+    summary["schemes"] = describe_schemes(schemes or {})
     summary["shards"] = shards
     summary["size_bytes"] = writer.total_bytes
     summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])
@@ -226,6 +234,11 @@ def _rank_report(ranks: Ranks, plan: CalibPlan | None, t_start: float) -> dict:
             "peak_stats_bytes": plan.peak_stats_bytes if plan is not None else 0}
     return {"world_size": ranks.world, "reduce_chunks": len(plan.chunks) if plan is not None else 0,
             "ranks": ranks.all_gather_objects(mine)}
+
+
+def _layer_schemes(schemes: dict, i: int):
+    """Layer i's scheme lookup by layer-local name (None where the base scheme applies), for AWQ's search."""
+    return lambda local: schemes.get(f"layers.{i}.{local}")
 
 
 def _stored_dtypes(handle: ModelHandle, i: int):

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .quant import overrides as _overrides
 from .quant.spec import SUPPORTED_BITS, QuantSpec
 
 Method = Literal["gptq", "rtn", "awq", "awq+gptq"]
@@ -29,6 +30,37 @@ class NoBoolNumbers(BaseModel):
         if isinstance(v, bool) and bool not in kinds and (int in kinds or float in kinds):
             raise ValueError(f"expected a number, got {str(v).lower()}")
         return v
+
+
+class SchemeOverride(NoBoolNumbers):
+    """Another bit width and/or group size for the linears whose ``layers.{i}.{module}`` name matches ``match``
+    (``re.search``; the first matching override wins). Routed experts always take the base scheme."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: str
+    bits: int | None = None  # None: the base bits
+    group_size: int | None = None  # None: the base group size; -1 or "channel": per-channel
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _channel(cls, v):
+        if v in ("channel", "per-channel"):
+            return _overrides.CHANNEL
+        if v == 0:
+            raise ValueError("0 is not a group size; use -1 (or 'channel') for per-channel, or a power of two")
+        return v
+
+    @model_validator(mode="after")
+    def _sound(self):
+        try:
+            _overrides.check(self.as_override())
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def as_override(self) -> _overrides.Override:
+        return _overrides.Override(self.match, self.bits, self.group_size)
 
 
 class QuantizeConfig(NoBoolNumbers):
@@ -66,6 +98,8 @@ class QuantizeConfig(NoBoolNumbers):
     # regular expressions (re.search) over "layers.{i}.{module}" -- e.g. "layers.0.self_attn.q_proj",
     # "layers.3.mlp.shared_experts.down_proj": matching linears stay in float. Routed experts are always quantized.
     ignore: list[str] = Field(default_factory=list)
+    # other schemes for some linears, e.g. [{match: self_attn, bits: 8}] or the CLI's "self_attn=8"
+    overrides: list[SchemeOverride] = Field(default_factory=list)
     # RTN needs no calibration data; with this on it still runs the data through the model to record
     # each linear's output error and the per-expert token counts (GPTQ always does)
     measure_errors: bool = True
@@ -120,6 +154,22 @@ class QuantizeConfig(NoBoolNumbers):
                 raise ValueError(f"ignore pattern {p!r} is not a regular expression ({e})") from None
         return v
 
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _override_strings(cls, v):
+        if isinstance(v, (list, tuple)):  # "REGEX=BITS[/GROUP]", the CLI's spelling, is accepted in recipes too
+            out = []
+            for x in v:
+                if isinstance(x, str):
+                    try:
+                        o = _overrides.parse(x)
+                    except UserError as e:
+                        raise ValueError(str(e).removeprefix("--override ")) from None
+                    x = {"match": o.match, "bits": o.bits, "group_size": o.group_size}
+                out.append(x)
+            return out
+        return v
+
     @field_validator("awq_grid")
     @classmethod
     def _grid(cls, v):
@@ -171,6 +221,9 @@ class QuantizeConfig(NoBoolNumbers):
         if self.format == "awq" and self.group_size is None:
             raise ValueError("the AWQ format is not written per-channel (vLLM's AWQ MoE kernels need a "
                              "group size); use a group size such as 128")
+        if self.format == "awq" and self.overrides:
+            raise ValueError("the AWQ format has one bit width and group size for the whole checkpoint; "
+                             "write per-module schemes (overrides) with the compressed-tensors or GPTQ format")
         QuantSpec(bits=self.bits, group_size=self.group_size)  # group size rules
         return self
 
@@ -178,6 +231,9 @@ class QuantizeConfig(NoBoolNumbers):
         ratios = QuantSpec.__dataclass_fields__["clip_ratios"].default if self.clip_search else (1.0,)
         zero_min = 1 if self.format == "gptq" and not self.symmetric else 0
         return QuantSpec(self.bits, self.group_size, self.symmetric, self.act_order, ratios, zero_min)
+
+    def override_list(self) -> list[_overrides.Override]:
+        return [o.as_override() for o in self.overrides]
 
     @property
     def needs_calibration(self) -> bool:

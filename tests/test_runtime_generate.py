@@ -109,6 +109,9 @@ QUANTIZED_CASES = [
     ("qwen3_5_moe", "compressed-tensors", {}),  # hybrid: quantized Gated DeltaNet projections and attention
     ("glm4_moe_lite", "compressed-tensors", {"symmetric": False}),  # MLA + sigmoid group-limited routing
     ("glm4_moe_lite", "gptq", {}),
+    # per-module schemes (--override): int8 attention and shared expert beside int4 experts
+    ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),
+    ("deepseek_v3", "gptq", {"overrides": ("self_attn=8/16", "layers[.]0[.]mlp=8")}),
 ]
 
 
@@ -303,7 +306,9 @@ def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
     ("deepseek_v3", "compressed-tensors", {"bits": 8}),
     ("qwen3_5_moe", "compressed-tensors", {}),  # packed Gated DeltaNet projections, float conv
     ("glm4_moe_lite", "gptq", {}),  # packed MLA projections (q/kv LoRA ranks), sigmoid group-limited routing
-], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4", "glm4_moe_lite-gptq-w4"])
+    ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),  # int8 beside int4
+], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4", "glm4_moe_lite-gptq-w4",
+        "qwen2_moe-ct-w4-attn-w8"])
 def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, fmt, settings):
     """The CUDA code path (packed int4/int8 linears and experts, Triton routing and fused MoE), run by
     Triton's interpreter: same tokens and logits as the dequantized CPU path."""

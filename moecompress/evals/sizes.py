@@ -74,7 +74,7 @@ def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, f
         if packed:
             total += sum(reader.tensors[f"{m}.{p}"].nbytes for p in _PARTS[fmt] if f"{m}.{p}" in reader)
         else:
-            total += _dense_count(reader, fmt, spec.bits, m) * size
+            total += _dense_count(reader, fmt, spec.of(m).bits, m) * size
     return total
 
 
@@ -104,7 +104,7 @@ def bits_per_weight(reader: CheckpointReader) -> float | None:
     stored = dense = 0
     for m in mods:
         stored += 8 * sum(reader.tensors[f"{m}.{p}"].nbytes for p in _PARTS[fmt] if f"{m}.{p}" in reader)
-        dense += _dense_count(reader, fmt, spec.bits, m)
+        dense += _dense_count(reader, fmt, spec.of(m).bits, m)
     return stored / dense
 
 
@@ -126,4 +126,6 @@ def quantization_settings(reader: CheckpointReader) -> dict | None:
     for key in ("method", "bits", "group_size", "symmetric", "act_order", "format"):
         if key in recipe:
             out[key] = recipe[key]
+    if recipe.get("overrides"):  # per-module schemes (quantize --override)
+        out["overrides"] = recipe["overrides"]
     return out

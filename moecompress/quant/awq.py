@@ -39,14 +39,23 @@ def alpha_grid(n: int) -> list[float]:
     return [i / n for i in range(n)]
 
 
-def weight_mean(ws: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+def per_reader(spec: QuantSpec | list[QuantSpec], n: int) -> list[QuantSpec]:
+    """One scheme per reader: ``spec`` for all, or the list itself (readers with their own schemes)."""
+    if isinstance(spec, QuantSpec):
+        return [spec] * n
+    if len(spec) != n:
+        raise ValueError(f"{len(spec)} schemes for {n} readers")
+    return list(spec)
+
+
+def weight_mean(ws: list[torch.Tensor], spec: QuantSpec | list[QuantSpec]) -> torch.Tensor:
     """Per input channel mean of ``|W| / max|W| over its quantization group``: ``[B, K]`` from ``[B, N_i, K]``.
 
     Every reader of the group contributes its rows (AWQ concatenates the readers' weights)."""
     parts, rows = [], 0
-    for w in ws:
+    for w, sp in zip(ws, per_reader(spec, len(ws))):
         b, n, k = w.shape
-        gs = spec.group_for(k)
+        gs = sp.group_for(k)
         a = w.float().abs().reshape(b, n, k // gs, gs)
         a = a / a.amax(-1, keepdim=True).clamp_min(1e-12)
         parts.append(a.reshape(b, n, k).sum(1))
@@ -91,13 +100,14 @@ def scaled_error(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, col_weight: 
     return w.float() - fake_quant(w.float() * sc, spec, cw) / sc
 
 
-def hessian_loss(ws: list[torch.Tensor], hs: list[torch.Tensor], s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def hessian_loss(ws: list[torch.Tensor], hs: list[torch.Tensor], s: torch.Tensor,
+                 spec: QuantSpec | list[QuantSpec]) -> torch.Tensor:
     """Summed output error ``sum_i tr(D_i H_i D_i^T)`` of the readers (``H = 2/n X^T X``), per batch member,
-    each quantized as the method will (clip search weighted by ``diag H``)."""
+    each quantized as the method will (clip search weighted by ``diag H``; ``spec``: one, or one per reader)."""
     total = torch.zeros(s.shape[0], dtype=torch.float64, device=s.device)
-    for w, h in zip(ws, hs):
+    for w, h, sp in zip(ws, hs, per_reader(spec, len(ws))):
         h = h.float()
-        d = scaled_error(w, s, spec, h.diagonal(dim1=-2, dim2=-1).expand(w.shape[0], -1))
+        d = scaled_error(w, s, sp, h.diagonal(dim1=-2, dim2=-1).expand(w.shape[0], -1))
         total += ((d @ h) * d).sum(dim=(-1, -2)).double()
     return total
 

@@ -46,6 +46,12 @@ class AwqSettings:
     store_dtype: torch.dtype = torch.bfloat16  # the checkpoint's float dtype (quantization scales round to it)
     # the stored dtype of a float tensor by layer-local name (a router may be kept in fp32 on disk)
     stored: Callable[[str], torch.dtype] | None = None
+    # a reader's own scheme by layer-local name (``--override``), None where ``spec`` applies
+    spec_of: Callable[[str], QuantSpec | None] | None = None
+
+    def reader_specs(self, readers: list["Reader"]) -> list[QuantSpec]:
+        own = self.spec_of or (lambda name: None)
+        return [own(r.name) or self.spec for r in readers]
 
 
 @dataclass
@@ -224,7 +230,8 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
     if not rep.ok:
         rec["skipped"] = f"source has {rep.rows} outputs and its readers {rep.cols} inputs: no per-head mapping"
         return rec
-    w_mean = weight_mean(ws, settings.spec) if settings.duo else None
+    specs = settings.reader_specs(g.quantized)
+    w_mean = weight_mean(ws, specs) if settings.duo else None
     x_src = rep.reduce(x_mean.float())
     w_src = rep.reduce(w_mean) if w_mean is not None else None
     rec["loss"] = grp.loss if grp.loss != "attention" or attention is not None else "outputs"
@@ -242,7 +249,7 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
             raise ValueError("the experts' gate/up is searched with the block loss")
 
         def loss(s):
-            return hessian_loss(ws, hs, rep(s), settings.spec)
+            return hessian_loss(ws, hs, rep(s), specs)
 
     choice = search_scales(loss, x_src, w_src, alpha_grid(settings.grid), pow2)
     checked = g.floats and grp.source == spec.router_input_norm and residual is not None
@@ -332,22 +339,22 @@ def _block_loss(layer, g: Resolved, residual, settings: AwqSettings, spec: ArchS
             break
 
     def loss(s):
-        out = _out(_run_quantized(params, s, settings.spec, [diag] * len(params), lambda: mlp(x)))
+        out = _out(_run_quantized(params, s, settings.reader_specs(g.quantized), [diag] * len(params), lambda: mlp(x)))
         return ((out.float() - ref.float()) ** 2).sum().reshape(1)
 
     return loss
 
 
-def _run_quantized(params: list[nn.Parameter], cols: torch.Tensor, spec: QuantSpec, diags, run):
+def _run_quantized(params: list[nn.Parameter], cols: torch.Tensor, specs: list[QuantSpec], diags, run):
     """``run()`` with every reader's weight replaced by its fake-quantized twin at column scales ``cols [1, K]``
     (clip search weighted by ``diags[i] [1, K]``, or unweighted where None); the originals are restored after."""
     swap = _Swap()
     with torch.no_grad():
         try:
-            for p, d in zip(params, diags):
+            for p, d, sp in zip(params, diags, specs):
                 w0 = p.data
                 flat = w0.reshape(-1, w0.shape[-1])[None]
-                swap.set(p, w0 - scaled_error(flat, cols, spec, d).reshape(w0.shape).to(w0.dtype))
+                swap.set(p, w0 - scaled_error(flat, cols, sp, d).reshape(w0.shape).to(w0.dtype))
             return run()
         finally:
             swap.restore()
@@ -367,7 +374,7 @@ def _attention_loss(layer, g: Resolved, attention, settings: AwqSettings, stats:
     diags = [stats[_stats_key(r)].hessian().diagonal(dim1=-2, dim2=-1).reshape(1, -1).float() for r in g.quantized]
 
     def loss(s):
-        outs = _run_quantized(params, rep(s), settings.spec, diags, attention)
+        outs = _run_quantized(params, rep(s), settings.reader_specs(g.quantized), diags, attention)
         total = sum(((o.double() - r.double()) ** 2).sum() for o, r in zip(outs, ref))
         return torch.as_tensor(total, dtype=torch.float64).reshape(1)
 

@@ -19,6 +19,7 @@ from ..arch.registry import ArchSpec
 from ..calib.capture import ExpertTarget
 from ..errors import UserError
 from .gptq import gptq_quantize
+from .overrides import fused_siblings
 from .refit import refine, refit_reround
 from .rtn import rtn_quantize
 from .spec import QuantizedWeight, QuantSpec
@@ -86,18 +87,12 @@ def apply_ignore(all_targets: list[list[Target]], patterns: list[str]) -> tuple[
     return kept, ignored
 
 
-# linears a serving engine loads as one (vLLM: qkv_proj, gate_up_proj, fused_qkv_a_proj, in_proj_qkvz, in_proj_ba):
-# quantized together or kept in float together
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
-         ("in_proj_qkv", "in_proj_z"), ("in_proj_b", "in_proj_a"))
-
-
 def _check_fused(all_targets: list[list[Target]], ignored: list[str]) -> None:
     """An ignored linear whose fused siblings stay quantized is a UserError (vLLM refuses such a layer)."""
     quantized = {f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts}
     for name in ignored:
         parent, _, leaf = name.rpartition(".")
-        group = next((g for g in FUSED if leaf in g), ())
+        group = fused_siblings(leaf)
         split = [f"{parent}.{x}" for x in group if f"{parent}.{x}" in quantized and f"{parent}.{x}" not in ignored]
         if split:
             members = "|".join(x for x in group if f"{parent}.{x}" in quantized)

@@ -270,7 +270,7 @@ def _split(handle: ModelHandle, i: int, mlp: nn.Module, experts: nn.Module, near
 def _cpu_linear(reader: DequantizingReader, module: str, bias: torch.Tensor | None,
                 report: ConversionReport, exact: bool = False) -> CpuQuantLinear:
     qw = read_quantized(reader.inner, reader.fmt, reader.spec, module)
-    spec = reader.spec
+    spec = qw.spec
     lin = CpuQuantLinear(qw.qweight, qw.scales, qw.zeros, spec.bits, spec.group_size or qw.qweight.shape[-1],
                          qw.g_idx, bias, symmetric=spec.symmetric, exact=exact)
     _count(report, lin, module)
@@ -300,7 +300,10 @@ def quantized_expert_names(handle: ModelHandle, reader: DequantizingReader, i: i
     """(gate, up, down) source module names of layer i's first ``n`` (default: all) routed experts if every one
     is quantized in ``reader``, else None (a dense layer, float experts)."""
     names = [handle.expert_source_names(i, e) for e in range(handle.num_experts if n is None else n)]
-    return names if names and all(m in reader.modules for row in names for m in row) else None
+    if not names or not all(m in reader.modules for row in names for m in row):
+        return None
+    # one scheme for all of them (a third-party checkpoint's per-module rules could split them): else dense
+    return names if len({reader.spec.of(m) for row in names for m in row}) == 1 else None
 
 
 def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report: ConversionReport,
@@ -314,8 +317,8 @@ def _cpu_experts(handle: ModelHandle, reader: DequantizingReader, i: int, report
         if j and j % TRIM_EVERY == 0:
             release_freed_memory()  # each expert's decode temporaries: heap holes a long layer would pile up
         a, b = (read_quantized(reader.inner, reader.fmt, reader.spec, m) for m in (g, u))
-        if a.g_idx is None and b.g_idx is None:
-            spec = reader.spec
+        if a.g_idx is None and b.g_idx is None and a.spec == b.spec:
+            spec = a.spec
             lin = CpuQuantLinear(torch.cat([a.qweight, b.qweight]), torch.cat([a.scales, b.scales]),
                                  torch.cat([a.zeros, b.zeros]), spec.bits, spec.group_size or a.qweight.shape[-1],
                                  None, None, symmetric=spec.symmetric, exact=exact)
@@ -346,7 +349,7 @@ def pack_layer_exact(handle: ModelHandle, i: int, layer: nn.Module, dtype: torch
     if names is None:
         return
     experts = layer.mlp.experts
-    spec = reader.spec
+    spec = reader.spec.of(names[0][0])  # one for all of them (quantized_expert_names)
 
     def stacked(col: int) -> tuple:
         qs = [read_quantized(reader.inner, reader.fmt, spec, row[col]) for row in names]
@@ -402,7 +405,11 @@ class _Packer:
             if any(m in self.modules for m in flat):
                 report.dequantized.append(f"{what} (partly quantized)")
             return None
-        spec = self.reader.spec
+        specs = {self.reader.spec.of(m) for m in flat}
+        if len(specs) > 1:
+            report.dequantized.append(f"{what} (parts with different schemes)")
+            return None
+        spec = specs.pop()
         if spec.bits not in (4, 8):
             report.dequantized.append(f"{what} ({spec.bits}-bit: the kernels run 4 and 8 bits)")
             return None

@@ -108,23 +108,26 @@ def weights_args(spec: QuantSpec) -> dict:
     }
 
 
-def quantization_config(spec: QuantSpec, ignore: list[str], targets: list[str] | None = None) -> dict:
-    """config.json's ``quantization_config`` for a ``pack-quantized`` checkpoint with one scheme.
+def quantization_config(spec: QuantSpec, ignore: list[str], targets: list[str] | None = None,
+                        others: list[tuple[QuantSpec, list[str]]] = ()) -> dict:
+    """config.json's ``quantization_config`` for a ``pack-quantized`` checkpoint.
 
     ``ignore``: full names of every module a ``targets`` rule would match but that stays in float
-    (routers, ``shared_expert_gate``, ``lm_head``, ...). The weights' float dtype is not part of
-    the config: loaders take the scale dtype from the checkpoint/model.
+    (routers, ``shared_expert_gate``, ``lm_head``, ...). ``others``: (scheme, ``re:`` targets) of modules
+    quantized with another scheme than ``spec``, one config group each (``override_{j}``), written before
+    ``group_0``: compressed-tensors' loader marks a target as used at the first one a module matches, in the
+    groups' order, and warns about the others; which scheme applies does not depend on the order (a name
+    target wins over a class target, in compressed-tensors and in vLLM). The weights' float dtype is not
+    part of the config: loaders take the scale dtype from the checkpoint/model.
     """
+    def group(s: QuantSpec, t: list[str]) -> dict:
+        return {"targets": t, "weights": weights_args(s), "input_activations": None, "output_activations": None,
+                "format": "pack-quantized"}
+
+    groups = {f"override_{j}": group(s, list(t)) for j, (s, t) in enumerate(others)}
+    groups["group_0"] = group(spec, list(targets) if targets is not None else ["Linear"])
     return {
-        "config_groups": {
-            "group_0": {
-                "targets": list(targets) if targets is not None else ["Linear"],
-                "weights": weights_args(spec),
-                "input_activations": None,
-                "output_activations": None,
-                "format": "pack-quantized",
-            }
-        },
+        "config_groups": groups,
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
         "quantization_status": "compressed",

@@ -141,12 +141,15 @@ def quantize_config(
     damp_percent: float = 0.01,
     true_sequential: bool = True,
     lm_head: bool = False,
+    positive: dict[str, QuantSpec] | None = None,
 ) -> dict:
     """quantize_config.json (also config.json's ``quantization_config``) for a GPTQ v1 checkpoint.
 
     ``ignore_regexes`` become GPTQModel ``dynamic`` negative rules ``"-:<regex>": {}``; GPTQModel's
     ``dynamic_get`` and vLLM's ``get_dynamic_override`` test them with ``re.match`` (anchored at the
-    start only) on the full module name, e.g. ``r".*mlp\\.gate$"``.
+    start only) on the full module name, e.g. ``r".*mlp\\.gate$"``. ``positive``: ``{regex: spec}`` of modules
+    quantized with another scheme, written as positive rules ``"+:<regex>": {"bits": .., "group_size": ..}``
+    (both read the first rule that matches; the two kinds match disjoint modules).
     """
     for rx in ignore_regexes:
         try:
@@ -165,5 +168,16 @@ def quantize_config(
         "true_sequential": true_sequential,
         "static_groups": False,
         "lm_head": lm_head,  # vLLM's and GPTQModel's switch for a quantized lm_head
-        "dynamic": {f"-:{rx}": {} for rx in dict.fromkeys(ignore_regexes)},
+        "dynamic": {**{f"-:{rx}": {} for rx in dict.fromkeys(ignore_regexes)},
+                    **{f"+:{rx}": dynamic_override(s, spec) for rx, s in (positive or {}).items()}},
     }
+
+
+def dynamic_override(spec: QuantSpec, base: QuantSpec) -> dict:
+    """A positive ``dynamic`` rule's values: the fields where ``spec`` differs from ``base``."""
+    out = {}
+    if spec.bits != base.bits:
+        out["bits"] = spec.bits
+    if spec.group_size != base.group_size:
+        out["group_size"] = -1 if spec.group_size is None else spec.group_size
+    return out

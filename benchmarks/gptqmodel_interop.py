@@ -15,9 +15,11 @@ environment outside the repository and is not part of CI (setup: benchmarks/READ
 3. loads each twin with transformers (``experts_implementation="eager"``) in float32 -- the
    reference -- and in float16 (the noise floor of an fp16 forward), runs the same ids and compares.
 
-A setting is ``family:bits:act_order[:asym][:rename][:bypass][:lmhead]``. ``lmhead`` quantizes
+A setting is ``family:bits:act_order[:asym][:rename][:bypass][:lmhead][:attn8]``. ``lmhead`` quantizes
 lm_head too (``--quantize-lm-head``, on a tiny model with a 264-token vocabulary so that GPTQ v1
-can pack its rows); GPTQModel must then load it as a quantized module. Two flags are diagnostics
+can pack its rows); GPTQModel must then load it as a quantized module. ``attn8`` gives attention and
+the shared expert 8 bits beside the routed experts' ``bits`` (``--override``: positive ``dynamic`` rules),
+which GPTQModel must read module by module. Two flags are diagnostics
 that tell a GPTQModel-side refusal from a problem in our format:
 
 * ``rename`` loads a copy of the checkpoint whose tensor names are spelled as GPTQModel's runtime
@@ -59,7 +61,8 @@ CHILD = Path(__file__).resolve().parent / "_gptqmodel_child.py"
 DEFAULT_PYTHON = "/work/gptqmodel-venv/bin/python"
 DEFAULT_SETTINGS = ("qwen3_moe:4:none,qwen3_moe:4:group,qwen3_moe:8:none,qwen3_moe:3:none,qwen3_moe:4:none:asym,"
                     "qwen3_moe:4:none:asym:bypass,qwen2_moe:4:none,mixtral:4:none,mixtral:4:none:rename")
-FLAGS = ("asym", "rename", "bypass", "lmhead")
+FLAGS = ("asym", "rename", "bypass", "lmhead", "attn8")
+ATTN8 = "self_attn|shared_expert=8"  # the attn8 flag: --override, int8 attention and shared expert beside int4 experts
 
 
 def expected_failure(s: dict) -> tuple[str, str] | None:
@@ -77,13 +80,13 @@ def parse_settings(text: str) -> list[dict]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
         if len(parts) < 3 or parts[2] not in ("none", "weight", "group") or not parts[1].isdigit():
-            raise SystemExit(f"bad setting {item!r}: want family:bits:act_order[:asym][:rename][:bypass][:lmhead]")
+            raise SystemExit(f"bad setting {item!r}: want family:bits:act_order[:asym][:rename][:bypass][:lmhead][:attn8]")
         flags = set(parts[3:])
         if flags - set(FLAGS):
             raise SystemExit(f"bad flags in {item!r}: only {', '.join(FLAGS)}")
         out.append({"id": item, "family": parts[0], "bits": int(parts[1]), "act_order": parts[2],
                     "sym": "asym" not in flags, "rename": "rename" in flags, "bypass": "bypass" in flags,
-                    "lmhead": "lmhead" in flags})
+                    "lmhead": "lmhead" in flags, "attn8": "attn8" in flags})
     return out
 
 
@@ -147,14 +150,16 @@ def prepare(settings: list[dict], work: Path, args, log: Path) -> None:
             elif not tiny.exists():
                 run(mc + ["make-tiny", str(tiny), "--family", fam, "--seed", str(args.seed)], log)
             tiny_done[tkey] = tiny
-        key = (fam, s["bits"], s["act_order"], s["sym"], s["lmhead"])
+        key = (fam, s["bits"], s["act_order"], s["sym"], s["lmhead"], s["attn8"])
         if key not in quant_done:
-            tag = f"{fam}_w{s['bits']}_{s['act_order']}_{'sym' if s['sym'] else 'asym'}" + ("_lmhead" if s["lmhead"] else "")
+            tag = f"{fam}_w{s['bits']}_{s['act_order']}_{'sym' if s['sym'] else 'asym'}" + ("_lmhead" if s["lmhead"] else "") \
+                + ("_attn8" if s["attn8"] else "")
             q, twin = work / f"q_{tag}", work / f"q_{tag}_deq"
             secs = 0.0
             if not q.exists():
                 secs = run(mc + ["quantize", str(tiny_done[tkey]), "--out", str(q), "--format", "gptq",
                                  *(["--quantize-lm-head"] if s["lmhead"] else []),
+                                 *(["--override", ATTN8] if s["attn8"] else []),
                                  "--bits", str(s["bits"]), "--group-size", str(args.group_size),
                                  "--act-order", s["act_order"], "--sym" if s["sym"] else "--asym",
                                  "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),

@@ -133,6 +133,26 @@ def test_verdict_fails_when_seed_spread_swamps_the_gain(tmp_path):
     assert w3["sensitive"] is False and "(>= 12%: NO)" in w3["line"]
 
 
+def test_a_variant_with_overrides_is_not_a_seed_of_its_group(tmp_path):
+    """int8 attention beside W3 experts (``--override``): its own row, its schemes in the bits column, and not one
+    of the W3 g64 GPTQ seeds the verdict compares with RTN."""
+    from moecompress.report.tables import columns
+
+    VARIANTS["gptq-w3g64-attn8"] = ({"method": "gptq", "bits": 3, "group_size": 64, "seed": 0,
+                                     "overrides": [{"match": "self_attn", "bits": 8, "group_size": None}]},
+                                    fake_eval("gptq-w3g64-attn8", [80.5, 120.9], 0.012, 1_150_000, bpw=3.8))
+    try:
+        data = report_data(make_run(tmp_path))
+    finally:
+        del VARIANTS["gptq-w3g64-attn8"]
+    (w3,) = [v for v in data["verdicts"] if v["bits"] == 3]
+    assert w3["gptq_seed_spread"]["heldout-code"] == pytest.approx(0.4)  # seeds 0 and 1 only
+    row = next(r for r in data["variants"] if r["name"] == "gptq-w3g64-attn8")
+    bits = dict(columns(data))["bits"]
+    assert bits(row) == "3, 8: self_attn"
+    assert bits(next(r for r in data["variants"] if r["name"] == "rtn-w3g64")) == "3"
+
+
 # ------------------------------------------------------------------------------------------ files
 
 

@@ -110,6 +110,7 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
             "bits": None if is_ref else cfg.get("bits"),
             "group_size": None if is_ref else cfg.get("group_size"),
             "act_order": None if is_ref else cfg.get("act_order"),
+            "overrides": [] if is_ref else list(cfg.get("overrides") or []),  # per-module schemes (--override)
             "calib_seed": None if is_ref or cfg.get("method") == "rtn" else cfg.get("seed"),
             "bits_per_weight": ev.get("bits_per_weight"),
             "size_bytes": size, "size_mb": None if size is None else size / 1e6,
@@ -166,8 +167,8 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
     ref = next((r for r in rows if r["is_reference"]), None)
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
-        if r["is_reference"] or r["method"] not in ("rtn", "gptq"):
-            continue
+        if r["is_reference"] or r["method"] not in ("rtn", "gptq") or r.get("overrides"):
+            continue  # a variant with other schemes for some linears is not one of the group's runs
         groups.setdefault((r["bits"], r["group_size"]), {"rtn": [], "gptq": []})[r["method"]].append(r)
     out = []
     for (bits, gs), g in groups.items():

@@ -28,7 +28,11 @@ def _num(v, fmt: str) -> str:
 
 
 def _bits(r: dict) -> str:
-    return "–" if r["bits"] is None else str(r["bits"])
+    """The base bits, and each override's (``3, 8: self_attn``)."""
+    if r["bits"] is None:
+        return "–"
+    return ", ".join([str(r["bits"])] + [f"{o.get('bits') or r['bits']}: {o.get('match')}"
+                                         for o in r.get("overrides") or []])
 
 
 def _group(r: dict) -> str:

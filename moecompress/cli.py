@@ -142,8 +142,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
                    "'layers[.]0[.]self_attn' or 'shared_experts'. Routed experts are always quantized.")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX=BITS[/GROUP]",
               help="Another scheme for the linears whose 'layers.N.<module>' name matches REGEX (repeatable, first "
-                   "match wins), e.g. 'self_attn|shared_expert=8' or 'layers[.]0[.]=8/64'. Routed experts always "
-                   "take --bits/--group-size.")
+                   "match wins), e.g. 'self_attn|shared_expert=8' or 'layers[.]0[.]=8/64'; 'lm_head=8' with "
+                   "--quantize-lm-head. Routed experts always take --bits/--group-size.")
 @click.option("--quantize-lm-head", is_flag=True,
               help="Quantize lm_head too (kept in float by default; refused when tied to the embeddings).")
 @click.option("--measure-errors/--no-measure-errors", default=True, show_default=True,

@@ -161,6 +161,8 @@ def _by_local(schemes: dict[str, QuantSpec]) -> dict[str, dict[int, QuantSpec]]:
     """``{"layers.{i}.{local}": spec}`` -> ``{local: {i: spec}}``."""
     out: dict[str, dict[int, QuantSpec]] = {}
     for name, s in schemes.items():
+        if not name.startswith("layers."):
+            continue  # lm_head: its own rule
         _, i, local = name.split(".", 2)
         out.setdefault(local, {})[int(i)] = s
     return out
@@ -189,6 +191,7 @@ def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized:
             locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names)
         targets = ["re:.*\\.layers\\." + idx + r"\.(?:" + "|".join(sorted(set(ls))) + ")$"
                    for idx, ls in locals_by_layers.items()]
+        targets += [f"re:^{re.escape(n)}$" for n, s in schemes.items() if s == spec and not n.startswith("layers.")]
         out.append((spec, [t.replace("experts", "expert[s]") for t in targets]))
     return out
 
@@ -200,7 +203,7 @@ def gptq_positive_rules(handle: ModelHandle, schemes: dict[str, QuantSpec], quan
     from .quant.overrides import FUSED
 
     fused_name = {leaf: f for g, f in FUSED for leaf in g}
-    rules: dict[str, QuantSpec] = {}
+    rules: dict[str, QuantSpec] = {f"^{re.escape(n)}$": s for n, s in schemes.items() if not n.startswith("layers.")}
     for local, per_layer in sorted(_by_local(schemes).items()):
         uniform = len(set(per_layer.values())) == 1 and _layers_of(local, quantized) <= set(per_layer)
         parent, _, leaf = local.rpartition(".")

@@ -104,14 +104,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     if ignored:
         log.info("kept in float by --ignore: %d linears (%s%s)", len(ignored), ", ".join(ignored[:4]),
                  ", ..." if len(ignored) > 4 else "")
-    schemes = assign_schemes(all_targets, cfg.override_list(), qspec)
+    schemes = assign_schemes(all_targets, cfg.override_list(), qspec, ("lm_head",) if cfg.quantize_lm_head else ())
     if schemes:
         log.info("other schemes by --override: %s", "; ".join(
             f"{d['linears']} linears at {d['bits']} bits, group {d['group_size'] or 'channel'} ({', '.join(d['examples'])}"
             f"{', ...' if d['linears'] > len(d['examples']) else ''})" for d in describe_schemes(schemes)))
     check_shapes(layers, all_targets, schemes, qspec, target_weight)  # fail before any work on a group that cannot fit
     if cfg.quantize_lm_head:
-        check_lm_head(handle, qspec, cfg.format)
+        check_lm_head(handle, schemes.get("lm_head", qspec), cfg.format)
     if cfg.awq and not handle.spec.awq_groups:
         raise UserError(f"the {handle.family} family has no AWQ balance groups; use --method gptq or rtn")
     awq = AwqSettings(qspec, cfg.awq_grid, cfg.awq_scales, cfg.awq_duo_scaling, cfg.awq_search_tokens,
@@ -182,7 +182,7 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
             t_start: float, schemes: dict | None = None) -> None:
     """Rank 0, after the layers: lm_head, the other float tensors, the configs, moecompress.json."""
     if cfg.quantize_lm_head:
-        qw, summary["lm_head"] = quantize_lm_head(handle, model, head_h, cfg, qspec,
+        qw, summary["lm_head"] = quantize_lm_head(handle, model, head_h, cfg, (schemes or {}).get("lm_head", qspec),
                                                   store_dtype, device, dtype)
         for k, v in encode(cfg.format, qw, store_dtype).items():
             writer.add(f"lm_head.{k}", v)

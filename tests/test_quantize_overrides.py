@@ -146,6 +146,31 @@ def test_transformers_loads_a_mixed_checkpoint(tiny_ckpt, tmp_path, family, capl
     assert {b for n, b in seen.items() if "shared_expert" in n} == {8}
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_an_override_can_give_a_quantized_lm_head_its_own_scheme(tiny_ckpt, tmp_path, fmt):
+    """``--quantize-lm-head --override lm_head=8``: the head is stored at 8 bits beside int4 layers, named by its
+    own rule, read back at 8 bits, and (compressed-tensors) loaded so by transformers."""
+    from test_export_interop import check_loads_and_matches_dequantized
+
+    from moecompress.pipeline import quantize
+
+    src = tiny_ckpt("qwen3_moe", vocab_size=264)
+    out = tmp_path / "q"
+    quantize(src, out, quick_config(format=fmt, quantize_lm_head=True, overrides=["lm_head=8"]))
+    f, schemes, mods = quantized_modules(CheckpointReader.open(out))
+    head = read_quantized(CheckpointReader.open(out), f, schemes, "lm_head")
+    assert head.spec.bits == 8 and int(head.qweight.max()) > 15
+    assert {schemes.of(m).bits for m in mods if m != "lm_head"} == {4}
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    if fmt == "gptq":
+        assert qcfg["dynamic"]["+:^lm_head$"] == {"bits": 8} and qcfg["lm_head"] is True
+    else:
+        model = check_loads_and_matches_dequantized(src, out, tmp_path, "an 8-bit lm_head")
+        assert model.lm_head.quantization_scheme.weights.num_bits == 8
+    with pytest.raises(UserError, match="matches no quantized linear"):  # a float head cannot take a scheme
+        quantize(src, tmp_path / "q2", quick_config(format=fmt, overrides=["lm_head=8"]))
+
+
 def test_ct_reader_follows_compressed_tensors_precedence():
     """exact name, then regexes (in compressed-tensors' sorted order), then the class target."""
     w = lambda bits: {"num_bits": bits, "type": "int", "symmetric": True, "group_size": 32,  # noqa: E731

@@ -77,16 +77,25 @@ def fused_siblings(leaf: str) -> tuple[str, ...]:
     return next((g for g, _ in FUSED if leaf in g), ())
 
 
-def assign(all_targets: list[list], overrides: list[Override], base: QuantSpec) -> dict[str, QuantSpec]:
+def assign(all_targets: list[list], overrides: list[Override], base: QuantSpec,
+           others: tuple[str, ...] = ()) -> dict[str, QuantSpec]:
     """``{"layers.{i}.{name}": spec}`` for every target an override changes (the others use ``base``).
 
-    ``all_targets``: per layer, the targets left after ``--ignore`` (``quant.targets.Target``). A pattern that
-    matches no linear, matches routed experts, or splits a fused group between two schemes is a UserError."""
+    ``all_targets``: per layer, the targets left after ``--ignore`` (``quant.targets.Target``); ``others``: names
+    of quantized linears outside the layers (``lm_head``), matched as they are. A pattern that matches no linear,
+    matches routed experts, or splits a fused group between two schemes is a UserError."""
     if not overrides:
         return {}
     compiled = [re.compile(o.match) for o in overrides]
     used = [False] * len(overrides)
     out: dict[str, QuantSpec] = {}
+    for name in others:
+        hits = [j for j, c in enumerate(compiled) if c.search(name)]
+        if hits:
+            used[hits[0]] = True
+            spec = overrides[hits[0]].apply(base)
+            if spec != base:
+                out[name] = spec
     for i, targets in enumerate(all_targets):
         for t in targets:
             name = f"layers.{i}.{t.name}"
@@ -112,7 +121,7 @@ def assign(all_targets: list[list], overrides: list[Override], base: QuantSpec) 
 
 def _check_fused(all_targets: list[list], specs: dict[str, QuantSpec], base: QuantSpec) -> None:
     names = {f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts}
-    for name in specs:
+    for name in specs.keys() & names:
         parent, _, leaf = name.rpartition(".")
         others = [f"{parent}.{x}" for x in fused_siblings(leaf) if f"{parent}.{x}" in names]
         differ = [o for o in others if specs.get(o, base) != specs[name]]

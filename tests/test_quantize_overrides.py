@@ -218,6 +218,22 @@ def test_awq_with_overrides_searches_each_reader_at_its_scheme(tiny_ckpt, tmp_pa
     check_loads_and_matches_dequantized(src, tmp_path / "q", tmp_path, "awq with an int8 shared expert")
 
 
+def test_plan_counts_each_linear_at_its_own_scheme(tiny_ckpt, tmp_path):
+    from moecompress.pipeline import quantize
+    from moecompress.runtime.plan import model_parts
+
+    src = tiny_ckpt("qwen3_moe")
+    sizes = {}
+    for name, extra in (("w4", {}), ("mixed", {"overrides": ["self_attn=8"]})):
+        quantize(src, tmp_path / name, quick_config(method="rtn", **extra))
+        parts = model_parts(tmp_path / name)
+        sizes[name] = {p.name: p.nbytes for p in parts.dense}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert sizes["mixed"][q] > 1.6 * sizes["w4"][q]  # codes twice the bytes, the same scales
+    mlp = [n for n in sizes["w4"] if ".mlp." in n and "gate.weight" not in n]
+    assert all(sizes["mixed"][n] == sizes["w4"][n] for n in mlp)
+
+
 def test_inspect_lists_the_other_schemes(tiny_ckpt, tmp_path):
     from moecompress.inspect import describe, render
     from moecompress.pipeline import quantize

@@ -87,10 +87,13 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
         raise UserError(f"{cfg_file}: model_type {raw.get('model_type')!r} is not a supported MoE family")
     qcfg = raw.get("quantization_config")
     if qcfg and fp8.scheme_from_config(qcfg) is None:  # quantized by us or a GPTQ/AWQ tool: its own settings
-        from ..checkpoint.dequant import spec_from_config
+        from ..checkpoint.dequant import schemes_from_config
 
-        _, qs = spec_from_config(qcfg)
+        _, schemes = schemes_from_config(qcfg)
+        qs = schemes.base
         bits, group, symmetric = qs.bits, qs.group_size, qs.symmetric
+    else:
+        schemes = None
     config = read_hf_config(path)
     text = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
     if float_bytes is None:
@@ -112,7 +115,9 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
         module = local.rsplit(".", 1)[0]
         quantized = (p.dim() == 2 and layer is not None and module not in keep and local.endswith(".weight")
                      and "norm" not in module and "embed" not in module)
-        nbytes = _quant_bytes(p.numel(), p.shape[-1], bits, group, not symmetric, float_bytes) if quantized else \
+        own = schemes.of(name.rsplit(".", 1)[0]) if schemes is not None and quantized else None  # --override
+        b, g, sym = (own.bits, own.group_size, own.symmetric) if own is not None else (bits, group, symmetric)
+        nbytes = _quant_bytes(p.numel(), p.shape[-1], b, g, not sym, float_bytes) if quantized else \
             p.numel() * float_bytes
         dense.append(Part(name, nbytes, layer))
     heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 1)

@@ -143,17 +143,26 @@ def _natural(s: str):
 
 
 def gptq_dynamic_rules(handle: ModelHandle, kept: list[str], quantized: set[str] = frozenset()) -> list[str]:
-    """GPTQModel negative-match regexes for the kept modules: one per layer-local name, or, for a name that is
-    quantized in other layers (``--ignore`` of some layers), one per kept module."""
+    """GPTQModel/vLLM negative-match regexes for the kept modules: one per layer-local name, or, for a name that
+    is quantized in other layers (``--ignore`` of some layers), one per kept module. Where every member of a
+    group vLLM fuses is kept (Qwen3.5's ``in_proj_b``/``in_proj_a``, an ignored q/k/v), the fused name
+    (``in_proj_ba``, ``qkv_proj``) gets the same rule: vLLM matches the rules against its fused layers."""
+    from .quant.overrides import FUSED
+
     layer = re.compile(rf"^{re.escape(handle.disk_prefix)}\.layers\.\d+\.(.+)$")
     quantized_locals = {q.partition(".")[2] for q in quantized}
+    kept_set = set(kept)
     rules = []
     for n in kept:
         m = layer.match(n)
-        if m and m.group(1) not in quantized_locals:
-            rules.append(rf".*\.layers\.\d+\.{re.escape(m.group(1))}$")
-        else:
-            rules.append(rf"^{re.escape(n)}$")
+        parent, _, leaf = n.rpartition(".")
+        names = [n] + [f"{parent}.{fused}" for members, fused in FUSED
+                       if members[0] == leaf and all(f"{parent}.{x}" in kept_set for x in members)]
+        for name in names:
+            if m and m.group(1) not in quantized_locals:  # the member's local name decides for the fused one
+                rules.append(rf".*\.layers\.\d+\.{re.escape(name[len(n) - len(m.group(1)):])}$")
+            else:
+                rules.append(rf"^{re.escape(name)}$")
     return sorted(set(rules))
 
 
@@ -172,13 +181,26 @@ def _layers_of(local: str, quantized: set[str]) -> set[int]:
     return {int(q.partition(".")[0]) for q in quantized if q.partition(".")[2] == local}
 
 
+def _fused_names(locals_: list[str]) -> list[str]:
+    """vLLM's fused layer name for each member of a fused group (``self_attn.q_proj`` -> ``self_attn.qkv_proj``)."""
+    from .quant.overrides import FUSED
+
+    out = []
+    for local in locals_:
+        parent, _, leaf = local.rpartition(".")
+        out += [f"{parent}.{fused}" if parent else fused for members, fused in FUSED if leaf in members]
+    return out
+
+
 def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized: set[str]) -> list[tuple[QuantSpec, list[str]]]:
     """compressed-tensors config groups of the overriding schemes: (scheme, ``re:`` targets) each, a target per
     set of layers, matching the module names of every spelling (checkpoint and transformers' names, as
-    :func:`kept_module_names`). compressed-tensors and vLLM prefer a name target to a class target, whatever the
-    groups' order. The targets never contain the text "experts" (DeepSeek's ``shared_experts`` is written
-    ``shared_expert[s]``): transformers takes the routed experts' scheme from the first group with such a regex,
-    else from the first group with a class target."""
+    :func:`kept_module_names`) and vLLM's fused layers' names (``qkv_proj``...: vLLM versions before July 2026
+    match a fused layer's name, then its class name against "Linear", and only then its parts). A name target
+    wins over a class target in compressed-tensors and in vLLM, whatever the groups' order. The targets never
+    contain the text "experts" (DeepSeek's ``shared_experts`` is written ``shared_expert[s]``): transformers
+    takes the routed experts' scheme from the first group with such a regex, else from the first group with a
+    class target."""
     out = []
     for spec in dict.fromkeys(schemes.values()):
         locals_by_layers: dict[str, list[str]] = {}
@@ -187,8 +209,8 @@ def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized:
             if not mine:
                 continue
             idx = r"\d+" if set(mine) == _layers_of(local, quantized) else "(?:" + "|".join(map(str, mine)) + ")"
-            names = dict.fromkeys((local, handle.disk_local(local)))
-            locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names)
+            names = list(dict.fromkeys((local, handle.disk_local(local))))
+            locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names + _fused_names(names))
         targets = ["re:.*\\.layers\\." + idx + r"\.(?:" + "|".join(sorted(set(ls))) + ")$"
                    for idx, ls in locals_by_layers.items()]
         targets += [f"re:^{re.escape(n)}$" for n, s in schemes.items() if s == spec and not n.startswith("layers.")]
@@ -200,21 +222,16 @@ def gptq_positive_rules(handle: ModelHandle, schemes: dict[str, QuantSpec], quan
     """GPTQModel/vLLM positive ``dynamic`` rules ``{regex: scheme}``: one per layer-local name when every layer
     that quantizes it uses the same scheme, else one per module; vLLM's fused name (``qkv_proj``...) too, since
     vLLM matches the rules against its fused layers' names."""
-    from .quant.overrides import FUSED
-
-    fused_name = {leaf: f for g, f in FUSED for leaf in g}
     rules: dict[str, QuantSpec] = {f"^{re.escape(n)}$": s for n, s in schemes.items() if not n.startswith("layers.")}
     for local, per_layer in sorted(_by_local(schemes).items()):
         uniform = len(set(per_layer.values())) == 1 and _layers_of(local, quantized) <= set(per_layer)
-        parent, _, leaf = local.rpartition(".")
-        locals_ = [local] + ([f"{parent}.{fused_name[leaf]}" if parent else fused_name[leaf]] if leaf in fused_name else [])
-        for loc in locals_:
-            for spelled in dict.fromkeys((loc, handle.disk_local(loc) if loc == local else loc)):
-                if uniform:
-                    rules[rf".*\.layers\.\d+\.{re.escape(spelled)}$"] = next(iter(per_layer.values()))
-                else:
-                    for i, s in sorted(per_layer.items()):
-                        rules[rf".*\.layers\.{i}\.{re.escape(spelled)}$"] = s
+        spellings = list(dict.fromkeys((local, handle.disk_local(local))))
+        for loc in spellings + _fused_names(spellings):
+            if uniform:
+                rules[rf".*\.layers\.\d+\.{re.escape(loc)}$"] = next(iter(per_layer.values()))
+            else:
+                for i, s in sorted(per_layer.items()):
+                    rules[rf".*\.layers\.{i}\.{re.escape(loc)}$"] = s
     return rules
 
 

@@ -83,8 +83,13 @@ def _other_schemes(h: ModelHandle, schemes, mods: dict[str, int]) -> list[dict]:
     for m in mods:
         s = schemes.of(m)
         if s != schemes.base:
-            by.setdefault(s, set()).add(_local_kind(h, m))
-    return [{"bits": s.bits, "group_size": s.group_size, "modules": sorted(ks, key=_natural)} for s, ks in by.items()]
+            kinds, layers = by.setdefault(s, (set(), set()))
+            kinds.add(_local_kind(h, m))
+            hit = re.search(r"\.layers\.(\d+)\.", m)
+            if hit:
+                layers.add(int(hit.group(1)))
+    return [{"bits": s.bits, "group_size": s.group_size, "modules": sorted(ks, key=_natural), "layers": sorted(ls)}
+            for s, (ks, ls) in by.items()]
 
 
 def _non_text_parts(h: ModelHandle) -> list[str]:
@@ -308,7 +313,9 @@ def render(d: dict) -> str:
             lines.append("  quantized     " + (", ".join(d["quantized"]) or "nothing"))
             for o in q.get("other_schemes") or []:
                 group = "per-channel" if o["group_size"] is None else f"group {o['group_size']}"
-                lines.append(f"  other scheme  int{o['bits']}, {group}: {', '.join(o['modules'])}")
+                where = "" if len(o["layers"]) in (0, d["layers"]) else \
+                    f" (layer{'s' if len(o['layers']) > 1 else ''} {', '.join(map(str, o['layers']))} only)"
+                lines.append(f"  other scheme  int{o['bits']}, {group}: {', '.join(o['modules'])}{where}")
             kept[0] += " (float)"
     for g in d.get("awq_groups") or []:
         what = {"block": "MoE block output, routing fixed", "attention": "attention block output"}.get(

@@ -115,6 +115,64 @@ def test_overridden_linears_are_stored_and_read_at_their_own_precision(tiny_ckpt
         assert rule("model.layers.0.mlp.gate") == "float"
 
 
+def _vllm_scheme_bits(qcfg: dict, layer_name: str, class_name: str) -> int:
+    """vLLM's compressed-tensors lookup before July 2026: the layer's name against every target (exact or ``re:``,
+    re.match), then the class name containing a class target; a fused layer's parts only after that."""
+    groups = list(qcfg["config_groups"].values())
+    for g in groups:
+        for t in g["targets"]:
+            if t == layer_name or (t.startswith("re:") and re.match(t[3:], layer_name)):
+                return g["weights"]["num_bits"]
+    for g in groups:
+        if any(not t.startswith("re:") and t in class_name for t in g["targets"]):
+            return g["weights"]["num_bits"]
+    raise AssertionError(f"no target for {layer_name}")
+
+
+@pytest.mark.parametrize("family,fused", [("qwen2_moe", ["self_attn.qkv_proj", "mlp.shared_expert.gate_up_proj"]),
+                                          ("deepseek_v3", ["self_attn.fused_qkv_a_proj"])])
+def test_fused_layers_of_serving_engines_get_the_override(tiny_ckpt, tmp_path, family, fused):
+    """vLLM's fused layers (qkv_proj, gate_up_proj, fused_qkv_a_proj) find the override group by their own name
+    in the compressed-tensors output, even in vLLM's older lookup order (else "Linear" in QKVParallelLinear would
+    give them the base scheme), and GPTQ's dynamic rules name them too."""
+    from moecompress.pipeline import quantize
+
+    src = tiny_ckpt(family)
+    for fmt in ("compressed-tensors", "gptq"):
+        out = tmp_path / fmt
+        quantize(src, out, quick_config(method="rtn", format=fmt, overrides=["self_attn|shared_expert=8"]))
+        qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        for local in fused:
+            name = f"model.layers.1.{local}"
+            if fmt == "compressed-tensors":
+                assert _vllm_scheme_bits(qcfg, name, "MergedColumnParallelLinear") == 8, name
+                assert _vllm_scheme_bits(qcfg, "model.layers.1.mlp.experts.0.gate_proj", "Linear") == 4
+            else:
+                rule = next(v for k, v in qcfg["dynamic"].items() if re.match(k.removeprefix("+:").removeprefix("-:"), name))
+                assert rule.get("bits") == 8, name
+
+
+def test_kept_fused_groups_get_a_negative_rule_under_their_fused_name(tiny_ckpt, tmp_path):
+    """GPTQ format: an ignored q/k/v (or Qwen3.5's float in_proj_b/a) is matched as vLLM's qkv_proj (in_proj_ba)
+    by a negative rule, before the positive rule that gives the other layers' attention 8 bits."""
+    from moecompress.pipeline import quantize
+
+    out = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), out, quick_config(method="rtn", format="gptq", ignore=[r"layers\.0\.self_attn"],
+                                                       overrides=["self_attn=8"]))
+    dyn = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
+
+    def first(name):
+        return next((k[:2], v) for k, v in dyn.items() if re.match(k.removeprefix("+:").removeprefix("-:"), name))
+
+    assert first("model.layers.0.self_attn.qkv_proj") == ("-:", {})
+    assert first("model.layers.1.self_attn.qkv_proj") == ("+:", {"bits": 8})
+    out2 = tmp_path / "q35"
+    quantize(tiny_ckpt("qwen3_5_moe"), out2, quick_config(method="rtn", format="gptq"))
+    dyn = json.loads((out2 / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert first("model.language_model.layers.0.linear_attn.in_proj_ba") == ("-:", {})
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_transformers_loads_a_mixed_checkpoint(tiny_ckpt, tmp_path, family, caplog):
     """compressed-tensors config groups by name: stock transformers (through compressed-tensors' own matching)
@@ -204,17 +262,40 @@ def test_gptq_reader_applies_dynamic_rules_in_order():
     assert s.of("model.layers.3.mlp.experts.1.up_proj") == s.base == QuantSpec(4, 128, True, None, (1.0,))
 
 
+def test_awq_losses_take_one_scheme_per_reader(gen):
+    from moecompress.quant.awq import hessian_loss, weight_mean
+    from moecompress.quant.balance import AwqSettings, Reader
+
+    s4, s8 = QuantSpec(4, 32), QuantSpec(8, 16)
+    settings = AwqSettings(s4, spec_of=lambda name: s8 if "shared" in name else None)
+    readers = [Reader("mlp.shared_expert.gate_proj", "linear"), Reader("mlp.experts.gate_up_proj", "experts_gate_up")]
+    assert settings.reader_specs(readers) == [s8, s4]
+    ws = [torch.randn(1, 48, 64, generator=gen) for _ in range(2)]
+    x = torch.randn(256, 64, generator=gen)
+    hs = [(2 / 256 * x.T @ x)[None]] * 2
+    s = torch.rand(1, 64, generator=gen) + 0.5
+    mixed = hessian_loss(ws, hs, s, [s8, s4])
+    assert torch.allclose(mixed, hessian_loss(ws[:1], hs[:1], s, s8) + hessian_loss(ws[1:], hs[1:], s, s4))
+    assert mixed < 0.6 * hessian_loss(ws, hs, s, s4)  # the int8 reader adds almost nothing: about half
+    assert not torch.equal(weight_mean(ws, [s8, s4]), weight_mean(ws, s4))  # groups of 16 vs 32
+
+
 def test_awq_with_overrides_searches_each_reader_at_its_scheme(tiny_ckpt, tmp_path):
-    """AWQ's shared post-attention scales are scored with the int8 shared expert beside the int4 experts; the
-    checkpoint holds both schemes and our runtime reads it as transformers reads the dequantized twin."""
+    """AWQ's shared post-attention scales are scored with the int8 shared expert beside the int4 experts (the
+    group's loss before any scaling drops against the all-int4 run); the checkpoint holds both schemes and
+    transformers reads it as our dequantized twin."""
     from test_export_interop import check_loads_and_matches_dequantized
 
     from moecompress.pipeline import quantize
 
     src = tiny_ckpt("qwen2_moe")
-    summary = quantize(src, tmp_path / "q", quick_config(method="awq", overrides=["shared_expert=8"]))
-    assert any(rec.get("readers") and any("shared_expert" in r for r in rec["readers"])
-               for layer in summary["layers"] for rec in layer.get("awq", []))
+    before = {}
+    for name, extra in (("w4", {}), ("q", {"overrides": ["shared_expert=8"]})):
+        summary = quantize(src, tmp_path / name, quick_config(method="awq", **extra))
+        before[name] = [rec["loss_before"] for layer in summary["layers"] for rec in layer.get("awq", [])
+                        if any("shared_expert" in r for r in rec.get("readers", [])) and "loss_before" in rec]
+    assert before["q"] and len(before["q"]) == len(before["w4"])
+    assert all(a < b for a, b in zip(before["q"], before["w4"])), before
     check_loads_and_matches_dequantized(src, tmp_path / "q", tmp_path, "awq with an int8 shared expert")
 
 
@@ -234,6 +315,15 @@ def test_plan_counts_each_linear_at_its_own_scheme(tiny_ckpt, tmp_path):
     assert all(sizes["mixed"][n] == sizes["w4"][n] for n in mlp)
 
 
+def test_stacked_solves_split_by_scheme():
+    from moecompress.layer_quantize import _split_by_scheme
+
+    a, b, c = (Target(f"linear_attn.in_proj_{x}", "attn") for x in ("qkv", "z", "b"))
+    got = _split_by_scheme([[a, b, c]], 0, {"layers.0.linear_attn.in_proj_qkv": QuantSpec(8, 32),
+                                            "layers.0.linear_attn.in_proj_z": QuantSpec(8, 32)})
+    assert got == [[a, b], [c]]
+
+
 def test_inspect_lists_the_other_schemes(tiny_ckpt, tmp_path):
     from moecompress.inspect import describe, render
     from moecompress.pipeline import quantize
@@ -242,9 +332,12 @@ def test_inspect_lists_the_other_schemes(tiny_ckpt, tmp_path):
     d = describe(tmp_path / "q")
     assert d["quantization"]["other_schemes"] == [
         {"bits": 8, "group_size": 16, "modules": ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
-                                                   "self_attn.v_proj"]}]
-    assert "other scheme  int8, group 16: self_attn.k_proj" in render(d)
+                                                   "self_attn.v_proj"], "layers": [0, 1]}]
+    assert "other scheme  int8, group 16: self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj\n" \
+        in render(d) + "\n"
     json.dumps(d)  # --json
+    quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q1", quick_config(method="rtn", overrides=[r"layers\.1\.self_attn=8"]))
+    assert "self_attn.v_proj (layer 1 only)" in render(describe(tmp_path / "q1"))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -17,6 +17,7 @@ from .arch.handle import ModelHandle
 from .quant.formats import awq as awq_format
 from .quant.formats import compressed_tensors as ct_format
 from .quant.formats import gptq as gptq_format
+from .quant.overrides import FUSED
 from .quant.spec import QuantizedWeight, QuantSpec
 from .quant.targets import Target
 
@@ -147,8 +148,6 @@ def gptq_dynamic_rules(handle: ModelHandle, kept: list[str], quantized: set[str]
     is quantized in other layers (``--ignore`` of some layers), one per kept module. Where every member of a
     group vLLM fuses is kept (Qwen3.5's ``in_proj_b``/``in_proj_a``, an ignored q/k/v), the fused name
     (``in_proj_ba``, ``qkv_proj``) gets the same rule: vLLM matches the rules against its fused layers."""
-    from .quant.overrides import FUSED
-
     layer = re.compile(rf"^{re.escape(handle.disk_prefix)}\.layers\.\d+\.(.+)$")
     quantized_locals = {q.partition(".")[2] for q in quantized}
     kept_set = set(kept)
@@ -183,8 +182,6 @@ def _layers_of(local: str, quantized: set[str]) -> set[int]:
 
 def _fused_names(locals_: list[str]) -> list[str]:
     """vLLM's fused layer name for each member of a fused group (``self_attn.q_proj`` -> ``self_attn.qkv_proj``)."""
-    from .quant.overrides import FUSED
-
     out = []
     for local in locals_:
         parent, _, leaf = local.rpartition(".")

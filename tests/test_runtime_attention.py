@@ -58,9 +58,11 @@ def test_decode_steps_match_the_wrapped_module(tiny_ckpt, family, overrides):
     _check_decode_steps(rt, _fast_layers(rt)[-1])
 
 
-# packed CPU projections: int4 (one fused kernel call for q/k/v), int8 with a q/k/v bias (three calls), asym g64
+# packed CPU projections: int4 (one fused kernel call for q/k/v), int8 with a q/k/v bias (three calls), asym g64,
+# int8 in groups beside int4 experts (--override; fused: one loop over the groups of the concatenation)
 PACKED = [("qwen3_moe", {}, True), ("qwen2_moe", {"bits": 8, "format": "gptq"}, False),
-          ("olmoe", {"symmetric": False, "group_size": 64}, True)]
+          ("olmoe", {"symmetric": False, "group_size": 64}, True),
+          ("qwen3_moe", {"overrides": ["self_attn=8"], "group_size": 32}, True)]
 
 
 @pytest.mark.parametrize("family,settings,fused", PACKED)
@@ -76,6 +78,8 @@ def test_packed_projections_take_the_fast_path(tiny_ckpt, tmp_path, family, sett
     assert len(fast) == len(rt.model.layers) and all(f is not None for f in rt.model.fast)
     attn = fast[-1]
     assert attn.qkv.fused == fused
+    if settings.get("overrides"):
+        assert attn.qkv.kind == "int8group" and attn.o.direct
     if fused:  # the projections' packed rows are views of the concatenation: stored once
         for name in ("q_proj", "k_proj", "v_proj"):
             ptr = getattr(attn.inner, name).packed.untyped_storage().data_ptr()

@@ -33,7 +33,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 @pytest.mark.parametrize("bits,group,symmetric,act_order", [
     (4, 32, True, False), (4, 64, False, False), (4, 128, True, True), (4, 256, False, True),
-    (8, 256, True, False), (8, 64, True, False), (8, 128, False, False), (3, 64, False, False), (2, 32, True, True)])
+    (8, 256, True, False), (8, 64, True, False), (8, 32, True, True), (8, 128, False, False), (3, 64, False, False),
+    (2, 32, True, True)])
 def test_packed_linear_matches_the_dequantized_weight(tokens, bits, group, symmetric, act_order):
     n, k = 48, 256
     q, s, z, g_idx, w = _weights(n, k, bits, group, symmetric, act_order, seed=tokens)
@@ -53,8 +54,8 @@ def test_packed_linear_matches_the_dequantized_weight(tokens, bits, group, symme
     assert kind == expect  # act-order is a permutation here: it never forces the slow path
     if bits == 4 and HAS_INT4:
         assert kind == "int4pack"
-    if bits == 8 and symmetric and group == k and HAS_INT8:
-        assert kind == "int8pack"
+    if bits == 8 and symmetric and HAS_INT8:  # per group: the per-channel kernel once per group of columns
+        assert kind == ("int8pack" if group == k else "int8group")
 
 
 def test_packed_is_smaller_than_fp32_and_odd_shapes_fall_back():
@@ -182,18 +183,18 @@ def test_offload_on_a_gpu_gives_the_unsplit_tokens(tiny_ckpt, tmp_path, family):
 
 
 @pytest.mark.skipif(not HAS_INT4 or not HAS_INT8, reason="this torch has no CPU int4/int8 kernels")
-@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128)])
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, None), (8, 32)])
 def test_one_token_kernel_path_matches_the_dequantized_experts(bits, group):
     """CpuExperts.forward_one on the kernels (x cast once, the SiLU gate in bf16) against fp32 experts on
-    the dequantized weights: bf16 precision; ids >= E (zero experts) touch nothing."""
+    the dequantized weights: bf16 precision; ids >= E (zero experts) touch nothing. ``group`` None: per-channel."""
     from moecompress.runtime.cpu_packed import CpuExperts
     from moecompress.runtime.moe import _experts_one
 
     e, h, i = 6, 128, 64
-    gu = [_weights(2 * i, h, bits, group if bits == 4 else h, True, seed=j) for j in range(e)]
-    dn = [_weights(h, i, bits, group if bits == 4 else i, True, seed=100 + j) for j in range(e)]
+    gu = [_weights(2 * i, h, bits, group or h, True, seed=j) for j in range(e)]
+    dn = [_weights(h, i, bits, group or i, True, seed=100 + j) for j in range(e)]
     lin = lambda t, g: CpuQuantLinear(t[0], t[1], t[2], bits, g, symmetric=True)  # noqa: E731
-    experts = CpuExperts([lin(t, group if bits == 4 else h) for t in gu], [lin(t, group if bits == 4 else i) for t in dn])
+    experts = CpuExperts([lin(t, group or h) for t in gu], [lin(t, group or i) for t in dn])
     assert all(m.kind != "codes" for m in (*experts.gate_up, *experts.down))
     w13, w2 = torch.stack([t[4] for t in gu]), torch.stack([t[4] for t in dn])
     gen = torch.Generator().manual_seed(0)

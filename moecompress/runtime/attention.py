@@ -159,19 +159,20 @@ class _PackedQKV(nn.Module):
         self.parts = nn.ModuleList(mods)
         # torch's CPU int4 packing lays rows out in blocks of up to 64: concatenated rows keep each part's
         # layout only when every part is a whole number of blocks
-        self.fused = (len({m.kind for m in mods}) == 1 and q.kind in ("int4pack", "int8pack")
+        self.fused = (len({m.kind for m in mods}) == 1 and q.kind in ("int4pack", "int8pack", "int8group")
                       and len({m.group_size for m in mods}) == 1
                       and all(m.perm is None and m.bias is None for m in mods)
-                      and (q.kind == "int8pack" or all(m.out_features % 64 == 0 for m in mods)))
+                      and (q.kind != "int4pack" or all(m.out_features % 64 == 0 for m in mods)))
         if self.fused:
-            packed = torch.cat([m.packed for m in mods])
+            rows = 1 if q.kind == "int8group" else 0  # int8group: [G, N, group] codes and [G, N] scales
+            packed = torch.cat([m.packed for m in mods], dim=rows)
             start = 0
             for m in mods:
-                n = m.packed.shape[0]
-                m.packed = packed[start:start + n]
+                n = m.packed.shape[rows]
+                m.packed = packed.narrow(rows, start, n)
                 start += n
             self.register_buffer("packed", packed)
-            self.register_buffer("sz", torch.cat([m.sz for m in mods], dim=1 if q.kind == "int4pack" else 0))
+            self.register_buffer("sz", torch.cat([m.sz for m in mods], dim=1 if q.kind != "int8pack" else 0))
             self.kind, self.group_size = q.kind, q.group_size
 
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ class _PackedO(nn.Module):
     def __init__(self, o: CpuQuantLinear) -> None:
         super().__init__()
         self.o = o
-        self.direct = o.kind in ("int4pack", "int8pack") and o.perm is None and o.bias is None
+        self.direct = o.kind in ("int4pack", "int8pack", "int8group") and o.perm is None and o.bias is None
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_call", None)  # the kernel's arguments before .to()

@@ -60,9 +60,9 @@ def int4pack_layout_known() -> bool:
 
 def dequant_rows_ok(kind: str, n: int, k: int) -> bool:
     """Whether a ``kind`` weight ``[n, k]`` takes the dequantizing way for many rows on this machine."""
-    if n * k < DEQUANT_MIN_WEIGHTS or kind not in ("int4pack", "int8pack") or not bf16_gemm_is_fast():
+    if n * k < DEQUANT_MIN_WEIGHTS or kind not in ("int4pack", "int8pack", "int8group") or not bf16_gemm_is_fast():
         return False
-    return kind == "int8pack" or (n % _BLOCK == 0 and int4pack_layout_known())
+    return kind != "int4pack" or (n % _BLOCK == 0 and int4pack_layout_known())
 
 
 def int4pack_codes_t(packed: torch.Tensor, n: int, k: int, out: torch.Tensor) -> torch.Tensor:
@@ -116,11 +116,24 @@ def int8pack_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return w.mul_(scales.unsqueeze(1))
 
 
+def int8group_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``W [n, k]`` bf16 of an int8group weight (``packed [G, n, group]``, ``scales [G, n]``; ``q * scale`` rounded
+    once). A view of the scratch buffer."""
+    g, n, group = packed.shape
+    w = _SCRATCH.get(torch.bfloat16, n, g * group)
+    w3 = w.view(n, g, group)
+    w3.copy_(packed.permute(1, 0, 2))  # exact: |q| <= 128
+    w3.mul_(scales.t().unsqueeze(-1))
+    return w
+
+
 def dequant_mm(kind: str, x2: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
     """``x2 [M, k] (bf16) @ W^T`` the dequantizing way (bf16 out, like the kernels)."""
     if kind == "int4pack":
         n, k = packed.shape[0], x2.shape[1]
         return rows_mm(x2, int4pack_weight_t(packed, sz, n, k, group))
+    if kind == "int8group":
+        return rows_mm(x2, int8group_weight(packed, sz).t())
     return rows_mm(x2, int8pack_weight(packed, sz).t())
 
 

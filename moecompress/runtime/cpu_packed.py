@@ -12,8 +12,12 @@ once at load from what the checkpoint holds (``cpu_linear``):
   precision (~3e-3 relative), not bit for bit. An act-order group index is applied as a column
   permutation of the activations (the weights are stored with their groups contiguous).
 * ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
+* ``int8group``: 8-bit, symmetric, in groups (``--bits 8 --group-size 128``, or ``--override ...=8`` beside int4
+  experts) -- the same kernel once per group of columns (the kernel takes one scale per row), the groups'
+  bf16 partial products summed in fp32: ~100x faster than ``codes`` at a 4096 x 2048 decode step, about 2x the
+  per-channel kernel's time.
 
-* ``codes``: anything else (3/2 bits, asymmetric or grouped int8, odd shapes, a torch without the
+* ``codes``: anything else (3/2 bits, asymmetric int8, odd shapes, a torch without the
   kernels), or on request (``exact``): codes (two per byte up to 4 bits) + fp32 scales and uint8 zeros,
   dequantized on every call with the dequantizing reader's own operations and multiplied like
   ``nn.Linear`` -- bit for bit the fp32 path's numbers, at 1/8 (int4) to 1/4 (int8) of its weight memory.
@@ -67,9 +71,9 @@ def _kind_and_why(bits: int, n: int, k: int, group: int, symmetric: bool) -> tup
     if bits == 8:
         if not HAS_INT8:
             return "codes", "this torch has no CPU int8 kernel"
-        if not symmetric or group != k:
-            return "codes", "the int8 kernel takes symmetric per-channel weights only"
-        return "int8pack", None
+        if not symmetric or k % group:
+            return "codes", "the int8 kernel takes symmetric weights only"
+        return ("int8pack" if group == k else "int8group"), None
     return "codes", f"{bits}-bit: no CPU kernel"
 
 
@@ -104,6 +108,11 @@ class CpuQuantLinear(nn.Module):
         elif self.kind == "int8pack" and g_idx is None:
             self.register_buffer("packed", (q.to(torch.int16) - 128).to(torch.int8).contiguous())
             self.register_buffer("sz", scales.reshape(n).to(torch.bfloat16).contiguous())
+        elif self.kind == "int8group" and g_idx is None:  # [G, N, group] and [G, N]: one kernel call per group
+            g = k // group_size
+            codes = (q.to(torch.int16) - 128).to(torch.int8).reshape(n, g, group_size)
+            self.register_buffer("packed", codes.permute(1, 0, 2).contiguous())
+            self.register_buffer("sz", scales.t().to(torch.bfloat16).contiguous())
         else:
             self.kind = "codes"
             self.register_buffer("packed", pack_codes(q, bits))
@@ -163,7 +172,20 @@ def kernel_call(kind: str, packed: torch.Tensor, group_size: int, sz: torch.Tens
     "int8pack") on bf16 ``x2 [M, K]``."""
     if kind == "int4pack":
         return torch.ops.aten._weight_int4pack_mm_for_cpu, (packed, group_size, sz)
+    if kind == "int8group":
+        return int8group_mm, (packed, sz)
     return torch.ops.aten._weight_int8pack_mm, (packed, sz)
+
+
+def int8group_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K] @ W^T`` for group-wise int8 ``packed [G, N, group]`` with scales ``sz [G, N]``: the per-channel
+    kernel on each group's columns, the partial products summed in fp32; out in ``x2``'s dtype (bf16)."""
+    g, _, group = packed.shape
+    y = None
+    for j in range(g):
+        part = torch.ops.aten._weight_int8pack_mm(x2[:, j * group:(j + 1) * group].contiguous(), packed[j], sz[j])
+        y = part.float() if y is None else y.add_(part)
+    return y.to(x2.dtype)
 
 
 def g_idx_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:

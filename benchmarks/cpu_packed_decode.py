@@ -149,6 +149,16 @@ def child(args) -> dict:
     return out
 
 
+def _scheme(path: Path) -> str:
+    """``int4 g128`` (and ``+ int8: self_attn`` per --override) from the checkpoint's moecompress.json."""
+    try:
+        r = json.loads((Path(path) / "moecompress.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError):
+        return "quantized"
+    extra = "".join(f" + int{o.get('bits') or r['bits']}: {o['match']}" for o in r.get("overrides") or [])
+    return f"int{r['bits']} g{r['group_size'] or 'channel'}{extra}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cpu_packed_decode.py", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen3-30b-a3b-2L")
@@ -193,7 +203,7 @@ def main(argv=None) -> int:
                 continue
             rows[side] = json.loads(line[0][7:])
         results[name] = {"checkpoint": str(q), "checkpoint_bytes": size, "sides": rows}
-        print(f"\n{name}: int4 g128 checkpoint {size / 2**20:.1f} MiB ({q}); {args.threads} threads")
+        print(f"\n{name}: {_scheme(q)} checkpoint {size / 2**20:.1f} MiB ({q}); {args.threads} threads")
         print(f"{'side':>13} {'load s':>6} {'peak x':>6} {'load RSS MiB':>12} {'x ckpt':>7} {'after runs':>10} "
               + " ".join(f"{'dec b' + str(b):>9}" for b in args.batches)
               + " ".join(f" {'pre ' + str(n):>8}" for n in args.prompts))

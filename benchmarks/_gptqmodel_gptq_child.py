@@ -8,7 +8,8 @@ JSON line (prefixed ``GPTQMODEL_RESULT``) with in-process timings (imports, load
 sha256 of the windows fed, the quantization config GPTQModel wrote and the versions.
 
     /work/gptqmodel-venv/bin/python benchmarks/_gptqmodel_gptq_child.py --model DIR --out DIR \
-        --windows FILE [--bits 4] [--group-size 128] [--batch-size 8] [--dtype bfloat16] [--threads 2]
+        --windows FILE [--bits 4] [--group-size 128] [--batch-size 8] [--dtype bfloat16] [--threads 2] \
+        [--dynamic JSON]
 
 Recipe: ``GPTQConfig(bits, group_size, sym=True)`` with GPTQModel's defaults otherwise (``desc_act``,
 ``act_group_aware``, damping, MoE handling, disk offload, its Qwen3-MoE module tree: the router
@@ -44,6 +45,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--dynamic", default=None,
+                    help='GPTQModel per-module rules as JSON, e.g. \'{"+:.*self_attn.*": {"bits": 8}}\'')
     args = ap.parse_args()
 
     import torch
@@ -62,7 +65,8 @@ def main() -> int:
 
     offload = args.out.rstrip("/") + ".offload"
     t0 = time.perf_counter()
-    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=True, offload_to_disk_path=offload)
+    extra = {"dynamic": json.loads(args.dynamic)} if args.dynamic else {}
+    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, sym=True, offload_to_disk_path=offload, **extra)
     model = GPTQModel.load(args.model, cfg, device="cpu", dtype=getattr(torch, args.dtype))
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -182,6 +182,8 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         other_bytes = float_bytes - qn * elt.get(next(iter(h.reader.tensors.values())).dtype, 2)
         scale_bytes = quant_groups * 2
         size = {f"int{b}": int(max(other_bytes, 0) + qn * b / 8 + scale_bytes) for b in (4, 8)}
+        # int4 with int8 attention (quantize --override self_attn=8): attention's codes twice the int4 bytes
+        size["int4_attn8"] = int(size["int4"] + quant_numel["attn"] * 4 / 8)
         quantized = sorted(quantized_kinds)
         kept = sorted(kept_kinds) + ["embed_tokens", "lm_head"]
     elif quant["known"]:
@@ -303,7 +305,8 @@ def render(d: dict) -> str:
     if q is None:
         lines += [
             f"  size on disk  {_gb(d['size_bytes'])} now; int8 ~{_gb(d['size_estimate_bytes']['int8'])}, "
-            f"int4 ~{_gb(d['size_estimate_bytes']['int4'])} (group {d['group_size_for_estimate']})",
+            f"int4 ~{_gb(d['size_estimate_bytes']['int4'])}, int4 + int8 attention "
+            f"~{_gb(d['size_estimate_bytes']['int4_attn8'])} (group {d['group_size_for_estimate']})",
             "  quantized     " + ", ".join(d["quantized"]),
         ]
         kept[0] += " (routers bit-exact in the source dtype)"

@@ -328,6 +328,14 @@ def test_inspect_lists_the_other_schemes(tiny_ckpt, tmp_path):
     from moecompress.inspect import describe, render
     from moecompress.pipeline import quantize
 
+    # a float model: the estimate of int4 with int8 attention lies between int4's and int8's, and near what
+    # quantize --override self_attn=8 then writes
+    src = describe(tiny_ckpt("qwen3_moe"), group_size=32)["size_estimate_bytes"]
+    assert src["int4"] < src["int4_attn8"] < src["int8"]
+    quantize(tiny_ckpt("qwen3_moe"), tmp_path / "e", quick_config(method="rtn", overrides=["self_attn=8"]))
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "e").glob("*.safetensors"))
+    assert on_disk == pytest.approx(src["int4_attn8"], rel=0.1)
+
     quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(method="rtn", overrides=["self_attn=8/16"]))
     d = describe(tmp_path / "q")
     assert d["quantization"]["other_schemes"] == [

@@ -33,8 +33,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 @pytest.mark.parametrize("bits,group,symmetric,act_order", [
     (4, 32, True, False), (4, 64, False, False), (4, 128, True, True), (4, 256, False, True),
-    (8, 256, True, False), (8, 64, True, False), (8, 32, True, True), (8, 128, False, False), (3, 64, False, False),
-    (2, 32, True, True)])
+    (8, 256, True, False), (8, 64, True, False), (8, 32, True, True), (8, 8, True, False), (8, 128, False, False),
+    (3, 64, False, False), (2, 32, True, True)])
 def test_packed_linear_matches_the_dequantized_weight(tokens, bits, group, symmetric, act_order):
     n, k = 48, 256
     q, s, z, g_idx, w = _weights(n, k, bits, group, symmetric, act_order, seed=tokens)
@@ -55,7 +55,8 @@ def test_packed_linear_matches_the_dequantized_weight(tokens, bits, group, symme
     if bits == 4 and HAS_INT4:
         assert kind == "int4pack"
     if bits == 8 and symmetric and HAS_INT8:  # per group: the per-channel kernel once per group of columns
-        assert kind == ("int8pack" if group == k else "int8group")
+        # (groups under 16 columns: the kernel's numbers are wrong there, so the exact codes path)
+        assert kind == ("codes" if group % 16 else "int8pack" if group == k else "int8group")
 
 
 def test_packed_is_smaller_than_fp32_and_odd_shapes_fall_back():

@@ -71,8 +71,10 @@ def _kind_and_why(bits: int, n: int, k: int, group: int, symmetric: bool) -> tup
     if bits == 8:
         if not HAS_INT8:
             return "codes", "this torch has no CPU int8 kernel"
-        if not symmetric or k % group:
+        if not symmetric:
             return "codes", "the int8 kernel takes symmetric weights only"
+        if k % group or group % 16:  # the kernel gives wrong numbers (or crashes) for a K not a multiple of 16
+            return "codes", f"group {group} of {k} columns: the int8 kernel needs a multiple of 16 columns"
         return ("int8pack" if group == k else "int8group"), None
     return "codes", f"{bits}-bit: no CPU kernel"
 

@@ -59,6 +59,20 @@ def test_packed_linear_matches_the_dequantized_weight(tokens, bits, group, symme
         assert kind == ("codes" if group % 16 else "int8pack" if group == k else "int8group")
 
 
+@pytest.mark.skipif(not HAS_INT4, reason="this torch has no CPU int4 kernel")
+@pytest.mark.parametrize("k,symmetric", [(1024, True), (768, False), (96, True)])
+def test_per_channel_int4_runs_the_kernel_with_its_scale_repeated(k, symmetric):
+    """Per-channel int4 (``--group-size -1``, GPTQ's "g-1" releases) takes the int4 kernel at the largest group of
+    32/64/128/256 that divides K, one scale and zero per row repeated: the dequantized numbers to bf16 precision."""
+    q, s, z, _, w = _weights(64, k, 4, k, symmetric, seed=k)
+    lin = CpuQuantLinear(q, s, z, 4, k, symmetric=symmetric)
+    assert lin.kind == "int4pack" and lin.group_size == {1024: 256, 768: 256, 96: 32}[k]
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
+    assert _rel(lin(x), x @ w.T) < 1e-2 and _rel(lin.weight(), w) < 1e-2
+    exact = CpuQuantLinear(q, s, z, 4, k, symmetric=symmetric, exact=True)
+    assert exact.kind == "codes" and _rel(exact(x), x @ w.T) < 1e-6
+
+
 def test_packed_is_smaller_than_fp32_and_odd_shapes_fall_back():
     q, s, z, _, w = _weights(64, 512, 4, 128, True)
     lin = CpuQuantLinear(q, s, z, 4, 128, symmetric=True)

@@ -4,7 +4,8 @@ On a CPU the runtime used to dequantize every quantized weight to fp32 at load (
 plus scales, in RAM). Here each quantized linear keeps its codes and runs one of three ways, chosen
 once at load from what the checkpoint holds (``cpu_linear``):
 
-* ``int4pack``: 4-bit, a group of 32/64/128/256 and N a multiple of 16 -- torch's CPU weight-only kernel
+* ``int4pack``: 4-bit, a group of 32/64/128/256 (per-channel too: its scale repeated over groups of 256 or
+  less) and N a multiple of 16 -- torch's CPU weight-only kernel
   (``_convert_weight_to_int4pack_for_cpu`` once, ``_weight_int4pack_mm_for_cpu`` per call). It computes
   ``(q - 8) * scale + zero`` with a float ``zero``; ours is ``scale * (q - z)``, so ``zero = (8 - z) *
   scale`` (0 for symmetric weights). Activations, scales and zeros go in as bf16, the products are
@@ -58,6 +59,12 @@ def cpu_kind(bits: int, n: int, k: int, group: int, symmetric: bool) -> str:
     return _kind_and_why(bits, n, k, group, symmetric)[0]
 
 
+def kernel_group(k: int) -> int | None:
+    """The int4 kernel's group for a per-channel weight of ``k`` columns: the largest of INT4_GROUPS dividing
+    ``k`` (its one scale and zero repeated over the groups give the same numbers), or None."""
+    return next((g for g in sorted(INT4_GROUPS, reverse=True) if k % g == 0), None)
+
+
 def _kind_and_why(bits: int, n: int, k: int, group: int, symmetric: bool) -> tuple[str, str | None]:
     """(kind, why a weight that could have used a kernel does not)."""
     if bits == 4:
@@ -65,8 +72,8 @@ def _kind_and_why(bits: int, n: int, k: int, group: int, symmetric: bool) -> tup
             return "codes", "this torch has no CPU int4 kernel"
         if n % 16:
             return "codes", f"{n} output rows: the int4 kernel needs a multiple of 16"
-        if group not in INT4_GROUPS or k % group:
-            return "codes", f"group {group}: the int4 kernel takes 32/64/128/256"
+        if k % group or (group not in INT4_GROUPS and not (group == k and kernel_group(k))):
+            return "codes", f"group {group}: the int4 kernel takes 32/64/128/256 (or per-channel)"
         return "int4pack", None
     if bits == 8:
         if not HAS_INT8:
@@ -103,6 +110,9 @@ class CpuQuantLinear(nn.Module):
             q = torch.empty_like(q).index_copy_(1, self.perm, q)
             self.g_idx, self.perm = g_idx_of(self.perm, group_size), None
         if self.kind == "int4pack" and g_idx is None:
+            if group_size not in INT4_GROUPS:  # per-channel: the row's scale and zero repeated per kernel group
+                self.group_size = group_size = kernel_group(k)
+                scales, zeros = (t.repeat_interleave(k // group_size, dim=1) for t in (scales, zeros))
             z = zeros.float()
             sz = torch.stack([scales.float().t(), ((8.0 - z) * scales.float()).t()], dim=-1)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))

@@ -62,7 +62,8 @@ def test_decode_steps_match_the_wrapped_module(tiny_ckpt, family, overrides):
 # int8 in groups beside int4 experts (--override; fused: one loop over the groups of the concatenation)
 PACKED = [("qwen3_moe", {}, True), ("qwen2_moe", {"bits": 8, "format": "gptq"}, False),
           ("olmoe", {"symmetric": False, "group_size": 64}, True),
-          ("qwen3_moe", {"overrides": ["self_attn=8"], "group_size": 32}, True)]
+          ("qwen3_moe", {"overrides": ["self_attn=8"], "group_size": 32}, True),
+          ("qwen3_moe", {"bits": 8, "symmetric": False, "group_size": 32}, True)]  # zero points: int8group too
 
 
 @pytest.mark.parametrize("family,settings,fused", PACKED)
@@ -78,8 +79,9 @@ def test_packed_projections_take_the_fast_path(tiny_ckpt, tmp_path, family, sett
     assert len(fast) == len(rt.model.layers) and all(f is not None for f in rt.model.fast)
     attn = fast[-1]
     assert attn.qkv.fused == fused
-    if settings.get("overrides"):
+    if settings.get("overrides") or settings.get("bits") == 8 and not settings.get("symmetric", True):
         assert attn.qkv.kind == "int8group" and attn.o.direct
+        assert (attn.qkv.zc is None) == settings.get("symmetric", True)
     if fused:  # the projections' packed rows are views of the concatenation: stored once
         for name in ("q_proj", "k_proj", "v_proj"):
             ptr = getattr(attn.inner, name).packed.untyped_storage().data_ptr()

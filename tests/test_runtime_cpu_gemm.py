@@ -42,7 +42,8 @@ def test_the_expanded_int4_weight_is_the_kernels_own(n, k, group, symmetric):
 @needs_fast_bf16
 @pytest.mark.parametrize("tokens", [2, 97, 130])
 @pytest.mark.parametrize("bits,group,symmetric,act_order", [
-    (4, 32, True, False), (4, 128, False, False), (4, 64, False, True), (8, 256, True, False), (8, 64, True, False)])
+    (4, 32, True, False), (4, 128, False, False), (4, 64, False, True), (8, 256, True, False), (8, 64, True, False),
+    (8, 64, False, False)])
 def test_many_rows_match_the_kernel_and_the_dequantized_weight(always, tokens, bits, group, symmetric, act_order):
     if bits == 4 and not (HAS_INT4 and cpu_gemm.int4pack_layout_known()):
         pytest.skip("int4pack layout not the one read here")
@@ -52,7 +53,8 @@ def test_many_rows_match_the_kernel_and_the_dequantized_weight(always, tokens, b
     q, s, z, g_idx, w = _weights(n, k, bits, group, symmetric, act_order, seed=tokens)
     bias = torch.randn(n)
     lin = CpuQuantLinear(q, s, z, bits, group, g_idx, bias, symmetric=symmetric)
-    assert lin.kind == ("int4pack" if bits == 4 else "int8pack" if group == k else "int8group") and lin._dequant_ok
+    assert lin.kind == ("int4pack" if bits == 4 else "int8pack" if group == k and symmetric else "int8group")
+    assert lin._dequant_ok
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(1))
     y = lin(x)
     ref = x @ w.T + bias
@@ -83,8 +85,8 @@ def test_few_rows_small_weights_and_odd_shapes_stay_on_the_kernel(monkeypatch):
     assert not cpu_gemm.dequant_rows_ok("codes", 128, 128)
     # below DEQUANT_ROWS the kernel runs, whatever the size
     calls = []
-    monkeypatch.setattr(cpu_gemm, "dequant_mm", lambda kind, x2, packed, group, sz: calls.append(kind) or torch.zeros(
-        x2.shape[0], packed.shape[0], dtype=torch.bfloat16))
+    monkeypatch.setattr(cpu_gemm, "dequant_mm", lambda kind, x2, packed, group, sz, zc=None: calls.append(kind)
+                        or torch.zeros(x2.shape[0], packed.shape[0], dtype=torch.bfloat16))
     q, s, z, _, _ = _weights(128, 128, 4, 32, True)
     lin = CpuQuantLinear(q, s, z, 4, 32, symmetric=True)
     lin(torch.randn(cpu_gemm.DEQUANT_ROWS - 1, 128))

@@ -112,6 +112,7 @@ QUANTIZED_CASES = [
     # per-module schemes (--override): int8 attention and shared expert beside int4 experts
     ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),
     ("deepseek_v3", "gptq", {"overrides": ("self_attn=8/16", "layers[.]0[.]mlp=8")}),
+    ("olmoe", "compressed-tensors", {"bits": 8, "symmetric": False, "group_size": 32}),  # int8 with zero points
 ]
 
 

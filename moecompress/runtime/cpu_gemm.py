@@ -116,24 +116,29 @@ def int8pack_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return w.mul_(scales.unsqueeze(1))
 
 
-def int8group_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``W [n, k]`` bf16 of an int8group weight (``packed [G, n, group]``, ``scales [G, n]``; ``q * scale`` rounded
-    once). A view of the scratch buffer."""
+def int8group_weight(packed: torch.Tensor, scales: torch.Tensor, zc: torch.Tensor | None = None) -> torch.Tensor:
+    """``W [n, k]`` bf16 of an int8group weight (``packed [G, n, group]``, ``scales [G, n]``, zero points' part
+    ``zc [G, n]`` or None; ``q * scale - zc`` formed in fp32 and rounded once). A view of the scratch buffer."""
     g, n, group = packed.shape
     w = _SCRATCH.get(torch.bfloat16, n, g * group)
     w3 = w.view(n, g, group)
     w3.copy_(packed.permute(1, 0, 2))  # exact: |q| <= 128
-    w3.mul_(scales.t().unsqueeze(-1))
+    if zc is None:
+        w3.mul_(scales.t().unsqueeze(-1))
+    else:
+        torch.addcmul((-zc).t().unsqueeze(-1).to(torch.bfloat16).contiguous(), w3,
+                      scales.t().unsqueeze(-1).contiguous(), out=w3)
     return w
 
 
-def dequant_mm(kind: str, x2: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
+def dequant_mm(kind: str, x2: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor,
+               zc: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 [M, k] (bf16) @ W^T`` the dequantizing way (bf16 out, like the kernels)."""
     if kind == "int4pack":
         n, k = packed.shape[0], x2.shape[1]
         return rows_mm(x2, int4pack_weight_t(packed, sz, n, k, group))
     if kind == "int8group":
-        return rows_mm(x2, int8group_weight(packed, sz).t())
+        return rows_mm(x2, int8group_weight(packed, sz, zc).t())
     return rows_mm(x2, int8pack_weight(packed, sz).t())
 
 

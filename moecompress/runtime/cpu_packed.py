@@ -13,12 +13,12 @@ once at load from what the checkpoint holds (``cpu_linear``):
   precision (~3e-3 relative), not bit for bit. An act-order group index is applied as a column
   permutation of the activations (the weights are stored with their groups contiguous).
 * ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
-* ``int8group``: 8-bit, symmetric, in groups (``--bits 8 --group-size 128``, or ``--override ...=8`` beside int4
-  experts) -- the same kernel once per group of columns (the kernel takes one scale per row), the groups'
-  bf16 partial products summed in fp32: ~100x faster than ``codes`` at a 4096 x 2048 decode step, about 2x the
-  per-channel kernel's time.
+* ``int8group``: 8-bit in groups (``--bits 8 --group-size 128``, or ``--override ...=8`` beside int4 experts),
+  or asymmetric -- the same kernel once per group of columns (the kernel takes one scale per row), the groups'
+  bf16 partial products summed in fp32, zero points as one small GEMM of the groups' input sums: ~100x faster
+  than ``codes`` at a 4096 x 2048 decode step, about 2x the per-channel kernel's time.
 
-* ``codes``: anything else (3/2 bits, asymmetric int8, odd shapes, a torch without the
+* ``codes``: anything else (3/2 bits, odd shapes, a torch without the
   kernels), or on request (``exact``): codes (two per byte up to 4 bits) + fp32 scales and uint8 zeros,
   dequantized on every call with the dequantizing reader's own operations and multiplied like
   ``nn.Linear`` -- bit for bit the fp32 path's numbers, at 1/8 (int4) to 1/4 (int8) of its weight memory.
@@ -78,11 +78,9 @@ def _kind_and_why(bits: int, n: int, k: int, group: int, symmetric: bool) -> tup
     if bits == 8:
         if not HAS_INT8:
             return "codes", "this torch has no CPU int8 kernel"
-        if not symmetric:
-            return "codes", "the int8 kernel takes symmetric weights only"
         if k % group or group % 16:  # the kernel gives wrong numbers (or crashes) for a K not a multiple of 16
             return "codes", f"group {group} of {k} columns: the int8 kernel needs a multiple of 16 columns"
-        return ("int8pack" if group == k else "int8group"), None
+        return ("int8pack" if group == k and symmetric else "int8group"), None
     return "codes", f"{bits}-bit: no CPU kernel"
 
 
@@ -99,6 +97,7 @@ class CpuQuantLinear(nn.Module):
         self.kind, self.why = ("codes", None) if exact else _kind_and_why(bits, n, k, group_size, symmetric)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("perm", None)
+        self.register_buffer("zc", None)  # int8group with zero points: scale * (z - 128), [G, N] fp32
         if g_idx is not None:  # act-order: put every group's columns together, permute x to match
             order = torch.argsort(g_idx.long(), stable=True)
             if torch.equal(order, torch.arange(k)):
@@ -125,6 +124,8 @@ class CpuQuantLinear(nn.Module):
             codes = (q.to(torch.int16) - 128).to(torch.int8).reshape(n, g, group_size)
             self.register_buffer("packed", codes.permute(1, 0, 2).contiguous())
             self.register_buffer("sz", scales.t().to(torch.bfloat16).contiguous())
+            if not symmetric:  # W = s (c - (z - 128)): the zero points' part, scale * (z - 128) per group
+                self.register_buffer("zc", (scales.float() * (zeros.float() - 128.0)).t().contiguous())
         else:
             self.kind = "codes"
             self.register_buffer("packed", pack_codes(q, bits))
@@ -155,7 +156,7 @@ class CpuQuantLinear(nn.Module):
 
     def _kernel_call(self) -> tuple:
         """``(fn, args)``: ``fn(x2, *args)`` is this linear's torch kernel on bf16 ``x2 [M, K]``."""
-        return kernel_call(self.kind, self.packed, self.group_size, self.sz)
+        return kernel_call(self.kind, self.packed, self.group_size, self.sz, self.zc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -167,7 +168,7 @@ class CpuQuantLinear(nn.Module):
         x2 = x2.to(torch.bfloat16).contiguous()
         if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self._dequant_ok \
                 and not (x2.requires_grad and torch.is_grad_enabled()):  # inference only (out= GEMMs)
-            y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz).to(x.dtype)
+            y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz, self.zc).to(x.dtype)
         else:
             y = self._packed_mm(x2).to(x.dtype)
         if self.bias is not None:
@@ -179,24 +180,29 @@ class CpuQuantLinear(nn.Module):
                 f"kind={self.kind}" + (", act-order" if self.perm is not None or self.g_idx is not None else ""))
 
 
-def kernel_call(kind: str, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> tuple:
-    """``(fn, args)``: ``fn(x2, *args)`` runs torch's CPU weight-only kernel of ``kind`` ("int4pack" or
-    "int8pack") on bf16 ``x2 [M, K]``."""
+def kernel_call(kind: str, packed: torch.Tensor, group_size: int, sz: torch.Tensor,
+                zc: torch.Tensor | None = None) -> tuple:
+    """``(fn, args)``: ``fn(x2, *args)`` runs torch's CPU weight-only kernel of ``kind`` ("int4pack", "int8pack"
+    or "int8group", with ``zc`` its zero points' part) on bf16 ``x2 [M, K]``."""
     if kind == "int4pack":
         return torch.ops.aten._weight_int4pack_mm_for_cpu, (packed, group_size, sz)
     if kind == "int8group":
-        return int8group_mm, (packed, sz)
+        return int8group_mm, (packed, sz, zc)
     return torch.ops.aten._weight_int8pack_mm, (packed, sz)
 
 
-def int8group_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """``x2 [M, K] @ W^T`` for group-wise int8 ``packed [G, N, group]`` with scales ``sz [G, N]``: the per-channel
-    kernel on each group's columns, the partial products summed in fp32; out in ``x2``'s dtype (bf16)."""
+def int8group_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
+                 zc: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W^T`` for group-wise int8 ``packed [G, N, group]`` (``q - 128``) with scales ``sz [G, N]``: the
+    per-channel kernel on each group's columns, the partial products summed in fp32; with zero points, minus each
+    group's input sum times ``zc = scale * (z - 128)`` (``[G, N]`` fp32). Out in ``x2``'s dtype (bf16)."""
     g, _, group = packed.shape
     y = None
     for j in range(g):
         part = torch.ops.aten._weight_int8pack_mm(x2[:, j * group:(j + 1) * group].contiguous(), packed[j], sz[j])
         y = part.float() if y is None else y.add_(part)
+    if zc is not None:
+        y.sub_(x2.float().reshape(x2.shape[0], g, group).sum(-1) @ zc)
     return y.to(x2.dtype)
 
 

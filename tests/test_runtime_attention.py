@@ -81,7 +81,7 @@ def test_packed_projections_take_the_fast_path(tiny_ckpt, tmp_path, family, sett
     assert attn.qkv.fused == fused
     if settings.get("overrides") or settings.get("bits") == 8 and not settings.get("symmetric", True):
         assert attn.qkv.kind == "int8group" and attn.o.direct
-        assert (attn.qkv.zc is None) == settings.get("symmetric", True)
+        assert (attn.qkv.zd is None) == settings.get("symmetric", True)
     if fused:  # the projections' packed rows are views of the concatenation: stored once
         for name in ("q_proj", "k_proj", "v_proj"):
             ptr = getattr(attn.inner, name).packed.untyped_storage().data_ptr()

@@ -85,7 +85,7 @@ def test_few_rows_small_weights_and_odd_shapes_stay_on_the_kernel(monkeypatch):
     assert not cpu_gemm.dequant_rows_ok("codes", 128, 128)
     # below DEQUANT_ROWS the kernel runs, whatever the size
     calls = []
-    monkeypatch.setattr(cpu_gemm, "dequant_mm", lambda kind, x2, packed, group, sz, zc=None: calls.append(kind)
+    monkeypatch.setattr(cpu_gemm, "dequant_mm", lambda kind, x2, packed, group, sz, zq=None: calls.append(kind)
                         or torch.zeros(x2.shape[0], packed.shape[0], dtype=torch.bfloat16))
     q, s, z, _, _ = _weights(128, 128, 4, 32, True)
     lin = CpuQuantLinear(q, s, z, 4, 32, symmetric=True)

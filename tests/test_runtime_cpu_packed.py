@@ -34,7 +34,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("bits,group,symmetric,act_order", [
     (4, 32, True, False), (4, 64, False, False), (4, 128, True, True), (4, 256, False, True),
     (8, 256, True, False), (8, 64, True, False), (8, 32, True, True), (8, 8, True, False), (8, 128, False, False),
-    (8, 256, False, True), (3, 64, False, False), (2, 32, True, True)])
+    (8, 256, False, True), (8, 64, False, True), (3, 64, False, False), (2, 32, True, True)])
 def test_packed_linear_matches_the_dequantized_weight(tokens, bits, group, symmetric, act_order):
     n, k = 48, 256
     q, s, z, g_idx, w = _weights(n, k, bits, group, symmetric, act_order, seed=tokens)
@@ -71,6 +71,32 @@ def test_per_channel_int4_runs_the_kernel_with_its_scale_repeated(k, symmetric):
     assert _rel(lin(x), x @ w.T) < 1e-2 and _rel(lin.weight(), w) < 1e-2
     exact = CpuQuantLinear(q, s, z, 4, k, symmetric=symmetric, exact=True)
     assert exact.kind == "codes" and _rel(exact(x), x @ w.T) < 1e-6
+
+
+@pytest.mark.skipif(not HAS_INT8, reason="this torch has no CPU int8 kernel")
+@pytest.mark.parametrize("rows", [1, 200])
+def test_int8_zero_points_keep_their_precision_with_large_activations(rows, monkeypatch):
+    """Asymmetric int8 with zero points far from 128 and activations of mean 3: the zero points' part (subtracted
+    after the kernel, or formed exactly in bf16 on the many-rows path) costs no more than bf16 rounding."""
+    from moecompress.runtime import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "DEQUANT_MIN_WEIGHTS", 0)
+    gen = torch.Generator().manual_seed(rows)
+    n, k, group = 64, 512, 64
+    w = torch.randn(n, k, generator=gen)
+    wg = w.reshape(n, k // group, group)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0) + 4.0  # skewed ranges: z far from 128
+    scales = (hi - lo) / 255
+    zeros = torch.round(-lo / scales).clamp(0, 255)
+    q = torch.clamp(torch.round(wg / scales[..., None]) + zeros[..., None], 0, 255).reshape(n, k).to(torch.uint8)
+    wq = (scales[..., None] * (q.reshape(n, k // group, group).float() - zeros[..., None])).reshape(n, k)
+    lin = CpuQuantLinear(q, scales, zeros.to(torch.uint8), 8, group, symmetric=False)
+    assert lin.kind == "int8group" and (zeros - 128).abs().max() > 60
+    x = torch.randn(rows, k, generator=gen) + 3.0
+    ref = x @ wq.T
+    assert _rel(lin(x), ref) < 6e-3, _rel(lin(x), ref)
+    xb = x.to(torch.bfloat16).float()  # the kernels' own input rounding, for a tighter bound
+    assert _rel(lin(x), xb @ wq.T) < 4e-3
 
 
 def test_packed_is_smaller_than_fp32_and_odd_shapes_fall_back():

@@ -158,6 +158,8 @@ def test_packed_cpu_kernels_match_the_exact_path(quantized, family, fmt, setting
     bits = settings.get("bits", 4)
     if bits == 4:
         assert fast.report.cpu_kinds.get("int4pack", 0) > 0, fast.report.cpu_kinds
+    if bits == 8 and not settings.get("symmetric", True) or settings.get("overrides"):  # int8 in groups / zero points
+        assert fast.report.cpu_kinds.get("int8group", 0) > 0, fast.report.cpu_kinds
     assert fast.report.packed_linears > 0 and fast.report.packed_expert_layers > 0
 
 

@@ -162,7 +162,7 @@ class _PackedQKV(nn.Module):
         self.fused = (len({m.kind for m in mods}) == 1 and q.kind in ("int4pack", "int8pack", "int8group")
                       and len({m.group_size for m in mods}) == 1
                       and all(m.perm is None and m.bias is None for m in mods)
-                      and len({m.zc is None for m in mods}) == 1
+                      and len({m.zq is None for m in mods}) == 1
                       and (q.kind != "int4pack" or all(m.out_features % 64 == 0 for m in mods)))
         if self.fused:
             rows = 1 if q.kind == "int8group" else 0  # int8group: [G, N, group] codes and [G, N] scales
@@ -174,13 +174,13 @@ class _PackedQKV(nn.Module):
                 start += n
             self.register_buffer("packed", packed)
             self.register_buffer("sz", torch.cat([m.sz for m in mods], dim=1 if q.kind != "int8pack" else 0))
-            self.register_buffer("zc", None if q.zc is None else torch.cat([m.zc for m in mods], dim=1))
+            self.register_buffer("zd", None if q.zd is None else torch.cat([m.zd for m in mods], dim=1))
             self.kind, self.group_size = q.kind, q.group_size
 
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return torch.cat([m(x2) for m in self.parts], dim=-1)
-        fn, args = kernel_call(self.kind, self.packed, self.group_size, self.sz, self.zc)
+        fn, args = kernel_call(self.kind, self.packed, self.group_size, self.sz, self.zd)
         return fn(x2.to(torch.bfloat16), *args).to(x2.dtype)  # x2: a view of the contiguous [B, H] input
 
 

@@ -116,29 +116,28 @@ def int8pack_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return w.mul_(scales.unsqueeze(1))
 
 
-def int8group_weight(packed: torch.Tensor, scales: torch.Tensor, zc: torch.Tensor | None = None) -> torch.Tensor:
-    """``W [n, k]`` bf16 of an int8group weight (``packed [G, n, group]``, ``scales [G, n]``, zero points' part
-    ``zc [G, n]`` or None; ``q * scale - zc`` formed in fp32 and rounded once). A view of the scratch buffer."""
+def int8group_weight(packed: torch.Tensor, scales: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+    """``W [n, k]`` bf16 of an int8group weight (``packed [G, n, group]`` = ``q - 128``, ``scales [G, n]``, zero
+    points ``zq [G, n]`` = ``z - 128`` or None): ``q - z`` formed exactly in bf16 (integers within 255), times the
+    scale, rounded once. A view of the scratch buffer."""
     g, n, group = packed.shape
     w = _SCRATCH.get(torch.bfloat16, n, g * group)
     w3 = w.view(n, g, group)
-    w3.copy_(packed.permute(1, 0, 2))  # exact: |q| <= 128
-    if zc is None:
-        w3.mul_(scales.t().unsqueeze(-1))
-    else:
-        torch.addcmul((-zc).t().unsqueeze(-1).to(torch.bfloat16).contiguous(), w3,
-                      scales.t().unsqueeze(-1).contiguous(), out=w3)
+    w3.copy_(packed.permute(1, 0, 2))  # exact: |q - 128| <= 128
+    if zq is not None:
+        w3.sub_(zq.t().unsqueeze(-1).to(torch.bfloat16))  # exact: integers in [-255, 255]
+    w3.mul_(scales.t().unsqueeze(-1).to(torch.bfloat16))
     return w
 
 
 def dequant_mm(kind: str, x2: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor,
-               zc: torch.Tensor | None = None) -> torch.Tensor:
+               zq: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 [M, k] (bf16) @ W^T`` the dequantizing way (bf16 out, like the kernels)."""
     if kind == "int4pack":
         n, k = packed.shape[0], x2.shape[1]
         return rows_mm(x2, int4pack_weight_t(packed, sz, n, k, group))
     if kind == "int8group":
-        return rows_mm(x2, int8group_weight(packed, sz, zc).t())
+        return rows_mm(x2, int8group_weight(packed, sz, zq).t())
     return rows_mm(x2, int8pack_weight(packed, sz).t())
 
 

@@ -97,7 +97,9 @@ class CpuQuantLinear(nn.Module):
         self.kind, self.why = ("codes", None) if exact else _kind_and_why(bits, n, k, group_size, symmetric)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("perm", None)
-        self.register_buffer("zc", None)  # int8group with zero points: scale * (z - 128), [G, N] fp32
+        # int8group with zero points, [G, N] fp32: zq = z - 128 (integers), zd = scale * sum over the group of (q - z)
+        self.register_buffer("zq", None)
+        self.register_buffer("zd", None)
         if g_idx is not None:  # act-order: put every group's columns together, permute x to match
             order = torch.argsort(g_idx.long(), stable=True)
             if torch.equal(order, torch.arange(k)):
@@ -124,8 +126,11 @@ class CpuQuantLinear(nn.Module):
             codes = (q.to(torch.int16) - 128).to(torch.int8).reshape(n, g, group_size)
             self.register_buffer("packed", codes.permute(1, 0, 2).contiguous())
             self.register_buffer("sz", scales.t().to(torch.bfloat16).contiguous())
-            if not symmetric:  # W = s (c - (z - 128)): the zero points' part, scale * (z - 128) per group
-                self.register_buffer("zc", (scales.float() * (zeros.float() - 128.0)).t().contiguous())
+            if not symmetric:  # W = s (q - z): see int8group_mm
+                zf = zeros.float()
+                self.register_buffer("zq", (zf - 128.0).t().contiguous())
+                sums = (q.float().reshape(n, g, group_size).sum(-1) - group_size * zf) * scales.float()
+                self.register_buffer("zd", sums.t().contiguous())
         else:
             self.kind = "codes"
             self.register_buffer("packed", pack_codes(q, bits))
@@ -156,7 +161,7 @@ class CpuQuantLinear(nn.Module):
 
     def _kernel_call(self) -> tuple:
         """``(fn, args)``: ``fn(x2, *args)`` is this linear's torch kernel on bf16 ``x2 [M, K]``."""
-        return kernel_call(self.kind, self.packed, self.group_size, self.sz, self.zc)
+        return kernel_call(self.kind, self.packed, self.group_size, self.sz, self.zd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -168,7 +173,7 @@ class CpuQuantLinear(nn.Module):
         x2 = x2.to(torch.bfloat16).contiguous()
         if x2.shape[0] >= cpu_gemm.DEQUANT_ROWS and self._dequant_ok \
                 and not (x2.requires_grad and torch.is_grad_enabled()):  # inference only (out= GEMMs)
-            y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz, self.zc).to(x.dtype)
+            y = cpu_gemm.dequant_mm(self.kind, x2, self.packed, self.group_size, self.sz, self.zq).to(x.dtype)
         else:
             y = self._packed_mm(x2).to(x.dtype)
         if self.bias is not None:
@@ -181,28 +186,37 @@ class CpuQuantLinear(nn.Module):
 
 
 def kernel_call(kind: str, packed: torch.Tensor, group_size: int, sz: torch.Tensor,
-                zc: torch.Tensor | None = None) -> tuple:
+                zd: torch.Tensor | None = None) -> tuple:
     """``(fn, args)``: ``fn(x2, *args)`` runs torch's CPU weight-only kernel of ``kind`` ("int4pack", "int8pack"
-    or "int8group", with ``zc`` its zero points' part) on bf16 ``x2 [M, K]``."""
+    or "int8group", with ``zd`` its zero points' part) on bf16 ``x2 [M, K]``."""
     if kind == "int4pack":
         return torch.ops.aten._weight_int4pack_mm_for_cpu, (packed, group_size, sz)
     if kind == "int8group":
-        return int8group_mm, (packed, sz, zc)
+        return int8group_mm, (packed, sz, zd)
     return torch.ops.aten._weight_int8pack_mm, (packed, sz)
 
 
 def int8group_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
-                 zc: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 [M, K] @ W^T`` for group-wise int8 ``packed [G, N, group]`` (``q - 128``) with scales ``sz [G, N]``: the
-    per-channel kernel on each group's columns, the partial products summed in fp32; with zero points, minus each
-    group's input sum times ``zc = scale * (z - 128)`` (``[G, N]`` fp32). Out in ``x2``'s dtype (bf16)."""
+                 zd: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W^T`` for group-wise int8 ``packed [G, N, group]`` (``c = q - 128``) with scales ``sz [G, N]``:
+    the per-channel kernel on each group's columns, the bf16 partial products summed in fp32; out in ``x2``'s dtype.
+
+    With zero points (``W = s (q - z)``, ``zd = s * sum_group (q - z)``, ``[G, N]`` fp32) the kernel takes each
+    group's inputs minus their mean ``m``: then ``x' . c = x' . (q - z)`` (``x'`` sums to zero), and ``m @ zd`` adds
+    the rest. Without the centring, a group's partial product would carry ``(z - 128) sum(x)`` -- large for
+    activations with a mean -- and lose the result in its bf16 rounding."""
     g, _, group = packed.shape
+    xs, mean = x2, None
+    if zd is not None:
+        x3 = x2.float().reshape(x2.shape[0], g, group)
+        mean = x3.mean(-1)
+        xs = (x3 - mean.unsqueeze(-1)).reshape(x2.shape).to(x2.dtype)
     y = None
     for j in range(g):
-        part = torch.ops.aten._weight_int8pack_mm(x2[:, j * group:(j + 1) * group].contiguous(), packed[j], sz[j])
+        part = torch.ops.aten._weight_int8pack_mm(xs[:, j * group:(j + 1) * group].contiguous(), packed[j], sz[j])
         y = part.float() if y is None else y.add_(part)
-    if zc is not None:
-        y.sub_(x2.float().reshape(x2.shape[0], g, group).sum(-1) @ zc)
+    if mean is not None:
+        y.add_(mean @ zd.float())
     return y.to(x2.dtype)
 
 

@@ -1,7 +1,7 @@
 """Quantized linears that stay packed on the CPU: memory about the checkpoint's size, and faster decode.
 
 On a CPU the runtime used to dequantize every quantized weight to fp32 at load (4x an int4 checkpoint
-plus scales, in RAM). Here each quantized linear keeps its codes and runs one of three ways, chosen
+plus scales, in RAM). Here each quantized linear keeps its codes and runs one of these ways, chosen
 once at load from what the checkpoint holds (``cpu_linear``):
 
 * ``int4pack``: 4-bit, a group of 32/64/128/256 (per-channel too: its scale repeated over groups of 256 or
@@ -15,8 +15,8 @@ once at load from what the checkpoint holds (``cpu_linear``):
 * ``int8pack``: 8-bit, symmetric, per-channel -- ``_weight_int8pack_mm`` (bf16 activations and scales).
 * ``int8group``: 8-bit in groups (``--bits 8 --group-size 128``, or ``--override ...=8`` beside int4 experts),
   or asymmetric -- the same kernel once per group of columns (the kernel takes one scale per row), the groups'
-  bf16 partial products summed in fp32, zero points as one small GEMM of the groups' input sums: ~100x faster
-  than ``codes`` at a 4096 x 2048 decode step, about 2x the per-channel kernel's time.
+  bf16 partial products summed in fp32 (zero points: the groups' inputs centred, their means' part one small
+  GEMM): ~100x faster than ``codes`` at a 4096 x 2048 decode step, about 2x the per-channel kernel's time.
 
 * ``codes``: anything else (3/2 bits, odd shapes, a torch without the
   kernels), or on request (``exact``): codes (two per byte up to 4 bits) + fp32 scales and uint8 zeros,

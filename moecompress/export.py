@@ -199,9 +199,10 @@ def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized:
     takes the routed experts' scheme from the first group with such a regex, else from the first group with a
     class target."""
     out = []
+    by_local = _by_local(schemes)
     for spec in dict.fromkeys(schemes.values()):
         locals_by_layers: dict[str, list[str]] = {}
-        for local, per_layer in _by_local(schemes).items():
+        for local, per_layer in by_local.items():
             mine = sorted(i for i, s in per_layer.items() if s == spec)
             if not mine:
                 continue

@@ -110,6 +110,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
 
     ``schemes``: ``{"layers.{i}.{name}": QuantSpec}`` of the targets an override gives another scheme than
     ``qspec`` (``quant.overrides.assign``)."""
+    schemes = schemes or {}
     record: dict = {"layer": i, "linears": {}}
     results: dict[Target, object] = {}
     overrides: dict = {}
@@ -156,12 +157,12 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                                if any(g.group.loss == "attention" for g in groups) else None)
                     record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
                                                                    results, overrides, windows))
-            for group in _split_by_scheme(same_input_groups(stage, stats), i, schemes or {}):
+            for group in _split_by_scheme(same_input_groups(stage, stats), i, schemes):
                 t = group[0]
                 bar.set_postfix_str("+".join(x.name for x in group)
                                     + (f" ({target_weight(layer, t).shape[0]} experts)" if t.expert_proj else ""))
                 t0 = time.perf_counter()
-                spec = (schemes or {}).get(f"layers.{i}.{t.name}", qspec)
+                spec = schemes.get(f"layers.{i}.{t.name}", qspec)
                 _solve_target(layer, i, group, stats, cfg, spec, store_dtype, record, results, starved, handle,
                               ranks, targets.index(t))
                 clock["solve_s"] += time.perf_counter() - t0

@@ -179,10 +179,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
 
 def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: ShardedWriter, cfg: QuantizeConfig, qspec,
             summary: dict, quantized_names: set[str], store_dtype, device, dtype, head_h: torch.Tensor | None,
-            t_start: float, schemes: dict | None = None) -> None:
+            t_start: float, schemes: dict) -> None:
     """Rank 0, after the layers: lm_head, the other float tensors, the configs, moecompress.json."""
     if cfg.quantize_lm_head:
-        qw, summary["lm_head"] = quantize_lm_head(handle, model, head_h, cfg, (schemes or {}).get("lm_head", qspec),
+        qw, summary["lm_head"] = quantize_lm_head(handle, model, head_h, cfg, schemes.get("lm_head", qspec),
                                                   store_dtype, device, dtype)
         for k, v in encode(cfg.format, qw, store_dtype).items():
             writer.add(f"lm_head.{k}", v)
@@ -203,7 +203,7 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     copy_side_files(model_dir, tmp)
     summary["kept_in_float"] = kept
-    summary["schemes"] = describe_schemes(schemes or {})
+    summary["schemes"] = describe_schemes(schemes)
     summary["shards"] = shards
     summary["size_bytes"] = writer.total_bytes
     summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])

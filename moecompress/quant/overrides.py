@@ -89,26 +89,25 @@ def assign(all_targets: list[list], overrides: list[Override], base: QuantSpec,
     compiled = [re.compile(o.match) for o in overrides]
     used = [False] * len(overrides)
     out: dict[str, QuantSpec] = {}
+
+    def match(name: str, routed: bool = False) -> None:
+        j = next((j for j, c in enumerate(compiled) if c.search(name)), None)
+        if j is None:
+            return
+        if routed:
+            raise UserError(f"override {overrides[j].match!r} matches the routed experts {name}: they take "
+                            "--bits/--group-size (loaders read one scheme for all of them); anchor the pattern, "
+                            "e.g. 'self_attn' or 'shared_expert'")
+        used[j] = True
+        spec = overrides[j].apply(base)
+        if spec != base:
+            out[name] = spec
+
     for name in others:
-        hits = [j for j, c in enumerate(compiled) if c.search(name)]
-        if hits:
-            used[hits[0]] = True
-            spec = overrides[hits[0]].apply(base)
-            if spec != base:
-                out[name] = spec
+        match(name)
     for i, targets in enumerate(all_targets):
         for t in targets:
-            name = f"layers.{i}.{t.name}"
-            hits = [j for j, c in enumerate(compiled) if c.search(name)]
-            if hits and t.expert_proj is not None:
-                raise UserError(f"override {overrides[hits[0]].match!r} matches the routed experts {name}: they take "
-                                "--bits/--group-size (loaders read one scheme for all of them); anchor the pattern, "
-                                "e.g. 'self_attn' or 'shared_expert'")
-            if hits:
-                used[hits[0]] = True
-                spec = overrides[hits[0]].apply(base)
-                if spec != base:
-                    out[name] = spec
+            match(f"layers.{i}.{t.name}", routed=t.expert_proj is not None)
     unused = [o.match for o, u in zip(overrides, used) if not u]
     if unused:
         example = next((f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts

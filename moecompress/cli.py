@@ -16,6 +16,7 @@ import threading
 
 import click
 
+from .arch.registry import supported_families
 from .errors import UserError
 from .units import nonempty_path, parse_size
 
@@ -81,8 +82,7 @@ def inspect(model_dir: str, skip_rate, eval_json) -> None:
 
 @cli.command("make-tiny")
 @click.argument("out_dir", callback=nonempty_path)
-@click.option("--family", type=click.Choice(["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe",
-                                             "qwen3_5_moe", "glm4_moe_lite"]), default="qwen3_moe", show_default=True)
+@click.option("--family", type=click.Choice(supported_families()), default="qwen3_moe", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fused-experts", is_flag=True, help="Store experts fused 3D (official Qwen3.5/3.6 layout).")
 @click.option("--overwrite", is_flag=True)

@@ -40,6 +40,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3_5_moe": dict(_COMMON, head_dim=32, moe_intermediate_size=64, shared_expert_intermediate_size=64,
                         num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, linear_key_head_dim=32,
                         linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4),
+    "qwen3_next": dict(_COMMON, head_dim=32, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                       num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, linear_key_head_dim=32,
+                       linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4),
 }
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moecompress.arch.registry import supported_families
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # kernels run in Triton's interpreter on CPU (set before any @triton.jit)
@@ -44,7 +46,7 @@ def pytest_configure(config):
                                 f"{numpy.__version__}: pip install 'numpy<2.4' (or a newer triton)")
 
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe", "glm4_moe_lite"]
+FAMILIES = supported_families()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def test_plain_checkpoint_matches_transformers(tiny_ckpt, family, layout):
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_5_moe", "qwen3_next"])
 def test_quantized_checkpoint_matches_dequantized_twin(tiny_ckpt, tmp_path, family, fmt):
     src = tiny_ckpt(family)
     out = tmp_path / "q"

@@ -117,8 +117,9 @@ def test_awq_beats_plain_rtn_on_the_block_loss(tmp_path):
     assert methods == {"gptq"}
 
 
-def test_zero_centered_norm_groups_skip_in_pow2_mode(tmp_path, tiny_ckpt):
-    s = quantize(tiny_ckpt("qwen3_5_moe"), tmp_path / "out", quick_config(method="awq"))
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next"])
+def test_zero_centered_norm_groups_skip_in_pow2_mode(tmp_path, tiny_ckpt, family):
+    s = quantize(tiny_ckpt(family), tmp_path / "out", quick_config(method="awq"))
     mlp = _mlp_records(s)
     assert mlp and all("(1 + weight)" in r["skipped"] for r in mlp)
     done = [g for r in s["layers"] for g in r["awq"] if "skipped" not in g]

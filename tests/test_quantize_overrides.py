@@ -173,7 +173,7 @@ def test_kept_fused_groups_get_a_negative_rule_under_their_fused_name(tiny_ckpt,
     assert first("model.language_model.layers.0.linear_attn.in_proj_ba") == ("-:", {})
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "qwen3_5_moe", "glm4_moe_lite", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "qwen3_5_moe", "glm4_moe_lite", "mixtral", "qwen3_next"])
 def test_transformers_loads_a_mixed_checkpoint(tiny_ckpt, tmp_path, family, caplog):
     """compressed-tensors config groups by name: stock transformers (through compressed-tensors' own matching)
     gives every linear the scheme our reader gives it, warns about no target, and computes what our

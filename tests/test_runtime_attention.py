@@ -10,7 +10,7 @@ from moecompress.runtime.attention import DecodeAttention, RotaryMatrix, decode_
 from moecompress.runtime.cache import KVCache
 
 STANDARD = {"qwen3_moe": "head", "qwen2_moe": None, "mixtral": None, "olmoe": "full"}
-OTHERS = ["deepseek_v3", "glm4_moe", "qwen3_5_moe", "glm4_moe_lite"]  # latent, partial-rotary, gated attention
+OTHERS = ["deepseek_v3", "glm4_moe", "qwen3_5_moe", "glm4_moe_lite", "qwen3_next"]  # latent, partial-rotary, gated attention
 
 
 def _fast_layers(rt):

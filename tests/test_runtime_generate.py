@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import quick_config
+from conftest import FAMILIES, quick_config
 from moecompress.checkpoint.dequant import write_dequantized
 from moecompress.errors import UserError
 from moecompress.pipeline import quantize
 from moecompress.runtime import Runtime
 
-RUNTIME_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe",
-                    "glm4_moe_lite"]
+RUNTIME_FAMILIES = FAMILIES
 NEW_TOKENS = 40
 
 
@@ -109,6 +108,7 @@ QUANTIZED_CASES = [
     ("qwen3_5_moe", "compressed-tensors", {}),  # hybrid: quantized Gated DeltaNet projections and attention
     ("glm4_moe_lite", "compressed-tensors", {"symmetric": False}),  # MLA + sigmoid group-limited routing
     ("glm4_moe_lite", "gptq", {}),
+    ("qwen3_next", "gptq", {"symmetric": False}),  # Qwen3-Next: fused delta-net projections, gated attention
     # per-module schemes (--override): int8 attention and shared expert beside int4 experts
     ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),
     ("deepseek_v3", "gptq", {"overrides": ("self_attn=8/16", "layers[.]0[.]mlp=8")}),
@@ -310,8 +310,9 @@ def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
     ("qwen3_5_moe", "compressed-tensors", {}),  # packed Gated DeltaNet projections, float conv
     ("glm4_moe_lite", "gptq", {}),  # packed MLA projections (q/kv LoRA ranks), sigmoid group-limited routing
     ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),  # int8 beside int4
+    ("qwen3_next", "compressed-tensors", {}),
 ], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4", "glm4_moe_lite-gptq-w4",
-        "qwen2_moe-ct-w4-attn-w8"])
+        "qwen2_moe-ct-w4-attn-w8", "qwen3_next-ct-w4"])
 def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, fmt, settings):
     """The CUDA code path (packed int4/int8 linears and experts, Triton routing and fused MoE), run by
     Triton's interpreter: same tokens and logits as the dequantized CPU path."""
@@ -333,7 +334,8 @@ def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, f
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("deepseek_v3", None),
-                                        ("qwen3_5_moe", "compressed-tensors"), ("glm4_moe_lite", "gptq")])
+                                        ("qwen3_5_moe", "compressed-tensors"), ("glm4_moe_lite", "gptq"),
+                                        ("qwen3_next", "compressed-tensors")])
 def test_cuda_graph_decode_matches_eager_and_cpu(quantized, tiny_ckpt, family, fmt):
     path = quantized(family, fmt)[0] if fmt else tiny_ckpt(family)
     graph = Runtime.load(path, device="cuda", dtype="float32")

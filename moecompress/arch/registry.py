@@ -165,6 +165,18 @@ FAMILIES: tuple[ArchSpec, ...] = (
         norm_weight_offset=1.0,
     ),
     ArchSpec(
+        # Qwen3-Next (80B-A3B): Qwen3.5's hybrid text model before it, with the delta-net projections stored
+        # fused (in_proj_qkvz, in_proj_ba) and a text-only config
+        family="qwen3_next",
+        model_types=("qwen3_next",),
+        num_experts_attr="num_experts",
+        routers=("mlp.gate", "mlp.shared_expert_gate"),
+        shared_expert="mlp.shared_expert",
+        keep_float=("linear_attn.in_proj_ba",),
+        awq_groups=(_QKV, _VO, _LINEAR_ATTN) + _MLP,
+        norm_weight_offset=1.0,
+    ),
+    ArchSpec(
         # GLM-4.7-Flash: DeepSeek-V3's MLA attention with GLM-4.5's MoE (dense layers: mlp_layer_types)
         family="glm4_moe_lite",
         model_types=("glm4_moe_lite",),

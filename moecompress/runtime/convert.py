@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.handle import ModelHandle, decoder_layers
+from ..arch.registry import supported_families
 from ..checkpoint.dequant import read_quantized
 from ..checkpoint.load import DequantizingReader, materialize_outer, open_model
 from ..errors import UserError
@@ -39,8 +40,7 @@ from .qlinear import PackedWeight, QuantLinear
 
 log = logging.getLogger("moecompress.runtime")
 
-RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_5_moe",
-                    "glm4_moe_lite")
+RUNTIME_FAMILIES = tuple(supported_families())
 _SCALE_SUFFIX = {"compressed-tensors": "weight_scale", "gptq": "scales", "awq": "scales"}
 _SCALE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

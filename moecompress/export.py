@@ -180,12 +180,18 @@ def _layers_of(local: str, quantized: set[str]) -> set[int]:
     return {int(q.partition(".")[0]) for q in quantized if q.partition(".")[2] == local}
 
 
-def _fused_names(locals_: list[str]) -> list[str]:
-    """vLLM's fused layer name for each member of a fused group (``self_attn.q_proj`` -> ``self_attn.qkv_proj``)."""
+def _fused_names(local: str, spellings: list[str], quantized: set[str]) -> list[str]:
+    """vLLM's fused layer name in each spelling of ``local`` (``self_attn.q_proj`` -> ``self_attn.qkv_proj``), where
+    ``local`` belongs to a fused group whose members are all quantized (DeepSeek-V2-Lite's lone q_proj fuses with
+    nothing)."""
+    parent, _, leaf = local.rpartition(".")
+    present = {q.partition(".")[2] for q in quantized}
+    fused = [f for members, f in FUSED
+             if leaf in members and all((f"{parent}.{m}" if parent else m) in present for m in members)]
     out = []
-    for local in locals_:
-        parent, _, leaf = local.rpartition(".")
-        out += [f"{parent}.{fused}" if parent else fused for members, fused in FUSED if leaf in members]
+    for spelling in spellings:
+        p = spelling.rpartition(".")[0]
+        out += [f"{p}.{f}" if p else f for f in fused]
     return out
 
 
@@ -208,7 +214,8 @@ def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized:
                 continue
             idx = r"\d+" if set(mine) == _layers_of(local, quantized) else "(?:" + "|".join(map(str, mine)) + ")"
             names = list(dict.fromkeys((local, handle.disk_local(local))))
-            locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names + _fused_names(names))
+            names += _fused_names(local, names, quantized)
+            locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names)
         targets = ["re:.*\\.layers\\." + idx + r"\.(?:" + "|".join(sorted(set(ls))) + ")$"
                    for idx, ls in locals_by_layers.items()]
         targets += [f"re:^{re.escape(n)}$" for n, s in schemes.items() if s == spec and not n.startswith("layers.")]
@@ -224,7 +231,7 @@ def gptq_positive_rules(handle: ModelHandle, schemes: dict[str, QuantSpec], quan
     for local, per_layer in sorted(_by_local(schemes).items()):
         uniform = len(set(per_layer.values())) == 1 and _layers_of(local, quantized) <= set(per_layer)
         spellings = list(dict.fromkeys((local, handle.disk_local(local))))
-        for loc in spellings + _fused_names(spellings):
+        for loc in spellings + _fused_names(local, spellings, quantized):
             if uniform:
                 rules[rf".*\.layers\.\d+\.{re.escape(loc)}$"] = next(iter(per_layer.values()))
             else:

@@ -47,6 +47,10 @@ def pytest_configure(config):
 
 
 FAMILIES = supported_families()
+# DeepSeek-V2 proper (the tiny default is V2-Lite's greedy top-k without q LoRA): q LoRA, group-limited top-k by
+# each group's best expert, scaled weights
+DEEPSEEK_V2_GROUPED = dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,
+                           q_lora_rank=64)
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,36 @@ def test_sigmoid_grouped_deepseek(gen, t, renormalize):
         assert_close(w.sum(-1), torch.full((t,), 2.5), 1e-5, "renormalized sum")
 
 
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("z", [0, 3])
+def test_softmax_grouped_by_best_expert_deepseek_v2(gen, t, z):
+    """DeepSeek-V2's group_limited_greedy: softmax over all experts, the topk_group groups with the best single
+    score, top-k inside them, no renormalization, scaled; the same sets and weights as transformers' router."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    e, k = 32, 6
+    logits = torch.randn(t, e + z, generator=gen) * 2
+    w, i = _compare(logits.to(DEVICE), k, renormalize=False, n_group=8, topk_group=3, routed_scaling_factor=16.0,
+                    group_score="max", num_zero=z)
+    groups = i.cpu().long()
+    for row in groups:
+        real = row[row < e]
+        assert len(set((real // 4).tolist())) <= 3, f"experts from more than topk_group groups: {row.tolist()}"
+    if z:
+        return
+    cfg = DeepseekV2Config(hidden_size=e, n_routed_experts=e, num_experts_per_tok=k, n_group=8, topk_group=3,
+                           topk_method="group_limited_greedy", routed_scaling_factor=16.0)
+    hf = DeepseekV2TopkRouter(cfg)
+    with torch.no_grad():
+        hf.weight.copy_(torch.eye(e))  # router logits = the input
+        _, w_hf, i_hf = hf(logits)
+    order = i_hf.long().sort(dim=-1)
+    assert torch.equal(i.cpu().long().sort(dim=-1).values, order.values)
+    assert_close(w.cpu().gather(1, i.cpu().long().sort(dim=-1).indices), w_hf.gather(1, order.indices), 1e-6,
+                 "weights against transformers' router")
+
+
 @pytest.mark.parametrize("t", [1, 33])
 def test_sigmoid_bias_no_groups_glm(gen, t):
     e = 24

@@ -17,7 +17,7 @@ from conftest import quick_config
 from test_cli_errors import _assert_clean, _run
 
 # sigmoid routers (fp32 logits), a shared expert gate, Mixtral's names, MLA attention
-AWQ_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe_lite"]
+AWQ_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe_lite", "deepseek_v2"]
 
 
 def _hidden_outliers(model, g):

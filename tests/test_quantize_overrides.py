@@ -152,6 +152,18 @@ def test_fused_layers_of_serving_engines_get_the_override(tiny_ckpt, tmp_path, f
                 assert rule.get("bits") == 8, name
 
 
+def test_a_lone_member_of_a_fused_group_gets_no_fused_name(tiny_ckpt, tmp_path):
+    """DeepSeek-V2-Lite has q_proj without k_proj/v_proj (and kv_a_proj_with_mqa without q_a_proj): vLLM fuses
+    neither, so no qkv_proj / fused_qkv_a_proj name appears in either format's rules."""
+    from moecompress.pipeline import quantize
+
+    for fmt in ("compressed-tensors", "gptq"):
+        out = tmp_path / fmt
+        quantize(tiny_ckpt("deepseek_v2"), out, quick_config(method="rtn", format=fmt, overrides=["self_attn=8"]))
+        text = (out / "config.json").read_text()
+        assert "q_proj" in text and "qkv_proj" not in text and "fused_qkv_a_proj" not in text, fmt
+
+
 def test_kept_fused_groups_get_a_negative_rule_under_their_fused_name(tiny_ckpt, tmp_path):
     """GPTQ format: an ignored q/k/v (or Qwen3.5's float in_proj_b/a) is matched as vLLM's qkv_proj (in_proj_ba)
     by a negative rule, before the positive rule that gives the other layers' attention 8 bits."""
@@ -173,7 +185,8 @@ def test_kept_fused_groups_get_a_negative_rule_under_their_fused_name(tiny_ckpt,
     assert first("model.language_model.layers.0.linear_attn.in_proj_ba") == ("-:", {})
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "qwen3_5_moe", "glm4_moe_lite", "mixtral", "qwen3_next"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "qwen3_5_moe", "glm4_moe_lite", "mixtral", "qwen3_next",
+                                    "deepseek_v2"])
 def test_transformers_loads_a_mixed_checkpoint(tiny_ckpt, tmp_path, family, caplog):
     """compressed-tensors config groups by name: stock transformers (through compressed-tensors' own matching)
     gives every linear the scheme our reader gives it, warns about no target, and computes what our

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, quick_config
+from conftest import DEEPSEEK_V2_GROUPED, FAMILIES, quick_config
 from moecompress.checkpoint.dequant import write_dequantized
 from moecompress.errors import UserError
 from moecompress.pipeline import quantize
@@ -65,6 +65,22 @@ def test_in_memory_layout_matches_transformers(tiny_ckpt, family):
     _greedy_matches_transformers(tiny_ckpt(family, original_format=False), family)
 
 
+def test_deepseek_v2_group_limited_routing_matches_transformers(tiny_ckpt):
+    path = tiny_ckpt("deepseek_v2", **DEEPSEEK_V2_GROUPED)
+    _greedy_matches_transformers(path, "deepseek_v2")
+    rt = Runtime.load(path)
+    moe = next(layer.mlp for layer in rt.model.layers if type(layer.mlp).__name__ == "MoEBlock")
+    assert (moe.routing.n_group, moe.routing.group_score, moe.routing.scaling, moe.routing.renormalize) == \
+        (4, "max", 2.0, False)
+    from moecompress.kernels import _common
+
+    if _common.interpreting():  # the Triton routing kernel's group-by-best-expert mode, same tokens and logits
+        kern = Runtime.load(path, kernels=True)
+        a = kern.generate(_prompt(3, length=5), 4, stop_ids=[], keep_logits=True)
+        b = rt.generate(_prompt(3, length=5), 4, stop_ids=[], keep_logits=True)
+        assert a.tokens == b.tokens and max(_rel(x, y) for x, y in zip(a.logits, b.logits)) < 1e-4
+
+
 def test_official_qwen3_5_layout_matches_transformers(tiny_ckpt):
     # official Qwen3.5/3.6 checkpoints store experts fused (3D) on disk, under model.language_model
     _greedy_matches_transformers(tiny_ckpt("qwen3_5_moe", fused_experts=True), "qwen3_5_moe")
@@ -109,6 +125,7 @@ QUANTIZED_CASES = [
     ("glm4_moe_lite", "compressed-tensors", {"symmetric": False}),  # MLA + sigmoid group-limited routing
     ("glm4_moe_lite", "gptq", {}),
     ("qwen3_next", "gptq", {"symmetric": False}),  # Qwen3-Next: fused delta-net projections, gated attention
+    ("deepseek_v2", "compressed-tensors", {"group_size": 32}),  # MLA without q LoRA, unnormalized softmax routing
     # per-module schemes (--override): int8 attention and shared expert beside int4 experts
     ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),
     ("deepseek_v3", "gptq", {"overrides": ("self_attn=8/16", "layers[.]0[.]mlp=8")}),
@@ -311,8 +328,9 @@ def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
     ("glm4_moe_lite", "gptq", {}),  # packed MLA projections (q/kv LoRA ranks), sigmoid group-limited routing
     ("qwen2_moe", "compressed-tensors", {"overrides": ("self_attn|shared_expert=8",)}),  # int8 beside int4
     ("qwen3_next", "compressed-tensors", {}),
+    ("deepseek_v2", "gptq", {"symmetric": False}),
 ], ids=["qwen3_moe-ct-w4", "glm4_moe-gptq-w4-asym", "deepseek_v3-ct-w8", "qwen3_5_moe-ct-w4", "glm4_moe_lite-gptq-w4",
-        "qwen2_moe-ct-w4-attn-w8", "qwen3_next-ct-w4"])
+        "qwen2_moe-ct-w4-attn-w8", "qwen3_next-ct-w4", "deepseek_v2-gptq-w4-asym"])
 def test_kernel_path_matches_cpu_path_under_the_interpreter(quantized, family, fmt, settings):
     """The CUDA code path (packed int4/int8 linears and experts, Triton routing and fused MoE), run by
     Triton's interpreter: same tokens and logits as the dequantized CPU path."""

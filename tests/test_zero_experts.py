@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES, quick_config, run_cli
+from conftest import DEEPSEEK_V2_GROUPED, FAMILIES, quick_config, run_cli
 from moecompress.checkpoint.load import load_model
 from moecompress.errors import UserError
 from moecompress.zero.convert import convert_layout
@@ -99,6 +99,34 @@ def test_injected_model_is_the_original_bit_for_bit(tiny_ckpt, tmp_path, family)
     e = json.loads((out / "moecompress.json").read_text())["zero_experts"]
     assert e["layers"], "no MoE layer got zero experts"
     assert all((r >= 8).sum() == 0 for r in _router_ids(out, ids).values())
+
+
+def test_deepseek_v2_group_limited_routing_with_zero_experts(tiny_ckpt, tmp_path):
+    """Softmax routing limited to groups (scored by their best expert): the injected model is the original
+    bit for bit, the zero experts stay out of the groups in transformers' modules and in the runtime (same
+    greedy tokens), and the stock layout is refused (stock routers would group the zero experts too)."""
+    from moecompress.runtime import Runtime
+
+    src = tiny_ckpt("deepseek_v2", **DEEPSEEK_V2_GROUPED)
+    out = tmp_path / "z"
+    add_zero_experts(src, out, 4, "same", seed=3)
+    ids = _ids()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(_logits(src, ids, dtype), _logits(out, ids, dtype)), dtype
+    native = mixed_zero_model(src, tmp_path / "mixed")
+    routed = torch.cat([v.reshape(-1, 2) for v in _router_ids(native, ids).values()])
+    assert 0 < int((routed >= 8).sum()) < routed.numel()
+    for row in routed:
+        real = row[row < 8]
+        assert len(set((real // 2).tolist())) <= 2, f"real experts from more than topk_group groups: {row.tolist()}"
+    prompt = _ids(1, batch=1, length=11)
+    _, ref = load_model(native)
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = ref.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
+    assert Runtime.load(native).generate(prompt, 32, stop_ids=[]).tokens == want.tolist()
+    with pytest.raises(UserError, match="group-limited"):
+        convert_layout(native, tmp_path / "s", "stock")
 
 
 def test_injection_is_seeded_and_rows_follow_the_real_rows(tiny_ckpt, tmp_path):

@@ -26,7 +26,7 @@ from ..checkpoint.reader import CheckpointReader
 from ..errors import UserError, one_line
 from ..memory import gc_paused
 from ..zero.layout import ZeroExperts, read_zero_experts
-from .registry import BY_MODEL_TYPE, ArchSpec, supported_families
+from .registry import BY_MODEL_TYPE, ArchSpec, router_rule, supported_families
 
 FUSED_GATE_UP = "experts.gate_up_proj"
 FUSED_DOWN = "experts.down_proj"
@@ -100,7 +100,7 @@ class ModelHandle:
         z = self.zero
         if z is None:
             return
-        if z.layout == "stock" and (getattr(self.text_config, "n_group", None) or 1) > 1 and self.spec.scoring == "sigmoid":
+        if z.layout == "stock" and router_rule(self.spec, self.text_config).n_group is not None:
             raise UserError(f"{self.reader.path}: a stock-layout zero-expert model cannot use group-limited routing "
                             f"(n_group={self.text_config.n_group}): stock loaders would group the zero experts too")
         if self.num_experts < 1:

@@ -90,6 +90,16 @@ class ArchSpec:
     keep_float: tuple[str, ...] = ()
     # router scoring: "softmax" or "sigmoid" (with e_score_correction_bias, group-limited top-k)
     scoring: str = "softmax"
+    # group-limited top-k (config n_group/topk_group): a group's score is the sum of its two best scores
+    # ("top2", DeepSeek-V3/GLM) or its best one ("max", DeepSeek-V2's group_limited_greedy); ``group_when``
+    # = (config attribute, value) turns the groups on only when the config says so (DeepSeek-V2's topk_method)
+    group_score: str = "top2"
+    group_when: tuple[str, str] | None = None
+    # the router renormalizes its top-k weights: None = the config's norm_topk_prob (default True);
+    # False for a router that never does, whatever the config says (DeepSeek-V2)
+    renormalize: bool | None = None
+    # router logits in fp32 whatever the activations' dtype (implied by sigmoid scoring)
+    fp32_logits: bool = False
     # on-disk prefixes of the text model, in the order they are probed
     disk_model_prefixes: tuple[str, ...] = ("model",)
     # the config holding the text model (composite vision-language configs nest it)
@@ -106,7 +116,36 @@ class ArchSpec:
 
     @property
     def router_logits_fp32(self) -> bool:
-        return self.scoring == "sigmoid"
+        return self.scoring == "sigmoid" or self.fp32_logits
+
+
+@dataclass(frozen=True)
+class RouterRule:
+    """How a family's router turns scores into top-k weights, read from its ArchSpec and text config."""
+
+    scoring: str
+    renormalize: bool
+    n_group: int | None = None  # None: no group-limited top-k
+    topk_group: int | None = None
+    group_score: str = "top2"
+    scaling: float = 1.0
+
+
+def router_rule(spec: ArchSpec, text_config) -> RouterRule:
+    grouped = (getattr(text_config, "n_group", None) or 1) > 1
+    if spec.group_when is not None:
+        attr, value = spec.group_when
+        grouped = grouped and getattr(text_config, attr, None) == value
+    # Mixtral has no norm_topk_prob and always renormalizes; every other family says so in its config
+    renormalize = spec.renormalize if spec.renormalize is not None else bool(getattr(text_config, "norm_topk_prob",
+                                                                                     True))
+    return RouterRule(
+        scoring=spec.scoring, renormalize=renormalize,
+        n_group=int(text_config.n_group) if grouped else None,
+        topk_group=int(text_config.topk_group) if grouped else None,
+        group_score=spec.group_score,
+        scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0),
+    )
 
 
 FAMILIES: tuple[ArchSpec, ...] = (
@@ -141,6 +180,20 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="n_routed_experts",
         shared_expert="mlp.shared_experts",
         scoring="sigmoid",
+        awq_groups=MLA_GROUPS,
+    ),
+    ArchSpec(
+        # DeepSeek-V2 / V2-Lite: MLA (V2-Lite: no q LoRA), softmax routing in fp32, no renormalization,
+        # group-limited top-k by each group's best score when topk_method says so
+        family="deepseek_v2",
+        model_types=("deepseek_v2",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        group_score="max",
+        group_when=("topk_method", "group_limited_greedy"),
+        renormalize=False,
+        fp32_logits=True,
+        router_cast_weights=False,
         awq_groups=MLA_GROUPS,
     ),
     ArchSpec(

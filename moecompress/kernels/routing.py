@@ -8,6 +8,8 @@
   the *selection* uses sigmoid(logits) + bias (first the ``topk_group`` best groups, each group scored
   by the sum of its two best biased scores, then the top-k experts inside them), the *weights* are the
   unbiased sigmoid scores of the chosen experts, optionally renormalized (``+1e-20`` like HF);
+* softmax routing limited to groups scored by their best expert (``group_score="max"``: DeepSeek-V2's
+  ``group_limited_greedy``);
 * a correction bias with softmax scoring (LongCat-Flash) the same way.
 
 Everything is multiplied by ``routed_scaling_factor`` at the end. ids are ordered by decreasing
@@ -48,15 +50,16 @@ def route(
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
     num_zero: int = 0,
+    group_score: Literal["top2", "max"] = "top2",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing; returns ``(weights float32 [T, top_k], ids int32 [T, top_k])``. See module docstring."""
-    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero)
+    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero, group_score)
     grouped = n_group is not None and n_group > 1
     if e > MAX_KERNEL_EXPERTS or (grouped and n_group > MAX_KERNEL_GROUPS):
         return route_torch(
             logits, top_k, renormalize=renormalize, scoring=scoring, correction_bias=correction_bias,
             n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-            num_zero=num_zero,
+            num_zero=num_zero, group_score=group_score,
         )
     _common.require_launch("route", logits)
     logits = logits.float()
@@ -76,7 +79,7 @@ def route(
         TOP_K=top_k, K_PAD=max(2, _common.next_pow2(top_k)), BLOCK_T=block_t, BLOCK_E=block_e,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORM=bool(renormalize),
         N_GROUP=ng, G_PAD=_common.next_pow2(ng), TOPK_GROUP=topk_group if grouped else 1,
-        num_warps=int(cfg.get("num_warps", 4)),
+        GROUP_MAX=group_score == "max", num_warps=int(cfg.get("num_warps", 4)),
     )
     return weights, ids
 
@@ -92,16 +95,17 @@ def route_torch(
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
     num_zero: int = 0,
+    group_score: Literal["top2", "max"] = "top2",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference twin of :func:`route`, written like the HF routers (Glm4MoeTopkRouter et al.)."""
-    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero)
+    t, e = _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero, group_score)
     logits = logits.float()
     scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if n_group is not None and n_group > 1:
         real = e - num_zero
         grouped = choice[:, :real].reshape(t, n_group, real // n_group)
-        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        group_scores = grouped.max(dim=-1).values if group_score == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = group_scores.topk(topk_group, dim=-1)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         score_mask = group_mask.unsqueeze(-1).expand(t, n_group, real // n_group).reshape(t, real)
@@ -117,7 +121,8 @@ def route_torch(
     return weights, ids.to(torch.int32)
 
 
-def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero=0) -> tuple[int, int]:
+def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zero=0,
+           group_score="top2") -> tuple[int, int]:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got {tuple(logits.shape)}")
     t, e = logits.shape
@@ -127,6 +132,8 @@ def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zer
         raise ValueError(f"top_k={top_k} must lie in [1, {e}]")
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', not {scoring!r}")
+    if group_score not in ("top2", "max"):
+        raise ValueError(f"group_score must be 'top2' or 'max', not {group_score!r}")
     if correction_bias is not None and tuple(correction_bias.shape) != (e,):
         raise ValueError(f"correction_bias must be [{e}], got {tuple(correction_bias.shape)}")
     if n_group is not None and n_group > 1:
@@ -153,7 +160,7 @@ def _route_kernel(
     T, E, E_REAL, GROUP_E, scaling,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
-    N_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    N_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -176,15 +183,19 @@ def _route_kernel(
     choice = tl.where(cmask[None, :], choice, float("-inf"))
 
     if N_GROUP > 1:
-        # Group score = sum of the group's two best biased scores; keep the TOPK_GROUP best groups.
+        # Group score = sum of the group's two best biased scores (GROUP_MAX: its best one); keep the
+        # TOPK_GROUP best groups.
         grp = cols // GROUP_E
         gcols = tl.arange(0, G_PAD)
         gscore = tl.full((BLOCK_T, G_PAD), float("-inf"), tl.float32)
         for g in tl.static_range(N_GROUP):
             v = tl.where((grp == g)[None, :], choice, float("-inf"))
             i1, m1 = _argmax_first(v, cols, BLOCK_E)
-            m2 = tl.max(tl.where(cols[None, :] == i1[:, None], float("-inf"), v), axis=1)
-            gscore = tl.where(gcols[None, :] == g, (m1 + m2)[:, None], gscore)
+            if GROUP_MAX:
+                gs = m1
+            else:
+                gs = m1 + tl.max(tl.where(cols[None, :] == i1[:, None], float("-inf"), v), axis=1)
+            gscore = tl.where(gcols[None, :] == g, gs[:, None], gscore)
         keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
         for _ in tl.static_range(TOPK_GROUP):
             gi, _gm = _argmax_first(gscore, gcols, G_PAD)

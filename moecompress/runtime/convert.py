@@ -99,7 +99,7 @@ def load_runtime_model(path, device: torch.device, dtype: torch.dtype | None, us
     exact = cpu_weights == "exact"
     if isinstance(reader, DequantizingReader):
         report.quant_format = reader.fmt
-    routing = Routing.from_config(handle.text_config, handle.top_k, handle.spec.scoring, handle.zero)
+    routing = Routing.from_config(handle.spec, handle.text_config, handle.top_k, handle.zero)
 
     materialize_outer(handle, model, device, dtype)
     if cpu is not None and not exact:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch.registry import router_rule
 from ..kernels.routing import route_torch
 from ..zero.routing import apply_rule, apply_rule_one, original_weights
 from .qlinear import PackedWeight
@@ -44,21 +45,23 @@ class Routing:
     n_group: int | None = None
     topk_group: int | None = None
     scaling: float = 1.0
+    group_score: str = "top2"  # a group's score: its two best scores summed, or its best ("max")
     num_zero: int = 0  # zero experts: router rows beyond the real experts
     rule: tuple[str, float] | None = None  # a training-free skipping rule (zero.routing.apply_rule)
     zero_weights: str = "renormalized"  # "original": real slots keep the real-only routing's weights
     zero_relative: bool = False  # zero logits + the token's best real logit (zero_experts_logits: relative)
 
     @classmethod
-    def from_config(cls, text_config, top_k: int, scoring: str, zero=None) -> "Routing":
-        # Mixtral has no norm_topk_prob and always renormalizes; every other family says so in its config.
+    def from_config(cls, spec, text_config, top_k: int, zero=None) -> "Routing":
+        rule = router_rule(spec, text_config)
         return cls(
             top_k=top_k,
-            scoring=scoring,
-            renormalize=bool(getattr(text_config, "norm_topk_prob", True)),
-            n_group=getattr(text_config, "n_group", None),
-            topk_group=getattr(text_config, "topk_group", None),
-            scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0),
+            scoring=rule.scoring,
+            renormalize=rule.renormalize,
+            n_group=rule.n_group,
+            topk_group=rule.topk_group,
+            scaling=rule.scaling,
+            group_score=rule.group_score,
             num_zero=zero.num_zero if zero is not None else 0,
             rule=zero.rule if zero is not None else None,
             zero_weights=zero.weights if zero is not None else "renormalized",
@@ -200,7 +203,7 @@ class MoEBlock(nn.Module):
         else:
             route_fn = route_torch
         kw = dict(renormalize=r.renormalize, scoring=r.scoring, n_group=r.n_group, topk_group=r.topk_group,
-                  routed_scaling_factor=r.scaling)
+                  routed_scaling_factor=r.scaling, group_score=r.group_score)
         weights, ids = route_fn(logits, r.top_k, correction_bias=self.correction_bias, num_zero=r.num_zero, **kw)
         if r.num_zero and r.zero_weights == "original":
             e = logits.shape[1] - r.num_zero

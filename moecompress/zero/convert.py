@@ -15,6 +15,7 @@ import torch
 
 from .. import __version__
 from ..arch.handle import FUSED_DOWN, FUSED_GATE_UP, ModelHandle
+from ..arch.registry import router_rule
 from ..errors import UserError
 from .inject import open_float_original
 from .layout import LAYOUTS, ZeroExperts, set_expert_count, write_zero_experts
@@ -29,7 +30,7 @@ def _stock_blockers(handle: ModelHandle) -> str | None:
     if handle.zero.weights != "renormalized":
         return (f"its slots are weighted {handle.zero.weights!r} (zero_experts_weights), which stock loaders "
                 "cannot compute")
-    if handle.spec.scoring == "sigmoid" and (getattr(handle.text_config, "n_group", None) or 1) > 1:
+    if router_rule(handle.spec, handle.text_config).n_group is not None:
         return (f"its routing is group-limited (n_group={handle.text_config.n_group}) and stock loaders would "
                 "put the zero experts into the groups")
     return None

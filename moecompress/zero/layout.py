@@ -17,7 +17,7 @@ Two layouts of the same model (``E`` real experts, ``Z`` zero experts, ``k`` rou
 Routing (both layouts, :mod:`.routing`): the family's scores over all ``E+Z`` rows, top-``k`` over
 them; a zero slot keeps its weight in the top-k renormalization and contributes 0 -- exactly what
 a real expert with zero weights gives, which is why the stock layout is equivalent. Group-limited
-routing (DeepSeek-V3/GLM ``n_group``/``topk_group``) groups the ``E`` real experts as before; the
+routing (DeepSeek-V2/V3, GLM ``n_group``/``topk_group``) groups the ``E`` real experts as before; the
 zero experts belong to no group and are always eligible. The stock layout cannot express that
 (stock loaders would group all ``E+Z``), nor a ``zero_expert_bias``, nor a routing rule; those
 models are native only.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import ZeroExperts
+from ..arch.registry import router_rule
 from .routing import apply_rule, route_zero
 
 
@@ -35,6 +36,7 @@ class RouterSpec:
     n_group: int | None = None
     topk_group: int | None = None
     scaling: float = 1.0
+    group_score: str = "top2"
     rule: tuple[str, float] | None = None
     teacher_top_k: int | None = None  # the original k (plus-one models route k+1 slots)
     weights: str = "renormalized"  # how chosen slots are weighted (zero.layout: zero_experts_weights)
@@ -42,15 +44,12 @@ class RouterSpec:
 
     @classmethod
     def of(cls, spec, text_config, num_experts: int, zero: ZeroExperts) -> "RouterSpec":
-        sigmoid = spec.scoring == "sigmoid"
+        r = router_rule(spec, text_config)
         return cls(
             hidden=int(text_config.hidden_size), num_experts=num_experts, num_zero=zero.num_zero,
-            top_k=int(getattr(text_config, spec.top_k_attr)), scoring=spec.scoring,
-            renormalize=bool(getattr(text_config, "norm_topk_prob", True)),
+            top_k=int(getattr(text_config, spec.top_k_attr)), scoring=r.scoring, renormalize=r.renormalize,
             logits_fp32=spec.router_logits_fp32, cast_weights=spec.router_cast_weights,
-            n_group=getattr(text_config, "n_group", None) if sigmoid else None,
-            topk_group=getattr(text_config, "topk_group", None) if sigmoid else None,
-            scaling=float(getattr(text_config, "routed_scaling_factor", None) or 1.0) if sigmoid else 1.0,
+            n_group=r.n_group, topk_group=r.topk_group, scaling=r.scaling, group_score=r.group_score,
             rule=zero.rule,
             teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
             weights=zero.weights, relative=zero.logits == "relative",
@@ -124,7 +123,7 @@ class ZeroExpertRouter(nn.Module):
         weights, ids = route_zero(
             real, zero_in, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
             correction_bias=bias, n_group=rs.n_group, topk_group=rs.topk_group,
-            scaling=rs.scaling, cast_dtype=real.dtype if rs.cast_weights else None,
+            scaling=rs.scaling, group_score=rs.group_score, cast_dtype=real.dtype if rs.cast_weights else None,
             weights="renormalized" if self.mask_zero or relax else rs.weights,
         )
         if not self.mask_zero:
@@ -157,6 +156,7 @@ class ZeroExpertRouter(nn.Module):
         w_real, ids_real = route_zero(real, real[:, :0], top_k=rs.top_k, scoring=rs.scoring,
                                       renormalize=rs.renormalize, correction_bias=None if bias is None else bias[:e],
                                       n_group=rs.n_group, topk_group=rs.topk_group, scaling=rs.scaling,
+                                      group_score=rs.group_score,
                                       cast_dtype=real.dtype if rs.cast_weights else None)
         keep_hard = (ids_real[:, :, None] == ids[:, None, :]).any(-1).to(w_real.dtype)
         score, tau = self._selection(logits, bias)

@@ -10,8 +10,9 @@ without touching the real part when the zero rows carry no mass:
   the real normalizer ``a = zero - logsumexp(real)``, ``L = log(1 + sum exp a)``; the joint
   probabilities are ``p_real * exp(-L)`` and ``exp(a - L)``. With negligible zero mass ``L`` rounds
   to 0 and ``exp(-L)`` to exactly 1.
-* sigmoid: scores are elementwise; groups (``n_group``) are formed over the real experts only and
-  the zero experts are always eligible.
+* sigmoid: scores are elementwise.
+* group-limited top-k (``n_group``; sigmoid in DeepSeek-V3/GLM, softmax in DeepSeek-V2): groups are
+  formed over the real experts only and the zero experts are always eligible.
 
 Where no zero expert makes the top-k, the result *is* the real-only top-k (same values, same
 slot order); elsewhere it is the top-k over all rows. A zero slot keeps its weight in the
@@ -29,11 +30,12 @@ import torch.nn.functional as F
 
 def route_zero(real: torch.Tensor, zero: torch.Tensor, *, top_k: int, scoring: str, renormalize: bool,
                correction_bias: torch.Tensor | None = None, n_group: int | None = None,
-               topk_group: int | None = None, scaling: float = 1.0,
+               topk_group: int | None = None, scaling: float = 1.0, group_score: str = "top2",
                cast_dtype: torch.dtype | None = None, weights: str = "renormalized") -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, k], ids [T, k] int64)``; ids in ``[E, E+Z)`` are zero experts."""
     kw = dict(top_k=top_k, scoring=scoring, renormalize=renormalize, correction_bias=correction_bias,
-              n_group=n_group, topk_group=topk_group, scaling=scaling, cast_dtype=cast_dtype)
+              n_group=n_group, topk_group=topk_group, scaling=scaling, group_score=group_score,
+              cast_dtype=cast_dtype)
     w, ids = _route_zero(real, zero, **kw)
     if weights == "original" and zero.shape[-1]:
         if correction_bias is not None:
@@ -55,7 +57,21 @@ def original_weights(w_real: torch.Tensor, ids_real: torch.Tensor, ids: torch.Te
     return (match.to(w_real.dtype) * w_real[:, None, :]).sum(-1)
 
 
-def _route_zero(real, zero, *, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling, cast_dtype):
+def _group_limited(choice: torch.Tensor, n_group: int | None, topk_group: int | None, group_score: str):
+    """``choice [T, E]`` with the experts outside each token's ``topk_group`` best groups at -inf."""
+    if n_group is None or n_group <= 1:
+        return choice
+    e = choice.shape[-1]
+    grouped = choice.view(-1, n_group, e // n_group)
+    group_scores = grouped.max(dim=-1).values if group_score == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
+    return choice.masked_fill(~score_mask.bool(), float("-inf"))
+
+
+def _route_zero(real, zero, *, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling,
+                group_score, cast_dtype):
     e = real.shape[-1]
     if scoring == "softmax":
         p_real = F.softmax(real.float(), dim=-1)
@@ -63,9 +79,12 @@ def _route_zero(real, zero, *, top_k, scoring, renormalize, correction_bias, n_g
         big = torch.logsumexp(F.pad(a, (1, 0)), dim=-1, keepdim=True)  # log(1 + sum exp a)
         p_zero = torch.exp(a - big)
         p_real = p_real * torch.exp(-big)
-        vals, ids = _merged_topk(p_real, p_zero, p_real, p_zero, top_k, sorted_=True)
+        c_real = _group_limited(p_real, n_group, topk_group, group_score)
+        vals, ids = _merged_topk(c_real, p_zero, p_real, p_zero, top_k, sorted_=True)
         if renormalize:
             vals /= vals.sum(dim=-1, keepdim=True)
+        if scaling != 1.0:
+            vals = vals * scaling
         return (vals.to(cast_dtype) if cast_dtype is not None else vals), ids
     if scoring != "sigmoid":
         raise ValueError(f"unknown router scoring {scoring!r}")
@@ -74,12 +93,7 @@ def _route_zero(real, zero, *, top_k, scoring, renormalize, correction_bias, n_g
     if correction_bias is not None:
         c_real = s_real + correction_bias[:e]
         c_zero = s_zero + correction_bias[e:]
-    if n_group is not None and n_group > 1:
-        group_scores = c_real.view(-1, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(-1, e)
-        c_real = c_real.masked_fill(~score_mask.bool(), float("-inf"))
+    c_real = _group_limited(c_real, n_group, topk_group, group_score)
     _, ids = _merged_topk(c_real, c_zero, s_real, s_zero, top_k, sorted_=False)
     weights = torch.cat([s_real, s_zero], dim=-1).gather(1, ids)
     if renormalize:

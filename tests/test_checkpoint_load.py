@@ -36,6 +36,34 @@ def test_plain_checkpoint_matches_transformers(tiny_ckpt, family, layout):
     assert rel < 1e-6, f"{family}: load_model vs from_pretrained, relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "qwen3_moe"])
+def test_low_precision_load_keeps_what_transformers_keeps_in_fp32(tiny_ckpt, family, dtype):
+    """An fp32 checkpoint loaded in bf16/fp16: DeepSeek/GLM routers (``_keep_in_fp32_modules_strict``) stay fp32
+    in our model as in transformers', so both choose the same experts; every other tensor takes the dtype."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_ckpt(family)
+    _, ours = load_model(src, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, experts_implementation="eager").eval()
+    theirs = dict(hf.named_parameters()) | dict(hf.named_buffers())
+    mine = dict(ours.named_parameters()) | dict(ours.named_buffers())
+    kept = {n for n, t in theirs.items() if t.is_floating_point() and t.dtype == torch.float32}
+    assert {n for n, t in mine.items() if t.is_floating_point() and t.dtype == torch.float32} == kept
+    assert any(n.endswith("mlp.gate.weight") for n in kept) == family.startswith("deepseek")
+    ids = {}
+    for name, model in (("ours", ours), ("theirs", hf)):
+        seen = []
+        hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out[-1].detach()))
+                 for n, m in model.named_modules() if n.endswith("mlp.gate")]
+        with torch.no_grad():
+            model(IDS)
+        for h in hooks:
+            h.remove()
+        ids[name] = [t.sort(dim=-1).values for t in seen]
+    assert all(torch.equal(a, b) for a, b in zip(ids["ours"], ids["theirs"])) and ids["ours"]
+
+
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_5_moe", "qwen3_next"])
 def test_quantized_checkpoint_matches_dequantized_twin(tiny_ckpt, tmp_path, family, fmt):

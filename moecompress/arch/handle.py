@@ -271,9 +271,9 @@ class ModelHandle:
         return self.expert_disk_names(i, e)
 
     def load_layer_state(self, i: int, module: nn.Module, dtype: torch.dtype,
-                         skip_experts: bool = False) -> dict[str, torch.Tensor]:
+                         skip_experts: bool = False, fp32: re.Pattern | None = None) -> dict[str, torch.Tensor]:
         """The in-memory state dict of decoder layer i, read from the shards (experts fused to 3D; left out
-        with ``skip_experts``)."""
+        with ``skip_experts``); tensors whose full name ``fp32`` finds stay fp32 (:func:`kept_in_fp32`)."""
         r = self.reader
         wanted = module.state_dict(keep_vars=True)
         out: dict[str, torch.Tensor] = {}
@@ -292,7 +292,10 @@ class ModelHandle:
                 t = r.get(name)
             if tuple(t.shape) != tuple(ref.shape):
                 raise UserError(f"{r.path}: tensor for layer {i} '{key}' has shape {tuple(t.shape)}, the config implies {tuple(ref.shape)}")
-            out[key] = t.to(dtype) if t.is_floating_point() and ref.is_floating_point() else t
+            if t.is_floating_point() and ref.is_floating_point():
+                keep = fp32 is not None and fp32.search(f"model.layers.{i}.{key}") is not None
+                t = t.to(torch.float32 if keep else dtype)
+            out[key] = t
         return out
 
     def missing_tensors(self, i: int, module: nn.Module) -> list[str]:
@@ -342,7 +345,7 @@ class ModelHandle:
         meta device, for a caller that replaces them (e.g. with the packed weights the runtime reads itself:
         a float copy of a Qwen3-30B-A3B layer's experts is 2.4 GB and most of its load time)."""
         layer = decoder_layers(model)[i]
-        state = self.load_layer_state(i, layer, dtype, skip_experts)
+        state = self.load_layer_state(i, layer, dtype, skip_experts, kept_in_fp32(model, dtype))
         layer.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=not skip_experts, assign=True)
         _check_materialized(layer, f"layer {i}", (FUSED_GATE_UP, FUSED_DOWN) if skip_experts else ())
         return layer
@@ -350,13 +353,16 @@ class ModelHandle:
     def load_module(self, model: nn.Module, mem_name: str, device, dtype) -> nn.Module:
         """Materialize a non-layer module (``model.embed_tokens``, ``model.norm``, ``lm_head``)."""
         module = model.get_submodule(mem_name)
+        fp32 = kept_in_fp32(model, dtype)
         state = {}
         for key in module.state_dict():
             disk = self.non_layer_disk_name(f"{mem_name}.{key}")
             if disk is None:
                 raise UserError(f"{self.reader.path}: tensor for '{mem_name}.{key}' is missing from the shards")
             t = self.reader.get(disk)
-            state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+            if t.is_floating_point():
+                t = t.to(torch.float32 if fp32 is not None and fp32.search(f"{mem_name}.{key}") else dtype)
+            state[key] = t.to(device)
         module.load_state_dict(state, strict=True, assign=True)
         return module
 
@@ -382,6 +388,19 @@ def read_hf_config(path: str | Path):
         return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a malformed config
         raise UserError(f"{Path(path) / 'config.json'} cannot be read by transformers: {one_line(e)}") from None
+
+
+def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """What transformers keeps in fp32 when it loads ``model`` in ``dtype`` (its dtype plan): the class's
+    ``_keep_in_fp32_modules_strict`` in fp16 and bf16 (DeepSeek/GLM routers: ``gate.weight``,
+    ``e_score_correction_bias``), ``_keep_in_fp32_modules`` in fp16 too; unanchored patterns searched in the
+    full parameter name, as transformers does. None when nothing is kept."""
+    patterns = []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return re.compile("|".join(p.replace("*", ".*") for p in patterns)) if patterns else None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -138,8 +138,9 @@ def _check(logits, top_k, scoring, correction_bias, n_group, topk_group, num_zer
         raise ValueError(f"correction_bias must be [{e}], got {tuple(correction_bias.shape)}")
     if n_group is not None and n_group > 1:
         real = e - num_zero
-        if real % n_group or real // n_group < 2:
-            raise ValueError(f"n_group={n_group} must divide {real} experts into groups of at least 2")
+        least = 2 if group_score == "top2" else 1  # a group's score is its two best experts' or its best one's
+        if real % n_group or real // n_group < least:
+            raise ValueError(f"n_group={n_group} must divide {real} experts into groups of at least {least}")
         if topk_group is None or not 1 <= topk_group <= n_group:
             raise ValueError(f"topk_group={topk_group} must lie in [1, n_group={n_group}]")
         if top_k > topk_group * (real // n_group) + num_zero:

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from .arch.handle import ModelHandle, decoder_layers
+from .arch.registry import router_rule
 from .checkpoint.fp8_source import Fp8SourceReader
 from .errors import UserError
 from .quant.targets import layer_targets, target_weight
@@ -221,8 +222,21 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         "size_bytes": bytes_now, "size_estimate_bytes": size, "group_size_for_estimate": group_size,
         "quantization": quant, "fp8_source": fp8_source,
         "quantized": quantized, "kept": kept, "non_text": non_text,
-        "router_scoring": h.spec.scoring, "zero_experts": zero, "awq_groups": awq,
+        "router_scoring": h.spec.scoring, "router": _router_text(h), "zero_experts": zero, "awq_groups": awq,
     }
+
+
+def _router_text(h: ModelHandle) -> str:
+    """The family's routing rule in words, e.g. 'sigmoid + bias, best 4 of 8 groups (two best), renormalized, x2.5'."""
+    r = router_rule(h.spec, h.text_config)
+    parts = [r.scoring + (" + bias" if r.scoring == "sigmoid" else "")]
+    if r.n_group is not None:
+        by = "best expert" if r.group_score == "max" else "two best"
+        parts.append(f"best {r.topk_group} of {r.n_group} groups ({by})")
+    parts.append("renormalized" if r.renormalize else "not renormalized")
+    if r.scaling != 1.0:
+        parts.append(f"x{r.scaling:g}")
+    return ", ".join(parts)
 
 
 def _awq_plan(h: ModelHandle, layers, moe_layers: list[int]) -> list[dict]:
@@ -284,7 +298,7 @@ def render(d: dict) -> str:
         f"  family        {d['family']} (model_type {d['model_type']}), {d['float_dtype']}",
         f"  layers        {d['layers']} ({d['moe_layers']} MoE, dense: {d['dense_layers'] or 'none'})",
         f"  experts       {d['experts']} routed, top-{d['top_k']}, shared expert: {'yes' if d['shared_expert'] else 'no'}, "
-        f"router: {d['router_scoring']}",
+        f"router: {d['router']}",
         f"  parameters    {d['params_total'] / 1e9:.3f} B total, {d['params_active'] / 1e9:.3f} B active per token "
         f"({d['params_experts'] / max(d['params_total'], 1):.0%} in routed experts)",
     ]

@@ -123,7 +123,7 @@ def test_per_expert_names_follow_save_pretrained(tiny_ckpt, tmp_path, layout):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_5_moe", "glm4_moe_lite", "qwen3_next",
-                                    "deepseek_v2"])
+                                    "deepseek_v2", "exaone_moe"])
 def test_output_does_not_depend_on_the_source_layout(tiny_ckpt, tmp_path, family):
     """The same weights saved with original or in-memory names give byte-identical outputs (RTN)."""
     outs = {}

@@ -407,3 +407,13 @@ def test_a_model_that_cannot_fit_is_refused_in_one_line_before_loading(quantized
         Runtime.load(twin)  # the float twin needs more still
     monkeypatch.setattr(memory, "available_bytes", lambda device: floor)
     Runtime.load(q)  # packed, it fits
+
+
+def test_inspect_states_each_familys_routing_rule(tiny_ckpt):
+    from moecompress.inspect import describe
+
+    assert describe(tiny_ckpt("deepseek_v2", **DEEPSEEK_V2_GROUPED))["router"] == \
+        "softmax, best 2 of 4 groups (best expert), not renormalized, x2"
+    assert describe(tiny_ckpt("deepseek_v2"))["router"] == "softmax, not renormalized"
+    assert describe(tiny_ckpt("deepseek_v3"))["router"] == "sigmoid + bias, best 1 of 2 groups (two best), renormalized, x2.5"
+    assert describe(tiny_ckpt("mixtral"))["router"] == "softmax, renormalized"

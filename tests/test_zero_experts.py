@@ -11,13 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEEPSEEK_V2_GROUPED, FAMILIES, quick_config, run_cli
 from moecompress.checkpoint.load import load_model
+from moecompress.arch.registry import FAMILIES as REGISTRY
 from moecompress.errors import UserError
 from moecompress.zero.convert import convert_layout
 from moecompress.zero.inject import add_zero_experts
 
 # stock layout needs routing the stock loaders can express: no group-limited top-k
 UNGROUPED = dict(n_group=1, topk_group=1)
-SIGMOID = {"deepseek_v3", "glm4_moe", "glm4_moe_lite"}
+SIGMOID = {spec.family for spec in REGISTRY if spec.scoring == "sigmoid"}
 
 
 def _ids(seed: int = 0, batch: int = 2, length: int = 24) -> torch.Tensor:

@@ -231,6 +231,9 @@ class ModelHandle:
 
     def disk_local(self, mem_local: str) -> str:
         """Original (written) spelling of a layer-local in-memory name (Mixtral: mlp. -> block_sparse_moe.)."""
+        renamed = dict(self.spec.disk_renames).get(mem_local)
+        if renamed is not None:
+            return renamed
         if mem_local.startswith("mlp.") and self.spec.disk_moe_name != "mlp":
             return self.spec.disk_moe_name + mem_local[3:]
         return mem_local

@@ -82,6 +82,8 @@ class ArchSpec:
     disk_moe_name: str = "mlp"
     # per-expert on-disk projection names: (gate, up, down)
     disk_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # layer-local tensors the family's original checkpoints spell otherwise: (in-memory name, on-disk name)
+    disk_renames: tuple[tuple[str, str], ...] = ()
     # modules inside a decoder layer that route (kept bit-exact in the source dtype, never quantized)
     routers: tuple[str, ...] = ("mlp.gate",)
     # shared-expert module (an ordinary MLP, quantized unless --only-experts), if any
@@ -195,6 +197,23 @@ FAMILIES: tuple[ArchSpec, ...] = (
         fp32_logits=True,
         router_cast_weights=False,
         awq_groups=MLA_GROUPS,
+    ),
+    ArchSpec(
+        # dots.llm1 (rednote): DeepSeek-V3's routing and shared experts with GQA attention
+        family="dots1",
+        model_types=("dots1",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
+    ),
+    ArchSpec(
+        # K-EXAONE (LG): DeepSeek-V3's routing and shared experts, sliding-window GQA attention
+        family="exaone_moe",
+        model_types=("exaone_moe",),
+        num_experts_attr="num_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
+        disk_renames=(("mlp.gate.e_score_correction_bias", "mlp.e_score_correction_bias"),),
     ),
     ArchSpec(
         family="glm4_moe",

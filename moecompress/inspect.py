@@ -229,7 +229,7 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
 def _router_text(h: ModelHandle) -> str:
     """The family's routing rule in words, e.g. 'sigmoid + bias, best 4 of 8 groups (two best), renormalized, x2.5'."""
     r = router_rule(h.spec, h.text_config)
-    parts = [r.scoring + (" + bias" if r.scoring == "sigmoid" else "")]
+    parts = [r.scoring + (" + bias" if h.spec.bias_name is not None else "")]
     if r.n_group is not None:
         by = "best expert" if r.group_score == "max" else "two best"
         parts.append(f"best {r.topk_group} of {r.n_group} groups ({by})")

@@ -42,6 +42,11 @@ TINY_CONFIGS: dict[str, dict] = {
                        num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                        num_shared_experts=1, routed_scaling_factor=2.5, sliding_window=8,
                        layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    # ERNIE-4.5-21B-A3B's proportions; its selection bias is randomized below like the sigmoid routers'
+    "ernie4_5_moe": dict(_COMMON, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+                         moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                         moe_layer_end_index=2, moe_layer_interval=1, pad_token_id=None, bos_token_id=None,
+                         eos_token_id=None),
     "glm4_moe": dict(_COMMON, head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                      n_shared_experts=1, routed_scaling_factor=2.5),
@@ -99,7 +104,7 @@ def build_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
             # transformers initialises routers and correction biases to zero: random ones route for real
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.3)
-        for name, b in model.named_buffers():
+        for name, b in list(model.named_buffers()) + list(model.named_parameters()):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.05)
     return model.eval()

@@ -271,8 +271,8 @@ def test_unsupported_family_is_a_user_error(tiny_ckpt, tmp_path, monkeypatch):
 
     path = shutil.copytree(tiny_ckpt("qwen3_moe"), tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen3_next")))  # an MoE family we lack
-    with pytest.raises(UserError, match="'qwen3_next' is not supported"):
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="flex_olmo")))  # an MoE family we lack
+    with pytest.raises(UserError, match="'flex_olmo' is not supported"):
         Runtime.load(path)
     # a family the toolkit reads but the runtime would not run: refused in one line, before any weight
     monkeypatch.setattr(convert, "RUNTIME_FAMILIES", ("mixtral",))

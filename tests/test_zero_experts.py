@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEEPSEEK_V2_GROUPED, FAMILIES, quick_config, run_cli
+from conftest import DEEPSEEK_V2_GROUPED, ZERO_FAMILIES as FAMILIES, quick_config, run_cli
 from moecompress.checkpoint.load import load_model
 from moecompress.arch.registry import FAMILIES as REGISTRY
 from moecompress.errors import UserError
@@ -416,6 +416,11 @@ def test_bad_input_is_one_line_exit_2(tiny_ckpt, tmp_path, capsys):
         (("zero-experts", "baseline", src, "--rule", "top-k", "--target-skip", 0.3, "--out", tmp_path / "a",
           "--calib-samples", 2, "--seq-len", 32), "closest reached"),
     ]
+    ernie = tiny_ckpt("ernie4_5_moe")  # a family whose router the zero-expert router does not reproduce (yet)
+    cases += [((*cmd, ernie, "--out", tmp_path / "a", *more), "not available for the ernie4_5_moe family")
+              for cmd, more in ((("zero-experts", "add"), ("--num-zero", 2)),
+                                (("zero-experts", "baseline"), ("--rule", "top-p", "--target-skip", 0.3)),
+                                (("zeda",), ()))]
     for i, (args, msg) in enumerate(cases):
         # the first through a real process (its exit status), the rest in this one (the same main())
         rc, err = _cli_process(*args) if i == 0 else _cli(capsys, *args)

@@ -102,6 +102,11 @@ class ArchSpec:
     renormalize: bool | None = None
     # router logits in fp32 whatever the activations' dtype (implied by sigmoid scoring)
     fp32_logits: bool = False
+    # the selection bias a router adds to its scores before the top-k (sigmoid families; ERNIE's softmax),
+    # a layer-local in-memory name; None: a router without one
+    correction_bias: str | None = None
+    # zero experts (ZEDA) can be added: the zero-expert router reproduces this family's router
+    zero_experts: bool = True
     # on-disk prefixes of the text model, in the order they are probed
     disk_model_prefixes: tuple[str, ...] = ("model",)
     # the config holding the text model (composite vision-language configs nest it)
@@ -119,6 +124,13 @@ class ArchSpec:
     @property
     def router_logits_fp32(self) -> bool:
         return self.scoring == "sigmoid" or self.fp32_logits
+
+    @property
+    def bias_name(self) -> str | None:
+        """The layer-local in-memory name of the router's selection bias, if it has one."""
+        if self.correction_bias is not None:
+            return self.correction_bias
+        return "mlp.gate.e_score_correction_bias" if self.scoring == "sigmoid" else None
 
 
 @dataclass(frozen=True)
@@ -214,6 +226,18 @@ FAMILIES: tuple[ArchSpec, ...] = (
         shared_expert="mlp.shared_experts",
         scoring="sigmoid",
         disk_renames=(("mlp.gate.e_score_correction_bias", "mlp.e_score_correction_bias"),),
+    ),
+    ArchSpec(
+        # ERNIE-4.5-MoE (21B-A3B, 300B-A47B): softmax routing in fp32 whose top-k adds a selection bias
+        # (``moe_statics``) to the probabilities; dense layers by moe_layer_start_index / interval
+        family="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        num_experts_attr="num_experts",
+        shared_expert="mlp.shared_experts",
+        fp32_logits=True,
+        correction_bias="mlp.gate.moe_statics.e_score_correction_bias",
+        disk_renames=(("mlp.gate.moe_statics.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"),),
+        zero_experts=False,
     ),
     ArchSpec(
         family="glm4_moe",

@@ -80,14 +80,18 @@ def _variants(full: bool):
             BITS=bits, HAS_ZP=has_zp, CHUNK=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1,
             FP32_IEEE=adt == _FP32, UPCAST_DOT=False,
         ), 4, 4))
-    route_grid = list(itertools.product([False, True], [False, True], [(1, 1, 1), (8, 8, 4)], [(1, 2), (8, 8)]))
-    for sig, bias, groups, (k, kpad) in (route_grid if full else [(False, False, (1, 1, 1), (2, 2)),
-                                                                   (True, True, (8, 8, 4), (8, 8))]):
+    # (sigmoid, bias, (n_group, G_PAD, topk_group), (top_k, K_PAD), group by best expert)
+    route_grid = [(s, b, g, k, gm) for s, b, g, k in itertools.product([False, True], [False, True], [(1, 1, 1), (8, 8, 4)],
+                                                                        [(1, 2), (8, 8)])
+                  for gm in ([False, True] if g[0] > 1 else [False])]
+    for sig, bias, groups, (k, kpad), gmax in (route_grid if full else [(False, False, (1, 1, 1), (2, 2), False),
+                                                                         (True, True, (8, 8, 4), (8, 8), False),
+                                                                         (False, False, (8, 8, 4), (8, 8), True)]):
         ng, gpad, tg = groups
         out.append((rt._route_kernel, dict(
             logits_ptr="*fp32", stride_lt=256, stride_le=1, bias_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i32",
             T=7, E=7, E_REAL=7, GROUP_E=32, scaling=2.5, TOP_K=k, K_PAD=kpad, BLOCK_T=16, BLOCK_E=256,
-            SIGMOID=sig, HAS_BIAS=bias, RENORM=True, N_GROUP=ng, G_PAD=gpad, TOPK_GROUP=tg,
+            SIGMOID=sig, HAS_BIAS=bias, RENORM=True, N_GROUP=ng, G_PAD=gpad, TOPK_GROUP=tg, GROUP_MAX=gmax,
         ), 4, 3))
     for dt, res in (list(itertools.product(adts, [False, True])) if full else [(_BF16, True)]):
         out.append((rn._rmsnorm_kernel, dict(

@@ -179,8 +179,8 @@ def _moe_block(handle: ModelHandle, i: int, mlp: nn.Module, routing: Routing, pa
     reader = handle.reader
     router = reader.get(handle.source_name(i, "mlp.gate.weight")).float()
     bias = None
-    if getattr(mlp.gate, "e_score_correction_bias", None) is not None:
-        bias = reader.get(handle.source_name(i, "mlp.gate.e_score_correction_bias")).float()
+    if handle.spec.bias_name is not None:  # ERNIE stores it [1, E]
+        bias = reader.get(handle.source_name(i, handle.spec.bias_name)).float().reshape(-1)
     logit_bias = None
     if handle.zero is not None:
         zname = handle.source_name(i, "mlp.gate.zero_expert_bias")

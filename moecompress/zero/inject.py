@@ -42,6 +42,9 @@ MARGIN_NATS = 30.0
 
 def open_float_original(model_dir: str | Path, what: str) -> ModelHandle:
     handle = ModelHandle.open(model_dir)
+    if not handle.spec.zero_experts:
+        raise UserError(f"{model_dir}: zero experts are not available for the {handle.family} family yet (its router "
+                        "adds a selection bias to softmax scores, which the zero-expert router does not reproduce)")
     if handle.reader.config.get("quantization_config"):
         raise UserError(f"{model_dir} is quantized; {what} the float model, then quantize the result")
     return handle

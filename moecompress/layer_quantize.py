@@ -66,25 +66,48 @@ class CalibPlan:
 
 
 class RouterPrecision:
-    """Run the layer's routers in ``router_dtype`` (fp32 by default) whatever the activations' dtype."""
+    """Run the layer's routers in ``router_dtype`` (fp32 by default) whatever the activations' dtype.
+
+    Each call runs on copies of the router's tensors in that dtype, swapped in before and out after, so the
+    module keeps its stored weights: a lower ``router_dtype`` rounds no weight that is then written (AWQ folds
+    its scales into the stored router, and the checkpoint keeps the router's source bits)."""
 
     def __init__(self, layer, names, dtype):
         self.mods = [layer.get_submodule(n) for n in names if _has(layer, n)]
         self.dtype = dtype
+        self.swapped: dict[int, list] = {}  # id(module) -> [(owner, kind, name, original)] while a call runs
 
     def __enter__(self):
         self.handles = []
         for m in self.mods:
-            m.to(self.dtype)
             self.handles.append(m.register_forward_pre_hook(self._pre))
             self.handles.append(m.register_forward_hook(self._post))
         return self
 
     def _pre(self, module, args):
         module._in_dtype = args[0].dtype
+        saved = []
+        for owner in module.modules():
+            for name, p in owner._parameters.items():
+                if p is not None and p.is_floating_point() and p.dtype != self.dtype:
+                    saved.append((owner, "p", name, p.data))
+                    p.data = p.data.to(self.dtype)
+            for name, b in owner._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != self.dtype:
+                    saved.append((owner, "b", name, b))
+                    owner._buffers[name] = b.to(self.dtype)
+        self.swapped[id(module)] = saved
         return (args[0].to(self.dtype),) + tuple(args[1:])
 
+    def _restore(self, module_id: int) -> None:
+        for owner, kind, name, original in reversed(self.swapped.pop(module_id, [])):
+            if kind == "p":
+                owner._parameters[name].data = original
+            else:
+                owner._buffers[name] = original
+
     def _post(self, module, args, out):
+        self._restore(id(module))
         dt = module._in_dtype
         if isinstance(out, tuple):
             return tuple(o.to(dt) if torch.is_tensor(o) and o.is_floating_point() else o for o in out)
@@ -93,6 +116,8 @@ class RouterPrecision:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
+        for module_id in list(self.swapped):  # a call that raised
+            self._restore(module_id)
 
 
 def _has(layer, name) -> bool:

@@ -147,7 +147,8 @@ def test_router_tap_with_zero_expert_rows():
     layer.mlp.gate = Gate()
     layer.mlp.experts = nn.Module()
     layer.mlp.experts.gate_up_proj = nn.Parameter(torch.zeros(4, 2, 4))
-    handle = SimpleNamespace(spec=SimpleNamespace(routers=("mlp.gate",), scoring="softmax"), num_experts=99)
+    handle = SimpleNamespace(spec=SimpleNamespace(routers=("mlp.gate",), scoring="softmax", bias_name=None),
+                             num_experts=99)
     h = torch.randn(5, 4)
     with RouterTap({7: layer}, handle) as tap:
         layer.mlp.gate(h)
@@ -156,3 +157,16 @@ def test_router_tap_with_zero_expert_rows():
     assert torch.allclose(out.probs, torch.softmax(h @ layer.mlp.gate.weight.T, -1))
     layer.mlp.gate(h)  # hooks are gone after the context
     assert len(tap.calls[7]) == 1
+
+
+def test_router_tap_reads_ernies_selection_bias(tiny_ckpt):
+    """ERNIE-4.5 ranks experts by softmax + a selection bias kept in ``moe_statics``: the tapped selection scores
+    are those, so each token's top-k by them is the set the router chose."""
+    from moecompress.evals.collect import WholeModel
+
+    wm = WholeModel(tiny_ckpt("ernie4_5_moe"), "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    _, routers = wm.forward(ids)
+    for out in routers.values():
+        k = out.ids.shape[1]
+        assert torch.equal(out.probs.topk(k, dim=-1).indices.sort(-1).values, out.ids.sort(-1).values)

@@ -91,6 +91,25 @@ def test_awq_routing_bit_identical_and_exported(family, tmp_path):
     assert s["recipe"]["method"] == "awq"
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_lower_router_dtype_rounds_no_written_router(family, tmp_path):
+    """fp32 routers calibrated in bf16 (``--router-dtype bfloat16``): the written router is the source's times
+    AWQ's exact power-of-two scales, bit for bit -- the bf16 copies routing runs on are never written."""
+    src = _save(family, tmp_path / "src", dtype=torch.float32)
+    s = quantize(src, tmp_path / "out", quick_config(method="awq", router_dtype="bfloat16"))
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    folded = 0
+    for r in s["layers"]:
+        i = r["layer"]
+        gate, norm = f"model.layers.{i}.mlp.gate.weight", f"model.layers.{i}.post_attention_layernorm.weight"
+        if gate not in a:
+            continue
+        ratio = a[norm] / b[norm]  # the fold: norm / s, router columns * s
+        assert b[gate].dtype == torch.float32 and torch.equal(b[gate], a[gate] * ratio), f"layer {i}"
+        folded += int((ratio != 1).sum())
+    assert folded > 0, "no scale was folded into a router: the test would not see a rounded router"
+
+
 def test_awq_free_scales_measure_the_router_change(tmp_path):
     src = _save("qwen3_moe", tmp_path / "src")
     s = quantize(src, tmp_path / "out", quick_config(method="awq", awq_scales="free", symmetric=False))

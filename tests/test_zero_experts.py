@@ -477,3 +477,18 @@ def test_speed_benchmark_runs_on_a_tiny_model(tiny_ckpt, tmp_path):
     assert all(r["decode_tokens_per_s"] > 0 and r["moe_block_decode_us"] > 0 for r in res["rows"])
     rows = bench.block_at_shape("tiny", [0.0, 0.5], rounds=1, calls=2)
     assert [r["skip_rate"] for r in rows] == [0.0, 0.5] and rows[0]["moe_block_ratio"] == 1.0
+
+
+def test_a_zero_expert_checkpoint_of_a_family_without_them_is_refused(tiny_ckpt, tmp_path):
+    """ERNIE-4.5 with zero experts (made by hand: our tools refuse to make one) is refused when read, not run
+    with its selection bias silently dropped."""
+    import shutil
+
+    from moecompress.arch.handle import ModelHandle
+
+    path = Path(shutil.copytree(tiny_ckpt("ernie4_5_moe"), tmp_path / "z"))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, num_zero_experts=2, zero_experts_layout="native")))
+    _edit_tensors(path, lambda n, t: torch.cat([t, t[:2]]) if n.endswith("mlp.gate.weight") else t)
+    with pytest.raises(UserError, match="not available for the ernie4_5_moe family"):
+        ModelHandle.open(path)

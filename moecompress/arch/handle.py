@@ -100,6 +100,10 @@ class ModelHandle:
         z = self.zero
         if z is None:
             return
+        if not self.spec.zero_experts:
+            raise UserError(f"{self.reader.path}: zero experts are not available for the {self.family} family yet "
+                            "(its router adds a selection bias to softmax scores, which the zero-expert router does "
+                            "not reproduce)")
         if z.layout == "stock" and router_rule(self.spec, self.text_config).n_group is not None:
             raise UserError(f"{self.reader.path}: a stock-layout zero-expert model cannot use group-limited routing "
                             f"(n_group={self.text_config.n_group}): stock loaders would group the zero experts too")
@@ -400,7 +404,8 @@ def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
     full parameter name, as transformers does. None when nothing is kept."""
     patterns = []
     if dtype in (torch.float16, torch.bfloat16):
-        patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        # and our own: the zero experts' logit bias, stored fp32 (the runtime reads it so)
+        patterns += list(getattr(model, "_keep_in_fp32_modules_strict", None) or []) + [ZERO_BIAS]
     if dtype == torch.float16:
         patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return re.compile("|".join(p.replace("*", ".*") for p in patterns)) if patterns else None

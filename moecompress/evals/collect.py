@@ -75,10 +75,14 @@ class RouterTap:
 
     def _hook(self, i: int, n_exp: int):
         scoring = self.handle.spec.scoring
+        # the router's selection bias, relative to the router module (ERNIE: moe_statics.e_score_correction_bias)
+        name, bias_name = router_name(self.handle), self.handle.spec.bias_name
+        bias_rel = bias_name[len(name) + 1:] if bias_name and bias_name.startswith(name + ".") else None
 
         def hook(module, args, out):
             logits, weights, ids = out[0], out[1], out[-1]
-            probs = selection_probs(logits.detach(), scoring, getattr(module, "e_score_correction_bias", None))
+            bias = _tensor(module, bias_rel) if bias_rel else None
+            probs = selection_probs(logits.detach(), scoring, bias)
             ids = ids.detach().reshape(probs.shape[0], -1).long()
             self.calls[i].append(RouterOut(probs, ids, n_exp, weights.detach().reshape(ids.shape).float()))
 
@@ -87,6 +91,16 @@ class RouterTap:
     def take(self) -> dict[int, list[RouterOut]]:
         out, self.calls = self.calls, {i: [] for i in self.layers}
         return out
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s parameter or buffer ``name`` (dotted), None when it has none."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        mod = module.get_submodule(owner) if owner else module
+    except AttributeError:
+        return None
+    return getattr(mod, leaf, None)
 
 
 class WholeModel:

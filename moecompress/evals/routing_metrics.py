@@ -6,12 +6,13 @@ group-limited for DeepSeek-V3/GLM-4-MoE) and ``num_experts`` E, the number of re
 
 Selection scores (the distributions the router KL compares):
 
-* softmax routers (Qwen2/3-MoE, Qwen3.5-MoE, Mixtral, OLMoE): ``softmax(logits)`` over all R rows,
-  exactly the probabilities the family takes its top-k from;
-* sigmoid routers (DeepSeek-V3, GLM-4-MoE): the bias-corrected scores the top-k is taken from,
-  ``sigmoid(logits) + e_score_correction_bias``, clamped at 1e-12 (a large negative bias can push a
-  score below zero) and normalized to sum 1 over the R rows. They are not a probability the model
-  uses; normalizing them makes KL a scale-free measure of how the ranking scores moved.
+* softmax routers (Qwen2/3-MoE, Qwen3.5-MoE, Mixtral, OLMoE, DeepSeek-V2): ``softmax(logits)`` over all
+  R rows, exactly the probabilities the family takes its top-k from;
+* routers with a selection bias (sigmoid: DeepSeek-V3, GLM-4-MoE; softmax: ERNIE-4.5): the bias-corrected
+  scores the top-k is taken from, ``sigmoid(logits) + e_score_correction_bias`` (or ``softmax(logits) +
+  bias``), clamped at 1e-12 (a large negative bias can push a score below zero) and normalized to sum 1
+  over the R rows. They are not a probability the model uses; normalizing them makes KL a scale-free
+  measure of how the ranking scores moved.
 
 Zero experts (a ZEDA extension): router rows ``E .. R-1`` stand for "skip"; a selected id ``>= E``
 is a skip slot. Skips take part in the top-k set comparisons and the router KL like any row, but
@@ -52,15 +53,15 @@ class RouterOut(NamedTuple):
 def selection_probs(logits: torch.Tensor, scoring: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[n, R]`` normalized selection scores of router ``logits [n, R]`` (see the module docstring)."""
     logits = logits.reshape(-1, logits.shape[-1]).float()
-    if scoring == "softmax":
-        return F.softmax(logits, dim=-1)
-    if scoring == "sigmoid":
-        s = logits.sigmoid()
-        if bias is not None:
-            s = s + bias.float().to(s.device)
-        s = s.clamp_min(_FLOOR)
-        return s / s.sum(-1, keepdim=True)
-    raise ValueError(f"unknown router scoring {scoring!r}")
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown router scoring {scoring!r}")
+    s = F.softmax(logits, dim=-1) if scoring == "softmax" else logits.sigmoid()
+    if scoring == "softmax" and bias is None:
+        return s
+    if bias is not None:
+        s = s + bias.float().reshape(-1).to(s.device)
+    s = s.clamp_min(_FLOOR)
+    return s / s.sum(-1, keepdim=True)
 
 
 def topk_overlap(ids: torch.Tensor, ref_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

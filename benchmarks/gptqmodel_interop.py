@@ -72,7 +72,9 @@ def expected_failure(s: dict) -> tuple[str, str] | None:
     if not s["sym"] and not s["bypass"]:
         return "ValueError", "Format: Loading of a sym=False model with format=FORMAT.GPTQ is only supported"
     return None
-RENAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."))
+RENAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."),
+           # routers' selection biases stored beside the gate (ERNIE-4.5, K-EXAONE), in the gate in memory
+           (".mlp.moe_statics.", ".mlp.gate.moe_statics."), (".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"))
 
 
 def parse_settings(text: str) -> list[dict]:

@@ -123,10 +123,13 @@ class ModelHandle:
                 info = self.reader.tensors.get(f"{self.layer_prefix(i)}{name}")
                 if info is not None:
                     if info.shape[0] != expected:
+                        # the key config.json spells it with (ERNIE: num_experts is moe_num_experts there)
+                        key = getattr(self.text_config, "attribute_map", {}).get(self.spec.num_experts_attr,
+                                                                                 self.spec.num_experts_attr)
                         raise UserError(f"{self.reader.path}: config.json gives {expected} router rows (experts"
                                         f"{' + zero experts' if self.num_zero else ''}) but "
                                         f"{self.layer_prefix(i)}{name} has {info.shape[0]}; is "
-                                        f"'{self.spec.num_experts_attr}' missing or wrong in config.json?")
+                                        f"'{key}' missing or wrong in config.json?")
                     return
 
     def _check_layers_present(self) -> None:

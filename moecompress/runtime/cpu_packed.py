@@ -97,7 +97,8 @@ class CpuQuantLinear(nn.Module):
         self.kind, self.why = ("codes", None) if exact else _kind_and_why(bits, n, k, group_size, symmetric)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("perm", None)
-        # int8group with zero points, [G, N] fp32: zq = z - 128 (integers), zd = scale * sum over the group of (q - z)
+        # int8group with zero points, fp32: zq = z - 128 ([G, N] integers); zd [2G, N] = scale * sum over the group
+        # of (q - z), then (128 - z) * the kernel's bf16 scale (see int8group_mm)
         self.register_buffer("zq", None)
         self.register_buffer("zd", None)
         if g_idx is not None:  # act-order: put every group's columns together, permute x to match
@@ -130,8 +131,11 @@ class CpuQuantLinear(nn.Module):
                 zf = zeros.float()
                 self.register_buffer("zq", (zf - 128.0).t().contiguous())
                 sums = (q.float().reshape(n, g, group_size).sum(-1) - group_size * zf) * scales.float()
-                self.register_buffer("zd", sums.t().contiguous())
+                shift = (128.0 - zf) * scales.to(torch.bfloat16).float()
+                self.register_buffer("zd", torch.cat([sums.t(), shift.t()]).contiguous())
         else:
+            if self.kind != "codes" and self.why is None:  # a kernel kind, but the columns do not group evenly
+                self.why = "act-order group index with groups of unequal size: no kernel layout"
             self.kind = "codes"
             self.register_buffer("packed", pack_codes(q, bits))
             self.register_buffer("scales", scales.float().contiguous())
@@ -201,22 +205,25 @@ def int8group_mm(x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
     """``x2 [M, K] @ W^T`` for group-wise int8 ``packed [G, N, group]`` (``c = q - 128``) with scales ``sz [G, N]``:
     the per-channel kernel on each group's columns, the bf16 partial products summed in fp32; out in ``x2``'s dtype.
 
-    With zero points (``W = s (q - z)``, ``zd = s * sum_group (q - z)``, ``[G, N]`` fp32) the kernel takes each
-    group's inputs minus their mean ``m``: then ``x' . c = x' . (q - z)`` (``x'`` sums to zero), and ``m @ zd`` adds
-    the rest. Without the centring, a group's partial product would carry ``(z - 128) sum(x)`` -- large for
-    activations with a mean -- and lose the result in its bf16 rounding."""
+    With zero points (``W = s (q - z)``; ``zd [2G, N]`` fp32: ``s * sum_group (q - z)``, then ``(128 - z) * s``) the
+    kernel takes each group's inputs minus their mean ``m``, rounded to bf16 (``x'``, summing to ``r``, near 0):
+    ``(x' + m) . (q - z) s = x' . c s + r (128 - z) s + m sum(q - z) s``, the last two one small GEMM. Without the
+    centring, a group's partial product would carry ``(z - 128) sum(x)`` -- large for activations with a mean --
+    and lose the result in its bf16 rounding; without the ``r`` term, the rounding of the centred inputs (whose
+    errors need not cancel) would be multiplied by ``(128 - z) s`` -- up to 1e-2 relative at decode."""
     g, _, group = packed.shape
-    xs, mean = x2, None
+    xs, coef = x2, None
     if zd is not None:
         x3 = x2.float().reshape(x2.shape[0], g, group)
         mean = x3.mean(-1)
         xs = (x3 - mean.unsqueeze(-1)).reshape(x2.shape).to(x2.dtype)
+        coef = torch.cat([mean, xs.float().reshape(x2.shape[0], g, group).sum(-1)], dim=-1)
     y = None
     for j in range(g):
         part = torch.ops.aten._weight_int8pack_mm(xs[:, j * group:(j + 1) * group].contiguous(), packed[j], sz[j])
         y = part.float() if y is None else y.add_(part)
-    if mean is not None:
-        y.add_(mean @ zd.float())
+    if coef is not None:
+        y.add_(coef @ zd.float())
     return y.to(x2.dtype)
 
 

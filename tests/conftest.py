@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moecompress.arch.registry import FAMILIES as REGISTRY
 from moecompress.arch.registry import supported_families
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +47,6 @@ def pytest_configure(config):
 
 
 FAMILIES = supported_families()
-ZERO_FAMILIES = [spec.family for spec in REGISTRY if spec.zero_experts]  # zero experts can be added
 # DeepSeek-V2 proper (the tiny default is V2-Lite's greedy top-k without q LoRA): q LoRA, group-limited top-k by
 # each group's best expert, scaled weights
 DEEPSEEK_V2_GROUPED = dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,

@@ -100,10 +100,6 @@ class ModelHandle:
         z = self.zero
         if z is None:
             return
-        if not self.spec.zero_experts:
-            raise UserError(f"{self.reader.path}: zero experts are not available for the {self.family} family yet "
-                            "(its router adds a selection bias to softmax scores, which the zero-expert router does "
-                            "not reproduce)")
         if z.layout == "stock" and router_rule(self.spec, self.text_config).n_group is not None:
             raise UserError(f"{self.reader.path}: a stock-layout zero-expert model cannot use group-limited routing "
                             f"(n_group={self.text_config.n_group}): stock loaders would group the zero experts too")

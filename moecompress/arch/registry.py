@@ -105,8 +105,6 @@ class ArchSpec:
     # the selection bias a router adds to its scores before the top-k (sigmoid families; ERNIE's softmax),
     # a layer-local in-memory name; None: a router without one
     correction_bias: str | None = None
-    # zero experts (ZEDA) can be added: the zero-expert router reproduces this family's router
-    zero_experts: bool = True
     # on-disk prefixes of the text model, in the order they are probed
     disk_model_prefixes: tuple[str, ...] = ("model",)
     # the config holding the text model (composite vision-language configs nest it)
@@ -114,6 +112,8 @@ class ArchSpec:
     # the family's router returns its top-k weights cast back to the logits' dtype (Mixtral keeps fp32);
     # sigmoid routers compute logits in fp32, softmax routers in the activations' dtype
     router_cast_weights: bool = True
+    # ... or cast to the router's input dtype (ERNIE: fp32 logits, weights in the activations' dtype)
+    router_weights_input_dtype: bool = False
     # the norm whose output every MoE router reads (its weight bounds the router logits, see zero.inject)
     router_input_norm: str = "post_attention_layernorm"
     # AWQ balance groups (see BalanceGroup), in the order they are searched within a layer
@@ -236,8 +236,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         shared_expert="mlp.shared_experts",
         fp32_logits=True,
         correction_bias="mlp.gate.moe_statics.e_score_correction_bias",
+        router_weights_input_dtype=True,
         disk_renames=(("mlp.gate.moe_statics.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"),),
-        zero_experts=False,
     ),
     ArchSpec(
         family="glm4_moe",

@@ -211,8 +211,10 @@ class MoEBlock(nn.Module):
             w_real, ids_real = route_fn(logits[:, :e], r.top_k, correction_bias=bias, **kw)
             weights = original_weights(w_real, ids_real, ids)
         if r.rule is not None:
-            # softmax routing returns its slots by decreasing weight (route and route_torch sort them)
-            ids = apply_rule(weights, ids, r.rule, self.experts.num_experts, sorted_desc=r.scoring == "softmax")
+            # softmax routing returns its slots by decreasing weight (route and route_torch sort them), unless a
+            # selection bias ranked them (ERNIE)
+            ids = apply_rule(weights, ids, r.rule, self.experts.num_experts,
+                             sorted_desc=r.scoring == "softmax" and self.correction_bias is None)
         return weights, ids
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

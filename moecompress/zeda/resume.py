@@ -68,8 +68,8 @@ class ResumeState:
         self.saved_step = step
         if not write:
             return
-        buffers = {f"router.{i}.e_score_correction_bias": r.e_score_correction_bias.detach().cpu().clone()
-                   for i, r in student.routers.items() if r.e_score_correction_bias is not None}
+        buffers = {f"router.{i}.e_score_correction_bias": r.selection_bias().detach().cpu().clone()
+                   for i, r in student.routers.items() if r.selection_bias() is not None}
         state = {"step": step, "params": params, "buffers": buffers, "opt": opt_state,
                  "gen": gen.get_state(), "history": json.dumps(history), "settings": json.dumps(self.settings),
                  "source": self.source, "build": json.dumps(build_id())}
@@ -90,7 +90,7 @@ class ResumeState:
             for i, r in student.routers.items():
                 b = state["buffers"].get(f"router.{i}.e_score_correction_bias")
                 if b is not None:
-                    r.e_score_correction_bias.copy_(b)
+                    r.selection_bias().copy_(b)
         # the optimizer's per-parameter tensors (Adam's moments) laid out like their parameters
         params = [p for g in opt.param_groups for p in g["params"]]
         for idx, st in state["opt"]["state"].items():

@@ -65,15 +65,15 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
     layers = model.model.layers
     for i, mlp in moe_blocks(model):
         old = mlp.gate
-        corr = getattr(old, "e_score_correction_bias", None)
+        corr = _router_bias(old, rs.bias_path)
         norm = getattr(layers[i], handle.spec.router_input_norm).weight
         init = zero_router_init(old.weight.data.cpu(), norm.data.cpu(), None if corr is None else corr.data.cpu(),
-                                num_zero, seed, i)
+                                num_zero, seed, i, rs.scoring)
         with torch.device(old.weight.device):
             new = ZeroExpertRouter(rs)
         new.weight.data = init.weight.to(old.weight.device, old.weight.dtype)
         if init.correction_bias is not None:
-            new.e_score_correction_bias.copy_(init.correction_bias)
+            new.selection_bias().copy_(init.correction_bias.reshape(-1))
         if init.zero_bias is not None:
             new.zero_expert_bias.data.copy_(init.zero_bias)
         new.reference_rows = old.weight.data.detach().clone()
@@ -150,6 +150,16 @@ def tracking(student: Student):
 
 
 @torch.no_grad()
+def _router_bias(router: nn.Module, path: str | None) -> torch.Tensor | None:
+    """A transformers router's selection bias at ``path`` (RouterSpec.bias_path), flattened to ``[E]``."""
+    if path is None:
+        return None
+    owner, _, leaf = path.rpartition(".")
+    t = getattr(router.get_submodule(owner) if owner else router, leaf, None)
+    return None if t is None else t.detach().reshape(-1)
+
+
+@torch.no_grad()
 def warm_start(student: Student, input_ids: torch.Tensor, margin: float = 1.0) -> dict[int, float]:
     """Put each layer's zero rows ``margin`` below its mean k-th real choice (see module docstring);
     returns the new bias per layer."""
@@ -170,12 +180,16 @@ def warm_start(student: Student, input_ids: torch.Tensor, margin: float = 1.0) -
         zero = F.linear(x, r.weight[e:].float())
         if r.rs.relative:
             zero = zero + real.max(dim=-1, keepdim=True).values
+        bias = r.selection_bias()
         if r.rs.scoring == "softmax":
             kth = real.topk(k, dim=-1).values[:, -1]
             b = float(kth.mean() - zero.mean() - margin)
             r.zero_expert_bias.data.fill_(b)
+            if bias is not None:  # ERNIE: then the zero rows' selection bias, at the k-th real choice's level
+                p = torch.cat([real, zero + b], dim=-1).softmax(-1)
+                kth_c = (p[:, :e] + bias[:e]).topk(k, dim=-1).values[:, -1]
+                bias[e:] = float(kth_c.mean() - p[:, e:].mean() - 0.1 * margin * p[:, :e].max(-1).values.mean())
         else:
-            bias = r.e_score_correction_bias
             kth = (real.sigmoid() + bias[:e]).topk(k, dim=-1).values[:, -1]
             b = float(kth.mean() - zero.sigmoid().mean() - 0.1 * margin)
             bias[e:] = b

@@ -260,10 +260,13 @@ def export(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, re
         if r is not None:
             name = handle.source_name(i, "mlp.gate.weight")
             out[handle.output_name(name)] = trained[prefix + "mlp.gate.weight"].cpu().to(tensors[name].dtype)
-            if r.e_score_correction_bias is not None:
-                bname = handle.source_name(i, "mlp.gate.e_score_correction_bias")
-                out[handle.output_name(bname)] = r.e_score_correction_bias.detach().cpu().to(tensors[bname].dtype)
-            else:
+            bias = r.selection_bias()
+            if bias is not None:
+                bname = handle.source_name(i, handle.spec.bias_name)
+                stored = tensors[bname]
+                out[handle.output_name(bname)] = bias.detach().cpu().to(stored.dtype).reshape(
+                    (1, -1) if stored.dim() == 2 else (-1,))
+            if r.rs.scoring == "softmax":  # sigmoid routers keep no zero logit bias (the stock layout has none)
                 out[handle.output_name(name).removesuffix("weight") + "zero_expert_bias"] = \
                     trained[prefix + "mlp.gate.zero_expert_bias"].float().cpu()
         for mem, p in trained.items():

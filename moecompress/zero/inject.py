@@ -14,6 +14,9 @@ real ones. An offset then makes sure they are never chosen at injection, for any
   ``min(real bias) - 2``, below every real expert's selection score (a sigmoid lies in (0, 1)).
   Their weights are never used at injection, and no ``zero_expert_bias`` is written (so the stock
   layout can express the model).
+* softmax routers with a selection bias (ERNIE-4.5): both -- the logit offset keeps the real
+  probabilities bit for bit, and the zero rows' bias ``min(real bias) - 2`` keeps them last in the
+  top-k's ranking (a probability lies in [0, 1]).
 
 ``topk_mode``: ``same`` keeps k (zero experts compete for the k slots: the injected model *is* the
 original); ``plus-one`` raises k by one, one extra slot that training may send to a zero expert. At
@@ -42,9 +45,6 @@ MARGIN_NATS = 30.0
 
 def open_float_original(model_dir: str | Path, what: str) -> ModelHandle:
     handle = ModelHandle.open(model_dir)
-    if not handle.spec.zero_experts:
-        raise UserError(f"{model_dir}: zero experts are not available for the {handle.family} family yet (its router "
-                        "adds a selection bias to softmax scores, which the zero-expert router does not reproduce)")
     if handle.reader.config.get("quantization_config"):
         raise UserError(f"{model_dir} is quantized; {what} the float model, then quantize the result")
     return handle
@@ -81,17 +81,21 @@ class RouterInit:
 
 
 def zero_router_init(w: torch.Tensor, norm_weight: torch.Tensor, correction_bias: torch.Tensor | None,
-                     num_zero: int, seed: int, layer: int) -> RouterInit:
+                     num_zero: int, seed: int, layer: int, scoring: str = "sigmoid") -> RouterInit:
     """Router ``w [E, H]`` with ``num_zero`` new rows that no input chooses (see the module docstring);
-    ``correction_bias`` given: a sigmoid router."""
+    ``correction_bias`` (``[E]``, or ERNIE's ``[1, E]``; returned in the same layout): the router's selection bias."""
     rows = new_router_rows(w, num_zero, seed, layer)
+    bias = None
     if correction_bias is not None:
         zb = float(correction_bias.float().min()) - 2.0
-        bias = torch.cat([correction_bias, torch.full((num_zero,), zb, dtype=correction_bias.dtype)])
-        return RouterInit(torch.cat([w, rows]), bias, None)
+        flat = correction_bias.reshape(-1)
+        bias = torch.cat([flat, torch.full((num_zero,), zb, dtype=flat.dtype)])
+        bias = bias.reshape(1, -1) if correction_bias.dim() == 2 else bias
+        if scoring == "sigmoid":
+            return RouterInit(torch.cat([w, rows]), bias, None)
     offset = float(logit_bounds(rows, norm_weight).max() + logit_bounds(w, norm_weight).max()) + MARGIN_NATS + \
         math.log(num_zero)
-    return RouterInit(torch.cat([w, rows]), None, torch.full((num_zero,), -offset, dtype=torch.float32))
+    return RouterInit(torch.cat([w, rows]), bias, torch.full((num_zero,), -offset, dtype=torch.float32))
 
 
 def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, topk_mode: str = "same",
@@ -109,7 +113,6 @@ def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, 
     e, k = handle.num_experts, handle.top_k
     check_num_zero(num_zero, e)
     new_k = k + 1 if topk_mode == "plus-one" else k
-    sigmoid = handle.spec.scoring == "sigmoid"
     layers: list[dict] = []
 
     def layer_fn(i: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,14 +120,15 @@ def add_zero_experts(model_dir: str | Path, out_dir: str | Path, num_zero: int, 
         router = handle.source_name(i, "mlp.gate.weight")
         if router is None or tensors[router].dim() != 2 or tensors[router].shape[0] != e:
             return out  # a dense layer
-        bname = handle.source_name(i, "mlp.gate.e_score_correction_bias") if sigmoid else None
+        bname = handle.source_name(i, handle.spec.bias_name) if handle.spec.bias_name else None
         norm = tensors[handle.source_name(i, handle.spec.router_input_norm + ".weight")]
-        init = zero_router_init(tensors[router], norm, tensors[bname] if bname else None, num_zero, seed, i)
+        init = zero_router_init(tensors[router], norm, tensors[bname] if bname else None, num_zero, seed, i,
+                                handle.spec.scoring)
         out[handle.output_name(router)] = init.weight
         rec: dict = {"layer": i}
         if init.correction_bias is not None:
             out[handle.output_name(bname)] = init.correction_bias
-            rec["zero_selection_bias"] = float(init.correction_bias[-1])
+            rec["zero_selection_bias"] = float(init.correction_bias.reshape(-1)[-1])
         if init.zero_bias is not None:
             out[handle.output_name(router).removesuffix("weight") + "zero_expert_bias"] = init.zero_bias
             rec["zero_logit_bias"] = float(init.zero_bias[0])

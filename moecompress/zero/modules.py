@@ -4,7 +4,8 @@
 zero-expert model: every MoE block's ``gate`` becomes a :class:`ZeroExpertRouter` with ``E+Z`` rows
 (returning ``(logits [T, E+Z], weights, ids)`` like the family's router, ids ``>= E`` being zero
 experts) and the experts module learns to skip zero slots (:class:`ZeroSkippingExperts`). The
-state-dict names stay the family's: ``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``, plus
+state-dict names stay the family's: ``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias`` (ERNIE:
+``mlp.gate.moe_statics.e_score_correction_bias``), plus
 ``mlp.gate.zero_expert_bias``.
 """
 
@@ -33,10 +34,14 @@ class RouterSpec:
     renormalize: bool
     logits_fp32: bool
     cast_weights: bool
+    cast_to_input: bool = False  # the weights in the input's dtype (ERNIE) rather than the logits'
     n_group: int | None = None
     topk_group: int | None = None
     scaling: float = 1.0
     group_score: str = "top2"
+    # the selection bias under the router, as transformers names it: "e_score_correction_bias" (sigmoid routers)
+    # or "moe_statics.e_score_correction_bias" (ERNIE's softmax router, stored [1, E]); None: no bias
+    bias_path: str | None = None
     rule: tuple[str, float] | None = None
     teacher_top_k: int | None = None  # the original k (plus-one models route k+1 slots)
     weights: str = "renormalized"  # how chosen slots are weighted (zero.layout: zero_experts_weights)
@@ -49,7 +54,9 @@ class RouterSpec:
             hidden=int(text_config.hidden_size), num_experts=num_experts, num_zero=zero.num_zero,
             top_k=int(getattr(text_config, spec.top_k_attr)), scoring=r.scoring, renormalize=r.renormalize,
             logits_fp32=spec.router_logits_fp32, cast_weights=spec.router_cast_weights,
+            cast_to_input=spec.router_weights_input_dtype,
             n_group=r.n_group, topk_group=r.topk_group, scaling=r.scaling, group_score=r.group_score,
+            bias_path=None if spec.bias_name is None else spec.bias_name.removeprefix(spec.routers[0] + "."),
             rule=zero.rule,
             teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
             weights=zero.weights, relative=zero.logits == "relative",
@@ -66,10 +73,16 @@ class ZeroExpertRouter(nn.Module):
         rows = rs.num_experts + rs.num_zero
         self.weight = nn.Parameter(torch.zeros(rows, rs.hidden))
         self.zero_expert_bias = nn.Parameter(torch.zeros(rs.num_zero, dtype=torch.float32))
-        if rs.scoring == "sigmoid":
+        if rs.bias_path == "e_score_correction_bias":
             self.e_score_correction_bias = nn.Buffer(torch.zeros(rows, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        if rs.bias_path == "moe_statics.e_score_correction_bias":  # ERNIE's module and [1, rows] parameter
+            self.moe_statics = nn.Module()
+            self.moe_statics.e_score_correction_bias = nn.Parameter(torch.zeros(1, rows, dtype=torch.float32),
+                                                                    requires_grad=False)
+        elif rs.bias_path not in (None, "e_score_correction_bias"):
+            raise ValueError(f"unknown router bias {rs.bias_path!r}")
         # ZEDA's teacher is the student with the zero rows masked out: same weights, no zero expert
         # chosen, the original k slots
         self.mask_zero = False
@@ -77,6 +90,19 @@ class ZeroExpertRouter(nn.Module):
         self.track = False
         self.reference_rows: torch.Tensor | None = None  # the original real rows, frozen
         self.aux: dict | None = None
+
+    def _weights_dtype(self, hidden: torch.Tensor, real: torch.Tensor) -> torch.dtype | None:
+        """The dtype the family's router returns its top-k weights in (None: as computed)."""
+        if self.rs.cast_to_input:
+            return hidden.dtype
+        return real.dtype if self.rs.cast_weights else None
+
+    def selection_bias(self) -> torch.Tensor | None:
+        """The ``[E+Z]`` bias the top-k adds to the scores (a view of the stored tensor), None without one."""
+        if self.e_score_correction_bias is not None:
+            return self.e_score_correction_bias
+        statics = getattr(self, "moe_statics", None)
+        return None if statics is None else statics.e_score_correction_bias.view(-1)
 
     def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(real ``[T, E]``, zero ``[T, Z]``) logits, computed as the family computes its router logits.
@@ -111,7 +137,7 @@ class ZeroExpertRouter(nn.Module):
     def forward(self, hidden: torch.Tensor):
         real, zero = self.logits(hidden)
         rs = self.rs
-        bias = self.e_score_correction_bias
+        bias = self.selection_bias()
         top_k = rs.top_k
         if self.mask_zero:  # the original router: no zero rows at all, the original k
             top_k, zero_in = rs.teacher_top_k or rs.top_k, zero[:, :0]
@@ -123,7 +149,7 @@ class ZeroExpertRouter(nn.Module):
         weights, ids = route_zero(
             real, zero_in, top_k=top_k, scoring=rs.scoring, renormalize=rs.renormalize,
             correction_bias=bias, n_group=rs.n_group, topk_group=rs.topk_group,
-            scaling=rs.scaling, group_score=rs.group_score, cast_dtype=real.dtype if rs.cast_weights else None,
+            scaling=rs.scaling, group_score=rs.group_score, cast_dtype=self._weights_dtype(hidden, real),
             weights="renormalized" if self.mask_zero or relax else rs.weights,
         )
         if not self.mask_zero:
@@ -132,16 +158,17 @@ class ZeroExpertRouter(nn.Module):
         if self.track:
             self.aux = self._aux(hidden, real, logits, ids)
             if relax:
-                return (logits,) + self._relaxed(real, logits, bias, ids)
+                return (logits,) + self._relaxed(hidden, real, logits, bias, ids)
         return logits, weights, ids
 
     def _selection(self, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """(selection scores ``[T, E+Z]`` as the top-k compares them, a temperature for soft counts)."""
-        if self.rs.scoring == "softmax":
+        if self.rs.scoring == "softmax" and bias is None:
             return logits.float(), 0.5
-        return logits.float().sigmoid() + (0 if bias is None else bias), 0.02
+        scores = logits.float().softmax(-1) if self.rs.scoring == "softmax" else logits.float().sigmoid()
+        return scores + (0 if bias is None else bias), 0.02
 
-    def _relaxed(self, real, logits, bias, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def _relaxed(self, hidden, real, logits, bias, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Training with ``original`` weights: (weights, ids) over the real-only top-k, every one of its
         experts computed; a slot's weight is its original weight times *keep*: in the forward the hard
         survival (1 when the slot is in the merged top-k ``ids``, else 0: the same output as the hard
@@ -157,7 +184,7 @@ class ZeroExpertRouter(nn.Module):
                                       renormalize=rs.renormalize, correction_bias=None if bias is None else bias[:e],
                                       n_group=rs.n_group, topk_group=rs.topk_group, scaling=rs.scaling,
                                       group_score=rs.group_score,
-                                      cast_dtype=real.dtype if rs.cast_weights else None)
+                                      cast_dtype=self._weights_dtype(hidden, real))
         keep_hard = (ids_real[:, :, None] == ids[:, None, :]).any(-1).to(w_real.dtype)
         score, tau = self._selection(logits, bias)
         c_zero = score[:, e:]
@@ -184,7 +211,7 @@ class ZeroExpertRouter(nn.Module):
         experts' distribution (renormalized among themselves) when the real rows are trained."""
         from ..evals.routing_metrics import selection_probs
 
-        bias = self.e_score_correction_bias
+        bias = self.selection_bias()
         out = {"probs": selection_probs(logits, self.rs.scoring, bias), "ids": ids,
                "soft_skip": self._soft_skip(logits, bias)}
         if self.reference_rows is not None:

@@ -11,6 +11,8 @@ without touching the real part when the zero rows carry no mass:
   probabilities are ``p_real * exp(-L)`` and ``exp(a - L)``. With negligible zero mass ``L`` rounds
   to 0 and ``exp(-L)`` to exactly 1.
 * sigmoid: scores are elementwise.
+* a selection bias (sigmoid routers; ERNIE's softmax one) is added to the scores for the top-k only;
+  the weights are the unbiased scores.
 * group-limited top-k (``n_group``; sigmoid in DeepSeek-V3/GLM, softmax in DeepSeek-V2): groups are
   formed over the real experts only and the zero experts are always eligible.
 
@@ -79,8 +81,11 @@ def _route_zero(real, zero, *, top_k, scoring, renormalize, correction_bias, n_g
         big = torch.logsumexp(F.pad(a, (1, 0)), dim=-1, keepdim=True)  # log(1 + sum exp a)
         p_zero = torch.exp(a - big)
         p_real = p_real * torch.exp(-big)
-        c_real = _group_limited(p_real, n_group, topk_group, group_score)
-        vals, ids = _merged_topk(c_real, p_zero, p_real, p_zero, top_k, sorted_=True)
+        c_real, c_zero = p_real, p_zero
+        if correction_bias is not None:  # ERNIE: the top-k ranks probabilities plus a bias; weights stay unbiased
+            c_real, c_zero = p_real + correction_bias[:e], p_zero + correction_bias[e:]
+        c_real = _group_limited(c_real, n_group, topk_group, group_score)
+        vals, ids = _merged_topk(c_real, c_zero, p_real, p_zero, top_k, sorted_=True)
         if renormalize:
             vals /= vals.sum(dim=-1, keepdim=True)
         if scaling != 1.0:

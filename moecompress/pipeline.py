@@ -153,7 +153,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
             layer = handle.load_layer(model, i, device, dtype)
             check_finite_layer(layer, i, handle, dtype, store_dtype)
             if awq is not None:  # folded float tensors round to their own stored dtype (fp32 routers stay fp32)
-                awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i), spec_of=_layer_schemes(schemes, i))
+                awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i), original=_stored_tensors(handle, i),
+                                          spec_of=_layer_schemes(schemes, i))
             record, results, overrides = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype,
                                                          handle, router_dtype, awq, plan, schemes)
             if writer is not None:
@@ -249,6 +250,15 @@ def _stored_dtypes(handle: ModelHandle, i: int):
         return handle.float_dtype if src is None else torch_dtype(handle.reader.tensors[src].dtype)
 
     return stored
+
+
+def _stored_tensors(handle: ModelHandle, i: int):
+    """Layer i's float tensors as the checkpoint stores them, by layer-local name (None where absent)."""
+    def original(local: str) -> torch.Tensor | None:
+        src = handle.source_name(i, local)
+        return None if src is None else handle.reader.get(src)
+
+    return original
 
 
 def _commit(partial: PartialRun, done: int, num_layers: int, writer: ShardedWriter | None, summary: dict,

@@ -91,12 +91,14 @@ def test_awq_routing_bit_identical_and_exported(family, tmp_path):
     assert s["recipe"]["method"] == "awq"
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_a_lower_router_dtype_rounds_no_written_router(family, tmp_path):
-    """fp32 routers calibrated in bf16 (``--router-dtype bfloat16``): the written router is the source's times
-    AWQ's exact power-of-two scales, bit for bit -- the bf16 copies routing runs on are never written."""
+@pytest.mark.parametrize("family,setting", [("qwen3_moe", "router_dtype"), ("deepseek_v3", "router_dtype"),
+                                            ("qwen3_moe", "dtype"), ("ernie4_5_moe", "dtype")])
+def test_a_narrower_calibration_dtype_rounds_nothing_written(family, setting, tmp_path):
+    """An fp32 checkpoint whose routers run in bf16 (``--router-dtype bfloat16``) or whose whole calibration does
+    (``--dtype bfloat16``): the written routers and norms are the source's times AWQ's exact power-of-two scales,
+    bit for bit -- the bf16 copies calibration runs on are never written."""
     src = _save(family, tmp_path / "src", dtype=torch.float32)
-    s = quantize(src, tmp_path / "out", quick_config(method="awq", router_dtype="bfloat16"))
+    s = quantize(src, tmp_path / "out", quick_config(method="awq", **{setting: "bfloat16"}))
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     folded = 0
     for r in s["layers"]:
@@ -105,6 +107,7 @@ def test_a_lower_router_dtype_rounds_no_written_router(family, tmp_path):
         if gate not in a:
             continue
         ratio = a[norm] / b[norm]  # the fold: norm / s, router columns * s
+        assert torch.equal(torch.exp2(torch.round(torch.log2(ratio))), ratio), f"layer {i}: not powers of two"
         assert b[gate].dtype == torch.float32 and torch.equal(b[gate], a[gate] * ratio), f"layer {i}"
         folded += int((ratio != 1).sum())
     assert folded > 0, "no scale was folded into a router: the test would not see a rounded router"

@@ -46,6 +46,9 @@ class AwqSettings:
     store_dtype: torch.dtype = torch.bfloat16  # the checkpoint's float dtype (quantization scales round to it)
     # the stored dtype of a float tensor by layer-local name (a router may be kept in fp32 on disk)
     stored: Callable[[str], torch.dtype] | None = None
+    # the stored tensor itself by layer-local name (None if absent): folds into norms, routers and biases start
+    # from it, not from the calibration dtype's copy (a bf16 calibration of an fp32 checkpoint)
+    original: Callable[[str], torch.Tensor | None] | None = None
     # a reader's own scheme by layer-local name (``--override``), None where ``spec`` applies
     spec_of: Callable[[str], QuantSpec | None] | None = None
 
@@ -255,7 +258,7 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
     checked = g.floats and grp.source == spec.router_input_norm and residual is not None
     router_before = _float_outputs(layer, g, residual) if checked else None
     s_eff, s_cols = fold(layer, spec, g, choice.scales, settings.store_dtype, solved, overrides, stats,
-                         settings.stored)
+                         settings.stored, settings.original)
     if router_before is not None:
         rec["float_readers_check"] = _compare(router_before, _float_outputs(layer, g, residual))
     rec.update({"pow2": pow2, "alpha": choice.alpha if grp.per_expert else choice.alpha[0],
@@ -269,24 +272,36 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
 
 
 def fold(layer, spec: ArchSpec, g: Resolved, s: torch.Tensor, store_dtype, solved: dict, overrides: dict,
-         stats: dict | None = None, stored=None) -> tuple[torch.Tensor, torch.Tensor]:
+         stats: dict | None = None, stored=None, original=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold source scales ``s [B, R]`` into ``g``'s source and readers (and their statistics).
 
     ``stored(name)``: the on-disk dtype of a float tensor (default ``store_dtype``): modified float
-    tensors are rounded to it at once. Returns (the scales actually applied to the source, after
-    rounding it; the readers' column scales)."""
+    tensors are rounded to it at once. ``original(name)``: the stored tensor (None: use the module's): what
+    is written is computed from it, so a calibration in a narrower dtype rounds nothing that is written.
+    Returns (the scales actually applied to the source, after rounding it; the readers' column scales)."""
     offset = spec.norm_weight_offset if g.source_kind == "norm" else 0.0
     rep = _head_repeat(layer, g)
     dt = stored or (lambda name: store_dtype)
-    s_eff = _fold_source(layer, g, s, offset, store_dtype, dt, solved, overrides)
+    base = _originals(original)
+    s_eff = _fold_source(layer, g, s, offset, store_dtype, dt, solved, overrides, base)
     s_cols = rep(s_eff)
     for r in g.quantized:
         _scale_reader(layer, r, s_cols, stats or {})
     for r in g.floats:
         w = r.weight(layer)
-        w.data = _store_round(w.data * s_cols[0].to(w.dtype), dt(f"{r.name}.weight"))
-        overrides[f"{r.name}.weight"] = w.data.to(dt(f"{r.name}.weight"))
+        name = f"{r.name}.weight"
+        new = _store_round(base(name, w).float() * s_cols[0], dt(name))
+        w.data = new.to(w.dtype)
+        overrides[name] = new.to(dt(name))
     return s_eff, s_cols
+
+
+def _originals(original):
+    """``base(name, module_tensor)``: the stored tensor of ``name`` (same shape), else the module's own."""
+    def base(name: str, t: torch.Tensor) -> torch.Tensor:
+        o = original(name) if original is not None else None
+        return t.data if o is None or tuple(o.shape) != tuple(t.shape) else o
+    return base
 
 
 def _head_repeat(layer, g: Resolved) -> "_HeadRepeat":
@@ -385,19 +400,21 @@ def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
 
-def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, store_dtype, dt, solved, overrides) -> torch.Tensor:
+def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, store_dtype, dt, solved, overrides,
+                 base=None) -> torch.Tensor:
     """Divide the source's output by ``s``; returns the scales actually applied (after rounding the source)."""
     src = g.group.source
+    base = base or _originals(None)
     if g.source_kind == "norm":
         w = layer.get_submodule(src).weight
-        old = w.data.float()
-        new = _store_round(((offset + old) / s[0] - offset).to(w.dtype), dt(f"{src}.weight")).float()
+        old = base(f"{src}.weight", w).float()
+        new = _store_round((offset + old) / s[0] - offset, dt(f"{src}.weight")).float()
         denom = offset + new
         ok = denom != 0
         eff = torch.where(ok, (offset + old) / torch.where(ok, denom, torch.ones_like(denom)), torch.ones_like(old))
         new = torch.where(ok, new, old)
         w.data = new.to(w.dtype)
-        overrides[f"{src}.weight"] = w.data.to(dt(f"{src}.weight"))
+        overrides[f"{src}.weight"] = new.to(dt(f"{src}.weight"))
         return eff[None]
     if g.source_kind == "linear":
         mod = layer.get_submodule(src)
@@ -408,8 +425,9 @@ def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, store_dtype
         else:
             mod.weight.data = mod.weight.data / s[0][:, None].to(mod.weight.dtype)
         if mod.bias is not None:  # a bias stays in float: round it as stored
-            mod.bias.data = _store_round(mod.bias.data / s[0].to(mod.bias.dtype), dt(f"{src}.bias"))
-            overrides[f"{src}.bias"] = mod.bias.data.to(dt(f"{src}.bias"))
+            new = _store_round(base(f"{src}.bias", mod.bias).float() / s[0], dt(f"{src}.bias"))
+            mod.bias.data = new.to(mod.bias.dtype)
+            overrides[f"{src}.bias"] = new.to(dt(f"{src}.bias"))
         return s
     # the experts' up half: rows I..2I of every expert's fused gate/up, one scale vector per expert
     name = src.removesuffix(UP)

@@ -24,6 +24,8 @@ from moecompress.arch.handle import ModelHandle, decoder_layers
 from moecompress.calib.runner import LayerFeed, capture_layer_kwargs, prepare_embeddings, run_layer
 from moecompress.checkpoint.load import load_model, materialize_outer, open_model
 
+from moecompress.zero.modules import router_bias
+
 from .routing_metrics import RouterOut, selection_probs
 
 
@@ -81,7 +83,7 @@ class RouterTap:
 
         def hook(module, args, out):
             logits, weights, ids = out[0], out[1], out[-1]
-            bias = _tensor(module, bias_rel) if bias_rel else None
+            bias = router_bias(module, bias_rel)
             probs = selection_probs(logits.detach(), scoring, bias)
             ids = ids.detach().reshape(probs.shape[0], -1).long()
             self.calls[i].append(RouterOut(probs, ids, n_exp, weights.detach().reshape(ids.shape).float()))
@@ -91,16 +93,6 @@ class RouterTap:
     def take(self) -> dict[int, list[RouterOut]]:
         out, self.calls = self.calls, {i: [] for i in self.layers}
         return out
-
-
-def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    """``module``'s parameter or buffer ``name`` (dotted), None when it has none."""
-    owner, _, leaf = name.rpartition(".")
-    try:
-        mod = module.get_submodule(owner) if owner else module
-    except AttributeError:
-        return None
-    return getattr(mod, leaf, None)
 
 
 class WholeModel:

@@ -29,7 +29,7 @@ from ..checkpoint.load import load_model
 from ..finite import check_finite
 from ..zero.inject import zero_router_init
 from ..zero.layout import ZeroExperts
-from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks
+from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks, router_bias
 
 TRAINABLE = ("routers", "routers+norms", "lora")
 
@@ -65,7 +65,7 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
     layers = model.model.layers
     for i, mlp in moe_blocks(model):
         old = mlp.gate
-        corr = _router_bias(old, rs.bias_path)
+        corr = router_bias(old, rs.bias_path)
         norm = getattr(layers[i], handle.spec.router_input_norm).weight
         init = zero_router_init(old.weight.data.cpu(), norm.data.cpu(), None if corr is None else corr.data.cpu(),
                                 num_zero, seed, i, rs.scoring)
@@ -150,15 +150,6 @@ def tracking(student: Student):
 
 
 @torch.no_grad()
-def _router_bias(router: nn.Module, path: str | None) -> torch.Tensor | None:
-    """A transformers router's selection bias at ``path`` (RouterSpec.bias_path), flattened to ``[E]``."""
-    if path is None:
-        return None
-    owner, _, leaf = path.rpartition(".")
-    t = getattr(router.get_submodule(owner) if owner else router, leaf, None)
-    return None if t is None else t.detach().reshape(-1)
-
-
 @torch.no_grad()
 def warm_start(student: Student, input_ids: torch.Tensor, margin: float = 1.0) -> dict[int, float]:
     """Put each layer's zero rows ``margin`` below its mean k-th real choice (see module docstring);

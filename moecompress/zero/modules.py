@@ -63,6 +63,20 @@ class RouterSpec:
         )
 
 
+def router_bias(router: nn.Module, path: str | None) -> torch.Tensor | None:
+    """A router module's selection bias at ``path`` (``RouterSpec.bias_path``, e.g. ERNIE's
+    ``moe_statics.e_score_correction_bias``), flattened to ``[R]``; None where it has none."""
+    if not path:
+        return None
+    owner, _, leaf = path.rpartition(".")
+    try:
+        mod = router.get_submodule(owner) if owner else router
+    except AttributeError:
+        return None
+    t = getattr(mod, leaf, None)
+    return None if t is None else t.detach().reshape(-1)
+
+
 class ZeroExpertRouter(nn.Module):
     """A family's top-k router over ``E`` real and ``Z`` zero experts (see :mod:`.routing`)."""
 

@@ -147,7 +147,7 @@ def test_router_tap_with_zero_expert_rows():
     layer.mlp.gate = Gate()
     layer.mlp.experts = nn.Module()
     layer.mlp.experts.gate_up_proj = nn.Parameter(torch.zeros(4, 2, 4))
-    handle = SimpleNamespace(spec=SimpleNamespace(routers=("mlp.gate",), scoring="softmax", bias_name=None),
+    handle = SimpleNamespace(spec=SimpleNamespace(routers=("mlp.gate",), scoring="softmax", bias_path=None),
                              num_experts=99)
     h = torch.randn(5, 4)
     with RouterTap({7: layer}, handle) as tap:

@@ -109,11 +109,10 @@ class ArchSpec:
     disk_model_prefixes: tuple[str, ...] = ("model",)
     # the config holding the text model (composite vision-language configs nest it)
     text_config_attr: str | None = None
-    # the family's router returns its top-k weights cast back to the logits' dtype (Mixtral keeps fp32);
-    # sigmoid routers compute logits in fp32, softmax routers in the activations' dtype
-    router_cast_weights: bool = True
-    # ... or cast to the router's input dtype (ERNIE: fp32 logits, weights in the activations' dtype)
-    router_weights_input_dtype: bool = False
+    # the dtype the family's router returns its top-k weights in: "logits" (cast back to the logits' dtype;
+    # sigmoid routers compute logits in fp32, softmax routers in the activations'), "input" (the router's
+    # input dtype: ERNIE's fp32 logits), None (as computed: Mixtral, DeepSeek-V2 keep fp32)
+    router_weights_dtype: str | None = "logits"
     # the norm whose output every MoE router reads (its weight bounds the router logits, see zero.inject)
     router_input_norm: str = "post_attention_layernorm"
     # AWQ balance groups (see BalanceGroup), in the order they are searched within a layer
@@ -131,6 +130,13 @@ class ArchSpec:
         if self.correction_bias is not None:
             return self.correction_bias
         return "mlp.gate.e_score_correction_bias" if self.scoring == "sigmoid" else None
+
+    @property
+    def bias_path(self) -> str | None:
+        """:attr:`bias_name` relative to the router module (``e_score_correction_bias``, ERNIE's
+        ``moe_statics.e_score_correction_bias``)."""
+        name = self.bias_name
+        return None if name is None else name.removeprefix(self.routers[0] + ".")
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         num_experts_attr="num_local_experts",
         disk_moe_name="block_sparse_moe",
         disk_expert_names=("w1", "w3", "w2"),
-        router_cast_weights=False,
+        router_weights_dtype=None,
     ),
     ArchSpec(
         family="olmoe",
@@ -207,7 +213,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         group_when=("topk_method", "group_limited_greedy"),
         renormalize=False,
         fp32_logits=True,
-        router_cast_weights=False,
+        router_weights_dtype=None,
         awq_groups=MLA_GROUPS,
     ),
     ArchSpec(
@@ -236,7 +242,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         shared_expert="mlp.shared_experts",
         fp32_logits=True,
         correction_bias="mlp.gate.moe_statics.e_score_correction_bias",
-        router_weights_input_dtype=True,
+        router_weights_dtype="input",
         disk_renames=(("mlp.gate.moe_statics.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"),),
     ),
     ArchSpec(

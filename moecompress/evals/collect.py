@@ -77,13 +77,11 @@ class RouterTap:
 
     def _hook(self, i: int, n_exp: int):
         scoring = self.handle.spec.scoring
-        # the router's selection bias, relative to the router module (ERNIE: moe_statics.e_score_correction_bias)
-        name, bias_name = router_name(self.handle), self.handle.spec.bias_name
-        bias_rel = bias_name[len(name) + 1:] if bias_name and bias_name.startswith(name + ".") else None
+        bias_path = self.handle.spec.bias_path  # the router's selection bias (ERNIE: in moe_statics)
 
         def hook(module, args, out):
             logits, weights, ids = out[0], out[1], out[-1]
-            bias = router_bias(module, bias_rel)
+            bias = router_bias(module, bias_path)
             probs = selection_probs(logits.detach(), scoring, bias)
             ids = ids.detach().reshape(probs.shape[0], -1).long()
             self.calls[i].append(RouterOut(probs, ids, n_exp, weights.detach().reshape(ids.shape).float()))

@@ -33,8 +33,7 @@ class RouterSpec:
     scoring: str
     renormalize: bool
     logits_fp32: bool
-    cast_weights: bool
-    cast_to_input: bool = False  # the weights in the input's dtype (ERNIE) rather than the logits'
+    weights_dtype: str | None  # "logits", "input" or None (ArchSpec.router_weights_dtype)
     n_group: int | None = None
     topk_group: int | None = None
     scaling: float = 1.0
@@ -53,10 +52,9 @@ class RouterSpec:
         return cls(
             hidden=int(text_config.hidden_size), num_experts=num_experts, num_zero=zero.num_zero,
             top_k=int(getattr(text_config, spec.top_k_attr)), scoring=r.scoring, renormalize=r.renormalize,
-            logits_fp32=spec.router_logits_fp32, cast_weights=spec.router_cast_weights,
-            cast_to_input=spec.router_weights_input_dtype,
+            logits_fp32=spec.router_logits_fp32, weights_dtype=spec.router_weights_dtype,
             n_group=r.n_group, topk_group=r.topk_group, scaling=r.scaling, group_score=r.group_score,
-            bias_path=None if spec.bias_name is None else spec.bias_name.removeprefix(spec.routers[0] + "."),
+            bias_path=spec.bias_path,
             rule=zero.rule,
             teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
             weights=zero.weights, relative=zero.logits == "relative",
@@ -107,9 +105,7 @@ class ZeroExpertRouter(nn.Module):
 
     def _weights_dtype(self, hidden: torch.Tensor, real: torch.Tensor) -> torch.dtype | None:
         """The dtype the family's router returns its top-k weights in (None: as computed)."""
-        if self.rs.cast_to_input:
-            return hidden.dtype
-        return real.dtype if self.rs.cast_weights else None
+        return {"input": hidden.dtype, "logits": real.dtype}.get(self.rs.weights_dtype)
 
     def selection_bias(self) -> torch.Tensor | None:
         """The ``[E+Z]`` bias the top-k adds to the scores (a view of the stored tensor), None without one."""

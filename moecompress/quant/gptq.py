@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from .rtn import check_finite, fake_quantize, rtn_quantize, search_qparams
+from .rtn import _round, check_finite, rtn_quantize, search_qparams
 from .spec import QuantizedWeight, QuantSpec
 
 
@@ -156,9 +156,8 @@ def gptq_quantize(
     perm = None
     if spec.act_order is not None:
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
-        bi = torch.arange(b, device=dev)[:, None]
         W = W.gather(-1, perm[:, None, :].expand(b, n, k))
-        Hb = Hb[bi[:, :, None], perm[:, :, None], perm[:, None, :]]
+        Hb = Hb.gather(1, perm[:, :, None].expand(b, k, k)).gather(2, perm[:, None, :].expand(b, k, k))
         col_weight = col_weight.gather(-1, perm)
 
     todo = torch.nonzero(~starved).flatten()
@@ -217,6 +216,7 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
     losses = torch.zeros(b, dtype=torch.float64, device=Wt.device)
     group_spec = replace(spec, group_size=None)
     bi = torch.arange(b, device=Wt.device)
+    dqbuf = torch.empty(b, n, device=Wt.device)
     if static is not None:
         st, zt = (t.transpose(1, 2) for t in static)  # [B, G, N]
         order = perm if perm is not None else torch.arange(k, device=Wt.device).expand(b, k)
@@ -228,13 +228,18 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
         i2 = min(i1 + block_size, k)
         W1 = Wt[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)  # the block's codes, as floats
         # Rows i1:i2 of U = R^-1 (upper: zero left of i1) solve  Y R[i1:, i1:] = I[i1:i2, i1:].
         eye = torch.eye(i2 - i1, k - i1, dtype=R.dtype, device=R.device).expand(b, -1, -1)
         Ub = torch.linalg.solve_triangular(R[:, i1:, i1:], eye, upper=True, left=False).float()
         U1, Urest = Ub[:, :, : i2 - i1], Ub[:, :, i2 - i1 :]
+        d = U1.diagonal(dim1=1, dim2=2)  # [B, columns]
         if static is not None:  # the block's columns' qparams, gathered once: [B, columns, N]
             sb, zb = st[bi[:, None], col_group[:, i1:i2]], zt[bi[:, None], col_group[:, i1:i2]]
-        for i in range(i2 - i1):
+        # one column at a time, every step in place or into preallocated views: this loop runs K times per
+        # sweep with tensors of B x N elements, so on a CPU its cost is the number of torch calls it makes
+        cols = zip(W1.unbind(1), Err1.unbind(1), Q1.unbind(1), d.unsqueeze(-1).unbind(1), U1.unbind(1))
+        for i, (col, err, q, di, u) in enumerate(cols):
             j = i1 + i
             if static is not None:
                 s, z = sb[:, i], zb[:, i]
@@ -250,12 +255,13 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
                 s, z = s[..., 0], z[..., 0]
                 found_s.append(s)
                 found_z.append(z)
-            col = W1[:, i]
-            q, dq = fake_quantize(col, s, z, spec.qmax)
-            codes[:, j] = q.to(torch.uint8)
-            err = (col - dq).div_(U1[:, i, i, None])
-            W1[:, i + 1 :].addcmul_(U1[:, i, i + 1 :, None], err[:, None, :], value=-1.0)
-            Err1[:, i] = err
+            # every step in place or into the block's buffers: this runs K times a sweep on B x N floats, so
+            # on a CPU its cost is mostly the number of torch calls
+            _round(torch.div(col, s, out=q)).add_(z).clamp_(0, spec.qmax)  # the codes, as fake_quantize's
+            dq = torch.sub(q, z, out=dqbuf).mul_(s)
+            torch.sub(col, dq, out=err).div_(di)  # (w - dequantized) / d
+            W1[:, i + 1 :].addcmul_(u[:, i + 1 :, None], err[:, None, :], value=-1.0)
+        codes[:, i1:i2] = Q1.to(torch.uint8)
         losses += 0.5 * Err1.double().square().sum((1, 2))
         if i2 < k:
             Wt[:, i2:].baddbmm_(Urest.transpose(1, 2), Err1, alpha=-1.0)

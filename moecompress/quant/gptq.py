@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from .rtn import _round, check_finite, rtn_quantize, search_qparams
+from .rtn import round_in_place, check_finite, rtn_quantize, search_qparams
 from .spec import QuantizedWeight, QuantSpec
 
 
@@ -236,8 +236,6 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
         d = U1.diagonal(dim1=1, dim2=2)  # [B, columns]
         if static is not None:  # the block's columns' qparams, gathered once: [B, columns, N]
             sb, zb = st[bi[:, None], col_group[:, i1:i2]], zt[bi[:, None], col_group[:, i1:i2]]
-        # one column at a time, every step in place or into preallocated views: this loop runs K times per
-        # sweep with tensors of B x N elements, so on a CPU its cost is the number of torch calls it makes
         cols = zip(W1.unbind(1), Err1.unbind(1), Q1.unbind(1), d.unsqueeze(-1).unbind(1), U1.unbind(1))
         for i, (col, err, q, di, u) in enumerate(cols):
             j = i1 + i
@@ -257,7 +255,7 @@ def _column_loop(W, R, col_weight, spec, block_size, static, perm):
                 found_z.append(z)
             # every step in place or into the block's buffers: this runs K times a sweep on B x N floats, so
             # on a CPU its cost is mostly the number of torch calls
-            _round(torch.div(col, s, out=q)).add_(z).clamp_(0, spec.qmax)  # the codes, as fake_quantize's
+            round_in_place(torch.div(col, s, out=q)).add_(z).clamp_(0, spec.qmax)  # the codes, as fake_quantize's
             dq = torch.sub(q, z, out=dqbuf).mul_(s)
             torch.sub(col, dq, out=err).div_(di)  # (w - dequantized) / d
             W1[:, i + 1 :].addcmul_(u[:, i + 1 :, None], err[:, None, :], value=-1.0)

@@ -45,11 +45,11 @@ def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, ratio: float, spec: Quant
     # An empty range would make every code divide by zero; any positive scale quantizes it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min_(torch.finfo(torch.float32).tiny)
     if zero is None:
-        zero = _round(-lo * ratio / scale).clamp_(spec.zero_min, spec.qmax)
+        zero = round_in_place(-lo * ratio / scale).clamp_(spec.zero_min, spec.qmax)
     return scale, zero
 
 
-def _round(x: torch.Tensor) -> torch.Tensor:
+def round_in_place(x: torch.Tensor) -> torch.Tensor:
     """torch.round (half to even) of a fresh float tensor, in place, for |x| < 2**(mantissa-1).
 
     Adding 1.5 * 2**mantissa leaves no fraction bits, so the FPU rounds; larger values are clamped
@@ -61,7 +61,7 @@ def _round(x: torch.Tensor) -> torch.Tensor:
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    return _round(w / scale).add_(zero).clamp_(0, qmax)
+    return round_in_place(w / scale).add_(zero).clamp_(0, qmax)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int):
@@ -116,9 +116,9 @@ def _search_slab(wg: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None,
             return scale, zero
         s = scale[..., None]
         if spec.symmetric:  # z is a constant: clamp the signed value instead of adding z and back
-            err = _round(wg / s).clamp_(-spec.sym_zero, spec.qmax - spec.sym_zero)
+            err = round_in_place(wg / s).clamp_(-spec.sym_zero, spec.qmax - spec.sym_zero)
         else:
-            err = _round(wg / s).add_(zero[..., None]).clamp_(0, spec.qmax).sub_(zero[..., None])
+            err = round_in_place(wg / s).add_(zero[..., None]).clamp_(0, spec.qmax).sub_(zero[..., None])
         err = err.mul_(s).sub_(wg)
         if hblock is not None:  # [..., N, G, gs] x [..., G, gs, gs]: per row and group e H_gg e^T
             err = (torch.matmul(err.transpose(-3, -2), hblock).transpose(-3, -2) * err).sum(-1)

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from .rtn import round_in_place, check_finite, rtn_quantize, search_qparams
+from .rtn import check_finite, round_in_place, rtn_quantize, search_qparams
 from .spec import QuantizedWeight, QuantSpec
 
 

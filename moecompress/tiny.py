@@ -47,6 +47,9 @@ TINY_CONFIGS: dict[str, dict] = {
                          moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
                          moe_layer_end_index=2, moe_layer_interval=1, pad_token_id=None, bos_token_id=None,
                          eos_token_id=None),
+    # MiniMax-M2's proportions: partial rotary (rotary_dim 16 of head_dim 32), q/k norms over whole projections
+    "minimax_m2": dict(_COMMON, head_dim=32, intermediate_size=64, num_hidden_layers=2, num_local_experts=8,
+                       num_experts_per_tok=2, rotary_dim=16, pad_token_id=None, bos_token_id=None, eos_token_id=None),
     "glm4_moe": dict(_COMMON, head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                      n_shared_experts=1, routed_scaling_factor=2.5),

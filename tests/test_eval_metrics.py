@@ -159,12 +159,14 @@ def test_router_tap_with_zero_expert_rows():
     assert len(tap.calls[7]) == 1
 
 
-def test_router_tap_reads_ernies_selection_bias(tiny_ckpt):
-    """ERNIE-4.5 ranks experts by softmax + a selection bias kept in ``moe_statics``: the tapped selection scores
-    are those, so each token's top-k by them is the set the router chose."""
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "minimax_m2"])
+def test_router_tap_reads_the_selection_bias(tiny_ckpt, family):
+    """ERNIE-4.5 ranks experts by softmax + a selection bias kept in ``moe_statics``, MiniMax-M2 by sigmoid + a
+    bias its MoE block holds and passes to the router: the tapped selection scores are those, so each token's
+    top-k by them is the set the router chose."""
     from moecompress.evals.collect import WholeModel
 
-    wm = WholeModel(tiny_ckpt("ernie4_5_moe"), "cpu", torch.float32)
+    wm = WholeModel(tiny_ckpt(family), "cpu", torch.float32)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     _, routers = wm.forward(ids)
     for out in routers.values():

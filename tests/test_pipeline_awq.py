@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moecompress.arch.registry import BY_MODEL_TYPE
 from moecompress.cli import main
 from moecompress.pipeline import quantize
 from moecompress.quant.spec import QuantSpec
@@ -17,7 +18,7 @@ from conftest import quick_config
 from test_cli_errors import _assert_clean, _run
 
 # sigmoid routers (fp32 logits), a shared expert gate, Mixtral's names, MLA attention
-AWQ_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe_lite", "deepseek_v2"]
+AWQ_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "minimax_m2"]
 
 
 def _hidden_outliers(model, g):
@@ -69,7 +70,7 @@ def test_awq_routing_bit_identical_and_exported(family, tmp_path):
     # the written norms and routers are the source's times exact powers of two, and route identically
     a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    moe = BY_MODEL_TYPE[family].disk_moe_name
     x = torch.randn(64, a["model.embed_tokens.weight"].shape[1]).to(torch.bfloat16)
     changed = 0
     for r in s["layers"]:

@@ -49,7 +49,8 @@ def test_balance_surrogate_has_the_balance_gradient(scope):
     assert balance_surrogate(glob, a, 0.5, scope).item() != 0.0
 
 
-@pytest.mark.parametrize("family,mode", [("qwen3_moe", "same"), ("qwen3_moe", "plus-one"), ("deepseek_v3", "same")])
+@pytest.mark.parametrize("family,mode", [("qwen3_moe", "same"), ("qwen3_moe", "plus-one"), ("deepseek_v3", "same"),
+                                         ("minimax_m2", "same")])
 def test_teacher_is_the_original_in_one_copy(tiny_ckpt, family, mode):
     src = tiny_ckpt(family)
     st = build_student(src, 2, mode, 0, "routers", "cpu", torch.float32)
@@ -72,7 +73,7 @@ def test_teacher_is_the_original_in_one_copy(tiny_ckpt, family, mode):
     assert len(st.params) == len(trainable)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "minimax_m2"])
 def test_original_weights_training_forward_is_the_hard_one_and_the_kl_reaches_the_zero_rows(tiny_ckpt, family):
     """--zero-weights original: a zero slot weighs 0, so only the discrete choice depends on the zero rows.
     Training computes every real expert of the original top-k with a straight-through keep: the same
@@ -90,7 +91,8 @@ def test_original_weights_training_forward_is_the_hard_one_and_the_kl_reaches_th
             if r.rs.scoring == "softmax":
                 r.zero_expert_bias.data.fill_(0.0)
             else:
-                r.e_score_correction_bias[e:] = r.e_score_correction_bias[:e].max() + 0.05
+                bias = r.selection_bias()  # MiniMax-M2: the block's, which it passes to the router
+                bias[e:] = bias[:e].max() + 0.05
         with torch.no_grad():
             hard = st.model(input_ids=ids).logits
             with teacher_mode(st):

@@ -100,8 +100,9 @@ class ArchSpec:
     # the router renormalizes its top-k weights: None = the config's norm_topk_prob (default True);
     # False for a router that never does, whatever the config says (DeepSeek-V2)
     renormalize: bool | None = None
-    # router logits in fp32 whatever the activations' dtype (implied by sigmoid scoring)
-    fp32_logits: bool = False
+    # router logits in fp32 whatever the activations' dtype; None: as the scoring implies (sigmoid routers
+    # compute them in fp32, softmax ones in the activations' dtype). MiniMax-M2's sigmoid router: False
+    fp32_logits: bool | None = None
     # the selection bias a router adds to its scores before the top-k (sigmoid families; ERNIE's softmax),
     # a layer-local in-memory name; None: a router without one
     correction_bias: str | None = None
@@ -122,7 +123,7 @@ class ArchSpec:
 
     @property
     def router_logits_fp32(self) -> bool:
-        return self.scoring == "sigmoid" or self.fp32_logits
+        return self.scoring == "sigmoid" if self.fp32_logits is None else self.fp32_logits
 
     @property
     def bias_name(self) -> str | None:
@@ -134,9 +135,18 @@ class ArchSpec:
     @property
     def bias_path(self) -> str | None:
         """:attr:`bias_name` relative to the router module (``e_score_correction_bias``, ERNIE's
-        ``moe_statics.e_score_correction_bias``)."""
+        ``moe_statics.e_score_correction_bias``); None where the router holds none (see :attr:`bias_passed`)."""
         name = self.bias_name
-        return None if name is None else name.removeprefix(self.routers[0] + ".")
+        if name is None or self.bias_passed:
+            return None
+        return name.removeprefix(self.routers[0] + ".")
+
+    @property
+    def bias_passed(self) -> bool:
+        """The MoE block holds the selection bias and passes it to its router, ``gate(hidden, bias)``
+        (MiniMax-M2: ``mlp.e_score_correction_bias``)."""
+        name = self.bias_name
+        return name is not None and not name.startswith(self.routers[0] + ".")
 
 
 @dataclass(frozen=True)
@@ -244,6 +254,19 @@ FAMILIES: tuple[ArchSpec, ...] = (
         correction_bias="mlp.gate.moe_statics.e_score_correction_bias",
         router_weights_dtype="input",
         disk_renames=(("mlp.gate.moe_statics.e_score_correction_bias", "mlp.moe_statics.e_score_correction_bias"),),
+    ),
+    ArchSpec(
+        # MiniMax-M2 / M2.1 / M2.5 (230B-A10B): sigmoid routing with a selection bias the MoE block holds and
+        # passes to its router, logits in the router's dtype, always renormalized; Mixtral's on-disk names
+        family="minimax_m2",
+        model_types=("minimax_m2",),
+        num_experts_attr="num_local_experts",
+        disk_moe_name="block_sparse_moe",
+        disk_expert_names=("w1", "w3", "w2"),
+        scoring="sigmoid",
+        correction_bias="mlp.e_score_correction_bias",
+        fp32_logits=False,
+        router_weights_dtype=None,
     ),
     ArchSpec(
         family="glm4_moe",

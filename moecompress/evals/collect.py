@@ -81,7 +81,7 @@ class RouterTap:
 
         def hook(module, args, out):
             logits, weights, ids = out[0], out[1], out[-1]
-            bias = router_bias(module, bias_path)
+            bias = router_bias(module, bias_path, args)
             probs = selection_probs(logits.detach(), scoring, bias)
             ids = ids.detach().reshape(probs.shape[0], -1).long()
             self.calls[i].append(RouterOut(probs, ids, n_exp, weights.detach().reshape(ids.shape).float()))

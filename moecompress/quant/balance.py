@@ -256,11 +256,11 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
 
     choice = search_scales(loss, x_src, w_src, alpha_grid(settings.grid), pow2)
     checked = g.floats and grp.source == spec.router_input_norm and residual is not None
-    router_before = _float_outputs(layer, g, residual) if checked else None
+    router_before = _float_outputs(layer, g, residual, spec) if checked else None
     s_eff, s_cols = fold(layer, spec, g, choice.scales, settings.store_dtype, solved, overrides, stats,
                          settings.stored, settings.original)
     if router_before is not None:
-        rec["float_readers_check"] = _compare(router_before, _float_outputs(layer, g, residual))
+        rec["float_readers_check"] = _compare(router_before, _float_outputs(layer, g, residual, spec))
     rec.update({"pow2": pow2, "alpha": choice.alpha if grp.per_expert else choice.alpha[0],
                 "duo": choice.duo if grp.per_expert else choice.duo[0],
                 "loss_before": choice.loss_before if grp.per_expert else choice.loss_before[0],
@@ -462,13 +462,15 @@ def _scale_reader(layer, r: Reader, s: torch.Tensor, stats) -> None:
         st.extra["all_abs_sums"].mul_(inv)
 
 
-def _float_outputs(layer, g: Resolved, residual) -> list:
+def _float_outputs(layer, g: Resolved, residual, spec: ArchSpec) -> list:
     """What the float readers of the router-input norm compute on the sampled residual rows."""
     with torch.no_grad():
         x = layer.get_submodule(g.group.source)(residual)
         outs = []
         for r in g.floats:
-            out = layer.get_submodule(r.name)(x)
+            # a router whose block passes it the selection bias (MiniMax-M2) is called with it
+            args = (x, layer.get_buffer(spec.bias_name)) if r.name == spec.routers[0] and spec.bias_passed else (x,)
+            out = layer.get_submodule(r.name)(*args)
             outs.append((r.name, out if isinstance(out, tuple) else (out,)))
     return outs
 

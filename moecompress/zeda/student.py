@@ -29,7 +29,7 @@ from ..checkpoint.load import load_model
 from ..finite import check_finite
 from ..zero.inject import zero_router_init
 from ..zero.layout import ZeroExperts
-from ..zero.modules import RouterSpec, ZeroExpertRouter, _skipping_class, moe_blocks, router_bias
+from ..zero.modules import BLOCK_BIAS, RouterSpec, ZeroExpertRouter, moe_blocks, router_bias, set_router
 
 TRAINABLE = ("routers", "routers+norms", "lora")
 
@@ -65,20 +65,19 @@ def build_student(model_dir, num_zero: int, topk_mode: str, seed: int, trainable
     layers = model.model.layers
     for i, mlp in moe_blocks(model):
         old = mlp.gate
-        corr = router_bias(old, rs.bias_path)
+        corr = getattr(mlp, BLOCK_BIAS) if rs.bias_passed else router_bias(old, rs.bias_path)
         norm = getattr(layers[i], handle.spec.router_input_norm).weight
         init = zero_router_init(old.weight.data.cpu(), norm.data.cpu(), None if corr is None else corr.data.cpu(),
                                 num_zero, seed, i, rs.scoring)
         with torch.device(old.weight.device):
             new = ZeroExpertRouter(rs)
         new.weight.data = init.weight.to(old.weight.device, old.weight.dtype)
+        set_router(mlp, new)
         if init.correction_bias is not None:
             new.selection_bias().copy_(init.correction_bias.reshape(-1))
         if init.zero_bias is not None:
             new.zero_expert_bias.data.copy_(init.zero_bias)
         new.reference_rows = old.weight.data.detach().clone()
-        mlp.gate = new
-        mlp.experts.__class__ = _skipping_class(type(mlp.experts))
         routers[i] = new
     params = []
     for r in routers.values():

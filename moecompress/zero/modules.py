@@ -41,6 +41,8 @@ class RouterSpec:
     # the selection bias under the router, as transformers names it: "e_score_correction_bias" (sigmoid routers)
     # or "moe_statics.e_score_correction_bias" (ERNIE's softmax router, stored [1, E]); None: no bias
     bias_path: str | None = None
+    # the MoE block holds the bias (``mlp.e_score_correction_bias``) and passes it to the router (MiniMax-M2)
+    bias_passed: bool = False
     rule: tuple[str, float] | None = None
     teacher_top_k: int | None = None  # the original k (plus-one models route k+1 slots)
     weights: str = "renormalized"  # how chosen slots are weighted (zero.layout: zero_experts_weights)
@@ -54,16 +56,25 @@ class RouterSpec:
             top_k=int(getattr(text_config, spec.top_k_attr)), scoring=r.scoring, renormalize=r.renormalize,
             logits_fp32=spec.router_logits_fp32, weights_dtype=spec.router_weights_dtype,
             n_group=r.n_group, topk_group=r.topk_group, scaling=r.scaling, group_score=r.group_score,
-            bias_path=spec.bias_path,
+            bias_path=spec.bias_path, bias_passed=spec.bias_passed,
             rule=zero.rule,
             teacher_top_k=int(getattr(text_config, spec.top_k_attr)) - (1 if zero.topk_mode == "plus-one" else 0),
             weights=zero.weights, relative=zero.logits == "relative",
         )
 
 
-def router_bias(router: nn.Module, path: str | None) -> torch.Tensor | None:
+BLOCK_BIAS = "e_score_correction_bias"  # the attribute of a MoE block that passes its router the bias
+
+
+def router_bias(router: nn.Module, path: str | None, args: tuple = ()) -> torch.Tensor | None:
     """A router module's selection bias at ``path`` (``RouterSpec.bias_path``, e.g. ERNIE's
-    ``moe_statics.e_score_correction_bias``), flattened to ``[R]``; None where it has none."""
+    ``moe_statics.e_score_correction_bias``), flattened to ``[R]``; None where it has none. ``args``: the
+    router call's positional arguments, where a block passes the bias it holds (``gate(hidden, bias)``)."""
+    if isinstance(router, ZeroExpertRouter):
+        bias = router.selection_bias()
+        return None if bias is None else bias.detach()
+    if len(args) > 1 and torch.is_tensor(args[1]):
+        return args[1].detach().reshape(-1)
     if not path:
         return None
     owner, _, leaf = path.rpartition(".")
@@ -95,6 +106,8 @@ class ZeroExpertRouter(nn.Module):
                                                                     requires_grad=False)
         elif rs.bias_path not in (None, "e_score_correction_bias"):
             raise ValueError(f"unknown router bias {rs.bias_path!r}")
+        # bias_passed: the block's [E+Z] buffer, read through the block (not a submodule: that would be a cycle)
+        self._bias_block: nn.Module | None = None
         # ZEDA's teacher is the student with the zero rows masked out: same weights, no zero expert
         # chosen, the original k slots
         self.mask_zero = False
@@ -111,6 +124,8 @@ class ZeroExpertRouter(nn.Module):
         """The ``[E+Z]`` bias the top-k adds to the scores (a view of the stored tensor), None without one."""
         if self.e_score_correction_bias is not None:
             return self.e_score_correction_bias
+        if self.rs.bias_passed:
+            return None if self._bias_block is None else getattr(self._bias_block, BLOCK_BIAS)
         statics = getattr(self, "moe_statics", None)
         return None if statics is None else statics.e_score_correction_bias.view(-1)
 
@@ -144,7 +159,8 @@ class ZeroExpertRouter(nn.Module):
             zero = torch.full_like(zero, float("-inf"))
         return real, zero
 
-    def forward(self, hidden: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, e_score_correction_bias: torch.Tensor | None = None):
+        # a block that passes its bias (MiniMax-M2) passes the buffer selection_bias() reads
         real, zero = self.logits(hidden)
         rs = self.rs
         bias = self.selection_bias()
@@ -304,8 +320,18 @@ def install_zero_experts(model: nn.Module, rs: RouterSpec) -> None:
         with torch.device(dev):
             new = ZeroExpertRouter(rs)
         new.weight.data = new.weight.data.to(old.weight.dtype)
-        mlp.gate = new
-        mlp.experts.__class__ = _skipping_class(type(mlp.experts))
+        set_router(mlp, new)
+
+
+def set_router(mlp: nn.Module, new: ZeroExpertRouter) -> None:
+    """Put ``new`` in ``mlp`` as its router and make its experts skip zero slots; a block that holds the
+    selection bias (``rs.bias_passed``) gets an ``[E+Z]`` one (zeros, to be loaded or set)."""
+    if new.rs.bias_passed:
+        old = getattr(mlp, BLOCK_BIAS)
+        setattr(mlp, BLOCK_BIAS, nn.Buffer(torch.zeros(new.weight.shape[0], dtype=torch.float32, device=old.device)))
+        object.__setattr__(new, "_bias_block", mlp)  # a plain attribute: as a submodule it would be a cycle
+    mlp.gate = new
+    mlp.experts.__class__ = _skipping_class(type(mlp.experts))
 
 
 def zero_routers(model: nn.Module) -> list[ZeroExpertRouter]:

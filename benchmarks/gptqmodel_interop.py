@@ -72,9 +72,17 @@ def expected_failure(s: dict) -> tuple[str, str] | None:
     if not s["sym"] and not s["bypass"]:
         return "ValueError", "Format: Loading of a sym=False model with format=FORMAT.GPTQ is only supported"
     return None
-RENAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."),
-           # routers' selection biases stored beside the gate (ERNIE-4.5, K-EXAONE), in the gate in memory
-           (".mlp.moe_statics.", ".mlp.gate.moe_statics."), (".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"))
+RENAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."))
+
+
+def renames(family: str) -> tuple[tuple[str, str], ...]:
+    """RENAMES, then the family's own (``ArchSpec.disk_renames``, on disk -> in memory): routers' selection
+    biases stored beside the gate and held in it in memory (ERNIE-4.5, K-EXAONE; not MiniMax-M2, whose
+    block holds it)."""
+    from moecompress.arch.registry import BY_MODEL_TYPE
+
+    spec = BY_MODEL_TYPE[family]
+    return RENAMES + tuple((f".{disk}", f".{mem}") for mem, disk in spec.disk_renames)
 
 
 def parse_settings(text: str) -> list[dict]:
@@ -109,7 +117,7 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def renamed_copy(src: Path, dst: Path) -> int:
+def renamed_copy(src: Path, dst: Path, family: str) -> int:
     """``dst``: ``src`` with tensor names spelled as GPTQModel's runtime modules; how many were renamed."""
     from safetensors.torch import load_file, save_file
 
@@ -122,7 +130,7 @@ def renamed_copy(src: Path, dst: Path) -> int:
             tensors = {}
             for k, v in load_file(str(f)).items():
                 new = k
-                for a, b in RENAMES:
+                for a, b in renames(family):
                     new = new.replace(a, b)
                 n += new != k
                 tensors[new] = v
@@ -174,7 +182,7 @@ def prepare(settings: list[dict], work: Path, args, log: Path) -> None:
         s["model"] = str(q)
         if s["rename"]:
             r = work / (q.name + "_renamed")
-            s["renamed_tensors"] = renamed_copy(q, r)
+            s["renamed_tensors"] = renamed_copy(q, r, s["family"])
             s["model"] = str(r)
         s["quantize_config"] = json.loads((q / "quantize_config.json").read_text())
 

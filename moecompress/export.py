@@ -148,18 +148,21 @@ def gptq_dynamic_rules(handle: ModelHandle, kept: list[str], quantized: set[str]
     is quantized in other layers (``--ignore`` of some layers), one per kept module. Where every member of a
     group vLLM fuses is kept (Qwen3.5's ``in_proj_b``/``in_proj_a``, an ignored q/k/v), the fused name
     (``in_proj_ba``, ``qkv_proj``) gets the same rule: vLLM matches the rules against its fused layers."""
-    layer = re.compile(rf"^{re.escape(handle.disk_prefix)}\.layers\.\d+\.(.+)$")
+    layer = re.compile(rf"^{re.escape(handle.disk_prefix)}\.layers\.(\d+)\.(.+)$")
     quantized_locals = {q.partition(".")[2] for q in quantized}
     kept_set = set(kept)
     rules = []
     for n in kept:
         m = layer.match(n)
+        # a layer past the processed ones (an MTP layer stored as model.layers.N, DeepSeek-V3/GLM-4.5) holds per-expert
+        # linears whose local names no processed layer has: a rule for every layer would keep their experts in float
+        m = m if m and int(m.group(1)) < handle.num_layers else None
         parent, _, leaf = n.rpartition(".")
         names = [n] + [f"{parent}.{fused}" for members, fused in FUSED
                        if members[0] == leaf and all(f"{parent}.{x}" in kept_set for x in members)]
         for name in names:
-            if m and m.group(1) not in quantized_locals:  # the member's local name decides for the fused one
-                rules.append(rf".*\.layers\.\d+\.{re.escape(name[len(n) - len(m.group(1)):])}$")
+            if m and m.group(2) not in quantized_locals:  # the member's local name decides for the fused one
+                rules.append(rf".*\.layers\.\d+\.{re.escape(name[len(n) - len(m.group(2)):])}$")
             else:
                 rules.append(rf"^{re.escape(name)}$")
     return sorted(set(rules))

@@ -193,3 +193,35 @@ def test_inspect_counts_a_quantized_lm_head_as_quantized(tiny_ckpt, tmp_path, ca
     kept = next(line for line in text.splitlines() if line.lstrip().startswith("kept"))
     quantized = next(line for line in text.splitlines() if line.lstrip().startswith("quantized"))
     assert "lm_head" in quantized and "lm_head" not in kept, text
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_an_mtp_layer_stored_as_a_layer_keeps_only_its_own_modules_in_float(tiny_ckpt, tmp_path, fmt):
+    """DeepSeek-V3/R1 and GLM-4.5 store their MTP layer as ``model.layers.{num_hidden_layers}``: its per-expert
+    linears stay in float by exact names. A rule per local name (``.*.layers.\\d+.mlp.experts.0.gate_proj``)
+    would make GPTQModel/vLLM build every processed layer's experts in float and drop their packed weights."""
+    import re
+
+    src = tiny_ckpt("deepseek_v3")
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    tensors = load_file(d / "model.safetensors")
+    n = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    last = f"model.layers.{n - 1}."
+    for k in [k for k in tensors if k.startswith(last)]:
+        tensors[f"model.layers.{n}." + k[len(last):]] = tensors[k].clone()
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.randn(128, 256)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "q"
+    quantize(d, out, quick_config(method="rtn", format=fmt))
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    rules = [k[2:] for k in qcfg["dynamic"] if k.startswith("-:")]
+
+    def kept(name):  # GPTQModel dynamic_get / vLLM get_dynamic_override: re.match on the full name
+        return any(re.match(r, name) for r in rules)
+
+    for i in range(1, n):  # the processed MoE layers: experts quantized, routers kept
+        assert not kept(f"model.layers.{i}.mlp.experts.0.gate_proj"), rules
+        assert not kept(f"model.layers.{i}.mlp.experts.3.down_proj"), rules
+        assert kept(f"model.layers.{i}.mlp.gate")
+    assert kept(f"model.layers.{n}.mlp.experts.0.gate_proj") and kept(f"model.layers.{n}.eh_proj")

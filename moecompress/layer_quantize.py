@@ -26,6 +26,7 @@ from .calib.runner import LayerFeed, attention_half, mlp_half, run_layer
 from .distributed import SINGLE, Ranks, to_device
 from .errors import UserError
 from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
+from .quant.formats import scale_dtype
 from .quant.targets import Target, capture_spec, solve, stages_of, target_weight
 from .recipe import QuantizeConfig
 
@@ -434,7 +435,7 @@ def _solve_target(layer, i: int, group: list[Target], stats, cfg, qspec, store_d
     try:
         with bar:
             res = solve(torch.cat([p.data for p in params]) if stacked else param.data, h, qspec, cfg.method,
-                        store_dtype, damp=cfg.damp, block_size=cfg.block_size,
+                        scale_dtype(cfg.format, store_dtype), damp=cfg.damp, block_size=cfg.block_size,
                         rtn_members=starved if (t.expert_proj and cfg.starved_experts == "rtn") else set(),
                         chunk=cfg.expert_chunk, refine_rounds=cfg.refine_rounds, on_chunk=bar.update, owned=owned,
                         gather=gather, splits=[p.shape[0] for p in params] if stacked else None)

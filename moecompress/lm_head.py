@@ -14,6 +14,7 @@ from .arch.handle import ModelHandle
 from .errors import UserError
 from .finite import check_finite
 from .quant.formats import awq as awq_format
+from .quant.formats import scale_dtype
 from .quant.formats import gptq as gptq_format
 from .quant.spec import QuantizedWeight
 from .quant.targets import solve
@@ -81,7 +82,7 @@ def quantize_lm_head(handle: ModelHandle, model, h: torch.Tensor | None, cfg, qs
     head = handle.load_module(model, "lm_head", device, dtype)
     check_finite(head.weight, "lm_head.weight", dtype, store_dtype)
     try:
-        res = solve(head.weight.data, h, qspec, cfg.solver, store_dtype, damp=cfg.damp,
+        res = solve(head.weight.data, h, qspec, cfg.solver, scale_dtype(cfg.format, store_dtype), damp=cfg.damp,
                     block_size=cfg.block_size, refine_rounds=cfg.refine_rounds)
     except ValueError as e:  # the algorithms' NaN/Inf guard: here only the activations can be the cause
         if "NaN/Inf" not in str(e):

@@ -35,6 +35,7 @@ from .memory import gc_paused, release_freed_memory
 from .layer_quantize import CalibPlan
 from .layer_quantize import quantize_layer as _quantize_layer
 from .quant.balance import AwqSettings
+from .quant.formats import scale_dtype
 from .quant.overrides import assign as assign_schemes
 from .quant.overrides import check_shapes
 from .quant.overrides import describe as describe_schemes
@@ -71,6 +72,14 @@ def load_calibration(cfg: QuantizeConfig, model_dir: Path):
     return make_calibration_windows(texts, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
 
 
+# which third-party loaders fail on an asymmetric (zero-point) MoE checkpoint of each format (README)
+ASYM_UNSERVED = {
+    "compressed-tensors": "vLLM's MoE kernels take symmetric compressed-tensors only and transformers 5 fails to load "
+                          "asymmetric MoE experts",
+    "gptq": "GPTQModel refuses asymmetric GPTQ v1 from other producers, and vLLM's GPTQ MoE support is not checked",
+}
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
              command: list[str] | None = None, max_shard_bytes: int = 4 << 30, resume: bool = False,
              ranks: Ranks = SINGLE) -> dict:
@@ -96,6 +105,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     router_dtype = dtype if cfg.router_dtype == "auto" else _DTYPES[cfg.router_dtype]
     store_dtype = handle.float_dtype
     qspec = cfg.spec()
+    if not qspec.symmetric and cfg.format in ASYM_UNSERVED and ranks.main:
+        log.warning("asymmetric %s checkpoint: %s; moecompress's own tools read it. To serve it, quantize with "
+                    "--format awq (4-bit) or without --asym", cfg.format, ASYM_UNSERVED[cfg.format])
     # transformers' grouped_mm experts path is its fastest on CPU and GPU; our hooks see the same call
     model = handle.skeleton(experts_implementation="grouped_mm")
     layers = decoder_layers(model)
@@ -109,13 +121,13 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         log.info("other schemes by --override: %s", "; ".join(
             f"{d['linears']} linears at {d['bits']} bits, group {d['group_size'] or 'channel'} ({', '.join(d['examples'])}"
             f"{', ...' if d['linears'] > len(d['examples']) else ''})" for d in describe_schemes(schemes)))
-    check_shapes(layers, all_targets, schemes, qspec, target_weight)  # fail before any work on a group that cannot fit
+    check_shapes(layers, all_targets, schemes, qspec, target_weight, cfg.format)  # fail before any work that cannot fit
     if cfg.quantize_lm_head:
         check_lm_head(handle, schemes.get("lm_head", qspec), cfg.format)
     if cfg.awq and not handle.spec.awq_groups:
         raise UserError(f"the {handle.family} family has no AWQ balance groups; use --method gptq or rtn")
     awq = AwqSettings(qspec, cfg.awq_grid, cfg.awq_scales, cfg.awq_duo_scaling, cfg.awq_search_tokens,
-                      store_dtype) if cfg.awq else None
+                      store_dtype, scale_dtype(cfg.format, store_dtype)) if cfg.awq else None
 
     summary: dict = {"moecompress_version": __version__, "command": command, "recipe": cfg.model_dump(),
                      "source": str(model_dir.resolve()), "family": handle.family,

@@ -222,3 +222,74 @@ def test_gptq_format_asym_quantization_never_needs_zero_point_zero():
         assert int(qw.zeros.min()) >= 1
         back = gptq.decode_linear(gptq.encode_linear(qw), spec)  # would raise on a zero point 0 using code 15
         assert torch.equal(back.qweight, qw.qweight) and torch.equal(back.zeros, qw.zeros)
+
+
+def test_reader_refuses_gptq_layouts_other_than_v1():
+    """GPTQ v1 stores zero points minus one; a gptq_v2 checkpoint (zero points as they are) read as v1 would
+    decode every weight one zero step off, silently: it is refused, as are marlin/bitblas repacks."""
+    from moecompress.checkpoint.dequant import spec_from_config
+
+    v1 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+    assert spec_from_config(dict(v1, checkpoint_format="gptq"))[1].bits == 4
+    assert spec_from_config(v1)[1].bits == 4  # AutoGPTQ's configs before checkpoint_format existed
+    for fmt in ("gptq_v2", "marlin", "bitblas"):
+        with pytest.raises(UserError, match=f"format '{fmt}'"):
+            spec_from_config(dict(v1, checkpoint_format=fmt))
+    with pytest.raises(UserError, match="format 'gptq_v2'"):
+        spec_from_config(dict(v1, format="gptq_v2"))
+
+
+@pytest.mark.parametrize("fmt,bits,gs,what", [
+    ("gptq", 3, "-1", "mlp.experts.gate_up_proj: GPTQ v1 needs K*bits and N*bits to be multiples of 32"),
+    ("awq", 4, "16", "mlp.experts.gate_up_proj: the AWQ format packs output channels by 8"),
+])
+def test_shapes_the_format_cannot_pack_are_refused_before_any_work(capsys, tiny_ckpt, tmp_path, fmt, bits, gs, what):
+    """Experts 44 wide: 3-bit GPTQ v1 cannot pack 44 x 3 bits in whole words, AWQ cannot pack 44 outputs by 8.
+    The error names the linear and comes before calibration (nothing to wait for), with advice that applies
+    to routed experts (always quantized): another format."""
+    from conftest import run_cli
+
+    src = tiny_ckpt("qwen3_moe", moe_intermediate_size=44)
+    rc, err = run_cli(capsys, "quantize", src, "--out", tmp_path / "q", "--format", fmt, "--bits", bits,
+                      "--group-size", gs, "--method", "rtn", "--calib-samples", 4, "--seq-len", 32)
+    assert rc == 2 and len(err) == 1, err
+    assert what in err[0] and "routed experts are always quantized: use --format compressed-tensors" in err[0]
+    assert not (tmp_path / "q").exists() and not any(tmp_path.glob(".q*"))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_errors_are_reported_for_the_weights_as_written(tiny_ckpt, tmp_path, fmt):
+    """GPTQ v1 stores scales in fp16 (AWQ too for an fp32 model): the solvers round them to the format's dtype,
+    so the weights calibration feeds on and the errors moecompress.json reports are those on disk."""
+    import json
+
+    from conftest import quick_config
+    from moecompress.checkpoint.dequant import dequantized_state
+    from moecompress.pipeline import quantize
+    from moecompress.quant.targets import weight_rel_error
+
+    src = tiny_ckpt("qwen3_moe")  # float32
+    out = tmp_path / "q"
+    quantize(src, out, quick_config(method="rtn", format=fmt, symmetric=fmt != "gptq"))
+    disk = dict(dequantized_state(out))
+    orig = dict(dequantized_state(src))
+    rec = json.loads((out / "moecompress.json").read_text())["layers"][0]["linears"]
+    for local in ("self_attn.o_proj", "self_attn.q_proj"):
+        name = f"model.layers.0.{local}.weight"
+        want = float(weight_rel_error(orig[name], disk[name]))
+        assert rec[local]["weight_rel_err"] == pytest.approx(want, rel=1e-6), local
+
+
+@pytest.mark.parametrize("fmt,warned", [("compressed-tensors", True), ("gptq", True), ("awq", False)])
+def test_asymmetric_output_that_serving_engines_refuse_is_said(tiny_ckpt, tmp_path, caplog, fmt, warned):
+    import logging
+
+    from conftest import quick_config
+    from moecompress.pipeline import quantize
+
+    with caplog.at_level(logging.WARNING, logger="moecompress"):
+        quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(method="rtn", format=fmt, symmetric=False))
+    said = [r.getMessage() for r in caplog.records if "asymmetric" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "--format awq" in said[0]

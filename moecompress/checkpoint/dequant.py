@@ -135,6 +135,11 @@ def _schemes_from_config(qcfg: dict) -> tuple[str, Schemes]:
     if method == "compressed-tensors":
         return "compressed-tensors", _ct_schemes(qcfg)
     if method == "gptq":
+        # v1 stores zero points minus one; gptq_v2 (GPTQModel's runtime layout) and marlin/bitblas repacks do not
+        fmt = str(qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))).lower()
+        if fmt != "gptq":
+            raise UserError(f"GPTQ checkpoints in format {fmt!r} cannot be read by moecompress (only GPTQ v1, "
+                            "checkpoint_format 'gptq')")
         return "gptq", _gptq_schemes(qcfg)
     if method == "awq":
         version = str(qcfg.get("version", qcfg.get("format", "gemm"))).lower()

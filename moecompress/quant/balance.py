@@ -43,7 +43,8 @@ class AwqSettings:
     scales: str = "pow2"  # "pow2": groups with a float reader (a router) use powers of two; "free": none do
     duo: bool = True  # also try s = x**a / w**(1-a) (AutoAWQ's duo scaling) beside s = x**a; False: s = x**a only
     search_tokens: int = 8192  # residual rows kept for the block loss and the routing check
-    store_dtype: torch.dtype = torch.bfloat16  # the checkpoint's float dtype (quantization scales round to it)
+    store_dtype: torch.dtype = torch.bfloat16  # the checkpoint's float dtype
+    scale_dtype: torch.dtype | None = None  # the format's dtype for quantization scales (None: store_dtype)
     # the stored dtype of a float tensor by layer-local name (a router may be kept in fp32 on disk)
     stored: Callable[[str], torch.dtype] | None = None
     # the stored tensor itself by layer-local name (None if absent): folds into norms, routers and biases start
@@ -258,7 +259,7 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
     checked = g.floats and grp.source == spec.router_input_norm and residual is not None
     router_before = _float_outputs(layer, g, residual, spec) if checked else None
     s_eff, s_cols = fold(layer, spec, g, choice.scales, settings.store_dtype, solved, overrides, stats,
-                         settings.stored, settings.original)
+                         settings.stored, settings.original, settings.scale_dtype)
     if router_before is not None:
         rec["float_readers_check"] = _compare(router_before, _float_outputs(layer, g, residual, spec))
     rec.update({"pow2": pow2, "alpha": choice.alpha if grp.per_expert else choice.alpha[0],
@@ -272,18 +273,18 @@ def _apply_group(layer, spec: ArchSpec, g: Resolved, stats, residual, settings: 
 
 
 def fold(layer, spec: ArchSpec, g: Resolved, s: torch.Tensor, store_dtype, solved: dict, overrides: dict,
-         stats: dict | None = None, stored=None, original=None) -> tuple[torch.Tensor, torch.Tensor]:
+         stats: dict | None = None, stored=None, original=None, scale_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold source scales ``s [B, R]`` into ``g``'s source and readers (and their statistics).
 
     ``stored(name)``: the on-disk dtype of a float tensor (default ``store_dtype``): modified float
-    tensors are rounded to it at once. ``original(name)``: the stored tensor (None: use the module's): what
+    tensors are rounded to it at once; an already quantized source's scales to ``scale_dtype`` (the format's). ``original(name)``: the stored tensor (None: use the module's): what
     is written is computed from it, so a calibration in a narrower dtype rounds nothing that is written.
     Returns (the scales actually applied to the source, after rounding it; the readers' column scales)."""
     offset = spec.norm_weight_offset if g.source_kind == "norm" else 0.0
     rep = _head_repeat(layer, g)
     dt = stored or (lambda name: store_dtype)
     base = _originals(original)
-    s_eff = _fold_source(layer, g, s, offset, store_dtype, dt, solved, overrides, base)
+    s_eff = _fold_source(layer, g, s, offset, scale_dtype or store_dtype, dt, solved, overrides, base)
     s_cols = rep(s_eff)
     for r in g.quantized:
         _scale_reader(layer, r, s_cols, stats or {})
@@ -400,9 +401,10 @@ def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
 
-def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, store_dtype, dt, solved, overrides,
+def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, scale_dtype, dt, solved, overrides,
                  base=None) -> torch.Tensor:
-    """Divide the source's output by ``s``; returns the scales actually applied (after rounding the source)."""
+    """Divide the source's output by ``s``; returns the scales actually applied (after rounding the source).
+    ``scale_dtype``: what a quantized source's scales are rounded to."""
     src = g.group.source
     base = base or _originals(None)
     if g.source_kind == "norm":
@@ -420,7 +422,7 @@ def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, store_dtype
         mod = layer.get_submodule(src)
         if src in solved:
             qw = solved[src]
-            qw.scales = _store_round(qw.scales / s[0][:, None], store_dtype)
+            qw.scales = _store_round(qw.scales / s[0][:, None], scale_dtype)
             mod.weight.data = qw.dequantize(mod.weight.dtype)
         else:
             mod.weight.data = mod.weight.data / s[0][:, None].to(mod.weight.dtype)
@@ -435,7 +437,7 @@ def _fold_source(layer, g: Resolved, s: torch.Tensor, offset: float, store_dtype
     half = p.shape[1] // 2
     if name in solved:
         qw = solved[name]
-        qw.scales[:, half:] = _store_round(qw.scales[:, half:] / s[:, :, None], store_dtype)
+        qw.scales[:, half:] = _store_round(qw.scales[:, half:] / s[:, :, None], scale_dtype)
         p.data = qw.dequantize(p.dtype)
     else:
         p.data[:, half:] /= s[:, :, None].to(p.dtype)

@@ -132,12 +132,27 @@ def _check_fused(all_targets: list[list], specs: dict[str, QuantSpec], base: Qua
 
 
 def check_shapes(layers: list, all_targets: list[list], specs: dict[str, QuantSpec], base: QuantSpec,
-                 weight_of) -> None:
-    """Every target's group size divides its input dimension (``weight_of(layer, target)``): fail before any work."""
+                 weight_of, fmt: str = "compressed-tensors") -> None:
+    """Every target's group size divides its input dimension (``weight_of(layer, target)``), and the format can
+    pack its shape (GPTQ v1: K and N times the bits in whole words; AWQ: N by eight): fail before any work."""
+    from .formats import awq as awq_format, gptq as gptq_format
+
     for i, targets in enumerate(all_targets):
         for t in targets:
             name = f"layers.{i}.{t.name}"
-            specs.get(name, base).check_shape(weight_of(layers[i], t).shape[-1], f"layer {i} {t.name}")
+            spec = specs.get(name, base)
+            shape = weight_of(layers[i], t).shape
+            spec.check_shape(shape[-1], f"layer {i} {t.name}")
+            n, k = shape[-2] // (2 if t.expert_proj == "gate_up" else 1), shape[-1]  # gate_up: written as two halves
+            try:
+                if fmt == "gptq":
+                    gptq_format.check_dims(n, k, spec.bits)
+                elif fmt == "awq":
+                    awq_format.check_dims(n, k, t.name)
+            except UserError as e:
+                hint = ("routed experts are always quantized: use --format compressed-tensors" if t.expert_proj
+                        else f"use --format compressed-tensors, or keep it in float (--ignore '{re.escape(t.name)}$')")
+                raise UserError(f"layer {i} {t.name}: {str(e).split(';')[0]}; {hint}") from None
 
 
 def describe(specs: dict[str, QuantSpec]) -> list[dict]:

@@ -142,13 +142,14 @@ class SolveResult:
     info: list[dict]
 
 
-def round_scales(qw: QuantizedWeight, store_dtype: torch.dtype) -> QuantizedWeight:
-    """Scales as the checkpoint will store them, so calibration sees exactly the exported weights."""
-    qw.scales = qw.scales.to(store_dtype).to(torch.float32)
+def round_scales(qw: QuantizedWeight, scale_dtype: torch.dtype) -> QuantizedWeight:
+    """Scales as the checkpoint will store them (``scale_dtype``: the format's, :func:`.formats.scale_dtype`), so
+    calibration and every error report see exactly the exported weights."""
+    qw.scales = qw.scales.to(scale_dtype).to(torch.float32)
     return qw
 
 
-def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, store_dtype: torch.dtype,
+def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str, scale_dtype: torch.dtype,
           *, damp: float, block_size: int, rtn_members: set[int] = frozenset(), chunk: int = 16,
           refine_rounds: int = 0, on_chunk=None, owned=None, gather=None,
           splits: list[int] | None = None) -> SolveResult:
@@ -179,7 +180,7 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     for s in range(0, W.shape[0], chunk):
         if owned is not None and not owned(s):
             continue
-        parts[s] = _solve_chunk(W, H, list(range(s, min(s + chunk, W.shape[0]))), qspec, method, store_dtype, damp,
+        parts[s] = _solve_chunk(W, H, list(range(s, min(s + chunk, W.shape[0]))), qspec, method, scale_dtype, damp,
                                 block_size, rtn_members, refine_rounds, splits)
         if on_chunk is not None:
             on_chunk(len(parts[s][1]))
@@ -199,7 +200,7 @@ def solve(w: torch.Tensor, h: torch.Tensor | None, qspec: QuantSpec, method: str
     return SolveResult(qw, deq, infos)
 
 
-def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtype, damp: float, block_size: int,
+def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, scale_dtype, damp: float, block_size: int,
                  rtn_members, refine_rounds: int, splits: list[int] | None = None):
     """(QuantizedWeight, per-member info) of members ``idx``; the infos carry each member's errors and the
     RTN baseline's (its owner computes them: only it holds the member's Hessian)."""
@@ -230,7 +231,7 @@ def _solve_chunk(W, H, idx: list[int], qspec: QuantSpec, method: str, store_dtyp
                 stats[j] = {"method": "rtn", "reason": "starved"}
     # the RTN baseline on the same statistics: how much GPTQ bought, per linear, in every report
     rtn_deq = rtn_quantize(wc, qspec).dequantize() if H is not None and method != "rtn" else None
-    qw = round_scales(qw, store_dtype)
+    qw = round_scales(qw, scale_dtype)
     deq = qw.dequantize(torch.float32)
     if splits is None:
         return qw, [dict(info, **err) for info, err in zip(stats, _errors(wc, deq, rtn_deq, H))]

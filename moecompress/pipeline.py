@@ -23,8 +23,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .arch.handle import ModelHandle, decoder_layers
 from .calib.runner import LayerFeed, capture_layer_kwargs, prepare_embeddings
-from .checkpoint.partial import PartialRun, json_default, check_stale, resumable_output_dir, source_fingerprint
-from .checkpoint.writer import ShardedWriter, check_output_path, copy_side_files
+from .checkpoint.partial import (FINISHED, PartialRun, ResumeError, claim, json_default, resumable_output_dir,
+                                 source_fingerprint)
+from .checkpoint.writer import ShardedWriter, copy_side_files
 from .devices import resolve_device
 from .distributed import SINGLE, Ranks, chunk_batches
 from .errors import UserError
@@ -96,10 +97,32 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
                         "quantize its float original instead")
     if cfg.needs_calibration:
         handle.check_context(cfg.seq_len)
-    check_output_path(model_dir, out_dir, overwrite)
-    partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes},
+    partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes, **_arithmetic()},
                          source_fingerprint(model_dir))
-    saved = _agree(ranks, lambda: check_stale(partial, resume, overwrite))
+    try:
+        return _quantize(handle, model_dir, out_dir, partial, cfg, overwrite, resume, command, max_shard_bytes, ranks,
+                         t_start)
+    finally:
+        partial.unlock()
+
+
+def _arithmetic() -> dict:
+    """What else decides the output's bytes besides the settings: a resume under another thread count (CPU
+    GEMMs split their sums by threads), torch build or deterministic mode is refused."""
+    import transformers
+
+    return {"arithmetic": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "transformers": transformers.__version__,
+                           "deterministic": torch.are_deterministic_algorithms_enabled()}}
+
+
+def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: PartialRun, cfg: QuantizeConfig,
+              overwrite: bool, resume: bool, command, max_shard_bytes: int, ranks: Ranks, t_start: float) -> dict:
+    inputs = tuple(Path(c) for c in [cfg.calib] if c and cfg.needs_calibration and Path(c).exists())
+    saved = _agree(ranks, lambda: claim(partial, model_dir, resume, overwrite, inputs))
+    if saved == FINISHED:  # a finished run killed before its rename, now in place
+        ranks.barrier()
+        return json.loads((partial.out / "moecompress.json").read_text())
     device = resolve_device(ranks.device(cfg.device))
     dtype = compute_dtype(cfg, handle, device)
     router_dtype = dtype if cfg.router_dtype == "auto" else _DTYPES[cfg.router_dtype]
@@ -154,10 +177,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         tmp = partial.path
         ranks.barrier()  # the partial folder exists before any rank saves its feed there
         start, writer = 0, None
-        if saved is not None:
-            start = _resume_from(partial, saved, feed, plan, summary, device, ranks)
-        if ranks.main:
-            writer = ShardedWriter(tmp, max_shard_bytes, resume=saved["writer"] if saved is not None else None)
+        try:
+            if saved is not None:
+                start = _resume_from(partial, saved, feed, plan, summary, device, ranks)
+            if ranks.main:
+                writer = ShardedWriter(tmp, max_shard_bytes, resume=saved["writer"] if saved is not None else None)
+        except (OSError, RuntimeError, ValueError) as e:  # a damaged partial run (truncated files...)
+            raise ResumeError(f"cannot resume {partial.path}: its files are damaged ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); pass --overwrite to start over") from None
         quantized_names: set[str] = {n for r in summary["layers"] for n in r.pop("_quantized", [])}
         for i in tqdm(range(start, handle.num_layers), desc="layers", unit="layer", initial=start,
                       total=handle.num_layers, disable=not ranks.main):
@@ -186,6 +213,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         if ranks.main:
             _finish(handle, model, model_dir, tmp, writer, cfg, qspec, summary, quantized_names, store_dtype, device,
                     dtype, head_h, t_start, schemes)
+        ranks.barrier()  # every rank got here: only then does rank 0 rename the output into place
     ranks.barrier()  # the other ranks return once the output is in place
     return summary
 
@@ -286,7 +314,7 @@ def _commit(partial: PartialRun, done: int, num_layers: int, writer: ShardedWrit
     records = [dict(r) for r in summary["layers"]]
     records[-1]["_quantized"] = sorted(quantized_names)  # what export's ignore list needs from every layer
     partial.commit(done, num_layers, writer.commit(), records, feed is not None,
-                   {"resumed_at": summary.get("resumed_at", [])})
+                   {"resumed_at": summary.get("resumed_at", []), "calibration": summary.get("calibration")})
     writer.drop_finished_spills()
 
 
@@ -298,6 +326,10 @@ def _resume_from(partial: PartialRun, saved: dict, feed: LayerFeed | None, plan:
     else:
         partial.layers_done = int(saved["layers_done"])
     done = int(saved["layers_done"])
+    was, now = (saved.get("calibration") or {}).get("text_hash"), (summary.get("calibration") or {}).get("text_hash")
+    if was != now:  # the saved feed came from the text the run started with: its record must say so
+        raise ResumeError(f"cannot resume {partial.path}: the calibration text changed since the run started "
+                          "(pass the same data, or --overwrite to start over)")
     summary["layers"] = [dict(r) for r in saved["records"]]
     summary["resumed_at"] = list(saved.get("resumed_at", [])) + [done]
     if feed is not None:

@@ -323,3 +323,145 @@ def test_kill_9_at_random_points_then_resume(deep, reference, tmp_path):
         killed_states = list(pool.map(kill_and_resume, range(10)))
     print("states at the kills:", killed_states)
     assert sum(isinstance(s, int) for s in killed_states) >= 5, killed_states  # most kills hit the layer loop
+
+
+# ---------------------------------------------------------------------------------- found by a review (session 21)
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(deep, tmp_path):
+    """A scheduler's retry while the first run still writes: refused with one line (the lock is an flock, held
+    by the running process and released by the kernel when it dies), and the first run's folder is untouched."""
+    from moecompress.checkpoint.partial import PartialRun
+
+    out = tmp_path / "q"
+    first = PartialRun(out, {}, "x")
+    first.lock()
+    try:
+        for kw in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(UserError, match=rf"another moecompress run \(pid {os.getpid()}\) is writing"):
+                quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, **kw)
+    finally:
+        first.unlock()
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)  # free again
+    assert not list(tmp_path.glob(".q.*"))  # no lock file, partial folder or marker left
+
+
+def test_resume_refuses_new_weights_of_the_same_shapes(deep, tmp_path, monkeypatch):
+    """Another seed (or a fine-tune) has the same config and shard headers: its shards' modification time
+    gives it away."""
+    import shutil
+
+    from moecompress.tiny import save_tiny
+
+    src = tmp_path / "src"
+    shutil.copytree(deep, src)
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(src, out, quick_config(bits=4))
+    monkeypatch.undo()
+    other = save_tiny("qwen3_moe", tmp_path / "other", seed=1, num_hidden_layers=5)
+    assert (other / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    shutil.copyfile(other / "model.safetensors", src / "model.safetensors")
+    with pytest.raises(UserError, match="source checkpoint differs"):
+        quantize(src, out, quick_config(bits=4), resume=True)
+
+
+def test_resume_refuses_another_thread_count(deep, tmp_path, monkeypatch):
+    """CPU GEMMs split their sums by thread: another thread count can change the bytes, so it is part of what
+    a resume must match (the torch build and the deterministic mode too)."""
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(UserError, match="setting 'arithmetic' was .*'threads': " + str(threads)):
+            quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_run_killed_before_its_last_rename_is_finished_by_resume(deep, reference, tmp_path, monkeypatch):
+    """Killed once the output is complete but before it is renamed into place: --resume puts it in place (no
+    layer recomputed), and without --resume the message says so."""
+    from moecompress.checkpoint import partial as partial_mod
+
+    out = tmp_path / "q"
+
+    def killed(self, overwrite):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(partial_mod.PartialRun, "_rename_into_place", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    assert not out.exists() and (tmp_path / ".q.finished").is_file() and (tmp_path / ".q.partial").is_dir()
+    with pytest.raises(UserError, match="finished output of a run killed before its last step: pass --resume"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.setattr(pipeline, "_quantize_layer", lambda *a, **k: pytest.fail("a layer was recomputed"))
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    assert digest(out) == digest(reference) and not list(tmp_path.glob(".q.*"))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="already complete: nothing to resume"):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+
+
+def test_a_damaged_partial_run_is_refused_in_one_line_and_kept(deep, tmp_path, monkeypatch):
+    out, part = tmp_path / "q", tmp_path / ".q.partial"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    feed = next(part.glob("feed-*.safetensors"))
+    feed.write_bytes(feed.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"cannot resume .*is damaged.*--overwrite") as e:
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    assert "\n" not in str(e.value) and (part / "manifest.json").is_file()  # kept, as the message implies
+    s = quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, overwrite=True)
+    assert out.is_dir() and "resumed_at" not in s and not part.exists()
+
+
+def test_resume_with_overwrite_starts_over_when_the_partial_run_does_not_match(deep, tmp_path, monkeypatch):
+    """--resume --overwrite (a scheduler's standing flags): resume a matching partial run, else start over."""
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    s = quantize(deep, out, quick_config(bits=3), max_shard_bytes=SHARD, resume=True, overwrite=True)
+    assert "resumed_at" not in s and s["recipe"]["bits"] == 3
+
+
+def test_resume_refuses_calibration_text_that_changed(deep, tmp_path, monkeypatch):
+    """The saved feed came from the text the run started with: a resume on edited text would write a record
+    crediting the new text for the old numbers."""
+    import inspect
+
+    import moecompress.calib.data as calib_data
+
+    text = tmp_path / "calib.txt"
+    text.write_text(inspect.getsource(calib_data) * 4)
+    out = tmp_path / "q"
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        quantize(deep, out, quick_config(bits=4, calib=str(text)), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    text.write_text(inspect.getsource(calib_data) * 4 + "\n# one more line\n")
+    with pytest.raises(UserError, match="calibration text changed since the run started"):
+        quantize(deep, out, quick_config(bits=4, calib=str(text)), max_shard_bytes=SHARD, resume=True)
+    assert (tmp_path / ".q.partial" / "manifest.json").is_file()
+
+
+def test_out_may_not_hold_an_input_nor_be_too_long_for_its_siblings(deep, tmp_path):
+    """--overwrite replaces the folder: one holding the calibration text would lose it. A name long enough to
+    be valid but not with the hidden siblings' suffixes is refused in one line rather than by the OS."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.txt").write_text("def f(x):\n    return x\n" * 400)
+    with pytest.raises(UserError, match="an input of this run"):
+        quantize(deep, data, quick_config(bits=4, calib=str(data / "calib.txt")), overwrite=True)
+    assert (data / "calib.txt").is_file()
+    with pytest.raises(UserError, match="folder name is 250 bytes long"):
+        quantize(deep, tmp_path / ("q" * 250), quick_config(bits=4))
+    assert not list(tmp_path.glob(".q*"))

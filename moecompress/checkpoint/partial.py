@@ -17,6 +17,7 @@ Nothing here is read with pickle: the manifest is JSON, the feed safetensors.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import torch
 
 from ..build_id import build_id, check_same_build
 from ..errors import UserError
-from .writer import _make_parents, _remove_empty, missing_parents
+from .writer import _make_parents, _remove_empty, check_output_path, missing_parents
 
 log = logging.getLogger("moecompress")
 
@@ -39,7 +40,9 @@ FORMAT = 1
 
 def source_fingerprint(model_dir: Path) -> str:
     """Changes when the source checkpoint's config or weights change: the config's bytes and each
-    safetensors file's name, size and header (names, dtypes, shapes, offsets). Reads no tensor data."""
+    safetensors file's name, size, modification time and header (names, dtypes, shapes, offsets). Reads no
+    tensor data: new weights of the same shapes (another seed, a fine-tune) show in the modification time;
+    so does a copy that did not keep it (a conservative refusal: --overwrite starts over)."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     for f in sorted(model_dir.iterdir()):
@@ -48,7 +51,8 @@ def source_fingerprint(model_dir: Path) -> str:
         if f.suffix == ".json":
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         elif f.suffix == ".safetensors":
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
             with open(f, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 h.update(fh.read(min(n, 100 << 20)))
@@ -65,10 +69,45 @@ class PartialRun:
     def __init__(self, out_dir: Path, settings: dict, source: str):
         self.out = Path(out_dir).resolve()
         self.path = self.out.parent / f".{self.out.name}.partial"
+        # written once the output is complete and only the rename is left: a run killed then is finished by --resume
+        self.finished_marker = self.out.parent / f".{self.out.name}.finished"
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
         self.source = source
         self.layers_done = 0
         self._feed_prefix: str | None = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------------------ one writer
+    def lock(self) -> None:
+        """Hold ``.<out>.lock`` beside ``out`` until :meth:`unlock` (or the process ends): a second run writing the
+        same ``--out`` (a scheduler's retry while the first still runs) is refused instead of corrupting it."""
+        lock = self.out.parent / f".{self.out.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while self._lock_fd is None:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(f"another moecompress run (pid {owner}) is writing --out {self.out}; wait for it, "
+                                "or stop it first") from None
+            try:  # the file may have been unlinked by the run that held it: lock the one at the path
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._lock_fd, self._lock_path = fd, lock
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            self._lock_path.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # ------------------------------------------------------------------------------ reading
     def exists(self) -> bool:
@@ -114,11 +153,15 @@ class PartialRun:
         for c, batches in chunks.items():
             f = self.path / f"{prefix}-c{c:04d}.safetensors"
             if not f.is_file():
-                raise UserError(f"cannot resume {self.path}: {f.name} is missing (pass --overwrite to start over)")
-            tensors = load_file(str(f))
+                raise ResumeError(f"cannot resume {self.path}: {f.name} is missing (pass --overwrite to start over)")
+            try:
+                tensors = load_file(str(f))
+            except Exception as e:  # noqa: BLE001 -- a damaged file (safetensors raises its own error types)
+                raise ResumeError(f"cannot resume {self.path}: {f.name} is damaged ({type(e).__name__}); pass "
+                                  "--overwrite to start over") from None
             for b in batches:
                 if f"batch.{b:05d}" not in tensors:
-                    raise UserError(f"cannot resume {self.path}: {f.name} lacks batch {b} (pass --overwrite to "
+                    raise ResumeError(f"cannot resume {self.path}: {f.name} lacks batch {b} (pass --overwrite to "
                                     "start over)")
                 out[b] = tensors[f"batch.{b:05d}"]
         return out
@@ -161,16 +204,26 @@ class PartialRun:
                     f.unlink(missing_ok=True)
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_partial(self.path)
 
     def finalize(self, overwrite: bool) -> None:
-        """Remove the resume state and rename the folder into place (replacing ``out`` with ``overwrite``)."""
-        (self.path / MANIFEST).unlink(missing_ok=True)  # first: without it, nothing below is resumed from
+        """Remove the resume state and rename the folder into place (replacing ``out`` with ``overwrite``).
+
+        The finished marker goes down first: from then on the folder is complete, and a run killed before the
+        rename is finished by ``--resume`` (:meth:`finish_killed`) rather than started over."""
+        tmp = self.finished_marker.with_name(self.finished_marker.name + ".tmp")
+        tmp.write_text(json.dumps({"build": build_id(), "settings_hash": settings_hash(self.settings),
+                                   "source": self.source}) + "\n")
+        os.replace(tmp, self.finished_marker)
+        (self.path / MANIFEST).unlink(missing_ok=True)
         for f in self.path.glob("*feed-*.safetensors*"):
             f.unlink()
         for f in self.path.glob(".*"):  # the state's other files (shard spills, temporaries): none is output
             if f.is_file():
                 f.unlink()
+        self._rename_into_place(overwrite)
+
+    def _rename_into_place(self, overwrite: bool) -> None:
         old = None
         if self.out.exists():
             if not overwrite:
@@ -179,8 +232,24 @@ class PartialRun:
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
             os.replace(self.out, old)
         os.replace(self.path, self.out)
+        self.finished_marker.unlink(missing_ok=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def finished_state(self) -> str | None:
+        """"rename" when a finished run of these settings was killed before its rename, "done" when after it (the
+        marker left), None otherwise; UserError for a finished run of other settings."""
+        if not self.finished_marker.is_file():
+            return None
+        try:
+            m = json.loads(self.finished_marker.read_text())
+        except (OSError, ValueError):
+            return None
+        if m.get("settings_hash") != settings_hash(self.settings) or m.get("source") != self.source:
+            raise UserError(f"{self.path} holds a finished run of other settings or another source; pass "
+                            "--overwrite to discard it")
+        return "rename" if self.path.is_dir() else "done"
+
 
 
 @contextlib.contextmanager
@@ -191,19 +260,59 @@ def resumable_output_dir(run: PartialRun, overwrite: bool, resume: bool):
     Ctrl-C, out of memory) keeps it and says how to go on."""
     made = _make_parents(missing_parents(run.out))
     if run.path.exists() and not (resume and run.exists()):
-        shutil.rmtree(run.path)  # a partial run the caller decided to discard, or one that never committed
+        remove_partial(run.path)  # a partial run the caller decided to discard, or one that never committed
+    run.finished_marker.unlink(missing_ok=True)
     run.path.mkdir(exist_ok=True)
     try:
         yield run
     except BaseException as e:
-        if run.layers_done == 0 or isinstance(e, UserError):
-            shutil.rmtree(run.path, ignore_errors=True)
+        if isinstance(e, ResumeError):  # the partial run could not be taken up: it stays, as the message says
+            pass
+        elif run.layers_done == 0 or isinstance(e, UserError):
+            remove_partial(run.path)
             _remove_empty(made)
         else:
             log.warning("the partial run is kept in %s (%d layers done): rerun the same command with --resume to "
                         "continue it (%s)", run.path, run.layers_done, type(e).__name__)
         raise
     run.finalize(overwrite)
+
+
+class ResumeError(UserError):
+    """A partial run that cannot be resumed (damaged, another build or settings): it is kept for the user."""
+
+
+def remove_partial(path: Path) -> None:
+    """Delete a partial run's folder, its manifest first: a deletion cut short leaves nothing to resume from."""
+    (Path(path) / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+FINISHED = "finished"  # claim(): a finished run killed before its rename, now put in place
+
+
+def claim(run: PartialRun, src: Path, resume: bool, overwrite: bool, inputs: tuple[Path, ...] = ()) -> dict | str | None:
+    """Before a run writes ``run.out``: take its lock, settle what a killed run left, check the output path.
+    Returns the manifest to resume from, None to start afresh, or :data:`FINISHED` when ``--resume`` found a
+    finished run killed before its last rename and put it in place (nothing left to do). ``inputs``: other
+    files the run reads (calibration data), which the output folder must not hold."""
+    check_output_path(src, run.out, True, inputs=inputs)  # before the lock file goes beside it
+    run.lock()
+    state = run.finished_state()
+    if state == "done":  # killed after the rename: only the marker was left
+        run.finished_marker.unlink(missing_ok=True)
+    elif state == "rename":
+        if resume:
+            run._rename_into_place(overwrite)
+            log.info("--resume: the run had finished; its output is now in place at %s", run.out)
+            return FINISHED
+        if not overwrite:
+            raise UserError(f"{run.path} holds the finished output of a run killed before its last step: pass "
+                            "--resume to put it in place, or --overwrite to discard it")
+    if resume and not overwrite and run.out.exists() and not run.exists():
+        raise UserError(f"--out {run.out} is already complete: nothing to resume (--overwrite redoes it)")
+    check_output_path(src, run.out, overwrite, inputs=inputs)
+    return check_stale(run, resume, overwrite)
 
 
 def check_stale(run: PartialRun, resume: bool, overwrite: bool) -> dict | None:
@@ -214,7 +323,13 @@ def check_stale(run: PartialRun, resume: bool, overwrite: bool) -> dict | None:
             log.info("--resume: no partial run at %s; starting from the first layer", run.path)
         return None
     if resume:
-        return run.check()
+        try:
+            return run.check()
+        except UserError as e:
+            if not overwrite:
+                raise
+            log.warning("--resume --overwrite: %s; starting over", str(e).split(" (pass")[0])
+            return None
     if overwrite:
         log.info("--overwrite: discarding the partial run at %s (%s)", run.path, run.describe())
         return None

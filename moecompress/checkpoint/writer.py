@@ -21,13 +21,25 @@ from ..errors import UserError
 from .safetensors_stream import StreamingSafetensors
 
 
-def check_output_path(src: Path | None, out: Path, overwrite: bool, option: str = "--out") -> None:
+MAX_OUT_NAME = 240  # the hidden siblings written beside an output (".<name>.finished.tmp") must fit NAME_MAX too
+
+
+def check_output_path(src: Path | None, out: Path, overwrite: bool, option: str = "--out",
+                      inputs: tuple[Path, ...] = ()) -> None:
     """Refuse an output folder (given as ``option``; "" for a positional argument) that cannot be written, or
-    whose replacing would destroy the source (``src``; None: no source) or the current directory."""
+    whose replacing would destroy the source (``src``; None: no source), another input of the run (``inputs``:
+    calibration data...) or the current directory."""
     out = Path(out).resolve()
     if src is not None:
         refuse_overlap(src, out)
     what = f"{option} {out}" if option else str(out)
+    if len(out.name.encode()) > MAX_OUT_NAME:
+        raise UserError(f"{option or 'the output'} folder name is {len(out.name.encode())} bytes long; at most "
+                        f"{MAX_OUT_NAME} (hidden files are written beside it)")
+    for p in inputs:
+        p = Path(p).resolve()
+        if out == p or out in p.parents:
+            raise UserError(f"{what} holds {p}, an input of this run; choose another folder")
     if out.exists() and not overwrite:
         raise UserError(f"{what} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():

@@ -196,8 +196,9 @@ class Runner:
             return rec
         from ..pipeline import quantize
 
+        # a build killed mid-way goes on from its last finished layer (the same bytes as a build from scratch)
         return quantize(self.source_dir(v), out, v.config, overwrite=out.exists(), command=command,
-                        ranks=self.ranks if split else SINGLE)
+                        ranks=self.ranks if split else SINGLE, resume=True)
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, name: str, i: int, n: int) -> None:

@@ -76,13 +76,14 @@ class PartialRun:
         self.layers_done = 0
         self._feed_prefix: str | None = None
         self._lock_fd: int | None = None
+        self._made: list[Path] = []  # parent folders lock() created
 
     # ------------------------------------------------------------------------------ one writer
     def lock(self) -> None:
         """Hold ``.<out>.lock`` beside ``out`` until :meth:`unlock` (or the process ends): a second run writing the
         same ``--out`` (a scheduler's retry while the first still runs) is refused instead of corrupting it."""
         lock = self.out.parent / f".{self.out.name}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        self._made = _make_parents(missing_parents(self.out))  # removed again by unlock() if left empty
         while self._lock_fd is None:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -108,6 +109,7 @@ class PartialRun:
             self._lock_path.unlink(missing_ok=True)
             os.close(self._lock_fd)
             self._lock_fd = None
+            _remove_empty(self._made)
 
     # ------------------------------------------------------------------------------ reading
     def exists(self) -> bool:

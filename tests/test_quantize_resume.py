@@ -72,6 +72,14 @@ def _crash_at(monkeypatch, layer: int):
     monkeypatch.setattr(pipeline, "_quantize_layer", crashing)
 
 
+def _left_by_a_crash(src, out, monkeypatch, cfg=None, layer: int = 2, **kw) -> None:
+    """A run of ``src`` into ``out`` that crashed in ``layer``: its partial folder, the crash undone."""
+    _crash_at(monkeypatch, layer)
+    with pytest.raises(RuntimeError):
+        quantize(src, out, cfg or quick_config(bits=4), **kw)
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("crash_layer", [1, 4])
 def test_crash_then_resume_gives_the_same_bytes(deep, reference, tmp_path, monkeypatch, crash_layer):
     out = tmp_path / "q"
@@ -118,10 +126,7 @@ def test_crash_after_the_shards_are_named_then_resume(deep, reference, tmp_path,
 
 def test_resume_refuses_other_settings_and_overwrite_discards(deep, tmp_path, monkeypatch):
     out = tmp_path / "q"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
-    monkeypatch.undo()
+    _left_by_a_crash(deep, out, monkeypatch, max_shard_bytes=SHARD)
     with pytest.raises(UserError, match="setting 'bits' was 4, now 3"):
         quantize(deep, out, quick_config(bits=3), max_shard_bytes=SHARD, resume=True)
     with pytest.raises(UserError, match="setting 'max_shard_bytes'"):
@@ -137,10 +142,7 @@ def test_resume_refuses_a_partial_run_of_another_build(deep, tmp_path, monkeypat
     from moecompress import build_id
 
     out, manifest = tmp_path / "q", tmp_path / ".q.partial" / "manifest.json"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
-    monkeypatch.undo()
+    _left_by_a_crash(deep, out, monkeypatch, max_shard_bytes=SHARD)
     assert json.loads(manifest.read_text())["build"] == build_id.build_id()
     monkeypatch.setattr(build_id, "code_hash", lambda: "0123456789abcdef")
     with pytest.raises(UserError, match=r"started by moecompress .*, code [0-9a-f]{16}, and this is moecompress "
@@ -181,10 +183,7 @@ def test_resume_refuses_another_source(deep, tmp_path, monkeypatch):
     src = tmp_path / "src"
     shutil.copytree(deep, src)
     out = tmp_path / "q"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(src, out, quick_config(bits=4))
-    monkeypatch.undo()
+    _left_by_a_crash(src, out, monkeypatch)
     cfg = json.loads((src / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-5
     (src / "config.json").write_text(json.dumps(cfg))
@@ -354,10 +353,7 @@ def test_resume_refuses_new_weights_of_the_same_shapes(deep, tmp_path, monkeypat
     src = tmp_path / "src"
     shutil.copytree(deep, src)
     out = tmp_path / "q"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(src, out, quick_config(bits=4))
-    monkeypatch.undo()
+    _left_by_a_crash(src, out, monkeypatch)
     other = save_tiny("qwen3_moe", tmp_path / "other", seed=1, num_hidden_layers=5)
     assert (other / "config.json").read_bytes() == (src / "config.json").read_bytes()
     shutil.copyfile(other / "model.safetensors", src / "model.safetensors")
@@ -369,10 +365,7 @@ def test_resume_refuses_another_thread_count(deep, tmp_path, monkeypatch):
     """CPU GEMMs split their sums by thread: another thread count can change the bytes, so it is part of what
     a resume must match (the torch build and the deterministic mode too)."""
     out = tmp_path / "q"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
-    monkeypatch.undo()
+    _left_by_a_crash(deep, out, monkeypatch, max_shard_bytes=SHARD)
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
@@ -409,10 +402,7 @@ def test_a_run_killed_before_its_last_rename_is_finished_by_resume(deep, referen
 
 def test_a_damaged_partial_run_is_refused_in_one_line_and_kept(deep, tmp_path, monkeypatch):
     out, part = tmp_path / "q", tmp_path / ".q.partial"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
-    monkeypatch.undo()
+    _left_by_a_crash(deep, out, monkeypatch, max_shard_bytes=SHARD)
     feed = next(part.glob("feed-*.safetensors"))
     feed.write_bytes(feed.read_bytes()[:100])
     with pytest.raises(UserError, match=r"cannot resume .*is damaged.*--overwrite") as e:
@@ -425,10 +415,7 @@ def test_a_damaged_partial_run_is_refused_in_one_line_and_kept(deep, tmp_path, m
 def test_resume_with_overwrite_starts_over_when_the_partial_run_does_not_match(deep, tmp_path, monkeypatch):
     """--resume --overwrite (a scheduler's standing flags): resume a matching partial run, else start over."""
     out = tmp_path / "q"
-    _crash_at(monkeypatch, 2)
-    with pytest.raises(RuntimeError):
-        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
-    monkeypatch.undo()
+    _left_by_a_crash(deep, out, monkeypatch, max_shard_bytes=SHARD)
     s = quantize(deep, out, quick_config(bits=3), max_shard_bytes=SHARD, resume=True, overwrite=True)
     assert "resumed_at" not in s and s["recipe"]["bits"] == 3
 

@@ -18,7 +18,7 @@ import click
 
 from .arch.registry import supported_families
 from .errors import UserError
-from .units import nonempty_path, parse_size
+from .units import SEED_MAX, nonempty_path, parse_size
 
 
 @contextlib.contextmanager
@@ -76,14 +76,14 @@ def inspect(model_dir: str, skip_rate, eval_json) -> None:
     from .inspect import describe, measured_skip_rate, render
 
     if eval_json is not None:
-        skip_rate = measured_skip_rate(eval_json)
+        skip_rate = measured_skip_rate(eval_json, model_dir)
     click.echo(render(describe(model_dir, skip_rate=skip_rate)))
 
 
 @cli.command("make-tiny")
 @click.argument("out_dir", callback=nonempty_path)
 @click.option("--family", type=click.Choice(supported_families()), default="qwen3_moe", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--fused-experts", is_flag=True, help="Store experts fused 3D (official Qwen3.5/3.6 layout).")
 @click.option("--overwrite", is_flag=True)
 def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
@@ -118,7 +118,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
               help="Text file, folder, .jsonl/.parquet/.arrow, save_to_disk folder, or builtin:stdlib.")
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -286,7 +286,7 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 @click.option("--samples", type=int, default=32, show_default=True, help="Windows per data source.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=1234, show_default=True)
 @click.option("--low-memory", is_flag=True, help="Stream one decoder layer of each model at a time.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -339,7 +339,7 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (ignores temperature/top-p).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: fp32 on CPU, the checkpoint's dtype on GPU.")

@@ -261,17 +261,22 @@ def _awq_plan(h: ModelHandle, layers, moe_layers: list[int]) -> list[dict]:
     return out
 
 
-def measured_skip_rate(eval_json: str | Path) -> float:
-    """The model's overall skip rate from an ``eval`` JSON."""
+def measured_skip_rate(eval_json: str | Path, model_dir: str | Path | None = None) -> float:
+    """The model's overall skip rate from an ``eval`` JSON (of ``model_dir``: a JSON naming another folder is
+    refused; it records the path as given, so the folders' names are compared)."""
     import json
 
     if not Path(eval_json).is_file():
         raise UserError(f"--eval {eval_json} does not exist (an `eval --json` file)")
     try:
         r = json.loads(Path(eval_json).read_text())
-        return float(r["skip_rate"]["model_overall"])
+        rate = float(r["skip_rate"]["model_overall"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{eval_json} is not an evaluation of a zero-expert model (no skip_rate.model_overall)") from None
+    evaluated = Path(str(r.get("model", ""))).name
+    if model_dir is not None and evaluated and evaluated != Path(model_dir).resolve().name:
+        raise UserError(f"--eval {eval_json} evaluated '{evaluated}', not {Path(model_dir).resolve().name}")
+    return rate
 
 
 def _params(n: int) -> str:

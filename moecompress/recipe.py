@@ -11,6 +11,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .units import SEED_MAX
 from .quant import overrides as _overrides
 from .quant.spec import SUPPORTED_BITS, QuantSpec
 
@@ -79,7 +80,7 @@ class QuantizeConfig(NoBoolNumbers):
     calib: str = "builtin:stdlib"
     calib_samples: int = 128
     seq_len: int = 512
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     batch_size: int = 8
     # execution
     device: str = "cpu"

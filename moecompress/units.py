@@ -6,6 +6,9 @@ import re
 
 from .errors import UserError
 
+SEED_MAX = 2**32 - 1  # seeds are mixed with layer and step numbers into 64-bit generator seeds
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40}
 

@@ -320,6 +320,13 @@ def test_recipe_runs_zeda_then_quantizes_it_and_reports_all_four(tiny_ckpt, tmp_
     run_recipe(path, report=False)  # up to date: nothing trained or built again
     info = json.loads((run_dir / "run.json").read_text())
     assert {d["action"] for d in info["decisions"] if d["step"] in ("zeda", "build")} == {"skipped"}
+    # ZEDA trained again (new settings): what was quantized from it is built again, the rest is not
+    recipe["zeda"]["target_skip"] = 0.3
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(path, report=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    acted = {d["variant"]: d["action"] for d in info["decisions"] if d["step"] in ("zeda", "build")}
+    assert acted["zeda"] == "trained" and acted["zeda-rtn-w4"] != "skipped" and acted["rtn-w4"] == "skipped", acted
 
 
 def test_recipe_zeda_errors_are_one_line():
@@ -354,3 +361,65 @@ def test_bf16_autocast_keeps_the_router_in_fp32_and_trains(tiny_ckpt, tmp_path):
     rec = run_zeda(src, out, build_zeda_config(precision="bf16", target_skip=0.5, lr=2e-2, **QUICK))
     assert rec["zero_experts"]["final"]["mean_skip"] > 0.05
     assert json.loads((out / "zeda_log.json").read_text())["settings"]["precision"] == "bf16"
+
+
+def test_a_loss_that_becomes_nan_stops_and_a_resume_at_a_lower_rate_goes_on(tiny_ckpt, tmp_path):
+    """An absurd rate makes the loss NaN within a few steps: one line naming the step, no model, the last
+    checkpoint kept; resuming from it with a lower --lr (the advice given) is allowed and finishes."""
+    from moecompress.zeda.train import run_zeda
+
+    src, out = tiny_ckpt("qwen3_moe"), tmp_path / "z"
+    kw = dict(QUICK, checkpoint_every=2, stage2_steps=0)
+    with pytest.raises(UserError, match=r"ZEDA loss became nan at step \d+ \(stage 1\).*last good checkpoint "
+                                        r"\(step \d+\).*lower --lr \(a resume may change it\)") as e:
+        run_zeda(src, out, build_zeda_config(lr=1e37, **kw))
+    assert "\n" not in str(e.value) and not out.exists()
+    assert (tmp_path / ".z.zeda-resume" / "state.pt").is_file()
+    run_zeda(src, out, build_zeda_config(lr=1e-3, **kw), resume=True)
+    assert (out / "config.json").is_file() and not (tmp_path / ".z.zeda-resume").exists()
+
+
+def test_layout_stock_writes_what_stock_transformers_runs_or_says_why_not(tiny_ckpt, tmp_path):
+    """--layout stock: refused up front, naming the setting, where stock loaders could not compute the model
+    (the defaults: original weights, relative logits; softmax routers' logit bias); otherwise the trained model
+    is written in the stock layout and stock transformers computes what our loader does."""
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.zeda.train import run_zeda
+
+    with pytest.raises(UserError, match="--layout stock: --zero-weights original"):
+        run_zeda(tiny_ckpt("minimax_m2"), tmp_path / "a", build_zeda_config(layout="stock", **QUICK))
+    with pytest.raises(UserError, match="softmax router gives the zero experts a trained logit bias"):
+        run_zeda(tiny_ckpt("qwen3_moe"), tmp_path / "a", build_zeda_config(
+            layout="stock", zero_weights="renormalized", zero_logits="linear", **QUICK))
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "s"
+    run_zeda(tiny_ckpt("minimax_m2"), out, build_zeda_config(layout="stock", zero_weights="renormalized",
+                                                             zero_logits="linear", **QUICK))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_zero_experts"] == 1 and cfg["zero_experts_layout"] == "stock" and cfg["num_local_experts"] == 9
+    assert json.loads((out / "moecompress.json").read_text())["layout"] == "stock"
+    assert (out / "zeda_log.json").is_file() and not list(tmp_path.glob(".s*"))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    _, ours = load_model(out)
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_rank_wider_than_the_experts_and_seeds_out_of_range_are_one_line(capsys, tiny_ckpt, tmp_path):
+    """An adapter rank above the experts' smaller side would allocate a full-rank update at LoRA's price (the
+    process was killed for memory); a seed past 32 bits overflowed the generators (a traceback)."""
+    pytest.importorskip("peft")
+    from conftest import run_cli
+
+    src = tiny_ckpt("qwen3_moe")  # experts 64 x 128
+    rc, err = run_cli(capsys, "zeda", src, "--out", tmp_path / "z", "--trainable", "lora", "--lora-rank", 100000,
+                      "--prompts", 8, "--prompt-len", 16, "--gen-len", 8, "--batch", 4, "--stage1-steps", 2,
+                      "--stage2-steps", 0)
+    assert rc == 2 and err == ["error: --lora-rank 100000 exceeds the experts' smaller dimension (64); use at most 64"]
+    for argv in (["zeda", src, "--out", tmp_path / "z"], ["zero-experts", "add", src, "--out", tmp_path / "z",
+                                                          "--num-zero", 2], ["quantize", src, "--out", tmp_path / "z"]):
+        rc, err = run_cli(capsys, *argv, "--seed", 99999999999999999)
+        assert rc == 2 and len(err) == 1 and "--seed" in err[0], err
+    assert not (tmp_path / "z").exists()

@@ -234,11 +234,16 @@ def test_native_stock_round_trip_and_stock_transformers(tiny_ckpt, tmp_path, fam
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_convert_refuses_what_stock_cannot_express(tiny_ckpt, tmp_path, family):
+@pytest.mark.parametrize("family,why", [("qwen3_moe", "layer 0's zero experts have a logit bias"),
+                                        ("deepseek_v3", "its routing is group-limited")])
+def test_convert_refuses_what_stock_cannot_express(tiny_ckpt, tmp_path, monkeypatch, family, why):
+    """Refused before anything is written (softmax: the zero rows' logit bias; deepseek tiny: n_group 2)."""
+    from moecompress.zero import convert
+
     native = tmp_path / "n"
-    add_zero_experts(tiny_ckpt(family), native, 2)  # softmax: a logit bias; deepseek tiny: n_group 2
-    with pytest.raises(UserError, match="stock layout"):
+    add_zero_experts(tiny_ckpt(family), native, 2)
+    monkeypatch.setattr(convert, "rewrite_checkpoint", lambda *a, **k: pytest.fail("started writing"))
+    with pytest.raises(UserError, match=f"stock layout: {why}"):
         convert_layout(native, tmp_path / "s", "stock")
     assert not (tmp_path / "s").exists() and not list(tmp_path.glob(".s.tmp-*"))
 
@@ -473,3 +478,17 @@ def test_speed_benchmark_runs_on_a_tiny_model(tiny_ckpt, tmp_path):
     assert all(r["decode_tokens_per_s"] > 0 and r["moe_block_decode_us"] > 0 for r in res["rows"])
     rows = bench.block_at_shape("tiny", [0.0, 0.5], rounds=1, calls=2)
     assert [r["skip_rate"] for r in rows] == [0.0, 0.5] and rows[0]["moe_block_ratio"] == 1.0
+
+
+def test_inspect_refuses_the_eval_json_of_another_model(capsys, tiny_ckpt, tmp_path):
+    from conftest import run_cli
+
+    z = tmp_path / "z"
+    add_zero_experts(tiny_ckpt("qwen3_moe"), z, 2)
+    js = tmp_path / "ev.json"
+    js.write_text(json.dumps({"model": "/elsewhere/other-model", "skip_rate": {"model_overall": 0.28}}))
+    rc, err = run_cli(capsys, "inspect", z, "--eval", js)
+    assert rc == 2 and err == [f"error: --eval {js} evaluated 'other-model', not z"]
+    js.write_text(json.dumps({"model": "runs/z", "skip_rate": {"model_overall": 0.28}}))
+    rc, err = run_cli(capsys, "inspect", z, "--eval", js)
+    assert rc == 0, err  # the same folder name, recorded as given

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import UserError
+from ..units import SEED_MAX
 from ..recipe import NoBoolNumbers, QuantizeConfig
 
 REFERENCE = "reference"
@@ -50,7 +51,7 @@ class Calibration(_Strict):
     data: str = "builtin:stdlib"
     samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     batch_size: int = Field(8, gt=0)
 
 
@@ -59,7 +60,7 @@ class EvalSettings(_Strict):
     samples: int = Field(32, gt=0)
     seq_len: int = Field(256, gt=1)
     batch_size: int = Field(8, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=SEED_MAX)
     low_memory: bool = False
     device: str = "cpu"
     tasks: list[str] | None = None

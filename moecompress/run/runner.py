@@ -141,7 +141,9 @@ class Runner:
         t0 = time.perf_counter()
         # under torchrun every rank trains its share of each batch (DDP, in the process group already up);
         # rank 0 writes
-        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=self.zeda_dir.exists(),
+        # a training killed mid-way goes on from its last checkpoint when the settings still match (not under
+        # --force), else starts over
+        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=True, resume=not self.force,
                  command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
         self.ranks.barrier()
         self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
@@ -165,6 +167,8 @@ class Runner:
             source = self.source_dir(v).resolve()
             if saved.get("source") != str(source):
                 changes.insert(0, f"source: {saved.get('source')} -> {source}")
+            elif v.source == "zeda" and self._source_stamp(v) != folder_stamp(self.zeda_dir):
+                changes.insert(0, "source: the ZEDA model was trained again")
             if not changes:
                 log.info("%s: build skipped (up to date: same settings and source)", tag)
                 self._decide(v.name, "build", "skipped", "up to date")
@@ -174,11 +178,20 @@ class Runner:
         t0 = time.perf_counter()
         command = ["moecompress", "run", self.recipe_file or "<recipe>", "#", v.name]
         summary = self._make(v, out, command, wanted)
+        if v.source == "zeda" and self.ranks.main:  # what this build read: a retrained ZEDA model rebuilds it
+            self._source_stamp_file(v).write_text(folder_stamp(self.zeda_dir) + "\n")
         self.ranks.barrier()
         dt = time.perf_counter() - t0
         if summary is not None and "size_bytes" in summary:
             log.info("%s: built in %.1fs (%.2f MB)", tag, dt, summary["size_bytes"] / 1e6)
         self._decide(v.name, "build", "built", reason, dt)
+
+    def _source_stamp_file(self, v: Variant) -> Path:
+        return self.run_dir / "variants" / f".{v.name}.source-stamp"
+
+    def _source_stamp(self, v: Variant) -> str | None:
+        f = self._source_stamp_file(v)
+        return f.read_text().strip() if f.is_file() else None
 
     def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict | None:
         from ..distributed import SINGLE

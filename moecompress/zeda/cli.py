@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..units import nonempty_path
+from ..units import SEED_MAX, nonempty_path
 
 
 @click.command("zeda")
@@ -46,8 +46,10 @@ from ..units import nonempty_path
 @click.option("--shard", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="Under torchrun: ddp holds the whole model on every rank; fsdp shards it (FSDP2), for models that "
                    "do not fit one device.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
+@click.option("--layout", type=click.Choice(["native", "stock"]), default="native", show_default=True,
+              help="stock: zero experts as all-zero experts that stock transformers/vLLM load (needs --zero-weights "
+                   "renormalized --zero-logits linear and a sigmoid router without groups).")
 @click.option("--resume", is_flag=True, help="Continue a killed run of the same settings from its last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
+from ..units import SEED_MAX
 
 
 class ZedaConfig(BaseModel):
@@ -47,7 +48,7 @@ class ZedaConfig(BaseModel):
     # forwards under bf16 autocast (weights and optimizer stay fp32; routers compute in fp32): "auto" = on
     # a GPU, fp32 on a CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     layout: Literal["native", "stock"] = "native"
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(20, gt=0, description="steps between resumable training checkpoints")

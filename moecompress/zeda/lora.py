@@ -34,6 +34,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[nn
     """Inject rank-``rank`` adapters on every layer's routed experts (in place); returns their parameters.
 
     ``alpha`` defaults to ``rank`` (a scaling of 1)."""
+    dims = [min(p.shape[-2:]) for n, p in model.named_parameters()
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    if dims and rank > min(dims):  # wider than the smaller side: a full-rank update, at LoRA's memory price
+        raise UserError(f"--lora-rank {rank} exceeds the experts' smaller dimension ({min(dims)}); use at most "
+                        f"{min(dims)}")
     peft, _ = _peft()
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=[],
                           target_parameters=list(TARGETS), lora_dropout=0.0, bias="none")

@@ -20,8 +20,9 @@ import torch
 from ..build_id import build_id, check_same_build
 from ..errors import UserError
 
-# settings a resumed run may change without changing the result
-VOLATILE = ("log_every", "checkpoint_every")
+# settings a resumed run may change: without changing the result (logging, checkpoints), or on purpose (the
+# learning rates, lowered after a loss that became NaN; the resumed run then differs from an uninterrupted one)
+VOLATILE = ("log_every", "checkpoint_every", "lr", "lora_lr")
 
 
 class ResumeState:

@@ -22,6 +22,8 @@ import io
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..arch.handle import ModelHandle
+from ..arch.registry import router_rule
 from ..checkpoint.writer import check_output_path
 from ..errors import UserError
 from ..zero.inject import check_num_zero, open_float_original
@@ -144,6 +147,8 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     start = 0
     if resume is not None and resume.exists():
         start, history = resume.load(student, opt, gen)
+        for g, lr in zip(opt.param_groups, (cfg.lr, cfg.lora_lr)):  # a resume may lower the rates (after a NaN)
+            g["base_lr"] = lr
         log.info("zeda: resuming at step %d of %d from %s", start, cfg.stage1_steps + cfg.stage2_steps, resume.path)
     p_len = prompts.shape[1]
     teacher_text = None
@@ -176,8 +181,8 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
             if not math.isfinite(stats["loss"]):
                 kept = f"; the last good checkpoint (step {resume.saved_step}) is kept in {resume.path}" \
                     if resume is not None and resume.saved_step is not None else ""
-                raise UserError(f"ZEDA loss became {stats['loss']} at stage {stage}, step {s}: stopping, no model "
-                                f"written{kept}; try a lower --lr")
+                raise UserError(f"ZEDA loss became {stats['loss']} at step {step + 1} (stage {stage}): stopping, no "
+                                f"model written{kept}; try a lower --lr (a resume may change it)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
         # each group clipped on its own: the adapters' gradients would otherwise shrink the routers' steps
@@ -320,8 +325,9 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     if cfg.shard == "fsdp" and cfg.trainable != "routers":
         raise UserError(f"--shard fsdp trains the routers only for now, not --trainable {cfg.trainable}; use --shard ddp")
     if cfg.layout == "stock":
-        raise UserError("--layout stock is not available for ZEDA yet: its zero experts carry a logit bias; "
-                        "write native, and use 'zero-experts convert' once expressible")
+        why = _stock_blocker(handle, cfg)
+        if why:
+            raise UserError(f"--layout stock: {why}; write the native layout (the default)")
     # k - 1 by default: every token keeps at least one real expert (measured: with k zero experts the
     # student learns to send some tokens to none, which costs far more than it saves; RESULTS.md)
     num_zero = cfg.num_zero or max(1, handle.top_k - 1)
@@ -362,6 +368,12 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
     if cfg.batch % d.world:
         raise UserError(f"--batch {cfg.batch} must be a multiple of the {d.world} ranks")
     state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir))
+    if state.exists() and resume and overwrite:  # resume a matching partial run, else start over
+        try:
+            state.check()
+        except UserError as e:
+            log.warning("zeda: --resume --overwrite: %s; starting over", str(e).split(" (pass")[0])
+            resume = False
     if state.exists():
         if resume:
             state.check()
@@ -398,8 +410,44 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
     if png is not None:
         files["zeda_curve.png"] = png
     try:
-        out = export(student, model_dir, out_dir, cfg, record, overwrite, files, trained)
+        if cfg.layout == "stock":
+            out = _export_stock(student, model_dir, out_dir, cfg, record, overwrite, files, trained)
+        else:
+            out = export(student, model_dir, out_dir, cfg, record, overwrite, files, trained)
         state.discard()
     finally:
         d.barrier()
     return out
+
+
+def _stock_blocker(handle: ModelHandle, cfg: ZedaConfig) -> str | None:
+    """Why a ZEDA model of these settings could not be written in the stock layout (None: it can)."""
+    if cfg.zero_weights != "renormalized":
+        return f"--zero-weights {cfg.zero_weights} weighs slots in a way stock loaders cannot (use renormalized)"
+    if cfg.zero_logits != "linear":
+        return f"--zero-logits {cfg.zero_logits} needs each token's best real logit, which stock loaders lack (use linear)"
+    if handle.spec.scoring == "softmax":
+        return f"{handle.family}'s softmax router gives the zero experts a trained logit bias, which stock routers lack"
+    if router_rule(handle.spec, handle.text_config).n_group is not None:
+        return "group-limited routing would put the zero experts into the groups in stock loaders"
+    return None
+
+
+def _export_stock(student: Student, model_dir: Path, out_dir: Path, cfg: ZedaConfig, record: dict, overwrite: bool,
+                  files: dict[str, bytes], trained) -> dict:
+    """:func:`export` to a hidden sibling, then ``zero-experts convert`` of it into ``out_dir`` (atomic as every
+    rewrite); the output's moecompress.json is ZEDA's record, noting the layout."""
+    from ..zero.convert import convert_layout
+
+    native = out_dir.resolve().parent / f".{out_dir.resolve().name}.zeda-native"
+    shutil.rmtree(native, ignore_errors=True)
+    try:
+        export(student, model_dir, native, cfg, record, True, files, trained)
+        convert_layout(native, out_dir, "stock", overwrite, record.get("command"))
+    finally:
+        shutil.rmtree(native, ignore_errors=True)
+    record = dict(record, layout="stock")
+    tmp = Path(out_dir) / ".moecompress.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, Path(out_dir) / "moecompress.json")
+    return record

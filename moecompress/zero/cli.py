@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..units import nonempty_path
+from ..units import SEED_MAX, nonempty_path
 from .layout import LAYOUTS, RULES, TOPK_MODES
 
 
@@ -21,7 +21,7 @@ def zero_experts() -> None:
 @click.option("--num-zero", type=int, required=True, help="Zero experts per MoE router (Z).")
 @click.option("--topk-mode", type=click.Choice(TOPK_MODES), default="same", show_default=True,
               help="same: zero experts compete for the k slots; plus-one: k+1 slots, one more that may skip.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new router rows.")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help="Seed of the new router rows.")
 @click.option("--overwrite", is_flag=True)
 def add(model_dir, out, num_zero, topk_mode, seed, overwrite) -> None:
     """Add Z zero experts to every MoE router of MODEL_DIR (native layout; outputs unchanged with 'same')."""
@@ -57,7 +57,7 @@ def convert(model_dir, out, layout, overwrite) -> None:
 @click.option("--calib", default="builtin:stdlib", show_default=True, help="Calibration text (same forms as quantize).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True)
 def baseline(model_dir, rule, target_skip, out, calib, calib_samples, seq_len, seed, device, overwrite) -> None:

@@ -36,6 +36,18 @@ def _stock_blockers(handle: ModelHandle) -> str | None:
     return None
 
 
+def _logit_bias_blocker(handle: ModelHandle) -> str | None:
+    """A layer whose zero experts have a logit bias (small tensors: read them all before writing anything)."""
+    for i in range(handle.num_layers):
+        name = handle.source_name(i, "mlp.gate.zero_expert_bias")
+        if name is not None:
+            bias = handle.reader.get(name)
+            if torch.count_nonzero(bias):
+                return (f"layer {i}'s zero experts have a logit bias (mlp.gate.zero_expert_bias, e.g. "
+                        f"{float(bias.reshape(-1)[0]):g}), and {handle.family} routers have none")
+    return None
+
+
 def convert_layout(model_dir: str | Path, out_dir: str | Path, layout: str, overwrite: bool = False,
                    command: list[str] | None = None) -> dict:
     if layout not in LAYOUTS:
@@ -47,7 +59,7 @@ def convert_layout(model_dir: str | Path, out_dir: str | Path, layout: str, over
         raise UserError(f"{model_dir} is already in the {layout} layout")
     e, z = handle.num_experts, handle.num_zero
     if layout == "stock":
-        why = _stock_blockers(handle)
+        why = _stock_blockers(handle) or _logit_bias_blocker(handle)
         if why:
             raise UserError(f"{model_dir} cannot be written in the stock layout: {why}")
     fn = _to_stock(handle) if layout == "stock" else _to_native(handle)

@@ -273,9 +273,13 @@ def measured_skip_rate(eval_json: str | Path, model_dir: str | Path | None = Non
         rate = float(r["skip_rate"]["model_overall"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{eval_json} is not an evaluation of a zero-expert model (no skip_rate.model_overall)") from None
-    evaluated = Path(str(r.get("model", ""))).name
-    if model_dir is not None and evaluated and evaluated != Path(model_dir).resolve().name:
-        raise UserError(f"--eval {eval_json} evaluated '{evaluated}', not {Path(model_dir).resolve().name}")
+    recorded = Path(str(r.get("model") or ""))
+    if model_dir is not None and str(recorded) not in ("", "."):
+        # the path as eval was given it ("..", a link): any of its spellings' names may be the folder's
+        names = {recorded.name, recorded.resolve().name}
+        here = {Path(model_dir).name, Path(model_dir).resolve().name}
+        if not names & here:
+            raise UserError(f"--eval {eval_json} evaluated '{recorded}', not {Path(model_dir).resolve().name}")
     return rate
 
 

@@ -100,8 +100,16 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes, **_arithmetic()},
                          source_fingerprint(model_dir))
     try:
-        return _quantize(handle, model_dir, out_dir, partial, cfg, overwrite, resume, command, max_shard_bytes, ranks,
-                         t_start)
+        try:
+            return _quantize(handle, model_dir, out_dir, partial, cfg, overwrite, resume, command, max_shard_bytes,
+                             ranks, t_start)
+        except ResumeError as e:  # --resume --overwrite: a partial run that cannot be taken up is started over
+            if not (resume and overwrite) or ranks.active:
+                raise
+            log.warning("--resume --overwrite: %s; starting over", str(e).split(" (pass")[0].split("; pass")[0])
+            partial.discard()
+            return _quantize(handle, model_dir, out_dir, partial, cfg, overwrite, False, command, max_shard_bytes,
+                             ranks, t_start)
     finally:
         partial.unlock()
 

@@ -452,3 +452,62 @@ def test_out_may_not_hold_an_input_nor_be_too_long_for_its_siblings(deep, tmp_pa
     with pytest.raises(UserError, match="folder name is 250 bytes long"):
         quantize(deep, tmp_path / ("q" * 250), quick_config(bits=4))
     assert not list(tmp_path.glob(".q*"))
+
+
+def test_what_killed_runs_leave_is_settled_by_resume_and_overwrite(deep, reference, tmp_path, monkeypatch):
+    """A kill between the finished marker and the cleanup: --resume puts the output in place without the resume
+    state in it. A finished run of other settings: --overwrite discards it. A damaged partial run:
+    --resume --overwrite starts over."""
+    from moecompress.checkpoint import partial as partial_mod
+
+    out = tmp_path / "q"
+    monkeypatch.setattr(partial_mod.PartialRun, "_drop_state", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    assert (tmp_path / ".q.finished").is_file() and (tmp_path / ".q.partial" / "manifest.json").is_file()
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD, resume=True)
+    assert digest(out) == digest(reference) and not list(tmp_path.glob(".q.*"))
+
+    out2 = tmp_path / "r"
+    monkeypatch.setattr(partial_mod.PartialRun, "_rename_into_place",
+                        lambda self, o: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        quantize(deep, out2, quick_config(bits=4), max_shard_bytes=SHARD)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="finished run of other settings"):
+        quantize(deep, out2, quick_config(bits=3), max_shard_bytes=SHARD, resume=True)
+    s = quantize(deep, out2, quick_config(bits=3), max_shard_bytes=SHARD, resume=True, overwrite=True)
+    assert s["recipe"]["bits"] == 3 and not list(tmp_path.glob(".r.*"))
+
+    out3, part = tmp_path / "t", tmp_path / ".t.partial"
+    _left_by_a_crash(deep, out3, monkeypatch, max_shard_bytes=SHARD)
+    feed = next(part.glob("feed-*.safetensors"))
+    feed.write_bytes(feed.read_bytes()[:100])
+    s = quantize(deep, out3, quick_config(bits=4), max_shard_bytes=SHARD, resume=True, overwrite=True)
+    assert "resumed_at" not in s and digest(out3) == digest(reference) and not part.exists()
+
+
+def test_a_recipe_goes_past_a_killed_build_whatever_changed(deep, tmp_path, monkeypatch):
+    """`run` has no --resume/--overwrite: a killed build resumes when it still matches, and is built afresh when
+    the variant's settings changed meanwhile (or under --force)."""
+    import yaml
+
+    from moecompress.run.runner import run_recipe
+
+    recipe = {"model": str(deep), "output_dir": str(tmp_path / "run"), "calibration": {"samples": 8, "seq_len": 64},
+              "eval": {"samples": 2, "seq_len": 32, "data": ["builtin:heldout-code"]},
+              "variants": [{"name": "g", "method": "gptq", "bits": 4, "group_size": 32}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _crash_at(monkeypatch, 2)
+    with pytest.raises(RuntimeError):
+        run_recipe(path, report=False)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "variants" / ".g.partial" / "manifest.json").is_file()
+    recipe["variants"][0]["bits"] = 3
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = run_recipe(path, report=False)
+    q = json.loads((run_dir / "variants" / "g" / "moecompress.json").read_text())
+    assert q["recipe"]["bits"] == 3 and "resumed_at" not in q
+    assert not list((run_dir / "variants").glob(".g.*"))

@@ -375,8 +375,16 @@ def test_a_loss_that_becomes_nan_stops_and_a_resume_at_a_lower_rate_goes_on(tiny
         run_zeda(src, out, build_zeda_config(lr=1e37, **kw))
     assert "\n" not in str(e.value) and not out.exists()
     assert (tmp_path / ".z.zeda-resume" / "state.pt").is_file()
+    from moecompress.zeda.resume import ResumeState
+
+    strict = ResumeState(out, build_zeda_config(lr=1e-3, **kw).model_dump(), "x", rates_may_change=False)
+    strict.source = torch.load(strict.file, weights_only=True)["source"]
+    with pytest.raises(UserError, match="setting 'lr' was 1e\\+37, now 0.001"):  # a recipe's automatic resume
+        strict.check()
     run_zeda(src, out, build_zeda_config(lr=1e-3, **kw), resume=True)
     assert (out / "config.json").is_file() and not (tmp_path / ".z.zeda-resume").exists()
+    changes = json.loads((out / "moecompress.json").read_text())["rate_changes"]
+    assert changes and changes[0]["setting"] == "lr" and changes[0]["from"] == 1e37 and changes[0]["to"] == 1e-3
 
 
 def test_layout_stock_writes_what_stock_transformers_runs_or_says_why_not(tiny_ckpt, tmp_path):

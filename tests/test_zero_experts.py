@@ -488,7 +488,7 @@ def test_inspect_refuses_the_eval_json_of_another_model(capsys, tiny_ckpt, tmp_p
     js = tmp_path / "ev.json"
     js.write_text(json.dumps({"model": "/elsewhere/other-model", "skip_rate": {"model_overall": 0.28}}))
     rc, err = run_cli(capsys, "inspect", z, "--eval", js)
-    assert rc == 2 and err == [f"error: --eval {js} evaluated 'other-model', not z"]
+    assert rc == 2 and err == [f"error: --eval {js} evaluated '/elsewhere/other-model', not z"]
     js.write_text(json.dumps({"model": "runs/z", "skip_rate": {"model_overall": 0.28}}))
     rc, err = run_cli(capsys, "inspect", z, "--eval", js)
     assert rc == 0, err  # the same folder name, recorded as given

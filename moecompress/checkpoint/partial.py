@@ -207,23 +207,28 @@ class PartialRun:
 
     def discard(self) -> None:
         remove_partial(self.path)
+        self.layers_done, self._feed_prefix = 0, None
 
     def finalize(self, overwrite: bool) -> None:
         """Remove the resume state and rename the folder into place (replacing ``out`` with ``overwrite``).
 
         The finished marker goes down first: from then on the folder is complete, and a run killed before the
-        rename is finished by ``--resume`` (:meth:`finish_killed`) rather than started over."""
+        rename is finished by ``--resume`` (:func:`claim`) rather than started over."""
         tmp = self.finished_marker.with_name(self.finished_marker.name + ".tmp")
         tmp.write_text(json.dumps({"build": build_id(), "settings_hash": settings_hash(self.settings),
                                    "source": self.source}) + "\n")
         os.replace(tmp, self.finished_marker)
+        self._drop_state()
+        self._rename_into_place(overwrite)
+
+    def _drop_state(self) -> None:
+        """Delete what only resuming needed: the manifest, the feeds, the shard spills and temporaries."""
         (self.path / MANIFEST).unlink(missing_ok=True)
         for f in self.path.glob("*feed-*.safetensors*"):
             f.unlink()
         for f in self.path.glob(".*"):  # the state's other files (shard spills, temporaries): none is output
             if f.is_file():
                 f.unlink()
-        self._rename_into_place(overwrite)
 
     def _rename_into_place(self, overwrite: bool) -> None:
         old = None
@@ -240,7 +245,7 @@ class PartialRun:
 
     def finished_state(self) -> str | None:
         """"rename" when a finished run of these settings was killed before its rename, "done" when after it (the
-        marker left), None otherwise; UserError for a finished run of other settings."""
+        marker left), "other" for a finished run of other settings or another source, None otherwise."""
         if not self.finished_marker.is_file():
             return None
         try:
@@ -248,8 +253,7 @@ class PartialRun:
         except (OSError, ValueError):
             return None
         if m.get("settings_hash") != settings_hash(self.settings) or m.get("source") != self.source:
-            raise UserError(f"{self.path} holds a finished run of other settings or another source; pass "
-                            "--overwrite to discard it")
+            return "other"
         return "rename" if self.path.is_dir() else "done"
 
 
@@ -300,11 +304,19 @@ def claim(run: PartialRun, src: Path, resume: bool, overwrite: bool, inputs: tup
     files the run reads (calibration data), which the output folder must not hold."""
     check_output_path(src, run.out, True, inputs=inputs)  # before the lock file goes beside it
     run.lock()
+    run.finished_marker.with_name(run.finished_marker.name + ".tmp").unlink(missing_ok=True)
     state = run.finished_state()
-    if state == "done":  # killed after the rename: only the marker was left
+    if state == "other" and not overwrite:
+        raise UserError(f"{run.path} holds a finished run of other settings or another source; pass --overwrite "
+                        "to discard it")
+    if state in ("done", "other"):  # killed after the rename (only the marker left), or discarded by --overwrite
         run.finished_marker.unlink(missing_ok=True)
     elif state == "rename":
         if resume:
+            if run.out.exists() and not overwrite:
+                raise UserError(f"--out {run.out} exists; the finished run of these settings waits in {run.path}: "
+                                "pass --overwrite to put it in place of --out")
+            run._drop_state()  # a kill may have come between the marker and this cleanup
             run._rename_into_place(overwrite)
             log.info("--resume: the run had finished; its output is now in place at %s", run.out)
             return FINISHED

@@ -143,7 +143,7 @@ class Runner:
         # rank 0 writes
         # a training killed mid-way goes on from its last checkpoint when the settings still match (not under
         # --force), else starts over
-        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=True, resume=not self.force,
+        run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=True, resume=not self.force, rates_may_change=False,
                  command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
         self.ranks.barrier()
         self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
@@ -210,8 +210,9 @@ class Runner:
         from ..pipeline import quantize
 
         # a build killed mid-way goes on from its last finished layer (the same bytes as a build from scratch)
-        return quantize(self.source_dir(v), out, v.config, overwrite=out.exists(), command=command,
-                        ranks=self.ranks if split else SINGLE, resume=True)
+        # (or, its settings or source changed, or under --force, starts over)
+        return quantize(self.source_dir(v), out, v.config, overwrite=True, command=command,
+                        ranks=self.ranks if split else SINGLE, resume=not self.force)
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, name: str, i: int, n: int) -> None:

@@ -20,16 +20,20 @@ import torch
 from ..build_id import build_id, check_same_build
 from ..errors import UserError
 
-# settings a resumed run may change: without changing the result (logging, checkpoints), or on purpose (the
-# learning rates, lowered after a loss that became NaN; the resumed run then differs from an uninterrupted one)
-VOLATILE = ("log_every", "checkpoint_every", "lr", "lora_lr")
+# settings a resumed run may change without changing the result (logging, checkpoints)
+VOLATILE = ("log_every", "checkpoint_every")
+# and those an explicit --resume may change on purpose: the learning rates, lowered after a loss that became NaN
+# (the resumed run then differs from an uninterrupted one; moecompress.json records the change)
+RATES = ("lr", "lora_lr")
 
 
 class ResumeState:
-    def __init__(self, out_dir: Path, settings: dict, source: str):
+    def __init__(self, out_dir: Path, settings: dict, source: str, rates_may_change: bool = True):
         out_dir = Path(out_dir).resolve()
         self.path = out_dir.parent / f".{out_dir.name}.zeda-resume"
         self.settings = {k: v for k, v in settings.items() if k not in VOLATILE}
+        self.free = RATES if rates_may_change else ()  # settings check() lets differ
+        self.rate_changes: list[dict] = []  # filled by the training loop when a resume changed a rate
         self.source = source
         self.saved_step: int | None = None
 
@@ -56,7 +60,7 @@ class ResumeState:
                             "pass --overwrite to start over")
         saved = json.loads(state["settings"])
         for k in sorted(set(saved) | set(self.settings)):
-            if saved.get(k) != self.settings.get(k):
+            if k not in self.free and saved.get(k) != self.settings.get(k):
                 raise UserError(f"cannot resume {self.path}: setting '{k}' was {saved.get(k)!r}, now "
                                 f"{self.settings.get(k)!r} (pass the same settings, or --overwrite to start over)")
 

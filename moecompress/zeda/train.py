@@ -147,8 +147,12 @@ def train(student: Student, prompts: torch.Tensor, cfg: ZedaConfig, resume: Resu
     start = 0
     if resume is not None and resume.exists():
         start, history = resume.load(student, opt, gen)
-        for g, lr in zip(opt.param_groups, (cfg.lr, cfg.lora_lr)):  # a resume may lower the rates (after a NaN)
-            g["base_lr"] = lr
+        for g, (name, lr) in zip(opt.param_groups, (("lr", cfg.lr), ("lora_lr", cfg.lora_lr))):
+            if g["base_lr"] != lr:  # a resume may lower the rates (after a NaN): said, and recorded
+                log.warning("zeda: resuming at step %d with --%s %g (the run so far used %g)", start,
+                            name.replace("_", "-"), lr, g["base_lr"])
+                resume.rate_changes.append({"step": start, "setting": name, "from": g["base_lr"], "to": lr})
+                g["base_lr"] = lr
         log.info("zeda: resuming at step %d of %d from %s", start, cfg.stage1_steps + cfg.stage2_steps, resume.path)
     p_len = prompts.shape[1]
     teacher_text = None
@@ -309,9 +313,10 @@ def _expert_tensors(handle: ModelHandle, i: int, local: str, w: torch.Tensor, te
 
 
 def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwrite: bool = False,
-             command: list[str] | None = None, resume: bool = False) -> dict:
+             command: list[str] | None = None, resume: bool = False, rates_may_change: bool = True) -> dict:
     """Train and write ``out_dir``; ``resume`` continues a killed run of the same settings from its
-    last training checkpoint (see :mod:`.resume`)."""
+    last training checkpoint (see :mod:`.resume`), the learning rates aside unless ``rates_may_change`` is
+    False (a recipe's automatic resume: a changed rate there is a changed recipe)."""
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     handle = open_float_original(model_dir, "run ZEDA on")
@@ -343,7 +348,7 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
         log.warning("--shard fsdp shards across torchrun ranks; this single process trains the whole model")
     try:
         return _run(model_dir, out_dir, cfg, overwrite, command, resume, num_zero, torch.device(d.device(str(device))),
-                    d, t0)
+                    d, t0, rates_may_change)
     finally:
         d.close()
 
@@ -364,10 +369,10 @@ def _check_fits(model_dir: Path, handle: ModelHandle, device: torch.device) -> N
 
 
 def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, command, resume: bool, num_zero: int,
-         device: torch.device, d: Ranks, t0: float) -> dict:
+         device: torch.device, d: Ranks, t0: float, rates_may_change: bool = True) -> dict:
     if cfg.batch % d.world:
         raise UserError(f"--batch {cfg.batch} must be a multiple of the {d.world} ranks")
-    state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir))
+    state = ResumeState(out_dir, cfg.model_dump(), source_fingerprint(model_dir), rates_may_change)
     if state.exists() and resume and overwrite:  # resume a matching partial run, else start over
         try:
             state.check()
@@ -401,7 +406,8 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
                                "weights": cfg.zero_weights, "logits": cfg.zero_logits,
                                "target_skip": cfg.target_skip, "warm_start_bias": bias0,
                                "final": history[-1] if history else None},
-              "ranks": d.world, "timings_s": {"total": time.perf_counter() - t0}}
+              "ranks": d.world, "timings_s": {"total": time.perf_counter() - t0},
+              **({"rate_changes": state.rate_changes} if state.rate_changes else {})}
     if not d.main:  # rank 0 writes; the others wait for it
         d.barrier()
         return record

@@ -511,3 +511,14 @@ def test_a_recipe_goes_past_a_killed_build_whatever_changed(deep, tmp_path, monk
     q = json.loads((run_dir / "variants" / "g" / "moecompress.json").read_text())
     assert q["recipe"]["bits"] == 3 and "resumed_at" not in q
     assert not list((run_dir / "variants").glob(".g.*"))
+
+
+def test_an_output_moved_aside_by_a_killed_overwrite_is_cleaned_up(deep, tmp_path):
+    """Killed between moving the old --out aside and renaming the new one in: the old copy (a whole model) does
+    not stay behind forever; the next run that puts an output in place removes it."""
+    out = tmp_path / "q"
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    aside = tmp_path / ".q.old-99999"
+    out.rename(aside)  # as the killed run left it
+    quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    assert out.is_dir() and not aside.exists() and not list(tmp_path.glob(".q.*"))

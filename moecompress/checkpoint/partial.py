@@ -240,8 +240,11 @@ class PartialRun:
             os.replace(self.out, old)
         os.replace(self.path, self.out)
         self.finished_marker.unlink(missing_ok=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # the replaced output (``old``), and any that a run killed between the two renames left (this run holds the
+        # lock: no other run is between its renames now)
+        for stale in self.out.parent.glob(f".{self.out.name}.old-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def finished_state(self) -> str | None:
         """"rename" when a finished run of these settings was killed before its rename, "done" when after it (the

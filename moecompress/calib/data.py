@@ -399,9 +399,10 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def make_calibration_windows(
-    texts: TextSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int
+    texts: TextSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int, length_name: str = "seq_len"
 ) -> CalibWindows:
-    """Sample ``n_samples`` windows of exactly ``seq_len`` tokens from ``texts``, determined by ``seed``."""
+    """Sample ``n_samples`` windows of exactly ``seq_len`` tokens from ``texts``, determined by ``seed``;
+    ``length_name``: how the caller's user names the window length (errors say it)."""
     _check_int("n_samples", n_samples, 1)
     _check_int("seq_len", seq_len, 1)
     _check_int("seed", seed, -(2**63))
@@ -434,8 +435,8 @@ def make_calibration_windows(
     total = len(stream)
     if total < seq_len:
         raise UserError(
-            f"calibration text gives only {total} tokens, fewer than one window of seq_len={seq_len} "
-            f"({texts.description}); use more text or a shorter seq_len"
+            f"calibration text gives only {total} tokens, fewer than one window of {length_name}={seq_len} "
+            f"({texts.description}); use more text or a shorter {length_name}"
         )
     n_slots = total // seq_len
     if n_slots >= n_samples:

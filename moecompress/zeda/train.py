@@ -58,9 +58,9 @@ def _prompts(model_dir: Path, cfg: ZedaConfig) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     try:
         windows = make_calibration_windows(load_texts(cfg.data, chat=chat_renderer(tok)), tok, cfg.prompts,
-                                           cfg.prompt_len, cfg.seed)
-    except UserError as e:  # the windows are ZEDA's prompts: say so in its option's name
-        raise UserError(f"--data {cfg.data}: {str(e).replace('seq_len=', '--prompt-len ').replace('a shorter seq_len', 'a shorter --prompt-len')}") from None
+                                           cfg.prompt_len, cfg.seed, "--prompt-len")
+    except UserError as e:
+        raise UserError(f"--data {cfg.data}: {e}") from None
     return windows.input_ids
 
 

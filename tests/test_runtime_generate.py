@@ -320,6 +320,29 @@ def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
         tok = logits.argmax(-1, keepdim=True)
 
 
+def test_sparse_attention_past_index_topk_and_graph_mode_steps(tiny_ckpt):
+    """DeepSeek-V3.2's indexer (tiny index_topk 16) ranks keys the runtime's mask allows and reads its keys from
+    our cache: a prompt past index_topk matches transformers, sparsity changes the logits (the test can see it),
+    and the decode step a CUDA graph captures (whole static buffer), run eagerly, gives the eager decode's logits."""
+    path = tiny_ckpt("deepseek_v32")
+    rt = Runtime.load(path)
+    prompt = _prompt(12, length=29)
+    _check_against_transformers(rt, _hf(path), prompt, "deepseek_v32, prompt past index_topk")
+    dense = _hf(path, index_topk=4096)  # every key: DeepSeek-V3's dense MLA
+    with torch.no_grad():
+        assert _rel(dense(prompt).logits[:, -1], _hf(path)(prompt).logits[:, -1]) > 1e-3
+    length, steps = prompt.shape[1], 8
+    ref = rt.generate(prompt, steps, stop_ids=[], keep_logits=True)
+    cache = rt._cache_for(1, length + steps)
+    tok = rt.model.forward(prompt, rt._positions(0, length), cache, length).argmax(-1, keepdim=True)
+    for step in range(1, steps):
+        logits = rt.model.forward(tok, rt._positions(length + step - 1, length + step), cache, None)
+        rel = _rel(logits, ref.logits[step])
+        assert rel < 1e-5, f"graph-mode step {step}: rel {rel:.2e} against the eager decode"
+        tok = logits.argmax(-1, keepdim=True)
+    assert all(k is not None for k in cache.index_keys[:3])
+
+
 @pytest.mark.parametrize("family,fmt,settings", [
     ("qwen3_moe", "compressed-tensors", {}),
     ("glm4_moe", "gptq", {"symmetric": False}),  # sigmoid routing, group-limited top-k, int4 with zero points

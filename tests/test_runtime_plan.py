@@ -146,3 +146,13 @@ def test_plan_per_channel_group(tmp_path, capsys):
     assert sum(sum(s) for s in per_channel.experts.values()) < sum(sum(s) for s in grouped.experts.values())
     assert main(["plan", str(cfg), "--vram", "6GiB", "--group-size", "100"]) == 2
     assert "-1 for per channel" in capsys.readouterr().err
+
+
+def test_sparse_attention_caches_its_indexer_keys(tiny_ckpt):
+    """DeepSeek-V3.2 caches V3's latent and rope key per layer and token, and its indexer's key besides."""
+    from moecompress.tiny import TINY_CONFIGS
+
+    v32, v3 = model_parts(tiny_ckpt("deepseek_v32")), model_parts(tiny_ckpt("deepseek_v3"))
+    cfg = TINY_CONFIGS["deepseek_v32"]
+    assert v3.kv_bytes_per_token == cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    assert v32.kv_bytes_per_token - v3.kv_bytes_per_token == cfg["num_hidden_layers"] * cfg["index_head_dim"] * 4

@@ -69,6 +69,15 @@ _MLP = (
 )
 STANDARD_GROUPS = (_QKV, _VO) + _MLP
 MLA_GROUPS = _MLA + _MLP
+# DeepSeek-V3.2's sparse attention (DSA): the indexer reads the layer's normed input (wk, weights_proj) and
+# the query LoRA's normed output (wq_b); it stays in float and takes the scales into its columns
+_DSA = (
+    BalanceGroup("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa",
+                                     "self_attn.indexer.wk", "self_attn.indexer.weights_proj"), loss="attention"),
+    BalanceGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj", "self_attn.indexer.wq_b"), loss="attention"),
+    BalanceGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), loss="attention"),
+)
+DSA_INDEXER = ("self_attn.indexer.wq_b", "self_attn.indexer.wk", "self_attn.indexer.weights_proj")
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,17 @@ FAMILIES: tuple[ArchSpec, ...] = (
         correction_bias="mlp.e_score_correction_bias",
         fp32_logits=False,
         router_weights_dtype=None,
+    ),
+    ArchSpec(
+        # DeepSeek-V3.2 (-Exp, -Speciale): DeepSeek-V3 with sparse attention (DSA) -- an indexer picks each
+        # query's index_topk keys; at or below index_topk tokens it picks them all, i.e. V3's dense MLA
+        family="deepseek_v32",
+        model_types=("deepseek_v32",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
+        keep_float=DSA_INDEXER,
+        awq_groups=_DSA + _MLP,
     ),
     ArchSpec(
         family="glm4_moe",

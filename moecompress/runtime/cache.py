@@ -10,6 +10,9 @@ new tokens at its end and attend over exactly the filled prefix), or ``None`` wi
 of positions (graph steps: a captured CUDA graph replays the step at a new position after a
 ``copy_`` into that tensor, and attends over the whole buffer, the mask hiding the tail).
 
+DeepSeek-V3.2's sparse attention also keeps its indexer's keys ``[B, max_len, D]`` per layer
+(``update_indexer``, written and read like the keys and values).
+
 Hybrid families (Qwen3.5/3.6-MoE's Gated DeltaNet layers) also keep, per linear-attention layer, a
 conv state ``[B, channels, kernel]`` (the last inputs of the causal depthwise conv) and a recurrent
 state ``[B, heads, k_dim, v_dim]``; those layers call the ``get_/update_conv_state``,
@@ -42,6 +45,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.conv: list[torch.Tensor | None] = [None] * num_layers
         self.recurrent: list[torch.Tensor | None] = [None] * num_layers
+        self.index_keys: list[torch.Tensor | None] = [None] * num_layers  # DSA indexers' keys [B, max_len, D]
         self._positions: torch.Tensor | None = None
         self._kv_len: int | None = None
         self._fresh = True  # the step starts a sequence: no previous linear-attention state
@@ -72,6 +76,18 @@ class KVCache:
         k.narrow(2, n - q, q).copy_(key)
         v.narrow(2, n - q, q).copy_(value)
         return k.narrow(2, 0, n), v.narrow(2, 0, n)
+
+    def update_indexer(self, key: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """A sparse-attention (DSA) indexer's keys ``[B, q, D]``: written and read back like :meth:`update`'s."""
+        if self.index_keys[layer_idx] is None:
+            self.index_keys[layer_idx] = key.new_zeros(key.shape[0], self.max_len, key.shape[-1])
+        k = self.index_keys[layer_idx]
+        if self._kv_len is None:
+            k.index_copy_(1, self._positions, key)
+            return k
+        n, q = self._kv_len, key.shape[1]
+        k.narrow(1, n - q, q).copy_(key)
+        return k.narrow(1, 0, n)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len or 0

@@ -4,7 +4,8 @@ We call transformers' decoder layers ourselves instead of the model's ``forward`
 factories, output dataclasses or cache bookkeeping per step, and the attention mask is ours to
 build -- ``None`` wherever sdpa's own causal handling is exact (a prefill from an empty cache, a
 single decode token over exactly the filled prefix), an explicit boolean mask otherwise (a
-sliding window, or the whole static buffer of a CUDA-graph step). Linear-attention layers of hybrid
+sliding window, the whole static buffer of a CUDA-graph step, or a sparse-attention indexer that
+ranks the keys the mask allows). Linear-attention layers of hybrid
 families (``config.layer_types`` says ``linear_attention``) take no mask: their state lives in the
 cache (:mod:`.cache`), and the only mask they accept is a 2-D padding mask, which we never need.
 """
@@ -27,6 +28,9 @@ class RuntimeModel:
         self.windows = [sliding_window(lm.config, i) for i in range(len(self.layers))]
         types = getattr(lm.config, "layer_types", None) or [None] * len(self.layers)
         self.linear_attention = [t == "linear_attention" for t in types]
+        # sparse attention (DeepSeek-V3.2's DSA) reads the mask to rank keys: it always gets an explicit one
+        self.explicit_masks = any(getattr(getattr(layer, "self_attn", None), "indexer", None) is not None
+                                  for layer in self.layers)
         # Multimodal rotary (Qwen3.5/3.6-MoE: ``mrope_section``) takes position ids per rope axis,
         # ``[3, B, T]``: transformers 5.17 indexes them so and fails on ``[B, T]``, 5.18+ expands
         # ``[B, T]`` itself and accepts ``[3, B, T]`` unchanged. Text tokens use one position on every axis.
@@ -71,7 +75,8 @@ class RuntimeModel:
                 hidden = fast(hidden, rope, cache)
                 continue
             if not linear and window not in masks:
-                masks[window] = attention_mask(positions, total, window, static=cache is not None and kv_len is None)
+                masks[window] = attention_mask(positions, total, window,
+                                               explicit=self.explicit_masks or (cache is not None and kv_len is None))
             hidden = layer(hidden, attention_mask=None if linear else masks[window], position_ids=pos_ids,
                            position_embeddings=rope, **{kw: cache})
         if last_only:
@@ -89,12 +94,12 @@ def sliding_window(config, layer: int) -> int | None:
     return window
 
 
-def attention_mask(positions: torch.Tensor, kv_total: int, window: int | None, static: bool) -> torch.Tensor | None:
+def attention_mask(positions: torch.Tensor, kv_total: int, window: int | None, explicit: bool) -> torch.Tensor | None:
     """Boolean ``[1, 1, q, kv_total]`` (True = attend) for queries at ``positions``, or None when sdpa's
     default is exact: no window, the keys are exactly positions ``[0, kv_total)`` and the queries are
     the last ``q`` of them (one decode token, or a prefill from position 0)."""
     q = positions.shape[0]
-    if not static and window is None and (q == 1 or q == kv_total):
+    if not explicit and window is None and (q == 1 or q == kv_total):
         return None
     kv = torch.arange(kv_total, device=positions.device)
     keep = kv[None, :] <= positions[:, None]

@@ -126,6 +126,8 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
         per_layer = (text.kv_lora_rank + getattr(text, "qk_rope_head_dim", 0)) * float_bytes
     else:
         per_layer = 2 * heads * head_dim * float_bytes
+    if getattr(text, "index_topk", None):  # DeepSeek-V3.2's sparse attention: its indexer's keys too
+        per_layer += text.index_head_dim * float_bytes
     types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     attn_layers = sum(t != "linear_attention" for t in types)  # linear attention keeps a fixed state instead
     top_k = int(getattr(text, "num_experts_per_tok", 1))

@@ -56,19 +56,10 @@ def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device
 
 def load_calibration(cfg: QuantizeConfig, model_dir: Path):
     from .calib.chat import chat_renderer
-    from .calib.data import load_texts, make_calibration_windows
+    from .calib.data import load_texts, load_tokenizer, make_calibration_windows
 
-    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
-    if not any((model_dir / f).is_file() for f in files):
-        raise UserError(f"{model_dir} has no tokenizer files ({', '.join(files[:3])}...): calibration needs the tokenizer")
     with gc_paused():  # the tokenizer's imports and construction
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-        except Exception as e:
-            raise UserError(f"cannot load the tokenizer of {model_dir} (needed for calibration): "
-                            f"{str(e).splitlines()[0]}") from None
+        tok = load_tokenizer(model_dir)
     texts = load_texts(cfg.calib, chat=chat_renderer(tok))
     return make_calibration_windows(texts, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
 
@@ -126,7 +117,9 @@ def _arithmetic() -> dict:
 
 def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: PartialRun, cfg: QuantizeConfig,
               overwrite: bool, resume: bool, command, max_shard_bytes: int, ranks: Ranks, t_start: float) -> dict:
-    inputs = tuple(Path(c) for c in [cfg.calib] if c and cfg.needs_calibration and Path(c).exists())
+    from .calib.data import spec_paths
+
+    inputs = spec_paths(cfg.calib)  # named by the user: never deleted, read or not
     saved = _agree(ranks, lambda: claim(partial, model_dir, resume, overwrite, inputs))
     if saved == FINISHED:  # a finished run killed before its rename, now in place
         ranks.barrier()

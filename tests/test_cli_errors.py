@@ -153,10 +153,16 @@ def test_existing_out_needs_overwrite(capsys, tmp_path, qwen):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
-def test_missing_tokenizer_is_a_user_error(capsys, tmp_path, qwen):
+@pytest.mark.parametrize("command", [["quantize", "--group-size", "32"],
+                                     ["zero-experts", "baseline", "--rule", "top-p", "--target-skip", "0.3"],
+                                     ["zeda"]], ids=["quantize", "baseline", "zeda"])
+def test_missing_tokenizer_is_a_user_error(capsys, tmp_path, qwen, command):
+    """transformers 5 would build an empty tokenizer from a folder without one (the text then gives 0 tokens)."""
     d = _strip(qwen, tmp_path, "tokenizer*")
-    rc, err = _run(capsys, "quantize", str(d), "--out", str(tmp_path / "o"), "--group-size", "32")
-    assert rc == 2 and len(err) == 1 and "tokenizer" in err[0]
+    rc, err = _run(capsys, *command[:2 if command[0] == "zero-experts" else 1], str(d), "--out", str(tmp_path / "o"),
+                   *command[2 if command[0] == "zero-experts" else 1:])
+    assert rc == 2 and len(err) == 1 and "has no tokenizer files" in err[0], err
+    _assert_clean(tmp_path, tmp_path / "o")
 
 
 def test_inspect_reports_family_and_sizes(capsys, tiny_ckpt):

@@ -76,6 +76,30 @@ def test_out_may_not_hold_an_input_nor_be_too_long_for_its_siblings(deep, tmp_pa
     assert not list(tmp_path.glob(".q*"))
 
 
+def test_every_spelling_of_an_input_inside_out_is_refused(deep, tmp_path, monkeypatch):
+    """The data spec as a user or a recipe writes it -- ``PATH#COLUMN``, ``~/...``, data RTN never reads -- and
+    the other commands that replace a folder (zero-experts baseline, zeda): --overwrite must not delete it."""
+    from moecompress.zeda.config import build_zeda_config
+    from moecompress.zeda.train import run_zeda
+    from moecompress.zero.baselines import make_baseline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.txt").write_text("def f(x):\n    return x\n" * 400)
+    (data / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 20}) + "\n" for i in range(50)))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for spec, method in ((f"{data}/rows.jsonl#text", "gptq"), ("~/data/calib.txt", "gptq"),
+                         (str(data / "calib.txt"), "rtn")):
+        with pytest.raises(UserError, match="an input of this run"):
+            quantize(deep, data, quick_config(bits=4, calib=spec, method=method), overwrite=True)
+    with pytest.raises(UserError, match="an input of this run"):
+        make_baseline(deep, data, "top-p", 0.3, calib=f"{data}/rows.jsonl#text", samples=2, seq_len=16,
+                      overwrite=True)
+    with pytest.raises(UserError, match="an input of this run"):
+        run_zeda(deep, data, build_zeda_config(data="~/data/calib.txt"), overwrite=True)
+    assert sorted(p.name for p in data.iterdir()) == ["calib.txt", "rows.jsonl"]
+
+
 def test_what_killed_runs_leave_is_settled_by_resume_and_overwrite(deep, reference, tmp_path, monkeypatch):
     """A kill between the finished marker and the cleanup: --resume puts the output in place without the resume
     state in it. A finished run of other settings: --overwrite discards it. A damaged partial run:

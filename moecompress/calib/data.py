@@ -323,6 +323,36 @@ def split_column(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def spec_paths(*specs: str | None) -> tuple[Path, ...]:
+    """The files or folders that data specs read (``PATH#COLUMN`` and ``~`` resolved; builtins and paths that do
+    not exist left out): what an output folder must not hold, since replacing it would delete them."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, str) and spec.strip() and not spec.startswith("builtin:"):
+            path = Path(os.path.expanduser(split_column(spec)[0]))
+            if path.exists():
+                out.append(path)
+    return tuple(out)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+
+
+def load_tokenizer(model_dir: str | Path, needed_for: str = "calibration"):
+    """The model folder's tokenizer (never remote code); one-line UserError when it has none or it fails to load."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...): {needed_for} "
+                        "needs the tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer of {model_dir} (needed for {needed_for}): "
+                        f"{str(e).splitlines()[0]}") from None
+
+
 def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | None = None) -> TextSource:
     """Load calibration text from a file, folder, dataset file/folder or ``builtin:<name>``.
 

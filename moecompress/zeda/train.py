@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..arch.handle import ModelHandle
 from ..arch.registry import router_rule
+from ..calib.data import spec_paths
 from ..checkpoint.writer import check_output_path
 from ..errors import UserError
 from ..zero.inject import check_num_zero, open_float_original
@@ -50,12 +51,10 @@ log = logging.getLogger("moecompress")
 
 
 def _prompts(model_dir: Path, cfg: ZedaConfig) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
     from ..calib.chat import chat_renderer
-    from ..calib.data import load_texts, make_calibration_windows
+    from ..calib.data import load_texts, load_tokenizer, make_calibration_windows
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    tok = load_tokenizer(model_dir, "ZEDA's prompts")
     try:
         windows = make_calibration_windows(load_texts(cfg.data, chat=chat_renderer(tok)), tok, cfg.prompts,
                                            cfg.prompt_len, cfg.seed, "--prompt-len")
@@ -337,7 +336,7 @@ def run_zeda(model_dir: str | Path, out_dir: str | Path, cfg: ZedaConfig, overwr
     # student learns to send some tokens to none, which costs far more than it saves; RESULTS.md)
     num_zero = cfg.num_zero or max(1, handle.top_k - 1)
     check_num_zero(num_zero, handle.num_experts)
-    check_output_path(model_dir, out_dir, overwrite)
+    check_output_path(model_dir, out_dir, overwrite, inputs=spec_paths(cfg.data))
     from ..devices import resolve_device
 
     device = resolve_device(cfg.device)

@@ -105,7 +105,7 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
     """Calibrate rule ``kind`` to ``target`` on ``model_dir`` and write the rule model to ``out_dir``
     (``recipe``: the settings a ``moecompress run`` records to know when to rebuild)."""
     from ..calib.chat import chat_renderer
-    from ..calib.data import load_texts, make_calibration_windows
+    from ..calib.data import load_texts, load_tokenizer, make_calibration_windows, spec_paths
     from ..checkpoint.writer import check_output_path
     from .inject import add_zero_experts, open_float_original
 
@@ -120,10 +120,8 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
     if handle.zero is not None:
         raise UserError(f"{model_dir} already has zero experts; calibrate baselines on the original model")
     handle.check_context(seq_len)
-    check_output_path(handle.reader.path, Path(out_dir), overwrite)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(handle.reader.path), trust_remote_code=False)
+    check_output_path(handle.reader.path, Path(out_dir), overwrite, inputs=spec_paths(calib))
+    tok = load_tokenizer(handle.reader.path)
     windows = make_calibration_windows(load_texts(calib, chat=chat_renderer(tok)), tok, samples, seq_len, seed)
     weights = record_router_weights(model_dir, windows.input_ids, device, torch.float32)
     value, share = calibrate_rule(weights, kind, target, handle.top_k)

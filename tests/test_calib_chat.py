@@ -84,10 +84,25 @@ def test_tool_calls_text_parts_and_turns_of_different_keys(tmp_path, tokenizer):
                                    "<|user|>Look<|assistant|>ok[thought hmm]"]
 
 
+def test_conversations_after_many_empty_rows_are_found(tmp_path, tokenizer):
+    """A column that opens with more empty conversations than the type check looks at is still conversations."""
+    rows = [{"messages": []} for _ in range(40)] + [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tool_calls": [
+            {"type": "function", "function": {"name": "f"}}]}]},
+        {"messages": [{"role": "user", "content": "hello there"}]}]
+    src = load_texts(str(_jsonl(tmp_path / "late.jsonl", rows)))
+    assert list(src.documents) == ["user: hi\nassistant: yo", "user: hello there"]
+
+
 def test_a_broken_conversation_is_one_line(tmp_path, tokenizer):
     rows = [CHATS[0], {"messages": [{"content": "who said this?"}]}]
     with pytest.raises(UserError, match=r"row 1: every turn needs a role"):
         load_texts(str(_jsonl(tmp_path / "x.jsonl", rows)), chat=chat_renderer(tokenizer))
+    odd = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "oracle", "value": "yo"}]}]
+    with pytest.raises(UserError, match=r"row 0: ShareGPT turn from 'oracle' is not a role this knows"):
+        load_texts(str(_jsonl(tmp_path / "o.jsonl", odd)))
+    odd[0]["conversations"][1]["from"] = "chatgpt"
+    assert list(load_texts(str(_jsonl(tmp_path / "c.jsonl", odd))).documents) == ["user: hi\nassistant: yo"]
     with pytest.raises(UserError, match=r"column 'messages' holds neither text nor conversations"):
         load_texts(str(_jsonl(tmp_path / "n.jsonl", [{"id": "a", "messages": [1, 2]}])))
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"

@@ -218,6 +218,19 @@ def test_empty_dataset_errors(tmp_path):
     d = tmp_path / "ds"
     Dataset.from_dict({"text": []}, features=Features({"text": Value("string")})).save_to_disk(str(d))
     user_error(load_texts, str(d), match=r"saved dataset .* is empty \(0 rows\)")
+    from datasets import DatasetDict
+
+    dd = tmp_path / "dd"  # load_from_disk itself fails on the empty split ("list index out of range")
+    DatasetDict({"train": Dataset.from_dict({"text": []}, features=Features({"text": Value("string")})),
+                 "test": Dataset.from_dict({"text": ["some text"]})}).save_to_disk(str(dd))
+    user_error(load_texts, str(dd), match=r"split 'train' is empty \(0 rows\)")
+
+
+def test_a_json_file_in_another_encoding_is_one_line(tmp_path):
+    """datasets accepts a latin-1 jsonl and decodes its strings only when they are read."""
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes('{"text": "café au lait"}\n'.encode("latin-1"))
+    user_error(load_texts, str(p), match=r"latin1\.jsonl holds text that is not UTF-8 .*re-encode it as UTF-8")
 
 
 def test_malformed_json_is_a_user_error(tmp_path):

@@ -20,7 +20,9 @@ log = logging.getLogger("moecompress")
 
 CHAT_COLUMNS = ("messages", "conversations", "conversation")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "tool": "tool", "function": "tool"}
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                   "function_call": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                   "observation": "tool"}
 
 Renderer = Callable[[list[dict]], str]
 
@@ -50,7 +52,7 @@ def chat_column(ds, names: tuple[str, ...] = CHAT_COLUMNS) -> str | None:
 
     The column's type says so when every turn has the same keys (``List({role, content})``); with turns of
     different keys (``tool_calls``, ``reasoning_content``...) datasets types it ``List(Json)``, or older
-    versions a plain list, so the first rows decide. A conversation column that holds something else is an
+    versions a plain list, so the first 16 non-empty rows decide. A conversation column that holds something else is an
     error, never a reason to calibrate on another column."""
     for name in names:
         if name not in ds.features:
@@ -60,12 +62,22 @@ def chat_column(ds, names: tuple[str, ...] = CHAT_COLUMNS) -> str | None:
             return name
         if getattr(ds.features[name], "dtype", None) in ("string", "large_string"):
             continue  # a text column that happens to be called so: the caller's column rules apply
-        rows = [r for r in ds.select(range(min(len(ds), 16)))[name] if r]
+        rows = _first_nonempty(ds, name, 16)
         if rows and all(isinstance(r, list) for r in rows) and any(_is_turn(t) for r in rows for t in r):
             return name  # (each row's turns are checked as it is rendered, with its row number)
         raise UserError(f"column '{name}' holds neither text nor conversations (lists of {{role, content}} or "
                         f"{{from, value}} turns); its type is {ds.features[name]}")
     return None
+
+
+def _first_nonempty(ds, name: str, n: int) -> list:
+    """The first ``n`` non-empty values of column ``name`` (a dataset may open with empty conversations)."""
+    rows: list = []
+    for batch in ds.select_columns([name]).iter(batch_size=256):
+        rows += [r for r in batch[name] if r][: n - len(rows)]
+        if len(rows) == n:
+            break
+    return rows
 
 
 def _content(value, where: str) -> str:
@@ -92,6 +104,9 @@ def turns_of(record: list | None, where: str) -> list[dict]:
             role, content = turn.get("role"), turn.get("content")
         else:
             role, content = _SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
+            if role is None and turn.get("from") is not None:
+                raise UserError(f"{where}: ShareGPT turn from {turn.get('from')!r} is not a role this knows "
+                                f"({', '.join(sorted(_SHAREGPT_ROLES))}); name the roles 'role'/'content' instead")
         if not isinstance(role, str):
             raise UserError(f"{where}: every turn needs a role (got {role!r})")
         extra = {k: v for k, v in turn.items() if k not in ("role", "content", "from", "value") and v is not None}

@@ -230,6 +230,14 @@ def _pick_column(ds: Any, origin: str, text_column: str | None) -> str:
 
 
 def _source_from_dataset(ds: Any, origin: str, text_column: str | None, chat: Renderer | None = None) -> TextSource:
+    try:
+        return _read_dataset(ds, origin, text_column, chat)
+    except UnicodeDecodeError as e:  # a JSON file in another encoding: datasets decodes its strings only now
+        raise UserError(f"{origin} holds text that is not UTF-8 ({e.reason} at byte {e.start} of a value); "
+                        "re-encode it as UTF-8") from None
+
+
+def _read_dataset(ds: Any, origin: str, text_column: str | None, chat: Renderer | None) -> TextSource:
     if len(ds) == 0:
         raise UserError(f"{origin} is empty (0 rows)")
     if text_column is None:
@@ -295,11 +303,17 @@ def _load_saved_dataset(folder: Path, text_column: str | None, chat: Renderer | 
     from datasets import DatasetDict, load_from_disk
 
     origin = f"saved dataset {folder}"
-    try:
+    try:  # load_from_disk fails on a split of 0 shards ("list index out of range")
         if json.loads((folder / "state.json").read_text()).get("_data_files") == []:
-            raise UserError(f"{origin} is empty (0 rows)")  # load_from_disk fails on 0 shards
+            raise UserError(f"{origin} is empty (0 rows)")
     except (OSError, ValueError, AttributeError):
         pass  # no or odd state.json: a DatasetDict folder, or let load_from_disk judge
+    try:
+        for split in json.loads((folder / "dataset_dict.json").read_text()).get("splits", []):
+            if json.loads((folder / split / "state.json").read_text()).get("_data_files") == []:
+                raise UserError(f"{origin}: split '{split}' is empty (0 rows); save it without that split")
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
     with _quiet_datasets():
         try:
             ds = load_from_disk(str(folder))

@@ -118,3 +118,16 @@ def test_hf_model_matches_its_own_loss(tiny_ckpt):
     assert perplexity(model, ids, batch_size=2) == pytest.approx(math.exp(loss), rel=1e-4)
     kl, top1 = kl_and_top1(model, model, ids, batch_size=2)
     assert kl == pytest.approx(0.0, abs=1e-7) and top1 == 1.0
+
+
+def test_a_perplexity_past_the_float_range_saturates_and_writes(tmp_path):
+    """A broken model (finite, enormous logits) loses more than ~709 nats a token: its evaluation still ends
+    and writes strict JSON (math.exp would raise OverflowError after the whole evaluation)."""
+    import sys
+
+    from moecompress.evals.lm_metrics import ppl_of
+    from moecompress.evals.output import write_json_atomic
+
+    assert ppl_of(1.0) == math.e and ppl_of(709.0) == math.exp(709.0)
+    assert ppl_of(710.0) == sys.float_info.max == ppl_of(1e6)
+    write_json_atomic(tmp_path / "e.json", {"ppl": {"x": ppl_of(900.0)}})

@@ -39,6 +39,7 @@ The returned dict (JSON-serializable) is a contract the report relies on::
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -258,6 +259,12 @@ def evaluate(model_dir, reference_dir, *, data=None, samples: int = 32, seq_len:
     out = {"model": str(Path(model_dir)), "reference": str(Path(reference_dir)), "family": ref_h.family,
            "data": data_info}
     out.update(lm.result())
+    for key in ("ppl", "ppl_reference"):
+        for name, v in out[key].items():
+            if v == sys.float_info.max:
+                log.warning("eval: %s perplexity on %s overflows a float (more than ~709 nats per token): recorded "
+                            "as the largest float", "the reference's" if key == "ppl_reference" else "the model's",
+                            name)
     out.update(routing.result())
     out.update({
         "size_bytes": checkpoint_bytes(m_reader),

@@ -20,6 +20,7 @@ pure pieces: :func:`logit_sums` reduces one batch of logits of both models to su
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,13 @@ def token_logprobs(model, input_ids: torch.Tensor, batch_size: int = 8) -> torch
 def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
     """exp(mean next-token negative log-likelihood) over all ``N*(T-1)`` predicted positions."""
     lp = token_logprobs(model, input_ids, batch_size)
-    return math.exp(-float(lp.double().mean()))
+    return ppl_of(-float(lp.double().mean()))
+
+
+def ppl_of(mean_nll: float) -> float:
+    """``exp(mean_nll)``, saturating at the largest float: a model broken enough to lose more than ~709 nats
+    per token (finite but enormous logits) still gets its evaluation written, strict JSON and all."""
+    return math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else sys.float_info.max
 
 
 @torch.no_grad()
@@ -155,8 +162,8 @@ class LMAccumulator:
         s = self.sums
         pos = sum(v["n_pos"] for v in s.values())
         return {
-            "ppl": {n: math.exp(v["nll"] / v["n_pred"]) for n, v in s.items()},
-            "ppl_reference": {n: math.exp(v["nll_ref"] / v["n_pred"]) for n, v in s.items()},
+            "ppl": {n: ppl_of(v["nll"] / v["n_pred"]) for n, v in s.items()},
+            "ppl_reference": {n: ppl_of(v["nll_ref"] / v["n_pred"]) for n, v in s.items()},
             "kl": sum(v["kl"] for v in s.values()) / pos,
             "top1_agreement": sum(v["agree"] for v in s.values()) / pos,
             "kl_per_dataset": {n: v["kl"] / v["n_pos"] for n, v in s.items()},

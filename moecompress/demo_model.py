@@ -263,7 +263,7 @@ def _build(tmp: Path, r: dict[str, Any], say) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     n_windows = r["steps"] * r["batch_size"]
-    train = make_calibration_windows(texts, tokenizer, n_windows, r["seq_len"], r["seed"])
+    train = make_calibration_windows(texts, tokenizer, n_windows, r["seq_len"], r["seed"], warn_overlap=False)
     timings["data"] = time.perf_counter() - t0
     if train.metadata["windows_overlap"]:
         say("note: the training windows overlap (more steps than distinct windows)")

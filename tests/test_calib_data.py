@@ -362,13 +362,16 @@ def test_windows_are_contiguous_token_slices(tmp_path, tokenizer):
         assert " " + " ".join(map(str, row)) + " " in joined
 
 
-def test_short_corpus_overlaps_and_too_short_errors(tmp_path, tokenizer):
+def test_short_corpus_overlaps_and_too_short_errors(tmp_path, tokenizer, caplog):
     p = tmp_path / "short.txt"
     p.write_text(PROSE)
     src = load_texts(str(p))
     n_tokens = len(tokenizer(PROSE, add_special_tokens=False)["input_ids"])
-    w = make_calibration_windows(src, tokenizer, n_samples=10, seq_len=n_tokens // 2, seed=0)
+    with caplog.at_level("WARNING", logger="moecompress"):
+        w = make_calibration_windows(src, tokenizer, n_samples=10, seq_len=n_tokens // 2, seed=0)
     assert w.input_ids.shape == (10, n_tokens // 2) and w.metadata["windows_overlap"]
+    assert f"gives {n_tokens} tokens: room for 2 distinct windows of {n_tokens // 2} tokens, so 8 of the 10" \
+        in caplog.text
     assert w.metadata["token_count"] == n_tokens
     user_error(
         make_calibration_windows, src, tokenizer, 1, n_tokens + 1, 0,

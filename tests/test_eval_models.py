@@ -200,7 +200,8 @@ def test_schema(qwen_eval):
     names = ["heldout-code", "heldout-prose"]
     assert list(r["data"]) == names
     for name in names:
-        assert set(r["data"][name]) == {"spec", "windows", "seq_len", "text_sha256"}
+        assert set(r["data"][name]) == {"spec", "windows", "seq_len", "text_sha256", "token_count", "windows_overlap"}
+        assert r["data"][name]["windows_overlap"] is False and r["data"][name]["token_count"] >= SMALL["seq_len"]
         assert r["data"][name]["windows"] == SMALL["samples"] and r["data"][name]["seq_len"] == SMALL["seq_len"]
         assert len(r["data"][name]["text_sha256"]) == 64
     for key in ("ppl", "ppl_reference", "kl_per_dataset", "top1_per_dataset"):

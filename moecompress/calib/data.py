@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import warnings
@@ -55,6 +56,8 @@ import torch
 from ..errors import UserError
 from .builtin_text import BUILTINS, load_builtin
 from .chat import Renderer, chat_column, render_column
+
+log = logging.getLogger("moecompress")
 
 CHUNK_CHARS = 1 << 16
 SNAP_CHARS = 4096
@@ -443,7 +446,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def make_calibration_windows(
-    texts: TextSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int, length_name: str = "seq_len"
+    texts: TextSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int, length_name: str = "seq_len",
+    warn_overlap: bool = True,
 ) -> CalibWindows:
     """Sample ``n_samples`` windows of exactly ``seq_len`` tokens from ``texts``, determined by ``seed``;
     ``length_name``: how the caller's user names the window length (errors say it)."""
@@ -489,6 +493,10 @@ def make_calibration_windows(
     else:
         starts = [s * seq_len for s in range(n_slots)]
         starts += [rng.randrange(total - seq_len + 1) for _ in range(n_samples - n_slots)]
+        if warn_overlap:  # (the demo's training steps reuse windows on purpose)
+            log.warning("%s gives %d tokens: room for %d distinct windows of %d tokens, so %d of the %d windows "
+                        "overlap others (the same text counted more than once); use more text or fewer samples",
+                        texts.description, total, n_slots, seq_len, n_samples - n_slots, n_samples)
     ids_stream = torch.tensor(stream, dtype=torch.long)
     index = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(seq_len)
     input_ids = ids_stream[index].contiguous()

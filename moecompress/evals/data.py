@@ -76,7 +76,8 @@ def build_windows(specs: list[str], tokenizer, samples: int, seq_len: int, seed:
                             f"vocab_size is {vocab_size}")
         windows[name] = w
         info[name] = {"spec": spec, "windows": int(w.input_ids.shape[0]), "seq_len": int(w.input_ids.shape[1]),
-                      "text_sha256": texts.text_hash}
+                      "text_sha256": texts.text_hash, "token_count": w.metadata["token_count"],
+                      "windows_overlap": w.metadata["windows_overlap"]}
     return windows, info
 
 

@@ -101,6 +101,44 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     assert _cache_status(run) == {"reference": "written", "rtn": "hit", "gptq": "hit"}  # new windows, new entry
 
 
+def test_edited_text_redoes_what_read_it_and_the_report_flags_mixed_text(tmp_path, tiny_ckpt, caplog):
+    """Calibration and evaluation text named by path: an edit rebuilds the builds that read it and re-evaluates every row, so no table compares numbers from different text; evaluations that did read
+    different text (copied in by hand) get a warning in the report."""
+    from moecompress.report import write_report
+
+    model = tiny_ckpt("qwen3_moe")
+    run, calib, held = tmp_path / "run", tmp_path / "calib.txt", tmp_path / "held.txt"
+    calib.write_text("def f(x):\n    return x + 1\n" * 200)
+    held.write_text("The quick brown fox jumps over the lazy dog.\n" * 200)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(model=model, out=run, rtn_bits=4)
+                      .replace("{samples: 4,", f"{{data: {calib}, samples: 4,")
+                      .replace("builtin:heldout-code", str(held)))
+    run_recipe(recipe, report=False)
+    held.write_text("Pack my box with five dozen liquor jugs.\n" * 200)
+    run_recipe(recipe, report=False)
+    d = _decisions(run)
+    assert all(d[(n, "build")]["action"] == "skipped" for n in ("rtn", "gptq"))
+    assert all(d[(n, "eval")]["action"] == "evaluated" and d[(n, "eval")]["reason"] == "evaluation text changed"
+               for n in ("reference", "rtn", "gptq"))
+    calib.write_text("class A:\n    pass\n" * 300)
+    run_recipe(recipe, report=False)
+    d = _decisions(run)
+    # RTN too: the output errors its moecompress.json records are measured on that text (its weights are not)
+    assert all(d[(n, "build")]["action"] == "built" and "calibration text changed" in d[(n, "build")]["reason"]
+               for n in ("rtn", "gptq"))
+    assert d[("gptq", "eval")]["action"] == "evaluated" and d[("reference", "eval")]["action"] == "skipped"
+
+    ev = json.loads((run / "eval" / "rtn.json").read_text())
+    ev["data"]["held"]["text_sha256"] = "f" * 64
+    (run / "eval" / "rtn.json").write_text(json.dumps(ev))
+    with caplog.at_level("WARNING", logger="moecompress"):
+        data = write_report(run, formats=["md"])
+    assert len(data["warnings"]) == 1 and data["warnings"][0].startswith("held: the evaluations read different text")
+    assert "rtn on ffffffffffff" in data["warnings"][0] and "Warning" in (run / "report.md").read_text()
+    assert "do not compare" in caplog.text
+
+
 def test_force_out_and_bench(tmp_path, tiny_ckpt, monkeypatch, caplog):
     import moecompress.run.runner as runner
 

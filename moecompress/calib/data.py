@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import random
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -350,6 +351,32 @@ def spec_paths(*specs: str | None) -> tuple[Path, ...]:
             if path.exists():
                 out.append(path)
     return tuple(out)
+
+
+def specs_stamp(*specs: str | None) -> str:
+    """A cheap fingerprint of the text behind data specs (no file is read): it changes when a named file, or a
+    file of a named folder, is added, removed, resized or rewritten, and for ``builtin:`` text (the Python
+    standard library's own files) with the Python version. What ``moecompress run`` compares to know that a
+    build or evaluation read other text."""
+    import platform
+
+    h = hashlib.sha256()
+    for spec in specs:
+        if not isinstance(spec, str):
+            continue
+        h.update(f"{spec}\0".encode())
+        if spec.startswith("builtin:"):
+            h.update(f"python {platform.python_version()} {sys.prefix}\n".encode())
+            continue
+        path = Path(os.path.expanduser(split_column(spec)[0]))
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                st = f.stat()
+                h.update(f"{f.relative_to(path) if f != path else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{f}\0missing\n".encode())
+    return h.hexdigest()[:16]
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")

@@ -34,6 +34,8 @@ def write_report(run_dir: str | Path, formats: list[str] | None = None) -> dict:
     run_dir = Path(run_dir)
     data = report_data(run_dir)
     _, evals, _ = load_run(run_dir)
+    for w in data["warnings"]:
+        log.warning("report: %s", w)
     if formats is None:
         info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
         formats = ((info.get("recipe") or {}).get("report") or {}).get("formats") or list(FORMATS)

@@ -210,6 +210,24 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
     return out
 
 
+def text_mismatches(evals: dict[str, dict]) -> list[str]:
+    """One line per dataset whose evaluations read different text (evaluations copied in by hand, or made
+    before ``moecompress run`` re-evaluated on edited text): their numbers do not compare."""
+    out = []
+    names = list(dict.fromkeys(d for ev in evals.values() for d in (ev.get("data") or {})))
+    for d in names:
+        by_sha: dict[str, list[str]] = {}
+        for variant, ev in evals.items():
+            sha = ((ev.get("data") or {}).get(d) or {}).get("text_sha256")
+            if sha:
+                by_sha.setdefault(sha, []).append(variant)
+        if len(by_sha) > 1:
+            groups = "; ".join(f"{', '.join(v)} on {sha[:12]}" for sha, v in by_sha.items())
+            out.append(f"{d}: the evaluations read different text ({groups}); their numbers do not compare: "
+                       "evaluate them again on the same data")
+    return out
+
+
 def report_data(run_dir: str | Path) -> dict:
     """Everything ``report.json`` holds."""
     info, evals, benches = load_run(run_dir)
@@ -231,5 +249,6 @@ def report_data(run_dir: str | Path) -> dict:
         "has_skipping": any(r["skip_rate"] for r in rows),
         "bench": next(({k: b.get(k) for k in ("device", "dtype", "batch")} for b in benches.values()), None),
         "decisions": info.get("decisions") or [],
+        "warnings": text_mismatches(evals),
         "run_seconds": info.get("seconds"),
     }

@@ -41,6 +41,7 @@ def render(data: dict, plots: dict[str, Path]) -> str:
     parts = [f"<h1>{html.escape(data['title'])}</h1>",
              f"<p class='small'>{_md_inline(settings_line(data))}</p>",
              f"<div class='how'><b>How to read this.</b> {_md_inline(HOW_TO_READ)}</div>"]
+    parts[1:1] = [f"<p class='verdict no'><b>Warning.</b> {html.escape(w)}</p>" for w in data.get("warnings") or []]
     if data["verdicts"]:
         parts.append("<h2>Verdict</h2>")
         for v in data["verdicts"]:

@@ -118,7 +118,8 @@ def text_table(data: dict) -> str:
 
 def markdown(data: dict, plots: dict[str, str]) -> str:
     """The whole ``report.md`` (``plots``: title -> path relative to the report)."""
-    out = [f"# {data['title']}", "", "**How to read this.** " + HOW_TO_READ, ""]
+    out = [f"# {data['title']}", ""] + [f"> **Warning.** {w}\n" for w in data.get("warnings") or []]
+    out += ["**How to read this.** " + HOW_TO_READ, ""]
     if data["verdicts"]:
         out += ["## Verdict", ""] + [f"- {v['line']}" for v in data["verdicts"]] + [""]
     out += ["## Results", "", markdown_table(data), "", settings_line(data), ""]

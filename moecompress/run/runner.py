@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..calib.data import specs_stamp
 from ..errors import UserError
 from ..recipe import QuantizeConfig
 from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe
@@ -62,6 +63,10 @@ def folder_stamp(path: Path) -> str:
             st = f.stat()
             h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+# what each ``*_stamp`` of a step's stamp fingerprints, as a reason to redo the step names it
+STAMPED = {"model": "model checkpoint", "reference": "reference checkpoint", "text": "evaluation text"}
 
 
 def _plain(obj: Any) -> Any:
@@ -130,13 +135,15 @@ class Runner:
 
         wanted = _plain(self.zeda.model_dump())
         saved = _read_json(self.zeda_dir / "moecompress.json")
+        text_changed = self._text_changed(self.run_dir / ".zeda.text-stamp", (self.zeda.data,))
         if saved is not None and not self.force and saved.get("recipe") == wanted and \
-                saved.get("source") == str(self.model_dir):
+                saved.get("source") == str(self.model_dir) and not text_changed:
             log.info("zeda: skipped (up to date: same settings and source)")
             self._decide("zeda", "zeda", "skipped", "up to date")
             return
         reason = "--force" if saved is not None and self.force else (
-            "not built yet" if saved is None else "settings or source changed")
+            "not built yet" if saved is None else "its prompts' text changed" if text_changed
+            else "settings or source changed")
         log.info("zeda: training (%s)", reason)
         t0 = time.perf_counter()
         # under torchrun every rank trains its share of each batch (DDP, in the process group already up);
@@ -145,6 +152,8 @@ class Runner:
         # --force), else starts over
         run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=True, resume=not self.force, rates_may_change=False,
                  command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
+        if self.ranks.main:
+            (self.run_dir / ".zeda.text-stamp").write_text(specs_stamp(self.zeda.data) + "\n")
         self.ranks.barrier()
         self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
 
@@ -169,7 +178,12 @@ class Runner:
                 changes.insert(0, f"source: {saved.get('source')} -> {source}")
             elif v.source == "zeda" and self._source_stamp(v) != folder_stamp(self.zeda_dir):
                 changes.insert(0, "source: the ZEDA model was trained again")
+            if self._text_changed(self._text_stamp_file(v.name), self._calib_specs(v)):
+                changes.insert(0, "the calibration text changed")
             if not changes:
+                stamp_file = self._text_stamp_file(v.name)
+                if self.ranks.main and not stamp_file.is_file():  # built by an older version: from now on
+                    stamp_file.write_text(specs_stamp(*self._calib_specs(v)) + "\n")
                 log.info("%s: build skipped (up to date: same settings and source)", tag)
                 self._decide(v.name, "build", "skipped", "up to date")
                 return
@@ -180,11 +194,28 @@ class Runner:
         summary = self._make(v, out, command, wanted)
         if v.source == "zeda" and self.ranks.main:  # what this build read: a retrained ZEDA model rebuilds it
             self._source_stamp_file(v).write_text(folder_stamp(self.zeda_dir) + "\n")
+        if self.ranks.main:  # and the text it calibrated on: edited, it rebuilds it
+            self._text_stamp_file(v.name).write_text(specs_stamp(*self._calib_specs(v)) + "\n")
         self.ranks.barrier()
         dt = time.perf_counter() - t0
         if summary is not None and "size_bytes" in summary:
             log.info("%s: built in %.1fs (%.2f MB)", tag, dt, summary["size_bytes"] / 1e6)
         self._decide(v.name, "build", "built", reason, dt)
+
+    def _calib_specs(self, v: Variant) -> tuple[str, ...]:
+        """The text a build of ``v`` reads (none for RTN)."""
+        if isinstance(v.config, SkipBaseline):
+            return (self.recipe.calibration.data,)
+        return (v.config.calib,) if isinstance(v.config, QuantizeConfig) and v.config.needs_calibration else ()
+
+    def _text_stamp_file(self, name: str) -> Path:
+        return self.run_dir / "variants" / f".{name}.text-stamp"
+
+    @staticmethod
+    def _text_changed(stamp_file: Path, specs: tuple[str, ...]) -> bool:
+        """Whether the text behind ``specs`` changed since the build that wrote ``stamp_file`` (a build of an
+        older version, without the file: assumed unchanged)."""
+        return stamp_file.is_file() and stamp_file.read_text().strip() != specs_stamp(*specs)
 
     def _source_stamp_file(self, v: Variant) -> Path:
         return self.run_dir / "variants" / f".{v.name}.source-stamp"
@@ -219,7 +250,8 @@ class Runner:
         model = self.variant_dir(name)
         path = self.run_dir / "eval" / f"{name}.json"
         stamp = {"settings": eval_settings_dict(self.recipe), "model": str(model), "model_stamp": folder_stamp(model),
-                 "reference": str(self.model_dir), "reference_stamp": folder_stamp(self.model_dir)}
+                 "reference": str(self.model_dir), "reference_stamp": folder_stamp(self.model_dir),
+                 "text_stamp": specs_stamp(*self.recipe.eval.data)}
         tag = f"[{i}/{n}] {name}"
         reason = self._needed(name, "eval", "evaluation", path, stamp, tag)
         if reason is None:
@@ -292,7 +324,7 @@ class Runner:
             return "settings changed: " + "; ".join(settings_diff(old.get("settings") or {}, _plain(stamp["settings"])))
         changed = [k.removesuffix("_stamp") for k in stamp if k.endswith("_stamp") and old.get(k) != stamp[k]]
         if changed or old.get("model") != stamp["model"]:
-            return " and ".join(changed or ["model"]) + " checkpoint changed"
+            return " and ".join(STAMPED.get(c, c) for c in changed or ["model"]) + " changed"
         return None
 
     def _decide(self, name, step, action, reason, seconds=None):

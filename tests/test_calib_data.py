@@ -254,7 +254,7 @@ def test_path_errors(tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     user_error(load_texts, str(tmp_path / "latin.txt"), match=r"not a UTF-8 text file")
     (tmp_path / "t.csv").write_text("text\nhello\n")
-    user_error(load_texts, str(tmp_path / "t.csv"), match=r"unsupported calibration file extension '\.csv'")
+    user_error(load_texts, str(tmp_path / "t.csv"), match=r"unsupported file extension '\.csv' for calibration text")
     (tmp_path / "emptydir").mkdir()
     user_error(load_texts, str(tmp_path / "emptydir"), match=r"no non-empty UTF-8 text files \(0 files")
     (tmp_path / "bins").mkdir()

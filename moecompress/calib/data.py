@@ -397,13 +397,14 @@ def load_tokenizer(model_dir: str | Path, needed_for: str = "calibration"):
                         f"{str(e).splitlines()[0]}") from None
 
 
-def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | None = None) -> TextSource:
+def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | None = None,
+               what: str = "calibration text") -> TextSource:
     """Load calibration text from a file, folder, dataset file/folder or ``builtin:<name>``.
 
     ``chat``: how a dataset of conversations becomes documents (``calib.chat.chat_renderer(tokenizer)``: the
-    model's chat template; None: ``role: content`` lines)."""
+    model's chat template; None: ``role: content`` lines). ``what`` the text is, as errors name it."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"empty calibration text spec; pass {_SUPPORTED}")
+        raise UserError(f"empty {what} spec; pass {_SUPPORTED}")
     if spec.startswith("builtin:"):
         docs, desc = load_builtin(spec[len("builtin:") :])
         return _make_source(desc, [t for _, t in docs], spec)
@@ -413,7 +414,7 @@ def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | No
     path = Path(os.path.expanduser(spec))
     if not path.exists():
         hint = f"; valid builtins: {', '.join('builtin:' + n for n in BUILTINS)}" if ":" in spec else ""
-        raise UserError(f"calibration text path does not exist: {spec}{hint}")
+        raise UserError(f"{what} path does not exist: {spec}{hint}")
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return _load_saved_dataset(path, text_column, chat)
@@ -422,7 +423,7 @@ def load_texts(spec: str, *, text_column: str | None = None, chat: Renderer | No
     if suffix in DATASET_BUILDERS:
         return _load_dataset_files(DATASET_BUILDERS[suffix], [path], f"{suffix[1:]} file {path}", text_column, chat)
     if suffix in UNSUPPORTED_EXTENSIONS:
-        raise UserError(f"unsupported calibration file extension '{suffix}' ({path}); pass {_SUPPORTED}")
+        raise UserError(f"unsupported file extension '{suffix}' for {what} ({path}); pass {_SUPPORTED}")
     _no_columns(path, text_column)
     return _load_text_file(path)
 
@@ -474,7 +475,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def make_calibration_windows(
     texts: TextSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int, length_name: str = "seq_len",
-    warn_overlap: bool = True,
+    warn_overlap: bool = True, what: str = "calibration text",
 ) -> CalibWindows:
     """Sample ``n_samples`` windows of exactly ``seq_len`` tokens from ``texts``, determined by ``seed``;
     ``length_name``: how the caller's user names the window length (errors say it)."""
@@ -510,7 +511,7 @@ def make_calibration_windows(
     total = len(stream)
     if total < seq_len:
         raise UserError(
-            f"calibration text gives only {total} tokens, fewer than one window of {length_name}={seq_len} "
+            f"{what} gives only {total} tokens, fewer than one window of {length_name}={seq_len} "
             f"({texts.description}); use more text or a shorter {length_name}"
         )
     n_slots = total // seq_len

@@ -65,11 +65,8 @@ def build_windows(specs: list[str], tokenizer, samples: int, seq_len: int, seed:
         n = 2
         while name in windows:
             name, n = f"{base}-{n}", n + 1
-        texts = load_texts(spec, chat=chat_renderer(tokenizer))
-        try:
-            w = make_calibration_windows(texts, tokenizer, samples, seq_len, seed)
-        except UserError as e:
-            raise UserError(f"evaluation data {spec}: {e}") from None
+        texts = load_texts(spec, chat=chat_renderer(tokenizer), what="evaluation text")
+        w = make_calibration_windows(texts, tokenizer, samples, seq_len, seed, what="evaluation text")
         top = int(w.input_ids.max())
         if top >= vocab_size:
             raise UserError(f"vocabulary mismatch: the reference tokenizer produced id {top} but the model's "

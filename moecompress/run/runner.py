@@ -438,12 +438,10 @@ def check_inputs(recipe: Recipe) -> None:
             if kind == "device":
                 resolve_device(value)
             else:
-                load_texts(value, chat=plain)  # a check only: the build renders with the model's template
+                # a check only: the build renders with the model's template
+                load_texts(value, chat=plain, what="eval data" if kind == "eval data" else "calibration text")
         except UserError as e:
-            msg = str(e)
-            if kind == "eval data":  # the loader speaks of calibration text
-                msg = msg.replace("calibration text", "eval data").replace("calibration file", "eval data file")
-            raise UserError(f"{step}: {msg}" if step else msg) from None
+            raise UserError(f"{step}: {e}" if step else str(e)) from None
 
 
 def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | None = None) -> None:

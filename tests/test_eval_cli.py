@@ -69,7 +69,7 @@ CASES = {
     "reference without tokenizer": (lambda q, t: (q, _no_tokenizer(q, t / "r")), [], "no tokenizer"),
     "tokenizer mismatch": (lambda q, t: (_other_tokenizer(q, t / "m"), q), [], "tokenizer mismatch"),
     "empty data file": (lambda q, t: (q, q), ["--data", "EMPTY"], "no text"),
-    "missing data file": (lambda q, t: (q, q), ["--data", "MISSING"], "evaluation text path does not exist: MISSING"),
+    "missing data file": (lambda q, t: (q, q), ["--data", "MISSING"], "evaluation text path does not exist"),
     "zero samples": (lambda q, t: (q, q), ["--samples", "0"], "samples"),
     "json is a directory": (lambda q, t: (q, q), ["--json", "DIR"], "is a directory"),
 }

@@ -56,7 +56,8 @@ def compute_dtype(cfg: QuantizeConfig, handle: ModelHandle, device: torch.device
 
 def load_calibration(cfg: QuantizeConfig, model_dir: Path):
     from .calib.chat import chat_renderer
-    from .calib.data import load_texts, load_tokenizer, make_calibration_windows
+    from .calib.data import load_texts, make_calibration_windows
+    from .calib.specs import load_tokenizer
 
     with gc_paused():  # the tokenizer's imports and construction
         tok = load_tokenizer(model_dir)
@@ -117,7 +118,7 @@ def _arithmetic() -> dict:
 
 def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: PartialRun, cfg: QuantizeConfig,
               overwrite: bool, resume: bool, command, max_shard_bytes: int, ranks: Ranks, t_start: float) -> dict:
-    from .calib.data import spec_paths
+    from .calib.specs import spec_paths
 
     inputs = spec_paths(cfg.calib)  # named by the user: never deleted, read or not
     saved = _agree(ranks, lambda: claim(partial, model_dir, resume, overwrite, inputs))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..calib.data import specs_stamp
+from ..calib.specs import specs_stamp
 from ..errors import UserError
 from ..recipe import QuantizeConfig
 from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe

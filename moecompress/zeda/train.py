@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..arch.handle import ModelHandle
 from ..arch.registry import router_rule
-from ..calib.data import spec_paths
+from ..calib.specs import spec_paths
 from ..checkpoint.writer import check_output_path
 from ..errors import UserError
 from ..zero.inject import check_num_zero, open_float_original
@@ -52,7 +52,8 @@ log = logging.getLogger("moecompress")
 
 def _prompts(model_dir: Path, cfg: ZedaConfig) -> torch.Tensor:
     from ..calib.chat import chat_renderer
-    from ..calib.data import load_texts, load_tokenizer, make_calibration_windows
+    from ..calib.data import load_texts, make_calibration_windows
+    from ..calib.specs import load_tokenizer
 
     tok = load_tokenizer(model_dir, "ZEDA's prompts")
     try:

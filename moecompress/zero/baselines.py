@@ -105,7 +105,8 @@ def make_baseline(model_dir: str | Path, out_dir: str | Path, kind: str, target:
     """Calibrate rule ``kind`` to ``target`` on ``model_dir`` and write the rule model to ``out_dir``
     (``recipe``: the settings a ``moecompress run`` records to know when to rebuild)."""
     from ..calib.chat import chat_renderer
-    from ..calib.data import load_texts, load_tokenizer, make_calibration_windows, spec_paths
+    from ..calib.data import load_texts, make_calibration_windows
+    from ..calib.specs import load_tokenizer, spec_paths
     from ..checkpoint.writer import check_output_path
     from .inject import add_zero_experts, open_float_original
 

@@ -307,7 +307,7 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
     """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""
     with start_up(model_dir, reference):
         from .evals.evaluate import evaluate
-        from .evals.output import check_json_path, summary, write_json_atomic
+        from .evals.output import check_json_path, refuse_inside, summary, write_json_atomic
 
     if threads:
         import torch
@@ -315,7 +315,9 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
         torch.set_num_threads(threads)
     from .distributed import Ranks
 
-    check_json_path(json_out)
+    check_json_path(json_out, (model_dir, reference))
+    if reference_cache:
+        refuse_inside(reference_cache, (model_dir, reference), "--reference-cache")
     ranks = Ranks.from_env(device)  # torchrun -m moecompress eval ...: the windows split over the ranks
     try:
         result = evaluate(model_dir, reference, data=list(data) or None, samples=samples, seq_len=seq_len,

@@ -72,6 +72,11 @@ CASES = {
     "missing data file": (lambda q, t: (q, q), ["--data", "MISSING"], "evaluation text path does not exist"),
     "zero samples": (lambda q, t: (q, q), ["--samples", "0"], "samples"),
     "json is a directory": (lambda q, t: (q, q), ["--json", "DIR"], "is a directory"),
+    # a copy: were the check missing, the checkpoint's own config.json would be replaced
+    "json inside the model": (lambda q, t: (shutil.copytree(q, t / "c"), q), ["--json", "IN_COPY"],
+                              "lies inside the model folder"),
+    "reference cache inside the reference": (lambda q, t: (q, shutil.copytree(q, t / "c")),
+                                             ["--reference-cache", "CACHE_IN_COPY"], "lies inside the model folder"),
 }
 
 
@@ -81,7 +86,8 @@ def test_bad_input(case, qwen, tmp_path, capsys):
     model, ref = make(qwen, tmp_path)
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "adir").mkdir()
-    subst = {"EMPTY": tmp_path / "empty.txt", "MISSING": tmp_path / "missing.txt", "DIR": tmp_path / "adir"}
+    subst = {"EMPTY": tmp_path / "empty.txt", "MISSING": tmp_path / "missing.txt", "DIR": tmp_path / "adir",
+             "IN_COPY": tmp_path / "c" / "config.json", "CACHE_IN_COPY": tmp_path / "c" / "cache"}
     extra = [subst.get(a, a) for a in extra]
     out = tmp_path / "out.json"
     json_args = [] if "--json" in extra else ["--json", out]
@@ -89,6 +95,9 @@ def test_bad_input(case, qwen, tmp_path, capsys):
     assert rc == 2
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists() and not list(tmp_path.glob(".out.json.tmp-*"))
+    if (tmp_path / "c").is_dir():  # the copied checkpoint is untouched
+        assert json.loads((tmp_path / "c" / "config.json").read_text())["model_type"] == "qwen3_moe"
+        assert not (tmp_path / "c" / "cache").exists()
 
 
 def test_vocab_size_mismatch(qwen, tiny_ckpt, tmp_path, capsys):

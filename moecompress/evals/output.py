@@ -10,9 +10,20 @@ from pathlib import Path
 from moecompress.errors import UserError
 
 
-def check_json_path(path) -> Path:
-    """Refuse an output path we could not write (before hours of evaluation, not after)."""
+def refuse_inside(path, models: tuple, option: str) -> None:
+    """Refuse an output ``path`` that is or lies inside a model folder of the run: it would replace or add
+    files of the checkpoint (its config.json, or safetensors files the checkpoint then counts as shards)."""
+    p = Path(path).resolve()
+    for m in models:
+        if m is not None and Path(m).is_dir() and (p == Path(m).resolve() or Path(m).resolve() in p.parents):
+            raise UserError(f"{option} {path} lies inside the model folder {m}; write it elsewhere")
+
+
+def check_json_path(path, models: tuple = ()) -> Path:
+    """Refuse an output path we could not write (before hours of evaluation, not after), or one inside a model
+    folder of the run (``models``)."""
     p = Path(path)
+    refuse_inside(p, models, "--json")
     if p.is_dir():
         raise UserError(f"--json {p} is a directory; give a file name")
     parent = p.parent if str(p.parent) else Path(".")

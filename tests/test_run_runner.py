@@ -101,12 +101,14 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     assert _cache_status(run) == {"reference": "written", "rtn": "hit", "gptq": "hit"}  # new windows, new entry
 
 
-def test_edited_text_redoes_what_read_it_and_the_report_flags_mixed_text(tmp_path, tiny_ckpt, caplog):
-    """Calibration and evaluation text named by path: an edit rebuilds the builds that read it and re-evaluates every row, so no table compares numbers from different text; evaluations that did read
-    different text (copied in by hand) get a warning in the report."""
+def test_edited_inputs_redo_what_read_them_and_the_report_flags_mixed_text(tmp_path, tiny_ckpt, caplog):
+    """Calibration and evaluation text named by path: an edit rebuilds the builds that read it and re-evaluates
+    every row, so no table compares numbers from different text; evaluations that did read different text
+    (copied in by hand) get a warning in the report. A source model rewritten in place rebuilds every variant."""
     from moecompress.report import write_report
+    from moecompress.tiny import save_tiny
 
-    model = tiny_ckpt("qwen3_moe")
+    model = shutil.copytree(tiny_ckpt("qwen3_moe"), tmp_path / "model")
     run, calib, held = tmp_path / "run", tmp_path / "calib.txt", tmp_path / "held.txt"
     calib.write_text("def f(x):\n    return x + 1\n" * 200)
     held.write_text("The quick brown fox jumps over the lazy dog.\n" * 200)
@@ -137,6 +139,14 @@ def test_edited_text_redoes_what_read_it_and_the_report_flags_mixed_text(tmp_pat
     assert len(data["warnings"]) == 1 and data["warnings"][0].startswith("held: the evaluations read different text")
     assert "rtn on ffffffffffff" in data["warnings"][0] and "Warning" in (run / "report.md").read_text()
     assert "do not compare" in caplog.text
+
+    shutil.rmtree(model)
+    save_tiny("qwen3_moe", model, seed=3)  # another model in the same folder
+    run_recipe(recipe, report=False)
+    d = _decisions(run)
+    assert all(d[(n, "build")]["action"] == "built" and f"source: the files of {model} changed"
+               in d[(n, "build")]["reason"] for n in ("rtn", "gptq"))
+    assert all(d[(n, "eval")]["action"] == "evaluated" for n in ("reference", "rtn", "gptq"))
 
 
 def test_force_out_and_bench(tmp_path, tiny_ckpt, monkeypatch, caplog):

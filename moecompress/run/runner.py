@@ -69,6 +69,11 @@ def folder_stamp(path: Path) -> str:
 STAMPED = {"model": "model checkpoint", "reference": "reference checkpoint", "text": "evaluation text"}
 
 
+def _stamp_changed(stamp_file: Path, now: str, missing: bool = False) -> bool:
+    """Whether what a step read changed since it wrote ``stamp_file`` (no file: ``missing``)."""
+    return stamp_file.read_text().strip() != now if stamp_file.is_file() else missing
+
+
 def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -135,14 +140,16 @@ class Runner:
 
         wanted = _plain(self.zeda.model_dump())
         saved = _read_json(self.zeda_dir / "moecompress.json")
-        text_changed = self._text_changed(self.run_dir / ".zeda.text-stamp", (self.zeda.data,))
+        stamps = self._zeda_stamps()
+        changed = [what for what, (f, now) in stamps.items() if _stamp_changed(f, now)]
         if saved is not None and not self.force and saved.get("recipe") == wanted and \
-                saved.get("source") == str(self.model_dir) and not text_changed:
+                saved.get("source") == str(self.model_dir) and not changed:
+            self._write_stamps(stamps.values(), only_missing=True)
             log.info("zeda: skipped (up to date: same settings and source)")
             self._decide("zeda", "zeda", "skipped", "up to date")
             return
         reason = "--force" if saved is not None and self.force else (
-            "not built yet" if saved is None else "its prompts' text changed" if text_changed
+            "not built yet" if saved is None else " and ".join(changed) + " changed" if changed
             else "settings or source changed")
         log.info("zeda: training (%s)", reason)
         t0 = time.perf_counter()
@@ -152,10 +159,13 @@ class Runner:
         # --force), else starts over
         run_zeda(self.model_dir, self.zeda_dir, self.zeda, overwrite=True, resume=not self.force, rates_may_change=False,
                  command=["moecompress", "run", self.recipe_file or "<recipe>", "#", "zeda"])
-        if self.ranks.main:
-            (self.run_dir / ".zeda.text-stamp").write_text(specs_stamp(self.zeda.data) + "\n")
+        self._write_stamps(stamps.values())
         self.ranks.barrier()
         self._decide("zeda", "zeda", "trained", reason, time.perf_counter() - t0)
+
+    def _zeda_stamps(self) -> dict[str, tuple[Path, str]]:
+        return {"the source model's files": (self.run_dir / ".zeda.source-stamp", folder_stamp(self.model_dir)),
+                "its prompts' text": (self.run_dir / ".zeda.text-stamp", specs_stamp(self.zeda.data))}
 
     def build(self, v: Variant, i: int, n: int) -> None:
         if v.config is None:  # the ZEDA model itself: built by build_zeda
@@ -174,16 +184,17 @@ class Runner:
             defaults = QuantizeConfig().model_dump() if isinstance(v.config, QuantizeConfig) else {}
             changes = settings_diff(saved.get("recipe") or {}, wanted, defaults)
             source = self.source_dir(v).resolve()
+            stamps = self._build_stamps(v)
             if saved.get("source") != str(source):
                 changes.insert(0, f"source: {saved.get('source')} -> {source}")
-            elif v.source == "zeda" and self._source_stamp(v) != folder_stamp(self.zeda_dir):
-                changes.insert(0, "source: the ZEDA model was trained again")
-            if self._text_changed(self._text_stamp_file(v.name), self._calib_specs(v)):
+            # (a from-zeda build without a source stamp predates them: the ZEDA model may have been retrained)
+            elif _stamp_changed(*stamps["source"], missing=v.source == "zeda"):
+                changes.insert(0, "source: the ZEDA model was trained again" if v.source == "zeda"
+                               else f"source: the files of {source} changed")
+            if _stamp_changed(*stamps["text"]):
                 changes.insert(0, "the calibration text changed")
             if not changes:
-                stamp_file = self._text_stamp_file(v.name)
-                if self.ranks.main and not stamp_file.is_file():  # built by an older version: from now on
-                    stamp_file.write_text(specs_stamp(*self._calib_specs(v)) + "\n")
+                self._write_stamps(stamps.values(), only_missing=True)
                 log.info("%s: build skipped (up to date: same settings and source)", tag)
                 self._decide(v.name, "build", "skipped", "up to date")
                 return
@@ -191,11 +202,9 @@ class Runner:
         log.info("%s: building (%s)", tag, reason)
         t0 = time.perf_counter()
         command = ["moecompress", "run", self.recipe_file or "<recipe>", "#", v.name]
+        stamps = self._build_stamps(v)  # what the build reads, fingerprinted before it reads it
         summary = self._make(v, out, command, wanted)
-        if v.source == "zeda" and self.ranks.main:  # what this build read: a retrained ZEDA model rebuilds it
-            self._source_stamp_file(v).write_text(folder_stamp(self.zeda_dir) + "\n")
-        if self.ranks.main:  # and the text it calibrated on: edited, it rebuilds it
-            self._text_stamp_file(v.name).write_text(specs_stamp(*self._calib_specs(v)) + "\n")
+        self._write_stamps(stamps.values())
         self.ranks.barrier()
         dt = time.perf_counter() - t0
         if summary is not None and "size_bytes" in summary:
@@ -208,21 +217,20 @@ class Runner:
             return (self.recipe.calibration.data,)
         return (v.config.calib,) if isinstance(v.config, QuantizeConfig) and v.config.needs_calibration else ()
 
-    def _text_stamp_file(self, name: str) -> Path:
-        return self.run_dir / "variants" / f".{name}.text-stamp"
+    def _build_stamps(self, v: Variant) -> dict[str, tuple[Path, str]]:
+        """What a build of ``v`` reads, ``{what: (stamp file, fingerprint now)}``: the source folder's files (the
+        model edited in place, a ZEDA model trained again) and the calibration text."""
+        base = self.run_dir / "variants"
+        return {"source": (base / f".{v.name}.source-stamp", folder_stamp(self.source_dir(v))),
+                "text": (base / f".{v.name}.text-stamp", specs_stamp(*self._calib_specs(v)))}
 
-    @staticmethod
-    def _text_changed(stamp_file: Path, specs: tuple[str, ...]) -> bool:
-        """Whether the text behind ``specs`` changed since the build that wrote ``stamp_file`` (a build of an
-        older version, without the file: assumed unchanged)."""
-        return stamp_file.is_file() and stamp_file.read_text().strip() != specs_stamp(*specs)
-
-    def _source_stamp_file(self, v: Variant) -> Path:
-        return self.run_dir / "variants" / f".{v.name}.source-stamp"
-
-    def _source_stamp(self, v: Variant) -> str | None:
-        f = self._source_stamp_file(v)
-        return f.read_text().strip() if f.is_file() else None
+    def _write_stamps(self, stamps, only_missing: bool = False) -> None:
+        """Record what a step read (``only_missing``: a step done by an older version, recorded from now on)."""
+        if self.ranks.main:
+            for f, now in stamps:
+                if not (only_missing and f.is_file()):
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    f.write_text(now + "\n")
 
     def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict | None:
         from ..distributed import SINGLE

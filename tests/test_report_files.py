@@ -208,6 +208,34 @@ def test_report_without_run_json_uses_every_eval(tmp_path):
     assert (run / "report.html").is_file()
 
 
+def test_hand_copied_files_that_are_not_evaluations_or_do_not_compare(tmp_path, capsys, caplog):
+    """Evaluations copied by hand: a JSON that is not one is left out with a warning, bad values are one line
+    and leave the previous report whole, and rows against another reference or other windows are flagged."""
+    run = make_run(tmp_path, run_json=False)
+    (run / "eval" / "moecompress.json").write_text(json.dumps({"method": "gptq", "size_bytes": 5}))
+    with caplog.at_level("WARNING", logger="moecompress"):
+        data = write_report(run)
+    assert "moecompress" not in {r["name"] for r in data["variants"]} and "is not an evaluation" in caplog.text
+    assert data["warnings"] == []
+    before = {f: (run / f).read_text() for f in ("report.json", "report.md", "report.html")}
+    for bad, what in (({"kl": "abc"}, "not a number: kl = 'abc'"), ({"ppl": [1, 2]}, "'ppl' is a JSON list")):
+        ev = dict(VARIANTS["rtn-w3g64"][1], **bad)
+        (run / "eval" / "rtn-w3g64.json").write_text(json.dumps(ev))
+        assert main(["report", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0], err
+        assert {f: (run / f).read_text() for f in before} == before
+    ev = dict(VARIANTS["rtn-w3g64"][1], reference="/models/other", settings={"samples": 2, "seq_len": 64})
+    (run / "eval" / "rtn-w3g64.json").write_text(json.dumps(ev))
+    warnings = write_report(run)["warnings"]
+    assert len(warnings) == 2 and "different reference models" in warnings[0] and "rtn-w3g64: /models/other" in \
+        warnings[0] and "different window settings" in warnings[1]
+    assert "Warning." in (run / "report.md").read_text()
+    (run / "run.json").write_text(json.dumps({"variants": 3}))
+    assert main(["report", str(run)]) == 2
+    assert "'variants' is not the list" in capsys.readouterr().err
+
+
 def test_report_cli(tmp_path, capsys, monkeypatch):
     run = make_run(tmp_path)
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -46,15 +46,16 @@ def write_report(run_dir: str | Path, formats: list[str] | None = None) -> dict:
     except ImportError as e:
         log.warning("report: no figures (%s); pip install 'moecompress[report]' for them", e)
         plots = {}
-    files = {"json": run_dir / "report.json"}
     data["plots"] = {title: str(p.relative_to(run_dir)) for title, p in plots.items()}
-    _write(files["json"], json.dumps(data, indent=2, default=str) + "\n")
+    # every file's text first, then the files: a failure leaves the previous report whole, not half replaced
+    texts = {"json": json.dumps(data, indent=2, default=str) + "\n"}
     if "md" in formats:
-        files["md"] = run_dir / "report.md"
-        _write(files["md"], markdown(data, data["plots"]))
+        texts["md"] = markdown(data, data["plots"])
     if "html" in formats:
-        files["html"] = run_dir / "report.html"
-        _write(files["html"], html_page.render(data, plots))
+        texts["html"] = html_page.render(data, plots)
+    files = {kind: run_dir / f"report.{kind}" for kind in texts}
+    for kind, text in texts.items():
+        _write(files[kind], text)
     data["files"] = {k: str(v) for k, v in files.items()}
     return data
 

@@ -5,10 +5,13 @@ the best variant of each size, and the RTN-versus-GPTQ verdicts. Pure functions,
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+
+log = logging.getLogger("moecompress")
 
 REFERENCE = "reference"
 SIZE_CLASS_TOLERANCE = 0.02  # sizes within 2% of each other are "the same size"
@@ -52,18 +55,49 @@ def _read(path: Path) -> dict:
     return got
 
 
+def _is_number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _evaluation(path: Path) -> dict | None:
+    """``path`` read as an evaluation ``moecompress eval`` wrote; None (and a warning) for a JSON file that is
+    not one (a moecompress.json copied in by hand); one-line UserError for an evaluation with bad values."""
+    ev = _read(path)
+    if not {"kl", "ppl", "data"} <= ev.keys():
+        log.warning("report: %s is not an evaluation (no kl, ppl and data): left out", path)
+        return None
+    for key in ("ppl", "ppl_reference", "data", "routing", "skip_rate", "active_experts"):
+        if ev.get(key) is not None and not isinstance(ev[key], dict):
+            raise UserError(f"{path}: '{key}' is a JSON {type(ev[key]).__name__}, not the object eval writes")
+    bad = [f"{k} = {v!r}" for k, v in [("kl", ev.get("kl")), ("top1_agreement", ev.get("top1_agreement")),
+                                        ("size_bytes", ev.get("size_bytes"))]
+           + [(f"ppl.{d}", v) for d, v in (ev.get("ppl") or {}).items()]
+           + [(f"routing.{k}", ev["routing"].get(k)) for k in ("topk_exact", "jaccard", "router_kl")
+              if ev.get("routing")] if not _is_number(v)]
+    if bad:
+        raise UserError(f"{path}: not a number: {', '.join(bad[:3])}")
+    return ev
+
+
 def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
     """``(run_info, evals, benches)`` of a run folder, in report order (reference first, then the
-    recipe's order). Without ``run.json`` (evaluations copied by hand) every ``eval/*.json`` is used."""
+    recipe's order). Without ``run.json`` (evaluations copied by hand) every ``eval/*.json`` that is an
+    evaluation is used."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
     info = _read(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     if info.get("variants") is not None:
-        names = [REFERENCE] + [v["name"] for v in info["variants"]]
+        variants = info["variants"]
+        if not isinstance(variants, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                                     for v in variants):
+            raise UserError(f"{run_dir / 'run.json'}: 'variants' is not the list of named variants 'run' writes")
+        names = [REFERENCE] + [v["name"] for v in variants]
     else:
         names = sorted((p.stem for p in (run_dir / "eval").glob("*.json")), key=lambda n: (n != REFERENCE, n))
-    evals = {n: _read(run_dir / "eval" / f"{n}.json") for n in names if (run_dir / "eval" / f"{n}.json").is_file()}
+    evals = {n: _evaluation(run_dir / "eval" / f"{n}.json") for n in names
+             if (run_dir / "eval" / f"{n}.json").is_file()}
+    evals = {n: ev for n, ev in evals.items() if ev is not None}
     if not evals:
         raise UserError(f"{run_dir} has no evaluations (eval/*.json): run `moecompress run` first")
     benches = {n: _read(run_dir / "bench" / f"{n}.json") for n in names if (run_dir / "bench" / f"{n}.json").is_file()}
@@ -228,6 +262,22 @@ def text_mismatches(evals: dict[str, dict]) -> list[str]:
     return out
 
 
+def setting_mismatches(evals: dict[str, dict]) -> list[str]:
+    """A line when the evaluations compared against different reference models or used different windows
+    (samples, length, seed): the report's rows then do not share a baseline."""
+    out = []
+    for what, key in (("reference models", lambda ev: str(ev.get("reference"))),
+                      ("window settings", lambda ev: json.dumps({k: (ev.get("settings") or {}).get(k)
+                                                                  for k in ("samples", "seq_len", "seed")}))):
+        groups: dict[str, list[str]] = {}
+        for name, ev in evals.items():
+            groups.setdefault(key(ev), []).append(name)
+        if len(groups) > 1:
+            out.append(f"the evaluations used different {what} (" + "; ".join(
+                f"{', '.join(v)}: {k}" for k, v in groups.items()) + "): their rows do not compare")
+    return out
+
+
 def report_data(run_dir: str | Path) -> dict:
     """Everything ``report.json`` holds."""
     info, evals, benches = load_run(run_dir)
@@ -249,6 +299,6 @@ def report_data(run_dir: str | Path) -> dict:
         "has_skipping": any(r["skip_rate"] for r in rows),
         "bench": next(({k: b.get(k) for k in ("device", "dtype", "batch")} for b in benches.values()), None),
         "decisions": info.get("decisions") or [],
-        "warnings": text_mismatches(evals),
+        "warnings": setting_mismatches(evals) + text_mismatches(evals),
         "run_seconds": info.get("seconds"),
     }

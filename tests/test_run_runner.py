@@ -204,6 +204,12 @@ BAD_INPUTS = {  # recipe lines (over a good recipe's), extra `run` arguments, th
                                    "variant a: seq_len 4096 is longer than the model's context"),
     "eval windows beyond the context": ("eval: {{seq_len: 4096}}", "", "eval: seq_len 4096 is longer"),
     "a quantized model to quantize": ("model: {tmp}/quantized", "", "is already quantized (compressed-tensors)"),
+    "bench device": ("bench: {{device: tpu}}", "", "bench: unknown device 'tpu' (use cpu or cuda[:N])"),
+    "bench dtype": ("bench: {{device: cpu, dtype: float64}}", "", "bench.dtype: Input should be 'auto'"),
+    "unknown eval task": ("eval: {{tasks: [no_such_task_xyz]}}", "", "eval: unknown lm-eval task(s) no_such_task_xyz"),
+    "skip windows beyond the context": (
+        "variants: [{{name: s, skip: {{rule: top-p, target: 0.5, seq_len: 4096}}}}]", "",
+        "variant s: seq_len 4096 is longer than the model's context"),
 }
 
 

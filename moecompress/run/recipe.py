@@ -73,7 +73,7 @@ class BenchSettings(_Strict):
     prompt_len: int = Field(128, gt=0)
     new_tokens: int = Field(64, gt=1)
     batch: int = Field(1, gt=0)
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     repeats: int = Field(3, gt=0)
 
 

@@ -439,6 +439,8 @@ def check_inputs(recipe: Recipe) -> None:
         elif isinstance(v.config, SkipBaseline):
             where.setdefault(("data", recipe.calibration.data), f"variant {v.name}")
     where.setdefault(("device", recipe.eval.device), "eval")
+    if recipe.bench is not None:
+        where.setdefault(("device", recipe.bench.device), "bench")
     for spec in recipe.eval.data:
         where.setdefault(("eval data", spec), "")  # its errors say "eval data" instead
     for (kind, value), step in where.items():
@@ -450,6 +452,13 @@ def check_inputs(recipe: Recipe) -> None:
                 load_texts(value, chat=plain, what="eval data" if kind == "eval data" else "calibration text")
         except UserError as e:
             raise UserError(f"{step}: {e}" if step else str(e)) from None
+    if recipe.eval.tasks:  # their names (lm-eval's registry), not their datasets
+        from ..evals.lm_eval_adapter import task_manager
+
+        try:
+            task_manager(list(recipe.eval.tasks), None)
+        except UserError as e:
+            raise UserError(f"eval: {e}") from None
 
 
 def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | None = None) -> None:
@@ -472,6 +481,9 @@ def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | No
                         "would quantize it again: use its float original")
     for v in built:
         if v.config.needs_calibration:
+            h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")
+    for v in recipe.built_variants():
+        if isinstance(v.config, SkipBaseline):
             h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")
     h.check_context(recipe.eval.seq_len, "eval: seq_len")
 

@@ -75,9 +75,11 @@ def inspect(model_dir: str, skip_rate, eval_json) -> None:
     """Describe a checkpoint: family, layers, experts, parameters, sizes, what would be quantized."""
     from .inspect import describe, measured_skip_rate, render
 
+    if eval_json is not None and skip_rate is not None:
+        raise UserError("give --skip-rate or --eval (the skip rate an evaluation measured), not both")
     if eval_json is not None:
         skip_rate = measured_skip_rate(eval_json, model_dir)
-    click.echo(render(describe(model_dir, skip_rate=skip_rate)))
+    click.echo(render(describe(model_dir, skip_rate=skip_rate, measured=eval_json is not None)))
 
 
 @cli.command("make-tiny")

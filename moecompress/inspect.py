@@ -125,7 +125,8 @@ def _local_kind(h: ModelHandle, module: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", module)
 
 
-def _zero_experts(h: ModelHandle, total: int, expert_params: int, skip_rate: float | None) -> dict | None:
+def _zero_experts(h: ModelHandle, total: int, expert_params: int, skip_rate: float | None,
+                  measured: bool = False) -> dict | None:
     """Zero experts: how many, the layout, and active experts/parameters per token at skip rates."""
     z = h.zero
     if z is None:
@@ -141,10 +142,11 @@ def _zero_experts(h: ModelHandle, total: int, expert_params: int, skip_rate: flo
     return {"num_zero": z.num_zero, "layout": z.layout, "topk_mode": z.topk_mode, "weights": z.weights,
             "logits": z.logits,
             "rule": None if z.rule is None else {"rule": z.rule[0], "value": z.rule[1]},
-            "skip_rate": skip_rate, "active": active}
+            "skip_rate": skip_rate, "skip_rate_measured": measured and skip_rate is not None, "active": active}
 
 
-def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | None = None) -> dict:
+def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | None = None,
+             measured: bool = False) -> dict:
     h = ModelHandle.open(model_dir)
     quant = _quantization(h)
     model = h.skeleton()
@@ -207,7 +209,7 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         total = text_params + sum(_numel(h.reader.tensors[n].shape) for n in others)
         quantized, kept = [], []
     awq = _awq_plan(h, layers, moe_layers) if quant is None else None
-    zero = _zero_experts(h, total, expert_params, skip_rate)
+    zero = _zero_experts(h, total, expert_params, skip_rate, measured)
     if zero is not None and zero["layout"] == "stock":
         total -= expert_params * h.num_zero // max(h.num_experts, 1)
     active = total - expert_params + expert_params * h.top_k // max(h.num_experts, 1)
@@ -267,7 +269,8 @@ def measured_skip_rate(eval_json: str | Path, model_dir: str | Path | None = Non
     import json
 
     if not Path(eval_json).is_file():
-        raise UserError(f"--eval {eval_json} does not exist (an `eval --json` file)")
+        raise UserError(f"--eval {eval_json} {'is a folder, not' if Path(eval_json).is_dir() else 'does not exist:'} "
+                        "an `eval --json` file")
     try:
         r = json.loads(Path(eval_json).read_text())
         rate = float(r["skip_rate"]["model_overall"])
@@ -318,7 +321,7 @@ def render(d: dict) -> str:
         weights = ", kept experts keep the original weights" if z.get("weights") == "original" else ""
         weights += ", zero logits relative to the best real one" if z.get("logits") == "relative" else ""
         lines.append(f"  zero experts  {z['num_zero']} per router, {z['layout']} layout{mode}{rule}{weights}")
-        what = "at the measured skip rate" if z["skip_rate"] is not None else "at skip rate"
+        what = "at the measured skip rate" if z.get("skip_rate_measured") else "at skip rate"
         lines.append(f"  active/token  {what}: " + "; ".join(
             f"{100 * float(s):.0f}%: {a['experts']:.3g} experts, {_params(a['params'])}"
             for s, a in z["active"].items()))

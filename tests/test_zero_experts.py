@@ -492,3 +492,9 @@ def test_inspect_refuses_the_eval_json_of_another_model(capsys, tiny_ckpt, tmp_p
     js.write_text(json.dumps({"model": "runs/z", "skip_rate": {"model_overall": 0.28}}))
     rc, err = run_cli(capsys, "inspect", z, "--eval", js)
     assert rc == 0, err  # the same folder name, recorded as given
+    from moecompress.cli import main
+
+    assert main(["inspect", str(z), "--eval", str(js)]) == 0
+    assert "at the measured skip rate: 28%" in capsys.readouterr().out
+    assert main(["inspect", str(z), "--skip-rate", "0.25"]) == 0
+    assert "at skip rate: 25%" in capsys.readouterr().out  # given, not measured

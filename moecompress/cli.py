@@ -307,6 +307,9 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low_memory, device, dtype, tasks,
              tasks_path, tasks_limit, threads, reference_cache, reference_cache_max_gib, json_out) -> None:
     """Compare MODEL_DIR with --reference: perplexity, KL, top-1 and routing agreement, expert load, size."""
+    unused = [o for o, v in (("--tasks-path", tasks_path), ("--tasks-limit", tasks_limit)) if v is not None]
+    if unused and not tasks:
+        raise UserError(f"{' and '.join(unused)} only apply with --tasks")
     with start_up(model_dir, reference):
         from .evals.evaluate import evaluate
         from .evals.output import check_json_path, refuse_inside, summary, write_json_atomic

@@ -312,6 +312,8 @@ OTHER = {
                                        "give --skip-rate or --eval"),
     "generate --vram without --offload-experts": (["generate", "QWEN", "--prompt", "x", "--vram", "6GiB"],
                                                   "only applies with --offload-experts"),
+    "eval --tasks-limit without --tasks": (["eval", "QWEN", "--reference", "QWEN", "--tasks-limit", "3", "--json",
+                                            "OUT/e.json"], "--tasks-limit only apply with --tasks"),
     "eval with an empty task list": (["eval", "QWEN", "--reference", "QWEN", "--tasks", ",", "--json", "OUT/e.json"],
                                      "names no lm-eval task"),
     "eval beyond the context": (["eval", "QWEN", "--reference", "QWEN", "--seq-len", "1024", "--json", "OUT/e.json"],

@@ -15,7 +15,8 @@ HOW_TO_READ = (
     "probabilities; with zero experts the sets of *real* experts are compared). With zero-expert (skipping) variants, "
     "**skip rate** is the share of expert slots sent to a zero expert, **active experts** the real experts a "
     "token runs per MoE layer and **expert FLOPs** the routed experts' compute relative to the reference. ◆ marks the Pareto front (no other variant is both smaller and closer to the "
-    "reference); ★ and bold mark the best variant (lowest KL) among variants of the same size."
+    "reference; sizes within 2% count as the same size); ★ and bold mark the best variant (lowest KL) among "
+    "variants of the same size."
 )
 
 

@@ -402,3 +402,26 @@ def test_builtin_stdlib_is_tokenized_lazily(tokenizer):
     assert m["units_tokenized"] < m["units_total"] // 10
     assert TOKEN_BUDGET_FACTOR * 16 * 64 <= m["token_count"] < TOKEN_BUDGET_FACTOR * 16 * 64 + CHUNK_CHARS * 4
     assert torch.equal(w.input_ids, make_calibration_windows(src, tokenizer, 16, 64, seed=0).input_ids)
+
+
+def test_specs_stamp_follows_the_text_the_loader_reads(tmp_path, monkeypatch):
+    """What `run` compares to redo a step: a text file edited changes it; hidden files (a git checkout's .git,
+    an editor's swap file), which the loader skips, do not; builtin text depends on the Python, not the venv."""
+    import sys
+
+    from moecompress.calib.specs import specs_stamp
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text\n" * 50)
+    before = specs_stamp(str(folder))
+    (folder / ".git").mkdir()
+    (folder / ".git" / "index").write_bytes(b"\0" * 64)
+    (folder / ".a.txt.swp").write_bytes(b"swap")
+    assert specs_stamp(str(folder)) == before
+    (folder / "a.txt").write_text("other text\n" * 50)
+    assert specs_stamp(str(folder)) != before
+    assert specs_stamp(str(tmp_path / "missing.txt")) != specs_stamp(str(folder))
+    builtin = specs_stamp("builtin:heldout-code")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))
+    assert specs_stamp("builtin:heldout-code") == builtin

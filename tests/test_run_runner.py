@@ -117,6 +117,13 @@ def test_edited_inputs_redo_what_read_them_and_the_report_flags_mixed_text(tmp_p
                       .replace("{samples: 4,", f"{{data: {calib}, samples: 4,")
                       .replace("builtin:heldout-code", str(held)))
     run_recipe(recipe, report=False)
+    for f in (run / "eval").glob("*.json"):  # evaluations of a version without the text stamp: adopted, not redone
+        ev = json.loads(f.read_text())
+        del ev["run_stamp"]["text_stamp"]
+        f.write_text(json.dumps(ev))
+    run_recipe(recipe, report=False)
+    assert {v["action"] for v in _decisions(run).values()} == {"skipped"}
+    assert all("text_stamp" in json.loads(f.read_text())["run_stamp"] for f in (run / "eval").glob("*.json"))
     held.write_text("Pack my box with five dozen liquor jugs.\n" * 200)
     run_recipe(recipe, report=False)
     d = _decisions(run)

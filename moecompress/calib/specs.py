@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
+import sysconfig
 from pathlib import Path
 
 from ..errors import UserError
-from .data import split_column
+from .data import _folder_files, split_column
 
 
 def spec_paths(*specs: str | None) -> tuple[Path, ...]:
@@ -40,11 +40,11 @@ def specs_stamp(*specs: str | None) -> str:
         if not isinstance(spec, str):
             continue
         h.update(f"{spec}\0".encode())
-        if spec.startswith("builtin:"):
-            h.update(f"python {platform.python_version()} {sys.prefix}\n".encode())
+        if spec.startswith("builtin:"):  # the standard library's own files (a venv shares its base's)
+            h.update(f"python {platform.python_version()} {sysconfig.get_paths()['stdlib']}\n".encode())
             continue
         path = Path(os.path.expanduser(split_column(spec)[0]))
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = _folder_files(path) if path.is_dir() else [path]  # what the loader reads: no hidden files
         for f in files:
             try:
                 st = f.stat()

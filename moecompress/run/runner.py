@@ -182,9 +182,10 @@ class Runner:
             reason = "--force"
         else:
             defaults = QuantizeConfig().model_dump() if isinstance(v.config, QuantizeConfig) else {}
-            changes = settings_diff(saved.get("recipe") or {}, wanted, defaults)
+            settings = settings_diff(saved.get("recipe") or {}, wanted, defaults)
             source = self.source_dir(v).resolve()
             stamps = self._build_stamps(v)
+            changes = [f"settings changed: {'; '.join(settings)}"] if settings else []
             if saved.get("source") != str(source):
                 changes.insert(0, f"source: {saved.get('source')} -> {source}")
             # (a from-zeda build without a source stamp predates them: the ZEDA model may have been retrained)
@@ -198,7 +199,7 @@ class Runner:
                 log.info("%s: build skipped (up to date: same settings and source)", tag)
                 self._decide(v.name, "build", "skipped", "up to date")
                 return
-            reason = "settings changed: " + "; ".join(changes)
+            reason = "; ".join(changes)
         log.info("%s: building (%s)", tag, reason)
         t0 = time.perf_counter()
         command = ["moecompress", "run", self.recipe_file or "<recipe>", "#", v.name]
@@ -225,12 +226,15 @@ class Runner:
                 "text": (base / f".{v.name}.text-stamp", specs_stamp(*self._calib_specs(v)))}
 
     def _write_stamps(self, stamps, only_missing: bool = False) -> None:
-        """Record what a step read (``only_missing``: a step done by an older version, recorded from now on)."""
+        """Record what a step read (``only_missing``: a step done by an older version, recorded from now on).
+        Atomically: under torchrun the other ranks may be reading the file to decide the same step."""
         if self.ranks.main:
             for f, now in stamps:
                 if not (only_missing and f.is_file()):
                     f.parent.mkdir(parents=True, exist_ok=True)
-                    f.write_text(now + "\n")
+                    tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
+                    tmp.write_text(now + "\n")
+                    os.replace(tmp, f)
 
     def _make(self, v: Variant, out: Path, command: list[str], wanted: dict) -> dict | None:
         from ..distributed import SINGLE
@@ -316,6 +320,10 @@ class Runner:
         """Why ``step`` must run for ``name`` (None: up to date, and the skip is logged and recorded)."""
         reason = self._stale(path, stamp)
         if reason is None:
+            saved = _read_json(path)
+            old = saved.get("run_stamp") or {}
+            if self.ranks.main and any(k not in old for k in stamp):  # recorded from now on
+                write_json(path, dict(saved, run_stamp=dict(old, **{k: v for k, v in stamp.items() if k not in old})))
             log.info("%s: %s skipped (up to date)", tag, what)
             self._decide(name, step, "skipped", "up to date")
         return reason
@@ -330,7 +338,8 @@ class Runner:
         old = saved.get("run_stamp") or {}
         if old.get("settings") != _plain(stamp["settings"]):
             return "settings changed: " + "; ".join(settings_diff(old.get("settings") or {}, _plain(stamp["settings"])))
-        changed = [k.removesuffix("_stamp") for k in stamp if k.endswith("_stamp") and old.get(k) != stamp[k]]
+        # (a stamp the result lacks came in with a newer version: adopted by _needed, not a change)
+        changed = [k.removesuffix("_stamp") for k in stamp if k.endswith("_stamp") and k in old and old[k] != stamp[k]]
         if changed or old.get("model") != stamp["model"]:
             return " and ".join(STAMPED.get(c, c) for c in changed or ["model"]) + " changed"
         return None

@@ -285,7 +285,7 @@ def test_runtime_runs_an_fp8_release_as_its_bf16_conversion(fp8_models, tmp_path
 
 
 @pytest.mark.parametrize("family,kw", [(f, {}) for f in ("qwen2_moe", "mixtral", "olmoe", "glm4_moe", "glm4_moe_lite",
-                                                         "qwen3_5_moe", "qwen3_next", "deepseek_v2", "deepseek_v32")] + [("qwen3_5_moe", {"fused_experts": True})])
+                                                         "qwen3_5_moe", "qwen3_next", "deepseek_v2", "deepseek_v32", "glm_moe_dsa")] + [("qwen3_5_moe", {"fused_experts": True})])
 def test_every_family_reads_an_fp8_release_as_its_bf16_conversion(tiny_ckpt, tmp_path, family, kw):
     """Per-expert and fused 3D experts (official Qwen3.5/3.6 layout: ``experts.gate_up_proj_scale_inv``)."""
     from moecompress.checkpoint.load import load_model

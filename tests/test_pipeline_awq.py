@@ -19,7 +19,7 @@ from test_cli_errors import _assert_clean, _run
 
 # sigmoid routers (fp32 logits), a shared expert gate, Mixtral's names, MLA attention, a float DSA indexer
 AWQ_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe_lite", "deepseek_v2", "minimax_m2",
-                "deepseek_v32"]
+                "deepseek_v32", "glm_moe_dsa"]
 
 
 def _hidden_outliers(model, g):

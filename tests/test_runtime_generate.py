@@ -320,14 +320,16 @@ def test_linear_attention_state_in_graph_mode_steps(tiny_ckpt):
         tok = logits.argmax(-1, keepdim=True)
 
 
-def test_sparse_attention_past_index_topk_and_graph_mode_steps(tiny_ckpt):
-    """DeepSeek-V3.2's indexer (tiny index_topk 16) ranks keys the runtime's mask allows and reads its keys from
-    our cache: a prompt past index_topk matches transformers, sparsity changes the logits (the test can see it),
-    and the decode step a CUDA graph captures (whole static buffer), run eagerly, gives the eager decode's logits."""
-    path = tiny_ckpt("deepseek_v32")
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_past_index_topk_and_graph_mode_steps(tiny_ckpt, family):
+    """DeepSeek-V3.2's and GLM-5's indexer (tiny index_topk 16) ranks keys the runtime's mask allows and reads its
+    keys from our cache: a prompt past index_topk matches transformers, sparsity changes the logits (the test can
+    see it), and the decode step a CUDA graph captures (whole static buffer), run eagerly, gives the eager
+    decode's logits."""
+    path = tiny_ckpt(family)
     rt = Runtime.load(path)
     prompt = _prompt(12, length=29)
-    _check_against_transformers(rt, _hf(path), prompt, "deepseek_v32, prompt past index_topk")
+    _check_against_transformers(rt, _hf(path), prompt, f"{family}, prompt past index_topk")
     dense = _hf(path, index_topk=4096)  # every key: DeepSeek-V3's dense MLA
     with torch.no_grad():
         assert _rel(dense(prompt).logits[:, -1], _hf(path)(prompt).logits[:, -1]) > 1e-3
@@ -341,6 +343,16 @@ def test_sparse_attention_past_index_topk_and_graph_mode_steps(tiny_ckpt):
         assert rel < 1e-5, f"graph-mode step {step}: rel {rel:.2e} against the eager decode"
         tok = logits.argmax(-1, keepdim=True)
     assert all(k is not None for k in cache.index_keys[:3])
+
+
+def test_layers_sharing_a_key_selection_are_refused(tmp_path):
+    """GLM-5 configs whose layers reuse an earlier layer's selection: one line, not a wrong model."""
+    from moecompress.arch.handle import ModelHandle
+    from moecompress.tiny import save_tiny
+
+    path = save_tiny("glm_moe_dsa", tmp_path / "m", index_topk_pattern="FSF")
+    with pytest.raises(UserError, match=r"layers \[1\] reuse an earlier layer's sparse-attention key selection"):
+        ModelHandle.open(path)
 
 
 @pytest.mark.parametrize("family,fmt,settings", [

@@ -50,7 +50,8 @@ def test_balance_surrogate_has_the_balance_gradient(scope):
 
 
 @pytest.mark.parametrize("family,mode", [("qwen3_moe", "same"), ("qwen3_moe", "plus-one"), ("deepseek_v3", "same"),
-                                         ("minimax_m2", "same"), ("deepseek_v32", "same")])
+                                         ("minimax_m2", "same"), ("deepseek_v32", "same"),
+                                         ("glm_moe_dsa", "same")])
 def test_teacher_is_the_original_in_one_copy(tiny_ckpt, family, mode):
     src = tiny_ckpt(family)
     st = build_student(src, 2, mode, 0, "routers", "cpu", torch.float32)

@@ -84,6 +84,10 @@ class ModelHandle:
         h = cls(reader, spec, config, text_config, prefix, read_zero_experts(reader.config))
         if h.num_experts <= 0:
             raise _unsupported(reader.config)
+        shared = [i for i, t in enumerate(getattr(text_config, "indexer_types", None) or []) if t == "shared"]
+        if shared:  # the selection travels from layer to layer: our layer-at-a-time passes do not carry it yet
+            raise UserError(f"{reader.path}: layers {shared[:4]}{'...' if len(shared) > 4 else ''} reuse an earlier "
+                            "layer's sparse-attention key selection (indexer_types 'shared'); not supported yet")
         h._check_zero_experts()
         h._check_layers_present()
         h._check_router_rows()

@@ -289,6 +289,17 @@ FAMILIES: tuple[ArchSpec, ...] = (
         awq_groups=_DSA + _MLP,
     ),
     ArchSpec(
+        # GLM-5 (744B-A40B): GLM's MoE with DeepSeek-V3.2's MLA and sparse attention (DSA); configs whose layers
+        # share an earlier layer's key selection (indexer_types "shared") are refused (ModelHandle)
+        family="glm_moe_dsa",
+        model_types=("glm_moe_dsa",),
+        num_experts_attr="n_routed_experts",
+        shared_expert="mlp.shared_experts",
+        scoring="sigmoid",
+        keep_float=DSA_INDEXER,
+        awq_groups=_DSA + _MLP,
+    ),
+    ArchSpec(
         family="glm4_moe",
         model_types=("glm4_moe",),
         num_experts_attr="n_routed_experts",

@@ -31,6 +31,9 @@ class _Recorder(nn.Module):
             if not k.startswith("_") and isinstance(v, (str, int, float, bool)):
                 setattr(self, k, v)
         self.idx, self.sink, self.last = idx, sink, last
+        # GLM-5's layers return (hidden, their sparse attention's key selection) for a later layer to share:
+        # none here (configs with sharing layers are refused, ModelHandle)
+        self.selection_out = hasattr(getattr(original, "self_attn", None), "skip_topk")
 
     def forward(self, hidden_states, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "past_key_value")}
@@ -39,7 +42,7 @@ class _Recorder(nn.Module):
             self.sink["h0"] = hidden_states  # some families scale the embedding: take what layer 0 gets
         if self.last:
             raise _StopForward
-        return hidden_states
+        return (hidden_states, None) if self.selection_out else hidden_states
 
 
 @dataclass

@@ -79,6 +79,8 @@ class RuntimeModel:
                                                explicit=self.explicit_masks or (cache is not None and kv_len is None))
             hidden = layer(hidden, attention_mask=None if linear else masks[window], position_ids=pos_ids,
                            position_embeddings=rope, **{kw: cache})
+            if isinstance(hidden, tuple):  # GLM-5's layers also return their sparse attention's key selection
+                hidden = hidden[0]
         if last_only:
             hidden = hidden[:, -1]
         return self.lm.lm_head(base.norm(hidden)).float()

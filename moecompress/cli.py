@@ -352,7 +352,7 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
               show_default=True, help="auto: fp32 on CPU, the checkpoint's dtype on GPU.")
 @click.option("--cpu-weights", type=click.Choice(["packed", "exact", "dequantized"]), default="packed",
               show_default=True, help="CPU, quantized checkpoints: packed (torch's int4/int8 CPU kernels, bf16 "
-              "activations into them), exact (packed, fp32 math), dequantized (fp32 weights: 4-8x the memory).")
+              "activations into them), exact (packed, fp32 math), dequantized (float weights at --dtype: 4-8x the memory).")
 @click.option("--offload-experts", default=None, metavar="auto|N",
               help="GPU: keep N routed experts per layer on the device (or 'auto': as many as --vram allows, "
                    "the most used first) and run the rest from host memory on the CPU.")
@@ -367,7 +367,9 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
 
     if not offload_experts and (vram or load_json):
         raise UserError(f"{'--vram' if vram else '--load'} only applies with --offload-experts")
-    offload = offload_placement(model_dir, offload_experts, vram, load_json, device) if offload_experts else None
+    # the KV cache to budget: a prompt has at most one token per UTF-8 byte
+    offload = offload_placement(model_dir, offload_experts, vram, load_json, device,
+                                context=len(prompt.encode()) + max(max_new_tokens, 0) + 2) if offload_experts else None
     text, result = generate_text(model_dir, prompt, max_new_tokens, cpu_weights=cpu_weights, greedy=greedy,
                                  temperature=temperature, top_p=top_p, seed=seed, device=device, dtype=dtype,
                                  offload=offload)
@@ -398,6 +400,9 @@ def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbp
     if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
         raise UserError(f"--group-size {group_size}: a power of two, or -1 for per channel")
     parts = model_parts(model_dir, int(bits), None if group_size == -1 else group_size)
+    if parts.max_positions and context > parts.max_positions:
+        raise UserError(f"--context {context} is longer than the model's context (max_position_embeddings "
+                        f"{parts.max_positions})")
     load = load_from_eval(load_json, parts) if load_json else None
     click.echo(render(plan(parts, vram_b, context=context, ram_bytes=ram_b, load=load, gpu_gbps=gpu_gbps,
                            cpu_gbps=cpu_gbps), parts, vram_b))

@@ -82,6 +82,19 @@ CASES = {
 }
 
 
+def _lm_head_rows(src, tmp_path, rows=200):
+    from safetensors.torch import load_file, save_file
+
+    d = shutil.copytree(src, tmp_path / "m")
+    sd = load_file(d / "model.safetensors")
+    sd["lm_head.weight"] = sd["lm_head.weight"][:rows].contiguous()
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+CASES["lm_head of another shape"] = (_lm_head_rows, ["--prompt", "x"], "lm_head.weight has shape (200, 128)")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_generate_bad_input(tiny_ckpt, tmp_path, capsys, case):
     make, args, needle = CASES[case]
@@ -103,3 +116,30 @@ def test_benchmark_reports_the_agreed_keys(tiny_ckpt):
         assert key in res, key
     assert res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0
     assert (res["device"], res["dtype"], res["batch"], res["prompt_len"], res["new_tokens"]) == ("cpu", "float32", 2, 8, 4)
+
+
+def test_a_request_at_the_position_limit_is_served(tiny_ckpt):
+    """prompt + new tokens == max_position_embeddings: legal (the warm-up's two tokens went one past it)."""
+    from moecompress.runtime import Runtime
+
+    rt = Runtime.load(tiny_ckpt("qwen3_moe"))
+    limit = rt.model.max_positions
+    prompt = torch.randint(0, 256, (1, limit - 1), generator=torch.Generator().manual_seed(0))
+    rt.warmup(1, limit - 1, limit)
+    assert len(rt.generate(prompt, 1, stop_ids=[]).tokens[0]) == 1
+
+
+def test_a_tensor_missing_from_the_shards_is_one_line_in_the_size_count(tiny_ckpt, tmp_path):
+    """--cpu-weights dequantized counts each packed linear's size first: a shard deleted gave a KeyError."""
+    from conftest import quick_config
+    from moecompress.checkpoint.reader import CheckpointReader
+    from moecompress.errors import UserError
+    from moecompress.evals.sizes import _dense_count
+    from moecompress.pipeline import quantize
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", bits=4))
+    reader = CheckpointReader.open(q)
+    assert _dense_count(reader, "compressed-tensors", 4, "model.layers.0.self_attn.q_proj") > 0
+    with pytest.raises(UserError, match=r"tensor model.layers.0.gone.weight_shape is missing from the shards"):
+        _dense_count(reader, "compressed-tensors", 4, "model.layers.0.gone")

@@ -97,6 +97,8 @@ def test_qwen36_35b_a3b_int4_on_a_6gb_gpu(tmp_path, capsys):
     assert main(["plan", str(cfg), "--vram", "2GiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is below what the non-expert part needs" in err[0]
+    assert main(["plan", str(cfg), "--vram", "6GiB", "--context", "100000000"]) == 2
+    assert "--context 100000000 is longer than the model's context" in capsys.readouterr().err
 
 
 def test_load_from_an_eval_json(tmp_path, capsys):
@@ -131,8 +133,36 @@ def test_offload_placement_by_count_and_load(tiny_ckpt, tmp_path):
     assert offload_placement(path, "3", None, None, "cuda") == {0: [0, 1, 2], 1: [0, 1, 2]}
     with pytest.raises(UserError, match="needs --vram"):
         offload_placement(path, "auto", None, None, "cuda")
-    with pytest.raises(UserError, match="'auto' or a number"):
-        offload_placement(path, "many", None, None, "cuda")
+    for spec in ("many", "²"):  # (a digit str.isdigit() takes and int() does not)
+        with pytest.raises(UserError, match="'auto' or a number"):
+            offload_placement(path, spec, None, None, "cuda")
+    with pytest.raises(UserError, match="--vram only applies with --offload-experts auto"):
+        offload_placement(path, "2", "6GiB", None, "cuda")
+
+
+def test_offload_plans_a_float_checkpoint_as_it_runs_and_kept_linears_in_float(tiny_ckpt, tmp_path):
+    """--offload-experts auto on a float checkpoint: its experts at their stored bytes (not at 4 bits: a 4x
+    overfilled GPU); a quantized one's linears left in float (--only-experts) at float size; the estimate reads
+    one embedding row per token, not the matrix."""
+    from moecompress.pipeline import quantize
+    from conftest import quick_config
+    from moecompress.runtime.plan import _estimate, _shares
+
+    src = tiny_ckpt("qwen3_moe")  # fp32
+    cfg = json.loads((src / "config.json").read_text())
+    h, i = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    stored = model_parts(src, stored=True)
+    assert all(size == 3 * h * i * 4 for sizes in stored.experts.values() for size in sizes)
+    assert all(size < 3 * h * i for sizes in model_parts(src).experts.values() for size in sizes)  # ~4 bits
+    q = tmp_path / "q"
+    quantize(src, q, quick_config(method="rtn", bits=4, only_experts=True))
+    parts = model_parts(q)
+    attn = [p for p in parts.dense if p.name.endswith("self_attn.q_proj.weight")]
+    assert attn and all(p.nbytes == cfg["num_attention_heads"] * cfg["head_dim"] * h * 4 for p in attn)
+    big = dict(vars(parts), dense=[p if "embed_tokens" not in p.name else Part(p.name, p.nbytes * 1000, None)
+                                  for p in parts.dense])
+    same = _estimate(type(parts)(**big), _shares(parts, None), {}, 300.0, 40.0, 16.0)[0]
+    assert same == _estimate(parts, _shares(parts, None), {}, 300.0, 40.0, 16.0)[0]
 
 
 def test_plan_per_channel_group(tmp_path, capsys):

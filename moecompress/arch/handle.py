@@ -365,11 +365,14 @@ class ModelHandle:
         module = model.get_submodule(mem_name)
         fp32 = kept_in_fp32(model, dtype)
         state = {}
-        for key in module.state_dict():
+        for key, want in module.state_dict().items():
             disk = self.non_layer_disk_name(f"{mem_name}.{key}")
             if disk is None:
                 raise UserError(f"{self.reader.path}: tensor for '{mem_name}.{key}' is missing from the shards")
             t = self.reader.get(disk)
+            if tuple(t.shape) != tuple(want.shape):
+                raise UserError(f"{self.reader.path}: {disk} has shape {tuple(t.shape)}, the config says "
+                                f"{tuple(want.shape)}")
             if t.is_floating_point():
                 t = t.to(torch.float32 if fp32 is not None and fp32.search(f"{mem_name}.{key}") else dtype)
             state[key] = t.to(device)

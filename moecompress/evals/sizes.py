@@ -21,6 +21,7 @@ import torch
 from moecompress.checkpoint.dequant import quantized_modules, spec_from_config
 from moecompress.checkpoint.fp8_source import Fp8SourceReader
 from moecompress.checkpoint.reader import CheckpointReader
+from moecompress.errors import UserError
 
 _PARTS = {
     "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point"),
@@ -35,6 +36,13 @@ def checkpoint_bytes(reader: CheckpointReader) -> int:
 
 
 def _dense_count(reader: CheckpointReader, fmt: str, bits: int, module: str) -> int:
+    try:
+        return _dense_count_of(reader, fmt, bits, module)
+    except KeyError as e:  # a shard deleted or never downloaded
+        raise UserError(f"{reader.path}: tensor {e.args[0]} is missing from the shards") from None
+
+
+def _dense_count_of(reader: CheckpointReader, fmt: str, bits: int, module: str) -> int:
     if fmt == "compressed-tensors":
         shape = reader.get(f"{module}.weight_shape").tolist()
         return int(shape[0]) * int(shape[1])

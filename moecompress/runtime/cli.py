@@ -50,7 +50,7 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: b
 
 
 def offload_placement(model_dir: str, spec: str, vram: str | None, load_json: str | None,
-                      device: str) -> dict[int, list[int]]:
+                      device: str, context: int = 4096) -> dict[int, list[int]]:
     """``--offload-experts auto|N`` as ``{moe layer: experts kept on the device}`` (``runtime.plan``)."""
     from ..units import parse_size
     from .plan import load_from_eval, model_parts, plan
@@ -58,14 +58,17 @@ def offload_placement(model_dir: str, spec: str, vram: str | None, load_json: st
     if not device.startswith("cuda"):
         raise UserError("--offload-experts splits experts between a GPU and the CPU: it needs --device cuda "
                         "(on a CPU everything already runs from host memory)")
-    parts = model_parts(model_dir)
+    if spec != "auto" and not (spec.isascii() and spec.isdigit()):
+        raise UserError(f"--offload-experts {spec!r}: 'auto' or a number of experts per layer")
+    if spec != "auto" and vram is not None:
+        raise UserError("--vram only applies with --offload-experts auto (a number of experts per layer says "
+                        "what stays on the GPU)")
+    parts = model_parts(model_dir, stored=True)  # as the runtime holds it: a float checkpoint's experts in float
     load = load_from_eval(load_json, parts) if load_json else None
     if spec == "auto":
         if vram is None:
             raise UserError("--offload-experts auto needs --vram (the GPU memory to fill)")
-        return plan(parts, parse_size(vram, "--vram"), load=load, context_option=None).on_gpu
-    if not spec.isdigit() or int(spec) < 0:
-        raise UserError(f"--offload-experts {spec!r}: 'auto' or a number of experts per layer")
+        return plan(parts, parse_size(vram, "--vram"), context=context, load=load, context_option=None).on_gpu
     n = int(spec)
     out = {}
     for layer, sizes in parts.experts.items():

@@ -125,7 +125,9 @@ class Runtime:
         """Pay first-call costs (and capture the CUDA graph) before a measured ``generate`` of ``batch``
         prompts of ``prompt_len`` tokens reaching ``total_len``: a two-token generation on the same cache."""
         self._cache_for(batch, total_len)
-        self.generate(torch.zeros(batch, prompt_len, dtype=torch.long), 2, stop_ids=[])
+        # two tokens (a decode step too), or one where only one fits: a request at the position limit stays legal
+        self.generate(torch.zeros(batch, prompt_len, dtype=torch.long), max(1, min(2, total_len - prompt_len)),
+                      stop_ids=[])
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[B, L, V]`` of every position, one forward without a cache (for evaluation)."""

@@ -45,6 +45,7 @@ class ModelParts:
     top_k: int
     kv_bytes_per_token: int
     hidden: int
+    max_positions: int | None = None  # the config's max_position_embeddings
 
 
 @dataclass
@@ -68,10 +69,29 @@ def _quant_bytes(numel: int, k: int, bits: int, group: int | None, asym: bool, s
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def _packed_modules(path: Path) -> set[tuple[int, str]] | None:
+    """``{(layer, layer-local module)}`` of the linears a quantized checkpoint's shards hold packed; None
+    without shards (a config alone: planned by the config's settings)."""
+    import re
+
+    if not any(path.glob("*.safetensors")):
+        return None
+    from ..checkpoint.reader import CheckpointReader
+
+    out = set()
+    for n in CheckpointReader.open(path).names():
+        m = re.search(r"\.layers\.(\d+)\.(.+)\.(weight_packed|qweight)$", n)
+        if m:
+            out.add((int(m.group(1)), m.group(2)))
+    return out
+
+
 def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, symmetric: bool = True,
-                float_bytes: int | None = None) -> ModelParts:
+                float_bytes: int | None = None, stored: bool = False) -> ModelParts:
     """Every tensor of the text model by its bytes, from ``config.json`` alone (``float_bytes``: the
-    config's dtype, bf16 when it names none; quantization scales are stored in it too)."""
+    config's dtype, bf16 when it names none; quantization scales are stored in it too). A quantized checkpoint
+    is planned at its own settings, its linears left in float (``--ignore``, ``--only-experts``) at float size;
+    ``stored``: a float checkpoint as it runs (its weights in float, not at ``bits``)."""
     from transformers import AutoModelForCausalLM
 
     from ..arch.handle import read_hf_config
@@ -94,6 +114,8 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
         bits, group, symmetric = qs.bits, qs.group_size, qs.symmetric
     else:
         schemes = None
+    packed = _packed_modules(path) if schemes is not None else None
+    as_float = stored and schemes is None  # a float (or FP8-release) checkpoint, run as it is stored
     config = read_hf_config(path)
     text = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
     if float_bytes is None:
@@ -108,13 +130,15 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
         local = name.split(f".layers.{layer}.", 1)[1] if layer is not None else name
         if local.startswith("mlp.experts."):
             e = p.shape[0]
-            per = [_quant_bytes(p[0].numel(), p.shape[-1], bits, group, not symmetric, float_bytes)] * e
+            per = [p[0].numel() * float_bytes if as_float else
+                   _quant_bytes(p[0].numel(), p.shape[-1], bits, group, not symmetric, float_bytes)] * e
             cur = experts.setdefault(layer, [0] * e)
             experts[layer] = [a + b for a, b in zip(cur, per)]
             continue
         module = local.rsplit(".", 1)[0]
         quantized = (p.dim() == 2 and layer is not None and module not in keep and local.endswith(".weight")
-                     and "norm" not in module and "embed" not in module)
+                     and "norm" not in module and "embed" not in module and not as_float
+                     and (packed is None or (layer, module) in packed))
         own = schemes.of(name.rsplit(".", 1)[0]) if schemes is not None and quantized else None  # --override
         b, g, sym = (own.bits, own.group_size, own.symmetric) if own is not None else (bits, group, symmetric)
         nbytes = _quant_bytes(p.numel(), p.shape[-1], b, g, not sym, float_bytes) if quantized else \
@@ -131,7 +155,8 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
     types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     attn_layers = sum(t != "linear_attention" for t in types)  # linear attention keeps a fixed state instead
     top_k = int(getattr(text, "num_experts_per_tok", 1))
-    return ModelParts(raw.get("model_type"), dense, experts, top_k, per_layer * attn_layers, text.hidden_size)
+    return ModelParts(raw.get("model_type"), dense, experts, top_k, per_layer * attn_layers, text.hidden_size,
+                      getattr(text, "max_position_embeddings", None))
 
 
 def plan(parts: ModelParts, vram_bytes: int, *, context: int = 4096, ram_bytes: int | None = None,
@@ -193,7 +218,8 @@ def _estimate(parts: ModelParts, shares, placed, gpu_gbps, cpu_gbps, pcie_gbps) 
     per_layer_dense: dict[int | None, int] = {}
     for p in parts.dense:
         per_layer_dense[p.layer] = per_layer_dense.get(p.layer, 0) + p.nbytes
-    total = per_layer_dense.get(None, 0) / (gpu_gbps * 1e9)  # embedding row and lm_head: lm_head dominates
+    # outside the layers a token reads one embedding row (nothing, counted) and the whole lm_head and norm
+    total = sum(p.nbytes for p in parts.dense if p.layer is None and "embed_tokens" not in p.name) / (gpu_gbps * 1e9)
     rows = []
     for layer in sorted(per_layer_dense.keys() - {None}):
         sizes, ps = parts.experts.get(layer, []), shares.get(layer, [])

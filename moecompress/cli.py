@@ -381,8 +381,8 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
 @click.argument("model_dir")
 @click.option("--vram", required=True, help="GPU memory to use, e.g. 6GiB.")
 @click.option("--ram", default=None, help="Host memory for the experts left off the GPU, e.g. 32GiB (checked).")
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Tokens of KV cache to reserve on the GPU.")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Tokens of KV cache to reserve on the GPU [default: 4096, or the model's context if shorter].")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
               help="For a float checkpoint: the quantization to plan for (a quantized one says its own).")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1: per channel (as in quantize).")
@@ -400,7 +400,9 @@ def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbp
     if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
         raise UserError(f"--group-size {group_size}: a power of two, or -1 for per channel")
     parts = model_parts(model_dir, int(bits), None if group_size == -1 else group_size)
-    if parts.max_positions and context > parts.max_positions:
+    if context is None:
+        context = min(4096, parts.max_positions or 4096)
+    elif parts.max_positions and context > parts.max_positions:
         raise UserError(f"--context {context} is longer than the model's context (max_position_embeddings "
                         f"{parts.max_positions})")
     load = load_from_eval(load_json, parts) if load_json else None

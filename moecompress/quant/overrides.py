@@ -109,6 +109,9 @@ def assign(all_targets: list[list], overrides: list[Override], base: QuantSpec,
         for t in targets:
             match(f"layers.{i}.{t.name}", routed=t.expert_proj is not None)
     unused = [o.match for o, u in zip(overrides, used) if not u]
+    if unused and "lm_head" in unused[0] and "lm_head" not in others:
+        raise UserError(f"override {unused[0]!r}: lm_head stays in float unless --quantize-lm-head is given "
+                        "(quantize_lm_head: true in a recipe)")
     if unused:
         example = next((f"layers.{i}.{t.name}" for i, ts in enumerate(all_targets) for t in ts
                         if t.expert_proj is None), "layers.0.self_attn.q_proj")

@@ -76,7 +76,8 @@ class QuantSpec:
     def check_shape(self, k: int, name: str = "weight") -> None:
         """Raise a UserError when the group size does not divide the input dimension."""
         if self.group_size is not None and k % self.group_size:
-            raise UserError(f"group size {self.group_size} does not divide the input dimension {k} of {name}")
+            raise UserError(f"group size {self.group_size} does not divide the input dimension {k} of {name}; use "
+                            f"a power of two that divides {k}, or -1 (one scale per output channel)")
 
 
 @dataclass

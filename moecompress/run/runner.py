@@ -19,7 +19,6 @@ the folder's file names, sizes and modification times). ``force`` redoes everyth
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -32,6 +31,9 @@ from ..calib.specs import specs_stamp
 from ..errors import UserError
 from ..recipe import QuantizeConfig
 from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe
+from .stamps import STAMPED, folder_stamp, settings_diff
+from .stamps import plain as _plain
+from .stamps import stamp_changed as _stamp_changed
 
 log = logging.getLogger("moecompress.run")
 # name -> (quick, variant) of the demo model (moecompress.demo_model)
@@ -53,44 +55,6 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
     if not path.is_dir():
         raise UserError(f"model {spec} is not a folder" if path.exists() else f"model {spec} does not exist")
     return path.resolve()
-
-
-def folder_stamp(path: Path) -> str:
-    """Changes whenever a file of the folder is added, removed, resized or rewritten."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-# what each ``*_stamp`` of a step's stamp fingerprints, as a reason to redo the step names it
-STAMPED = {"model": "model checkpoint", "reference": "reference checkpoint", "text": "evaluation text"}
-
-
-def _stamp_changed(stamp_file: Path, now: str, missing: bool = False) -> bool:
-    """Whether what a step read changed since it wrote ``stamp_file`` (no file: ``missing``)."""
-    return stamp_file.read_text().strip() != now if stamp_file.is_file() else missing
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def settings_diff(saved: dict, wanted: dict, defaults: dict | None = None) -> list[str]:
-    """``key: old -> new`` for each setting that differs. A key the saved settings lack (a field
-    added since) counts as unchanged when the wanted value is its default."""
-    defaults = defaults or {}
-    out = []
-    for k, v in wanted.items():
-        if k not in saved:
-            if k in defaults and _plain(defaults[k]) == v:
-                continue
-            out.append(f"{k}: (unset) -> {v}")
-        elif saved[k] != v:
-            out.append(f"{k}: {saved[k]} -> {v}")
-    return out
 
 
 def _read_json(path: Path) -> dict | None:

@@ -50,6 +50,11 @@ def _quantization(h: ModelHandle) -> dict | None:
             "symmetric": spec.symmetric, "act_order": spec.act_order, "_schemes": schemes}
 
 
+def _layers_text(layers: set[int]) -> str:
+    ls = sorted(layers)
+    return ("layer " if len(ls) == 1 else "layers ") + ", ".join(map(str, ls[:4])) + (", ..." if len(ls) > 4 else "")
+
+
 def _quantized_modules(h: ModelHandle, q: dict) -> dict[str, int]:
     """{module name: logical weight numel} of every packed linear of a checkpoint we can read."""
     t = h.reader.tensors
@@ -200,7 +205,12 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         floats = {n[: -len(".weight")] for n, info in h.reader.tensors.items()
                   if n.endswith(".weight") and len(info.shape) == 2 and (m := in_layer.match(n))
                   and int(m.group(1)) < h.num_layers}
-        kept = sorted({_local_kind(h, m) for m in floats - set(mods)}, key=_natural) + ["embed_tokens"]
+        kept_layers: dict[str, set[int]] = {}
+        for m in floats - set(mods):
+            kept_layers.setdefault(_local_kind(h, m), set()).add(int(in_layer.match(m).group(1)))
+        # a kind also quantized elsewhere (--ignore of some layers) names the layers it is kept in
+        kept = [k + (f" ({_layers_text(kept_layers[k])})" if k in quantized else "")
+                for k in sorted(kept_layers, key=_natural)] + ["embed_tokens"]
         kept += [] if "lm_head" in mods else ["lm_head"]
     else:  # a scheme we cannot read: count from the config (the text model) plus the other float parts
         text_params = sum(t.numel() for t in model.state_dict().values())

@@ -292,6 +292,19 @@ def test_inspect_quantized_checkpoint(capsys, tmp_path, tiny_ckpt, fmt):
     assert after["size_estimate_bytes"] is None and after["quantization"]["bits"] == 4
 
 
+def test_inspect_names_the_layers_a_partly_ignored_kind_is_kept_in(tmp_path, tiny_ckpt):
+    """--ignore of one layer's attention: the kind is quantized in the others and kept there, and says where."""
+    from conftest import quick_config
+    from moecompress.inspect import describe
+    from moecompress.pipeline import quantize
+
+    q = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", ignore=("layers[.]0[.]self_attn",)))
+    d = describe(q)
+    assert "self_attn.q_proj" in d["quantized"] and "self_attn.q_proj (layer 0)" in d["kept"]
+    assert "mlp.gate" in d["kept"]  # kept everywhere: no layers named
+
+
 # the other commands (found by an audit of every command's bad input)
 OTHER = {
     "plan with zero bandwidth": (["plan", "QWEN", "--vram", "6GiB", "--gpu-gbps", "0"], "gpu-gbps"),

@@ -78,6 +78,9 @@ _DSA = (
     BalanceGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), loss="attention"),
 )
 DSA_INDEXER = ("self_attn.indexer.wq_b", "self_attn.indexer.wk", "self_attn.indexer.weights_proj")
+# what DeepSeek-V3.2 and GLM-5 share: V3's routing and shared experts, the DSA indexer kept in float
+_DSA_FAMILY = dict(num_experts_attr="n_routed_experts", shared_expert="mlp.shared_experts", scoring="sigmoid",
+                   keep_float=DSA_INDEXER, awq_groups=_DSA + _MLP)
 
 
 @dataclass(frozen=True)
@@ -282,22 +285,14 @@ FAMILIES: tuple[ArchSpec, ...] = (
         # query's index_topk keys; at or below index_topk tokens it picks them all, i.e. V3's dense MLA
         family="deepseek_v32",
         model_types=("deepseek_v32",),
-        num_experts_attr="n_routed_experts",
-        shared_expert="mlp.shared_experts",
-        scoring="sigmoid",
-        keep_float=DSA_INDEXER,
-        awq_groups=_DSA + _MLP,
+        **_DSA_FAMILY,
     ),
     ArchSpec(
         # GLM-5 (744B-A40B): GLM's MoE with DeepSeek-V3.2's MLA and sparse attention (DSA); configs whose layers
         # share an earlier layer's key selection (indexer_types "shared") are refused (ModelHandle)
         family="glm_moe_dsa",
         model_types=("glm_moe_dsa",),
-        num_experts_attr="n_routed_experts",
-        shared_expert="mlp.shared_experts",
-        scoring="sigmoid",
-        keep_float=DSA_INDEXER,
-        awq_groups=_DSA + _MLP,
+        **_DSA_FAMILY,
     ),
     ArchSpec(
         family="glm4_moe",

@@ -56,7 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _interop_util import compare, moecompress_cmd, run
+
 CHILD = Path(__file__).resolve().parent / "_gptqmodel_child.py"
 DEFAULT_PYTHON = "/work/gptqmodel-venv/bin/python"
 DEFAULT_SETTINGS = ("qwen3_moe:4:none,qwen3_moe:4:group,qwen3_moe:8:none,qwen3_moe:3:none,qwen3_moe:4:none:asym,"
@@ -98,23 +99,6 @@ def parse_settings(text: str) -> list[dict]:
                     "sym": "asym" not in flags, "rename": "rename" in flags, "bypass": "bypass" in flags,
                     "lmhead": "lmhead" in flags, "attn8": "attn8" in flags})
     return out
-
-
-def moecompress_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "moecompress"
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from moecompress.cli import entry; entry()"]
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-    if proc.returncode:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}; log {log}:\n{tail}")
-    return time.perf_counter() - t0
 
 
 def renamed_copy(src: Path, dst: Path, family: str) -> int:
@@ -217,11 +201,6 @@ def twin_logits(twin: str, input_ids, torch) -> dict:
             out[str(dtype).removeprefix("torch.")] = model(input_ids=input_ids).logits.float()
         del model
     return out
-
-
-def compare(a, ref) -> dict:
-    return {"rel_err": float((a - ref).norm() / ref.norm()), "max_abs": float((a - ref).abs().max()),
-            "top1_agree": float((a.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
 def judge(s: dict, r: dict, tol: float, floor: float) -> tuple[str, list[str]]:

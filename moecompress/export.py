@@ -249,7 +249,11 @@ def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: Mode
     ``schemes``: the overridden targets' schemes (``quant.overrides.assign``; not in the AWQ format)."""
     schemes = schemes or {}
     if fmt == "compressed-tensors":
-        return ct_format.quantization_config(spec, ignore=kept, others=scheme_groups(handle, schemes, quantized))
+        # vLLM matches a class target against its own classes, and its lm_head (ParallelLMHead) is no "Linear":
+        # a quantized head under the base scheme is named as well (an overridden one is, by scheme_groups)
+        head = ["re:^lm_head$"] if extra.get("lm_head") and "lm_head" not in schemes else []
+        return ct_format.quantization_config(spec, ignore=kept, targets=["Linear", *head],
+                                             others=scheme_groups(handle, schemes, quantized))
     if fmt == "awq":  # GPTQModel reads ``dynamic``, not modules_to_not_convert: give it both
         if schemes:
             raise ValueError("the AWQ format has one scheme")  # refused by the recipe already

@@ -65,12 +65,27 @@ def load_calibration(cfg: QuantizeConfig, model_dir: Path):
     return make_calibration_windows(texts, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
 
 
-# which third-party loaders fail on an asymmetric (zero-point) MoE checkpoint of each format (README)
+# which third-party loaders fail on an asymmetric (zero-point) MoE checkpoint of each format (README;
+# vLLM: benchmarks/vllm_interop.py)
 ASYM_UNSERVED = {
-    "compressed-tensors": "vLLM's MoE kernels take symmetric compressed-tensors only and transformers 5 fails to load "
-                          "asymmetric MoE experts",
-    "gptq": "GPTQModel refuses asymmetric GPTQ v1 from other producers, and vLLM's GPTQ MoE support is not checked",
+    "compressed-tensors": "transformers 5 fails to load asymmetric MoE experts, and vLLM's CPU build has no kernel "
+                          "for them (its GPU kernels are not checked here)",
+    "gptq": "vLLM refuses asymmetric GPTQ ('Unsupported quantization config: bits=4, sym=False') and GPTQModel "
+            "refuses asymmetric GPTQ v1 from other producers",
 }
+
+
+def loader_warnings(cfg: QuantizeConfig, symmetric: bool) -> list[str]:
+    """What third-party loaders will refuse in the checkpoint these settings write (measured: README)."""
+    out = []
+    if not symmetric and cfg.format in ASYM_UNSERVED:
+        out.append(f"asymmetric {cfg.format} checkpoint: {ASYM_UNSERVED[cfg.format]}; moecompress's own tools read "
+                   "it. To serve it, quantize with --format awq (4-bit) or without --asym")
+    if cfg.format == "gptq" and cfg.act_order == "group":
+        out.append("--act-order group writes desc_act: true, which vLLM refuses ('GPTQ group activation ordering "
+                   "... is no longer supported'); GPTQModel and moecompress read it. To serve it with vLLM, use "
+                   "--act-order weight (the default)")
+    return out
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, overwrite: bool = False,
@@ -130,9 +145,8 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
     router_dtype = dtype if cfg.router_dtype == "auto" else _DTYPES[cfg.router_dtype]
     store_dtype = handle.float_dtype
     qspec = cfg.spec()
-    if not qspec.symmetric and cfg.format in ASYM_UNSERVED and ranks.main:
-        log.warning("asymmetric %s checkpoint: %s; moecompress's own tools read it. To serve it, quantize with "
-                    "--format awq (4-bit) or without --asym", cfg.format, ASYM_UNSERVED[cfg.format])
+    for warning in loader_warnings(cfg, qspec.symmetric) if ranks.main else ():
+        log.warning("%s", warning)
     # transformers' grouped_mm experts path is its fastest on CPU and GPU; our hooks see the same call
     model = handle.skeleton(experts_implementation="grouped_mm")
     layers = decoder_layers(model)

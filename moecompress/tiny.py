@@ -28,14 +28,15 @@ TINY_CONFIGS: dict[str, dict] = {
     "deepseek_v3": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
                         num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                         first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64,
-                        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5),
+                        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5,
+                        topk_method="noaux_tc"),  # the releases' field: vLLM builds the correction bias from it
     # DeepSeek-V3.2: V3 with the DSA indexer (index_topk 16: the tests' prompts go past it; 16 indexer heads, so
     # that a key's score is practically never exactly 0, where top-k ties would make eager and graph steps differ)
     "deepseek_v32": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
                          num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                          first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64,
                          qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5,
-                         index_topk=16, index_n_heads=16, index_head_dim=64),
+                         index_topk=16, index_n_heads=16, index_head_dim=64, topk_method="noaux_tc"),
     # GLM-5's proportions (v_head_dim != qk head dim, q LoRA), DSA with index_topk 16 like deepseek_v32
     "glm_moe_dsa": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
                         num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
@@ -62,7 +63,8 @@ TINY_CONFIGS: dict[str, dict] = {
                          eos_token_id=None),
     # MiniMax-M2's proportions: partial rotary (rotary_dim 16 of head_dim 32), q/k norms over whole projections
     "minimax_m2": dict(_COMMON, head_dim=32, intermediate_size=64, num_hidden_layers=2, num_local_experts=8,
-                       num_experts_per_tok=2, rotary_dim=16, pad_token_id=None, bos_token_id=None, eos_token_id=None),
+                       num_experts_per_tok=2, rotary_dim=16, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                       scoring_func="sigmoid", use_routing_bias=True),  # the releases' fields (vLLM reads them)
     "glm4_moe": dict(_COMMON, head_dim=32, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                      n_shared_experts=1, routed_scaling_factor=2.5),

@@ -117,7 +117,10 @@ def test_fp32_models_store_fp16_scales():
 
 
 def test_compressed_tensors_autoawq_converter_reads_our_tensors():
-    """compressed-tensors' AutoAWQ -> pack-quantized converter (its own unpacking) gives our CT encoding."""
+    """compressed-tensors' AutoAWQ -> pack-quantized converter (its own unpacking) gives our CT encoding.
+
+    A symmetric weight is written with ``zero_point: true`` and zero points 8, so the converter (like every AWQ
+    loader) reads it as an asymmetric weight whose zero points are all 8."""
     from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
 
     from moecompress.quant.formats import compressed_tensors as ct
@@ -127,7 +130,8 @@ def test_compressed_tensors_autoawq_converter_reads_our_tensors():
         qw = make_qw(32, 128, spec, seed=int(sym), scale_dtype=torch.bfloat16)
         conv = AutoAWQConverter.from_autoawq_config(awq.quantization_config(spec, []))
         got = conv.process({f"m.{k}": v for k, v in awq.encode_linear(qw, torch.bfloat16).items()})
-        want = ct.encode_linear(qw, torch.bfloat16)
+        as_read = QuantizedWeight(qw.qweight, qw.scales, qw.zeros, QuantSpec(4, 32, False))
+        want = ct.encode_linear(as_read, torch.bfloat16)
         assert set(got) == {f"m.{k}" for k in want}
         for k, v in want.items():
             assert torch.equal(got[f"m.{k}"], v), (sym, k)
@@ -207,13 +211,15 @@ def test_quantization_config_and_our_reader_and_transformers_parse_it():
         cfg = awq.quantization_config(spec, ["model.layers.0.mlp.gate", "lm_head", "lm_head"], lm_head=False,
                                       dynamic_rules=[r".*\.layers\.\d+\.mlp\.gate$"])
         assert cfg["quant_method"] == "awq" and cfg["version"] == "gemm" and cfg["bits"] == 4
-        assert cfg["group_size"] == 64 and cfg["zero_point"] is (not sym)
+        # zero_point: true either way (a symmetric weight's zero points are 8): what AutoAWQ writes and every
+        # loader reads (transformers serializes an AutoAWQ config the same way: sym true, zero_point true)
+        assert cfg["group_size"] == 64 and cfg["zero_point"] is True and cfg["sym"] is sym
         assert cfg["modules_to_not_convert"] == ["model.layers.0.mlp.gate", "lm_head"]
         assert cfg["dynamic"] == {r"-:.*\.layers\.\d+\.mlp\.gate$": {}}
         fmt, back = spec_from_config(json.loads(json.dumps(cfg)))
-        assert fmt == "awq" and (back.bits, back.group_size, back.symmetric, back.act_order) == (4, 64, sym, None)
+        assert fmt == "awq" and (back.bits, back.group_size, back.symmetric, back.act_order) == (4, 64, False, None)
         hf = AwqConfig.from_dict(json.loads(json.dumps(cfg)))
-        assert (hf.bits, hf.group_size, hf.zero_point, hf.format) == (4, 64, not sym, "gemm")
+        assert (hf.bits, hf.group_size, hf.zero_point, hf.format) == (4, 64, True, "gemm")
         assert hf.modules_to_not_convert == cfg["modules_to_not_convert"]
 
 
@@ -274,7 +280,7 @@ def test_quantize_awq_reads_back_the_in_memory_weights(tiny_ckpt, tmp_path, capt
                   *(["--no-measure-errors"] if method == "rtn" else []))
     reader = CheckpointReader.open(out)
     qcfg = reader.config["quantization_config"]
-    assert qcfg["quant_method"] == "awq" and qcfg["zero_point"] is (not sym) and qcfg["group_size"] == 32
+    assert qcfg["quant_method"] == "awq" and qcfg["zero_point"] is True and qcfg["group_size"] == 32
     assert not (out / "quantize_config.json").exists()
     fmt, spec, mods = quantized_modules(reader)
     assert fmt == "awq" and len(mods) >= 10
@@ -370,6 +376,6 @@ def test_quantized_lm_head_and_inspect(tiny_ckpt, tmp_path, capsys):
     assert "lm_head" not in summary["kept_in_float"]
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "awq, int4, group 32, symmetric" in text
+    assert "awq, int4, group 32, asymmetric" in text  # a symmetric weight is stored with zero points 8
     quantized = next(line for line in text.splitlines() if line.lstrip().startswith("quantized"))
     assert "lm_head" in quantized and "experts.*.down_proj" in quantized

@@ -293,3 +293,19 @@ def test_asymmetric_output_that_serving_engines_refuse_is_said(tiny_ckpt, tmp_pa
     assert bool(said) == warned, said
     if warned:
         assert "--format awq" in said[0]
+
+
+@pytest.mark.parametrize("act_order,warned", [("group", True), ("weight", False)])
+def test_group_act_order_that_vllm_refuses_is_said(tiny_ckpt, tmp_path, caplog, act_order, warned):
+    """vLLM refuses desc_act: true (benchmarks/vllm_interop.py); the static order it takes is the default."""
+    import logging
+
+    from conftest import quick_config
+    from moecompress.pipeline import quantize
+
+    with caplog.at_level(logging.WARNING, logger="moecompress"):
+        quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(method="gptq", format="gptq", act_order=act_order))
+    said = [r.getMessage() for r in caplog.records if "desc_act" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "vLLM refuses" in said[0] and "--act-order weight" in said[0] and "\n" not in said[0]

@@ -12,10 +12,13 @@ Per linear (``K`` inputs, ``N`` outputs, 4 bits, ``G`` groups):
   (AutoAWQ/GPTQModel ``dequantize_gemm``, vLLM's ``awq_dequantize`` and its Marlin repack);
 * ``scales`` ``[G, N]``, fp16 (AutoAWQ) or bf16 (GPTQModel keeps a bf16 model's scales in bf16).
 
-Symmetric (``zero_point: false``): no loader skips ``qzeros`` -- AutoAWQ's GEMM packer cannot run
-without zero points, GPTQModel's AWQ quantizer stores ``2**(bits-1)`` (8) in every field for
-``sym=True``, and vLLM's AWQ kernels always subtract the stored fields. So the zero points of a
-symmetric weight are written as 8 too, and read back only if they are all 8.
+Symmetric weights are written as an ordinary AWQ checkpoint whose zero points are all ``2**(bits-1)``
+(8), with ``zero_point: true`` (and ``sym: true``, which GPTQModel and transformers' ``AwqConfig`` read):
+every loader then computes ``(q - 8) * s``, the symmetric dequantization. ``zero_point: false`` is a
+spelling AutoAWQ never writes (its GEMM packer cannot run without zero points) and loaders treat it
+apart: vLLM 0.32 hands its MoE kernels no zero points for it, and its CPU build crashes in the experts
+(``bad optional access``, benchmarks/RESULTS.md). Checkpoints that say ``zero_point: false`` (GPTQModel's
+symmetric AWQ) are read as symmetric, and only if every stored zero point is 8.
 
 4-bit only (every AWQ GEMM packer and vLLM's AWQ MoE path are). Per-channel scales (a group of all
 of K, ``group_size: -1``) are read but not written: vLLM's AWQ MoE method sizes its expert scales
@@ -150,7 +153,7 @@ def quantization_config(spec: QuantSpec, modules_to_not_convert: list[str] | tup
         "format": "gemm",  # GPTQModel's and transformers' current field
         "bits": spec.bits,
         "group_size": spec.group_size,
-        "zero_point": not spec.symmetric,
+        "zero_point": True,  # the stored zero points are used by every loader (8 for a symmetric weight)
         "sym": spec.symmetric,  # GPTQModel and transformers' AwqConfig (a GPTQConfig) read it too
         "desc_act": False,
         "lm_head": lm_head,  # vLLM's and GPTQModel's switch for a quantized lm_head

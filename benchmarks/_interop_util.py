@@ -1,0 +1,35 @@
+"""Helpers shared by the interop drivers (GPTQModel, vLLM): run our CLI, compare logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def moecompress_cmd() -> list[str]:
+    """The ``moecompress`` console script of this interpreter's environment (or the module entry point)."""
+    exe = Path(sys.executable).parent / "moecompress"
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from moecompress.cli import entry; entry()"]
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` with its output appended to ``log``; its wall seconds. Exit with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}; log {log}:\n{tail}")
+    return time.perf_counter() - t0
+
+
+def compare(a, ref) -> dict:
+    """Relative (Frobenius) error, max |diff| and top-1 agreement of ``a`` against ``ref`` (same shape)."""
+    return {"rel_err": float((a - ref).norm() / ref.norm()), "max_abs": float((a - ref).abs().max()),
+            "top1_agree": float((a.argmax(-1) == ref.argmax(-1)).float().mean())}

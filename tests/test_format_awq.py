@@ -376,6 +376,20 @@ def test_quantized_lm_head_and_inspect(tiny_ckpt, tmp_path, capsys):
     assert "lm_head" not in summary["kept_in_float"]
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "awq, int4, group 32, asymmetric" in text  # a symmetric weight is stored with zero points 8
+    assert "awq, int4, group 32, symmetric" in text  # stored with zero points 8; moecompress.json says symmetric
     quantized = next(line for line in text.splitlines() if line.lstrip().startswith("quantized"))
     assert "lm_head" in quantized and "experts.*.down_proj" in quantized
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_kernel_packing_drops_the_zero_points_of_a_symmetric_awq_weight(tiny_ckpt, tmp_path, sym):
+    """The checkpoint stores a symmetric weight's zero points (8s, zero_point: true); the GPU kernels'
+    packing finds them all 8 and runs the symmetric variant (no zero-point bytes), an asymmetric one keeps them."""
+    from moecompress.runtime.convert import load_runtime_model
+    from moecompress.runtime.qlinear import PackedWeight
+
+    out = tmp_path / "q"
+    quantize(tiny_ckpt("qwen3_moe"), out, quick_config(method="rtn", format="awq", symmetric=sym))
+    _, model, _ = load_runtime_model(out, torch.device("cpu"), torch.float32, use_kernels=True)
+    packed = [m.get() for m in model.modules() if isinstance(m, PackedWeight)]
+    assert len(packed) >= 8 and all((p.zeros is None) == sym for p in packed), [p.zeros is None for p in packed]

@@ -422,7 +422,8 @@ class _Packer:
         if not batched:
             q, s, z = q[0], s[0], z[0]
         try:
-            return repack_for_kernel(q, s, z, spec.bits, spec.group_size, symmetric=spec.symmetric,
+            # symmetric=None: detected from the zero points (AWQ stores a symmetric weight's as 8s)
+            return repack_for_kernel(q, s, z, spec.bits, spec.group_size, symmetric=None,
                                      scale_dtype=self._scale_dtype(flat[0]))
         except ValueError as e:
             report.dequantized.append(f"{what} ({e})")

@@ -33,3 +33,21 @@ def compare(a, ref) -> dict:
     """Relative (Frobenius) error, max |diff| and top-1 agreement of ``a`` against ``ref`` (same shape)."""
     return {"rel_err": float((a - ref).norm() / ref.norm()), "max_abs": float((a - ref).abs().max()),
             "top1_agree": float((a.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
+def interpreter_missing(python: str, what: str, flag: str) -> bool:
+    """Say (on stderr) that another environment's interpreter is missing; True when it is."""
+    if Path(python).exists():
+        return False
+    print(f"{what} interpreter {python} not found: set it up (benchmarks/README.md, '{what} interop') or pass {flag}",
+          file=sys.stderr)
+    return True
+
+
+def workdir(path: str | None, prefix: str) -> Path:
+    """``path`` (created), or a new temporary folder."""
+    import tempfile
+
+    work = Path(path) if path else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work

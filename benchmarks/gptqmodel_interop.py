@@ -52,11 +52,10 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _interop_util import compare, moecompress_cmd, run
+from _interop_util import compare, interpreter_missing, moecompress_cmd, run, workdir
 
 CHILD = Path(__file__).resolve().parent / "_gptqmodel_child.py"
 DEFAULT_PYTHON = "/work/gptqmodel-venv/bin/python"
@@ -280,16 +279,13 @@ def main() -> int:
     args = ap.parse_args()
 
     settings = parse_settings(args.settings)
-    if not Path(args.gptqmodel_python).exists():
-        print(f"GPTQModel interpreter {args.gptqmodel_python} not found: set it up (benchmarks/README.md, "
-              "'GPTQModel interop') or pass --gptqmodel-python", file=sys.stderr)
+    if interpreter_missing(args.gptqmodel_python, "GPTQModel", "--gptqmodel-python"):
         return 2
 
     import torch
     from safetensors.torch import load_file
 
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gptqmodel_interop_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args.workdir, "gptqmodel_interop_")
     try:
         log = work / "moecompress.log"
         t0 = time.perf_counter()

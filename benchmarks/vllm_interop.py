@@ -36,11 +36,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _interop_util import compare, moecompress_cmd, run
+from _interop_util import compare, interpreter_missing, moecompress_cmd, run, workdir
 
 CHILD = Path(__file__).resolve().parent / "_vllm_child.py"
 DEFAULT_PYTHON = "/work/vllm-venv/bin/python"
@@ -295,16 +294,13 @@ def main() -> int:
     args = ap.parse_args()
 
     settings = parse_settings(args.settings, args.group_size)
-    if not Path(args.vllm_python).exists():
-        print(f"vLLM interpreter {args.vllm_python} not found: set it up (benchmarks/README.md, 'vLLM interop') "
-              "or pass --vllm-python", file=sys.stderr)
+    if interpreter_missing(args.vllm_python, "vLLM", "--vllm-python"):
         return 2
 
     import torch
     from safetensors.torch import load_file
 
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vllm_interop_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args.workdir, "vllm_interop_")
     check_workdir(work, args)
     try:
         t0 = time.perf_counter()

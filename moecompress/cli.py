@@ -191,7 +191,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
 
     order = {} if act_order is None else {"act_order": None if act_order == "none" else act_order}
     cfg = build_config(
-        method=method, bits=bits, group_size=group_size, symmetric=symmetric, **order, format=fmt, calib=calib, calib_samples=calib_samples,
+        "cli", method=method, bits=bits, group_size=group_size, symmetric=symmetric, **order, format=fmt, calib=calib, calib_samples=calib_samples,
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,

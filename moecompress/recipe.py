@@ -6,6 +6,7 @@ the GPTQ format, RTN needs no calibration...) is checked here, before any work s
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -250,14 +251,29 @@ class QuantizeConfig(NoBoolNumbers):
         return {"awq+gptq": "gptq"}.get(self.method, self.method)
 
 
-def build_config(**values) -> QuantizeConfig:
-    """QuantizeConfig from user values, with pydantic's errors turned into one UserError line."""
+# command-line spellings of the settings whose flag is not ``--`` + the key with dashes
+_CLI_FLAGS = {"symmetric": "--sym/--asym", "clip_search": "--no-clip-search",
+              "true_sequential": "--no-true-sequential"}
+
+
+def cli_flag(key: str) -> str:
+    return _CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def build_config(spelling: Literal["recipe", "cli"] = "recipe", **values) -> QuantizeConfig:
+    """QuantizeConfig from user values, with pydantic's errors turned into one UserError line, in the words the
+    user wrote them in (``spelling``: recipe keys, or ``moecompress quantize`` options)."""
     try:
         return QuantizeConfig(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise UserError(f"invalid setting '{loc}': {msg}") from None
+        if spelling == "recipe":
+            raise UserError(f"invalid setting '{loc or 'recipe'}': {msg}") from None
+        keys = [k for k in QuantizeConfig.model_fields if "_" in k]  # one-word keys read as plain words
+        msg = re.sub(r"\b(" + "|".join(keys) + r")\b", lambda m: cli_flag(m.group(1)), msg)
+        where = f"invalid option {cli_flag(str(err['loc'][0]))}" if loc else "invalid options"
+        raise UserError(f"{where}: {msg}") from None

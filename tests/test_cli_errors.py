@@ -42,7 +42,7 @@ CASES = {
     "group size does not divide": (lambda p, t: p, ["--group-size", "256"], "does not divide"),
     "empty calibration file": (lambda p, t: p, ["--calib", "EMPTY"], "empty"),
     "binary calibration file": (lambda p, t: p, ["--calib", "BINARY"], "binary"),
-    "negative sample count": (lambda p, t: p, ["--calib-samples", "-3"], "calib_samples"),
+    "negative sample count": (lambda p, t: p, ["--calib-samples", "-3"], "--calib-samples must be positive"),
     "unknown method": (lambda p, t: p, ["--method", "magic"], "magic"),
     "unknown format": (lambda p, t: p, ["--format", "gguf"], "gguf"),
     "zero threads": (lambda p, t: p, ["--threads", "0"], "threads"),
@@ -466,3 +466,17 @@ def test_a_bare_command_group_prints_its_help(capsys):
     assert main(["zero-experts"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("Usage: ") and "add" in captured.out and not captured.err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--act-order", "group", "--format", "compressed-tensors"], ["invalid options: --act-order 'group'",
+                                                                  "use --act-order 'weight'"]),
+    (["--method", "rtn", "--act-order", "weight"], ["invalid options: --act-order applies to GPTQ only"]),
+    (["--damp", "5"], ["invalid option --damp:"]),
+], ids=["act-order-format", "act-order-rtn", "damp"])
+def test_quantize_settings_errors_speak_in_options(capsys, tmp_path, tiny_ckpt, args, words):
+    """From the command line, a settings error names the options the user typed, not the recipe's keys."""
+    out = tmp_path / "q"
+    rc, err = _run(capsys, "quantize", str(tiny_ckpt("qwen3_moe")), "--out", str(out), "--group-size", "32", *args)
+    assert rc == 2 and len(err) == 1 and all(w in err[0] for w in words), err
+    assert "act_order" not in err[0] and "'recipe'" not in err[0] and not out.exists()

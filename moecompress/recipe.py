@@ -6,12 +6,11 @@ the GPTQ format, RTN needs no calibration...) is checked here, before any work s
 
 from __future__ import annotations
 
-import re
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, settings_error
 from .units import SEED_MAX
 from .quant import overrides as _overrides
 from .quant.spec import SUPPORTED_BITS, QuantSpec
@@ -252,12 +251,7 @@ class QuantizeConfig(NoBoolNumbers):
 
 
 # command-line spellings of the settings whose flag is not ``--`` + the key with dashes
-_CLI_FLAGS = {"symmetric": "--sym/--asym", "clip_search": "--no-clip-search",
-              "true_sequential": "--no-true-sequential"}
-
-
-def cli_flag(key: str) -> str:
-    return _CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
+CLI_FLAGS = {"symmetric": "--sym/--asym", "clip_search": "--no-clip-search", "true_sequential": "--no-true-sequential"}
 
 
 def build_config(spelling: Literal["recipe", "cli"] = "recipe", **values) -> QuantizeConfig:
@@ -266,14 +260,5 @@ def build_config(spelling: Literal["recipe", "cli"] = "recipe", **values) -> Qua
     try:
         return QuantizeConfig(**values)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if spelling == "recipe":
-            raise UserError(f"invalid setting '{loc or 'recipe'}': {msg}") from None
-        keys = [k for k in QuantizeConfig.model_fields if "_" in k]  # one-word keys read as plain words
-        msg = re.sub(r"\b(" + "|".join(keys) + r")\b", lambda m: cli_flag(m.group(1)), msg)
-        where = f"invalid option {cli_flag(str(err['loc'][0]))}" if loc else "invalid options"
-        raise UserError(f"{where}: {msg}") from None
+        raise settings_error(e, QuantizeConfig.model_fields, "invalid setting",
+                             CLI_FLAGS if spelling == "cli" else None) from None

@@ -480,3 +480,10 @@ def test_quantize_settings_errors_speak_in_options(capsys, tmp_path, tiny_ckpt, 
     rc, err = _run(capsys, "quantize", str(tiny_ckpt("qwen3_moe")), "--out", str(out), "--group-size", "32", *args)
     assert rc == 2 and len(err) == 1 and all(w in err[0] for w in words), err
     assert "act_order" not in err[0] and "'recipe'" not in err[0] and not out.exists()
+
+
+def test_zeda_settings_errors_speak_in_options(capsys, tmp_path, tiny_ckpt):
+    out = tmp_path / "z"
+    rc, err = _run(capsys, "zeda", str(tiny_ckpt("qwen3_moe")), "--out", str(out), "--target-skip", "2")
+    assert rc == 2 and len(err) == 1 and "invalid option --target-skip: --target-skip 2.0 must lie in (0, 1)" in err[0]
+    assert not out.exists()

@@ -63,7 +63,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
         from .config import build_zeda_config
         from .train import run_zeda
 
-    cfg = build_zeda_config(num_zero=num_zero, topk_mode=topk_mode, zero_weights=zero_weights, zero_logits=zero_logits,
+    cfg = build_zeda_config("cli", num_zero=num_zero, topk_mode=topk_mode, zero_weights=zero_weights, zero_logits=zero_logits,
                             target_skip=target_skip, data=data,
                             prompts=prompts, prompt_len=prompt_len, gen_len=gen_len, stage1_steps=stage1_steps,
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance, balance_scope=balance_scope,

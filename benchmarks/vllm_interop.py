@@ -28,10 +28,8 @@ A setting is ``family:format:bits[:asym][:attn8][:lmhead][:ag][:zero][:gN]``: fo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -39,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _interop_util import compare, interpreter_missing, moecompress_cmd, run, workdir
+from _interop_util import compare, interpreter_missing, moecompress_cmd, run, workdir, write_report
 
 CHILD = Path(__file__).resolve().parent / "_vllm_child.py"
 DEFAULT_PYTHON = "/work/vllm-venv/bin/python"
@@ -364,16 +362,8 @@ def main() -> int:
         print(f"\nvLLM {versions.get('vllm')} (torch {versions.get('torch')}, transformers "
               f"{versions.get('transformers')}), dtype {args.dtype}, CPU; {'OK' if ok else 'FAILED'}")
         if args.json:
-            import transformers
-
-            Path(args.json).write_text(json.dumps({
-                "date": dt.date.today().isoformat(),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu"},
-                "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args),
-                "main_env": {"python": platform.python_version(), "torch": torch.__version__,
-                             "transformers": transformers.__version__},
-                "vllm_env": versions, "timings_s": {"prepare": t_prepare, "total": time.perf_counter() - t0},
-                "rows": rows, "ok": ok}, indent=1, default=str))
+            write_report(args.json, args, vllm_env=versions,
+                         timings_s={"prepare": t_prepare, "total": time.perf_counter() - t0}, rows=rows, ok=ok)
         return 0 if ok else 1
     finally:
         if not args.workdir:

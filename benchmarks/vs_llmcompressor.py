@@ -150,13 +150,13 @@ def run_child(launcher: Launcher, cmd: list[str], log: Path, marker: str, env: d
 
 
 def packed_modules(out: Path) -> dict:
-    """How many linears ``out`` stores packed (``*.weight_packed``), and how many of them are experts."""
+    """How many linears ``out`` stores packed (``*.weight_packed``, GPTQ/AWQ ``*.qweight``), and how many are experts."""
     from safetensors import safe_open
 
     names = []
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
-            names += [k for k in st.keys() if k.endswith(".weight_packed")]
+            names += [k for k in st.keys() if k.endswith((".weight_packed", ".qweight"))]
     return {"total": len(names), "experts": sum(".experts." in n for n in names)}
 
 

@@ -165,7 +165,7 @@ def dense_copy(variant: str, out: Path, tmp: Path, llmc_python: str | None = Non
         model.save_pretrained(tmp / "dense")
     del model
     if twin.is_dir():
-        info["crosscheck_gptqmodel_twin"] = _params_max_diff(tmp / "dense", twin)
+        info["crosscheck_twin"] = _params_max_diff(tmp / "dense", twin)
     if "crosscheck_transformers_ct" not in info and llmc_python and Path(llmc_python).is_file():
         info["crosscheck_compressed_tensors"] = ct_crosscheck(llmc_python, out, tmp / "dense")
     return tmp / "dense", info
@@ -204,6 +204,57 @@ def evaluate_dense(dense: Path, model_dir: Path, work: Path, args) -> dict:
             "seconds": r["seconds"]}
 
 
+# ------------------------------------------------------------------------------------------- run
+
+
+def quantize_repeats(variants: list[str], repeats: int, name: str, work: Path, sha: str, quantize) -> dict:
+    """Quantize every variant ``repeats`` times (alternating) into ``work/{name}-{variant}``.
+
+    ``quantize(variant, out)`` returns a child's result; it must have calibrated on windows ``sha``.
+    The fastest wall / quantize / CPU time and the largest peak RSS of the runs are kept."""
+    res: dict = {}
+    for rep in range(repeats):
+        for v in variants:
+            out = work / f"{name}-{v}"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(str(out) + "-twin", ignore_errors=True)
+            print(f"[{name}] {v}: quantizing" + (f" (run {rep + 1}/{repeats})" if repeats > 1 else "") + " ...",
+                  flush=True)
+            r = quantize(v, out)
+            if r["windows_sha256"] != sha:
+                raise SystemExit(f"{v} calibrated on other windows: sha256 {r['windows_sha256']} != {sha}")
+            r["packed_modules"] = packed_modules(out)
+            print(f"[{name}] {v}: {r['wall_s']:.1f}s wall ({r['core_s']:.1f}s quantize), CPU {r['cpu_s']:.1f}s, "
+                  f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB; same windows (sha256 ok)", flush=True)
+            if v in res:
+                prev = res[v]
+                for k in ("wall_s", "core_s", "cpu_s"):
+                    r[f"{k}_runs"] = prev[f"{k}_runs"] + [r[k]]
+                    r[k] = min(r[f"{k}_runs"])
+                r["peak_rss"] = max(r["peak_rss"], prev["peak_rss"])
+            else:
+                for k in ("wall_s", "core_s", "cpu_s"):
+                    r[f"{k}_runs"] = [r[k]]
+            res[v] = r
+    return res
+
+
+def evaluate_variant(v: str, r: dict, out: Path, model_dir: Path, work: Path, args, heldout_sha: dict,
+                     llmc_python: str | None) -> None:
+    """Read ``out`` back (``r["read"]``) and evaluate it against the float model (``r["eval"]``)."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        dense, r["read"] = dense_copy(v, out, Path(tmp), llmc_python)
+        r["eval"] = evaluate_dense(dense, model_dir, work, args)
+    if r["eval"]["windows_sha256"] != heldout_sha_by_name(heldout_sha):
+        raise SystemExit(f"{v}: evaluated on other windows than the driver's")
+    e, twin = r["eval"], r["read"].get("crosscheck_twin")
+    if twin:
+        print(f"[{v}] the tool's own twin vs our reading: max |diff| {twin['max_abs_diff']:.3g} over "
+              f"{twin['params_compared']} parameters", flush=True)
+    print(f"[{v}] read with {r['read']['loader']}; mean KL {e['mean_kl']:.5f}, top-k exact "
+          f"{100 * e['topk_exact']:.2f}%, Jaccard {e['jaccard']:.4f}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------- targets, table
 
 
@@ -233,14 +284,14 @@ def targets(res: dict) -> dict:
     return t
 
 
-def markdown_table(name: str, res: dict) -> str:
+def markdown_table(name: str, res: dict, base_variant: str = "llmc-awq") -> str:
     first = next(iter(res.values()))["eval"]
     ref = first["ppl_reference"]
     lines = [f"{name} (float ppl code / prose {ref['heldout-code']:.3f} / {ref['heldout-prose']:.3f})", "",
-             "| variant | wall s | quantize s | CPU s | peak RSS MiB | ppl code | ppl prose | mean KL | KL / llmc-awq "
+             f"| variant | wall s | quantize s | CPU s | peak RSS MiB | ppl code | ppl prose | mean KL | KL / {base_variant} "
              "| top-1 | top-k exact | Jaccard | routing check |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    base = res.get("llmc-awq", {}).get("eval", {}).get("mean_kl")
+    base = res.get(base_variant, {}).get("eval", {}).get("mean_kl")
     for v, r in res.items():
         e = r["eval"]
         chk = "-"
@@ -361,42 +412,13 @@ def main(argv=None) -> int:
 
         for bits, gs in settings:
             name = setting_name(bits, gs) + "-asym"
-            res: dict = {}
-            for rep in range(args.repeats):
-                for v in variants:
-                    out = work / f"{name}-{v}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    shutil.rmtree(str(out) + "-twin", ignore_errors=True)
-                    print(f"[{name}] {v}: quantizing" + (f" (run {rep + 1}/{args.repeats})" if args.repeats > 1 else "")
-                          + " ...", flush=True)
-                    r = quantize_variant(launcher, v, bits, gs, out, work, model_dir, windows_file, env, args)
-                    if r["windows_sha256"] != sha:
-                        raise SystemExit(f"{v} calibrated on other windows: sha256 {r['windows_sha256']} != {sha}")
-                    r["packed_modules"] = packed_modules(out)
-                    print(f"[{name}] {v}: {r['wall_s']:.1f}s wall ({r['core_s']:.1f}s quantize), CPU {r['cpu_s']:.1f}s, "
-                          f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB; same windows (sha256 ok)", flush=True)
-                    if v in res:
-                        prev = res[v]
-                        for k in ("wall_s", "core_s", "cpu_s"):
-                            r[f"{k}_runs"] = prev[f"{k}_runs"] + [r[k]]
-                            r[k] = min(r[f"{k}_runs"])
-                        r["peak_rss"] = max(r["peak_rss"], prev["peak_rss"])
-                    else:
-                        for k in ("wall_s", "core_s", "cpu_s"):
-                            r[f"{k}_runs"] = [r[k]]
-                    res[v] = r
+            res = quantize_repeats(variants, args.repeats, name, work, sha, lambda v, out: quantize_variant(
+                launcher, v, bits, gs, out, work, model_dir, windows_file, env, args))
             for v in variants:
-                r, out = res[v], work / f"{name}-{v}"
-                if v in OURS and r["recipe"]["method"].startswith("awq"):
-                    r["awq"] = awq_summary(out)
-                with tempfile.TemporaryDirectory(dir=work) as tmp:
-                    dense, r["read"] = dense_copy(v, out, Path(tmp), args.llmc_python)
-                    r["eval"] = evaluate_dense(dense, model_dir, work, args)
-                if r["eval"]["windows_sha256"] != heldout_sha_by_name(heldout_sha):
-                    raise SystemExit(f"{v}: evaluated on other windows than the driver's")
-                e = r["eval"]
-                print(f"[{name}] {v}: read with {r['read']['loader']}; mean KL {e['mean_kl']:.5f}, top-k exact "
-                      f"{100 * e['topk_exact']:.2f}%, Jaccard {e['jaccard']:.4f}", flush=True)
+                if v in OURS and res[v]["recipe"]["method"].startswith("awq"):
+                    res[v]["awq"] = awq_summary(work / f"{name}-{v}")
+                evaluate_variant(v, res[v], work / f"{name}-{v}", model_dir, work, args, heldout_sha,
+                                 args.llmc_python)
             t = targets(res)
             report["settings"][name] = {"variants": res, "targets": t}
             print("\n" + markdown_table(name, res) + "\n\n" + targets_text(t) + "\n\nAWQ groups that chose the "

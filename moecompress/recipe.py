@@ -91,6 +91,12 @@ class QuantizeConfig(NoBoolNumbers):
     block_size: int = 128
     clip_search: bool = True
     refine_rounds: int = Field(1, ge=0, le=16)
+    # block-output tuning after each layer is solved (quant.tune): signed-gradient steps on the codes
+    # (each by at most one) and the group scales (by at most tune_scale_change) against the float layer's
+    # output; 0 turns it off. tune_lr: the first step's size (default 1 / tune_steps), decaying to 0
+    tune_steps: int = Field(0, ge=0, le=100_000)
+    tune_lr: float | None = Field(None, gt=0, le=1)
+    tune_scale_change: float = Field(0.2, ge=0, lt=1)
     true_sequential: bool = True
     weight_by_routing: bool = True
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
@@ -225,6 +231,9 @@ class QuantizeConfig(NoBoolNumbers):
         if self.format == "awq" and self.overrides:
             raise ValueError("the AWQ format has one bit width and group size for the whole checkpoint; "
                              "write per-module schemes (overrides) with the compressed-tensors or GPTQ format")
+        if self.tune_steps and not self.needs_calibration:
+            raise ValueError("tune_steps tunes on the calibration data, which method rtn with measure_errors "
+                             "off does not run; turn measure_errors on, or set tune_steps 0")
         QuantSpec(bits=self.bits, group_size=self.group_size)  # group size rules
         return self
 

@@ -1,0 +1,139 @@
+"""Block-output tuning of a solved layer's integer codes and scales (``quantize --tune-steps N``).
+
+After GPTQ/RTN/AWQ has solved every linear of a decoder layer one at a time, this step looks at the
+layer as a whole: it nudges each weight's codes by at most one step and each group's scale by a bounded
+factor so that the quantized layer's output matches the float layer's output on the calibration batches
+(the inputs both see are the quantized model's: the float layer's outputs on them are the targets).
+
+Parametrization, per quantized weight: ``W = s * (1 + a) * (clamp(round(q + u), 0, qmax) - z)``, with
+``u`` (one per code, ``|u| <= 1``) and ``a`` (one per group, ``|a| <= max_scale_change``) starting at 0,
+so step 0 is exactly the solved layer. Rounding passes gradients straight through; the update is signed
+gradient descent (the sign of each gradient times a learning rate that decays linearly to 0), as in
+SignRound (Cheng et al., arXiv 2309.05516), which tunes from round-to-nearest; here it starts from what the
+solver chose. The loss is the mean squared error of the layer's output, one calibration batch a step.
+The tuned layer is kept only if its loss over all batches is lower than the solved layer's; a weight's
+tuned scales are rounded to the dtype the format stores them in.
+
+Experts that receive no token get no gradient and keep their codes. Pure function of its inputs: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from .spec import QuantizedWeight
+
+
+@dataclass
+class TuneItem:
+    """One quantized weight of the layer: the parameter its dequantized values live in, and its codes."""
+
+    name: str  # the parameter's name in the layer (``layer.named_parameters()``)
+    qw: QuantizedWeight
+    weight: torch.Tensor | None = None  # the float weight that was quantized, if known (see ``start``)
+
+
+def start(it: TuneItem) -> torch.Tensor:
+    """Where each code's offset ``u`` starts: 0, or, given the float weight ``W``, its distance from the
+    code, ``W / s + z - q``, kept inside the code's rounding cell (``|u| < 0.5``). As in SignRound, which
+    starts from ``W / s`` itself, codes whose float value lies near the edge of their cell need only a
+    short push to change, and the others a long one; starting every offset at 0 would make all the codes
+    with a steady gradient change together, at the same step."""
+    if it.weight is None:
+        return torch.zeros(it.qw.qweight.shape)
+    x = it.weight.float() / _expand(it.qw.scales.float(), it.qw).clamp_min(1e-30) + _expand(it.qw.zeros.float(), it.qw)
+    d = x - it.qw.qweight.float()
+    return torch.where(d.abs() < 0.5, d, torch.zeros_like(d))
+
+
+def _expand(t: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """A per-group tensor ``[..., N, G]`` broadcast to the weight's columns ``[..., N, K]``."""
+    gi = qw.group_index()
+    if gi.dim() == 1:
+        return t[..., gi]
+    idx = gi.unsqueeze(-2).expand(*t.shape[:-1], gi.shape[-1])
+    return torch.gather(t, -1, idx)
+
+
+def _weight(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+    q = qw.qweight.float() + u
+    q = q + (torch.round(q) - q).detach()  # round, gradient straight through
+    q = q.clamp(0, qw.spec.qmax)
+    s = qw.scales.float() if a is None else qw.scales.float() * (1 + a)
+    return _expand(s, qw) * (q - _expand(qw.zeros.float(), qw))
+
+
+def _final(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None, scale_dtype) -> QuantizedWeight:
+    q = torch.clamp(torch.round(qw.qweight.float() + u), 0, qw.spec.qmax).to(qw.qweight.dtype)
+    s = qw.scales if a is None else (qw.scales.float() * (1 + a)).to(scale_dtype).float()
+    return QuantizedWeight(q, s, qw.zeros, qw.spec, qw.g_idx)
+
+
+def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[torch.Tensor], steps: int,
+               lr: float | None = None, max_scale_change: float = 0.2, scale_dtype=torch.float32,
+               seed: int = 0) -> tuple[list[QuantizedWeight], dict]:
+    """Tune ``items``' codes and scales so that ``layer``'s output on each batch approaches ``refs``.
+
+    ``run(b)`` calls the layer on calibration batch ``b`` and returns its output (hidden states);
+    ``refs[b]`` is the float layer's output there. Returns the weights to keep (the solved ones when
+    tuning did not lower the loss over all batches) and a record of what happened."""
+    lr = 0.2 / steps if lr is None else lr
+    params = dict(layer.named_parameters())
+    dtypes = {it.name: params[it.name].dtype for it in items}
+    us = [start(it).requires_grad_() for it in items]
+    as_ = [torch.zeros(it.qw.scales.shape, requires_grad=True) if max_scale_change > 0 else None for it in items]
+    trainable = [t for t in us + as_ if t is not None]
+
+    def overrides(grad: bool) -> dict:
+        with torch.set_grad_enabled(grad):
+            return {it.name: _weight(it.qw, u, a).to(dtypes[it.name]) for it, u, a in zip(items, us, as_)}
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            w = overrides(False)
+            return sum(float(torch.mean((run(b, w).float() - refs[b].float()) ** 2)) for b in range(len(refs)))
+
+    before = full_loss()
+    order = torch.randperm(len(refs), generator=torch.Generator().manual_seed(seed))
+    for step in range(steps):
+        b = int(order[step % len(refs)])
+        for t in trainable:
+            t.grad = None
+        loss = torch.mean((run(b, overrides(True)).float() - refs[b].float()) ** 2)
+        loss.backward()
+        rate = lr * (1 - step / steps)
+        with torch.no_grad():
+            for u in us:
+                if u.grad is not None:
+                    u.sub_(rate * torch.sign(u.grad)).clamp_(-1.0, 1.0)
+            for a in as_:
+                if a is not None and a.grad is not None:
+                    a.sub_(rate * torch.sign(a.grad)).clamp_(-max_scale_change, max_scale_change)
+    with torch.no_grad():
+        tuned = [_final(it.qw, u, a, scale_dtype) for it, u, a in zip(items, us, as_)]
+        # the loss of what would be written (scales rounded to their stored dtype)
+        for it, u, a, t in zip(items, us, as_, tuned):
+            u.copy_(t.qweight.float() - it.qw.qweight.float())
+            if a is not None:
+                a.copy_(t.scales.float() / it.qw.scales.float().clamp_min(1e-30) - 1)
+        after = full_loss()
+    changed = sum(int((t.qweight != it.qw.qweight).sum()) for it, t in zip(items, tuned))
+    total = sum(it.qw.qweight.numel() for it in items)
+    kept = after < before
+    info = {"steps": steps, "lr": lr, "loss_before": before / len(refs), "loss_after": after / len(refs),
+            "kept": kept, "codes_changed": changed, "codes": total}
+    return (tuned if kept else [it.qw for it in items]), info
+
+
+def layer_runner(layer: torch.nn.Module, feed, idx: int):
+    """``run(b, overrides)`` for ``tune_codes``: layer ``idx`` on batch ``b`` with some parameters replaced."""
+    from ..calib.runner import layer_output
+
+    def run(b: int, weights: dict) -> torch.Tensor:
+        args, kwargs = feed.calls[b][idx]
+        return layer_output(functional_call(layer, weights, (feed.hidden[b], *args), kwargs, strict=False))
+
+    return run

@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from .arch.handle import ModelHandle
 from .calib.capture import HessianCapture, add_stats, pack_stats, stats_bytes, stats_layout, unpack_stats
 from .calib.expert_inputs import ExpertInputs
-from .calib.runner import LayerFeed, attention_half, layer_output, mlp_half, run_layer
+from .calib.runner import LayerFeed, attention_half, mlp_half, run_layer
 from .distributed import SINGLE, Ranks, to_device
 from .errors import UserError
 from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
 from .quant.formats import scale_dtype
 from .quant.targets import Target, capture_spec, solve, stages_of, target_weight
-from .quant.tune import TuneItem, layer_runner, tune_codes
+from .quant.tune import float_outputs, tune_layer
 from .recipe import QuantizeConfig
 
 log = logging.getLogger("moecompress")
@@ -153,7 +153,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
     comm0 = (ranks.comm_s, ranks.comm_bytes)
     with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
         # block-output tuning's targets: the float layer's outputs on this layer's inputs
-        refs = _float_outputs(layer, i, feed) if cfg.tune_steps and feed is not None else None
+        refs = float_outputs(layer, i, feed) if cfg.tune_steps and feed is not None else None
         floats = {} if refs is not None else None
         for stage in stages_of(targets, cfg.true_sequential):
             bar.set_postfix_str(f"calibrating {stage[0].stage}")
@@ -200,7 +200,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
         if refs is not None and results:
             bar.set_postfix_str(f"tuning codes ({cfg.tune_steps} steps)")
             t0 = time.perf_counter()
-            record["tune"] = _tune(layer, i, results, refs, floats, feed, cfg, store_dtype)
+            record["tune"] = tune_layer(layer, i, results, refs, floats, feed, cfg, store_dtype)
             clock["tune_s"] = time.perf_counter() - t0
             mids = kept = None  # computed with the solved weights: stale once tuning changed them
         t0 = time.perf_counter()
@@ -470,37 +470,6 @@ def _solve_target(layer, i: int, group: list[Target], stats, cfg, qspec, store_d
         results[x] = res.qweight.rows(rows.start, rows.stop)
         record["linears"][x.name] = dict(info, solved_with=[y.name for y in group]) if stacked else info
         start = rows.stop
-
-
-@torch.no_grad()
-def _float_outputs(layer, i: int, feed: LayerFeed) -> list[torch.Tensor]:
-    out = []
-    for b in range(len(feed.hidden)):
-        args, kwargs = feed.calls[b][i]
-        out.append(layer_output(layer(feed.hidden[b], *args, **kwargs)))
-    return out
-
-
-def _tune(layer, i: int, results: dict, refs: list[torch.Tensor], floats: dict, feed: LayerFeed, cfg,
-          store_dtype) -> dict:
-    """Tune the solved layer's codes and scales on its output (``quant.tune``); update ``results`` and the
-    layer's weights in place; the tuning record."""
-    names = {id(p): n for n, p in layer.named_parameters()}
-    keys, items = [], []
-    for t, qw in results.items():
-        param = target_weight(layer, t)
-        if tuple(qw.shape) == tuple(param.shape) and id(param) in names:
-            keys.append((t, param))
-            items.append(TuneItem(names[id(param)], qw, floats.get(t)))
-    new, info = tune_codes(layer, items, layer_runner(layer, feed, i), refs, cfg.tune_steps, cfg.tune_lr,
-                           cfg.tune_scale_change, scale_dtype(cfg.format, store_dtype), seed=cfg.seed + i)
-    for (t, param), qw in zip(keys, new):
-        results[t] = qw
-        param.data.copy_(qw.dequantize().to(param.dtype))
-    log.info("layer %d: tuned %d weights' codes on the layer output: loss %.4g -> %.4g (%s), %d of %d codes changed",
-             i, len(items), info["loss_before"], info["loss_after"], "kept" if info["kept"] else "not kept",
-             info["codes_changed"], info["codes"])
-    return info
 
 
 def _owner_of(ranks: Ranks, chunk: int, t_index: int):

@@ -8,7 +8,8 @@ factor so that the quantized layer's output matches the float layer's output on 
 Parametrization, per quantized weight: ``W = s * (1 + a) * (clamp(round(q + u), 0, qmax) - z)``, with
 ``u`` (one per code, ``|u| <= 1``) and ``a`` (one per group, ``|a| <= max_scale_change``) starting at 0,
 so step 0 is exactly the solved layer. Rounding passes gradients straight through; the update is signed
-gradient descent (the sign of each gradient times a learning rate that decays linearly to 0), as in
+gradient descent (the sign of each gradient times a rate, by default 0.2 / steps, that decays linearly
+to 0), as in
 SignRound (Cheng et al., arXiv 2309.05516), which tunes from round-to-nearest; here it starts from what the
 solver chose. The loss is the mean squared error of the layer's output, one calibration batch a step.
 The tuned layer is kept only if its loss over all batches is lower than the solved layer's; a weight's
@@ -19,12 +20,15 @@ Experts that receive no token get no gradient and keep their codes. Pure functio
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
 
 from .spec import QuantizedWeight
+
+log = logging.getLogger("moecompress")
 
 
 @dataclass
@@ -77,7 +81,8 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
                seed: int = 0) -> tuple[list[QuantizedWeight], dict]:
     """Tune ``items``' codes and scales so that ``layer``'s output on each batch approaches ``refs``.
 
-    ``run(b)`` calls the layer on calibration batch ``b`` and returns its output (hidden states);
+    ``run(b, weights)`` calls the layer on calibration batch ``b`` with the parameters named in ``weights``
+    replaced and returns its output (hidden states);
     ``refs[b]`` is the float layer's output there. Returns the weights to keep (the solved ones when
     tuning did not lower the loss over all batches) and a record of what happened."""
     lr = 0.2 / steps if lr is None else lr
@@ -137,3 +142,40 @@ def layer_runner(layer: torch.nn.Module, feed, idx: int):
         return layer_output(functional_call(layer, weights, (feed.hidden[b], *args), kwargs, strict=False))
 
     return run
+
+
+@torch.no_grad()
+def float_outputs(layer, i: int, feed) -> list[torch.Tensor]:
+    """Layer ``i``'s outputs on every calibration batch of ``feed`` (the tuning's targets)."""
+    from ..calib.runner import layer_output as _layer_output
+
+    out = []
+    for b in range(len(feed.hidden)):
+        args, kwargs = feed.calls[b][i]
+        out.append(_layer_output(layer(feed.hidden[b], *args, **kwargs)))
+    return out
+
+
+def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], floats: dict, feed, cfg,
+               store_dtype) -> dict:
+    """Tune the solved layer's codes and scales on its output (``quant.tune``); update ``results`` and the
+    layer's weights in place; the tuning record."""
+    from .formats import scale_dtype
+    from .targets import target_weight
+
+    names = {id(p): n for n, p in layer.named_parameters()}
+    keys, items = [], []
+    for t, qw in results.items():
+        param = target_weight(layer, t)
+        if tuple(qw.shape) == tuple(param.shape) and id(param) in names:
+            keys.append((t, param))
+            items.append(TuneItem(names[id(param)], qw, floats.get(t)))
+    new, info = tune_codes(layer, items, layer_runner(layer, feed, i), refs, cfg.tune_steps, cfg.tune_lr,
+                           cfg.tune_scale_change, scale_dtype(cfg.format, store_dtype), seed=cfg.seed + i)
+    for (t, param), qw in zip(keys, new):
+        results[t] = qw
+        param.data.copy_(qw.dequantize().to(param.dtype))
+    log.info("layer %d: tuned %d weights' codes on the layer output: loss %.4g -> %.4g (%s), %d of %d codes changed",
+             i, len(items), info["loss_before"], info["loss_after"], "kept" if info["kept"] else "not kept",
+             info["codes_changed"], info["codes"])
+    return info

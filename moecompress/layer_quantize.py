@@ -203,6 +203,8 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
             record["tune"] = tune_layer(layer, i, results, refs, floats, feed, cfg, store_dtype)
             clock["tune_s"] = time.perf_counter() - t0
             mids = kept = None  # computed with the solved weights: stale once tuning changed them
+        if refs is not None:
+            feed.reference = refs
         t0 = time.perf_counter()
         if feed is not None:
             if split:

@@ -198,7 +198,7 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
         start, writer = 0, None
         try:
             if saved is not None:
-                start = _resume_from(partial, saved, feed, plan, summary, device, ranks)
+                start = _resume_from(partial, saved, feed, plan, summary, device, ranks, bool(cfg.tune_steps))
             if ranks.main:
                 writer = ShardedWriter(tmp, max_shard_bytes, resume=saved["writer"] if saved is not None else None)
         except (OSError, RuntimeError, ValueError) as e:  # a damaged partial run (truncated files...)
@@ -326,7 +326,9 @@ def _commit(partial: PartialRun, done: int, num_layers: int, writer: ShardedWrit
     feed, then rank 0 the shards' state and the manifest."""
     if feed is not None:
         for c in plan.mine:
-            partial.save_feed(done, c, {b: feed.hidden[plan.local[b]] for b in plan.chunks[c]})
+            partial.save_feed(done, c, {b: feed.hidden[plan.local[b]] for b in plan.chunks[c]},
+                              None if feed.reference is None else
+                              {b: feed.reference[plan.local[b]] for b in plan.chunks[c]})
     ranks.barrier()
     if writer is None:
         return
@@ -338,7 +340,7 @@ def _commit(partial: PartialRun, done: int, num_layers: int, writer: ShardedWrit
 
 
 def _resume_from(partial: PartialRun, saved: dict, feed: LayerFeed | None, plan: CalibPlan | None, summary: dict,
-                 device, ranks: Ranks) -> int:
+                 device, ranks: Ranks, reference: bool = False) -> int:
     """Take a checked manifest's state into this run: the layer records, the feed; returns the next layer."""
     if ranks.main:
         partial.adopt(saved)
@@ -356,7 +358,11 @@ def _resume_from(partial: PartialRun, saved: dict, feed: LayerFeed | None, plan:
         if hidden is None or len(hidden) != len(feed.hidden):
             raise UserError(f"cannot resume {partial.path}: its calibration feed does not match this run's "
                             "(pass --overwrite to start over)")
-        feed.hidden = [hidden[b].to(device=device, dtype=feed.hidden[plan.local[b]].dtype) for b in plan.my_batches]
+        dtypes = [feed.hidden[plan.local[b]].dtype for b in plan.my_batches]
+        feed.hidden = [hidden[b].to(device=device, dtype=dt) for b, dt in zip(plan.my_batches, dtypes)]
+        if reference and done:  # block-output tuning's float trajectory
+            ref = partial.load_feed(saved, {c: list(plan.chunks[c]) for c in plan.mine}, key="reference")
+            feed.reference = [ref[b].to(device=device, dtype=dt) for b, dt in zip(plan.my_batches, dtypes)]
     if ranks.main:
         log.info("resuming %s after layer %d of %d", partial.path, done, saved["num_layers"])
     return done

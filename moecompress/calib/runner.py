@@ -51,6 +51,9 @@ class LayerFeed:
 
     hidden: list[torch.Tensor]
     calls: list[dict]
+    # the float model's hidden states at the same layer, when a step needs the float trajectory too
+    # (block-output tuning's targets): the float layers' outputs on the float inputs
+    reference: list[torch.Tensor] | None = None
 
 
 def prepare_embeddings(handle: ModelHandle, model: nn.Module, device, dtype) -> None:

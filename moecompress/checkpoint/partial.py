@@ -144,8 +144,9 @@ class PartialRun:
                                 f"{self.settings.get(k)!r} (pass the same settings, or --overwrite to start over)")
         return m
 
-    def load_feed(self, manifest: dict, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor] | None:
-        """The saved hidden states of the listed chunks' batches: ``{global batch: tensor}`` (None: no feed)."""
+    def load_feed(self, manifest: dict, chunks: dict[int, list[int]], key: str = "batch") -> dict[int, torch.Tensor] | None:
+        """The saved hidden states of the listed chunks' batches: ``{global batch: tensor}`` (None: no feed);
+        ``key="reference"``: the float model's (``LayerFeed.reference``), saved beside them."""
         from safetensors.torch import load_file
 
         prefix = manifest.get("feed")
@@ -162,20 +163,24 @@ class PartialRun:
                 raise ResumeError(f"cannot resume {self.path}: {f.name} is damaged ({type(e).__name__}); pass "
                                   "--overwrite to start over") from None
             for b in batches:
-                if f"batch.{b:05d}" not in tensors:
-                    raise ResumeError(f"cannot resume {self.path}: {f.name} lacks batch {b} (pass --overwrite to "
-                                    "start over)")
-                out[b] = tensors[f"batch.{b:05d}"]
+                if f"{key}.{b:05d}" not in tensors:
+                    raise ResumeError(f"cannot resume {self.path}: {f.name} lacks {key} {b} (pass --overwrite to "
+                                      "start over)")
+                out[b] = tensors[f"{key}.{b:05d}"]
         return out
 
     # ------------------------------------------------------------------------------ writing
-    def save_feed(self, layers_done: int, chunk: int, batches: dict[int, torch.Tensor]) -> None:
-        """Save one chunk's hidden states after ``layers_done`` layers (each rank saves its own chunks)."""
+    def save_feed(self, layers_done: int, chunk: int, batches: dict[int, torch.Tensor],
+                  reference: dict[int, torch.Tensor] | None = None) -> None:
+        """Save one chunk's hidden states after ``layers_done`` layers (each rank saves its own chunks), and
+        the float model's where the run keeps them (``reference``)."""
         from safetensors.torch import save_file
 
         name = f"feed-{layers_done:05d}-c{chunk:04d}.safetensors"
         tmp = self.path / f".{name}.tmp"
-        save_file({f"batch.{b:05d}": h.detach().to("cpu").contiguous() for b, h in batches.items()}, str(tmp))
+        tensors = {f"batch.{b:05d}": h.detach().to("cpu").contiguous() for b, h in batches.items()}
+        tensors.update({f"reference.{b:05d}": h.detach().to("cpu").contiguous() for b, h in (reference or {}).items()})
+        save_file(tensors, str(tmp))
         os.replace(tmp, self.path / name)
 
     def commit(self, layers_done: int, num_layers: int, writer_state: dict, records: list, has_feed: bool,

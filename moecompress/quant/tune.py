@@ -2,20 +2,23 @@
 
 After GPTQ/RTN/AWQ has solved every linear of a decoder layer one at a time, this step looks at the
 layer as a whole: it nudges each weight's codes by at most one step and each group's scale by a bounded
-factor so that the quantized layer's output matches the float layer's output on the calibration batches
-(the inputs both see are the quantized model's: the float layer's outputs on them are the targets).
+factor so that the quantized layer, fed the quantized model's hidden states, gives the float model's
+hidden states: the targets are the float layers' outputs along the float model's own trajectory
+(``LayerFeed.reference``), so each layer also makes up for what the layers before it got wrong (as
+AutoRound does; targets on the quantized inputs measured 5% worse in KL on the demo model).
 
 Parametrization, per quantized weight: ``W = s * (1 + a) * (clamp(round(q + u), 0, qmax) - z)``, with
-``u`` (one per code, ``|u| <= 1``) and ``a`` (one per group, ``|a| <= max_scale_change``) starting at 0,
-so step 0 is exactly the solved layer. Rounding passes gradients straight through; the update is signed
-gradient descent (the sign of each gradient times a rate, by default 0.2 / steps, that decays linearly
-to 0), as in
-SignRound (Cheng et al., arXiv 2309.05516), which tunes from round-to-nearest; here it starts from what the
-solver chose. The loss is the mean squared error of the layer's output, one calibration batch a step.
-The tuned layer is kept only if its loss over all batches is lower than the solved layer's; a weight's
-tuned scales are rounded to the dtype the format stores them in.
+``a`` (one per group, ``|a| <= max_scale_change``) starting at 0 and ``u`` (one per code, ``|u| <= 1``)
+starting at the float weight's distance to its code where that lies inside the code's rounding cell, else
+at 0 (``start``), so step 0 is exactly the solved layer. Rounding passes gradients straight through; the
+update is signed gradient descent (the sign of each gradient times a rate that decays linearly to 0,
+``default_lr``), as in SignRound (Cheng et al., arXiv 2309.05516), which tunes from round-to-nearest;
+here it starts from what the solver chose, and a scale change does not re-round the codes (that undid
+GPTQ's error compensation: measured worse than no tuning). The loss is the mean squared error of the
+layer's output, one calibration batch a step. The tuned layer is kept only if its loss over all batches
+is lower than the solved layer's; a weight's tuned scales are rounded to the dtype the format stores them in.
 
-Experts that receive no token get no gradient and keep their codes. Pure function of its inputs: no I/O.
+Experts that receive no token get no gradient and keep their codes. No I/O.
 """
 
 from __future__ import annotations
@@ -76,6 +79,12 @@ def _final(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None, scale_d
     return QuantizedWeight(q, s, qw.zeros, qw.spec, qw.g_idx)
 
 
+def default_lr(steps: int, bits: int) -> float:
+    """The first step's size when none is given: 0.4 / steps, twice that at 3 bits or fewer (measured on the
+    demo model against 0.2 and 0.8 / steps; benchmarks/RESULTS.md, session 24)."""
+    return (0.8 if bits <= 3 else 0.4) / steps
+
+
 def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[torch.Tensor], steps: int,
                lr: float | None = None, max_scale_change: float = 0.2, scale_dtype=torch.float32,
                seed: int = 0) -> tuple[list[QuantizedWeight], dict]:
@@ -85,7 +94,7 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
     replaced and returns its output (hidden states);
     ``refs[b]`` is the float layer's output there. Returns the weights to keep (the solved ones when
     tuning did not lower the loss over all batches) and a record of what happened."""
-    lr = 0.2 / steps if lr is None else lr
+    lr = default_lr(steps, items[0].qw.spec.bits if items else 4) if lr is None else lr
     params = dict(layer.named_parameters())
     dtypes = {it.name: params[it.name].dtype for it in items}
     us = [start(it).requires_grad_() for it in items]
@@ -146,13 +155,16 @@ def layer_runner(layer: torch.nn.Module, feed, idx: int):
 
 @torch.no_grad()
 def float_outputs(layer, i: int, feed) -> list[torch.Tensor]:
-    """Layer ``i``'s outputs on every calibration batch of ``feed`` (the tuning's targets)."""
+    """Layer ``i``'s outputs, its weights still float, on every calibration batch of the float model's
+    trajectory (``feed.reference``, started from the quantized model's inputs if absent): the tuning's
+    targets, and the float trajectory's next step (stored back in ``feed.reference``)."""
     from ..calib.runner import layer_output as _layer_output
 
+    src = feed.reference if feed.reference is not None else feed.hidden
     out = []
-    for b in range(len(feed.hidden)):
+    for b in range(len(src)):
         args, kwargs = feed.calls[b][i]
-        out.append(_layer_output(layer(feed.hidden[b], *args, **kwargs)))
+        out.append(_layer_output(layer(src[b], *args, **kwargs)))
     return out
 
 

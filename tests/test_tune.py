@@ -170,3 +170,23 @@ def test_the_targets_follow_the_float_models_trajectory():
     with torch.no_grad():
         assert torch.equal(float_outputs(block, 0, LayerFeed(q, calls, reference=f))[0], block(f[0]))
         assert torch.equal(float_outputs(block, 0, LayerFeed(q, calls))[0], block(q[0]))
+
+
+@pytest.mark.parametrize("kind", ["act-order group (g_idx)", "awq+gptq", "zero experts", "deepseek_v3"])
+def test_tuning_runs_with_every_layout(tiny_ckpt, tmp_path, kind):
+    """Permuted groups, AWQ-scaled layers, zero-expert routers and MLA/shared experts: tuned and read back."""
+    from moecompress.zero.inject import add_zero_experts
+
+    src, kw = tiny_ckpt("qwen3_moe"), {}
+    if kind.startswith("act-order"):
+        kw = dict(format="gptq", act_order="group")
+    elif kind == "awq+gptq":
+        kw = dict(method="awq+gptq")
+    elif kind == "zero experts":
+        src = add_zero_experts(src, tmp_path / "z", 2, "same", seed=0) and tmp_path / "z"
+    else:
+        src = tiny_ckpt(kind)
+    s = quantize(src, tmp_path / "q", quick_config(bits=4, calib_samples=8, tune_steps=20, tune_lr=0.05, **kw))
+    assert all("tune" in r for r in s["layers"])
+    for name, t in dequantized_state(tmp_path / "q"):
+        assert torch.isfinite(t.float()).all(), name

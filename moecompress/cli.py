@@ -137,11 +137,12 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
                    "AWQ: any value > 0 alternates scale refits with re-rounding at the refit scales until no "
                    "row improves (at most 8 refits).")
 @click.option("--tune-steps", type=click.IntRange(0, 100_000), default=0, show_default=True,
-              help="After each layer is solved, tune its codes (each by at most one) and group scales on the "
-                   "layer's output against the float layer's, for this many signed-gradient steps (0: off; "
-                   "200 is a good start). Slower: about 0.1 s a step per layer on the demo model.")
+              help="After each layer is solved, tune its codes (each by at most one) and group scales for this "
+                   "many signed-gradient steps so that its output approaches the float model's hidden states "
+                   "(0: off; 200 is a good start). Slower: about 0.08 s a step per layer on the demo model (2 cores).")
 @click.option("--tune-lr", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="First tuning step size (decays linearly to 0). Default 0.2 / --tune-steps.")
+              help="First tuning step size (decays linearly to 0). Default 0.4 / --tune-steps, 0.8 / "
+                   "--tune-steps at 3 bits or fewer.")
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")

@@ -28,7 +28,7 @@ from .errors import UserError
 from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
 from .quant.formats import scale_dtype
 from .quant.targets import Target, capture_spec, solve, stages_of, target_weight
-from .quant.tune import float_outputs, tune_layer
+from .quant.tune import float_outputs, start_offsets, tune_layer
 from .recipe import QuantizeConfig
 
 log = logging.getLogger("moecompress")
@@ -154,7 +154,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
     with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
         # block-output tuning's targets: the float layer's outputs on this layer's inputs
         refs = float_outputs(layer, i, feed) if cfg.tune_steps and feed is not None else None
-        floats = {} if refs is not None else None
+        offsets = {} if refs is not None else None
         for stage in stages_of(targets, cfg.true_sequential):
             bar.set_postfix_str(f"calibrating {stage[0].stage}")
             stats = {}
@@ -194,13 +194,13 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                 t0 = time.perf_counter()
                 spec = schemes.get(f"layers.{i}.{t.name}", qspec)
                 _solve_target(layer, i, group, stats, cfg, spec, store_dtype, record, results, starved, handle,
-                              ranks, targets.index(t), floats)
+                              ranks, targets.index(t), offsets)
                 clock["solve_s"] += time.perf_counter() - t0
                 bar.update(len(group))
         if refs is not None and results:
             bar.set_postfix_str(f"tuning codes ({cfg.tune_steps} steps)")
             t0 = time.perf_counter()
-            record["tune"] = tune_layer(layer, i, results, refs, floats, feed, cfg, store_dtype)
+            record["tune"] = tune_layer(layer, i, results, refs, offsets, feed, cfg, store_dtype, starved)
             clock["tune_s"] = time.perf_counter() - t0
             mids = kept = None  # computed with the solved weights: stale once tuning changed them
         if refs is not None:
@@ -420,7 +420,7 @@ def _split_by_scheme(groups: list[list[Target]], i: int, schemes: dict) -> list[
 
 
 def _solve_target(layer, i: int, group: list[Target], stats, cfg, qspec, store_dtype, record, results, starved,
-                  handle: ModelHandle, ranks: Ranks = SINGLE, t_index: int = 0, floats: dict | None = None):
+                  handle: ModelHandle, ranks: Ranks = SINGLE, t_index: int = 0, offsets: dict | None = None):
     t = group[0]
     params = [target_weight(layer, x) for x in group]
     param = params[0]
@@ -457,9 +457,16 @@ def _solve_target(layer, i: int, group: list[Target], stats, cfg, qspec, store_d
         name = f"{handle.layer_prefix(i)}{handle.disk_local(t.module_name)}"
         raise UserError(f"the calibration activations reaching {name} are not finite ({e}); "
                         "an overflow in half precision? try --dtype float32") from None
-    if floats is not None:  # block-output tuning starts from the float weights' distance to their codes
-        for x, p in zip(group, params):
-            floats[x] = p.data.clone()
+    floats = [p.data.clone() for p in params] if offsets is not None else None
+    _place(t, group, params, res, results, record, stacked)
+    if offsets is not None:  # block-output tuning starts from the float weights' distance to their codes
+        for x, w in zip(group, floats):
+            offsets[x] = start_offsets(results[x], w)
+
+
+def _place(t: Target, group: list[Target], params, res, results: dict, record: dict, stacked: bool) -> None:
+    """Write a solve's dequantized weights into the layer and its codes into ``results``."""
+    param = params[0]
     if t.expert_proj:
         param.data.copy_(res.dequantized.to(param.dtype))
         results[t] = res.qweight

@@ -232,6 +232,9 @@ class QuantizeConfig(NoBoolNumbers):
         if self.format == "awq" and self.overrides:
             raise ValueError("the AWQ format has one bit width and group size for the whole checkpoint; "
                              "write per-module schemes (overrides) with the compressed-tensors or GPTQ format")
+        if not self.tune_steps and (self.tune_lr is not None or self.tune_scale_change
+                                    != type(self).model_fields["tune_scale_change"].default):
+            raise ValueError("tune_lr and tune_scale_change apply to block-output tuning: set tune_steps too")
         if self.tune_steps and not self.needs_calibration:
             raise ValueError("tune_steps tunes on the calibration data, which method rtn with measure_errors "
                              "off does not run; turn measure_errors on, or set tune_steps 0")

@@ -14,7 +14,7 @@ from moecompress.errors import UserError
 from moecompress.pipeline import quantize
 from moecompress.quant.rtn import rtn_quantize
 from moecompress.quant.spec import QuantSpec
-from moecompress.quant.tune import TuneItem, start, tune_codes
+from moecompress.quant.tune import TuneItem, _weight, start_offsets, tune_codes
 
 
 class _Block(nn.Module):
@@ -37,7 +37,8 @@ def _setup(bits=3, seed=0):
         refs = [block(x) for x in xs]
     spec = QuantSpec(bits=bits, group_size=32, symmetric=True, clip_ratios=(1.0,))
     floats = {n: p.detach().clone() for n, p in block.named_parameters()}
-    items = [TuneItem(n, rtn_quantize(p.detach(), spec), floats[n]) for n, p in block.named_parameters()]
+    qws = {n: rtn_quantize(p.detach(), spec) for n, p in block.named_parameters()}
+    items = [TuneItem(n, q, start_offsets(q, floats[n])) for n, q in qws.items()]
     with torch.no_grad():  # the layer holds the solved (here: round-to-nearest) weights, as in the pipeline
         for it in items:
             block.get_parameter(it.name).copy_(it.qw.dequantize())
@@ -91,18 +92,21 @@ def test_tuning_that_cannot_help_keeps_the_solved_weights():
 
 
 def test_offsets_start_at_the_float_weights_position_inside_the_code_cell():
-    _, items, _, _ = _setup()
+    block, items, _, _ = _setup()
     it = items[0]
-    u = start(it)
+    u = it.offset.float()
+    torch.manual_seed(0)
+    float_weight = _Block().up.weight.detach()  # the same seed: the float weight _setup quantized
     assert float(u.abs().max()) < 0.5
     # the float weight's distance to its code, in code units, where it lies inside the code's cell (RTN:
     # everywhere but at the clamped top code of a symmetric range); 0 elsewhere
-    d = (it.weight - it.qw.dequantize()) / it.qw.scales.repeat_interleave(32, dim=-1)
+    d = (float_weight - it.qw.dequantize()) / it.qw.scales.repeat_interleave(32, dim=-1)
     inside = d.abs() < 0.5
     assert 0.9 * d.numel() < int(inside.sum()) < d.numel()
     clear = d.abs() < 0.499  # away from the cell edge, where the two computations may round apart
-    assert torch.allclose(u[clear], d[clear], atol=1e-4) and not u[d.abs() > 0.501].any()
-    assert torch.equal(start(TuneItem(it.name, it.qw)), torch.zeros_like(u))
+    assert torch.allclose(u[clear], d[clear], atol=1e-3) and not u[d.abs() > 0.501].any()  # fp16
+    # step 0 is the solved weight exactly: no offset reaches the edge of its cell
+    assert torch.equal(_weight(it.qw, u, None), it.qw.dequantize())
 
 
 def test_pipeline_tunes_every_layer_and_writes_the_tuned_codes(tiny_ckpt, tmp_path):
@@ -112,8 +116,6 @@ def test_pipeline_tunes_every_layer_and_writes_the_tuned_codes(tiny_ckpt, tmp_pa
     recs = [r["tune"] for r in tuned["layers"]]
     assert len(recs) == len(plain["layers"]) and all("tune" not in r for r in plain["layers"])
     assert any(r["kept"] and r["codes_changed"] > 0 for r in recs), recs
-    for r in recs:
-        assert r["loss_after"] < r["loss_before"] or not r["kept"]
     a, b = dict(dequantized_state(tmp_path / "plain")), dict(dequantized_state(tmp_path / "tuned"))
     first_kept = next(i for i, r in enumerate(recs) if r["kept"])
     changed = [n for n in a if not torch.equal(a[n], b[n])]
@@ -190,3 +192,80 @@ def test_tuning_runs_with_every_layout(tiny_ckpt, tmp_path, kind):
     assert all("tune" in r for r in s["layers"])
     for name, t in dequantized_state(tmp_path / "q"):
         assert torch.isfinite(t.float()).all(), name
+
+
+def test_step_zero_is_the_solved_weight_with_permuted_and_per_expert_groups():
+    """Offsets at their start reproduce the codes for batched weights with a g_idx per member."""
+    from moecompress.quant.spec import QuantizedWeight
+
+    torch.manual_seed(1)
+    e, n, k, g = 3, 8, 64, 16
+    w = torch.randn(e, n, k)
+    g_idx = torch.stack([torch.randperm(k) // g for _ in range(e)]).int()  # act-order groups, per expert
+    scales = torch.rand(e, n, k // g) * 0.1 + 0.05
+    zeros = torch.full((e, n, k // g), 8, dtype=torch.uint8)
+    qw = QuantizedWeight(torch.zeros(e, n, k, dtype=torch.uint8), scales, zeros, QuantSpec(bits=4, group_size=g), g_idx)
+    s = torch.gather(scales, -1, g_idx.long().unsqueeze(1).expand(e, n, k))
+    qw.qweight = torch.clamp(torch.round(w / s + 8), 0, 15).to(torch.uint8)
+    off = start_offsets(qw, w)
+    assert torch.equal(_weight(qw, off.float(), None), qw.dequantize())
+    inside = ((w / s + 8) - qw.qweight.float()).abs() < 0.49
+    assert torch.allclose(off.float()[inside], ((w / s + 8) - qw.qweight.float())[inside], atol=1e-3)
+
+
+def test_frozen_members_keep_their_codes_and_scales():
+    """Experts solved from too few tokens (frozen) are not moved by the tuning; the others are."""
+    from moecompress.quant.spec import QuantizedWeight
+
+    torch.manual_seed(2)
+
+    class _Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 16, 32) * 0.1)
+
+        def forward(self, x):  # every token through every expert, summed
+            return torch.einsum("btk,enk->btn", x, self.w)
+
+    mod = _Experts()
+    spec = QuantSpec(bits=3, group_size=32, symmetric=True, clip_ratios=(1.0,))
+    parts = [rtn_quantize(mod.w.detach()[i], spec) for i in range(4)]
+    qw = QuantizedWeight(*(torch.stack([getattr(q, f) for q in parts]) for f in ("qweight", "scales", "zeros")), spec)
+    xs = [torch.randn(2, 8, 32) for _ in range(3)]
+    with torch.no_grad():
+        refs = [mod(x) for x in xs]
+        mod.w.copy_(qw.dequantize())
+    frozen = torch.tensor([True, False, True, False])
+    item = TuneItem("w", qw, start_offsets(qw, torch.stack([p for p in mod.w.detach()])), frozen)
+    run = lambda b, w: torch.func.functional_call(mod, w, (xs[b],))  # noqa: E731
+    (new,), info = tune_codes(mod, [item], run, refs, steps=40, lr=0.02)
+    assert info["kept"] and info["frozen_members"] == 2
+    for e in (0, 2):
+        assert torch.equal(new.qweight[e], qw.qweight[e]) and torch.equal(new.scales[e], qw.scales[e])
+    assert all(not (torch.equal(new.qweight[e], qw.qweight[e]) and torch.equal(new.scales[e], qw.scales[e]))
+               for e in (1, 3))
+
+
+def test_the_next_layer_is_fed_by_the_tuned_layer(tiny_ckpt, tmp_path, monkeypatch):
+    """After tuning changed a layer's weights, its outputs (the next layer's inputs) are recomputed with them,
+    not taken from what was computed with the solved weights (attention half, kept expert inputs)."""
+    from moecompress import pipeline
+    from moecompress.calib.runner import layer_output
+
+    real = pipeline._quantize_layer
+    checked = []
+
+    def checking(layer_mod, i, targets, feed, *a, **kw):
+        inputs = list(feed.hidden)
+        out = real(layer_mod, i, targets, feed, *a, **kw)
+        with torch.no_grad():
+            for b, x in enumerate(inputs):
+                args, kwargs = feed.calls[b][i]
+                want = layer_output(layer_mod(x, *args, **kwargs))
+                assert torch.allclose(feed.hidden[b], want, atol=1e-5, rtol=1e-4), (i, b)
+        checked.append(out[0]["tune"]["kept"])
+        return out
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", checking)
+    quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(bits=3, calib_samples=8, tune_steps=30, tune_lr=0.05))
+    assert len(checked) == 2 and any(checked)

@@ -40,20 +40,26 @@ class TuneItem:
 
     name: str  # the parameter's name in the layer (``layer.named_parameters()``)
     qw: QuantizedWeight
-    weight: torch.Tensor | None = None  # the float weight that was quantized, if known (see ``start``)
+    offset: torch.Tensor | None = None  # where each code's offset starts (``start_offsets``); None: at 0
+    frozen: torch.Tensor | None = None  # bool per member of a batched weight (experts) that must not move
 
 
-def start(it: TuneItem) -> torch.Tensor:
-    """Where each code's offset ``u`` starts: 0, or, given the float weight ``W``, its distance from the
-    code, ``W / s + z - q``, kept inside the code's rounding cell (``|u| < 0.5``). As in SignRound, which
-    starts from ``W / s`` itself, codes whose float value lies near the edge of their cell need only a
-    short push to change, and the others a long one; starting every offset at 0 would make all the codes
-    with a steady gradient change together, at the same step."""
-    if it.weight is None:
-        return torch.zeros(it.qw.qweight.shape)
-    x = it.weight.float() / _expand(it.qw.scales.float(), it.qw).clamp_min(1e-30) + _expand(it.qw.zeros.float(), it.qw)
-    d = x - it.qw.qweight.float()
-    return torch.where(d.abs() < 0.5, d, torch.zeros_like(d))
+# just under 0.5 and exact in fp16: an offset stored in fp16 never rounds to a neighbouring code
+_EDGE = 0.5 - 2.0 ** -11
+
+
+def start_offsets(qw: QuantizedWeight, weight: torch.Tensor) -> torch.Tensor:
+    """Where each code's offset ``u`` starts, given the float weight ``W`` that was quantized: its distance
+    from the code, ``W / s + z - q``, where that lies inside the code's rounding cell, else 0 (fp16).
+
+    As in SignRound, which starts from ``W / s`` itself, codes whose float value lies near the edge of their
+    cell need only a short push to change, and the others a long one; starting every offset at 0 would
+    make all the codes with a steady gradient change together, at the same step. Codes the solver moved
+    away from the nearest (GPTQ's error compensation) start at 0: at the edge they flipped back first,
+    measured worse. Scaling a row of ``W`` and of its scales alike (AWQ's folds) leaves the offsets as they are."""
+    x = weight.float() / _expand(qw.scales.float(), qw).clamp_min(1e-30) + _expand(qw.zeros.float(), qw)
+    d = x - qw.qweight.float()
+    return torch.where(d.abs() < 0.5, d, torch.zeros_like(d)).clamp(-_EDGE, _EDGE).half()
 
 
 def _expand(t: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
@@ -94,12 +100,17 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
     replaced and returns its output (hidden states);
     ``refs[b]`` is the float layer's output there. Returns the weights to keep (the solved ones when
     tuning did not lower the loss over all batches) and a record of what happened."""
-    lr = default_lr(steps, items[0].qw.spec.bits if items else 4) if lr is None else lr
+    lr = default_lr(steps, min((it.qw.spec.bits for it in items), default=4)) if lr is None else lr
     params = dict(layer.named_parameters())
     dtypes = {it.name: params[it.name].dtype for it in items}
-    us = [start(it).requires_grad_() for it in items]
-    as_ = [torch.zeros(it.qw.scales.shape, requires_grad=True) if max_scale_change > 0 else None for it in items]
+    us = [(torch.zeros(it.qw.qweight.shape, device=it.qw.qweight.device) if it.offset is None
+           else it.offset.float()).requires_grad_() for it in items]
+    as_ = [torch.zeros(it.qw.scales.shape, device=it.qw.scales.device, requires_grad=True)
+           if max_scale_change > 0 else None for it in items]
     trainable = [t for t in us + as_ if t is not None]
+    # members that must keep their codes (experts solved from too few tokens): their steps are masked
+    masks = [None if it.frozen is None else (~it.frozen).float().view(-1, *[1] * (it.qw.qweight.dim() - 1))
+             for it in items]
 
     def overrides(grad: bool) -> dict:
         with torch.set_grad_enabled(grad):
@@ -114,18 +125,20 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
     order = torch.randperm(len(refs), generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
         b = int(order[step % len(refs)])
-        for t in trainable:
-            t.grad = None
-        loss = torch.mean((run(b, overrides(True)).float() - refs[b].float()) ** 2)
-        loss.backward()
+        with torch.enable_grad():  # gradients of the offsets only: nothing accumulates on the layer's parameters
+            loss = torch.mean((run(b, overrides(True)).float() - refs[b].float()) ** 2)
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         rate = lr * (1 - step / steps)
         with torch.no_grad():
-            for u in us:
-                if u.grad is not None:
-                    u.sub_(rate * torch.sign(u.grad)).clamp_(-1.0, 1.0)
-            for a in as_:
-                if a is not None and a.grad is not None:
-                    a.sub_(rate * torch.sign(a.grad)).clamp_(-max_scale_change, max_scale_change)
+            g = iter(grads)
+            for u, m in zip(us, masks):
+                gu = next(g)
+                if gu is not None:
+                    u.sub_(rate * torch.sign(gu) * (1 if m is None else m)).clamp_(-1.0, 1.0)
+            for a, m in zip(as_, masks):
+                ga = next(g) if a is not None else None
+                if ga is not None:
+                    a.sub_(rate * torch.sign(ga) * (1 if m is None else m)).clamp_(-max_scale_change, max_scale_change)
     with torch.no_grad():
         tuned = [_final(it.qw, u, a, scale_dtype) for it, u, a in zip(items, us, as_)]
         # the loss of what would be written (scales rounded to their stored dtype)
@@ -138,7 +151,8 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
     total = sum(it.qw.qweight.numel() for it in items)
     kept = after < before
     info = {"steps": steps, "lr": lr, "loss_before": before / len(refs), "loss_after": after / len(refs),
-            "kept": kept, "codes_changed": changed, "codes": total}
+            "kept": kept, "codes_changed": changed, "codes": total,
+            "frozen_members": sum(int(it.frozen.sum()) for it in items if it.frozen is not None)}
     return (tuned if kept else [it.qw for it in items]), info
 
 
@@ -168,8 +182,8 @@ def float_outputs(layer, i: int, feed) -> list[torch.Tensor]:
     return out
 
 
-def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], floats: dict, feed, cfg,
-               store_dtype) -> dict:
+def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], offsets: dict, feed, cfg,
+               store_dtype, starved: set[int] = frozenset()) -> dict:
     """Tune the solved layer's codes and scales on its output (``quant.tune``); update ``results`` and the
     layer's weights in place; the tuning record."""
     from .formats import scale_dtype
@@ -180,13 +194,18 @@ def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], floats: d
     for t, qw in results.items():
         param = target_weight(layer, t)
         if tuple(qw.shape) == tuple(param.shape) and id(param) in names:
+            frozen = None
+            if t.expert_proj and starved:
+                frozen = torch.zeros(qw.shape[0], dtype=torch.bool, device=qw.qweight.device)
+                frozen[[e for e in starved if e < qw.shape[0]]] = True
             keys.append((t, param))
-            items.append(TuneItem(names[id(param)], qw, floats.get(t)))
+            items.append(TuneItem(names[id(param)], qw, offsets.get(t), frozen))
     new, info = tune_codes(layer, items, layer_runner(layer, feed, i), refs, cfg.tune_steps, cfg.tune_lr,
                            cfg.tune_scale_change, scale_dtype(cfg.format, store_dtype), seed=cfg.seed + i)
     for (t, param), qw in zip(keys, new):
         results[t] = qw
         param.data.copy_(qw.dequantize().to(param.dtype))
+    info["linear_errors"] = "the linears' recorded errors are the solved weights', before this tuning"
     log.info("layer %d: tuned %d weights' codes on the layer output: loss %.4g -> %.4g (%s), %d of %d codes changed",
              i, len(items), info["loss_before"], info["loss_after"], "kept" if info["kept"] else "not kept",
              info["codes_changed"], info["codes"])

@@ -269,3 +269,10 @@ def test_the_next_layer_is_fed_by_the_tuned_layer(tiny_ckpt, tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "_quantize_layer", checking)
     quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(bits=3, calib_samples=8, tune_steps=30, tune_lr=0.05))
     assert len(checked) == 2 and any(checked)
+
+
+def test_tuning_settings_without_tuning_are_refused():
+    for kw in (dict(tune_lr=0.01), dict(tune_scale_change=0.1)):
+        with pytest.raises(UserError, match="set tune_steps too"):
+            quick_config(**kw)
+    quick_config(tune_steps=5, tune_lr=0.01, tune_scale_change=0.1)

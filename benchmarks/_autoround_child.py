@@ -28,7 +28,6 @@ compares it, parameter by parameter, with moecompress's reading of the same chec
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,21 +36,10 @@ import time
 
 T_START = time.perf_counter()
 
+from _child_util import vm_hwm, windows_sha256, write_dense_twin  # noqa: E402 - this folder
+
 RECIPES = {"default": {"iters": 200}, "light": {"iters": 50, "lr": 5e-3}, "best": {"iters": 1000},
            "opt_rtn": {"iters": 0, "disable_opt_rtn": False}}
-
-
-def windows_sha256(input_ids) -> str:
-    """Same definition as moecompress.calib.data: sha256 of the little-endian int64 bytes."""
-    return hashlib.sha256(input_ids.numpy().astype("<i8").tobytes()).hexdigest()
-
-
-def vm_hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
 
 
 def write_twin(out: str, twin: str) -> dict:
@@ -59,7 +47,7 @@ def write_twin(out: str, twin: str) -> dict:
     from pathlib import Path
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from auto_round_extension.torch.qlinear_torch_zp import QuantLinear
 
@@ -86,14 +74,7 @@ def write_twin(out: str, twin: str) -> dict:
             n += 1
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             dense[name] = t.float() if t.is_floating_point() else t
-    save_file(dense, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
-            shutil.copy(f, dst / f.name)
+    write_dense_twin(src, dst, dense)
     return {"path": str(dst), "dequantized_modules": n}
 
 

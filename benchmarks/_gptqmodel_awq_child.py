@@ -32,7 +32,6 @@ evaluates them; at 4 bits the driver cross-checks it against moecompress's own r
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,29 +39,17 @@ import sys
 import time
 
 T_START = time.perf_counter()
+
+from _child_util import vm_hwm, windows_sha256, write_dense_twin  # noqa: E402 - this folder
 if not os.environ.get("GPTQMODEL_CPU_WORKERS"):
     os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
-
-
-def windows_sha256(input_ids) -> str:
-    """Same definition as moecompress.calib.data: sha256 of the little-endian int64 bytes."""
-    return hashlib.sha256(input_ids.numpy().astype("<i8").tobytes()).hexdigest()
-
-
-def vm_hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
 
 
 def write_twin(out: str, twin: str, bits: int, group_size: int) -> dict:
     """Dense float32 copy of checkpoint ``out`` in ``twin``: every ``P.qweight/qzeros/scales`` -> ``P.weight``."""
     from pathlib import Path
 
-    import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
@@ -80,14 +67,7 @@ def write_twin(out: str, twin: str, bits: int, group_size: int) -> dict:
             n += 1
         elif not name.endswith((".qzeros", ".scales")):
             dense[name] = t.float() if t.is_floating_point() else t
-    save_file(dense, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.load(open(src / "config.json"))
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
-            shutil.copy(f, dst / f.name)
+    write_dense_twin(src, dst, dense)
     return {"path": str(dst), "dequantized_modules": n}
 
 

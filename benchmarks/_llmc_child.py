@@ -43,26 +43,13 @@ Hessian is built from all calibration tokens.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 
 T_START = time.perf_counter()
 
-
-def windows_sha256(input_ids) -> str:
-    """Same definition as moecompress.calib.data: sha256 of the little-endian int64 bytes."""
-    return hashlib.sha256(input_ids.numpy().astype("<i8").tobytes()).hexdigest()
-
-
-def vm_hwm() -> int | None:
-    """Peak RSS of this process since its exec (``VmHWM``), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
+from _child_util import vm_hwm, windows_sha256  # noqa: E402 - this folder
 
 
 def drop_broken_aliases() -> list[str]:

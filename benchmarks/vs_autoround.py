@@ -27,17 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vs_llmcompressor import (HELDOUT, OURS_CHILD, Launcher, parse_settings, run_child,  # noqa: E402
-                              setting_name, windows_sha256)
-from vs_llmcompressor_awq import evaluate_variant, markdown_table, quantize_repeats  # noqa: E402
+from vs_llmcompressor import OURS_CHILD, Launcher, parse_settings, run_child, setting_name  # noqa: E402
+from vs_llmcompressor_awq import evaluate_variant, markdown_table, prepare_run, quantize_repeats  # noqa: E402
 
 AUTOROUND_CHILD = Path(__file__).resolve().parent / "_autoround_child.py"
 OURS = {"ours-rtn": {"method": "rtn"}, "ours-gptq": {"method": "gptq"}, "ours-awq+gptq": {"method": "awq+gptq"},
@@ -119,40 +116,15 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
-    from moecompress.calib.data import load_texts, make_calibration_windows
-
-    if args.model:
-        model_dir = Path(args.model).expanduser().resolve()
-    else:
-        from moecompress.demo_model import demo_model_path
-
-        model_dir = demo_model_path(variant=args.demo_variant)
-    work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="vs_autoround-"))
-    work.mkdir(parents=True, exist_ok=True)
-    threads = str(args.threads)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    env.pop("PYTHONPATH", None)
+    run = prepare_run(args, "vs_autoround-")
+    model_dir, work, env, windows_file, sha, heldout_sha, report = (
+        run.model_dir, run.work, run.env, run.windows_file, run.sha, run.heldout_sha, run.report)
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        calib = make_calibration_windows(load_texts(args.calib), tok, args.calib_samples, args.seq_len, args.seed)
-        sha = windows_sha256(calib.input_ids)
-        windows_file = work / "calib_windows.safetensors"
-        save_file({"input_ids": calib.input_ids.contiguous()}, windows_file)
-        heldout_sha = {s: windows_sha256(make_calibration_windows(load_texts(s), tok, args.eval_windows,
-                                                                  args.eval_seq_len, args.eval_seed).input_ids)
-                       for s in HELDOUT}
-        report: dict = {"model": str(model_dir), "command": [sys.executable, *sys.argv], "host": platform.node(),
-                        "cpu_count": os.cpu_count(), "calibration": calib.metadata, "heldout_sha256": heldout_sha,
-                        "args": vars(args), "settings": {}}
-        print(f"model {model_dir}\ncalibration windows {tuple(calib.input_ids.shape)} sha256 {sha}", flush=True)
         for bits, gs in parse_settings(args.settings):
             name = setting_name(bits, gs) + ("-asym" if args.asym else "-sym")
             res = quantize_repeats(variants, args.repeats, name, work, sha, lambda v, out: quantize_variant(

@@ -49,6 +49,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -202,6 +203,55 @@ def evaluate_dense(dense: Path, model_dir: Path, work: Path, args) -> dict:
             "router_kl": r["routing"]["router_kl"], "routing_per_layer": r["routing"]["per_layer"],
             "windows_sha256": r["settings"]["windows_sha256"], "reference_cache": r["reference_cache"]["status"],
             "seconds": r["seconds"]}
+
+
+# ------------------------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class RunSetup:
+    model_dir: Path
+    work: Path
+    env: dict  # the children's environment: offline, ``--threads`` threads
+    windows_file: Path  # the calibration windows every tool is fed (safetensors, ``input_ids``)
+    sha: str  # their sha256
+    heldout_sha: dict  # the held-out sets' windows' sha256, by spec
+    report: dict  # the JSON report's header
+
+
+def prepare_run(args, prefix: str) -> RunSetup:
+    """The model (``--model`` or a demo model), the work folder, the children's environment, the calibration
+    windows written for the other tools' children, and the report's header."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from moecompress.calib.data import load_texts, make_calibration_windows
+
+    if args.model:
+        model_dir = Path(args.model).expanduser().resolve()
+    else:
+        from moecompress.demo_model import demo_model_path
+
+        model_dir = demo_model_path(variant=args.demo_variant)
+    work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    threads = str(args.threads)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env.pop("PYTHONPATH", None)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib = make_calibration_windows(load_texts(args.calib), tok, args.calib_samples, args.seq_len, args.seed)
+    sha = windows_sha256(calib.input_ids)
+    windows_file = work / "calib_windows.safetensors"
+    save_file({"input_ids": calib.input_ids.contiguous()}, windows_file)
+    heldout_sha = {s: windows_sha256(make_calibration_windows(load_texts(s), tok, args.eval_windows,
+                                                              args.eval_seq_len, args.eval_seed).input_ids)
+                   for s in HELDOUT}
+    report: dict = {"model": str(model_dir), "command": [sys.executable, *sys.argv], "host": platform.node(),
+                    "cpu_count": os.cpu_count(), "calibration": calib.metadata, "heldout_sha256": heldout_sha,
+                    "args": vars(args), "settings": {}}
+    print(f"model {model_dir}\ncalibration windows {tuple(calib.input_ids.shape)} sha256 {sha}", flush=True)
+    return RunSetup(model_dir, work, env, windows_file, sha, heldout_sha, report)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -374,42 +424,16 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.eval_threads)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
-    from moecompress.calib.data import load_texts, make_calibration_windows
-
     settings = parse_settings(args.settings)
-    if args.model:
-        model_dir = Path(args.model).expanduser().resolve()
-    else:
-        from moecompress.demo_model import demo_model_path
-
-        model_dir = demo_model_path(variant=args.demo_variant)
-    work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="vs_llmc_awq-"))
-    work.mkdir(parents=True, exist_ok=True)
-    threads = str(args.threads)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    env.pop("PYTHONPATH", None)
+    run = prepare_run(args, "vs_llmc_awq-")
+    model_dir, work, env, windows_file, sha, heldout_sha, report = (
+        run.model_dir, run.work, run.env, run.windows_file, run.sha, run.heldout_sha, run.report)
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        calib = make_calibration_windows(load_texts(args.calib), tok, args.calib_samples, args.seq_len, args.seed)
-        sha = windows_sha256(calib.input_ids)
-        windows_file = work / "calib_windows.safetensors"
-        save_file({"input_ids": calib.input_ids.contiguous()}, windows_file)
-        heldout_sha = {s: windows_sha256(make_calibration_windows(load_texts(s), tok, args.eval_windows,
-                                                                  args.eval_seq_len, args.eval_seed).input_ids)
-                       for s in HELDOUT}
-        report: dict = {"model": str(model_dir), "command": [sys.executable, *sys.argv], "host": platform.node(),
-                        "cpu_count": os.cpu_count(), "calibration": calib.metadata, "heldout_sha256": heldout_sha,
-                        "args": vars(args), "settings": {}}
-        print(f"model {model_dir}\ncalibration windows {tuple(calib.input_ids.shape)} sha256 {sha}", flush=True)
-
         for bits, gs in settings:
             name = setting_name(bits, gs) + "-asym"
             res = quantize_repeats(variants, args.repeats, name, work, sha, lambda v, out: quantize_variant(

@@ -41,3 +41,10 @@ def test_cuda_fp32_matches_cpu(tiny_ckpt, tmp_path, family):
 def test_cuda_default_dtype_gptq_beats_rtn(tiny_ckpt, tmp_path):
     s = quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q", quick_config(bits=3, device="cuda"))  # bf16 compute
     assert _mean_err(s, "output_rel_err") < 0.8 * _mean_err(s, "rtn_output_rel_err")
+
+
+def test_cuda_tuning_runs_and_keeps_what_lowers_the_loss(tiny_ckpt, tmp_path):
+    """--tune-steps on CUDA (bf16 compute): every tensor it makes lives on the weights' device."""
+    s = quantize(tiny_ckpt("qwen3_moe"), tmp_path / "q",
+                 quick_config(bits=3, device="cuda", tune_steps=30, tune_lr=0.05))
+    assert any(r["tune"]["kept"] and r["tune"]["codes_changed"] for r in s["layers"])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from .spec import QuantizedWeight
 
@@ -93,7 +94,7 @@ def default_lr(steps: int, bits: int) -> float:
 
 def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[torch.Tensor], steps: int,
                lr: float | None = None, max_scale_change: float = 0.2, scale_dtype=torch.float32,
-               seed: int = 0) -> tuple[list[QuantizedWeight], dict]:
+               seed: int = 0, on_step=None) -> tuple[list[QuantizedWeight], dict]:
     """Tune ``items``' codes and scales so that ``layer``'s output on each batch approaches ``refs``.
 
     ``run(b, weights)`` calls the layer on calibration batch ``b`` with the parameters named in ``weights``
@@ -139,6 +140,8 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
                 ga = next(g) if a is not None else None
                 if ga is not None:
                     a.sub_(rate * torch.sign(ga) * (1 if m is None else m)).clamp_(-max_scale_change, max_scale_change)
+        if on_step is not None:
+            on_step(float(loss))
     with torch.no_grad():
         tuned = [_final(it.qw, u, a, scale_dtype) for it, u, a in zip(items, us, as_)]
         # the loss of what would be written (scales rounded to their stored dtype)
@@ -200,8 +203,14 @@ def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], offsets: 
                 frozen[[e for e in starved if e < qw.shape[0]]] = True
             keys.append((t, param))
             items.append(TuneItem(names[id(param)], qw, offsets.get(t), frozen))
-    new, info = tune_codes(layer, items, layer_runner(layer, feed, i), refs, cfg.tune_steps, cfg.tune_lr,
-                           cfg.tune_scale_change, scale_dtype(cfg.format, store_dtype), seed=cfg.seed + i)
+    with tqdm(total=cfg.tune_steps, desc=f"  tuning layer {i}", unit="step", leave=False) as bar:
+        def step(loss: float) -> None:
+            bar.set_postfix_str(f"batch loss {loss:.4g}", refresh=False)
+            bar.update()
+
+        new, info = tune_codes(layer, items, layer_runner(layer, feed, i), refs, cfg.tune_steps, cfg.tune_lr,
+                               cfg.tune_scale_change, scale_dtype(cfg.format, store_dtype), seed=cfg.seed + i,
+                               on_step=step)
     for (t, param), qw in zip(keys, new):
         results[t] = qw
         param.data.copy_(qw.dequantize().to(param.dtype))

@@ -141,7 +141,7 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
                 if ga is not None:
                     a.sub_(rate * torch.sign(ga) * (1 if m is None else m)).clamp_(-max_scale_change, max_scale_change)
         if on_step is not None:
-            on_step(float(loss))
+            on_step(float(loss.detach()))
     with torch.no_grad():
         tuned = [_final(it.qw, u, a, scale_dtype) for it, u, a in zip(items, us, as_)]
         # the loss of what would be written (scales rounded to their stored dtype)

@@ -152,7 +152,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
     clock = {"calib_s": 0.0, "solve_s": 0.0}
     comm0 = (ranks.comm_s, ranks.comm_bytes)
     with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
-        # block-output tuning's targets: the float layer's outputs on this layer's inputs
+        # block-output tuning's targets: the float layer's outputs along the float model's trajectory
         refs = float_outputs(layer, i, feed) if cfg.tune_steps and feed is not None else None
         offsets = {} if refs is not None else None
         for stage in stages_of(targets, cfg.true_sequential):

@@ -112,15 +112,16 @@ class QuantizedWeight:
             q = self.qweight.float().reshape(*self.qweight.shape[:-1], g, k // g)
             return (self.scales.float()[..., None] * (q - self.zeros.float()[..., None])).reshape(
                 self.qweight.shape).to(dtype)
+        s, z = self.per_column(self.scales.float()), self.per_column(self.zeros.float())
+        return (s * (self.qweight.float() - z)).to(dtype)
+
+    def per_column(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-group tensor ``[..., N, G]`` (scales, zero points) spread over the columns: ``[..., N, K]``."""
         gi = self.group_index()
         if gi.dim() == 1:
-            s = self.scales.float()[..., gi]
-            z = self.zeros.float()[..., gi]
-        else:  # per-batch g_idx [B, K]
-            idx = gi.unsqueeze(-2).expand(*self.scales.shape[:-1], gi.shape[-1])
-            s = torch.gather(self.scales.float(), -1, idx)
-            z = torch.gather(self.zeros.float(), -1, idx)
-        return (s * (self.qweight.float() - z)).to(dtype)
+            return t[..., gi]
+        idx = gi.unsqueeze(-2).expand(*t.shape[:-1], gi.shape[-1])  # per-batch g_idx [B, K]
+        return torch.gather(t, -1, idx)
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """Output rows ``start:stop`` of an unbatched weight (its groups, and g_idx, are per input column)."""

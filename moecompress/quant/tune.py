@@ -58,18 +58,9 @@ def start_offsets(qw: QuantizedWeight, weight: torch.Tensor) -> torch.Tensor:
     make all the codes with a steady gradient change together, at the same step. Codes the solver moved
     away from the nearest (GPTQ's error compensation) start at 0: at the edge they flipped back first,
     measured worse. Scaling a row of ``W`` and of its scales alike (AWQ's folds) leaves the offsets as they are."""
-    x = weight.float() / _expand(qw.scales.float(), qw).clamp_min(1e-30) + _expand(qw.zeros.float(), qw)
+    x = weight.float() / qw.per_column(qw.scales.float()).clamp_min(1e-30) + qw.per_column(qw.zeros.float())
     d = x - qw.qweight.float()
     return torch.where(d.abs() < 0.5, d, torch.zeros_like(d)).clamp(-_EDGE, _EDGE).half()
-
-
-def _expand(t: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """A per-group tensor ``[..., N, G]`` broadcast to the weight's columns ``[..., N, K]``."""
-    gi = qw.group_index()
-    if gi.dim() == 1:
-        return t[..., gi]
-    idx = gi.unsqueeze(-2).expand(*t.shape[:-1], gi.shape[-1])
-    return torch.gather(t, -1, idx)
 
 
 def _weight(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
@@ -77,7 +68,7 @@ def _weight(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None) -> tor
     q = q + (torch.round(q) - q).detach()  # round, gradient straight through
     q = q.clamp(0, qw.spec.qmax)
     s = qw.scales.float() if a is None else qw.scales.float() * (1 + a)
-    return _expand(s, qw) * (q - _expand(qw.zeros.float(), qw))
+    return qw.per_column(s) * (q - qw.per_column(qw.zeros.float()))
 
 
 def _final(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None, scale_dtype) -> QuantizedWeight:
@@ -113,21 +104,20 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
     masks = [None if it.frozen is None else (~it.frozen).float().view(-1, *[1] * (it.qw.qweight.dim() - 1))
              for it in items]
 
-    def overrides(grad: bool) -> dict:
-        with torch.set_grad_enabled(grad):
-            return {it.name: _weight(it.qw, u, a).to(dtypes[it.name]) for it, u, a in zip(items, us, as_)}
+    def overrides() -> dict:
+        return {it.name: _weight(it.qw, u, a).to(dtypes[it.name]) for it, u, a in zip(items, us, as_)}
 
-    def full_loss() -> float:
+    def full_loss(qws: list[QuantizedWeight]) -> float:
         with torch.no_grad():
-            w = overrides(False)
+            w = {it.name: q.dequantize(dtypes[it.name]) for it, q in zip(items, qws)}
             return sum(float(torch.mean((run(b, w).float() - refs[b].float()) ** 2)) for b in range(len(refs)))
 
-    before = full_loss()
+    before = full_loss([it.qw for it in items])  # step 0 gives exactly these weights (``start_offsets``)
     order = torch.randperm(len(refs), generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
         b = int(order[step % len(refs)])
         with torch.enable_grad():  # gradients of the offsets only: nothing accumulates on the layer's parameters
-            loss = torch.mean((run(b, overrides(True)).float() - refs[b].float()) ** 2)
+            loss = torch.mean((run(b, overrides()).float() - refs[b].float()) ** 2)
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
         rate = lr * (1 - step / steps)
         with torch.no_grad():
@@ -144,12 +134,7 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
             on_step(float(loss.detach()))
     with torch.no_grad():
         tuned = [_final(it.qw, u, a, scale_dtype) for it, u, a in zip(items, us, as_)]
-        # the loss of what would be written (scales rounded to their stored dtype)
-        for it, u, a, t in zip(items, us, as_, tuned):
-            u.copy_(t.qweight.float() - it.qw.qweight.float())
-            if a is not None:
-                a.copy_(t.scales.float() / it.qw.scales.float().clamp_min(1e-30) - 1)
-        after = full_loss()
+    after = full_loss(tuned)  # what would be written (scales rounded to their stored dtype)
     changed = sum(int((t.qweight != it.qw.qweight).sum()) for it, t in zip(items, tuned))
     total = sum(it.qw.qweight.numel() for it in items)
     kept = after < before

@@ -17,6 +17,8 @@ Who does what, per decoder layer (every rank holds the layer being quantized):
 * **Solving**: the experts of a projection are split in blocks of ``expert_chunk``, and the dense linears
   (attention, shared experts) are spread over the ranks; each owner solves its part (and its error
   records) and the parts are broadcast, so every rank holds the whole quantized layer to feed the next one.
+* **Tuning** (``--tune-steps``): each step's batch is the one a single process would take; the rank that
+  holds it computes the step and broadcasts its signs (``quant.tune``), so every rank moves the codes alike.
 * **Output**: rank 0 writes the checkpoint, the resume state and ``moecompress.json`` (rank count and
   per-rank timings, bytes received, peak statistics held); every rank keeps only its own chunks' hidden
   states.

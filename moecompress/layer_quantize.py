@@ -200,7 +200,7 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
         if refs is not None and results:
             bar.set_postfix_str(f"tuning codes ({cfg.tune_steps} steps)")
             t0 = time.perf_counter()
-            record["tune"] = tune_layer(layer, i, results, refs, offsets, feed, cfg, store_dtype, starved)
+            record["tune"] = tune_layer(layer, i, results, refs, offsets, feed, cfg, store_dtype, starved, plan)
             clock["tune_s"] = time.perf_counter() - t0
             mids = kept = None  # computed with the solved weights: stale once tuning changed them
         if refs is not None:

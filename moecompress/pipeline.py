@@ -163,9 +163,6 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
     check_shapes(layers, all_targets, schemes, qspec, target_weight, cfg.format)  # fail before any work that cannot fit
     if cfg.quantize_lm_head:
         check_lm_head(handle, schemes.get("lm_head", qspec), cfg.format)
-    if cfg.tune_steps and ranks.active:
-        raise UserError("--tune-steps runs in one process for now (its steps would need every rank's batches); "
-                        "run quantize without torchrun, or without --tune-steps")
     if cfg.awq and not handle.spec.awq_groups:
         raise UserError(f"the {handle.family} family has no AWQ balance groups; use --method gptq or rtn")
     awq = AwqSettings(qspec, cfg.awq_grid, cfg.awq_scales, cfg.awq_duo_scaling, cfg.awq_search_tokens,

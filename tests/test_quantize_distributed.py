@@ -134,6 +134,52 @@ def test_awq_on_two_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path, family, m
     assert [r["awq"] for r in two["layers"]] == searched
 
 
+def test_tuning_on_two_and_three_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path):
+    """`--tune-steps`: each step's batch is held by one rank, which broadcasts the step's signs; the losses over
+    all batches are summed in batch order. Every rank moves the codes as one process would: the same bytes and
+    the same tuning records."""
+    from moecompress.tiny import save_tiny
+
+    src = save_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=3)
+    extra = ["--bits", "3", "--tune-steps", "12", "--tune-lr", "0.05"]
+    _run(_single(src, tmp_path / "one", *extra))
+    one = json.loads((tmp_path / "one" / "moecompress.json").read_text())
+    tunes = [r["tune"] for r in one["layers"]]
+    assert all(t["codes_changed"] > 0 for t in tunes) and any(t["kept"] for t in tunes)
+    for n in (2, 3):
+        _run(_torchrun(n, src, tmp_path / f"n{n}", *extra))
+        assert digest(tmp_path / f"n{n}") == digest(tmp_path / "one"), f"{n} ranks"
+        info = json.loads((tmp_path / f"n{n}" / "moecompress.json").read_text())
+        assert [r["tune"] for r in info["layers"]] == tunes
+        assert info["distributed"]["world_size"] == n
+
+
+def test_a_tuned_run_resumes_on_another_rank_count(tmp_path, monkeypatch):
+    """The float trajectory the tuning aims at is saved chunk by chunk with the feed: a tuned run that crashed
+    in layer 2 on one process resumes on two ranks, each loading its chunks' targets, and writes the same bytes."""
+    import torch
+
+    from moecompress import pipeline
+    from moecompress.recipe import build_config
+    from moecompress.tiny import save_tiny
+
+    src = save_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=3)
+    extra = ["--bits", "3", "--tune-steps", "12", "--tune-lr", "0.05"]
+    _run(_single(src, tmp_path / "ref", *extra))
+    _crash_at(monkeypatch, 2)
+    cfg = build_config(bits=3, group_size=32, calib_samples=12, seq_len=64, batch_size=2, tune_steps=12, tune_lr=0.05)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(RuntimeError):
+            pipeline.quantize(src, tmp_path / "q", cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / ".q.partial" / "manifest.json").read_text())["layers_done"] == 2
+    _run(_torchrun(2, src, tmp_path / "q", *extra, "--resume"))
+    assert digest(tmp_path / "q") == digest(tmp_path / "ref")
+
+
 def test_lm_head_on_two_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path):
     """--quantize-lm-head: the head's Hessian is summed chunk by chunk across the ranks; same bytes as one."""
     from safetensors import safe_open

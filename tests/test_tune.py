@@ -276,3 +276,44 @@ def test_tuning_settings_without_tuning_are_refused():
         with pytest.raises(UserError, match="set tune_steps too"):
             quick_config(**kw)
     quick_config(tune_steps=5, tune_lr=0.01, tune_scale_change=0.1)
+
+
+@pytest.mark.parametrize("layout", ["groups", "batched-asym", "act-order"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slice_elements", [None, 100])
+def test_the_weights_own_backward_matches_autograd(layout, dtype, slice_elements, monkeypatch):
+    """``_TunedWeight`` (recomputes in its backward, a slice of rows at a time) against ``_weight`` (torch's
+    autograd): the same weight, the same offset gradients bit for bit (clamped codes included), the same scale
+    gradients to rounding; in one slice, and in slices of one row (or one expert) at a time."""
+    from moecompress.quant import tune
+    from moecompress.quant.spec import QuantizedWeight
+    from moecompress.quant.tune import _TunedWeight
+
+    if slice_elements:
+        monkeypatch.setattr(tune, "_SLICE_ELEMENTS", slice_elements)
+
+    torch.manual_seed(3)
+    e, n, k, g = (3, 8, 64, 16) if layout != "groups" else (None, 8, 64, 16)
+    shape = (n, k) if e is None else (e, n, k)
+    gshape = shape[:-1] + (k // g,)
+    scales = torch.rand(gshape) * 0.1 + 0.05
+    zeros = (torch.randint(2, 14, gshape) if layout == "batched-asym" else torch.full(gshape, 8)).to(torch.uint8)
+    g_idx = torch.stack([torch.randperm(k) // g for _ in range(e)]).int() if layout == "act-order" else None
+    qw = QuantizedWeight(torch.randint(0, 16, shape, dtype=torch.uint8), scales, zeros,
+                         QuantSpec(bits=4, group_size=g, symmetric=layout != "batched-asym"), g_idx)
+    u0 = torch.rand(shape) * 2 - 1  # codes 0 and 15 pushed past the clamp too
+    a0 = (torch.rand(gshape) - 0.5) * 0.4
+    gw = torch.randn(shape)
+    outs = []
+    for fn in (lambda u, a: _weight(qw, u, a).to(dtype), lambda u, a: _TunedWeight.apply(u, a, qw, dtype)):
+        u, a = u0.clone().requires_grad_(), a0.clone().requires_grad_()
+        w = fn(u, a)
+        outs.append((w.detach(), *torch.autograd.grad(w, (u, a), gw.to(dtype))))
+    (w1, gu1, ga1), (w2, gu2, ga2) = outs
+    assert w2.dtype == dtype and torch.equal(w1, w2)
+    assert torch.equal(gu1, gu2) and (gu1 == 0).any()  # zero where the clamp bites
+    assert torch.allclose(ga1, ga2, rtol=1e-5, atol=1e-6)
+    # without scale changes (``a`` None) only the offsets get a gradient
+    u = u0.clone().requires_grad_()
+    (gu3,) = torch.autograd.grad(_TunedWeight.apply(u, None, qw, torch.float32), (u,), gw)
+    assert torch.equal(gu3, torch.autograd.grad(_weight(qw, u, None), (u,), gw)[0])

@@ -64,11 +64,94 @@ def start_offsets(qw: QuantizedWeight, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _weight(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+    """``W`` from offsets ``u`` and scale changes ``a`` by torch's autograd: the twin ``_TunedWeight`` is tested on."""
     q = qw.qweight.float() + u
     q = q + (torch.round(q) - q).detach()  # round, gradient straight through
     q = q.clamp(0, qw.spec.qmax)
     s = qw.scales.float() if a is None else qw.scales.float() * (1 + a)
     return qw.per_column(s) * (q - qw.per_column(qw.zeros.float()))
+
+
+def _group_sum(qw: QuantizedWeight, t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[..., N, K]`` summed over each group's columns: ``[..., N, G]`` (the adjoint of ``per_column``)."""
+    g = qw.scales.shape[-1]
+    if qw.g_idx is None:
+        return t.reshape(*t.shape[:-1], g, t.shape[-1] // g).sum(-1)
+    idx = qw.group_index()
+    idx = idx.expand(t.shape[:-2] + idx.shape[-1:]).unsqueeze(-2).expand(t.shape)
+    return torch.zeros(*t.shape[:-1], g, dtype=t.dtype, device=t.device).scatter_add_(-1, idx, t)
+
+
+class _TunedWeight(torch.autograd.Function):
+    """``_weight`` with its own backward: it keeps only ``u`` and ``a`` and recomputes the codes there, a slice
+    of rows at a time, where the autograd graph of ``_weight`` holds several float copies of the weight from
+    the forward to the backward (13x the weight's bf16 size at the peak; ``benchmarks/tune_memory.py``).
+    Same values, and the same gradients: straight through the rounding, zero where the clamp bites."""
+
+    @staticmethod
+    def forward(ctx, u, a, qw: QuantizedWeight, dtype):
+        ctx.qw = qw
+        ctx.save_for_backward(u, a)
+        out = torch.empty(u.shape, dtype=dtype, device=u.device)
+        for sl in _slices(u):
+            part = _part(qw, sl)
+            q = torch.round(part.qweight.float() + u[sl]).clamp_(0, qw.spec.qmax)
+            out[sl] = _per_group_(part, q, _scales(part, None if a is None else a[sl]), shift=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, gw):
+        u, a = ctx.saved_tensors
+        qw = ctx.qw
+        gu = torch.empty_like(u) if ctx.needs_input_grad[0] else None
+        ga = torch.empty_like(a) if a is not None and ctx.needs_input_grad[1] else None
+        for sl in _slices(u):
+            part, ap = _part(qw, sl), None if a is None else a[sl]
+            q = torch.round(part.qweight.float() + u[sl])
+            if gu is not None:
+                gu[sl] = _per_group_(part, gw[sl].to(torch.float32, copy=True), _scales(part, ap)).mul_(
+                    (q >= 0) & (q <= qw.spec.qmax))
+            if ga is not None:
+                q = _per_group_(part, q.clamp_(0, qw.spec.qmax), None, shift=True).mul_(gw[sl])
+                ga[sl] = _group_sum(part, q).mul_(part.scales.float())
+        return gu, ga, None, None
+
+
+_SLICE_ELEMENTS = 1 << 22  # the backward's float scratch: a few of these at a time (16 MiB each)
+
+
+def _slices(t: torch.Tensor):
+    """Slices of ``t``'s first dimension (experts, or rows of an unbatched weight) of about ``_SLICE_ELEMENTS``."""
+    step = max(1, _SLICE_ELEMENTS // max(1, t[0].numel()))
+    return [slice(i, min(i + step, t.shape[0])) for i in range(0, t.shape[0], step)]
+
+
+def _part(qw: QuantizedWeight, sl: slice) -> QuantizedWeight:
+    """Rows ``sl`` of ``qw``'s first dimension (experts of a batched weight, or output rows)."""
+    g = qw.g_idx
+    if g is not None and g.dim() == qw.qweight.dim() - 1 and g.dim() > 1:  # one g_idx per member
+        g = g[sl]
+    return QuantizedWeight(qw.qweight[sl], qw.scales[sl], qw.zeros[sl], qw.spec, g)
+
+
+def _scales(qw: QuantizedWeight, a: torch.Tensor | None) -> torch.Tensor:
+    return qw.scales.float() if a is None else qw.scales.float() * (1 + a)
+
+
+def _per_group_(qw: QuantizedWeight, t: torch.Tensor, s: torch.Tensor | None, shift: bool = False) -> torch.Tensor:
+    """``t`` (float ``[..., N, K]``, a scratch tensor: changed in place): minus each
+    column's zero point if ``shift``, then times its group's ``s``; by broadcasting over natural-order groups."""
+    if qw.g_idx is None:
+        k, g = t.shape[-1], qw.scales.shape[-1]
+        v = t.reshape(*t.shape[:-1], g, k // g)
+        if shift:
+            v = v.sub_(qw.zeros.float()[..., None])
+        if s is not None:
+            v = v.mul_(s[..., None])
+        return v.reshape(t.shape)
+    if shift:
+        t = t.sub_(qw.per_column(qw.zeros.float()))
+    return t if s is None else t.mul_(qw.per_column(s))
 
 
 def _final(qw: QuantizedWeight, u: torch.Tensor, a: torch.Tensor | None, scale_dtype) -> QuantizedWeight:
@@ -85,13 +168,19 @@ def default_lr(steps: int, bits: int) -> float:
 
 def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[torch.Tensor], steps: int,
                lr: float | None = None, max_scale_change: float = 0.2, scale_dtype=torch.float32,
-               seed: int = 0, on_step=None) -> tuple[list[QuantizedWeight], dict]:
+               seed: int = 0, on_step=None, plan=None) -> tuple[list[QuantizedWeight], dict]:
     """Tune ``items``' codes and scales so that ``layer``'s output on each batch approaches ``refs``.
 
     ``run(b, weights)`` calls the layer on calibration batch ``b`` with the parameters named in ``weights``
     replaced and returns its output (hidden states);
     ``refs[b]`` is the float layer's output there. Returns the weights to keep (the solved ones when
-    tuning did not lower the loss over all batches) and a record of what happened."""
+    tuning did not lower the loss over all batches) and a record of what happened.
+
+    Across processes (``plan``: a ``layer_quantize.CalibPlan``; None: one process holding every batch), ``run``
+    and ``refs`` take this rank's local batch positions. Each step's batch is the one a single process would
+    take; the rank that holds it computes the step's signs and broadcasts them, and the losses over all batches
+    are gathered and summed in batch order, so every rank makes the same moves as one process would."""
+    share = _Share(plan, len(refs))
     lr = default_lr(steps, min((it.qw.spec.bits for it in items), default=4)) if lr is None else lr
     params = dict(layer.named_parameters())
     dtypes = {it.name: params[it.name].dtype for it in items}
@@ -105,43 +194,84 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
              for it in items]
 
     def overrides() -> dict:
-        return {it.name: _weight(it.qw, u, a).to(dtypes[it.name]) for it, u, a in zip(items, us, as_)}
+        return {it.name: _TunedWeight.apply(u, a, it.qw, dtypes[it.name]) for it, u, a in zip(items, us, as_)}
 
     def full_loss(qws: list[QuantizedWeight]) -> float:
         with torch.no_grad():
             w = {it.name: q.dequantize(dtypes[it.name]) for it, q in zip(items, qws)}
-            return sum(float(torch.mean((run(b, w).float() - refs[b].float()) ** 2)) for b in range(len(refs)))
+            return share.total({g: float(torch.mean((run(j, w).float() - refs[j].float()) ** 2))
+                                for g, j in share.local.items()})
 
     before = full_loss([it.qw for it in items])  # step 0 gives exactly these weights (``start_offsets``)
-    order = torch.randperm(len(refs), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(share.n, generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
-        b = int(order[step % len(refs)])
-        with torch.enable_grad():  # gradients of the offsets only: nothing accumulates on the layer's parameters
-            loss = torch.mean((run(b, overrides()).float() - refs[b].float()) ** 2)
-            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+        g = int(order[step % share.n])
+        signs, loss = None, None
+        if g in share.local:
+            j = share.local[g]
+            with torch.enable_grad():  # gradients of the offsets only: nothing accumulates on the layer's parameters
+                loss = torch.mean((run(j, overrides()).float() - refs[j].float()) ** 2)
+                grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+            signs, loss = [None if x is None else x.sign_() for x in grads], float(loss.detach())
+        signs, loss = share.from_holder(g, signs, loss, trainable)
         rate = lr * (1 - step / steps)
         with torch.no_grad():
-            g = iter(grads)
+            d = iter(signs)
             for u, m in zip(us, masks):
-                gu = next(g)
-                if gu is not None:
-                    u.sub_(rate * torch.sign(gu) * (1 if m is None else m)).clamp_(-1.0, 1.0)
+                du = next(d)
+                if du is not None:
+                    u.sub_(rate * du * (1 if m is None else m)).clamp_(-1.0, 1.0)
             for a, m in zip(as_, masks):
-                ga = next(g) if a is not None else None
-                if ga is not None:
-                    a.sub_(rate * torch.sign(ga) * (1 if m is None else m)).clamp_(-max_scale_change, max_scale_change)
+                da = next(d) if a is not None else None
+                if da is not None:
+                    a.sub_(rate * da * (1 if m is None else m)).clamp_(-max_scale_change, max_scale_change)
         if on_step is not None:
-            on_step(float(loss.detach()))
+            on_step(loss)
     with torch.no_grad():
         tuned = [_final(it.qw, u, a, scale_dtype) for it, u, a in zip(items, us, as_)]
     after = full_loss(tuned)  # what would be written (scales rounded to their stored dtype)
     changed = sum(int((t.qweight != it.qw.qweight).sum()) for it, t in zip(items, tuned))
     total = sum(it.qw.qweight.numel() for it in items)
     kept = after < before
-    info = {"steps": steps, "lr": lr, "loss_before": before / len(refs), "loss_after": after / len(refs),
+    info = {"steps": steps, "lr": lr, "loss_before": before / share.n, "loss_after": after / share.n,
             "kept": kept, "codes_changed": changed, "codes": total,
             "frozen_members": sum(int(it.frozen.sum()) for it in items if it.frozen is not None)}
     return (tuned if kept else [it.qw for it in items]), info
+
+
+class _Share:
+    """Which process holds which calibration batch during the tuning (one process: all of them)."""
+
+    def __init__(self, plan, n_local: int):
+        from ..distributed import SINGLE
+
+        self.ranks = plan.ranks if plan is not None else SINGLE
+        self.local = dict(plan.local) if plan is not None else {b: b for b in range(n_local)}  # global -> local
+        self.n = sum(len(c) for c in plan.chunks) if plan is not None else n_local
+        self.holder = {b: c % self.ranks.world for c, ch in enumerate(plan.chunks) for b in ch} if plan is not None else {}
+
+    def total(self, losses: dict[int, float]) -> float:
+        """The sum over every batch, in batch order (whichever rank computed each)."""
+        if self.ranks.active:
+            losses = {g: v for part in self.ranks.all_gather_objects(losses) for g, v in part.items()}
+        return sum(losses[g] for g in range(self.n))
+
+    def from_holder(self, g: int, signs, loss, like: list[torch.Tensor]):
+        """Batch ``g``'s step signs (one tensor or None per trainable tensor) and loss, broadcast by its holder."""
+        if not self.ranks.active:
+            return signs, loss
+        src = self.holder[g]
+        mine = self.ranks.rank == src
+        flat = (torch.cat([torch.zeros(t.numel(), dtype=torch.int8, device=t.device) if x is None
+                           else x.reshape(-1).to(torch.int8) for x, t in zip(signs, like)]) if mine
+                else torch.empty(sum(t.numel() for t in like), dtype=torch.int8))
+        flat = self.ranks.broadcast_flat(flat, src)
+        box = self.ranks.broadcast_object(loss, src)
+        out, start = [], 0
+        for t in like:  # zeros where the holder had no gradient: a move of 0 leaves the value as it was
+            out.append(flat[start:start + t.numel()].view(t.shape).to(device=t.device, dtype=torch.float32))
+            start += t.numel()
+        return out, box
 
 
 def layer_runner(layer: torch.nn.Module, feed, idx: int):
@@ -171,7 +301,7 @@ def float_outputs(layer, i: int, feed) -> list[torch.Tensor]:
 
 
 def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], offsets: dict, feed, cfg,
-               store_dtype, starved: set[int] = frozenset()) -> dict:
+               store_dtype, starved: set[int] = frozenset(), plan=None) -> dict:
     """Tune the solved layer's codes and scales on its output (``quant.tune``); update ``results`` and the
     layer's weights in place; the tuning record."""
     from .formats import scale_dtype
@@ -195,7 +325,7 @@ def tune_layer(layer, i: int, results: dict, refs: list[torch.Tensor], offsets: 
 
         new, info = tune_codes(layer, items, layer_runner(layer, feed, i), refs, cfg.tune_steps, cfg.tune_lr,
                                cfg.tune_scale_change, scale_dtype(cfg.format, store_dtype), seed=cfg.seed + i,
-                               on_step=step)
+                               on_step=step, plan=plan)
     for (t, param), qw in zip(keys, new):
         results[t] = qw
         param.data.copy_(qw.dequantize().to(param.dtype))

@@ -143,6 +143,9 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--tune-lr", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="First tuning step size (decays linearly to 0). Default 0.4 / --tune-steps, 0.8 / "
                    "--tune-steps at 3 bits or fewer.")
+@click.option("--tune-reference", type=click.Path(file_okay=False), default=None,
+              help="With --tune-steps: tune toward this float model's layer outputs instead of MODEL_DIR's own, "
+                   "e.g. the original a ZEDA model was made from (same architecture, up to zero experts).")
 @click.option("--starved-experts", type=click.Choice(["all-tokens", "rtn"]), default="all-tokens", show_default=True)
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True)
 @click.option("--only-experts", is_flag=True, help="Quantize routed experts only (keep attention, shared experts).")
@@ -178,7 +181,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
                    "the result is byte-identical to an uninterrupted run.")
 def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt, calib, calib_samples, seq_len,
              seed, batch_size, device, dtype, router_dtype, damp, no_clip_search, no_true_sequential,
-             weight_by_routing, refine_rounds, tune_steps, tune_lr, starved_experts, min_expert_tokens, only_experts, ignore, overrides,
+             weight_by_routing, refine_rounds, tune_steps, tune_lr, tune_reference, starved_experts, min_expert_tokens, only_experts, ignore, overrides,
              quantize_lm_head,
              measure_errors, awq_scales, awq_grid, awq_search_tokens, threads, deterministic, max_shard_size,
              overwrite, resume) -> None:
@@ -202,6 +205,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         seq_len=seq_len, seed=seed, batch_size=batch_size, device=device, dtype=dtype, router_dtype=router_dtype,
         damp=damp, clip_search=not no_clip_search, true_sequential=not no_true_sequential,
         weight_by_routing=weight_by_routing, refine_rounds=refine_rounds, tune_steps=tune_steps, tune_lr=tune_lr,
+        tune_reference=tune_reference,
         starved_experts=starved_experts, min_expert_tokens=min_expert_tokens,
         only_experts=only_experts, ignore=list(ignore), overrides=list(overrides), quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,

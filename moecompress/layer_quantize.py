@@ -132,11 +132,12 @@ def _has(layer, name) -> bool:
 
 def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None, cfg: QuantizeConfig, qspec,
                    store_dtype, handle: ModelHandle, router_dtype, awq: AwqSettings | None = None,
-                   plan: CalibPlan | None = None, schemes: dict | None = None):
+                   plan: CalibPlan | None = None, schemes: dict | None = None, reference=None):
     """Calibrate and solve one layer: (record, {target: QuantizedWeight}, {local name: modified float tensor}).
 
     ``schemes``: ``{"layers.{i}.{name}": QuantSpec}`` of the targets an override gives another scheme than
-    ``qspec`` (``quant.overrides.assign``)."""
+    ``qspec`` (``quant.overrides.assign``); ``reference(i, feed)``: the tuning's targets from another model's
+    layer (``tune_reference``), else this layer's float outputs."""
     schemes = schemes or {}
     record: dict = {"layer": i, "linears": {}}
     results: dict[Target, object] = {}
@@ -153,7 +154,9 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
     comm0 = (ranks.comm_s, ranks.comm_bytes)
     with RouterPrecision(layer, handle.spec.routers, router_dtype), bar:
         # block-output tuning's targets: the float layer's outputs along the float model's trajectory
-        refs = float_outputs(layer, i, feed) if cfg.tune_steps and feed is not None else None
+        refs = None
+        if cfg.tune_steps and feed is not None:
+            refs = reference(i, feed) if reference is not None else float_outputs(layer, i, feed)
         offsets = {} if refs is not None else None
         for stage in stages_of(targets, cfg.true_sequential):
             bar.set_postfix_str(f"calibrating {stage[0].stage}")

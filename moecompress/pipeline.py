@@ -42,6 +42,7 @@ from .quant.overrides import check_shapes
 from .quant.overrides import describe as describe_schemes
 from .quant.targets import apply_ignore, layer_targets, target_weight
 from .recipe import QuantizeConfig
+from .tune_reference import TuneReference
 
 log = logging.getLogger("moecompress")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,19 +105,22 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
                         "quantize its float original instead")
     if cfg.needs_calibration:
         handle.check_context(cfg.seq_len)
-    partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes, **_arithmetic()},
+    reference = TuneReference(cfg.tune_reference, handle) if cfg.tune_reference else None
+    partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes, **_arithmetic(),
+                                   **({"tune_reference_fingerprint": source_fingerprint(reference.path)}
+                                      if reference is not None else {})},
                          source_fingerprint(model_dir))
     try:
         try:
             return _quantize(handle, model_dir, out_dir, partial, cfg, overwrite, resume, command, max_shard_bytes,
-                             ranks, t_start)
+                             ranks, t_start, reference)
         except ResumeError as e:  # --resume --overwrite: a partial run that cannot be taken up is started over
             if not (resume and overwrite) or ranks.active:
                 raise
             log.warning("--resume --overwrite: %s; starting over", str(e).split(" (pass")[0].split("; pass")[0])
             partial.discard()
             return _quantize(handle, model_dir, out_dir, partial, cfg, overwrite, False, command, max_shard_bytes,
-                             ranks, t_start)
+                             ranks, t_start, reference)
     finally:
         partial.unlock()
 
@@ -132,7 +136,8 @@ def _arithmetic() -> dict:
 
 
 def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: PartialRun, cfg: QuantizeConfig,
-              overwrite: bool, resume: bool, command, max_shard_bytes: int, ranks: Ranks, t_start: float) -> dict:
+              overwrite: bool, resume: bool, command, max_shard_bytes: int, ranks: Ranks, t_start: float,
+              reference: TuneReference | None = None) -> dict:
     from .calib.specs import spec_paths
 
     inputs = spec_paths(cfg.calib)  # named by the user: never deleted, read or not
@@ -210,8 +215,10 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
             if awq is not None:  # folded float tensors round to their own stored dtype (fp32 routers stay fp32)
                 awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i), original=_stored_tensors(handle, i),
                                           spec_of=_layer_schemes(schemes, i))
+            targets_of = None if reference is None else (
+                lambda j, f: reference.outputs(j, f, device, dtype, router_dtype))
             record, results, overrides = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype,
-                                                         handle, router_dtype, awq, plan, schemes)
+                                                         handle, router_dtype, awq, plan, schemes, targets_of)
             if writer is not None:
                 for name, tensor in layer_tensors(handle, i, results, cfg.format, store_dtype, overrides).items():
                     writer.add(name, tensor)

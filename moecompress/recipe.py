@@ -98,6 +98,9 @@ class QuantizeConfig(NoBoolNumbers):
     tune_steps: int = Field(0, ge=0, le=100_000)
     tune_lr: float | None = Field(None, gt=0, le=1)
     tune_scale_change: float = Field(0.2, ge=0, lt=1)
+    # a float model of the same architecture whose layers' outputs the tuning aims at instead of the source's
+    # own (e.g. the original a ZEDA model was trained from: the quantized ZEDA model is pulled toward it)
+    tune_reference: str | None = None
     true_sequential: bool = True
     weight_by_routing: bool = True
     starved_experts: Literal["all-tokens", "rtn"] = "all-tokens"
@@ -232,9 +235,10 @@ class QuantizeConfig(NoBoolNumbers):
         if self.format == "awq" and self.overrides:
             raise ValueError("the AWQ format has one bit width and group size for the whole checkpoint; "
                              "write per-module schemes (overrides) with the compressed-tensors or GPTQ format")
-        if not self.tune_steps and (self.tune_lr is not None or self.tune_scale_change
+        if not self.tune_steps and (self.tune_lr is not None or self.tune_reference is not None or self.tune_scale_change
                                     != type(self).model_fields["tune_scale_change"].default):
-            raise ValueError("tune_lr and tune_scale_change apply to block-output tuning: set tune_steps too")
+            raise ValueError("tune_lr, tune_scale_change and tune_reference apply to block-output tuning: "
+                             "set tune_steps too")
         if self.tune_steps and not self.needs_calibration:
             raise ValueError("tune_steps tunes on the calibration data, which method rtn with measure_errors "
                              "off does not run; turn measure_errors on, or set tune_steps 0")

@@ -123,3 +123,17 @@ def test_every_shipped_recipe_parses():
     for f in files:
         r = parse_recipe(yaml.safe_load(f.read_text()), str(f))
         assert r.variants, f
+
+
+def test_tune_reference_original_is_the_recipes_model(tmp_path):
+    """``tune_reference: original`` in a recipe variant (e.g. a ZEDA model tuned toward the model it came from)
+    becomes the recipe's resolved model folder; other variants keep theirs."""
+    from moecompress.run.runner import Runner
+
+    text = GOOD.replace("variants:\n", "zeda: {target_skip: 0.5}\nvariants:\n"
+                        "  - {name: zt, from: zeda, method: gptq, tune_steps: 5, tune_reference: original}\n")
+    r = load_recipe(_write(tmp_path, text))
+    runner = Runner(r, tmp_path / "run", tmp_path / "model")
+    by = runner.by_name
+    assert by["zt"].config.tune_reference == str(tmp_path / "model") and by["zt"].source == "zeda"
+    assert by["rtn-w4"].config.tune_reference is None

@@ -317,3 +317,46 @@ def test_the_weights_own_backward_matches_autograd(layout, dtype, slice_elements
     u = u0.clone().requires_grad_()
     (gu3,) = torch.autograd.grad(_TunedWeight.apply(u, None, qw, torch.float32), (u,), gw)
     assert torch.equal(gu3, torch.autograd.grad(_weight(qw, u, None), (u,), gw)[0])
+
+
+def test_the_source_as_its_own_reference_changes_nothing(tiny_ckpt, tmp_path):
+    """``tune_reference`` set to the source itself: the same targets, hence the same bytes, as without one."""
+    from test_quantize_resume import digest
+
+    src = tiny_ckpt("qwen3_moe")
+    cfg = dict(bits=3, calib_samples=8, tune_steps=15, tune_lr=0.05)
+    quantize(src, tmp_path / "own", quick_config(**cfg))
+    quantize(src, tmp_path / "ref", quick_config(**cfg, tune_reference=str(src)))
+    assert digest(tmp_path / "ref") == digest(tmp_path / "own")
+
+
+@pytest.mark.slow
+def test_a_skipping_model_tuned_toward_its_original_comes_closer_to_it(tiny_ckpt, tmp_path):
+    """A zero-expert model that skips ~half its slots (the static top-k rule), quantized and tuned toward the
+    original it was made from, is closer to that original (KL) than the same quantization tuned toward itself."""
+    from moecompress.evals.evaluate import evaluate
+    from moecompress.zero.baselines import make_baseline
+
+    src = tiny_ckpt("qwen3_moe")
+    make_baseline(src, tmp_path / "skip", "top-k", 0.5, samples=4, seq_len=64)
+    cfg = dict(bits=4, calib_samples=16, tune_steps=60, tune_lr=0.05)
+    quantize(tmp_path / "skip", tmp_path / "own", quick_config(**cfg))
+    s = quantize(tmp_path / "skip", tmp_path / "toward", quick_config(**cfg, tune_reference=str(src)))
+    assert all(r["tune"]["kept"] for r in s["layers"])
+    kl = {d: evaluate(tmp_path / d, src, samples=8, seq_len=64)["kl"] for d in ("skip", "own", "toward")}
+    assert kl["toward"] < 0.9 * kl["own"], kl
+    assert kl["toward"] < kl["skip"], kl  # it even beats the float skipping model
+
+
+def test_a_reference_of_another_architecture_is_refused(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("qwen3_moe")
+    for other, match in ((tiny_ckpt("mixtral"), "mixtral model"), (tiny_ckpt("qwen3_moe", num_hidden_layers=3),
+                                                                   "num_hidden_layers"),
+                         (tiny_ckpt("qwen3_moe", seed=1), "token embeddings differ")):
+        with pytest.raises(UserError, match=match):
+            quantize(src, tmp_path / "q", quick_config(tune_steps=5, tune_reference=str(other)))
+    with pytest.raises(UserError, match="not a folder"):
+        quantize(src, tmp_path / "q", quick_config(tune_steps=5, tune_reference=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="set tune_steps too"):
+        quick_config(tune_reference=str(src))
+    assert not (tmp_path / "q").exists()

@@ -82,7 +82,10 @@ class Runner:
         # the others wait, and every step ends on a barrier so all ranks see the same files when deciding the next
         self.ranks = ranks or SINGLE
         self.recipe_file = recipe_file
-        self.variants = recipe.built_variants()
+        # a variant's ``tune_reference: original`` is the recipe's model (its ZEDA variants are tuned toward it)
+        self.variants = [v.model_copy(update={"config": v.config.model_copy(update={"tune_reference": str(model_dir)})})
+                         if isinstance(v.config, QuantizeConfig) and v.config.tune_reference == "original" else v
+                         for v in recipe.built_variants()]
         self.by_name = {v.name: v for v in self.variants}
         self.zeda = recipe.zeda_config()
         self.zeda_dir = run_dir / "zeda"

@@ -331,21 +331,23 @@ def test_the_source_as_its_own_reference_changes_nothing(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_skipping_model_tuned_toward_its_original_comes_closer_to_it(tiny_ckpt, tmp_path):
-    """A zero-expert model that skips ~half its slots (the static top-k rule), quantized and tuned toward the
-    original it was made from, is closer to that original (KL) than the same quantization tuned toward itself."""
+def test_a_skipping_model_tuned_toward_its_original_comes_closer_to_it(quick_demo_cache, tmp_path):
+    """A zero-expert model that skips half its slots (the static top-k rule on the quick demo model, trained),
+    quantized and tuned toward the original it was made from, is closer to that original (KL on held-out
+    text) than the same quantization tuned toward itself, and than the float skipping model (measured 0.89x
+    and 0.89x)."""
+    from moecompress.demo_model import demo_model_path
     from moecompress.evals.evaluate import evaluate
     from moecompress.zero.baselines import make_baseline
 
-    src = tiny_ckpt("qwen3_moe")
-    make_baseline(src, tmp_path / "skip", "top-k", 0.5, samples=4, seq_len=64)
-    cfg = dict(bits=4, calib_samples=16, tune_steps=60, tune_lr=0.05)
+    src = demo_model_path(quick_demo_cache, quick=True)
+    make_baseline(src, tmp_path / "skip", "top-k", 0.5, samples=8, seq_len=64)
+    cfg = dict(bits=4, group_size=64, calib_samples=16, seq_len=128, tune_steps=40, tune_lr=0.05)
     quantize(tmp_path / "skip", tmp_path / "own", quick_config(**cfg))
-    s = quantize(tmp_path / "skip", tmp_path / "toward", quick_config(**cfg, tune_reference=str(src)))
-    assert all(r["tune"]["kept"] for r in s["layers"])
-    kl = {d: evaluate(tmp_path / d, src, samples=8, seq_len=64)["kl"] for d in ("skip", "own", "toward")}
-    assert kl["toward"] < 0.9 * kl["own"], kl
-    assert kl["toward"] < kl["skip"], kl  # it even beats the float skipping model
+    quantize(tmp_path / "skip", tmp_path / "toward", quick_config(**cfg, tune_reference=str(src)))
+    kl = {d: evaluate(tmp_path / d, src, samples=16, seq_len=128)["kl"] for d in ("skip", "own", "toward")}
+    assert kl["toward"] < 0.95 * kl["own"], kl
+    assert kl["toward"] < 0.95 * kl["skip"], kl
 
 
 def test_a_reference_of_another_architecture_is_refused(tiny_ckpt, tmp_path):

@@ -4,7 +4,8 @@ A sibling of ``vs_llmcompressor_awq.py``, whose launcher, children, readers and 
 each setting (default W4 g128 and W3 g64; symmetric unless ``--asym``) every variant quantizes the same
 float MoE model on the same calibration windows, each in a fresh subprocess on ``--threads`` threads:
 
-* ``ours-rtn``, ``ours-gptq``, ``ours-awq+gptq``, ``ours-gptq+tune`` (``--tune-steps 200``):
+* ``ours-rtn``, ``ours-gptq``, ``ours-awq+gptq``, ``ours-gptq+tune`` (``--tune-steps 200``; ``+tune50`` and
+  ``+tune1000``: the step counts of AutoRound's light and best recipes):
   ``moecompress.pipeline.quantize`` (its defaults otherwise: routers and lm_head in high precision,
   compressed-tensors output);
 * ``autoround`` (its default recipe, 200 iterations), ``autoround-light`` (50), ``autoround-best``
@@ -38,7 +39,9 @@ from vs_llmcompressor_awq import evaluate_variant, markdown_table, prepare_run, 
 
 AUTOROUND_CHILD = Path(__file__).resolve().parent / "_autoround_child.py"
 OURS = {"ours-rtn": {"method": "rtn"}, "ours-gptq": {"method": "gptq"}, "ours-awq+gptq": {"method": "awq+gptq"},
-        "ours-gptq+tune": {"method": "gptq", "tune_steps": 200}}
+        "ours-gptq+tune": {"method": "gptq", "tune_steps": 200},
+        # the step counts of AutoRound's light and best recipes
+        "ours-gptq+tune50": {"method": "gptq", "tune_steps": 50}, "ours-gptq+tune1000": {"method": "gptq", "tune_steps": 1000}}
 AUTOROUND = {"autoround": "default", "autoround-light": "light", "autoround-best": "best",
              "autoround-opt-rtn": "opt_rtn"}
 DEFAULT_VARIANTS = "ours-rtn,ours-gptq,ours-gptq+tune,ours-awq+gptq,autoround-opt-rtn,autoround"

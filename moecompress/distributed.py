@@ -131,6 +131,10 @@ class Ranks:
         self.comm_bytes += t.numel() * t.element_size()
         return t
 
+    def comm_device(self) -> torch.device:
+        """Where collectives take their tensors: the CPU under gloo (or one process), this rank's GPU under NCCL."""
+        return self._comm_device() if self.active else torch.device("cpu")
+
     @staticmethod
     def _comm_device() -> torch.device:
         return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())

@@ -106,9 +106,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
     if cfg.needs_calibration:
         handle.check_context(cfg.seq_len)
     reference = TuneReference(cfg.tune_reference, handle) if cfg.tune_reference else None
-    partial = PartialRun(out_dir, {**cfg.model_dump(), "max_shard_bytes": max_shard_bytes, **_arithmetic(),
-                                   **({"tune_reference_fingerprint": source_fingerprint(reference.path)}
-                                      if reference is not None else {})},
+    # the reference, like the source, is known by its files' fingerprint, not by how its path is spelt
+    partial = PartialRun(out_dir, {**cfg.model_dump(exclude={"tune_reference"}), "max_shard_bytes": max_shard_bytes,
+                                   **_arithmetic(), "tune_reference": reference and source_fingerprint(reference.path)},
                          source_fingerprint(model_dir))
     try:
         try:
@@ -140,7 +140,7 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
               reference: TuneReference | None = None) -> dict:
     from .calib.specs import spec_paths
 
-    inputs = spec_paths(cfg.calib)  # named by the user: never deleted, read or not
+    inputs = [*spec_paths(cfg.calib), *([reference.path] if reference is not None else [])]  # named by the user: never deleted, read or not
     saved = _agree(ranks, lambda: claim(partial, model_dir, resume, overwrite, inputs))
     if saved == FINISHED:  # a finished run killed before its rename, now in place
         ranks.barrier()

@@ -4,8 +4,9 @@ By default the tuning (``quant.tune``) pulls each quantized layer toward the sou
 With a reference, the targets are the outputs of the reference model's layer ``i`` along the reference's own
 trajectory: a ZEDA model (zero experts, ``moecompress zeda``) quantized with its original as the reference is
 pulled toward the original, so the codes also make up for some of what skipping the experts costs. The
-reference is read one layer at a time, like the source; its architecture must match the source's up to zero
-experts (same family, layers, attention and widths)."""
+reference is read one layer at a time, like the source (while it runs, the reference's layer is in memory
+beside the source's); its architecture must match the source's up to zero experts (same family, layers,
+attention and widths)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .errors import UserError
 # what the captured per-layer inputs (position embeddings, masks) and the hidden states depend on
 _SAME = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
          "rope_theta", "rope_parameters", "rope_scaling", "partial_rotary_factor", "sliding_window", "layer_types",
-         "max_position_embeddings", "vocab_size")
+         "max_position_embeddings", "vocab_size", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim",
+         "qk_nope_head_dim", "v_head_dim", "first_k_dense_replace", "mlp_only_layers", "decoder_sparse_step")
 
 
 class TuneReference:
@@ -29,7 +31,10 @@ class TuneReference:
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"--tune-reference {path}: not a folder")
-        self.handle = ModelHandle.open(path)
+        try:
+            self.handle = ModelHandle.open(path)
+        except UserError as e:
+            raise UserError(f"--tune-reference: {e}") from None
         self.path = path
         if self.handle.reader.config.get("quantization_config"):
             raise UserError(f"--tune-reference {path} is quantized; the tuning's targets come from a float model")

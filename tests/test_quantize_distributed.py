@@ -152,6 +152,13 @@ def test_tuning_on_two_and_three_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_pa
         info = json.loads((tmp_path / f"n{n}" / "moecompress.json").read_text())
         assert [r["tune"] for r in info["layers"]] == tunes
         assert info["distributed"]["world_size"] == n
+    # toward another model's layers (each rank runs the reference's layer on its own batches)
+    from test_tune import _perturbed_copy
+
+    ref = ["--tune-reference", str(_perturbed_copy(src, tmp_path / "ref"))]
+    _run(_single(src, tmp_path / "one-ref", *extra, *ref))
+    _run(_torchrun(2, src, tmp_path / "two-ref", *extra, *ref))
+    assert digest(tmp_path / "two-ref") == digest(tmp_path / "one-ref") != digest(tmp_path / "one")
 
 
 def test_a_tuned_run_resumes_on_another_rank_count(tmp_path, monkeypatch):

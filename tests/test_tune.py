@@ -278,7 +278,7 @@ def test_tuning_settings_without_tuning_are_refused():
     quick_config(tune_steps=5, tune_lr=0.01, tune_scale_change=0.1)
 
 
-@pytest.mark.parametrize("layout", ["groups", "batched-asym", "act-order"])
+@pytest.mark.parametrize("layout", ["groups", "batched-asym", "act-order", "act-order-shared", "act-order-2d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slice_elements", [None, 100])
 def test_the_weights_own_backward_matches_autograd(layout, dtype, slice_elements, monkeypatch):
@@ -293,12 +293,14 @@ def test_the_weights_own_backward_matches_autograd(layout, dtype, slice_elements
         monkeypatch.setattr(tune, "_SLICE_ELEMENTS", slice_elements)
 
     torch.manual_seed(3)
-    e, n, k, g = (3, 8, 64, 16) if layout != "groups" else (None, 8, 64, 16)
+    e, n, k, g = (None, 8, 64, 16) if layout in ("groups", "act-order-2d") else (3, 8, 64, 16)
     shape = (n, k) if e is None else (e, n, k)
     gshape = shape[:-1] + (k // g,)
     scales = torch.rand(gshape) * 0.1 + 0.05
     zeros = (torch.randint(2, 14, gshape) if layout == "batched-asym" else torch.full(gshape, 8)).to(torch.uint8)
-    g_idx = torch.stack([torch.randperm(k) // g for _ in range(e)]).int() if layout == "act-order" else None
+    g_idx = {"act-order": lambda: torch.stack([torch.randperm(k) // g for _ in range(e)]).int(),  # per expert
+             "act-order-shared": lambda: (torch.randperm(k) // g).int(),  # one for every expert
+             "act-order-2d": lambda: (torch.randperm(k) // g).int()}.get(layout, lambda: None)()
     qw = QuantizedWeight(torch.randint(0, 16, shape, dtype=torch.uint8), scales, zeros,
                          QuantSpec(bits=4, group_size=g, symmetric=layout != "batched-asym"), g_idx)
     u0 = torch.rand(shape) * 2 - 1  # codes 0 and 15 pushed past the clamp too
@@ -348,6 +350,53 @@ def test_a_skipping_model_tuned_toward_its_original_comes_closer_to_it(quick_dem
     kl = {d: evaluate(tmp_path / d, src, samples=16, seq_len=128)["kl"] for d in ("skip", "own", "toward")}
     assert kl["toward"] < 0.95 * kl["own"], kl
     assert kl["toward"] < 0.95 * kl["skip"], kl
+
+
+def _perturbed_copy(src, dst):
+    """``src`` with one attention weight of its last layer scaled (its embeddings, hence trajectory start, kept)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        state = load_file(f)
+        for k in state:
+            if k.endswith("layers.1.self_attn.o_proj.weight"):
+                state[k] = state[k] * 1.5
+        save_file(state, f, metadata={"format": "pt"})
+    return dst
+
+
+def test_the_targets_come_from_the_reference(tiny_ckpt, tmp_path, monkeypatch):
+    """Another reference gives other codes than the source's own; a run that crashed resumes with the
+    reference's path spelt differently (it is known by its files), and the output folder cannot be it."""
+    from moecompress import pipeline
+    from test_quantize_resume import digest
+
+    src = tiny_ckpt("qwen3_moe")
+    ref = _perturbed_copy(src, tmp_path / "ref")
+    cfg = dict(bits=3, calib_samples=8, tune_steps=15, tune_lr=0.05)
+    quantize(src, tmp_path / "own", quick_config(**cfg))
+    quantize(src, tmp_path / "toward", quick_config(**cfg, tune_reference=str(ref)))
+    assert digest(tmp_path / "toward") != digest(tmp_path / "own")
+    real = pipeline._quantize_layer
+
+    def crashing(layer_mod, i, *a, **kw):
+        if i == 1:
+            raise RuntimeError("simulated crash")
+        return real(layer_mod, i, *a, **kw)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "_quantize_layer", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quantize(src, tmp_path / "q", quick_config(**cfg, tune_reference="ref"))
+    monkeypatch.undo()
+    quantize(src, tmp_path / "q", quick_config(**cfg, tune_reference=str(ref)), resume=True)
+    assert digest(tmp_path / "q") == digest(tmp_path / "toward")
+    with pytest.raises(UserError, match="an input of this run"):
+        quantize(src, ref, quick_config(**cfg, tune_reference=str(ref)), overwrite=True)
+    assert (ref / "config.json").is_file()
 
 
 def test_a_reference_of_another_architecture_is_refused(tiny_ckpt, tmp_path):

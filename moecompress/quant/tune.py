@@ -212,7 +212,8 @@ def tune_codes(layer: torch.nn.Module, items: list[TuneItem], run, refs: list[to
             with torch.enable_grad():  # gradients of the offsets only: nothing accumulates on the layer's parameters
                 loss = torch.mean((run(j, overrides()).float() - refs[j].float()) ** 2)
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-            signs, loss = [None if x is None else x.sign_() for x in grads], float(loss.detach())
+            # (a NaN gradient moves nothing, in one process as across several)
+            signs, loss = [None if x is None else x.sign_().nan_to_num_(0.0) for x in grads], float(loss.detach())
         signs, loss = share.from_holder(g, signs, loss, trainable)
         rate = lr * (1 - step / steps)
         with torch.no_grad():
@@ -261,10 +262,14 @@ class _Share:
         if not self.ranks.active:
             return signs, loss
         src = self.holder[g]
-        mine = self.ranks.rank == src
-        flat = (torch.cat([torch.zeros(t.numel(), dtype=torch.int8, device=t.device) if x is None
-                           else x.reshape(-1).to(torch.int8) for x, t in zip(signs, like)]) if mine
-                else torch.empty(sum(t.numel() for t in like), dtype=torch.int8))
+        flat = torch.zeros(sum(t.numel() for t in like), dtype=torch.int8, device=self.ranks.comm_device())
+        if self.ranks.rank == src:
+            start = 0
+            for i, t in enumerate(like):  # each float sign tensor is let go once copied
+                if signs[i] is not None:
+                    flat[start:start + t.numel()] = signs[i].reshape(-1)
+                    signs[i] = None
+                start += t.numel()
         flat = self.ranks.broadcast_flat(flat, src)
         box = self.ranks.broadcast_object(loss, src)
         out, start = [], 0

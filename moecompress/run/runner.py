@@ -83,7 +83,8 @@ class Runner:
         self.ranks = ranks or SINGLE
         self.recipe_file = recipe_file
         # a variant's ``tune_reference: original`` is the recipe's model (its ZEDA variants are tuned toward it)
-        self.variants = [v.model_copy(update={"config": v.config.model_copy(update={"tune_reference": str(model_dir)})})
+        self.variants = [v.model_copy(update={"config": v.config.model_copy(
+                             update={"tune_reference": str(Path(model_dir).resolve())})})
                          if isinstance(v.config, QuantizeConfig) and v.config.tune_reference == "original" else v
                          for v in recipe.built_variants()]
         self.by_name = {v.name: v for v in self.variants}
@@ -458,6 +459,9 @@ def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | No
     for v in built:
         if v.config.needs_calibration:
             h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")
+        ref = v.config.tune_reference
+        if ref not in (None, "original") and not Path(ref).is_dir():  # (checked in full when the variant builds)
+            raise UserError(f"variant {v.name}: tune_reference {ref} is not a folder")
     for v in recipe.built_variants():
         if isinstance(v.config, SkipBaseline):
             h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")

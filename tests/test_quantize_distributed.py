@@ -68,24 +68,31 @@ def test_expert_statistics_live_on_their_owner(tiny_ckpt, tmp_path):
         assert max(peaks) < bound * one["peak_stats_bytes"], (n, peaks, one["peak_stats_bytes"])
 
 
-def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):
-    """A run that crashed on one process resumes on two ranks (each loads its chunks' feed): same bytes."""
-    from moecompress import pipeline
-    from moecompress.recipe import build_config
-
-    src = tiny_ckpt("qwen3_moe")
-    _run(_single(src, tmp_path / "ref"))
-    _crash_at(monkeypatch, 1)
-    cfg = build_config(bits=4, group_size=32, calib_samples=12, seq_len=64, batch_size=2)
+def _crash_on_one_thread(monkeypatch, src, out, cfg, layer: int) -> None:
+    """A one-process run (one thread, as each torchrun rank has) of ``src`` into ``out`` that crashed in ``layer``."""
     import torch
 
+    from moecompress import pipeline
+
+    _crash_at(monkeypatch, layer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with pytest.raises(RuntimeError):
-            pipeline.quantize(src, tmp_path / "q", cfg)
+            pipeline.quantize(src, out, cfg)
     finally:
         torch.set_num_threads(threads)
+        monkeypatch.undo()
+
+
+def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):
+    """A run that crashed on one process resumes on two ranks (each loads its chunks' feed): same bytes."""
+    from moecompress.recipe import build_config
+
+    src = tiny_ckpt("qwen3_moe")
+    _run(_single(src, tmp_path / "ref"))
+    _crash_on_one_thread(monkeypatch, src, tmp_path / "q", build_config(bits=4, group_size=32, calib_samples=12,
+                                                                        seq_len=64, batch_size=2), 1)
     assert json.loads((tmp_path / ".q.partial" / "manifest.json").read_text())["layers_done"] == 1
     _run(_torchrun(2, src, tmp_path / "q", "--resume"))
     assert digest(tmp_path / "q") == digest(tmp_path / "ref")
@@ -164,24 +171,14 @@ def test_tuning_on_two_and_three_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_pa
 def test_a_tuned_run_resumes_on_another_rank_count(tmp_path, monkeypatch):
     """The float trajectory the tuning aims at is saved chunk by chunk with the feed: a tuned run that crashed
     in layer 2 on one process resumes on two ranks, each loading its chunks' targets, and writes the same bytes."""
-    import torch
-
-    from moecompress import pipeline
     from moecompress.recipe import build_config
     from moecompress.tiny import save_tiny
 
     src = save_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=3)
     extra = ["--bits", "3", "--tune-steps", "12", "--tune-lr", "0.05"]
     _run(_single(src, tmp_path / "ref", *extra))
-    _crash_at(monkeypatch, 2)
-    cfg = build_config(bits=3, group_size=32, calib_samples=12, seq_len=64, batch_size=2, tune_steps=12, tune_lr=0.05)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(RuntimeError):
-            pipeline.quantize(src, tmp_path / "q", cfg)
-    finally:
-        torch.set_num_threads(threads)
+    _crash_on_one_thread(monkeypatch, src, tmp_path / "q", build_config(
+        bits=3, group_size=32, calib_samples=12, seq_len=64, batch_size=2, tune_steps=12, tune_lr=0.05), 2)
     assert json.loads((tmp_path / ".q.partial" / "manifest.json").read_text())["layers_done"] == 2
     _run(_torchrun(2, src, tmp_path / "q", *extra, "--resume"))
     assert digest(tmp_path / "q") == digest(tmp_path / "ref")

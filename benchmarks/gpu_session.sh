@@ -22,6 +22,8 @@
 #   offload  expert offload on the GPU: its tests (tests/test_runtime_cpu_packed.py -k offload), then
 #          benchmarks/offload_decode.py: decode tok/s with 128/96/64/32/0 experts per layer on the GPU (the rest
 #          on the CPU) beside `moecompress plan`'s estimate, Qwen3-30B-A3B shapes, 2 layers -> offload.json
+#   tune   benchmarks/tune_memory.py --device cuda: a whole Qwen3-30B-A3B MoE block (128 experts) tuned in bf16,
+#          peak GPU memory and step time of the tuning's own backward against torch's autograd (its twin)
 # Timeouts: 520 s shared by the selected steps in proportion to WEIGHT below (one alone: 520 s);
 # override with TESTS_TIMEOUT / BENCH_TIMEOUT / E2E_TIMEOUT (seconds) or BUDGET.
 # Everything lands in $OUT: summary.txt, setup.log, steps.log (every step's output) and the JSON files (the
@@ -57,7 +59,7 @@ fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(zero layer e2e tests)
 for s in "${steps[@]}"; do
-    case $s in tests|bench|e2e|zero|align|layer|sweep|offload|zeda) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep, offload, zeda; fetch-wheels on the dev machine)"; exit 2;; esac
+    case $s in tests|bench|e2e|zero|align|layer|sweep|offload|zeda|tune) ;; *) echo "unknown step '$s' (zero, align, layer, e2e, tests, bench, sweep, offload, zeda, tune; fetch-wheels on the dev machine)"; exit 2;; esac
 done
 
 OUT=${OUT:-/tmp/moecompress_gpu_out}  # the device tool sets OUT
@@ -69,7 +71,7 @@ SETUP=$OUT/setup.log
 # whole call (setup ~30 s, 15 s kill grace per step) stays under the device tool's 600 s;
 # TESTS_TIMEOUT/BENCH_TIMEOUT/E2E_TIMEOUT override
 BUDGET=${BUDGET:-520}
-declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100 [offload]=160 [zeda]=120)
+declare -A WEIGHT=([tests]=100 [bench]=120 [e2e]=160 [zero]=100 [align]=80 [layer]=160 [sweep]=100 [offload]=160 [zeda]=120 [tune]=90)
 total_w=0
 for s in "${steps[@]}"; do total_w=$((total_w + WEIGHT[$s])); done
 limit() {  # step -> seconds
@@ -240,6 +242,10 @@ for s in "${steps[@]}"; do
         run_step offload $((secs - secs / 3)) env TRITON_INTERPRET=0 "$PY" benchmarks/offload_decode.py --device cuda \
             --near all,96,64,32,0 --new-tokens 16 --repeats 3 --workdir "${OFFLOAD_WORKDIR:-/tmp/moecompress_offload}" \
             --json "$OUT/offload.json"
+        ;;
+    tune)  # block-output tuning of a whole Qwen3-30B-A3B MoE block in bf16: GPU memory and step time
+        run_step tune "$(limit tune)" env TRITON_INTERPRET=0 "$PY" benchmarks/tune_memory.py --device cuda \
+            --experts "${TUNE_EXPERTS:-128}" --tokens "${TUNE_TOKENS:-4096}" --steps 8
         ;;
     esac
 done

@@ -1,6 +1,7 @@
 """Peak memory and time per step of block-output tuning (``quantize --tune-steps``) on one MoE block.
 
-Each mode runs in its own process (peak RSS from ``VmHWM``): ``none`` builds the block, its inputs and
+Each mode runs in its own process (peak RSS from ``VmHWM``; with ``--device cuda``, bf16 on the GPU, the peak of
+allocated GPU memory from the point the block is quantized): ``none`` builds the block, its inputs and
 targets and quantizes it (RTN) but does not tune: the baseline; ``tune`` runs ``quant.tune.tune_codes`` for
 ``--steps`` steps; ``twin`` the same with the weights built by ``quant.tune._weight`` (torch's autograd
 keeps its intermediates, as the tuning did before session 25) instead of ``_TunedWeight``. The extra peak over the baseline, in units of the block's weights at 2 bytes each (bf16),
@@ -8,6 +9,7 @@ is what the tuning costs. Shapes default to a Qwen3-30B-A3B MoE block with fewer
 expert intermediate 768, top-8 of ``--experts``)::
 
     python benchmarks/tune_memory.py --experts 32 --tokens 1024 --steps 4
+    python benchmarks/tune_memory.py --device cuda --experts 128 --tokens 4096 --steps 8   # a whole Qwen3-30B-A3B block
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ def child(args) -> dict:
     from moecompress.tiny import build_tiny
 
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    dev, dtype = torch.device(args.device), torch.bfloat16 if cuda else torch.float32
     model = build_tiny("qwen3_moe", num_hidden_layers=1, hidden_size=args.hidden, moe_intermediate_size=args.inter,
                        num_experts=args.experts, num_experts_per_tok=args.top_k, intermediate_size=args.inter,
                        num_attention_heads=16, num_key_value_heads=4, head_dim=128, vocab_size=256)
-    block = model.model.layers[0].mlp
+    block = model.model.layers[0].mlp.to(dev, dtype)
     del model
     torch.manual_seed(0)
-    xs = [torch.randn(1, args.tokens, args.hidden) for _ in range(args.batches)]
+    xs = [torch.randn(1, args.tokens, args.hidden, device=dev, dtype=dtype) for _ in range(args.batches)]
     with torch.no_grad():
         refs = [layer_output(block(x)) for x in xs]
     spec = QuantSpec(bits=4, group_size=128, symmetric=True, clip_ratios=(1.0,))
@@ -51,7 +55,12 @@ def child(args) -> dict:
             with torch.no_grad():
                 p.copy_(qw.dequantize())
     weights = sum(it.qw.qweight.numel() for it in items)
-    base = vm_hwm()
+    peak = vm_hwm
+    if cuda:  # the GPU's peak of allocated memory, from here on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        peak = torch.cuda.max_memory_allocated
+    base = peak()
     out = {"mode": args.mode, "weights": weights, "bf16_bytes": 2 * weights, "baseline_peak": base}
     if args.mode in ("tune", "twin"):
         if args.mode == "twin":
@@ -63,13 +72,15 @@ def child(args) -> dict:
         t = [time.perf_counter()]
 
         def step(_loss):
+            if cuda:
+                torch.cuda.synchronize()
             now = time.perf_counter()
             times.append(now - t[0])
             t[0] = now
 
         _, info = tune_codes(block, items, run, refs, args.steps, on_step=step)
         times.sort()
-        out.update(step_s_median=times[len(times) // 2], peak=vm_hwm())
+        out.update(step_s_median=times[len(times) // 2], peak=peak())
         out["extra_over_bf16"] = (out["peak"] - base) / out["bf16_bytes"]
     return out
 
@@ -84,6 +95,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (fp32; peak RSS) or cuda (bf16; peak allocated GPU memory)")
     ap.add_argument("--mode", choices=["none", "twin", "tune"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
@@ -99,7 +111,8 @@ def main() -> None:
     print(f"block: {args.experts} experts x 3 x {args.hidden} x {args.inter} = {tune['weights'] / 1e6:.0f}M weights "
           f"({tune['bf16_bytes'] / gib:.2f} GiB in bf16); {args.batches} batches of {args.tokens} tokens, "
           f"{args.threads} threads")
-    print(f"peak RSS, no tuning: {none['baseline_peak'] / gib:.2f} GiB")
+    what = "peak allocated GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    print(f"{what}, no tuning: {none['baseline_peak'] / gib:.2f} GiB")
     for name, r in (("autograd twin (_weight)", twin), ("own backward (_TunedWeight)", tune)):
         print(f"{name:28s} peak {r['peak'] / gib:.2f} GiB (+{(r['peak'] - r['baseline_peak']) / gib:.2f} GiB = "
               f"{r['extra_over_bf16']:.1f}x the block's bf16 size), median step {r['step_s_median']:.3f} s")

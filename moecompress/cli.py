@@ -139,7 +139,8 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
 @click.option("--tune-steps", type=click.IntRange(0, 100_000), default=0, show_default=True,
               help="After each layer is solved, tune its codes (each by at most one) and group scales for this "
                    "many signed-gradient steps so that its output approaches the float model's hidden states "
-                   "(0: off; 200 is a good start). Slower: about 0.08 s a step per layer on the demo model (2 cores).")
+                   "(0: off; 50 gets most of the gain, 200 a little more). Slower: about 0.08 s a step per layer on "
+                   "the demo model (2 cores).")
 @click.option("--tune-lr", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="First tuning step size (decays linearly to 0). Default 0.4 / --tune-steps, 0.8 / "
                    "--tune-steps at 3 bits or fewer.")

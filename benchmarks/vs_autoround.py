@@ -41,7 +41,10 @@ AUTOROUND_CHILD = Path(__file__).resolve().parent / "_autoround_child.py"
 OURS = {"ours-rtn": {"method": "rtn"}, "ours-gptq": {"method": "gptq"}, "ours-awq+gptq": {"method": "awq+gptq"},
         "ours-gptq+tune": {"method": "gptq", "tune_steps": 200},
         # the step counts of AutoRound's light and best recipes
-        "ours-gptq+tune50": {"method": "gptq", "tune_steps": 50}, "ours-gptq+tune1000": {"method": "gptq", "tune_steps": 1000}}
+        "ours-gptq+tune50": {"method": "gptq", "tune_steps": 50}, "ours-gptq+tune1000": {"method": "gptq", "tune_steps": 1000},
+        # 1000 steps at a larger first step than the default (0.4 / steps, 0.8 / steps at 3 bits)
+        "ours-gptq+tune1000-lr2e-3": {"method": "gptq", "tune_steps": 1000, "tune_lr": 2e-3},
+        "ours-gptq+tune1000-lr4e-3": {"method": "gptq", "tune_steps": 1000, "tune_lr": 4e-3}}
 AUTOROUND = {"autoround": "default", "autoround-light": "light", "autoround-best": "best",
              "autoround-opt-rtn": "opt_rtn"}
 DEFAULT_VARIANTS = "ours-rtn,ours-gptq,ours-gptq+tune,ours-awq+gptq,autoround-opt-rtn,autoround"

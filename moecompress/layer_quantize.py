@@ -63,6 +63,10 @@ class CalibPlan:
     def batches(self, c: int) -> list[int]:
         return [self.local[b] for b in self.chunks[c]]
 
+    def holder(self, b: int) -> int:
+        """The rank holding global batch ``b`` (that of its chunk)."""
+        return next(c for c, ch in enumerate(self.chunks) if b in ch) % self.ranks.world
+
     def my_chunk(self, rnd: list[int]) -> int | None:
         return rnd[self.ranks.rank] if self.ranks.rank < len(rnd) else None
 

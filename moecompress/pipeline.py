@@ -207,6 +207,8 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
             raise ResumeError(f"cannot resume {partial.path}: its files are damaged ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); pass --overwrite to start over") from None
         quantized_names: set[str] = {n for r in summary["layers"] for n in r.pop("_quantized", [])}
+        targets_of = None if reference is None else (  # the tuning's targets from the reference's layers
+            lambda j, f: reference.outputs(j, f, device, dtype, router_dtype))
         for i in tqdm(range(start, handle.num_layers), desc="layers", unit="layer", initial=start,
                       total=handle.num_layers, disable=not ranks.main):
             t0 = time.perf_counter()
@@ -215,8 +217,6 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
             if awq is not None:  # folded float tensors round to their own stored dtype (fp32 routers stay fp32)
                 awq = dataclasses.replace(awq, stored=_stored_dtypes(handle, i), original=_stored_tensors(handle, i),
                                           spec_of=_layer_schemes(schemes, i))
-            targets_of = None if reference is None else (
-                lambda j, f: reference.outputs(j, f, device, dtype, router_dtype))
             record, results, overrides = _quantize_layer(layer, i, all_targets[i], feed, cfg, qspec, store_dtype,
                                                          handle, router_dtype, awq, plan, schemes, targets_of)
             if writer is not None:

@@ -96,7 +96,8 @@ class _TunedWeight(torch.autograd.Function):
         for sl in _slices(u):
             part = _part(qw, sl)
             q = torch.round(part.qweight.float() + u[sl]).clamp_(0, qw.spec.qmax)
-            out[sl] = _per_group_(part, q, _scales(part, None if a is None else a[sl]), shift=True)
+            out[sl] = QuantizedWeight(q, _scales(part, None if a is None else a[sl]), part.zeros, qw.spec,
+                                      part.g_idx).dequantize(dtype)
         return out
 
     @staticmethod
@@ -249,7 +250,7 @@ class _Share:
         self.ranks = plan.ranks if plan is not None else SINGLE
         self.local = dict(plan.local) if plan is not None else {b: b for b in range(n_local)}  # global -> local
         self.n = sum(len(c) for c in plan.chunks) if plan is not None else n_local
-        self.holder = {b: c % self.ranks.world for c, ch in enumerate(plan.chunks) for b in ch} if plan is not None else {}
+        self.plan = plan
 
     def total(self, losses: dict[int, float]) -> float:
         """The sum over every batch, in batch order (whichever rank computed each)."""
@@ -261,7 +262,7 @@ class _Share:
         """Batch ``g``'s step signs (one tensor or None per trainable tensor) and loss, broadcast by its holder."""
         if not self.ranks.active:
             return signs, loss
-        src = self.holder[g]
+        src = self.plan.holder(g)
         flat = torch.zeros(sum(t.numel() for t in like), dtype=torch.int8, device=self.ranks.comm_device())
         if self.ranks.rank == src:
             start = 0

@@ -53,7 +53,7 @@ def prepare(name: str, workdir: Path) -> Path:
     import torch
 
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     if Path(name).is_dir():
         return Path(name)

@@ -105,7 +105,7 @@ def quantize_checkpoint(src: Path, out: Path, device: torch.device, group_size: 
     if (out / "config.json").exists():
         return 0.0
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     t0 = time.perf_counter()
     quantize(src, out, build_config(method="rtn", bits=4, group_size=group_size, device=str(device)))

@@ -43,7 +43,7 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from stream_memory import build
 from moecompress.pipeline import quantize
-from moecompress.recipe import build_config
+from moecompress.settings import build_config
 a = json.loads(sys.argv[2])
 if a["float"]:
     build(Path(a["out"]), a["layers"], argparse.Namespace(hidden=a["hidden"], experts=a["experts"], moe_inter=a["moe_inter"]))

@@ -35,7 +35,7 @@ DEFAULT_SETTINGS = "qwen3_moe:rtn:asym,qwen3_moe:rtn:sym,qwen3_moe:gptq:sym,qwen
 def prepare(settings: list[str], work: Path) -> list[dict]:
     from moecompress.checkpoint.dequant import write_dequantized
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
     from moecompress.tiny import save_tiny
 
     jobs = []

@@ -32,7 +32,7 @@ from e2e_decode import REAL_LAYERS, build_checkpoint  # noqa: E402
 
 def run(args) -> dict:
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     dev = torch.device(args.device)
     src = args.workdir / f"bf16-{args.shape}-L{args.layers}-s{args.seed}"  # e2e_decode.py's name: shared

@@ -115,7 +115,7 @@ EOF
 } >"$SETUP" 2>&1
 cat "$SETUP"
 
-# pydantic (moecompress.recipe, hence quantize and most runtime tests) is not in the device image:
+# pydantic (moecompress.settings, hence quantize and most runtime tests) is not in the device image:
 # install the carried wheels from .whl/ (see fetch-wheels) into /tmp/site
 if ! "$PY" -c "import pydantic" >/dev/null 2>&1; then
     if ls .whl/*.whl >/dev/null 2>&1; then

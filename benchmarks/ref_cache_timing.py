@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from moecompress.evals.evaluate import evaluate
     from moecompress.evals.output import numeric_fields
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
     from moecompress.run.runner import resolve_model
 
     torch.set_num_threads(a.threads)

@@ -20,7 +20,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from moecompress.pipeline import quantize
-from moecompress.recipe import build_config
+from moecompress.settings import build_config
 cfg = build_config(method=sys.argv[3], bits=4, group_size=128, calib_samples=4, seq_len=128, batch_size=4)
 t = time.perf_counter()
 quantize(sys.argv[1], sys.argv[2], cfg)

@@ -52,7 +52,7 @@ import json, sys, time
 t_start = time.perf_counter()
 import torch
 from moecompress.pipeline import quantize
-from moecompress.recipe import build_config
+from moecompress.settings import build_config
 a = json.loads(sys.argv[1])
 cfg = build_config(**a["config"])
 t_import = time.perf_counter() - t_start

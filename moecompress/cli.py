@@ -193,7 +193,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
     with start_up(model_dir):  # torch, transformers, the family's code: before any model exists
         from .distributed import Ranks
         from .pipeline import quantize as run
-        from .recipe import build_config
+        from .settings import build_config
 
     if threads:
         import torch

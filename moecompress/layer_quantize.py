@@ -29,7 +29,7 @@ from .quant.balance import AwqSettings, ResidualSampler, apply_stage, resolve
 from .quant.formats import scale_dtype
 from .quant.targets import Target, capture_spec, solve, stages_of, target_weight
 from .quant.tune import float_outputs, start_offsets, tune_layer
-from .recipe import QuantizeConfig
+from .settings import QuantizeConfig
 
 log = logging.getLogger("moecompress")
 

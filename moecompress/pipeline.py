@@ -41,7 +41,7 @@ from .quant.overrides import assign as assign_schemes
 from .quant.overrides import check_shapes
 from .quant.overrides import describe as describe_schemes
 from .quant.targets import apply_ignore, layer_targets, target_weight
-from .recipe import QuantizeConfig
+from .settings import QuantizeConfig
 from .tune_reference import TuneReference
 
 log = logging.getLogger("moecompress")

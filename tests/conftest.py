@@ -100,7 +100,7 @@ ZEDA_QUICK = dict(prompts=8, prompt_len=16, gen_len=12, batch=4, stage1_steps=8,
 
 def quick_config(**kw):
     """Quantization settings small enough for tests (few short calibration windows)."""
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     base = dict(group_size=32, calib_samples=8, seq_len=64, batch_size=4)
     if str(kw.get("method", "")).startswith("awq"):

@@ -209,7 +209,7 @@ def test_gptq_format_asym_quantization_never_needs_zero_point_zero():
     """The config's spec keeps asymmetric zero points >= 1 for GPTQ v1, so all-positive groups export."""
     from moecompress.quant.gptq import gptq_quantize
     from moecompress.quant.rtn import rtn_quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     spec = build_config(format="gptq", symmetric=False, bits=4, group_size=32).spec()
     assert spec.zero_min == 1

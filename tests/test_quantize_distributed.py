@@ -87,7 +87,7 @@ def _crash_on_one_thread(monkeypatch, src, out, cfg, layer: int) -> None:
 
 def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):
     """A run that crashed on one process resumes on two ranks (each loads its chunks' feed): same bytes."""
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     src = tiny_ckpt("qwen3_moe")
     _run(_single(src, tmp_path / "ref"))
@@ -171,7 +171,7 @@ def test_tuning_on_two_and_three_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_pa
 def test_a_tuned_run_resumes_on_another_rank_count(tmp_path, monkeypatch):
     """The float trajectory the tuning aims at is saved chunk by chunk with the feed: a tuned run that crashed
     in layer 2 on one process resumes on two ranks, each loading its chunks' targets, and writes the same bytes."""
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
     from moecompress.tiny import save_tiny
 
     src = save_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=3)

@@ -61,7 +61,7 @@ def test_assign_refuses(pattern, message):
 
 
 def test_recipe_takes_both_spellings_and_refuses_the_awq_format():
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     cfg = build_config(overrides=["self_attn=8", {"match": "shared", "group_size": "channel"}])
     assert cfg.override_list() == [ov.Override("self_attn", 8, None), ov.Override("shared", None, ov.CHANNEL)]

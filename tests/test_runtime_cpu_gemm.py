@@ -134,7 +134,7 @@ def test_a_long_prompt_gives_the_kernel_paths_tokens(always, tiny_ckpt, tmp_path
     """A quantized tiny model (every linear on the dequantizing way) decodes the same greedy tokens after a
     100-token prompt as with the kernels alone."""
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
     from moecompress.runtime import Runtime
 
     out = tmp_path / "q"

@@ -64,7 +64,7 @@ class ModelHandle:
     def _open(cls, path: str | Path, dequantize: bool) -> "ModelHandle":
         reader = Fp8SourceReader.wrap(CheckpointReader.open(path))  # an FP8 release reads as its float model
         if dequantize:
-            from ..checkpoint.load import DequantizingReader
+            from ..checkpoint.dequant_reader import DequantizingReader
 
             reader = DequantizingReader.wrap(reader)
         spec = BY_MODEL_TYPE.get(reader.config.get("model_type"))

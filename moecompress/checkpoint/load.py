@@ -1,15 +1,12 @@
 """Load any checkpoint we read -- plain HF, or quantized by ``quantize`` -- as a float transformers model.
 
-``DequantizingReader`` stands in for a :class:`CheckpointReader`: every quantized linear ``m``
-appears as a float ``m.weight`` (dequantized on read) and its packed parts are hidden, so the
-family adapter (``ModelHandle``) loads a quantized checkpoint exactly like a float one, one tensor
-at a time. ``load_model`` materializes the whole causal LM; ``open_model`` gives the handle and a
+The handle opened with ``dequantize=True`` reads through a ``DequantizingReader`` (see
+``checkpoint.dequant_reader``), so a quantized checkpoint loads exactly like a float one. ``load_model`` materializes the whole causal LM; ``open_model`` gives the handle and a
 meta skeleton for callers that stream layer by layer (low-memory eval, the runtime).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,62 +15,7 @@ from torch import nn
 from ..arch.handle import ModelHandle, _check_materialized, decoder_layers
 from ..calib.runner import prepare_embeddings
 from ..memory import release_freed_memory
-from .dequant import quantized_modules, read_quantized
-from .reader import CheckpointReader
-
-_PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx",
-                    "qweight", "qzeros", "scales", "g_idx")
-
-
-@dataclass
-class DequantizingReader:
-    """A CheckpointReader view where quantized linears read as dense float ``.weight`` tensors."""
-
-    inner: CheckpointReader
-    fmt: str | None
-    spec: object
-    modules: set[str]
-    _names: list[str] = field(default_factory=list, repr=False)
-
-    @classmethod
-    def wrap(cls, reader: CheckpointReader) -> "DequantizingReader | CheckpointReader":
-        fmt, spec, mods = quantized_modules(reader)
-        if fmt is None:
-            return reader
-        hidden = {f"{m}.{s}" for m in mods for s in _PACKED_SUFFIXES}
-        names = [n for n in reader.names() if n not in hidden] + [f"{m}.weight" for m in mods]
-        return cls(reader, fmt, spec, set(mods), names)
-
-    # the parts of CheckpointReader the adapter uses
-    @property
-    def path(self) -> Path:
-        return self.inner.path
-
-    @property
-    def config(self) -> dict:
-        return self.inner.config
-
-    @property
-    def tensors(self):
-        return self.inner.tensors
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.inner or (name.endswith(".weight") and name[:-7] in self.modules)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name.endswith(".weight") and name[:-7] in self.modules:
-            return read_quantized(self.inner, self.fmt, self.spec, name[:-7]).dequantize(torch.float32)  # callers cast
-        return self.inner.get(name)
-
-    def total_bytes(self) -> int:
-        return self.inner.total_bytes()
-
-    def close(self) -> None:
-        self.inner.close()
-
+from .dequant_reader import DequantizingReader
 
 def open_model(path: str | Path, experts_implementation: str = "eager") -> tuple[ModelHandle, nn.Module]:
     """(handle over a dequantizing reader, meta skeleton of the causal LM)."""

@@ -89,7 +89,7 @@ def resident_bytes(reader: CheckpointReader, dtype: torch.dtype, packed: bool, f
 def stored_reader(handle):
     """The reader the functions here take for ``handle`` (a ``ModelHandle``): the packed shards under a
     dequantizing view; an FP8 source's view as is (it counts as its float model, and knows its FP8 parts)."""
-    from ..checkpoint.load import DequantizingReader
+    from ..checkpoint.dequant_reader import DequantizingReader
 
     return handle.reader.inner if isinstance(handle.reader, DequantizingReader) else handle.reader
 

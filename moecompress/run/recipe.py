@@ -21,7 +21,7 @@ Relative paths (``model``, ``output_dir``, calibration and evaluation data) are 
 current working directory, like command-line arguments, not to the recipe file: the same recipe
 then works wherever it lives (a shipped recipe is inside the installed package).
 
-A variant's keys other than ``name`` are :class:`moecompress.recipe.QuantizeConfig` fields; they
+A variant's keys other than ``name`` are :class:`moecompress.settings.QuantizeConfig` fields; they
 override ``defaults``, which override ``calibration``. The source model is always evaluated too,
 as the variant named ``reference``. Every mistake is one :class:`UserError` line naming the key and
 where it is.
@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import UserError
 from ..units import SEED_MAX
-from ..recipe import NoBoolNumbers, QuantizeConfig
+from ..settings import NoBoolNumbers, QuantizeConfig
 
 REFERENCE = "reference"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

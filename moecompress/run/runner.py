@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from ..calib.specs import specs_stamp
 from ..errors import UserError
-from ..recipe import QuantizeConfig
+from ..settings import QuantizeConfig
 from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe
 from .stamps import STAMPED, folder_stamp, settings_diff
 from .stamps import plain as _plain

@@ -27,7 +27,8 @@ from torch import nn
 from ..arch.handle import ModelHandle, decoder_layers
 from ..arch.registry import supported_families
 from ..checkpoint.dequant import read_quantized
-from ..checkpoint.load import DequantizingReader, materialize_outer, open_model
+from ..checkpoint.dequant_reader import DequantizingReader
+from ..checkpoint.load import materialize_outer, open_model
 from ..errors import UserError
 from ..memory import release_freed_memory
 from ..kernels.packing import QuantWeights, repack_for_kernel

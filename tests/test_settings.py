@@ -3,7 +3,7 @@
 import pytest
 
 from moecompress.errors import UserError
-from moecompress.recipe import build_config
+from moecompress.settings import build_config
 
 
 def test_gptq_defaults_to_weight_order_and_rtn_to_none():

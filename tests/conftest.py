@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import socket
 import sys
 import zlib
 from pathlib import Path
@@ -79,6 +80,13 @@ def quick_demo_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo_cache")
     demo_model_path(cache, quick=True)
     return cache
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for a torchrun rendezvous (no fixed ports: two runs may share the box)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 _BAR = re.compile(r"\|.*\| *\d+/\d+ \[")  # a tqdm bar: "desc:  40%|####  | 2/5 [00:01<00:01, ...]"

@@ -13,13 +13,13 @@ import time
 import psutil
 import pytest
 
+from conftest import free_port
 from test_quantize_resume import _crash_at, digest
 
 pytestmark = pytest.mark.slow
 
 ARGS = ["--bits", "4", "--group-size", "32", "--calib-samples", "12", "--seq-len", "64", "--batch-size", "2",
         "--threads", "1"]
-_port = iter(range(29600, 29700))
 
 
 def _single(src, out, *extra):
@@ -28,7 +28,7 @@ def _single(src, out, *extra):
 
 def _torchrun(n, src, out, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
-            "--master-port", str(next(_port)), "-m", "moecompress", "quantize", str(src), "--out", str(out), *ARGS,
+            "--master-port", str(free_port()), "-m", "moecompress", "quantize", str(src), "--out", str(out), *ARGS,
             *extra]
 
 
@@ -225,7 +225,7 @@ def test_eval_on_two_ranks_gives_one_process_numbers(tiny_ckpt, tmp_path, low_me
             "2", "--threads", "1"] + (["--low-memory"] if low_memory else [])
     _run([sys.executable, "-m", "moecompress", *base, "--json", str(tmp_path / "one.json")])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-          "--master-port", str(next(_port)), "-m", "moecompress", *base, "--json", str(tmp_path / "two.json")])
+          "--master-port", str(free_port()), "-m", "moecompress", *base, "--json", str(tmp_path / "two.json")])
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["settings"]["ranks"] == 2 and one["settings"]["ranks"] == 1
     a, b = _numbers(one), _numbers(two)
@@ -249,7 +249,7 @@ variants:
 """)
     _run([sys.executable, "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "one")])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-          "--master-port", str(next(_port)), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
+          "--master-port", str(free_port()), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
     for v in ("rtn", "gptq", "awq"):
         assert digest(tmp_path / "one" / "variants" / v) == digest(tmp_path / "two" / "variants" / v), v
     for name in ("reference", "rtn", "gptq", "awq"):
@@ -277,7 +277,7 @@ def test_run_recipe_with_zeda_on_two_ranks(tiny_ckpt, tmp_path):
                      {"name": "zeda-rtn-w4", "from": "zeda", "method": "rtn", "bits": 4, "group_size": 32}]}))
     _run([sys.executable, "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "one")])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-          "--master-port", str(next(_port)), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
+          "--master-port", str(free_port()), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
     z1, z2 = (json.loads((tmp_path / d / "zeda" / "moecompress.json").read_text()) for d in ("one", "two"))
     assert z1["ranks"] == 1 and z2["ranks"] == 2
     e1, e2 = (json.loads((tmp_path / d / "eval" / "zeda-rtn-w4.json").read_text()) for d in ("one", "two"))

@@ -10,19 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ZEDA_QUICK as QUICK
+from conftest import free_port
 from moecompress.errors import UserError
 from moecompress.zeda.config import build_zeda_config
 
 
 def _torchrun(args: list[str], ranks: int = 2) -> list[str]:
-    import socket
     import sys
 
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-            "--master-port", str(port), "-m", "moecompress.cli", *args]
+            "--master-port", str(free_port()), "-m", "moecompress.cli", *args]
 
 
 def _descendants(pid: int) -> list[int]:

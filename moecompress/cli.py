@@ -143,7 +143,7 @@ def make_tiny(out_dir, family, seed, fused_experts, overwrite) -> None:
                    "the demo model (2 cores).")
 @click.option("--tune-lr", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="First tuning step size (decays linearly to 0). Default 0.4 / --tune-steps, 0.8 / "
-                   "--tune-steps at 3 bits or fewer.")
+                   "--tune-steps at 3 bits or fewer; past 200 steps, that of 200 steps.")
 @click.option("--tune-reference", type=click.Path(file_okay=False), default=None,
               help="With --tune-steps: tune toward this float model's layer outputs instead of MODEL_DIR's own, "
                    "e.g. the original a ZEDA model was made from (same architecture, up to zero experts).")

@@ -94,7 +94,7 @@ class QuantizeConfig(NoBoolNumbers):
     # block-output tuning after each layer is solved (quant.tune): signed-gradient steps on the codes
     # (each by at most one) and the group scales (by at most tune_scale_change) toward the float model's
     # hidden states; 0 turns it off. tune_lr: the first step's size (default 0.4 / tune_steps, 0.8 at <= 3
-    # bits), decaying to 0
+    # bits; past 200 steps, the 200-step size), decaying to 0
     tune_steps: int = Field(0, ge=0, le=100_000)
     tune_lr: float | None = Field(None, gt=0, le=1)
     tune_scale_change: float = Field(0.2, ge=0, lt=1)

@@ -411,3 +411,12 @@ def test_a_reference_of_another_architecture_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(UserError, match="set tune_steps too"):
         quick_config(tune_reference=str(src))
     assert not (tmp_path / "q").exists()
+
+
+def test_the_default_rate_stops_shrinking_past_200_steps():
+    """0.4 / steps (0.8 at <= 3 bits) up to 200 steps; a longer run keeps the 200-step size and moves further."""
+    from moecompress.quant.tune import default_lr
+
+    assert default_lr(50, 4) == pytest.approx(0.008) and default_lr(200, 4) == pytest.approx(0.002)
+    assert default_lr(1000, 4) == default_lr(200, 4) and default_lr(1000, 3) == pytest.approx(0.004)
+    assert default_lr(100, 2) == pytest.approx(0.008)

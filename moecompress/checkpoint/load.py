@@ -1,7 +1,8 @@
 """Load any checkpoint we read -- plain HF, or quantized by ``quantize`` -- as a float transformers model.
 
 The handle opened with ``dequantize=True`` reads through a ``DequantizingReader`` (see
-``checkpoint.dequant_reader``), so a quantized checkpoint loads exactly like a float one. ``load_model`` materializes the whole causal LM; ``open_model`` gives the handle and a
+``checkpoint.dequant_reader``), so a quantized checkpoint loads exactly like a float one.
+``load_model`` materializes the whole causal LM; ``open_model`` gives the handle and a
 meta skeleton for callers that stream layer by layer (low-memory eval, the runtime).
 """
 

@@ -168,6 +168,21 @@ def test_a_variant_with_overrides_is_not_a_seed_of_its_group(tmp_path):
     assert bits(next(r for r in data["variants"] if r["name"] == "rtn-w3g64")) == "3"
 
 
+def test_a_tuned_variant_is_its_own_method_not_a_seed_of_its_group(tmp_path):
+    """GPTQ then ``--tune-steps 50``: labelled ``gptq+tune50``, and not one of the W3 g64 GPTQ seeds the verdict
+    compares with RTN (its better perplexity would widen the seed spread)."""
+    VARIANTS["gptq-w3g64-tune50"] = ({"method": "gptq", "bits": 3, "group_size": 64, "seed": 0, "tune_steps": 50},
+                                     fake_eval("gptq-w3g64-tune50", [79.0, 119.0], 0.010, 1_000_000))
+    try:
+        data = report_data(make_run(tmp_path))
+    finally:
+        del VARIANTS["gptq-w3g64-tune50"]
+    (w3,) = [v for v in data["verdicts"] if v["bits"] == 3]
+    assert w3["gptq_runs"] == 2 and w3["gptq_seed_spread"]["heldout-code"] == pytest.approx(0.4)
+    row = next(r for r in data["variants"] if r["name"] == "gptq-w3g64-tune50")
+    assert row["method"] == "gptq+tune50" and row["calib_seed"] == 0
+
+
 # ------------------------------------------------------------------------------------------ files
 
 

@@ -136,6 +136,8 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
         skip = (ev.get("skip_rate") or {}).get("model_overall")
         active = ev.get("active_experts") or {}
         method = "source" if is_ref else (f"skip {cfg['rule']}" if "rule" in cfg and "target" in cfg else cfg.get("method"))
+        if cfg.get("tune_steps") and method:  # block-output tuning after the solver: its own method
+            method = f"{method}+tune{cfg['tune_steps']}"
         if cfg.get("source") == "zeda" and method:
             method = f"zeda+{method}"
         rows.append({

@@ -42,7 +42,8 @@ OURS = {"ours-rtn": {"method": "rtn"}, "ours-gptq": {"method": "gptq"}, "ours-aw
         "ours-gptq+tune": {"method": "gptq", "tune_steps": 200},
         # the step counts of AutoRound's light and best recipes
         "ours-gptq+tune50": {"method": "gptq", "tune_steps": 50}, "ours-gptq+tune1000": {"method": "gptq", "tune_steps": 1000},
-        # 1000 steps at a larger first step than the default (0.4 / steps, 0.8 / steps at 3 bits)
+        # 1000 steps at a fixed first step (sessions 25-26 chose the default from these: since session 26 the
+        # default past 200 steps is 0.4 / 200 = 2e-3, 0.8 / 200 = 4e-3 at 3 bits or fewer)
         "ours-gptq+tune1000-lr2e-3": {"method": "gptq", "tune_steps": 1000, "tune_lr": 2e-3},
         "ours-gptq+tune1000-lr4e-3": {"method": "gptq", "tune_steps": 1000, "tune_lr": 4e-3}}
 AUTOROUND = {"autoround": "default", "autoround-light": "light", "autoround-best": "best",

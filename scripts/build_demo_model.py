@@ -34,7 +34,7 @@ def sensitivity(model_dir: Path, work: Path, calib_seeds, bits: int, group_size:
     from moecompress.checkpoint.dequant import write_dequantized
     from moecompress.demo_model import heldout_windows, perplexity
     from moecompress.pipeline import quantize
-    from moecompress.recipe import build_config
+    from moecompress.settings import build_config
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     specs = ("builtin:heldout-code", "builtin:heldout-prose")

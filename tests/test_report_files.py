@@ -173,14 +173,19 @@ def test_a_tuned_variant_is_its_own_method_not_a_seed_of_its_group(tmp_path):
     compares with RTN (its better perplexity would widen the seed spread)."""
     VARIANTS["gptq-w3g64-tune50"] = ({"method": "gptq", "bits": 3, "group_size": 64, "seed": 0, "tune_steps": 50},
                                      fake_eval("gptq-w3g64-tune50", [79.0, 119.0], 0.010, 1_000_000))
+    # RTN has no calibration seed, but tuned RTN does: its steps see calibration windows
+    VARIANTS["rtn-w3g64-tune50"] = ({"method": "rtn", "bits": 3, "group_size": 64, "seed": 2, "tune_steps": 50},
+                                    fake_eval("rtn-w3g64-tune50", [80.0, 120.0], 0.012, 1_000_000))
     try:
         data = report_data(make_run(tmp_path))
     finally:
-        del VARIANTS["gptq-w3g64-tune50"]
+        del VARIANTS["gptq-w3g64-tune50"], VARIANTS["rtn-w3g64-tune50"]
     (w3,) = [v for v in data["verdicts"] if v["bits"] == 3]
     assert w3["gptq_runs"] == 2 and w3["gptq_seed_spread"]["heldout-code"] == pytest.approx(0.4)
     row = next(r for r in data["variants"] if r["name"] == "gptq-w3g64-tune50")
     assert row["method"] == "gptq+tune50" and row["calib_seed"] == 0
+    row = next(r for r in data["variants"] if r["name"] == "rtn-w3g64-tune50")
+    assert row["method"] == "rtn+tune50" and row["calib_seed"] == 2
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -18,6 +18,7 @@ from ..calib.runner import prepare_embeddings
 from ..memory import release_freed_memory
 from .dequant_reader import DequantizingReader
 
+
 def open_model(path: str | Path, experts_implementation: str = "eager") -> tuple[ModelHandle, nn.Module]:
     """(handle over a dequantizing reader, meta skeleton of the causal LM)."""
     handle = ModelHandle.open(path, dequantize=True)

@@ -147,7 +147,7 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
             "group_size": None if is_ref else cfg.get("group_size"),
             "act_order": None if is_ref else cfg.get("act_order"),
             "overrides": [] if is_ref else list(cfg.get("overrides") or []),  # per-module schemes (--override)
-            "calib_seed": None if is_ref or cfg.get("method") == "rtn" else cfg.get("seed"),
+            "calib_seed": None if is_ref or (cfg.get("method") == "rtn" and not cfg.get("tune_steps")) else cfg.get("seed"),
             "bits_per_weight": ev.get("bits_per_weight"),
             "size_bytes": size, "size_mb": None if size is None else size / 1e6,
             "ppl": {d: ppl.get(d) for d in datasets},

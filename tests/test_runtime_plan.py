@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moecompress.errors import UserError
-from moecompress.runtime.plan import ModelParts, Part, estimate, model_parts, plan
+from moecompress.runtime.plan import ModelParts, Part, estimate, gpu_read_share, model_parts, plan, render
 
 MB = 1 << 20
 
@@ -45,10 +45,32 @@ def test_uniform_load_and_a_vram_floor():
     parts = _parts()
     pl = plan(parts, 200 * MB, context=100, reserve_bytes=0)
     assert sum(len(v) for v in pl.on_gpu.values()) == 8 and pl.cpu_bytes == 0 and pl.load_source == "uniform"
-    with pytest.raises(UserError, match=r"--vram 0.05 GiB is below what the non-expert part needs: 0.07 GiB"):
+    with pytest.raises(UserError, match=r"--vram 50.00 MiB is below what the non-expert part needs: 70.10 MiB"
+                                        r" .*; give at least that$"):  # the KV cache is too small to matter
         plan(parts, 50 * MB, context=100, reserve_bytes=0)
+    # a size just below the floor prints below it (2-decimal GiB once printed 0.50 below 0.50)
+    with pytest.raises(UserError, match=r"--vram 70.00 MiB is below .* 70.10 MiB"):
+        plan(parts, 70 * MB, context=100, reserve_bytes=0)
+    with pytest.raises(UserError, match=r"or a shorter --context$"):  # here a shorter context is what fits it
+        plan(parts, 80 * MB, context=20_000, reserve_bytes=0)
     with pytest.raises(UserError, match="--ram"):
         plan(parts, 80 * MB, context=100, reserve_bytes=0, ram_bytes=10 * MB)
+
+
+def test_the_gpu_share_counts_moe_layers_only():
+    """A dense layer (DeepSeek's first layers) reads no experts: the overall share of expert reads on the GPU is
+    over the MoE layers, so every expert on the GPU reads as 100%, not diluted by the dense layer."""
+    dense = [Part("embed+head", 30 * MB)] + [Part(f"l{i}", 20 * MB, i) for i in range(3)]
+    parts = ModelParts("toy", dense, {1: [10 * MB] * 4, 2: [10 * MB] * 4}, top_k=1, kv_bytes_per_token=1024,
+                       hidden=64)
+    pl = plan(parts, 500 * MB, context=100, reserve_bytes=0)
+    assert sum(len(v) for v in pl.on_gpu.values()) == 8 and gpu_read_share(pl) == 1.0
+    assert "share of expert reads served by the GPU: 100%" in render(pl, parts, 500 * MB)
+    # layer 1 all on the GPU, layer 2 none: half the reads, whatever the dense layer
+    half = estimate(parts, {1: [0, 1, 2, 3]})[1]
+    assert [r["gpu_hit_share"] for r in half] == [0.0, 1.0, 0.0]
+    pl.per_layer = half
+    assert gpu_read_share(pl) == pytest.approx(0.5)
 
 
 def test_config_only_shapes_match_a_real_checkpoint(tiny_ckpt, tmp_path):

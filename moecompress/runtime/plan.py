@@ -168,10 +168,11 @@ def plan(parts: ModelParts, vram_bytes: int, *, context: int = 4096, ram_bytes: 
     kv = parts.kv_bytes_per_token * context
     need = dense + kv + reserve_bytes
     if vram_bytes < need:
+        shorter = context_option and kv >= need - vram_bytes  # a shorter context alone could make it fit
         raise UserError(f"--vram {_gib(vram_bytes)} is below what the non-expert part needs: {_gib(need)} "
                         f"(weights {_gib(dense)}, KV cache for {context} tokens {_gib(kv)}, scratch "
                         f"{_gib(reserve_bytes)}); give at least that"
-                        + (f", or a shorter {context_option}" if context_option else ""))
+                        + (f", or a shorter {context_option}" if shorter else ""))
     shares = _shares(parts, load)
     free = vram_bytes - need
     order = sorted(((p, layer, e) for layer, ps in shares.items() for e, p in enumerate(ps)),
@@ -229,13 +230,17 @@ def _estimate(parts: ModelParts, shares, placed, gpu_gbps, cpu_gbps, pcie_gbps) 
         hop = 2 * parts.hidden * 2 / (pcie_gbps * 1e9) + 20e-6 if c else 0.0
         t = per_layer_dense[layer] / (gpu_gbps * 1e9) + max(g / (gpu_gbps * 1e9), c / (cpu_gbps * 1e9)) + hop
         rows.append({"layer": layer, "experts_on_gpu": len(on), "experts": len(sizes),
-                     "gpu_hit_share": g / max(g + c, 1e-30), "seconds": t})
+                     "gpu_hit_share": g / max(g + c, 1e-30), "expert_read_bytes": g + c, "seconds": t})
         total += t
     return 1.0 / total, rows
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """A size with enough digits that two different ones print differently: GiB from 1 GiB, else MiB / KiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def load_from_eval(path: str | Path, parts: ModelParts) -> dict[int, list[float]]:
@@ -265,7 +270,7 @@ def render(pl: Placement, parts: ModelParts, vram: int) -> str:
              f"{n_exp} experts = {_gib(pl.gpu_bytes)}",
              f"  host: {n_exp - n_gpu} experts = {_gib(pl.cpu_bytes)} (they run on the CPU)",
              f"  expert load: {pl.load_source}; share of expert reads served by the GPU: "
-             f"{_mean([r['gpu_hit_share'] for r in pl.per_layer]):.0%}",
+             f"{gpu_read_share(pl):.0%}",
              f"  ESTIMATE decode at batch 1: {pl.decode_tokens_per_s:.1f} tokens/s "
              f"(everything on the GPU would be {pl.all_on_gpu_tokens_per_s:.1f})",
              "  layer  experts on GPU  GPU share of expert reads"]
@@ -274,5 +279,8 @@ def render(pl: Placement, parts: ModelParts, vram: int) -> str:
     return "\n".join(lines)
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
+def gpu_read_share(pl: Placement) -> float:
+    """The share of a token's expected expert bytes read on the GPU, over the MoE layers (dense layers, which
+    read no experts, do not count)."""
+    total = sum(r["expert_read_bytes"] for r in pl.per_layer)
+    return sum(r["gpu_hit_share"] * r["expert_read_bytes"] for r in pl.per_layer) / total if total else 0.0

@@ -235,10 +235,13 @@ class QuantizeConfig(NoBoolNumbers):
         if self.format == "awq" and self.overrides:
             raise ValueError("the AWQ format has one bit width and group size for the whole checkpoint; "
                              "write per-module schemes (overrides) with the compressed-tensors or GPTQ format")
-        if not self.tune_steps and (self.tune_lr is not None or self.tune_reference is not None or self.tune_scale_change
-                                    != type(self).model_fields["tune_scale_change"].default):
-            raise ValueError("tune_lr, tune_scale_change and tune_reference apply to block-output tuning: "
-                             "set tune_steps too")
+        tuning_only = [k for k, unset in (("tune_lr", self.tune_lr is None),
+                                          ("tune_reference", self.tune_reference is None),
+                                          ("tune_scale_change", self.tune_scale_change
+                                           == type(self).model_fields["tune_scale_change"].default)) if not unset]
+        if not self.tune_steps and tuning_only:  # named as set: tune_scale_change has no command-line flag
+            raise ValueError(f"{' and '.join(tuning_only)} {'applies' if len(tuning_only) == 1 else 'apply'} to "
+                             "block-output tuning: set tune_steps too")
         if self.tune_steps and not self.needs_calibration:
             raise ValueError("tune_steps tunes on the calibration data, which method rtn with measure_errors "
                              "off does not run; turn measure_errors on, or set tune_steps 0")
@@ -268,7 +271,8 @@ class QuantizeConfig(NoBoolNumbers):
 
 
 # command-line spellings of the settings whose flag is not ``--`` + the key with dashes
-CLI_FLAGS = {"symmetric": "--sym/--asym", "clip_search": "--no-clip-search", "true_sequential": "--no-true-sequential"}
+CLI_FLAGS = {"symmetric": "--sym/--asym", "clip_search": "--no-clip-search", "true_sequential": "--no-true-sequential",
+             "overrides": "--override"}
 
 
 def build_config(spelling: Literal["recipe", "cli"] = "recipe", **values) -> QuantizeConfig:

@@ -53,6 +53,10 @@ CASES = {
     "windows longer than the context": (lambda p, t: p, ["--seq-len", "1024"], "max_position_embeddings 512"),
     "config without its experts field": (lambda p, t: _drop_key(p, t, "num_experts|num_local_experts"), [], "router rows"),
     "malformed jsonl calibration file": (lambda p, t: p, ["--calib", "BADJSONL"], "JSON parse error"),
+    # named as typed: only the flags given (tune_scale_change has no flag), and --override, not the key overrides
+    "tuning reference without tuning steps": (lambda p, t: p, ["--tune-reference", "REF"],
+                                              "--tune-reference applies to block-output tuning: set --tune-steps too"),
+    "override to 5 bits": (lambda p, t: p, ["--override", "self_attn=5"], "invalid option --override: "),
 }
 
 

@@ -427,6 +427,10 @@ def test_lora_rank_wider_than_the_experts_and_seeds_out_of_range_are_one_line(ca
                       "--prompts", 8, "--prompt-len", 16, "--gen-len", 8, "--batch", 4, "--stage1-steps", 2,
                       "--stage2-steps", 0)
     assert rc == 2 and err == ["error: --lora-rank 100000 exceeds the experts' smaller dimension (64); use at most 64"]
+    # an adapter setting without adapters would be ignored: refused, in the flags typed
+    rc, err = run_cli(capsys, "zeda", src, "--out", tmp_path / "z", "--lora-rank", 4)
+    assert rc == 2 and err == ["error: invalid options: --lora-rank applies to trainable lora "
+                               "(trainable is routers)"], err
     for argv in (["zeda", src, "--out", tmp_path / "z"], ["zero-experts", "add", src, "--out", tmp_path / "z",
                                                           "--num-zero", 2], ["quantize", src, "--out", tmp_path / "z"]):
         rc, err = run_cli(capsys, *argv, "--seed", 99999999999999999)

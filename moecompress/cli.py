@@ -357,7 +357,7 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (ignores temperature/top-p).")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy, like --greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")

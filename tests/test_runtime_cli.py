@@ -60,6 +60,15 @@ def test_generate_samples_reproducibly(tiny_ckpt, capsys):
     assert _run(capsys, *args, "--seed", "3")[1] == first[1]
 
 
+def test_temperature_zero_is_greedy(tiny_ckpt, capsys):
+    """vLLM's spelling: --temperature 0 takes the most likely token, as --greedy does (it was refused)."""
+    path = tiny_ckpt("mixtral")
+    args = ("generate", path, "--prompt", "abc", "--max-new-tokens", "12")
+    zero = _run(capsys, *args, "--temperature", "0", "--seed", "5")
+    assert zero[0] == 0 and zero[1].strip()
+    assert _run(capsys, *args, "--greedy")[1] == zero[1]
+
+
 def _no_tokenizer(src, tmp_path):
     d = shutil.copytree(src, tmp_path / "m")
     for f in list(d.glob("tokenizer*")) + list(d.glob("special_tokens*")):
@@ -73,7 +82,7 @@ CASES = {
     "empty prompt": (lambda p, t: p, ["--prompt", ""], "prompt is empty"),
     "zero new tokens": (lambda p, t: p, ["--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
     "negative new tokens": (lambda p, t: p, ["--prompt", "x", "--max-new-tokens", "-4"], "max-new-tokens"),
-    "zero temperature": (lambda p, t: p, ["--prompt", "x", "--temperature", "0"], "temperature"),
+    "negative temperature": (lambda p, t: p, ["--prompt", "x", "--temperature", "-0.5"], "0, or --greedy"),
     "top-p above one": (lambda p, t: p, ["--prompt", "x", "--top-p", "1.5"], "top-p"),
     "unknown device": (lambda p, t: p, ["--prompt", "x", "--device", "tpu"], "device"),
     "missing prompt": (lambda p, t: p, [], "--prompt"),

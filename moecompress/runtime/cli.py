@@ -37,6 +37,7 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int, *, greedy: b
         raise UserError("the prompt is empty")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    greedy = greedy or temperature == 0  # vLLM's and OpenAI's spelling of greedy decoding
     SamplingParams(greedy, temperature, top_p, seed)  # validates
     resolve_device(device)
     tokenizer = load_tokenizer(path)

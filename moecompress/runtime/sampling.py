@@ -18,7 +18,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not self.greedy and not self.temperature > 0:
-            raise UserError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise UserError(f"temperature must be > 0 when sampling, got {self.temperature} (0, or --greedy, "
+                            "takes the most likely token)")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top-p must lie in (0, 1], got {self.top_p}")
 

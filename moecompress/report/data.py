@@ -200,7 +200,9 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
     does RTN visibly hurt (perplexity up by >= ``sensitivity_pct`` on every dataset: the model is
     sensitive enough for the comparison to mean something), and does GPTQ beat RTN by more than the
     spread between its seeds (``RTN - worst GPTQ > max GPTQ - min GPTQ`` on every dataset)?
-    With a single GPTQ run both are None and the line only says which method did better."""
+    With a single GPTQ run there is no spread (``gptq_beats_rtn_beyond_seed_spread`` None): the line says which
+    method did better where RTN's cost is large enough to rank them, and compares the mean KL (more sensitive
+    than perplexity) either way."""
     ref = next((r for r in rows if r["is_reference"]), None)
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
@@ -234,18 +236,35 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
                     f"GPTQ, calibration seeds {', '.join(map(str, seeds))}: {_fmt_list(gptq_pct.values(), '{:+.1f}%')}; "
                     f"RTN - worst GPTQ {_fmt_list(margin.values(), '{:.2f}')} ppl vs seed spread "
                     f"{_fmt_list(spread.values(), '{:.2f}')}: GPTQ beats RTN by more than the seed spread: "
-                    f"{'yes' if beats else 'NO'}")
-        else:  # one calibration seed: no spread to compare with, and no experiment to check sensitivity for
-            beats = sensitive = None
+                    f"{'yes' if beats else 'NO'}{_kl_clause(g)}")
+        else:  # one calibration seed: no spread to compare with
+            beats = None
             better = all(margin[d] > 0 for d in ds)
+            verdict = (f"GPTQ better than RTN: {'yes' if better else 'NO'}" if sensitive else
+                       f"RTN costs under {sensitivity_pct:g}%, too little for perplexity to rank the methods")
             line = (f"{label} ({names}): RTN perplexity {_fmt_list(rtn_pct.values(), '{:+.1f}%')}, GPTQ "
-                    f"{_fmt_list(gptq_pct.values(), '{:+.1f}%')}: GPTQ better than RTN: {'yes' if better else 'NO'} "
+                    f"{_fmt_list(gptq_pct.values(), '{:+.1f}%')}: {verdict}{_kl_clause(g)} "
                     "(one calibration seed: no seed spread measured)")
-        out.append({"label": label, "bits": bits, "group_size": gs, "datasets": ds,
+        out.append({"label": label, "bits": bits, "group_size": gs, "datasets": ds, "rtn_kl": _kl(g["rtn"]),
+                    "gptq_kl": _kl(g["gptq"]),
                     "rtn_ppl": rtn, "gptq_ppl": gptq, "rtn_increase_pct": rtn_pct, "gptq_increase_pct": gptq_pct,
                     "gptq_seed_spread": spread, "rtn_minus_worst_gptq": margin, "gptq_runs": n,
-                    "sensitive": sensitive, "gptq_beats_rtn_beyond_seed_spread": beats, "line": line})
+                    "sensitive": sensitive, "gptq_beats_rtn_beyond_seed_spread": beats,
+                    "gptq_better": all(margin[d] > 0 for d in ds), "line": line})
     return out
+
+
+def _kl(runs: list[dict]) -> float | None:
+    """The runs' mean KL to the reference (their worst, over several seeds); None where one lacks it."""
+    kls = [r.get("kl") for r in runs]
+    return None if not kls or any(k is None for k in kls) else max(kls)
+
+
+def _kl_clause(g: dict[str, list[dict]]) -> str:
+    rtn, gptq = _kl(g["rtn"]), _kl(g["gptq"])
+    if rtn is None or gptq is None:
+        return ""
+    return f"; mean KL RTN {rtn:.4g}, GPTQ {gptq:.4g}: GPTQ lower: {'yes' if gptq < rtn else 'NO'}"
 
 
 def text_mismatches(evals: dict[str, dict]) -> list[str]:

@@ -45,7 +45,8 @@ def render(data: dict, plots: dict[str, Path]) -> str:
     if data["verdicts"]:
         parts.append("<h2>Verdict</h2>")
         for v in data["verdicts"]:
-            ok = v["sensitive"] is not False and v["gptq_beats_rtn_beyond_seed_spread"] is not False
+            ok = v["sensitive"] is not False and v["gptq_beats_rtn_beyond_seed_spread"] is not False \
+                and v.get("gptq_better") is not False
             parts.append(f"<p class='verdict{'' if ok else ' no'}'>{html.escape(v['line'])}</p>")
     parts += ["<h2>Results</h2>", html_table(data)]
     for title, path in plots.items():

@@ -167,9 +167,11 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
     quant_numel = Counter()
     quant_groups = 0
     quantized_kinds, kept_kinds = set(), set()
+    in_dims: dict[int, str] = {}  # input dimension -> a linear that has it
     for i, layer in enumerate(layers):
         for t in layer_targets(layer, h.spec, only_experts=False):
             shape = tuple(target_weight(layer, t).shape)
+            in_dims.setdefault(shape[-1], t.name)
             n = _numel(shape)
             quant_numel[t.stage] += n
             quant_groups += n // (group_size if shape[-1] % group_size == 0 else shape[-1])
@@ -237,6 +239,7 @@ def describe(model_dir: str | Path, group_size: int = 128, skip_rate: float | No
         "hidden_size": text.hidden_size, "float_dtype": str(h.float_dtype).replace("torch.", ""),
         "params_total": total, "params_active": active, "params_experts": expert_params,
         "size_bytes": bytes_now, "size_estimate_bytes": size, "group_size_for_estimate": group_size,
+        "group_size_misfit": _group_misfit(in_dims, group_size),
         "quantization": quant, "fp8_source": fp8_source,
         "quantized": quantized, "kept": kept, "non_text": non_text,
         "router_scoring": h.spec.scoring, "router": _router_text(h), "zero_experts": zero, "awq_groups": awq,
@@ -301,8 +304,24 @@ def measured_skip_rate(eval_json: str | Path, model_dir: str | Path | None = Non
     return rate
 
 
+def _group_misfit(in_dims: dict[int, str], group_size: int) -> dict | None:
+    """Where ``group_size`` does not divide some linear's input dimension (``quantize`` refuses it): one such
+    linear, and the largest power-of-two group size that divides them all (None if none from 16 up)."""
+    bad = {d: name for d, name in in_dims.items() if d % group_size}
+    if not bad:
+        return None
+    dim = min(bad)
+    fits = next((g for g in (1024, 512, 256, 128, 64, 32, 16) if g < group_size and all(d % g == 0 for d in in_dims)),
+                None)
+    return {"dim": dim, "linear": bad[dim], "fits": fits}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+
 def _params(n: int) -> str:
-    return f"{n / 1e9:.3f} B params" if n >= 1e8 else f"{n / 1e6:.3f} M params"
+    return f"{_count(n)} params"
 
 
 def _gb(n: int) -> str:
@@ -326,7 +345,7 @@ def render(d: dict) -> str:
         f"  layers        {d['layers']} ({d['moe_layers']} MoE, dense: {d['dense_layers'] or 'none'})",
         f"  experts       {d['experts']} routed, top-{d['top_k']}, shared expert: {'yes' if d['shared_expert'] else 'no'}, "
         f"router: {d['router']}",
-        f"  parameters    {d['params_total'] / 1e9:.3f} B total, {d['params_active'] / 1e9:.3f} B active per token "
+        f"  parameters    {_count(d['params_total'])} total, {_count(d['params_active'])} active per token "
         f"({d['params_experts'] / max(d['params_total'], 1):.0%} in routed experts)",
     ]
     z = d.get("zero_experts")
@@ -350,6 +369,11 @@ def render(d: dict) -> str:
             f"~{_gb(d['size_estimate_bytes']['int4_attn8'])} (group {d['group_size_for_estimate']})",
             "  quantized     " + ", ".join(d["quantized"]),
         ]
+        misfit = d.get("group_size_misfit")
+        if misfit:
+            advice = f"pass --group-size {misfit['fits']}" if misfit["fits"] else "pass --group-size channel"
+            lines.append(f"  note          quantize's default group size {d['group_size_for_estimate']} does not divide "
+                         f"{misfit['linear']}'s input dimension {misfit['dim']}: {advice}")
         kept[0] += " (routers bit-exact in the source dtype)"
     else:
         lines += [f"  quantization  already quantized: {_scheme(q)}", f"  size on disk  {_gb(d['size_bytes'])}"]

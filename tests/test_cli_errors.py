@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -169,12 +170,19 @@ def test_missing_tokenizer_is_a_user_error(capsys, tmp_path, qwen, command):
     _assert_clean(tmp_path, tmp_path / "o")
 
 
-def test_inspect_reports_family_and_sizes(capsys, tiny_ckpt):
+def test_inspect_reports_family_and_sizes(capsys, tiny_ckpt, tmp_path):
     rc = main(["inspect", str(tiny_ckpt("deepseek_v3"))])
     out = capsys.readouterr().out
     assert rc == 0
     assert "deepseek_v3" in out and "dense: [0]" in out and "8 routed, top-2" in out
     assert "mlp.gate" in out and "int4" in out
+    # a small model counts in millions (it read "0.001 B total"); its 64-wide experts take no group of 128,
+    # which quantize's default would be refused for: inspect says what to pass
+    assert re.search(r"parameters +\d+\.\d{3} M total, \d+\.\d{3} M active per token", out), out
+    assert re.search(r"default group size 128 does not divide \S+'s input dimension 64: pass --group-size 64", out)
+    rc = main(["quantize", str(tiny_ckpt("deepseek_v3")), "--out", str(tmp_path / "q"), "--group-size", "64",
+               "--method", "rtn"])
+    assert rc == 0  # the advice works
 
 
 def _poison(src, dst, name, index):

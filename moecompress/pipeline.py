@@ -269,7 +269,8 @@ def _finish(handle: ModelHandle, model, model_dir: Path, tmp: Path, writer: Shar
     summary["kept_in_float"] = kept
     summary["schemes"] = describe_schemes(schemes)
     summary["shards"] = shards
-    summary["size_bytes"] = writer.total_bytes
+    # the shards on disk, headers included: what eval, inspect and the report count as the checkpoint's size
+    summary["size_bytes"] = sum((tmp / name).stat().st_size for name in shards)
     summary["starved_experts_total"] = sum(len(r.get("starved_experts", [])) for r in summary["layers"])
     summary["timings_s"]["total"] = time.perf_counter() - t_start
     (tmp / "moecompress.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
@@ -368,7 +369,8 @@ def _resume_from(partial: PartialRun, saved: dict, feed: LayerFeed | None, plan:
             ref = partial.load_feed(saved, {c: list(plan.chunks[c]) for c in plan.mine}, key="reference")
             feed.reference = [ref[b].to(device=device, dtype=dt) for b, dt in zip(plan.my_batches, dtypes)]
     if ranks.main:
-        log.info("resuming %s after layer %d of %d", partial.path, done, saved["num_layers"])
+        log.info("resuming %s: %d of %d layers done, going on from layer %d (layers count from 0)", partial.path,
+                 done, saved["num_layers"], done)
     return done
 
 

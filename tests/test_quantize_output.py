@@ -169,3 +169,32 @@ def test_an_output_moved_aside_by_a_killed_overwrite_is_cleaned_up(deep, tmp_pat
     out.rename(aside)  # as the killed run left it
     quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
     assert out.is_dir() and not aside.exists() and not list(tmp_path.glob(".q.*"))
+
+
+def test_resume_with_nothing_to_resume_says_so_only_when_asked_alone(tmp_path, caplog):
+    """`--resume` alone on a fresh --out logs that it starts from the first layer; `--resume --overwrite` (what
+    `moecompress run` passes for every build: go on where there is something) keeps that out of the log."""
+    import logging
+
+    from moecompress.checkpoint.partial import PartialRun, check_stale
+
+    run = PartialRun(tmp_path / "q", {}, "x")
+    with caplog.at_level(logging.INFO, logger="moecompress"):
+        assert check_stale(run, resume=True, overwrite=True) is None
+        assert "no partial run" not in caplog.text
+        assert check_stale(run, resume=True, overwrite=False) is None
+        assert "--resume: no partial run at" in caplog.text
+
+
+def test_the_recorded_size_is_the_shards_on_disk(deep, tmp_path):
+    """moecompress.json's size_bytes (what `quantize` and `run` print) counts the shards with their headers,
+    as eval and the report do; it had counted the tensor bytes only (0.59 against 0.61 MB on a tiny model)."""
+    from moecompress.checkpoint.reader import CheckpointReader
+    from moecompress.evals.sizes import checkpoint_bytes
+
+    out = tmp_path / "q"
+    summary = quantize(deep, out, quick_config(bits=4), max_shard_bytes=SHARD)
+    shards = sorted(out.glob("model*.safetensors"))
+    assert len(shards) > 1
+    assert summary["size_bytes"] == sum(f.stat().st_size for f in shards) == checkpoint_bytes(CheckpointReader.open(out))
+    assert json.loads((out / "moecompress.json").read_text())["size_bytes"] == summary["size_bytes"]

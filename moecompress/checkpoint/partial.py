@@ -341,8 +341,10 @@ def check_stale(run: PartialRun, resume: bool, overwrite: bool) -> dict | None:
     """The manifest to resume from, or None to start afresh; UserError for a stale partial run that
     neither ``--resume`` nor ``--overwrite`` settles."""
     if not run.exists():
-        if resume:
-            log.info("--resume: no partial run at %s; starting from the first layer", run.path)
+        if resume:  # under --overwrite too (what `moecompress run` passes for every build) this means "go on
+            # where there is something to go on from", and nothing there is the usual case, not news
+            (log.debug if overwrite else log.info)("--resume: no partial run at %s; starting from the first layer",
+                                                   run.path)
         return None
     if resume:
         try:

@@ -137,6 +137,7 @@ class Runner:
 
     def build(self, v: Variant, i: int, n: int) -> None:
         if v.config is None:  # the ZEDA model itself: built by build_zeda
+            log.info("[%d/%d] %s: the ZEDA model, trained above", i, n, v.name)
             return
         out = self.variant_dir(v.name)
         wanted = _plain(v.config.model_dump())

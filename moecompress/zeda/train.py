@@ -389,8 +389,9 @@ def _run(model_dir: Path, out_dir: Path, cfg: ZedaConfig, overwrite: bool, comma
         else:
             raise UserError(f"{state.path} holds a partial ZEDA run for --out {out_dir}: pass --resume to continue "
                             "it, or --overwrite to start over")
-    elif resume:
-        log.info("zeda: nothing to resume in %s; starting from the beginning", state.path)
+    elif resume:  # under --overwrite too (what `moecompress run` passes): nothing there is the usual case
+        (log.debug if overwrite else log.info)("zeda: nothing to resume in %s; starting from the beginning",
+                                               state.path)
     d.barrier()
     torch.manual_seed(cfg.seed)
     prompts = _prompts(model_dir, cfg)

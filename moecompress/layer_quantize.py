@@ -190,10 +190,12 @@ def quantize_layer(layer, i: int, targets: list[Target], feed: LayerFeed | None,
                 clock["calib_s"] += time.perf_counter() - t0
                 if groups:
                     bar.set_postfix_str(f"AWQ scales ({len(groups)} groups)")
+                    t0 = time.perf_counter()
                     windows = (_attention_windows(layer, i, feed, plan, cfg, awq)
                                if any(g.group.loss == "attention" for g in groups) else None)
                     record.setdefault("awq", []).extend(_awq_stage(layer, i, handle, groups, stats, sampler, awq,
                                                                    results, overrides, windows))
+                    clock["awq_s"] = clock.get("awq_s", 0.0) + time.perf_counter() - t0
             for group in _split_by_scheme(same_input_groups(stage, stats), i, schemes):
                 t = group[0]
                 bar.set_postfix_str("+".join(x.name for x in group)

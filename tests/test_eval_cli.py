@@ -35,6 +35,22 @@ def test_eval_writes_json_and_summary(qwen, tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temporary file left
 
 
+def test_a_quantized_reference_of_a_float_model_warns_of_a_swap(qwen, tmp_path, capsys, caplog):
+    """MODEL and --reference given the wrong way round: the numbers are still computed (a quantized reference is
+    legitimate), with one warning; the right way round, none."""
+    import logging
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(qwen), "--out", str(q), "--method", "rtn", "--group-size", "32"]) == 0
+    with caplog.at_level(logging.WARNING, logger="moecompress"):
+        rc, _, err = _run(capsys, "eval", qwen, "--reference", q, "--json", tmp_path / "e.json", *ARGS)
+        assert rc == 0 and not err
+        assert "were MODEL and --reference swapped?" in caplog.text
+        caplog.clear()
+        rc, _, err = _run(capsys, "eval", q, "--reference", qwen, "--json", tmp_path / "f.json", *ARGS)
+        assert rc == 0 and "swapped" not in caplog.text
+
+
 def test_eval_custom_data_names_the_dataset(qwen, tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("Mixture-of-experts models route every token to a few experts. " * 20)

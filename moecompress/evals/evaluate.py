@@ -94,6 +94,11 @@ def _check_pair(m: ModelHandle, r: ModelHandle) -> None:
     if m.num_experts != r.num_experts:
         raise UserError(f"model ({m.num_experts} experts per layer) and reference ({r.num_experts}) are not the same "
                         "MoE: routing agreement compares expert ids")
+    from ..checkpoint.dequant_reader import DequantizingReader  # an integer-quantized checkpoint (not FP8)
+
+    if isinstance(r.reader, DequantizingReader) and not isinstance(m.reader, DequantizingReader):
+        log.warning("eval: the reference is quantized and the model is not: were MODEL and --reference swapped? "
+                    "(the metrics measure the model against the reference)")
 
 
 def _same(a, b) -> bool:

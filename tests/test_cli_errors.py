@@ -152,10 +152,18 @@ def test_existing_out_needs_overwrite(capsys, tmp_path, qwen):
     rc, err = _run(capsys, "quantize", str(qwen), "--out", str(out), "--method", "rtn", "--group-size", "32")
     assert rc == 2 and "--overwrite" in err[0]
     assert (out / "keep.txt").read_text() == "mine"
-    rc, err = _run(capsys, "quantize", str(qwen), "--out", str(out), "--method", "rtn", "--group-size", "32",
-                   "--overwrite", "--threads", "1")
+    # --overwrite replaces a model folder, not a folder of other files (which it would delete)
+    args = ("quantize", str(qwen), "--out", str(out), "--method", "rtn", "--group-size", "32", "--overwrite",
+            "--threads", "1")
+    rc, err = _run(capsys, *args)
+    assert rc == 2 and len(err) == 1 and "holds files but no config.json: it is not a model folder" in err[0], err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    (out / "config.json").write_text("{}")  # an earlier output (or an empty folder): replaced
+    (out / "old.safetensors").write_text("x")
+    rc, err = _run(capsys, *args)
     assert rc == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "old.safetensors").exists() and (out / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("command", [["quantize", "--group-size", "32"],

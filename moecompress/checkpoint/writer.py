@@ -46,6 +46,10 @@ def check_output_path(src: Path | None, out: Path, overwrite: bool, option: str 
         raise UserError(f"{what} exists and is not a directory")
     if out.exists() and (out == Path.cwd().resolve() or out in Path.cwd().resolve().parents):
         raise UserError(f"{what} is (or contains) the current directory; --overwrite would delete it")
+    if out.exists() and not (out / "config.json").is_file() and any(out.iterdir()):
+        # --overwrite replaces a model folder; a folder of other files (a typo'd path, a home folder) it would delete
+        raise UserError(f"{what} holds files but no config.json: it is not a model folder, and --overwrite would "
+                        "delete it; choose another folder, or remove it yourself")
     missing_parents(out)  # refuse up front a folder that cannot be created
 
 

@@ -73,10 +73,12 @@ def cli(verbose: bool) -> None:
               "'moecompress eval' (its JSON).")
 def inspect(model_dir: str, skip_rate, eval_json) -> None:
     """Describe a checkpoint: family, layers, experts, parameters, sizes, what would be quantized."""
+    from .checkpoint.hub import local_model
     from .inspect import describe, measured_skip_rate, render
 
     if eval_json is not None and skip_rate is not None:
         raise UserError("give --skip-rate or --eval (the skip rate an evaluation measured), not both")
+    model_dir = local_model(model_dir)
     if eval_json is not None:
         skip_rate = measured_skip_rate(eval_json, model_dir)
     click.echo(render(describe(model_dir, skip_rate=skip_rate, measured=eval_json is not None)))
@@ -190,7 +192,8 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
 
     On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
-    with start_up(model_dir):  # torch, transformers, the family's code: before any model exists
+    with start_up():  # torch, transformers: before any model exists
+        from .checkpoint.hub import local_model
         from .distributed import Ranks
         from .pipeline import quantize as run
         from .settings import build_config
@@ -211,6 +214,12 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         only_experts=only_experts, ignore=list(ignore), overrides=list(overrides), quantize_lm_head=quantize_lm_head, measure_errors=measure_errors,
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
+    # a Hub repository id is fetched now, once the settings are known to be valid
+    model_dir = local_model(model_dir)
+    if cfg.tune_reference is not None:
+        cfg = cfg.model_copy(update={"tune_reference": local_model(cfg.tune_reference)})
+    with start_up(model_dir):  # the family's code, before any model exists
+        pass
     if deterministic and device.startswith("cuda"):
         _deterministic_cuda()
     ranks = Ranks.from_env(device)
@@ -323,6 +332,9 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
     unused = [o for o, v in (("--tasks-path", tasks_path), ("--tasks-limit", tasks_limit)) if v is not None]
     if unused and not tasks:
         raise UserError(f"{' and '.join(unused)} only apply with --tasks")
+    from .checkpoint.hub import local_model
+
+    model_dir, reference = local_model(model_dir), local_model(reference)
     with start_up(model_dir, reference):
         from .evals.evaluate import evaluate
         from .evals.output import check_json_path, refuse_inside, summary, write_json_atomic
@@ -375,11 +387,14 @@ def eval_cmd(model_dir, reference, data, samples, seq_len, batch_size, seed, low
 def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed, device, dtype, cpu_weights,
              offload_experts, vram, load_json) -> None:
     """Continue --prompt with the built-in runtime; prints the text (stdout) and prefill/decode tokens/s (stderr)."""
-    with start_up(model_dir):
-        from .runtime.cli import generate_text, offload_placement, speed_line
+    from .checkpoint.hub import local_model
 
     if not offload_experts and (vram or load_json):
         raise UserError(f"{'--vram' if vram else '--load'} only applies with --offload-experts")
+    model_dir = local_model(model_dir)
+    with start_up(model_dir):
+        from .runtime.cli import generate_text, offload_placement, speed_line
+
     # the KV cache to budget: a prompt has at most one token per UTF-8 byte
     offload = offload_placement(model_dir, offload_experts, vram, load_json, device,
                                 context=len(prompt.encode()) + max(max_new_tokens, 0) + 2) if offload_experts else None
@@ -406,12 +421,14 @@ def generate(model_dir, prompt, max_new_tokens, greedy, temperature, top_p, seed
               help="Host memory bandwidth (GB/s).")
 def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbps, cpu_gbps) -> None:
     """Place MODEL_DIR's parts on a small GPU (experts by use) and estimate decode tokens/s (config only)."""
+    from .checkpoint.hub import local_model
     from .runtime.plan import load_from_eval, model_parts, plan, render
 
     vram_b = parse_size(vram, "--vram")
     ram_b = parse_size(ram, "--ram") if ram else None
     if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
         raise UserError(f"--group-size {group_size}: a power of two, or -1 for per channel")
+    model_dir = local_model(model_dir, config_only=True)  # a Hub repository: its config.json alone
     parts = model_parts(model_dir, int(bits), None if group_size == -1 else group_size)
     if context is None:
         context = min(4096, parts.max_positions or 4096)

@@ -51,7 +51,9 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
 
         quick, variant = BUILTIN_MODELS[spec]
         return demo_model_path(cache_dir, quick=quick, variant=variant)
-    path = Path(spec).expanduser()
+    from ..checkpoint.hub import local_model
+
+    path = Path(local_model(spec)).expanduser()  # a Hub repository id: its fetched snapshot
     if not path.is_dir():
         raise UserError(f"model {spec} is not a folder" if path.exists() else f"model {spec} does not exist")
     return path.resolve()

@@ -59,7 +59,8 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
     """Teach MODEL_DIR to skip experts: zero experts + two-stage self-distillation from itself."""
     from ..cli import start_up
 
-    with start_up(model_dir):
+    with start_up():
+        from ..checkpoint.hub import local_model
         from .config import build_zeda_config
         from .train import run_zeda
 
@@ -69,6 +70,9 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance, balance_scope=balance_scope,
                             trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, precision=precision, shard=shard, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
+    model_dir = local_model(model_dir)  # a Hub repository: fetched once the settings are valid
+    with start_up(model_dir):  # the family's code, before any model exists
+        pass
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)
     final = rec["zero_experts"]["final"] or {}
     click.echo(f"wrote {out}: {rec['zero_experts']['num_zero']} zero experts per router, final share of slots "

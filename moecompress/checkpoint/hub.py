@@ -1,0 +1,72 @@
+"""Model arguments that name a Hugging Face Hub repository instead of a folder.
+
+``Qwen/Qwen3-30B-A3B`` (or ``Qwen/Qwen3-30B-A3B@<branch, tag or commit>``), given where a checkpoint folder is
+expected and no such folder exists here, is fetched into the Hub's cache (``HF_HUB_CACHE``, once; a later
+run reads the cached snapshot) and read from there like any folder. Only what the tools read is fetched:
+safetensors shards, JSON configs and tokenizer files -- never pickled weights (``*.bin``, ``*.pt``) and never
+code (``*.py``: remote code is not run). ``HF_HUB_OFFLINE=1`` uses the cache alone; gated models take the
+token of ``hf auth login`` or ``HF_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from ..errors import UserError, one_line
+
+log = logging.getLogger("moecompress")
+
+# owner/name[@revision], as the Hub spells repository ids; "./x", "/x", "~/x" and "a/b/c" are paths
+_REPO = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?")
+# what the tools read: weights (safetensors only), configs, tokenizers, chat templates, generation settings
+CHECKPOINT_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
+                    "merges.txt", "vocab.txt", "*.jinja"]
+CONFIG_FILES = ["config.json"]
+
+
+def is_repo_id(arg: str) -> bool:
+    return _REPO.fullmatch(str(arg)) is not None and not Path(str(arg)).expanduser().exists()
+
+
+def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
+    """``arg`` itself when it is a path (existing or not: the commands then say what is wrong with it), else
+    the local snapshot folder of the Hub repository it names, fetched if needed (``config_only``: just its
+    config.json, for commands that read the shapes alone)."""
+    if arg is None or not is_repo_id(arg):
+        return arg
+    m = _REPO.fullmatch(str(arg))
+    repo, rev = m.group("repo"), m.group("rev")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub import errors as hub_errors
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise UserError(f"{arg} is not a folder here, and huggingface_hub (to fetch it from the Hub) is not "
+                        "installed") from None
+    patterns = CONFIG_FILES if config_only else CHECKPOINT_FILES
+    log.info("%s is not a folder here: reading the Hugging Face Hub repository %s%s (%s; no pickles, no code)",
+             arg, repo, f" at {rev}" if rev else "", "its config.json" if config_only else
+             "safetensors, configs, tokenizer")
+    where = f"{arg} is not a folder here, and as a Hub repository"
+    try:
+        path = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
+    except getattr(hub_errors, "GatedRepoError", ()) as e:  # before RepositoryNotFoundError, its parent
+        raise UserError(f"{where} it is gated: accept its terms on the Hub and log in (hf auth login, or "
+                        f"HF_TOKEN) ({one_line(e, 160)})") from None
+    except getattr(hub_errors, "RepositoryNotFoundError", ()):
+        raise UserError(f"{where} it does not exist (or is private: log in with hf auth login, or set "
+                        "HF_TOKEN)") from None
+    except getattr(hub_errors, "RevisionNotFoundError", ()):
+        raise UserError(f"{where} it has no revision {rev!r}") from None
+    except (getattr(hub_errors, "LocalEntryNotFoundError", ()), getattr(hub_errors, "OfflineModeIsEnabled", ())):
+        raise UserError(f"{where} it is not in the Hub cache and cannot be fetched now (offline, or the Hub is "
+                        "unreachable); give a local folder, or fetch it once with a connection") from None
+    except (getattr(hub_errors, "HfHubHTTPError", ()), OSError, ValueError) as e:
+        raise UserError(f"{where} it could not be fetched: {type(e).__name__}: {one_line(e, 200)}") from None
+    if not (path / "config.json").is_file():
+        raise UserError(f"the Hub repository {repo} has no config.json: not a Hugging Face model checkpoint")
+    if not config_only and not any(path.glob("*.safetensors")):
+        raise UserError(f"the Hub repository {repo} has no safetensors weights (pickled weights are not read); "
+                        "convert them to safetensors first")
+    return str(path)

@@ -10,7 +10,7 @@ import pytest
 
 from moecompress.cli import main
 from moecompress.report import pareto_front, report_data, summary_text, write_report
-from moecompress.report.data import size_classes, verdicts
+from moecompress.report.data import size_classes, verdict_holds, verdicts
 
 DATASETS = ["heldout-code", "heldout-prose"]
 REF_PPL = {"heldout-code": 80.0, "heldout-prose": 120.0}
@@ -131,8 +131,11 @@ def test_rows_marks_and_verdict(tmp_path):
     assert w4["gptq_beats_rtn_beyond_seed_spread"] is None and w4["sensitive"] is False
     assert "RTN costs under 3%, too little for perplexity to rank the methods; mean KL RTN 0.031, GPTQ 0.019: " \
            "GPTQ lower: yes (one calibration seed" in w4["line"]
+    assert verdict_holds(w4)  # too insensitive for perplexity, and GPTQ lower in KL: no loss to flag
     (w4,) = [v for v in verdicts(data["variants"], DATASETS, sensitivity_pct=2.5) if v["bits"] == 4]
-    assert w4["sensitive"] and "GPTQ better than RTN: yes; mean KL" in w4["line"]
+    assert w4["sensitive"] and "GPTQ better than RTN: yes; mean KL" in w4["line"] and verdict_holds(w4)
+    assert not verdict_holds(dict(w4, gptq_better=False)) and not verdict_holds(dict(w4, gptq_lower_kl=False))
+    assert verdict_holds(dict(w4, sensitive=False, gptq_better=False))  # perplexity cannot rank them then
     assert "seed spread: yes; mean KL RTN 0.11, GPTQ 0.055" in w3["line"]  # the worst seed's KL
     assert "+10.00% / +9.17% (>= 3%: yes)" in w3["line"] and "4.10 / 5.40 ppl vs seed spread 0.40 / 0.60" in w3["line"]
 

@@ -250,7 +250,7 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
                     "rtn_ppl": rtn, "gptq_ppl": gptq, "rtn_increase_pct": rtn_pct, "gptq_increase_pct": gptq_pct,
                     "gptq_seed_spread": spread, "rtn_minus_worst_gptq": margin, "gptq_runs": n,
                     "sensitive": sensitive, "gptq_beats_rtn_beyond_seed_spread": beats,
-                    "gptq_better": all(margin[d] > 0 for d in ds), "line": line})
+                    "gptq_better": all(margin[d] > 0 for d in ds), "gptq_lower_kl": _lower(g), "line": line})
     return out
 
 
@@ -260,11 +260,25 @@ def _kl(runs: list[dict]) -> float | None:
     return None if not kls or any(k is None for k in kls) else max(kls)
 
 
+def verdict_holds(v: dict) -> bool:
+    """GPTQ wins on what the experiment can judge: by more than its seed spread (several seeds), on perplexity
+    where RTN's cost is large enough to rank the methods, and on mean KL. An insensitive model alone is a
+    caveat (said in the line), not a loss."""
+    return (v.get("gptq_lower_kl") is not False and v["gptq_beats_rtn_beyond_seed_spread"] is not False
+            and not (v["sensitive"] and v.get("gptq_better") is False))
+
+
+def _lower(g: dict[str, list[dict]]) -> bool | None:
+    """GPTQ's (worst seed's) mean KL below RTN's; None where either lacks it."""
+    rtn, gptq = _kl(g["rtn"]), _kl(g["gptq"])
+    return None if rtn is None or gptq is None else gptq < rtn
+
+
 def _kl_clause(g: dict[str, list[dict]]) -> str:
     rtn, gptq = _kl(g["rtn"]), _kl(g["gptq"])
     if rtn is None or gptq is None:
         return ""
-    return f"; mean KL RTN {rtn:.4g}, GPTQ {gptq:.4g}: GPTQ lower: {'yes' if gptq < rtn else 'NO'}"
+    return f"; mean KL RTN {rtn:.4g}, GPTQ {gptq:.4g}: GPTQ lower: {'yes' if _lower(g) else 'NO'}"
 
 
 def text_mismatches(evals: dict[str, dict]) -> list[str]:

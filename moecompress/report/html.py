@@ -7,6 +7,7 @@ import html
 import re
 from pathlib import Path
 
+from .data import verdict_holds
 from .tables import HOW_TO_READ, html_table, settings_line
 
 CSS = """
@@ -45,8 +46,7 @@ def render(data: dict, plots: dict[str, Path]) -> str:
     if data["verdicts"]:
         parts.append("<h2>Verdict</h2>")
         for v in data["verdicts"]:
-            ok = v["sensitive"] is not False and v["gptq_beats_rtn_beyond_seed_spread"] is not False \
-                and v.get("gptq_better") is not False
+            ok = verdict_holds(v)
             parts.append(f"<p class='verdict{'' if ok else ' no'}'>{html.escape(v['line'])}</p>")
     parts += ["<h2>Results</h2>", html_table(data)]
     for title, path in plots.items():

@@ -159,6 +159,9 @@ def test_existing_out_needs_overwrite(capsys, tmp_path, qwen):
     assert rc == 2 and len(err) == 1 and "holds files but no config.json: it is not a model folder" in err[0], err
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
+    (out / ".DS_Store").write_text("")  # hidden files alone (a file browser's) do not make it someone's folder
+    rc, err = _run(capsys, *args)
+    assert rc == 0, err
     (out / "config.json").write_text("{}")  # an earlier output (or an empty folder): replaced
     (out / "old.safetensors").write_text("x")
     rc, err = _run(capsys, *args)

@@ -371,7 +371,7 @@ def render(d: dict) -> str:
         ]
         misfit = d.get("group_size_misfit")
         if misfit:
-            advice = f"pass --group-size {misfit['fits']}" if misfit["fits"] else "pass --group-size channel"
+            advice = f"pass --group-size {misfit['fits']}" if misfit["fits"] else "pass --group-size -1 (per channel)"
             lines.append(f"  note          quantize's default group size {d['group_size_for_estimate']} does not divide "
                          f"{misfit['linear']}'s input dimension {misfit['dim']}: {advice}")
         kept[0] += " (routers bit-exact in the source dtype)"

@@ -159,7 +159,11 @@ def test_existing_out_needs_overwrite(capsys, tmp_path, qwen):
     assert rc == 2 and len(err) == 1 and "holds files but no config.json: it is not a model folder" in err[0], err
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
-    (out / ".DS_Store").write_text("")  # hidden files alone (a file browser's) do not make it someone's folder
+    (out / ".ssh").mkdir()  # dot-files do (a server's home folder holds nothing else)
+    rc, err = _run(capsys, *args)
+    assert rc == 2 and "not a model folder" in err[0] and (out / ".ssh").is_dir(), err
+    (out / ".ssh").rmdir()
+    (out / ".DS_Store").write_text("")  # a file browser's litter alone does not make it someone's folder
     rc, err = _run(capsys, *args)
     assert rc == 0, err
     (out / "config.json").write_text("{}")  # an earlier output (or an empty folder): replaced
@@ -194,6 +198,10 @@ def test_inspect_reports_family_and_sizes(capsys, tiny_ckpt, tmp_path):
     rc = main(["quantize", str(tiny_ckpt("deepseek_v3")), "--out", str(tmp_path / "q"), "--group-size", "64",
                "--method", "rtn"])
     assert rc == 0  # the advice works
+    from moecompress.inspect import _group_misfit
+
+    assert _group_misfit({120: "a", 64: "b"}, 128) == {"dim": 64, "linear": "b", "fits": None}  # -> per channel
+    assert _group_misfit({256: "a", 128: "b"}, 128) is None
 
 
 def _poison(src, dst, name, index):

@@ -49,6 +49,7 @@ def test_repo_ids_and_paths(tmp_path, monkeypatch):
     (tmp_path / "acme" / "local").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert not is_repo_id("acme/local")  # a folder here wins over the Hub
+    assert not is_repo_id("acme/typo")  # a mistyped path in a folder that exists: not looked up on the Hub
 
 
 @pytest.fixture
@@ -87,9 +88,11 @@ def test_commands_read_a_cached_hub_model(offline, tmp_path, capsys):
     rc, out, err = _main(capsys, "eval", q, "--reference", "acme/tiny-moe", "--samples", "2", "--seq-len", "16",
                          "--json", tmp_path / "e.json")
     assert rc == 0 and (tmp_path / "e.json").is_file(), err
-    from moecompress.run.runner import resolve_model  # a recipe's model: the same
+    from moecompress.run.runner import _reference_dir, resolve_model  # a recipe's model and tune_reference: the same
 
-    assert resolve_model("acme/tiny-moe") == (offline / "models--acme--tiny-moe" / "snapshots" / COMMIT).resolve()
+    snap = offline / "models--acme--tiny-moe" / "snapshots" / COMMIT
+    assert resolve_model("acme/tiny-moe") == snap.resolve()
+    assert _reference_dir("acme/tiny-moe", tmp_path) == str(snap) and _reference_dir("original", q) == str(q)
 
 
 @pytest.mark.parametrize("arg, needle", [
@@ -105,6 +108,12 @@ def test_what_the_cache_cannot_give_is_one_line(offline, tmp_path, capsys, arg, 
 
 
 def test_invalid_settings_are_refused_before_anything_is_fetched(offline, tmp_path, capsys):
-    """A bad combination of options fails first: a 60 GB fetch does not precede a one-line settings error."""
+    """A bad combination of options, or an --out that exists, fails first: a 60 GB fetch does not precede a
+    one-line error about the options."""
     rc, _, err = _main(capsys, "quantize", "acme/absent", "--out", tmp_path / "q", "--format", "awq", "--bits", "3")
     assert rc == 2 and "the AWQ format stores 4-bit weights only" in err and "Hub repository" not in err, err
+    (tmp_path / "done").mkdir()
+    for argv in (["quantize", "acme/absent", "--group-size", "32"], ["zeda", "acme/absent"],
+                 ["zero-experts", "add", "acme/absent", "--num-zero", "1"]):
+        rc, _, err = _main(capsys, *argv, "--out", tmp_path / "done")
+        assert rc == 2 and "already exists; pass --overwrite" in err and "Hub repository" not in err, (argv, err)

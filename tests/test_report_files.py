@@ -129,8 +129,9 @@ def test_rows_marks_and_verdict(tmp_path):
     # one GPTQ run: no seed spread; RTN's +3.0% / +2.5% is too small for perplexity to rank the methods, so
     # the line says so, and the mean KL ranks them
     assert w4["gptq_beats_rtn_beyond_seed_spread"] is None and w4["sensitive"] is False
-    assert "RTN costs under 3%, too little for perplexity to rank the methods; mean KL RTN 0.031, GPTQ 0.019: " \
-           "GPTQ lower: yes (one calibration seed" in w4["line"]
+    assert "RTN perplexity +3.00% / +2.50%, GPTQ +1.5% / +1.2%: RTN costs under 3% (on a set), too little for " \
+           "perplexity to rank the methods; mean KL RTN 0.031, GPTQ 0.019: GPTQ lower: yes (one calibration seed" \
+           in w4["line"], w4["line"]
     assert verdict_holds(w4)  # too insensitive for perplexity, and GPTQ lower in KL: no loss to flag
     (w4,) = [v for v in verdicts(data["variants"], DATASETS, sensitivity_pct=2.5) if v["bits"] == 4]
     assert w4["sensitive"] and "GPTQ better than RTN: yes; mean KL" in w4["line"] and verdict_holds(w4)

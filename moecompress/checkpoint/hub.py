@@ -4,8 +4,9 @@
 expected and no such folder exists here, is fetched into the Hub's cache (``HF_HUB_CACHE``, once; a later
 run reads the cached snapshot) and read from there like any folder. Only what the tools read is fetched:
 safetensors shards, JSON configs and tokenizer files -- never pickled weights (``*.bin``, ``*.pt``) and never
-code (``*.py``: remote code is not run). ``HF_HUB_OFFLINE=1`` uses the cache alone; gated models take the
-token of ``hf auth login`` or ``HF_TOKEN``.
+code (``*.py``: remote code is not run), and nothing from subfolders. ``HF_HUB_OFFLINE=1`` uses the cache
+alone (online, huggingface_hub asks the Hub for the revision first, even for a cached model); gated models take
+the token of ``hf auth login`` or ``HF_TOKEN``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,19 @@ CONFIG_FILES = ["config.json"]
 
 
 def is_repo_id(arg: str) -> bool:
-    return _REPO.fullmatch(str(arg)) is not None and not Path(str(arg)).expanduser().exists()
+    """``owner/name[@rev]`` with neither it nor ``owner`` a path here (``models/typo`` in a folder that has
+    ``models/`` is a mistyped path, not a repository)."""
+    m = _REPO.fullmatch(str(arg))
+    return m is not None and not Path(str(arg)).exists() and not Path(m.group("repo").split("/")[0]).exists()
+
+
+def check_out_first(model: str | None, out, overwrite: bool, resume: bool = False) -> None:
+    """Before a Hub repository is fetched for a command that writes ``out``: the checks of ``out`` that need
+    no source (exists without --overwrite, not a folder...), so they do not wait for a long download."""
+    if model is not None and not resume and is_repo_id(model):
+        from .writer import check_output_path
+
+        check_output_path(None, Path(out), overwrite)
 
 
 def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
@@ -50,7 +63,8 @@ def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
              "safetensors, configs, tokenizer")
     where = f"{arg} is not a folder here, and as a Hub repository"
     try:
-        path = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
+        # top-level files only (fnmatch's * crosses "/": original/*.safetensors would come too)
+        path = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, ignore_patterns=["*/*"]))
     except getattr(hub_errors, "GatedRepoError", ()) as e:  # before RepositoryNotFoundError, its parent
         raise UserError(f"{where} it is gated: accept its terms on the Hub and log in (hf auth login, or "
                         f"HF_TOKEN) ({one_line(e, 160)})") from None
@@ -62,7 +76,7 @@ def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
     except (getattr(hub_errors, "LocalEntryNotFoundError", ()), getattr(hub_errors, "OfflineModeIsEnabled", ())):
         raise UserError(f"{where} it is not in the Hub cache and cannot be fetched now (offline, or the Hub is "
                         "unreachable); give a local folder, or fetch it once with a connection") from None
-    except (getattr(hub_errors, "HfHubHTTPError", ()), OSError, ValueError) as e:
+    except Exception as e:  # HTTP, proxy and transfer errors of huggingface_hub's client, whatever its version
         raise UserError(f"{where} it could not be fetched: {type(e).__name__}: {one_line(e, 200)}") from None
     if not (path / "config.json").is_file():
         raise UserError(f"the Hub repository {repo} has no config.json: not a Hugging Face model checkpoint")

@@ -24,6 +24,10 @@ from .safetensors_stream import StreamingSafetensors
 MAX_OUT_NAME = 240  # the hidden siblings written beside an output (".<name>.finished.tmp") must fit NAME_MAX too
 
 
+# what file browsers leave in any folder: alone, they do not make a folder someone's (dot-files do: a home folder)
+_LITTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
 def check_output_path(src: Path | None, out: Path, overwrite: bool, option: str = "--out",
                       inputs: tuple[Path, ...] = ()) -> None:
     """Refuse an output folder (given as ``option``; "" for a positional argument) that cannot be written, or
@@ -46,7 +50,7 @@ def check_output_path(src: Path | None, out: Path, overwrite: bool, option: str 
         raise UserError(f"{what} exists and is not a directory")
     if out.exists() and (out == Path.cwd().resolve() or out in Path.cwd().resolve().parents):
         raise UserError(f"{what} is (or contains) the current directory; --overwrite would delete it")
-    if out.exists() and not (out / "config.json").is_file() and any(not p.name.startswith(".") for p in out.iterdir()):
+    if out.exists() and not (out / "config.json").is_file() and any(p.name not in _LITTER for p in out.iterdir()):
         # --overwrite replaces a model folder; a folder of other files (a typo'd path, a home folder) it would delete
         raise UserError(f"{what} holds files but no config.json: it is not a model folder, and --overwrite would "
                         "delete it; choose another folder, or remove it yourself")

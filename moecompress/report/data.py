@@ -240,9 +240,12 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
         else:  # one calibration seed: no spread to compare with
             beats = None
             better = all(margin[d] > 0 for d in ds)
+            where = "every set" if all(round(rtn_pct[d], 2) < sensitivity_pct for d in ds) else "a set"
             verdict = (f"GPTQ better than RTN: {'yes' if better else 'NO'}" if sensitive else
-                       f"RTN costs under {sensitivity_pct:g}%, too little for perplexity to rank the methods")
-            line = (f"{label} ({names}): RTN perplexity {_fmt_list(rtn_pct.values(), '{:+.1f}%')}, GPTQ "
+                       f"RTN costs under {sensitivity_pct:g}% (on {where}), too little for perplexity to rank the "
+                       "methods")
+            # RTN as precise as the sensitivity is judged (+2.96% must not print as +3.0% beside "under 3%")
+            line = (f"{label} ({names}): RTN perplexity {_fmt_list(rtn_pct.values(), '{:+.2f}%')}, GPTQ "
                     f"{_fmt_list(gptq_pct.values(), '{:+.1f}%')}: {verdict}{_kl_clause(g)} "
                     "(one calibration seed: no seed spread measured)")
         out.append({"label": label, "bits": bits, "group_size": gs, "datasets": ds, "rtn_kl": _kl(g["rtn"]),

@@ -59,6 +59,13 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
     return path.resolve()
 
 
+def _reference_dir(ref: str, model_dir: Path) -> str:
+    """A variant's tune_reference as a folder: ``original`` is the recipe's model, a Hub id its snapshot."""
+    from ..checkpoint.hub import local_model
+
+    return str(Path(model_dir).resolve()) if ref == "original" else local_model(ref)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -85,9 +92,10 @@ class Runner:
         self.ranks = ranks or SINGLE
         self.recipe_file = recipe_file
         # a variant's ``tune_reference: original`` is the recipe's model (its ZEDA variants are tuned toward it)
+        # (and a Hub repository id its fetched snapshot)
         self.variants = [v.model_copy(update={"config": v.config.model_copy(
-                             update={"tune_reference": str(Path(model_dir).resolve())})})
-                         if isinstance(v.config, QuantizeConfig) and v.config.tune_reference == "original" else v
+                             update={"tune_reference": _reference_dir(v.config.tune_reference, model_dir)})})
+                         if isinstance(v.config, QuantizeConfig) and v.config.tune_reference is not None else v
                          for v in recipe.built_variants()]
         self.by_name = {v.name: v for v in self.variants}
         self.zeda = recipe.zeda_config()
@@ -463,8 +471,8 @@ def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | No
         if v.config.needs_calibration:
             h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")
         ref = v.config.tune_reference
-        if ref not in (None, "original") and not Path(ref).is_dir():  # (checked in full when the variant builds)
-            raise UserError(f"variant {v.name}: tune_reference {ref} is not a folder")
+        if ref not in (None, "original") and not Path(_reference_dir(ref, model_dir)).is_dir():  # (checked in full
+            raise UserError(f"variant {v.name}: tune_reference {ref} is not a folder")      # when it builds)
     for v in recipe.built_variants():
         if isinstance(v.config, SkipBaseline):
             h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")

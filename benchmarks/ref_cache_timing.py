@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from moecompress.evals.output import numeric_fields
     from moecompress.pipeline import quantize
     from moecompress.settings import build_config
-    from moecompress.run.runner import resolve_model
+    from moecompress.run.inputs import resolve_model
 
     torch.set_num_threads(a.threads)
     work = Path(a.workdir)

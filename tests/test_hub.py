@@ -88,11 +88,11 @@ def test_commands_read_a_cached_hub_model(offline, tmp_path, capsys):
     rc, out, err = _main(capsys, "eval", q, "--reference", "acme/tiny-moe", "--samples", "2", "--seq-len", "16",
                          "--json", tmp_path / "e.json")
     assert rc == 0 and (tmp_path / "e.json").is_file(), err
-    from moecompress.run.runner import _reference_dir, resolve_model  # a recipe's model and tune_reference: the same
+    from moecompress.run.inputs import reference_dir, resolve_model  # a recipe's model and tune_reference: the same
 
     snap = offline / "models--acme--tiny-moe" / "snapshots" / COMMIT
     assert resolve_model("acme/tiny-moe") == snap.resolve()
-    assert _reference_dir("acme/tiny-moe", tmp_path) == str(snap) and _reference_dir("original", q) == str(q)
+    assert reference_dir("acme/tiny-moe", tmp_path) == str(snap) and reference_dir("original", q) == str(q)
 
 
 @pytest.mark.parametrize("arg, needle", [

@@ -41,7 +41,8 @@ def run_demo(*, quick: bool = False, out: str | Path | None = None, cache_dir: s
              force: bool = False) -> dict:
     """Run the demo; returns the report data, with ``timings_s`` (model, run, total) added."""
     from ..report import write_report
-    from .runner import resolve_model, run_folder, run_recipe
+    from .inputs import resolve_model, run_folder
+    from .runner import run_recipe
 
     t0 = time.perf_counter()
     recipe = demo_recipe(quick)

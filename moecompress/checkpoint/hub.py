@@ -62,9 +62,11 @@ def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
              arg, repo, f" at {rev}" if rev else "", "its config.json" if config_only else
              "safetensors, configs, tokenizer")
     where = f"{arg} is not a folder here, and as a Hub repository"
+    def fetch(**kw) -> Path:  # top-level files only (fnmatch's * crosses "/": original/*.safetensors would come)
+        return Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, ignore_patterns=["*/*"], **kw))
+
     try:
-        # top-level files only (fnmatch's * crosses "/": original/*.safetensors would come too)
-        path = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns, ignore_patterns=["*/*"]))
+        path = _fetch_or_cached(fetch, arg, hub_errors)
     except getattr(hub_errors, "GatedRepoError", ()) as e:  # before RepositoryNotFoundError, its parent
         raise UserError(f"{where} it is gated: accept its terms on the Hub and log in (hf auth login, or "
                         f"HF_TOKEN) ({one_line(e, 160)})") from None
@@ -84,3 +86,21 @@ def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
         raise UserError(f"the Hub repository {repo} has no safetensors weights (pickled weights are not read); "
                         "convert them to safetensors first")
     return str(path)
+
+
+def _fetch_or_cached(fetch, arg: str, hub_errors) -> Path:
+    """``fetch()``; where the Hub cannot be asked (offline, unreachable), the cached snapshot if there is one
+    (huggingface_hub 1.x does not fall back to it by itself for a commit revision), else the first error."""
+    answers = tuple(getattr(hub_errors, n) for n in ("RepositoryNotFoundError", "RevisionNotFoundError")
+                    if hasattr(hub_errors, n))  # the Hub's answer (gated too): not for the cache to overrule
+    try:
+        return fetch()
+    except answers:
+        raise
+    except Exception as first:
+        try:
+            path = fetch(local_files_only=True)
+        except Exception:
+            raise first from None
+        log.info("the Hub could not be asked about %s: reading its cached snapshot %s", arg, path)
+        return path

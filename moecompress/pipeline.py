@@ -377,5 +377,7 @@ def _resume_from(partial: PartialRun, saved: dict, feed: LayerFeed | None, plan:
 def _versions() -> dict:
     import transformers
 
+    from .build_id import build_id
+
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": sys.platform}
+            "platform": sys.platform, "moecompress": build_id()}

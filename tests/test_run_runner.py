@@ -78,6 +78,17 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     assert all(v["reason"] == "up to date" for v in d.values())
     assert mtimes == {n: (run / "variants" / n / "model.safetensors").stat().st_mtime_ns for n in ("rtn", "gptq")}
 
+    # 2b. a variant built by another build of moecompress: kept (same settings and source), but said so
+    meta = run / "variants" / "gptq" / "moecompress.json"
+    saved = json.loads(meta.read_text())
+    saved["versions"]["moecompress"]["code"] = "0" * 16
+    meta.write_text(json.dumps(saved))
+    run_recipe(recipe, report=False)
+    d = _decisions(run)
+    assert d[("gptq", "build")]["action"] == "skipped"
+    assert "up to date (built by another build of moecompress" in d[("gptq", "build")]["reason"]
+    assert d[("rtn", "build")]["reason"] == "up to date"
+
     # 3. one variant's settings changed: only it is rebuilt, and re-evaluated because its checkpoint changed
     recipe = _write(tmp_path, model, run, rtn_bits=8)
     run_recipe(recipe, report=False)

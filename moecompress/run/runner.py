@@ -47,6 +47,18 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _other_build(saved: dict) -> str | None:
+    """How a quantized variant's build of moecompress (``versions`` in its moecompress.json) differs from the
+    running one; None when it is the same (or not recorded: baselines, builds from before the record)."""
+    from ..build_id import build_id
+
+    was, now = (saved.get("versions") or {}).get("moecompress"), build_id()
+    if not isinstance(was, dict) or was == now:
+        return None
+    return f"another build of moecompress ({was.get('version')}, code {was.get('code')}; now {now['version']}, " \
+           f"code {now['code']})"
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically (a finished file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +162,11 @@ class Runner:
             if not changes:
                 self._write_stamps(stamps.values(), only_missing=True)
                 log.info("%s: build skipped (up to date: same settings and source)", tag)
-                self._decide(v.name, "build", "skipped", "up to date")
+                other = _other_build(saved)
+                if other:  # kept (rebuilding on every code change would redo whole runs), but said
+                    log.warning("%s: built by %s: kept, though this build could write other bytes; --force "
+                                "rebuilds it", tag, other)
+                self._decide(v.name, "build", "skipped", "up to date" + (f" (built by {other})" if other else ""))
                 return
             reason = "; ".join(changes)
         log.info("%s: building (%s)", tag, reason)

@@ -193,7 +193,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
     On several processes: torchrun --nproc-per-node N -m moecompress quantize ... (gloo on CPU, NCCL with
     cuda:LOCAL_RANK on GPU); the checkpoint is byte-identical to one process's."""
     with start_up():  # torch, transformers: before any model exists
-        from .checkpoint.hub import check_out_first, local_model
+        from .checkpoint.hub import local_model
         from .distributed import Ranks
         from .pipeline import quantize as run
         from .settings import build_config
@@ -215,8 +215,7 @@ def quantize(model_dir, out, method, bits, group_size, symmetric, act_order, fmt
         awq_scales=awq_scales, awq_grid=awq_grid, awq_search_tokens=awq_search_tokens,
     )
     # a Hub repository id is fetched now, once the settings (and --out) are known to be valid
-    check_out_first(model_dir, out, overwrite, resume)
-    model_dir = local_model(model_dir)
+    model_dir = local_model(model_dir, out=out, overwrite=overwrite, resume=resume)
     if cfg.tune_reference is not None:
         cfg = cfg.model_copy(update={"tune_reference": local_model(cfg.tune_reference)})
     with start_up(model_dir):  # the family's code, before any model exists

@@ -31,3 +31,13 @@ def settings_error(e, fields, recipe_label: str, cli_flags: dict[str, str] | Non
     if keys:
         msg = re.sub(r"\b(" + "|".join(map(re.escape, keys)) + r")\b", lambda m: flag(m.group(1)), msg)
     return UserError(f"invalid option {flag(str(err['loc'][0]))}: {msg}" if loc else f"invalid options: {msg}")
+
+
+def set_apart_from(model, keys: tuple[str, ...], applies_to: str) -> str | None:
+    """The validation message for settings ``keys`` of pydantic ``model`` given values (away from their defaults)
+    that only matter with ``applies_to``, naming just those set; None when none is."""
+    fields = type(model).model_fields
+    given = [k for k in keys if getattr(model, k) != fields[k].default]
+    if not given:
+        return None
+    return f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies_to}"

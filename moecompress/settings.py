@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError, settings_error
+from .errors import UserError, set_apart_from, settings_error
 from .units import SEED_MAX
 from .quant import overrides as _overrides
 from .quant.spec import SUPPORTED_BITS, QuantSpec
@@ -235,13 +235,10 @@ class QuantizeConfig(NoBoolNumbers):
         if self.format == "awq" and self.overrides:
             raise ValueError("the AWQ format has one bit width and group size for the whole checkpoint; "
                              "write per-module schemes (overrides) with the compressed-tensors or GPTQ format")
-        tuning_only = [k for k, unset in (("tune_lr", self.tune_lr is None),
-                                          ("tune_reference", self.tune_reference is None),
-                                          ("tune_scale_change", self.tune_scale_change
-                                           == type(self).model_fields["tune_scale_change"].default)) if not unset]
-        if not self.tune_steps and tuning_only:  # named as set: tune_scale_change has no command-line flag
-            raise ValueError(f"{' and '.join(tuning_only)} {'applies' if len(tuning_only) == 1 else 'apply'} to "
-                             "block-output tuning: set tune_steps too")
+        # named as set: tune_scale_change has no command-line flag
+        unused = set_apart_from(self, ("tune_lr", "tune_reference", "tune_scale_change"), "block-output tuning")
+        if not self.tune_steps and unused:
+            raise ValueError(f"{unused}: set tune_steps too")
         if self.tune_steps and not self.needs_calibration:
             raise ValueError("tune_steps tunes on the calibration data, which method rtn with measure_errors "
                              "off does not run; turn measure_errors on, or set tune_steps 0")

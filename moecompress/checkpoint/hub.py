@@ -34,21 +34,18 @@ def is_repo_id(arg: str) -> bool:
     return m is not None and not Path(str(arg)).exists() and not Path(m.group("repo").split("/")[0]).exists()
 
 
-def check_out_first(model: str | None, out, overwrite: bool, resume: bool = False) -> None:
-    """Before a Hub repository is fetched for a command that writes ``out``: the checks of ``out`` that need
-    no source (exists without --overwrite, not a folder...), so they do not wait for a long download."""
-    if model is not None and not resume and is_repo_id(model):
+def local_model(arg: str | None, *, config_only: bool = False, out=None, overwrite: bool = False,
+                resume: bool = False) -> str | None:
+    """``arg`` itself when it is a path (existing or not: the commands then say what is wrong with it), else
+    the local snapshot folder of the Hub repository it names, fetched if needed (``config_only``: just its
+    config.json, for commands that read the shapes alone). For a command that writes ``out`` (not resuming),
+    the checks of ``out`` that need no source come first, so they do not wait for a long download."""
+    if arg is None or not is_repo_id(arg):
+        return arg
+    if out is not None and not resume:
         from .writer import check_output_path
 
         check_output_path(None, Path(out), overwrite)
-
-
-def local_model(arg: str | None, *, config_only: bool = False) -> str | None:
-    """``arg`` itself when it is a path (existing or not: the commands then say what is wrong with it), else
-    the local snapshot folder of the Hub repository it names, fetched if needed (``config_only``: just its
-    config.json, for commands that read the shapes alone)."""
-    if arg is None or not is_repo_id(arg):
-        return arg
     m = _REPO.fullmatch(str(arg))
     repo, rev = m.group("repo"), m.group("rev")
     try:

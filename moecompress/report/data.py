@@ -226,6 +226,7 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
         # judged on the value as printed (2 decimals): "+3.0% (>= 3%: NO)" for a true +2.96% read as a contradiction
         sensitive = all(round(rtn_pct[d], 2) >= sensitivity_pct for d in ds)
         beats = all(margin[d] > spread[d] for d in ds)
+        better = all(margin[d] > 0 for d in ds)
         label = f"W{bits} g{gs if gs else 'channel'}"
         seeds = [r["calib_seed"] for r in g["gptq"]]
         n = len(g["gptq"])
@@ -239,7 +240,6 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
                     f"{'yes' if beats else 'NO'}{_kl_clause(g)}")
         else:  # one calibration seed: no spread to compare with
             beats = None
-            better = all(margin[d] > 0 for d in ds)
             where = "every set" if all(round(rtn_pct[d], 2) < sensitivity_pct for d in ds) else "a set"
             verdict = (f"GPTQ better than RTN: {'yes' if better else 'NO'}" if sensitive else
                        f"RTN costs under {sensitivity_pct:g}% (on {where}), too little for perplexity to rank the "
@@ -253,7 +253,7 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
                     "rtn_ppl": rtn, "gptq_ppl": gptq, "rtn_increase_pct": rtn_pct, "gptq_increase_pct": gptq_pct,
                     "gptq_seed_spread": spread, "rtn_minus_worst_gptq": margin, "gptq_runs": n,
                     "sensitive": sensitive, "gptq_beats_rtn_beyond_seed_spread": beats,
-                    "gptq_better": all(margin[d] > 0 for d in ds), "gptq_lower_kl": _lower(g), "line": line})
+                    "gptq_better": better, "gptq_lower_kl": _lower(g), "line": line})
     return out
 
 
@@ -278,10 +278,10 @@ def _lower(g: dict[str, list[dict]]) -> bool | None:
 
 
 def _kl_clause(g: dict[str, list[dict]]) -> str:
-    rtn, gptq = _kl(g["rtn"]), _kl(g["gptq"])
-    if rtn is None or gptq is None:
+    lower = _lower(g)
+    if lower is None:
         return ""
-    return f"; mean KL RTN {rtn:.4g}, GPTQ {gptq:.4g}: GPTQ lower: {'yes' if _lower(g) else 'NO'}"
+    return f"; mean KL RTN {_kl(g['rtn']):.4g}, GPTQ {_kl(g['gptq']):.4g}: GPTQ lower: {'yes' if lower else 'NO'}"
 
 
 def text_mismatches(evals: dict[str, dict]) -> list[str]:

@@ -60,7 +60,7 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
     from ..cli import start_up
 
     with start_up():
-        from ..checkpoint.hub import check_out_first, local_model
+        from ..checkpoint.hub import local_model
         from .config import build_zeda_config
         from .train import run_zeda
 
@@ -70,8 +70,8 @@ def zeda(model_dir, out, num_zero, topk_mode, zero_weights, zero_logits, target_
                             stage2_steps=stage2_steps, lr=lr, batch=batch, balance_weight=balance_weight, route_weight=route_weight, balance=balance, balance_scope=balance_scope,
                             trainable=trainable, lora_rank=lora_rank, lora_lr=lora_lr, device=device, precision=precision, shard=shard, seed=seed, layout=layout,
                             checkpoint_every=checkpoint_every)
-    check_out_first(model_dir, out, overwrite, resume)
-    model_dir = local_model(model_dir)  # a Hub repository: fetched once the settings are valid
+    # a Hub repository: fetched once the settings (and --out) are valid
+    model_dir = local_model(model_dir, out=out, overwrite=overwrite, resume=resume)
     with start_up(model_dir):  # the family's code, before any model exists
         pass
     rec = run_zeda(model_dir, out, cfg, overwrite=overwrite, command=sys.argv, resume=resume)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import settings_error
+from ..errors import set_apart_from, settings_error
 from ..units import SEED_MAX
 
 
@@ -57,11 +57,9 @@ class ZedaConfig(BaseModel):
     def _steps(self):
         if self.stage1_steps + self.stage2_steps == 0:
             raise ValueError("stage1_steps and stage2_steps are both 0: nothing would be trained")
-        fields = type(self).model_fields
-        lora_only = [k for k in ("lora_rank", "lora_lr") if getattr(self, k) != fields[k].default]
-        if lora_only and self.trainable != "lora":  # set, and it would be silently ignored
-            raise ValueError(f"{' and '.join(lora_only)} {'applies' if len(lora_only) == 1 else 'apply'} to "
-                             f"trainable lora (trainable is {self.trainable})")
+        unused = set_apart_from(self, ("lora_rank", "lora_lr"), "trainable lora")
+        if unused and self.trainable != "lora":  # set, and it would be silently ignored
+            raise ValueError(f"{unused} (trainable is {self.trainable})")
         return self
 
     @field_validator("target_skip")

@@ -25,11 +25,10 @@ def zero_experts() -> None:
 @click.option("--overwrite", is_flag=True)
 def add(model_dir, out, num_zero, topk_mode, seed, overwrite) -> None:
     """Add Z zero experts to every MoE router of MODEL_DIR (native layout; outputs unchanged with 'same')."""
-    from ..checkpoint.hub import check_out_first, local_model
+    from ..checkpoint.hub import local_model
     from .inject import add_zero_experts
 
-    check_out_first(model_dir, out, overwrite)
-    model_dir = local_model(model_dir)  # a Hub repository: fetched
+    model_dir = local_model(model_dir, out=out, overwrite=overwrite)  # a Hub repository: fetched
     rec = add_zero_experts(model_dir, out, num_zero, topk_mode, seed=seed, overwrite=overwrite, command=sys.argv)
     z = rec["zero_experts"]
     click.echo(f"wrote {out}: {num_zero} zero experts in {len(z['layers'])} MoE layers, "
@@ -44,11 +43,10 @@ def add(model_dir, out, num_zero, topk_mode, seed, overwrite) -> None:
 @click.option("--overwrite", is_flag=True)
 def convert(model_dir, out, layout, overwrite) -> None:
     """Rewrite a zero-expert MODEL_DIR in the other layout (same outputs)."""
-    from ..checkpoint.hub import check_out_first, local_model
+    from ..checkpoint.hub import local_model
     from .convert import convert_layout
 
-    check_out_first(model_dir, out, overwrite)
-    model_dir = local_model(model_dir)  # a Hub repository: fetched
+    model_dir = local_model(model_dir, out=out, overwrite=overwrite)  # a Hub repository: fetched
     convert_layout(model_dir, out, layout, overwrite=overwrite, command=sys.argv)
     click.echo(f"wrote {out} ({layout} layout)")
 
@@ -68,11 +66,10 @@ def convert(model_dir, out, layout, overwrite) -> None:
 @click.option("--overwrite", is_flag=True)
 def baseline(model_dir, rule, target_skip, out, calib, calib_samples, seq_len, seed, device, overwrite) -> None:
     """Calibrate a training-free skipping rule on MODEL_DIR to --target-skip and write the rule model."""
-    from ..checkpoint.hub import check_out_first, local_model
+    from ..checkpoint.hub import local_model
     from .baselines import make_baseline
 
-    check_out_first(model_dir, out, overwrite)
-    model_dir = local_model(model_dir)  # a Hub repository: fetched
+    model_dir = local_model(model_dir, out=out, overwrite=overwrite)  # a Hub repository: fetched
     rec = make_baseline(model_dir, out, rule, target_skip, calib=calib, samples=calib_samples, seq_len=seq_len,
                         seed=seed, device=device, overwrite=overwrite, command=sys.argv)
     b = rec["zero_experts"]["baseline"]

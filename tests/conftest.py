@@ -23,6 +23,16 @@ if not torch.cuda.is_available():  # kernels run in Triton's interpreter on CPU 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A command run in this process with ``--threads N`` sets torch's threads for the whole process: put back
+    the suite's count after each test (otherwise every later test ran on one thread)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 
 def pytest_configure(config):
     """Refuse at once, in one line, an interpreter that cannot run a kernel loop: triton 3.6's interpreter calls

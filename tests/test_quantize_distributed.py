@@ -22,8 +22,16 @@ ARGS = ["--bits", "4", "--group-size", "32", "--calib-samples", "12", "--seq-len
         "--threads", "1"]
 
 
+def _here(*argv):
+    """``moecompress ARGV`` in this process: the one-process side of every comparison (a subprocess would add
+    seconds of imports; ``--threads 1`` puts it on one thread, as each torchrun rank is)."""
+    from moecompress.cli import main
+
+    assert main([str(a) for a in argv]) == 0, argv
+
+
 def _single(src, out, *extra):
-    return [sys.executable, "-m", "moecompress", "quantize", str(src), "--out", str(out), *ARGS, *extra]
+    _here("quantize", src, "--out", out, *ARGS, *extra)
 
 
 def _torchrun(n, src, out, *extra):
@@ -41,7 +49,7 @@ def _run(cmd):
 @pytest.mark.parametrize("family,method", [("qwen3_moe", "gptq"), ("deepseek_v3", "rtn")])
 def test_two_and_three_ranks_write_the_bytes_of_one(tiny_ckpt, tmp_path, family, method):
     src = tiny_ckpt(family)
-    _run(_single(src, tmp_path / "one", "--method", method))
+    _single(src, tmp_path / "one", "--method", method)
     ref = digest(tmp_path / "one")
     one = json.loads((tmp_path / "one" / "moecompress.json").read_text())["distributed"]
     for n in (2, 3):
@@ -58,7 +66,7 @@ def test_expert_statistics_live_on_their_owner(tiny_ckpt, tmp_path):
     """64 experts = 4 blocks of 16: each block's per-expert sums are reduced to the rank that solves it, so a
     rank's statistics peak at about 1/N of one process's (plus the small replicated part); same bytes."""
     src = tiny_ckpt("qwen3_moe", num_experts=64)
-    _run(_single(src, tmp_path / "one"))
+    _single(src, tmp_path / "one")
     one = json.loads((tmp_path / "one" / "moecompress.json").read_text())["distributed"]["ranks"][0]
     for n, bound in ((2, 0.6), (3, 0.55)):  # 3 ranks: one of them owns two of the four blocks
         _run(_torchrun(n, src, tmp_path / f"n{n}"))
@@ -90,7 +98,7 @@ def test_resume_on_another_rank_count(tiny_ckpt, tmp_path, monkeypatch):
     from moecompress.settings import build_config
 
     src = tiny_ckpt("qwen3_moe")
-    _run(_single(src, tmp_path / "ref"))
+    _single(src, tmp_path / "ref")
     _crash_on_one_thread(monkeypatch, src, tmp_path / "q", build_config(bits=4, group_size=32, calib_samples=12,
                                                                         seq_len=64, batch_size=2), 1)
     assert json.loads((tmp_path / ".q.partial" / "manifest.json").read_text())["layers_done"] == 1
@@ -117,8 +125,8 @@ def test_a_dying_rank_stops_the_run_and_leaves_it_resumable(tiny_ckpt, tmp_path)
     assert not out.exists()
     assert "rank" in err.lower() and ("1" in err)  # torchrun names the failed rank (and its signal)
     assert manifest.exists()  # the committed layers stay: resume on one process
-    _run(_single(src, out, "--resume"))
-    _run(_single(src, tmp_path / "ref"))
+    _single(src, out, "--resume")
+    _single(src, tmp_path / "ref")
     assert digest(out) == digest(tmp_path / "ref")
 
 
@@ -129,7 +137,7 @@ def test_awq_on_two_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path, family, m
     the attention loss runs on batches 0, 2 and 4 of 6, held by both ranks."""
     src = tiny_ckpt(family)
     extra = ["--method", method, "--awq-grid", "4", "--awq-search-tokens", "300"]
-    _run(_single(src, tmp_path / "one", *extra))
+    _single(src, tmp_path / "one", *extra)
     _run(_torchrun(2, src, tmp_path / "two", *extra))
     assert digest(tmp_path / "two") == digest(tmp_path / "one")
     one, two = (json.loads((tmp_path / d / "moecompress.json").read_text()) for d in ("one", "two"))
@@ -149,7 +157,7 @@ def test_tuning_on_two_and_three_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_pa
 
     src = save_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=3)
     extra = ["--bits", "3", "--tune-steps", "12", "--tune-lr", "0.05"]
-    _run(_single(src, tmp_path / "one", *extra))
+    _single(src, tmp_path / "one", *extra)
     one = json.loads((tmp_path / "one" / "moecompress.json").read_text())
     tunes = [r["tune"] for r in one["layers"]]
     assert all(t["codes_changed"] > 0 for t in tunes) and any(t["kept"] for t in tunes)
@@ -163,7 +171,7 @@ def test_tuning_on_two_and_three_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_pa
     from test_tune import _perturbed_copy
 
     ref = ["--tune-reference", str(_perturbed_copy(src, tmp_path / "ref"))]
-    _run(_single(src, tmp_path / "one-ref", *extra, *ref))
+    _single(src, tmp_path / "one-ref", *extra, *ref)
     _run(_torchrun(2, src, tmp_path / "two-ref", *extra, *ref))
     assert digest(tmp_path / "two-ref") == digest(tmp_path / "one-ref") != digest(tmp_path / "one")
 
@@ -176,7 +184,7 @@ def test_a_tuned_run_resumes_on_another_rank_count(tmp_path, monkeypatch):
 
     src = save_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=3)
     extra = ["--bits", "3", "--tune-steps", "12", "--tune-lr", "0.05"]
-    _run(_single(src, tmp_path / "ref", *extra))
+    _single(src, tmp_path / "ref", *extra)
     _crash_on_one_thread(monkeypatch, src, tmp_path / "q", build_config(
         bits=3, group_size=32, calib_samples=12, seq_len=64, batch_size=2, tune_steps=12, tune_lr=0.05), 2)
     assert json.loads((tmp_path / ".q.partial" / "manifest.json").read_text())["layers_done"] == 2
@@ -189,7 +197,7 @@ def test_lm_head_on_two_ranks_writes_the_bytes_of_one(tiny_ckpt, tmp_path):
     from safetensors import safe_open
 
     src = tiny_ckpt("qwen3_moe")
-    _run(_single(src, tmp_path / "one", "--quantize-lm-head"))
+    _single(src, tmp_path / "one", "--quantize-lm-head")
     _run(_torchrun(2, src, tmp_path / "two", "--quantize-lm-head"))
     assert digest(tmp_path / "two") == digest(tmp_path / "one")
     names = set()
@@ -220,10 +228,10 @@ def test_eval_on_two_ranks_gives_one_process_numbers(tiny_ckpt, tmp_path, low_me
     """torchrun eval: each rank takes every 2nd batch, the sums are added: the same JSON numbers to relative
     1e-9 (only the order of float64 sums differs)."""
     src = tiny_ckpt("qwen3_moe")
-    _run(_single(src, tmp_path / "q", "--method", "rtn"))
+    _single(src, tmp_path / "q", "--method", "rtn")
     base = ["eval", str(tmp_path / "q"), "--reference", str(src), "--samples", "6", "--seq-len", "32", "--batch-size",
             "2", "--threads", "1"] + (["--low-memory"] if low_memory else [])
-    _run([sys.executable, "-m", "moecompress", *base, "--json", str(tmp_path / "one.json")])
+    _here(*base, "--json", tmp_path / "one.json")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
           "--master-port", str(free_port()), "-m", "moecompress", *base, "--json", str(tmp_path / "two.json")])
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
@@ -247,7 +255,7 @@ variants:
   - {{name: gptq, method: gptq, bits: 4, group_size: 32, batch_size: 2}}
   - {{name: awq, method: awq, bits: 4, group_size: 32, batch_size: 2, awq_grid: 3}}
 """)
-    _run([sys.executable, "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "one")])
+    _here("run", recipe, "--out", tmp_path / "one")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
           "--master-port", str(free_port()), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
     for v in ("rtn", "gptq", "awq"):
@@ -275,7 +283,7 @@ def test_run_recipe_with_zeda_on_two_ranks(tiny_ckpt, tmp_path):
         "eval": {"samples": 2, "seq_len": 32, "data": ["builtin:heldout-code"]}, "zeda": quick,
         "variants": [{"name": "zeda", "from": "zeda"},
                      {"name": "zeda-rtn-w4", "from": "zeda", "method": "rtn", "bits": 4, "group_size": 32}]}))
-    _run([sys.executable, "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "one")])
+    _here("run", recipe, "--out", tmp_path / "one")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
           "--master-port", str(free_port()), "-m", "moecompress", "run", str(recipe), "--out", str(tmp_path / "two")])
     z1, z2 = (json.loads((tmp_path / d / "zeda" / "moecompress.json").read_text()) for d in ("one", "two"))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ZEDA_QUICK as QUICK
-from conftest import free_port
+from conftest import free_port, run_cli
 from moecompress.errors import UserError
 from moecompress.zeda.config import build_zeda_config
 
@@ -94,7 +94,7 @@ def _zeda_cli(src, out, *extra) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_bits(tiny_ckpt, tmp_path):
+def test_killed_run_resumes_to_the_same_bits(tiny_ckpt, tmp_path, capsys):
     import signal
     import subprocess
     import time
@@ -111,10 +111,10 @@ def test_killed_run_resumes_to_the_same_bits(tiny_ckpt, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert state.exists() and not cut.exists(), "the kill came too late to test anything"
-    p = subprocess.run(_zeda_cli(src, cut), capture_output=True, text=True)
-    assert p.returncode == 2 and "--resume" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = subprocess.run(_zeda_cli(src, cut, "--target-skip", "0.3", "--resume"), capture_output=True, text=True)
-    assert p.returncode == 2 and "setting 'target_skip' was 0.5, now 0.3" in p.stderr  # (a rate may change)
+    rc, err = run_cli(capsys, *_zeda_cli(src, cut)[3:])  # the refusals: in this process (no imports to wait for)
+    assert rc == 2 and len(err) == 1 and "--resume" in err[0], err
+    rc, err = run_cli(capsys, *_zeda_cli(src, cut, "--target-skip", "0.3", "--resume")[3:])
+    assert rc == 2 and "setting 'target_skip' was 0.5, now 0.3" in err[0]  # (a rate may change)
     assert subprocess.run(_zeda_cli(src, cut, "--resume"), capture_output=True).returncode == 0
     a, b = (load_file(next(d.glob("*.safetensors"))) for d in (full, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
@@ -124,9 +124,12 @@ def test_killed_run_resumes_to_the_same_bits(tiny_ckpt, tmp_path):
     assert ha == hb
 
 
+_ONE_PROCESS: dict = {}  # --trainable -> the one-process run's output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shard,trainable", [("ddp", "routers"), ("fsdp", "routers"), ("ddp", "lora")])
-def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path, shard, trainable):
+def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path_factory, tmp_path, shard, trainable):
     """torchrun, 2 gloo ranks, each on half of every global batch, vs one process on the whole batch.
 
     Tolerance: relative (Frobenius) error of each trained tensor below 2e-3. The two runs compute the
@@ -137,14 +140,16 @@ def test_two_gloo_ranks_train_the_same_routers_as_one(tiny_ckpt, tmp_path, shard
     ``--shard fsdp`` (FSDP2: every parameter sharded over the 2 ranks, gathered per layer) computes the same, and so
     does DDP with LoRA adapters on the experts (their merged weights under the same tolerance)."""
     import subprocess
-    import sys
+
+    from moecompress.cli import main
 
     src = tiny_ckpt("qwen3_moe")
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = _ONE_PROCESS.get(trainable), tmp_path / "two"
     args = lambda out: ["zeda", str(src), "--out", str(out), "--prompts", "8", "--prompt-len", "16", "--gen-len", "8",
                         "--batch", "4", "--stage1-steps", "8", "--stage2-steps", "6", "--trainable", trainable]
-    p = subprocess.run([sys.executable, "-m", "moecompress.cli", *args(one)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
+    if one is None:  # one process, in this one (DDP and FSDP compare against the same run)
+        one = _ONE_PROCESS[trainable] = tmp_path_factory.mktemp("zeda-one") / trainable
+        assert main(args(one)) == 0
     p = subprocess.run(_torchrun([*args(two), "--shard", shard]), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (load_file(next(d.glob("*.safetensors"))) for d in (one, two))

@@ -197,6 +197,32 @@ def test_a_tuned_variant_is_its_own_method_not_a_seed_of_its_group(tmp_path):
     assert row["method"] == "rtn+tune50" and row["calib_seed"] == 2
 
 
+def test_gptq_runs_with_other_settings_than_the_seed_are_not_seeds_of_one_group(tmp_path):
+    """Three W3 g64 GPTQ runs that differ by ``damp`` and ``act_order`` as well as the seed: not one group of
+    calibration seeds (their spread would be the methods' difference), but a verdict each, labelled by what
+    sets it apart; runs that differ by the seed (and the output format) alone stay one group."""
+    VARIANTS["gptq-w3g64-damp"] = ({"method": "gptq", "bits": 3, "group_size": 64, "seed": 0, "damp": 0.1},
+                                   fake_eval("gptq-w3g64-damp", [85.0, 127.0], 0.07, 1_050_000, bpw=3.5))
+    VARIANTS["gptq-w3g64-seed1"][0]["format"] = "gptq"
+    try:
+        data = report_data(make_run(tmp_path))
+    finally:
+        del VARIANTS["gptq-w3g64-damp"], VARIANTS["gptq-w3g64-seed1"][0]["format"]
+    w3 = {v["label"]: v for v in data["verdicts"] if v["bits"] == 3}
+    assert set(w3) == {"W3 g64 [damp None]", "W3 g64 [damp 0.1]"}, set(w3)
+    assert w3["W3 g64 [damp None]"]["gptq_runs"] == 2 and w3["W3 g64 [damp 0.1]"]["gptq_runs"] == 1
+    assert w3["W3 g64 [damp None]"]["gptq_seed_spread"]["heldout-code"] == pytest.approx(0.4)
+    assert "W3 g64 [damp 0.1] (heldout-code, heldout-prose): RTN perplexity" in w3["W3 g64 [damp 0.1]"]["line"]
+
+
+def test_a_nan_in_an_evaluation_is_refused(tmp_path, capsys):
+    run = make_run(tmp_path)
+    (run / "eval" / "rtn-w3g64.json").write_text(json.dumps(dict(VARIANTS["rtn-w3g64"][1], kl=float("nan"))))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a number: kl = nan" in err[0], err
+
+
 # ------------------------------------------------------------------------------------------ files
 
 

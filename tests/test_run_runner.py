@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -110,6 +111,25 @@ def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     assert all(d[(n, "eval")]["action"] == "evaluated" and "samples: 2 -> 3" in d[(n, "eval")]["reason"]
                for n in ("reference", "rtn", "gptq"))
     assert _cache_status(run) == {"reference": "written", "rtn": "hit", "gptq": "hit"}  # new windows, new entry
+
+    # 5. the run folder moved (or copied, times kept): its paths are recorded relative to it, nothing is redone
+    moved = shutil.copytree(run, tmp_path / "moved")
+    run_recipe(recipe, out=moved, report=False)
+    assert {v["action"] for v in _decisions(moved).values()} == {"skipped"}
+
+    # 6. a checkpoint rebuilt, its run stopped before evaluating it: the report leaves the old numbers out, and
+    # says so (a recipe without a bench section: no speed from old benchmarks either)
+    from moecompress.report import report_data
+
+    (moved / "bench").mkdir()
+    (moved / "bench" / "gptq.json").write_text(json.dumps({"decode_tokens_per_s": 1.0}))
+    f = moved / "variants" / "rtn" / "model.safetensors"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    data = report_data(moved)
+    assert [r["name"] for r in data["variants"]] == ["reference", "gptq"] and not data["has_speed"]
+    assert any("the evaluations of rtn measured an earlier build" in w for w in data["warnings"]), data["warnings"]
+    assert any("no current evaluation of rtn" in w for w in data["warnings"])
+    assert any("no bench section" in w for w in data["warnings"])
 
 
 def test_edited_inputs_redo_what_read_them_and_the_report_flags_mixed_text(tmp_path, tiny_ckpt, caplog):

@@ -32,8 +32,9 @@ def write_report(run_dir: str | Path, formats: list[str] | None = None) -> dict:
     from .tables import markdown
 
     run_dir = Path(run_dir)
-    data = report_data(run_dir)
-    _, evals, _ = load_run(run_dir)
+    loaded = load_run(run_dir)
+    data = report_data(run_dir, loaded)
+    evals = loaded[1]
     for w in data["warnings"]:
         log.warning("report: %s", w)
     if formats is None:

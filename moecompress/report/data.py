@@ -56,7 +56,7 @@ def _read(path: Path) -> dict:
 
 
 def _is_number(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v)  # (NaN != NaN)
 
 
 def _evaluation(path: Path) -> dict | None:
@@ -79,10 +79,12 @@ def _evaluation(path: Path) -> dict | None:
     return ev
 
 
-def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
-    """``(run_info, evals, benches)`` of a run folder, in report order (reference first, then the
+def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict], list[str]]:
+    """``(run_info, evals, benches, notes)`` of a run folder, in report order (reference first, then the
     recipe's order). Without ``run.json`` (evaluations copied by hand) every ``eval/*.json`` that is an
-    evaluation is used."""
+    evaluation is used. In a ``moecompress run`` folder a result that measured another checkpoint than the one
+    there now (a run killed between a rebuild and its evaluation), benchmarks of a recipe without a ``bench``
+    section, and variants without an evaluation are left out, each said in ``notes``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
@@ -101,7 +103,61 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict
     if not evals:
         raise UserError(f"{run_dir} has no evaluations (eval/*.json): run `moecompress run` first")
     benches = {n: _read(run_dir / "bench" / f"{n}.json") for n in names if (run_dir / "bench" / f"{n}.json").is_file()}
-    return info, evals, benches
+    notes: list[str] = []
+    if info.get("variants") is not None:
+        evals, benches, notes = _current(run_dir, info, names, evals, benches)
+        if not evals:
+            raise UserError(f"{run_dir} has no evaluation of its checkpoints as they are now: run `moecompress run` "
+                            "again")
+    return info, evals, benches, notes
+
+
+def _checkpoint(run_dir: Path, info: dict, name: str) -> Path | None:
+    """Where ``moecompress run`` keeps variant ``name``'s checkpoint (the reference: the source model)."""
+    if name == REFERENCE:
+        return Path(info["model_path"]) if info.get("model_path") else None
+    v = next(v for v in info["variants"] if v["name"] == name)
+    return run_dir / "zeda" if (v.get("config") or {}).get("method") == "zeda" else run_dir / "variants" / name
+
+
+def _current(run_dir: Path, info: dict, names: list[str], evals: dict, benches: dict):
+    """The results that measured the checkpoints as they are now (their ``run_stamp``), and one note per
+    result left out."""
+    from ..run.stamps import folder_stamp
+
+    notes, stamps = [], {}
+
+    def now(name):
+        if name not in stamps:
+            d = _checkpoint(run_dir, info, name)
+            stamps[name] = folder_stamp(d) if d is not None and d.is_dir() else None
+        return stamps[name]
+
+    def fresh(kind, results):
+        kept, stale = {}, []
+        for name, res in results.items():
+            measured = (res.get("run_stamp") or {}).get("model_stamp")
+            if measured is not None and now(name) is not None and measured != now(name):
+                stale.append(name)
+            else:
+                kept[name] = res
+        if stale:
+            notes.append(f"{kind} of {', '.join(stale)} measured an earlier build of the checkpoint (the run stopped "
+                         "before measuring the new one): left out; `moecompress run` measures them again")
+        return kept
+
+    evals = fresh("the evaluations", evals)
+    recipe = info.get("recipe") or {}
+    if benches and "bench" in recipe and recipe["bench"] is None:  # (a hand-written run.json may not say)
+        notes.append(f"bench/ holds benchmarks ({', '.join(benches)}) but the recipe has no bench section now: "
+                     "left out")
+        benches = {}
+    benches = fresh("the benchmarks", benches)
+    missing = [n for n in names if n not in evals]
+    if missing:
+        notes.append(f"no current evaluation of {', '.join(missing)} (a partial run?): not in the report; "
+                     "`moecompress run` evaluates them")
+    return evals, benches, notes
 
 
 def _config(name: str, info: dict, ev: dict) -> dict:
@@ -147,6 +203,7 @@ def build_rows(info: dict, evals: dict[str, dict], benches: dict[str, dict]) -> 
             "group_size": None if is_ref else cfg.get("group_size"),
             "act_order": None if is_ref else cfg.get("act_order"),
             "overrides": [] if is_ref else list(cfg.get("overrides") or []),  # per-module schemes (--override)
+            "settings": {} if is_ref else dict(cfg),
             "calib_seed": None if is_ref or (cfg.get("method") == "rtn" and not cfg.get("tune_steps")) else cfg.get("seed"),
             "bits_per_weight": ev.get("bits_per_weight"),
             "size_bytes": size, "size_mb": None if size is None else size / 1e6,
@@ -210,7 +267,7 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
             continue  # a variant with other schemes for some linears is not one of the group's runs
         groups.setdefault((r["bits"], r["group_size"]), {"rtn": [], "gptq": []})[r["method"]].append(r)
     out = []
-    for (bits, gs), g in groups.items():
+    for (bits, gs), g in [(k, sub) for k, both in groups.items() for sub in _by_settings(both)]:
         if not g["rtn"] or not g["gptq"]:
             continue
         ds = [d for d in datasets if all(r["ppl"].get(d) is not None for r in g["rtn"] + g["gptq"])
@@ -227,7 +284,7 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
         sensitive = all(round(rtn_pct[d], 2) >= sensitivity_pct for d in ds)
         beats = all(margin[d] > spread[d] for d in ds)
         better = all(margin[d] > 0 for d in ds)
-        label = f"W{bits} g{gs if gs else 'channel'}"
+        label = f"W{bits} g{gs if gs else 'channel'}" + (f" [{g['differs']}]" if g.get("differs") else "")
         seeds = [r["calib_seed"] for r in g["gptq"]]
         n = len(g["gptq"])
         names = ", ".join(d.removeprefix("builtin:") for d in ds)
@@ -255,6 +312,27 @@ def verdicts(rows: list[dict], datasets: list[str], sensitivity_pct: float = 3.0
                     "sensitive": sensitive, "gptq_beats_rtn_beyond_seed_spread": beats,
                     "gptq_better": better, "gptq_lower_kl": _lower(g), "line": line})
     return out
+
+
+# settings that do not change what a GPTQ run computes, beyond float rounding (the seed is what a group varies)
+_NOT_A_METHOD = {"seed", "format", "device", "batch_size", "expert_chunk", "reduce_chunks", "measure_errors", "name"}
+
+
+def _by_settings(g: dict[str, list[dict]]) -> list[dict]:
+    """The GPTQ runs of one (bits, group size) split by their settings but the seed: only runs that differ by
+    their calibration seed alone measure a seed spread. Several sets: each its own verdict, labelled by what
+    sets it apart (``differs``)."""
+    sets: dict[str, list[dict]] = {}
+    for r in g["gptq"]:
+        key = json.dumps({k: v for k, v in (r.get("settings") or {}).items() if k not in _NOT_A_METHOD},
+                         sort_keys=True, default=str)
+        sets.setdefault(key, []).append(r)
+    if len(sets) <= 1:
+        return [g]
+    keyed = [json.loads(k) for k in sets]
+    varies = sorted({k for d in keyed for k in d if any(o.get(k) != d.get(k) for o in keyed)})
+    return [{"rtn": g["rtn"], "gptq": runs, "differs": ", ".join(f"{k} {d.get(k)}" for k in varies)}
+            for d, runs in zip(keyed, sets.values())]
 
 
 def _kl(runs: list[dict]) -> float | None:
@@ -318,9 +396,9 @@ def setting_mismatches(evals: dict[str, dict]) -> list[str]:
     return out
 
 
-def report_data(run_dir: str | Path) -> dict:
-    """Everything ``report.json`` holds."""
-    info, evals, benches = load_run(run_dir)
+def report_data(run_dir: str | Path, loaded: tuple | None = None) -> dict:
+    """Everything ``report.json`` holds (``loaded``: what :func:`load_run` read of the folder, if it has)."""
+    info, evals, benches, notes = loaded or load_run(run_dir)
     settings = (info.get("recipe") or {}).get("report") or {}
     rows, datasets = build_rows(info, evals, benches)
     ref = evals.get(REFERENCE) or next(iter(evals.values()))
@@ -339,6 +417,6 @@ def report_data(run_dir: str | Path) -> dict:
         "has_skipping": any(r["skip_rate"] for r in rows),
         "bench": next(({k: b.get(k) for k in ("device", "dtype", "batch")} for b in benches.values()), None),
         "decisions": info.get("decisions") or [],
-        "warnings": setting_mismatches(evals) + text_mismatches(evals),
+        "warnings": notes + setting_mismatches(evals) + text_mismatches(evals),
         "run_seconds": info.get("seconds"),
     }

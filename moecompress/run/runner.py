@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..settings import QuantizeConfig
 from .inputs import check_inputs, check_model, reference_dir, resolve_model, run_folder
 from .recipe import REFERENCE, Recipe, SkipBaseline, Variant, eval_settings_dict, load_recipe
-from .stamps import STAMPED, folder_stamp, settings_diff
+from .stamps import STAMPED, folder_stamp, same_place, settings_diff
 from .stamps import plain as _plain
 from .stamps import stamp_changed as _stamp_changed
 
@@ -151,7 +151,7 @@ class Runner:
             source = self.source_dir(v).resolve()
             stamps = self._build_stamps(v)
             changes = [f"settings changed: {'; '.join(settings)}"] if settings else []
-            if saved.get("source") != str(source):
+            if not same_place(saved.get("source"), self._place(source)):
                 changes.insert(0, f"source: {saved.get('source')} -> {source}")
             # (a from-zeda build without a source stamp predates them: the ZEDA model may have been retrained)
             elif _stamp_changed(*stamps["source"], missing=v.source == "zeda"):
@@ -230,7 +230,7 @@ class Runner:
     def evaluate(self, name: str, i: int, n: int) -> None:
         model = self.variant_dir(name)
         path = self.run_dir / "eval" / f"{name}.json"
-        stamp = {"settings": eval_settings_dict(self.recipe), "model": str(model), "model_stamp": folder_stamp(model),
+        stamp = {"settings": eval_settings_dict(self.recipe), "model": self._place(model), "model_stamp": folder_stamp(model),
                  "reference": str(self.model_dir), "reference_stamp": folder_stamp(self.model_dir),
                  "text_stamp": specs_stamp(*self.recipe.eval.data)}
         tag = f"[{i}/{n}] {name}"
@@ -267,7 +267,7 @@ class Runner:
         model = self.variant_dir(name)
         b = self.recipe.bench
         path = self.run_dir / "bench" / f"{name}.json"
-        stamp = {"settings": b.model_dump(), "model": str(model), "model_stamp": folder_stamp(model)}
+        stamp = {"settings": b.model_dump(), "model": self._place(model), "model_stamp": folder_stamp(model)}
         tag = f"[{i}/{n}] {name}"
         reason = self._needed(name, "bench", "benchmark", path, stamp, tag)
         if reason is None:
@@ -309,9 +309,17 @@ class Runner:
             return "settings changed: " + "; ".join(settings_diff(old.get("settings") or {}, _plain(stamp["settings"])))
         # (a stamp the result lacks came in with a newer version: adopted by _needed, not a change)
         changed = [k.removesuffix("_stamp") for k in stamp if k.endswith("_stamp") and k in old and old[k] != stamp[k]]
-        if changed or old.get("model") != stamp["model"]:
+        if changed or not same_place(old.get("model"), stamp["model"]):
             return " and ".join(STAMPED.get(c, c) for c in changed or ["model"]) + " changed"
         return None
+
+    def _place(self, path: Path) -> str:
+        """``path`` as a stamp records it: inside the run folder relative to it (a run folder moved or copied
+        keeps its work), elsewhere absolute."""
+        try:
+            return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+        except ValueError:
+            return str(path)
 
     def _decide(self, name, step, action, reason, seconds=None):
         self.decisions.append({"variant": name, "step": step, "action": action, "reason": reason,

@@ -45,3 +45,15 @@ def settings_diff(saved: dict, wanted: dict, defaults: dict | None = None) -> li
         elif saved[k] != v:
             out.append(f"{k}: {saved[k]} -> {v}")
     return out
+
+
+def same_place(saved: str | None, place: str) -> bool:
+    """Whether a stamp's recorded path is ``place`` (``Runner._place``: relative to the run folder, or absolute).
+    A place in the run folder also matches an absolute path ending in it: what a stamp written before paths
+    were recorded relative, or in the folder's old location, holds."""
+    if saved == place:
+        return True
+    if saved is None or Path(place).is_absolute() or not Path(saved).is_absolute():
+        return False
+    parts = Path(place).parts
+    return Path(saved).parts[-len(parts):] == parts

@@ -125,6 +125,25 @@ def quantize(model_dir: str | Path, out_dir: str | Path, cfg: QuantizeConfig, ov
         partial.unlock()
 
 
+def fit_settings(handle: ModelHandle, cfg: QuantizeConfig, model=None) -> tuple[list[list], list[str], dict]:
+    """``(targets per layer, linears kept in float by --ignore, schemes by --override)`` of ``cfg`` on ``handle``'s
+    model (``model``: its skeleton, if built), checked to fit: every group size divides its linear's input
+    dimension, the format packs every shape, the family has what the method needs. Raises a UserError otherwise
+    (``moecompress run`` checks every variant this way before building the first)."""
+    model = model if model is not None else handle.skeleton()
+    layers = decoder_layers(model)
+    qspec = cfg.spec()
+    all_targets, ignored = apply_ignore([layer_targets(layer, handle.spec, cfg.only_experts) for layer in layers],
+                                        cfg.ignore)
+    schemes = assign_schemes(all_targets, cfg.override_list(), qspec, ("lm_head",) if cfg.quantize_lm_head else ())
+    check_shapes(layers, all_targets, schemes, qspec, target_weight, cfg.format)
+    if cfg.quantize_lm_head:
+        check_lm_head(handle, schemes.get("lm_head", qspec), cfg.format)
+    if cfg.awq and not handle.spec.awq_groups:
+        raise UserError(f"the {handle.family} family has no AWQ balance groups; use --method gptq or rtn")
+    return all_targets, ignored, schemes
+
+
 def _arithmetic() -> dict:
     """What else decides the output's bytes besides the settings: a resume under another thread count (CPU
     GEMMs split their sums by threads), torch build or deterministic mode is refused."""
@@ -155,21 +174,14 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
     # transformers' grouped_mm experts path is its fastest on CPU and GPU; our hooks see the same call
     model = handle.skeleton(experts_implementation="grouped_mm")
     layers = decoder_layers(model)
-    all_targets, ignored = apply_ignore([layer_targets(layer, handle.spec, cfg.only_experts) for layer in layers],
-                                        cfg.ignore)
+    all_targets, ignored, schemes = fit_settings(handle, cfg, model)  # fail before any work that cannot fit
     if ignored:
         log.info("kept in float by --ignore: %d linears (%s%s)", len(ignored), ", ".join(ignored[:4]),
                  ", ..." if len(ignored) > 4 else "")
-    schemes = assign_schemes(all_targets, cfg.override_list(), qspec, ("lm_head",) if cfg.quantize_lm_head else ())
     if schemes:
         log.info("other schemes by --override: %s", "; ".join(
             f"{d['linears']} linears at {d['bits']} bits, group {d['group_size'] or 'channel'} ({', '.join(d['examples'])}"
             f"{', ...' if d['linears'] > len(d['examples']) else ''})" for d in describe_schemes(schemes)))
-    check_shapes(layers, all_targets, schemes, qspec, target_weight, cfg.format)  # fail before any work that cannot fit
-    if cfg.quantize_lm_head:
-        check_lm_head(handle, schemes.get("lm_head", qspec), cfg.format)
-    if cfg.awq and not handle.spec.awq_groups:
-        raise UserError(f"the {handle.family} family has no AWQ balance groups; use --method gptq or rtn")
     awq = AwqSettings(qspec, cfg.awq_grid, cfg.awq_scales, cfg.awq_duo_scaling, cfg.awq_search_tokens,
                       store_dtype, scale_dtype(cfg.format, store_dtype)) if cfg.awq else None
 

@@ -244,6 +244,9 @@ BAD_INPUTS = {  # recipe lines (over a good recipe's), extra `run` arguments, th
     "a quantized model to quantize": ("model: {tmp}/quantized", "", "is already quantized (compressed-tensors)"),
     "bench device": ("bench: {{device: tpu}}", "", "bench: unknown device 'tpu' (use cpu or cuda[:N])"),
     "bench dtype": ("bench: {{device: cpu, dtype: float64}}", "", "bench.dtype: Input should be 'auto'"),
+    # a variant's group size that does not divide a linear: found before the variants ahead of it are built
+    "group size": ("variants: [{{name: a, method: rtn, bits: 4, group_size: 32}}, {{name: b, method: gptq, bits: 4}}]",
+                   "", "variant b: group size 128 does not divide the input dimension 64 of layer 0"),
     "unknown eval task": ("eval: {{tasks: [no_such_task_xyz]}}", "", "eval: unknown lm-eval task(s) no_such_task_xyz"),
     "skip windows beyond the context": (
         "variants: [{{name: s, skip: {{rule: top-p, target: 0.5, seq_len: 4096}}}}]", "",

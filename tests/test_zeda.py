@@ -318,7 +318,10 @@ def test_recipe_runs_zeda_then_quantizes_it_and_reports_all_four(tiny_ckpt, tmp_
     assert rows["zeda"]["skip_rate"] > 0 and rows["zeda-rtn-w4"]["skip_rate"] > 0 and rows["rtn-w4"]["skip_rate"] == 0
     q = json.loads((run_dir / "variants" / "zeda-rtn-w4" / "moecompress.json").read_text())
     assert q["source"] == str((run_dir / "zeda").resolve())
-    run_recipe(path, report=False)  # up to date: nothing trained or built again
+    # up to date (how often it logs and saves its state changed: not what it trains): nothing trained or built again
+    recipe["zeda"].update(log_every=3, checkpoint_every=5)
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(path, report=False)
     info = json.loads((run_dir / "run.json").read_text())
     assert {d["action"] for d in info["decisions"] if d["step"] in ("zeda", "build")} == {"skipped"}
     # ZEDA trained again (new settings): what was quantized from it is built again, the rest is not
@@ -328,6 +331,8 @@ def test_recipe_runs_zeda_then_quantizes_it_and_reports_all_four(tiny_ckpt, tmp_
     info = json.loads((run_dir / "run.json").read_text())
     acted = {d["variant"]: d["action"] for d in info["decisions"] if d["step"] in ("zeda", "build")}
     assert acted["zeda"] == "trained" and acted["zeda-rtn-w4"] != "skipped" and acted["rtn-w4"] == "skipped", acted
+    reason = next(d["reason"] for d in info["decisions"] if d["step"] == "zeda")
+    assert reason == "settings changed: target_skip: 0.5 -> 0.3", reason
 
 
 def test_recipe_zeda_errors_are_one_line():

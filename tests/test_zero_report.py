@@ -43,7 +43,12 @@ def test_run_reports_skipping_baselines(tiny_ckpt, tmp_path):
     assert "Accuracy vs expert FLOPs" in data["plots"]
     md = (run_dir / "report.md").read_text()
     assert "| skip rate | active experts | expert FLOPs |" in md
-    # up to date: a second run rebuilds nothing
+    # up to date: a second run rebuilds nothing (the calibration's sample count and batch are not what a
+    # baseline reads: its own samples and seq_len, the calibration's text and seed)
+    recipe["calibration"].update(samples=3, batch_size=2)
+    path.write_text(yaml.safe_dump(recipe))
     run_recipe(path, report=False)
     info = json.loads((run_dir / "run.json").read_text())
     assert {d["action"] for d in info["decisions"] if d["step"] == "build"} == {"skipped"}
+    saved = json.loads((run_dir / "variants" / "thr-25" / "moecompress.json").read_text())
+    assert saved["recipe"]["calibration"] == {"data": "builtin:stdlib", "seed": 0}  # what a change of rebuilds

@@ -110,7 +110,14 @@ def check_model(model_dir: Path, run_dir: Path, option: str, recipe: Recipe | No
     if q and built:
         raise UserError(f"{model_dir} is already quantized ({q.get('quant_method')}); variant {built[0].name} "
                         "would quantize it again: use its float original")
+    from ..pipeline import fit_settings
+
+    skeleton = h.skeleton() if built else None
     for v in built:
+        try:  # a group size that does not divide a linear fails here, not after the variants before it are built
+            fit_settings(h, v.config, skeleton)
+        except UserError as e:
+            raise UserError(f"variant {v.name}: {e}") from None
         if v.config.needs_calibration:
             h.check_context(v.config.seq_len, f"variant {v.name}: seq_len")
         ref = v.config.tune_reference

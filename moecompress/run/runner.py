@@ -102,11 +102,16 @@ class Runner:
         """The recipe's ZEDA model, once, in RUN_DIR/zeda (rebuilt only when its settings or source change)."""
         from ..zeda.train import run_zeda
 
+        from ..zeda.resume import VOLATILE
+
         wanted = _plain(self.zeda.model_dump())
         saved = _read_json(self.zeda_dir / "moecompress.json")
         stamps = self._zeda_stamps()
         changed = [what for what, (f, now) in stamps.items() if _stamp_changed(f, now)]
-        if saved is not None and not self.force and saved.get("recipe") == wanted and \
+        # how often it logs and saves its training state: not what it trains
+        settings = settings_diff({k: v for k, v in ((saved or {}).get("recipe") or {}).items() if k not in VOLATILE},
+                                 {k: v for k, v in wanted.items() if k not in VOLATILE})
+        if saved is not None and not self.force and not settings and \
                 saved.get("source") == str(self.model_dir) and not changed:
             self._write_stamps(stamps.values(), only_missing=True)
             log.info("zeda: skipped (up to date: same settings and source)")
@@ -114,7 +119,8 @@ class Runner:
             return
         reason = "--force" if saved is not None and self.force else (
             "not built yet" if saved is None else " and ".join(changed) + " changed" if changed
-            else "settings or source changed")
+            else f"settings changed: {'; '.join(settings)}" if settings
+            else f"source: {saved.get('source')} -> {self.model_dir}")
         log.info("zeda: training (%s)", reason)
         t0 = time.perf_counter()
         # under torchrun every rank trains its share of each batch (DDP, in the process group already up);
@@ -137,8 +143,8 @@ class Runner:
             return
         out = self.variant_dir(v.name)
         wanted = _plain(v.config.model_dump())
-        if isinstance(v.config, SkipBaseline):
-            wanted["calibration"] = _plain(self.recipe.calibration.model_dump())
+        if isinstance(v.config, SkipBaseline):  # the calibration settings it reads: the text and the seed
+            wanted["calibration"] = _plain(self.recipe.calibration.model_dump(include={"data", "seed"}))
         tag = f"[{i}/{n}] {v.name}"
         saved = _read_json(out / "moecompress.json")
         if saved is None:
@@ -147,7 +153,10 @@ class Runner:
             reason = "--force"
         else:
             defaults = QuantizeConfig().model_dump() if isinstance(v.config, QuantizeConfig) else {}
-            settings = settings_diff(saved.get("recipe") or {}, wanted, defaults)
+            recorded = dict(saved.get("recipe") or {})
+            if isinstance(recorded.get("calibration"), dict):  # (a baseline built when it recorded them all)
+                recorded["calibration"] = {k: v for k, v in recorded["calibration"].items() if k in wanted["calibration"]}
+            settings = settings_diff(recorded, wanted, defaults)
             source = self.source_dir(v).resolve()
             stamps = self._build_stamps(v)
             changes = [f"settings changed: {'; '.join(settings)}"] if settings else []

@@ -40,6 +40,7 @@ from ..units import SEED_MAX
 from ..settings import NoBoolNumbers, QuantizeConfig
 
 REFERENCE = "reference"
+MAX_NAME = 100  # a variant's name names its folder and files (eval/<name>.json, variants/.<name>.source-stamp)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -144,16 +145,24 @@ class Recipe(_Strict):
         for i, v in enumerate(self.variants):
             where = f"variants[{i}]"
             name = v.get("name")
-            if not isinstance(name, str) or not name:
+            if name is None or name == "":
                 raise UserError(f"{where}: every variant needs a 'name'")
+            if not isinstance(name, str):
+                raise UserError(f"{where}: 'name' is a {type(name).__name__} ({name!r}), not text: quote it "
+                                f"(name: \"{name}\")")
             where += f" ({name})"
             if not _NAME.match(name):
                 raise UserError(f"{where}: name must be letters, digits, '.', '_' or '-' (it names a folder)")
-            if name == REFERENCE:
-                raise UserError(f"{where}: the name '{REFERENCE}' is taken by the source model (always evaluated)")
-            if name in seen:
-                raise UserError(f"{where}: duplicate variant name '{name}'")
-            seen.add(name)
+            if len(name) > MAX_NAME:
+                raise UserError(f"{where}: the name is {len(name)} characters long; at most {MAX_NAME} (it names "
+                                "folders and files)")
+            # (case-insensitive file systems: 'A' and 'a' would share a folder, 'Reference' the source's evaluation)
+            if name.lower() == REFERENCE:
+                raise UserError(f"{where}: the name '{name}' is taken by the source model (always evaluated)")
+            if name.lower() in seen:
+                raise UserError(f"{where}: duplicate variant name '{name}' (names are compared ignoring case: they "
+                                "name folders)")
+            seen.add(name.lower())
             fields = {k: val for k, val in v.items() if k != "name"}
             source = fields.pop("from", "original")
             if source not in ("original", "zeda"):
@@ -223,7 +232,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text (UTF-8) file") from None
     except yaml.YAMLError as e:
@@ -234,6 +243,24 @@ def load_recipe(path: str | Path) -> Recipe:
     if data is None:
         raise UserError(f"{path}: the recipe is empty")
     return parse_recipe(data, str(path))
+
+
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently: a pasted
+    block's ``bits: 8`` overriding the ``bits: 4`` above it, or a second ``variants:`` list dropping the first)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def eval_settings_dict(recipe: Recipe) -> dict[str, Any]:

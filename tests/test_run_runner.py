@@ -216,6 +216,8 @@ def test_force_out_and_bench(tmp_path, tiny_ckpt, monkeypatch, caplog):
     run_recipe(recipe, out=run, force=True)
     d = _decisions(run)
     assert d[("rtn", "build")]["reason"] == "--force" and d[("reference", "eval")]["reason"] == "--force"
+    # the source model ran again (its recorded outputs were not replayed: they may be an older build's)
+    assert json.loads((run / "eval" / "reference.json").read_text())["reference_cache"]["status"] == "written"
     assert d[("rtn", "bench")]["action"] == "measured" and len(calls) == 2
     assert calls[0][1:] == ("cpu", 8, 4, 1, "auto", 3)
     assert (run / "variants" / "stray").is_dir()

@@ -27,7 +27,8 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
 
     path = Path(local_model(spec)).expanduser()  # a Hub repository id: its fetched snapshot
     if not path.is_dir():
-        raise UserError(f"model {spec} is not a folder" if path.exists() else f"model {spec} does not exist")
+        where = "" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+        raise UserError(f"model {spec} is not a folder" if path.exists() else f"model {spec} does not exist{where}")
     return path.resolve()
 
 

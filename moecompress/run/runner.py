@@ -23,6 +23,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -339,6 +340,9 @@ class Runner:
         t_start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._note_strays()
+        if self.force and self.ranks.main:  # everything again: the source model's outputs too, not their recording
+            shutil.rmtree(self.run_dir / REFERENCE_CACHE, ignore_errors=True)
+        self.ranks.barrier()
         names = [REFERENCE] + [v.name for v in self.variants]
         n = len(self.variants)
         log.info("run %s: %d variants of %s", self.run_dir, n, self.model_dir)
@@ -373,6 +377,8 @@ class Runner:
 
     def _note_strays(self) -> None:
         known = {v.name for v in self.variants}
+        if self.zeda is None and self.zeda_dir.is_dir():
+            log.info("note: zeda/ is not in the recipe (no zeda section): left alone, not reported")
         for d in ("variants", "eval", "bench"):
             for p in sorted((self.run_dir / d).glob("*")) if (self.run_dir / d).is_dir() else []:
                 if p.name.startswith("."):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -372,6 +373,9 @@ for _command in (generate, plan_cmd, zero_experts, zeda):
     cli.add_command(_command)
 
 
+_ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def main(argv=None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
@@ -388,6 +392,12 @@ def main(argv=None) -> int:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS and not _rank_prefix():
+            # where the user pointed us cannot take what we write (or read): theirs to fix, not a bug to trace
+            click.echo(f"error: {e.filename or 'a file'}: {(e.strerror or str(e)).lower()}" + (
+                " (choose a place you can write to)" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""),
+                err=True)
+            return 2
         if not _rank_prefix():
             raise
         # a rank that fails says so in one line; torchrun then stops the others (which name what they saw)

@@ -53,6 +53,11 @@ CASES = {
     "windows longer than the context": (lambda p, t: p, ["--seq-len", "1024"], "max_position_embeddings 512"),
     "config without its experts field": (lambda p, t: _drop_key(p, t, "num_experts|num_local_experts"), [], "router rows"),
     "malformed jsonl calibration file": (lambda p, t: p, ["--calib", "BADJSONL"], "JSON parse error"),
+    # config.json fields the modeling code would fail on mid-run (an index out of range, a division by zero)
+    "more experts per token than experts": (lambda p, t: _set_key(p, t, num_experts_per_tok=20), [],
+                                            "num_experts_per_tok is 20; it must be an integer in [1, 8]"),
+    "no experts per token": (lambda p, t: _set_key(p, t, num_experts_per_tok=0), [], "num_experts_per_tok is 0"),
+    "MoE layer spacing 0": (lambda p, t: _set_key(p, t, decoder_sparse_step=0), [], "decoder_sparse_step is 0"),
     # named as typed: only the flags given (tune_scale_change has no flag), and --override, not the key overrides
     "tuning reference without tuning steps": (lambda p, t: p, ["--tune-reference", "REF"],
                                               "--tune-reference applies to block-output tuning: set --tune-steps too"),
@@ -66,6 +71,12 @@ def _drop_key(p, t, key):
     for k in key.split("|"):
         cfg.pop(k, None)
     (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _set_key(p, t, **kw):
+    d = _copy(p, t / "m")
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **kw}))
     return d
 
 

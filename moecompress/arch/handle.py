@@ -88,6 +88,7 @@ class ModelHandle:
         if shared:  # the selection travels from layer to layer: our layer-at-a-time passes do not carry it yet
             raise UserError(f"{reader.path}: layers {shared[:4]}{'...' if len(shared) > 4 else ''} reuse an earlier "
                             "layer's sparse-attention key selection (indexer_types 'shared'); not supported yet")
+        h._check_routing_fields()
         h._check_zero_experts()
         h._check_layers_present()
         h._check_router_rows()
@@ -99,6 +100,9 @@ class ModelHandle:
         if limit and seq_len > int(limit):
             raise UserError(f"{option} {seq_len} is longer than the model's context (max_position_embeddings "
                             f"{limit})")
+
+    def _check_routing_fields(self) -> None:
+        check_routing_fields(self.text_config, self.spec, self.num_experts + self.num_zero, self.reader.path)
 
     def _check_zero_experts(self) -> None:
         z = self.zero
@@ -391,6 +395,19 @@ class ModelHandle:
             emb = f"{self.disk_prefix}.embed_tokens.weight"
             return emb if emb in self.reader else None
         return None
+
+
+def check_routing_fields(text_config, spec, rows: int, where) -> None:
+    """config.json's experts per token within the router's ``rows``, and a MoE layer spacing of at least one (the
+    modeling code would fail on them mid-command: an index out of range, a division by zero)."""
+    k = getattr(text_config, spec.top_k_attr, None)
+    if not isinstance(k, int) or not 1 <= k <= rows:
+        raise UserError(f"{where}: config.json's {spec.top_k_attr} is {k!r}; it must be an integer in [1, {rows}] "
+                        "(the experts of each router)")
+    step = getattr(text_config, "decoder_sparse_step", None)
+    if step is not None and (not isinstance(step, int) or step < 1):
+        raise UserError(f"{where}: config.json's decoder_sparse_step is {step!r}; it must be an integer >= 1 (1: "
+                        "every layer is a MoE layer)")
 
 
 def read_hf_config(path: str | Path):

@@ -29,6 +29,15 @@ def check_json_path(path, models: tuple = ()) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise UserError(f"--json {p}: {parent} is not a directory")
+    folder = parent
+    while not folder.exists() and folder != folder.parent:  # the folder the file (or its missing parents) goes in
+        folder = folder.parent
+    try:  # a real write: permission bits do not tell for root, a read-only mount, a full disk
+        fd, probe = tempfile.mkstemp(prefix=".moecompress-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--json {p}: cannot write in {folder} ({(e.strerror or str(e)).lower()})") from None
     return p
 
 

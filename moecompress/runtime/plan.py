@@ -94,8 +94,9 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
     ``stored``: a float checkpoint as it runs (its weights in float, not at ``bits``)."""
     from transformers import AutoModelForCausalLM
 
-    from ..arch.handle import read_hf_config
+    from ..arch.handle import check_routing_fields, read_hf_config
     from ..arch.registry import BY_MODEL_TYPE
+    from ..zero.layout import read_zero_experts
 
     path = Path(config_dir)
     if path.is_file() and path.name == "config.json":  # the config itself
@@ -118,6 +119,9 @@ def model_parts(config_dir: str | Path, bits: int = 4, group: int | None = 128, 
     as_float = stored and schemes is None  # a float (or FP8-release) checkpoint, run as it is stored
     config = read_hf_config(path)
     text = getattr(config, spec.text_config_attr) if spec.text_config_attr else config
+    zero = read_zero_experts(raw)
+    check_routing_fields(text, spec, int(getattr(text, spec.num_experts_attr, 0) or 0) + (
+        zero.num_zero if zero is not None and zero.layout == "native" else 0), path)
     if float_bytes is None:
         dt = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
         float_bytes = _DTYPE_BYTES.get(str(dt).removeprefix("torch."), 2)

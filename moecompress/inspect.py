@@ -108,12 +108,15 @@ def _non_text_parts(h: ModelHandle) -> list[str]:
     text = {f"{h.disk_prefix}.embed_tokens.weight", f"{h.disk_prefix}.norm.weight", "lm_head.weight"}
     layer = re.compile(rf"^{re.escape(h.disk_prefix)}\.layers\.(\d+)\.")
     parts = {}
+    undeclared = set(h.undeclared_layers())
     for n in h.non_layer_tensor_names():
         if n in text or n.startswith("lm_head."):  # lm_head's own tensors, packed when it was quantized
             continue
         m = layer.match(n)
         if m:  # a layer past num_hidden_layers: DeepSeek-V3 / GLM stores its MTP layer there
-            parts[f"{h.disk_prefix}.layers.{m.group(1)}"] = "MTP layer"
+            parts[f"{h.disk_prefix}.layers.{m.group(1)}"] = (
+                f"past num_hidden_layers {h.num_layers}, not a declared MTP layer: is num_hidden_layers right?"
+                if int(m.group(1)) in undeclared else "MTP layer")
             continue
         bits = n.split(".")
         group = ".".join(bits[:2]) if bits[0] == "model" and len(bits) > 2 else bits[0]

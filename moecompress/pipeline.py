@@ -171,6 +171,12 @@ def _quantize(handle: ModelHandle, model_dir: Path, out_dir: Path, partial: Part
     qspec = cfg.spec()
     for warning in loader_warnings(cfg, qspec.symmetric) if ranks.main else ():
         log.warning("%s", warning)
+    extra = handle.undeclared_layers() if ranks.main else []
+    if extra:
+        log.warning("the shards hold %s.layers.%s past config.json's num_hidden_layers %d, which declares no MTP "
+                    "layer (num_nextn_predict_layers): carried through unchanged, in float; if num_hidden_layers is "
+                    "wrong, correct it in config.json", handle.disk_prefix,
+                    extra[0] if len(extra) == 1 else f"{extra[0]}-{extra[-1]}", handle.num_layers)
     # transformers' grouped_mm experts path is its fastest on CPU and GPU; our hooks see the same call
     model = handle.skeleton(experts_implementation="grouped_mm")
     layers = decoder_layers(model)

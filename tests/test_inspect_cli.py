@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -83,3 +84,21 @@ def test_inspect_names_the_layers_a_partly_ignored_kind_is_kept_in(tmp_path, tin
     d = describe(q)
     assert "self_attn.q_proj" in d["quantized"] and "self_attn.q_proj (layer 0)" in d["kept"]
     assert "mlp.gate" in d["kept"]  # kept everywhere: no layers named
+
+
+def test_a_layer_past_num_hidden_layers_that_is_no_declared_mtp_layer_is_questioned(capsys, caplog, tmp_path,
+                                                                                       tiny_ckpt):
+    """config.json says 1 layer, the shards hold 2, and no MTP layer is declared (``num_nextn_predict_layers``):
+    inspect does not call the second an MTP layer, and quantize warns (the layer is carried through in float)."""
+    d = shutil.copytree(tiny_ckpt("qwen3_moe"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    assert main(["inspect", str(d)]) == 0
+    kept = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("kept"))
+    assert "model.layers.1 (past num_hidden_layers 1, not a declared MTP layer: is num_hidden_layers right?)" in kept
+    with caplog.at_level("WARNING"):
+        assert main(["quantize", str(d), "--out", str(tmp_path / "q"), "--method", "rtn", "--group-size", "32"]) == 0
+    assert "past config.json's num_hidden_layers 1, which declares no MTP layer" in caplog.text
+    (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1, num_nextn_predict_layers=1)))
+    assert main(["inspect", str(d)]) == 0
+    assert "model.layers.1 (MTP layer)" in capsys.readouterr().out

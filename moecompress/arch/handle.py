@@ -232,6 +232,15 @@ class ModelHandle:
                 out.append(n)
         return out
 
+    def undeclared_layers(self) -> list[int]:
+        """Layers the shards hold past ``num_hidden_layers`` that config.json does not declare as MTP layers
+        (``num_nextn_predict_layers``, DeepSeek-V3/GLM): kept unchanged like an MTP layer, but more likely a
+        ``num_hidden_layers`` that is wrong."""
+        pat = re.compile(rf"^{re.escape(self.disk_prefix)}\.layers\.(\d+)\.")
+        mtp = int(getattr(self.text_config, "num_nextn_predict_layers", 0) or 0)
+        found = {int(m.group(1)) for n in self.reader.names() if (m := pat.match(n))}
+        return sorted(i for i in found if i >= self.num_layers + mtp)
+
     # ---------------------------------------------------------------- names
     # Reading accepts every layout a real checkpoint has: the family's original names (what
     # ``save_pretrained`` writes by default: per-expert tensors, Mixtral's ``block_sparse_moe`` and

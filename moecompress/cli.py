@@ -373,7 +373,7 @@ for _command in (generate, plan_cmd, zero_experts, zeda):
     cli.add_command(_command)
 
 
-_ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+_ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def main(argv=None) -> int:

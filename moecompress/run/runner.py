@@ -101,9 +101,8 @@ class Runner:
 
     def build_zeda(self) -> None:
         """The recipe's ZEDA model, once, in RUN_DIR/zeda (rebuilt only when its settings or source change)."""
-        from ..zeda.train import run_zeda
-
         from ..zeda.resume import VOLATILE
+        from ..zeda.train import run_zeda
 
         wanted = _plain(self.zeda.model_dump())
         saved = _read_json(self.zeda_dir / "moecompress.json")
@@ -155,8 +154,9 @@ class Runner:
         else:
             defaults = QuantizeConfig().model_dump() if isinstance(v.config, QuantizeConfig) else {}
             recorded = dict(saved.get("recipe") or {})
-            if isinstance(recorded.get("calibration"), dict):  # (a baseline built when it recorded them all)
-                recorded["calibration"] = {k: v for k, v in recorded["calibration"].items() if k in wanted["calibration"]}
+            cal = recorded.get("calibration")
+            if isinstance(cal, dict) and "calibration" in wanted:  # (a baseline built when it recorded them all)
+                recorded["calibration"] = {k: x for k, x in cal.items() if k in wanted["calibration"]}
             settings = settings_diff(recorded, wanted, defaults)
             source = self.source_dir(v).resolve()
             stamps = self._build_stamps(v)

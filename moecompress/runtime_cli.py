@@ -70,8 +70,8 @@ def plan_cmd(model_dir, vram, ram, context, bits, group_size, load_json, gpu_gbp
     from .checkpoint.hub import local_model
     from .runtime.plan import load_from_eval, model_parts, plan, render
 
-    vram_b = parse_size(vram, "--vram")
-    ram_b = parse_size(ram, "--ram") if ram else None
+    vram_b = parse_size(vram, "--vram", memory=True)
+    ram_b = parse_size(ram, "--ram", memory=True) if ram else None
     if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
         raise UserError(f"--group-size {group_size}: a power of two, or -1 for per channel")
     model_dir = local_model(model_dir, config_only=True)  # a Hub repository: its config.json alone

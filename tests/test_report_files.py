@@ -256,6 +256,8 @@ def test_report_files(tmp_path):
     assert [r["name"] for r in saved["variants"]] == [r["name"] for r in data["variants"]]
     assert saved["variants"][3]["kl"] == 0.110
     assert "decode tok/s" not in md
+    write_report(run, formats=["md"])  # the html page of the earlier report would now be out of date: gone
+    assert (run / "report.md").is_file() and not (run / "report.html").exists()
 
 
 def test_report_with_speed_plots_accuracy_vs_speed(tmp_path):

@@ -121,6 +121,8 @@ def test_qwen36_35b_a3b_int4_on_a_6gb_gpu(tmp_path, capsys):
     assert len(err) == 1 and "is below what the non-expert part needs" in err[0]
     assert main(["plan", str(cfg), "--vram", "6GiB", "--context", "100000000"]) == 2
     assert "--context 100000000 is longer than the model's context" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--vram", "6"]) == 2  # a unit left out, not 6 bytes
+    assert capsys.readouterr().err.strip() == "error: --vram 6 reads as 6 bytes: give a unit, e.g. 6GiB"
 
 
 def test_load_from_an_eval_json(tmp_path, capsys):

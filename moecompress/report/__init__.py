@@ -57,6 +57,11 @@ def write_report(run_dir: str | Path, formats: list[str] | None = None) -> dict:
     files = {kind: run_dir / f"report.{kind}" for kind in texts}
     for kind, text in texts.items():
         _write(files[kind], text)
+    for kind in FORMATS:  # an earlier report's page in a format no longer asked for would be out of date
+        old = run_dir / f"report.{kind}"
+        if kind not in texts and old.is_file():
+            old.unlink()
+            log.info("report: removed %s (report.formats no longer names %s)", old, kind)
     data["files"] = {k: str(v) for k, v in files.items()}
     return data
 

@@ -69,7 +69,7 @@ def offload_placement(model_dir: str, spec: str, vram: str | None, load_json: st
     if spec == "auto":
         if vram is None:
             raise UserError("--offload-experts auto needs --vram (the GPU memory to fill)")
-        return plan(parts, parse_size(vram, "--vram"), context=context, load=load, context_option=None).on_gpu
+        return plan(parts, parse_size(vram, "--vram", memory=True), context=context, load=load, context_option=None).on_gpu
     n = int(spec)
     out = {}
     for layer, sizes in parts.experts.items():

@@ -74,7 +74,9 @@ def decode_rate(rt, vocab: int, new_tokens: int, repeats: int) -> float:
         t = time.perf_counter()
         rt.generate(ids, new_tokens, stop_ids=[])
         tn.append(time.perf_counter() - t)
-    return (new_tokens - 1) / (statistics.median(tn) - statistics.median(t1))
+    dt = statistics.median(tn) - statistics.median(t1)
+    # (a difference the timer's noise swamps -- a few tokens, one repeat, a busy box -- is no rate: nan, not < 0)
+    return (new_tokens - 1) / dt if dt > 0 else float("nan")
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ def test_smoke_on_the_cpu(tiny_ckpt, tmp_path, capsys):
     quantize(tiny_ckpt("qwen3_moe"), q, quick_config(method="rtn", bits=4, group_size=32))
     out = tmp_path / "o.json"
     with benchmark_module("offload_decode") as mod:
-        rc = mod.main(["--model", str(q), "--device", "cpu", "--near", "all,3,0", "--new-tokens", "3",
-                       "--repeats", "1", "--json", str(out)])
+        rc = mod.main(["--model", str(q), "--device", "cpu", "--near", "all,3,0", "--new-tokens", "8",
+                       "--repeats", "3", "--json", str(out)])
     assert rc == 0
     got = json.loads(out.read_text())
     moe_layers = 2  # the tiny qwen3_moe: 2 MoE layers of 8 experts

@@ -75,7 +75,7 @@ def compare(path: Path, tmp: Path, prompt_len: int, new_tokens: int, repeats: in
     for _ in range(repeats):
         for name, run in sides.items():
             t_n, t_1 = run(new_tokens), run(1)
-            rates[name].append((new_tokens - 1) / (t_n - t_1))
+            rates[name].append((new_tokens - 1) / (t_n - t_1) if t_n > t_1 else float("nan"))  # (noise-swamped)
     ours, theirs = statistics.median(rates["moecompress"]), statistics.median(rates["transformers"])
     return {
         "model": str(path),

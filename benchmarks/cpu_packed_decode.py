@@ -135,7 +135,7 @@ def child(args) -> dict:
             gen(ids, args.new_tokens)
             tn.append(time.perf_counter() - t)
         dt = statistics.median(tn) - statistics.median(t1)
-        out["decode"][str(b)] = b * (args.new_tokens - 1) / dt
+        out["decode"][str(b)] = b * (args.new_tokens - 1) / dt if dt > 0 else float("nan")  # (noise-swamped)
     for n in args.prompts:
         ids = torch.randint(0, vocab, (1, n), generator=g)
         gen(ids, 1)  # warm-up

@@ -137,6 +137,8 @@ class QuantizeConfig(NoBoolNumbers):
         if v == 0:  # not a synonym of per-channel: a 0 is more likely a slip than a choice
             raise ValueError("0 is not a group size; use -1 (or 'channel') for per-channel, "
                              "or a power of two such as 128")
+        if isinstance(v, int) and (v < 0 or v & (v - 1)):  # (said here, in the words the user wrote it in)
+            raise ValueError(f"{v} is not a power of two; use one such as 128, or -1 (or 'channel') for per-channel")
         return v
 
     @field_validator("bits")

@@ -47,6 +47,8 @@ CASES = {
     "unknown format": (lambda p, t: p, ["--format", "gguf"], "gguf"),
     "zero threads": (lambda p, t: p, ["--threads", "0"], "threads"),
     "group size 0": (lambda p, t: p, ["--group-size", "0"], "-1 (or 'channel') for per-channel"),
+    "group size not a power of two": (lambda p, t: p, ["--group-size", "48"],
+                                      "invalid option --group-size: 48 is not a power of two"),
     "blank-line jsonl calibration file": (lambda p, t: p, ["--calib", "BLANKJSONL"], "empty (0 rows)"),
     "out below a file": (lambda p, t: p, ["--out", "FILE/sub/out"], "is a file"),
     "act-order group with compressed-tensors": (lambda p, t: p, ["--act-order", "group"], "GPTQ format"),

@@ -308,9 +308,9 @@ def demo_cmd(quick, out, cache_dir, force) -> None:
 @click.option("--reference", required=True, help="The original checkpoint the model is compared with.")
 @click.option("--data", multiple=True, help="Held-out text (repeatable; same forms as --calib). "
               "Default: builtin:heldout-code and builtin:heldout-prose.")
-@click.option("--samples", type=int, default=32, show_default=True, help="Windows per data source.")
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Windows per data source.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=1234, show_default=True)
 @click.option("--low-memory", is_flag=True, help="Stream one decoder layer of each model at a time.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")

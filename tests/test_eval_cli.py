@@ -86,7 +86,8 @@ CASES = {
     "tokenizer mismatch": (lambda q, t: (_other_tokenizer(q, t / "m"), q), [], "tokenizer mismatch"),
     "empty data file": (lambda q, t: (q, q), ["--data", "EMPTY"], "no text"),
     "missing data file": (lambda q, t: (q, q), ["--data", "MISSING"], "evaluation text path does not exist"),
-    "zero samples": (lambda q, t: (q, q), ["--samples", "0"], "samples"),
+    "zero samples": (lambda q, t: (q, q), ["--samples", "0"], "'--samples': 0 is not in the range x>=1"),
+    "zero batch": (lambda q, t: (q, q), ["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
     "json is a directory": (lambda q, t: (q, q), ["--json", "DIR"], "is a directory"),
     # a copy: were the check missing, the checkpoint's own config.json would be replaced
     "json inside the model": (lambda q, t: (shutil.copytree(q, t / "c"), q), ["--json", "IN_COPY"],

@@ -99,6 +99,7 @@ def test_commands_read_a_cached_hub_model(offline, tmp_path, capsys):
     ("acme/absent", "acme/absent is not a folder here, and as a Hub repository it is not in the Hub cache and "
                     "cannot be fetched now"),
     ("acme/pickled", "the Hub repository acme/pickled has no safetensors weights (pickled weights are not read)"),
+    ("", "the model path is empty; give a checkpoint folder or a Hub repository id"),  # (not the current folder)
 ])
 def test_what_the_cache_cannot_give_is_one_line(offline, tmp_path, capsys, arg, needle):
     rc, _, err = _main(capsys, "quantize", arg, "--out", tmp_path / "q", "--group-size", "32")

@@ -40,6 +40,8 @@ def local_model(arg: str | None, *, config_only: bool = False, out=None, overwri
     the local snapshot folder of the Hub repository it names, fetched if needed (``config_only``: just its
     config.json, for commands that read the shapes alone). For a command that writes ``out`` (not resuming),
     the checks of ``out`` that need no source come first, so they do not wait for a long download."""
+    if arg is not None and not str(arg).strip():  # ('' would read as the current folder)
+        raise UserError("the model path is empty; give a checkpoint folder or a Hub repository id (owner/name)")
     if arg is None or not is_repo_id(arg):
         return arg
     if out is not None and not resume:

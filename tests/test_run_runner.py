@@ -46,6 +46,16 @@ def test_settings_diff():
     assert settings_diff({"bits": 4}, {"bits": 4, "new": True}, {"new": False}) == ["new: (unset) -> True"]
 
 
+def test_same_place():
+    from moecompress.run.stamps import same_place
+
+    assert same_place("variants/a", "variants/a") and same_place("/m/q", "/m/q")
+    # a stamp from before paths were recorded relative, or from the run folder's old location: still the same place
+    assert same_place("/old/run/variants/a", "variants/a") and same_place("/old/run/zeda", "zeda")
+    assert not same_place("/old/run/variants/b", "variants/a") and not same_place("/a/q", "/b/q")
+    assert not same_place(None, "variants/a") and not same_place("variants/a", "/run/variants/a")
+
+
 def test_run_skips_up_to_date_and_redoes_changed(tmp_path, tiny_ckpt, capsys):
     model = tiny_ckpt("qwen3_moe")
     run = tmp_path / "run"

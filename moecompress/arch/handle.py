@@ -88,7 +88,7 @@ class ModelHandle:
         if shared:  # the selection travels from layer to layer: our layer-at-a-time passes do not carry it yet
             raise UserError(f"{reader.path}: layers {shared[:4]}{'...' if len(shared) > 4 else ''} reuse an earlier "
                             "layer's sparse-attention key selection (indexer_types 'shared'); not supported yet")
-        h._check_routing_fields()
+        check_routing_fields(text_config, spec, h.num_experts + h.num_zero, reader.path)
         h._check_zero_experts()
         h._check_layers_present()
         h._check_router_rows()
@@ -100,9 +100,6 @@ class ModelHandle:
         if limit and seq_len > int(limit):
             raise UserError(f"{option} {seq_len} is longer than the model's context (max_position_embeddings "
                             f"{limit})")
-
-    def _check_routing_fields(self) -> None:
-        check_routing_fields(self.text_config, self.spec, self.num_experts + self.num_zero, self.reader.path)
 
     def _check_zero_experts(self) -> None:
         z = self.zero

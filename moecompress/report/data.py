@@ -113,11 +113,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, dict], dict[str, dict
 
 
 def _checkpoint(run_dir: Path, info: dict, name: str) -> Path | None:
-    """Where ``moecompress run`` keeps variant ``name``'s checkpoint (the reference: the source model)."""
+    """Where run.json says variant ``name``'s checkpoint is (the reference: the source model); None where it
+    does not say (a run of an older build)."""
     if name == REFERENCE:
         return Path(info["model_path"]) if info.get("model_path") else None
-    v = next(v for v in info["variants"] if v["name"] == name)
-    return run_dir / "zeda" if (v.get("config") or {}).get("method") == "zeda" else run_dir / "variants" / name
+    where = next(v for v in info["variants"] if v["name"] == name).get("checkpoint")
+    return run_dir / where if isinstance(where, str) else None  # (relative to the run folder)
 
 
 def _current(run_dir: Path, info: dict, names: list[str], evals: dict, benches: dict):

@@ -370,9 +370,10 @@ class Runner:
     def _run_info(self, seconds: float) -> dict:
         return {"recipe_file": self.recipe_file, "recipe": self.recipe.model_dump(), "model": self.recipe.model,
                 "model_path": str(self.model_dir), "reference": REFERENCE,
-                "variants": [{"name": v.name, "source": v.source, "config": (
-                    {"method": "zeda"} if v.config is None else dict(v.config.model_dump(), source=v.source))}
-                    for v in self.variants],
+                "variants": [{"name": v.name, "source": v.source, "checkpoint": self._place(self.variant_dir(v.name)),
+                              "config": ({"method": "zeda"} if v.config is None
+                                         else dict(v.config.model_dump(), source=v.source))}
+                             for v in self.variants],
                 "decisions": self.decisions, "seconds": round(seconds, 1)}
 
     def _note_strays(self) -> None:
